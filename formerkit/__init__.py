@@ -1,0 +1,49 @@
+"""formerkit: compact, customizable, efficient Transformers.
+
+    import formerkit
+    model = formerkit.create_model("char_gpt")            # a preset
+    config = model.config.replace(num_layers=2)           # configs are validated, frozen values
+    small = formerkit.build_model(config)
+    formerkit.save(small, "out/small"); same = formerkit.load("out/small")
+"""
+
+__version__ = "0.1.0"
+
+from formerkit.checkpoint import load, load_config, save
+from formerkit.config import (
+    AttentionConfig,
+    FeedForwardConfig,
+    HeadConfig,
+    ModelConfig,
+    NormConfig,
+    PositionConfig,
+    StemConfig,
+)
+from formerkit.errors import CheckpointError, ConfigError, FormerkitError, InputError, UnknownFieldError
+from formerkit.models import (
+    ModelOutput,
+    Transformer,
+    build_model,
+    create_model,
+    list_models,
+    model_config,
+    register_model,
+)
+from formerkit.nn.masks import (
+    CausalMask,
+    DocumentMask,
+    KeyPaddingMask,
+    Mask,
+    PrefixLMMask,
+    SlidingWindowMask,
+    TensorMask,
+)
+from formerkit.summary import Summary, count_parameters, summarize
+
+__all__ = [
+    "AttentionConfig", "CausalMask", "CheckpointError", "ConfigError", "DocumentMask", "FeedForwardConfig",
+    "FormerkitError", "HeadConfig", "InputError", "KeyPaddingMask", "Mask", "ModelConfig", "ModelOutput", "NormConfig",
+    "PositionConfig", "PrefixLMMask", "SlidingWindowMask", "StemConfig", "Summary", "TensorMask", "Transformer",
+    "UnknownFieldError", "__version__", "build_model", "count_parameters", "create_model", "list_models", "load",
+    "load_config", "model_config", "register_model", "save", "summarize",
+]

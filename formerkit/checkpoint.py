@@ -1,0 +1,131 @@
+"""Saving and loading models: ``config.json`` + ``model.safetensors``, no pickle.
+
+``config.json`` holds the ModelConfig and the SHA-256 of the weights file, so a corrupted, truncated or mismatched
+``model.safetensors`` is refused at load. Files are written under a temporary name and renamed into place, weights
+first, so a save interrupted half-way never leaves a directory that loads as something else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from formerkit.config import ModelConfig
+from formerkit.errors import CheckpointError, ConfigError
+
+__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "WEIGHTS_FILE", "load", "load_config", "save"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+
+
+def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+    """Writes ``model`` (a formerkit model carrying ``.config``) to ``directory``; returns the directory.
+
+    ``extra`` is stored under "extra" in config.json (for tools that keep their own notes beside the model).
+    """
+    from safetensors.torch import save_model
+
+    from formerkit import __version__
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise CheckpointError(f"save: expected a formerkit model with a .config ModelConfig, got "
+                              f"{type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    tmp = directory / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
+    save_model(model, str(tmp), metadata={"format": "pt", "formerkit_version": __version__})
+    digest = _sha256(tmp)
+    size = tmp.stat().st_size
+    _replace_atomically(tmp, weights)
+    document = {
+        "formerkit": {"format_version": FORMAT_VERSION, "version": __version__},
+        "model": config.to_dict(),
+        "weights": {"file": WEIGHTS_FILE, "sha256": digest, "bytes": size},
+    }
+    if extra:
+        document["extra"] = extra
+    tmp = directory / f".{CONFIG_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    _replace_atomically(tmp, directory / CONFIG_FILE)
+    return directory
+
+
+def _read_document(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected one holding {CONFIG_FILE} and {WEIGHTS_FILE})")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a saved formerkit model has {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error}); the file is corrupted or truncated") from error
+    if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
+        raise CheckpointError(f"{path}: expected a formerkit model file with a \"model\" section, got keys "
+                              f"{sorted(document) if isinstance(document, dict) else type(document).__name__}")
+    version = document.get("formerkit", {}).get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not one this formerkit reads "
+                              f"({FORMAT_VERSION})")
+    return document
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a saved model, without reading its weights."""
+    directory = Path(directory)
+    document = _read_document(directory)
+    try:
+        return ModelConfig.from_dict(document["model"])
+    except ConfigError as error:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {error}") from error
+
+
+def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuilds a model saved by ``save``: same config, same weights, same outputs."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from formerkit.models.transformer import build_model
+
+    directory = Path(directory)
+    config = load_config(directory)
+    record = _read_document(directory).get("weights", {})
+    weights = directory / record.get("file", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing; the model's weights should be beside {CONFIG_FILE}")
+    size = weights.stat().st_size
+    if "bytes" in record and size != record["bytes"]:
+        raise CheckpointError(f"{weights}: {size} bytes, but {CONFIG_FILE} records {record['bytes']}; the file is "
+                              "truncated or was replaced")
+    if "sha256" in record and _sha256(weights) != record["sha256"]:
+        raise CheckpointError(f"{weights}: contents do not match the SHA-256 recorded in {CONFIG_FILE}; the file is "
+                              "corrupted or was replaced")
+    model = build_model(config).to(device)
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as error:
+        raise CheckpointError(f"{weights}: does not hold this model's weights ({error})") from error
+    return model

@@ -1,0 +1,666 @@
+"""The model config: one validated dataclass that describes a whole Transformer.
+
+``ModelConfig`` holds the core's shape (``arch``, ``width``, ``num_layers``) and one small section per part: attention,
+feed-forward, norms, positions, stem (what turns inputs into vectors) and head (what turns vectors into outputs). Every
+value is checked when the config is constructed; an error names the field, the value given and what is allowed.
+
+Configs are frozen. Derive a new one with ``config.replace(...)``, which accepts top-level fields, whole sections as
+dicts, dotted paths (``"attention.num_heads"``) and unambiguous field names of a section (``num_classes=10``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from formerkit.errors import ConfigError, UnknownFieldError
+
+__all__ = [
+    "AttentionConfig",
+    "FeedForwardConfig",
+    "HeadConfig",
+    "ModelConfig",
+    "NormConfig",
+    "PositionConfig",
+    "StemConfig",
+]
+
+
+def _choice(default: Any, choices: tuple[Any, ...]) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Section)
+
+
+class _Section:
+    """Behaviour shared by every config dataclass: type checks on construction and dict round trips."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(self._path(f.name), getattr(self, f.name), hints[f.name], f.metadata.get("choices"))
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    # A section's prefix in error messages ("attention.num_heads"); ModelConfig has none.
+    _prefix = ""
+
+    def _path(self, name: str) -> str:
+        return f"{self._prefix}.{name}" if self._prefix else name
+
+    def _validate(self) -> None:
+        """Checks that involve more than one field; sections override it."""
+
+    def _fail(self, name: str, expected: str, hint: str = "") -> typing.NoReturn:
+        raise ConfigError(self._path(name), getattr(self, name), expected, hint=hint)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Builds the section from a (possibly partial) dict; missing fields take their defaults."""
+        if isinstance(data, cls):
+            return data
+        prefix = cls._prefix
+        if not isinstance(data, dict):
+            raise ConfigError(prefix or "config", data, f"a dict of {cls.__name__} fields")
+        names = [f.name for f in dataclasses.fields(cls)]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in data.items():
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+                full = f"{prefix}.{key}" if prefix else str(key)
+                suggestion = (f"{prefix}.{close[0]}" if prefix else close[0]) if close else None
+                raise UnknownFieldError(full, names, suggestion)
+            if _is_section(hints[key]):
+                value = hints[key].from_dict(value if value is not None else {})
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (lists for tuples) that ``from_dict`` turns back into an equal config."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, _Section):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _coerce(path: str, value: Any, annotation: Any, choices: tuple[Any, ...] | None) -> Any:
+    """Checks ``value`` against a field's annotation; returns it in canonical form (float, tuple)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(path, value, _describe(annotation, choices))
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(path, value, option, choices)
+            except ConfigError as error:
+                errors.append(error)
+        raise ConfigError(path, value, _describe(annotation, choices))
+    if _is_section(annotation):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, dict):
+            return annotation.from_dict(value)
+        raise ConfigError(path, value, f"a {annotation.__name__} or a dict of its fields")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, value, "true or false")
+    elif annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, value, "an integer")
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(path, value, "a finite number")
+    elif annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, value, "a string")
+    elif origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, value, _describe(annotation, choices))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{path}[{i}]", v, args[0], None) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(path, value, _describe(annotation, choices))
+        return tuple(_coerce(f"{path}[{i}]", v, a, None) for i, (v, a) in enumerate(zip(value, args)))
+    else:  # pragma: no cover - a field type this module does not know is a bug here, not bad input
+        raise TypeError(f"{path}: unsupported annotation {annotation!r}")
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(path, value, "one of " + ", ".join(repr(c) for c in choices), hint=hint)
+    return value
+
+
+def _describe(annotation: Any, choices: tuple[Any, ...] | None) -> str:
+    if choices:
+        return "one of " + ", ".join(repr(c) for c in choices)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, None) for a in typing.get_args(annotation))
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0], None)}s"
+        return f"a list of {len(args)} values"
+    return names.get(annotation, str(annotation))
+
+
+ATTENTION_KINDS = ("softmax",)
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+NORM_KINDS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "sincos2d", "none")
+STEM_KINDS = ("tokens", "patches", "conv", "linear")
+HEAD_KINDS = ("lm", "masked_lm", "classification", "regression", "none")
+POOLINGS = ("cls", "mean", "sequence", "last", "none")
+ARCHS = ("encoder", "decoder", "encoder_decoder")
+
+
+@dataclass(frozen=True)
+class AttentionConfig(_Section):
+    """Multi-head attention: heads, grouped-query heads, biases, QK-norm, dropout, local windows."""
+
+    _prefix = "attention"
+
+    num_heads: int = 8
+    # Grouped-query attention (Ainslie et al., 2023): key/value heads shared by groups of query heads; 1 is multi-query.
+    num_kv_heads: int | None = None
+    # Width of one head; by default width // num_heads.
+    head_dim: int | None = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    # Normalize queries and keys per head before the dot product (Dehghani et al., 2023, "Scaling ViT to 22B").
+    qk_norm: bool = False
+    dropout: float = 0.0
+    # Each query sees only the `sliding_window` nearest keys (itself included; earlier ones in a decoder).
+    sliding_window: int | None = None
+    # Which layers use the window (by index); None means every layer.
+    sliding_window_layers: tuple[int, ...] | None = None
+    kind: str = _choice("softmax", ATTENTION_KINDS)
+
+    def _validate(self) -> None:
+        if self.num_heads < 1:
+            self._fail("num_heads", "an integer >= 1")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            self._fail("num_kv_heads", f"a divisor of attention.num_heads ({self.num_heads})")
+        if self.head_dim is not None and self.head_dim < 1:
+            self._fail("head_dim", "an integer >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            self._fail("dropout", "a probability in [0, 1)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            self._fail("sliding_window", "an integer >= 1 or null")
+        if self.sliding_window_layers is not None and self.sliding_window is None:
+            self._fail("sliding_window_layers", "null when attention.sliding_window is null",
+                       hint="a window on a model without one: set attention.sliding_window first")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+@dataclass(frozen=True)
+class FeedForwardConfig(_Section):
+    """The position-wise feed-forward part: a plain MLP or a gated one (Shazeer, 2020, "GLU Variants")."""
+
+    _prefix = "feedforward"
+
+    activation: str = _choice("gelu", ACTIVATIONS)
+    # Hidden width; by default int(ratio * width).
+    hidden_size: int | None = None
+    ratio: float = 4.0
+    bias: bool = True
+    dropout: float = 0.0
+
+    def _validate(self) -> None:
+        if self.hidden_size is not None and self.hidden_size < 1:
+            self._fail("hidden_size", "an integer >= 1 or null")
+        if self.ratio <= 0:
+            self._fail("ratio", "a number > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            self._fail("dropout", "a probability in [0, 1)")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class NormConfig(_Section):
+    """Normalization: which norm, where it sits around each sub-layer, and whether the stack ends with one."""
+
+    _prefix = "norm"
+
+    kind: str = _choice("layernorm", NORM_KINDS)
+    # pre: x + f(norm(x)); post: norm(x + f(x)) (the original Transformer, BERT); sandwich: x + norm(f(norm(x)))
+    # (Ding et al., 2021, "CogView").
+    placement: str = _choice("pre", NORM_PLACEMENTS)
+    eps: float = 1e-5
+    # LayerNorm only: learn an additive bias.
+    bias: bool = True
+    # A norm after the last block; null means "yes for pre and sandwich, no for post".
+    final: bool | None = None
+
+    def _validate(self) -> None:
+        if self.eps <= 0:
+            self._fail("eps", "a number > 0")
+
+    @property
+    def has_final(self) -> bool:
+        return self.final if self.final is not None else self.placement != "post"
+
+
+@dataclass(frozen=True)
+class PositionConfig(_Section):
+    """How the model knows where a token is."""
+
+    _prefix = "position"
+
+    # learned: a trained table added to the input; sinusoidal: the fixed table of Vaswani et al.; rope: rotary
+    # embeddings on queries and keys (Su et al., "RoFormer"); alibi: linear distance biases (Press et al., "Train Short,
+    # Test Long"); sincos2d: fixed 2-D sine-cosine table over a patch grid (MAE); none.
+    kind: str = _choice("learned", POSITION_KINDS)
+    rope_base: float = 10000.0
+
+    def _validate(self) -> None:
+        if self.rope_base <= 1.0:
+            self._fail("rope_base", "a number > 1")
+
+
+@dataclass(frozen=True)
+class StemConfig(_Section):
+    """What turns raw inputs (token ids, images, numeric sequences) into a sequence of vectors."""
+
+    _prefix = "stem"
+
+    # tokens: an embedding table; patches: ViT patch embedding; conv: the CCT convolutional tokenizer (Hassani et al.,
+    # "Escaping the Big Data Paradigm with Compact Transformers"); linear: a linear map of numeric vectors.
+    kind: str = _choice("tokens", STEM_KINDS)
+    # tokens
+    vocab_size: int | None = None
+    num_token_types: int = 0
+    # A norm right after the embeddings (BERT).
+    embedding_norm: bool = False
+    # patches and conv: input images are [batch, in_channels, height, width]
+    image_size: tuple[int, int] | None = None
+    in_channels: int = 3
+    # patches: the side of a square patch; linear: how many consecutive time steps form one token
+    patch_size: int | None = None
+    # patches, conv and linear: a learned token in front of the sequence (ViT's [class] token)
+    class_token: bool = False
+    # patches and conv: extra learned tokens without positions (Darcet et al., "Vision Transformers Need Registers")
+    register_tokens: int = 0
+    # conv
+    conv_layers: int = 1
+    conv_kernel: int = 3
+    conv_channels: int = 64
+    conv_bias: bool = False
+    pool_kernel: int = 3
+    pool_stride: int = 2
+    # linear: features per time step
+    input_dim: int | None = None
+
+    def _validate(self) -> None:
+        kind = self.kind
+        if isinstance(self.image_size, tuple) and min(self.image_size) < 1:
+            self._fail("image_size", "positive sizes")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        applies = {
+            "vocab_size": ("tokens",), "num_token_types": ("tokens",), "image_size": ("patches", "conv"),
+            "in_channels": ("patches", "conv"), "patch_size": ("patches", "linear"),
+            "class_token": ("patches", "conv", "linear"), "register_tokens": ("patches", "conv"),
+            "conv_layers": ("conv",), "conv_kernel": ("conv",), "conv_channels": ("conv",), "conv_bias": ("conv",),
+            "pool_kernel": ("conv",), "pool_stride": ("conv",), "input_dim": ("linear",),
+        }
+        for name, kinds in applies.items():
+            if kind not in kinds and getattr(self, name) != defaults[name]:
+                self._fail(name, f"its default ({defaults[name]!r}) with stem.kind={kind!r}",
+                           hint=f"stem.{name} applies only to stem.kind in {kinds}")
+        if kind == "tokens" and (self.vocab_size is None or self.vocab_size < 1):
+            self._fail("vocab_size", "an integer >= 1 for a tokens stem")
+        if self.num_token_types < 0:
+            self._fail("num_token_types", "an integer >= 0")
+        if kind in ("patches", "conv"):
+            if self.image_size is None:
+                self._fail("image_size", "[height, width] (or one integer) for an image stem")
+            if self.in_channels < 1:
+                self._fail("in_channels", "an integer >= 1")
+            if self.register_tokens < 0:
+                self._fail("register_tokens", "an integer >= 0")
+        if kind == "patches":
+            if self.patch_size is None or self.patch_size < 1:
+                self._fail("patch_size", "an integer >= 1 for a patches stem")
+            if any(side % self.patch_size for side in self.image_size):
+                self._fail("patch_size", f"a divisor of both sides of stem.image_size {list(self.image_size)}")
+        if kind == "conv":
+            for name in ("conv_layers", "conv_kernel", "conv_channels", "pool_stride"):
+                if getattr(self, name) < 1:
+                    self._fail(name, "an integer >= 1")
+            if self.pool_kernel < 0:
+                self._fail("pool_kernel", "an integer >= 0 (0 turns pooling off)")
+            if min(self.grid_size) < 1:
+                self._fail("image_size", "an image large enough for the tokenizer's pooling")
+        if kind == "linear":
+            if self.input_dim is None or self.input_dim < 1:
+                self._fail("input_dim", "an integer >= 1 for a linear stem")
+            if self.patch_size is not None and self.patch_size < 1:
+                self._fail("patch_size", "an integer >= 1 or null")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int) and not isinstance(self.image_size, bool):
+            object.__setattr__(self, "image_size", (self.image_size, self.image_size))
+        super().__post_init__()
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Rows and columns of the token grid an image stem produces."""
+        if self.kind == "patches":
+            return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+        if self.kind == "conv":
+            rows, cols = self.image_size
+            for _ in range(self.conv_layers):
+                # conv: stride 1, 'same' padding; then max pooling with padding kernel // 2 (as in CCT)
+                if self.pool_kernel:
+                    pad = self.pool_kernel // 2
+                    rows = (rows + 2 * pad - self.pool_kernel) // self.pool_stride + 1
+                    cols = (cols + 2 * pad - self.pool_kernel) // self.pool_stride + 1
+            return (rows, cols)
+        raise AttributeError("grid_size exists only for image stems (patches, conv)")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Learned tokens placed before the input's own tokens (class token and registers)."""
+        return int(self.class_token) + self.register_tokens
+
+
+@dataclass(frozen=True)
+class HeadConfig(_Section):
+    """What turns the final vectors into outputs."""
+
+    _prefix = "head"
+
+    # lm: next-token logits; masked_lm: BERT's transform + decoder; classification: pooled vector -> classes;
+    # regression: pooled (or per-token) vector -> output_dim numbers (forecasts); none: the final hidden states.
+    kind: str = _choice("lm", HEAD_KINDS)
+    num_classes: int | None = None
+    output_dim: int | None = None
+    # How a sequence becomes one vector: cls (first token), mean (of real input tokens), sequence (CCT's learned
+    # attention pooling), last (last real token, for decoders), none (keep every position).
+    pooling: str | None = _choice(None, (None, *POOLINGS))
+    # BERT's pooler: a dense layer with tanh on the pooled vector.
+    pooler: bool = False
+    # Share the LM head's weight with the token embedding (Press & Wolf, 2017).
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+
+    def _validate(self) -> None:
+        kind = self.kind
+        if kind == "classification" and (self.num_classes is None or self.num_classes < 1):
+            self._fail("num_classes", "an integer >= 1 for a classification head")
+        if kind != "classification" and self.num_classes is not None:
+            self._fail("num_classes", "null unless head.kind is 'classification'")
+        if kind == "regression" and (self.output_dim is None or self.output_dim < 1):
+            self._fail("output_dim", "an integer >= 1 for a regression head")
+        if kind != "regression" and self.output_dim is not None:
+            self._fail("output_dim", "null unless head.kind is 'regression'")
+        if kind in ("lm", "masked_lm") and self.pooling not in (None, "none"):
+            self._fail("pooling", f"null for a head of kind {kind!r}, which predicts at every position")
+        if kind == "classification" and self.pooling == "none":
+            self._fail("pooling", "cls, mean, sequence or last for a classification head")
+        if self.tie_embeddings and kind not in ("lm", "masked_lm"):
+            self._fail("tie_embeddings", "false unless head.kind is 'lm' or 'masked_lm'")
+        if not 0.0 <= self.dropout < 1.0:
+            self._fail("dropout", "a probability in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The whole model. ``formerkit.build_model(config)`` turns it into a ``torch.nn.Module``."""
+
+    # encoder: bidirectional; decoder: causal; encoder_decoder: a bidirectional encoder read by a causal decoder
+    # through cross-attention.
+    arch: str = _choice("decoder", ARCHS)
+    width: int = 512
+    num_layers: int = 6
+    # encoder_decoder only: decoder depth (default num_layers).
+    num_decoder_layers: int | None = None
+    # Weight sharing across depth: this many distinct blocks, cycled over num_layers (1 = one block applied
+    # num_layers times, as in ALBERT and looped Transformers). null means every layer has its own weights.
+    num_unique_layers: int | None = None
+    # The longest token sequence (tokens and linear stems); image stems derive their length from the image.
+    max_seq_len: int | None = 1024
+    # Dropout on embeddings and on each residual branch.
+    dropout: float = 0.0
+    # Stochastic depth (Huang et al., 2016): the drop rate of the last layer, rising linearly from 0 at the first.
+    drop_path: float = 0.0
+    # LayerScale (Touvron et al., 2021, "CaiT"): a learned per-channel scale on each residual branch, initialized here.
+    layer_scale: float | None = None
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    feedforward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    stem: StemConfig = field(default_factory=lambda: StemConfig(vocab_size=256))
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def _validate(self) -> None:
+        attention, stem, head = self.attention, self.stem, self.head
+        if self.width < 1:
+            self._fail("width", "an integer >= 1")
+        if self.num_layers < 1:
+            self._fail("num_layers", "an integer >= 1")
+        if self.num_decoder_layers is not None:
+            if self.arch != "encoder_decoder":
+                self._fail("num_decoder_layers", "null unless arch is 'encoder_decoder'")
+            if self.num_decoder_layers < 1:
+                self._fail("num_decoder_layers", "an integer >= 1")
+        if self.num_unique_layers is not None:
+            depths = {self.num_layers, self.decoder_layers}
+            if self.num_unique_layers < 1 or any(d % self.num_unique_layers for d in depths):
+                self._fail("num_unique_layers", f"a divisor of the depth ({' and '.join(map(str, sorted(depths)))})")
+        for name in ("dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                self._fail(name, "a probability in [0, 1)")
+        if self.layer_scale is not None and self.layer_scale <= 0:
+            self._fail("layer_scale", "a number > 0 or null")
+        if self.init_std <= 0:
+            self._fail("init_std", "a number > 0")
+        if attention.head_dim is None and self.width % attention.num_heads:
+            raise ConfigError("attention.num_heads", attention.num_heads, f"a divisor of width ({self.width})",
+                              hint="or set attention.head_dim explicitly")
+        if self.position.kind == "rope" and self.head_dim % 2:
+            raise ConfigError("attention.head_dim", self.head_dim, "an even head width for rope positions")
+        if attention.sliding_window_layers is not None:
+            for index in attention.sliding_window_layers:
+                if not 0 <= index < max(self.num_layers, self.decoder_layers):
+                    raise ConfigError("attention.sliding_window_layers", attention.sliding_window_layers,
+                                      f"layer indices in [0, {max(self.num_layers, self.decoder_layers)})")
+        # Stems and sequence lengths.
+        if stem.kind in ("tokens", "linear"):
+            if self.max_seq_len is None or self.max_seq_len < 1:
+                self._fail("max_seq_len", f"an integer >= 1 for a {stem.kind} stem")
+            if attention.sliding_window is not None and attention.sliding_window > self.max_seq_len:
+                raise ConfigError("attention.sliding_window", attention.sliding_window,
+                                  f"a window no longer than max_seq_len ({self.max_seq_len})")
+        if self.position.kind == "sincos2d" and self.width % 4:
+            raise ConfigError("width", self.width, "a multiple of 4 for sincos2d positions (sin and cos per axis)")
+        if stem.register_tokens and self.position.kind in ("rope", "alibi"):
+            raise ConfigError("stem.register_tokens", stem.register_tokens, "0 with rope or alibi positions",
+                              hint="register tokens carry no position; use learned, sinusoidal, sincos2d or none")
+        if self.arch == "encoder_decoder" and stem.kind != "tokens":
+            raise ConfigError("stem.kind", stem.kind, "'tokens' for arch 'encoder_decoder'")
+        if self.position.kind == "sincos2d" and stem.kind not in ("patches", "conv"):
+            raise ConfigError("position.kind", "sincos2d", "an image stem (patches or conv) for a 2-D position table",
+                              hint=f"stem.kind is {stem.kind!r}")
+        # Heads.
+        if head.kind == "lm" and (stem.kind != "tokens" or self.arch == "encoder"):
+            raise ConfigError("head.kind", "lm", "a tokens stem with arch 'decoder' or 'encoder_decoder'",
+                              hint="an encoder over tokens predicts masked tokens: use head.kind 'masked_lm'")
+        if head.kind == "masked_lm" and (stem.kind != "tokens" or self.arch != "encoder"):
+            raise ConfigError("head.kind", "masked_lm", "a tokens stem with arch 'encoder'")
+        if head.tie_embeddings and stem.kind != "tokens":
+            raise ConfigError("head.tie_embeddings", True, "a tokens stem, whose embedding the head can share")
+        if self.head_pooling == "cls" and stem.kind != "tokens" and not stem.class_token:
+            raise ConfigError("head.pooling", "cls", "a stem with stem.class_token true (or a tokens stem)")
+        if self.head_pooling == "last" and self.arch == "encoder":
+            raise ConfigError("head.pooling", "last", "cls, mean or sequence for an encoder",
+                              hint="'last' pools the last token, which sees the whole input only in a decoder")
+
+    # ----- derived values -----
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.width // self.attention.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    @property
+    def feedforward_size(self) -> int:
+        return self.feedforward.hidden_size or int(self.feedforward.ratio * self.width)
+
+    @property
+    def head_pooling(self) -> str:
+        """The pooling the head uses, with the default filled in."""
+        if self.head.pooling is not None:
+            return self.head.pooling
+        if self.head.kind in ("lm", "masked_lm", "none"):
+            return "none"
+        if self.stem.kind == "tokens" or self.stem.class_token:
+            return "last" if self.arch == "decoder" and not self.stem.class_token else "cls"
+        return "mean"
+
+    @property
+    def num_positions(self) -> int:
+        """How many positions the position table covers: max_seq_len, or the image stem's token count."""
+        if self.stem.kind in ("patches", "conv"):
+            rows, cols = self.stem.grid_size
+            return rows * cols + int(self.stem.class_token)
+        tokens = self.max_seq_len
+        if self.stem.kind == "linear" and self.stem.patch_size:
+            tokens = tokens // self.stem.patch_size
+        return tokens + int(self.stem.class_token)
+
+    # ----- construction helpers -----
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """A new config with some values changed.
+
+        Keys may be top-level fields (``width=256``), whole sections as dicts (``attention={"num_heads": 4}``, merged
+        into the current section), dotted paths (``**{"attention.num_heads": 4}``) or a field name that exists in
+        exactly one section (``num_classes=10``, ``vocab_size=50257``).
+        """
+        data = self.to_dict()
+        for key, value in overrides.items():
+            path = _resolve_key(key)
+            target = data
+            for part in path[:-1]:
+                target = target[part]
+            leaf = path[-1]
+            if isinstance(value, dict) and isinstance(target.get(leaf), dict):
+                merged = dict(target[leaf])
+                merged.update(value)
+                value = merged
+            elif isinstance(value, _Section):
+                value = value.to_dict()
+            target[leaf] = value
+        return ModelConfig.from_dict(data)
+
+    # ----- files -----
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Reads a config from a .json, .yaml or .yml file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("path", str(path), "an existing .json, .yaml or .yml file")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                raise ConfigError("path", str(path), "a file ending in .json, .yaml or .yml")
+        except (json.JSONDecodeError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError("path", str(path), "a valid JSON or YAML document", hint=str(error)) from error
+        return cls.from_dict(data)
+
+
+def _section_fields() -> dict[str, list[str]]:
+    hints = typing.get_type_hints(ModelConfig)
+    return {f.name: [g.name for g in dataclasses.fields(hints[f.name])]
+            for f in dataclasses.fields(ModelConfig) if _is_section(hints[f.name])}
+
+
+def _resolve_key(key: str) -> list[str]:
+    """Maps an override key to its path in the config dict; see ``ModelConfig.replace``."""
+    top = [f.name for f in dataclasses.fields(ModelConfig)]
+    sections = _section_fields()
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section not in sections:
+            close = difflib.get_close_matches(section, list(sections), n=1, cutoff=0.5)
+            raise UnknownFieldError(key, list(sections), close[0] if close else None)
+        if name not in sections[section] or "." in name:
+            close = difflib.get_close_matches(name, sections[section], n=1, cutoff=0.5)
+            raise UnknownFieldError(key, sections[section], f"{section}.{close[0]}" if close else None)
+        return [section, name]
+    if key in top:
+        return [key]
+    owners = [section for section, names in sections.items() if key in names]
+    if len(owners) == 1:
+        return [owners[0], key]
+    if len(owners) > 1:
+        raise ConfigError(key, key, "a dotted path naming the section",
+                          hint="this field exists in " + ", ".join(f"{o}.{key}" for o in owners))
+    every = top + [f"{s}.{n}" for s, names in sections.items() for n in names]
+    close = difflib.get_close_matches(key, every + [n for names in sections.values() for n in names], n=1, cutoff=0.6)
+    suggestion = close[0] if close else None
+    if suggestion and suggestion not in every:
+        suggestion = next(f"{s}.{suggestion}" for s, names in sections.items() if suggestion in names)
+    raise UnknownFieldError(key, top, suggestion)

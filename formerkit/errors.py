@@ -1,0 +1,47 @@
+"""The errors formerkit raises on bad input.
+
+Every error is a ``ValueError`` subclass, so code that already catches ``ValueError`` keeps working, and each message
+says what was expected, what was given and where (the config field, the argument, the file).
+"""
+
+from __future__ import annotations
+
+
+class FormerkitError(ValueError):
+    """Base class of every error formerkit raises on bad input."""
+
+
+class ConfigError(FormerkitError):
+    """A config field holds a value that is not allowed, or fields contradict each other."""
+
+    def __init__(self, field: str, value: object, expected: str, *, hint: str = ""):
+        self.field = field
+        self.value = value
+        self.expected = expected
+        message = f"{field}: expected {expected}, got {value!r}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class UnknownFieldError(ConfigError):
+    """A config dict names a field that does not exist."""
+
+    def __init__(self, field: str, known: list[str], suggestion: str | None):
+        self.field = field
+        self.value = field
+        self.known = known
+        self.suggestion = suggestion
+        message = f"unknown config field {field!r}"
+        if suggestion:
+            message += f"; did you mean {suggestion!r}"
+        message += f". Known fields here: {', '.join(known)}"
+        FormerkitError.__init__(self, message)
+
+
+class InputError(FormerkitError):
+    """A tensor passed to a model has the wrong shape, dtype or values."""
+
+
+class CheckpointError(FormerkitError):
+    """A saved model is missing, corrupted, truncated or does not match its config."""

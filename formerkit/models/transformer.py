@@ -1,0 +1,351 @@
+"""The one Transformer: stem -> positions -> stack(s) of blocks -> head, every part chosen by a ModelConfig.
+
+An encoder reads its input in both directions; a decoder is causal; an encoder-decoder runs an encoder over the source
+and a causal decoder over the target that reads the encoder's output through cross-attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from formerkit.config import ModelConfig
+from formerkit.errors import InputError
+from formerkit.nn.block import TransformerBlock
+from formerkit.nn.heads import build_head
+from formerkit.nn.masks import (
+    CausalMask,
+    KeyPaddingMask,
+    Mask,
+    PreparedMask,
+    SlidingWindowMask,
+    _as_keep,
+    as_mask,
+    prepare_attention_mask,
+)
+from formerkit.nn.norms import build_norm
+from formerkit.nn.positions import build_positions
+from formerkit.nn.stems import build_stem
+
+__all__ = ["ModelOutput", "Transformer", "TransformerStack", "build_model"]
+
+
+@dataclass
+class ModelOutput:
+    """Everything a forward pass can report. ``logits`` is what a plain call returns."""
+
+    logits: Tensor
+    # The final hidden states [batch, tokens, width] (after the final norm, before the head).
+    last_hidden_state: Tensor
+    # With output_hidden_states: the stack's input, then each layer's output (before the final norm).
+    hidden_states: tuple[Tensor, ...] | None = None
+    # With output_attentions: each layer's attention probabilities [batch, heads, queries, keys].
+    attentions: tuple[Tensor, ...] | None = None
+    # The pooled vector (after the pooler, if any) for heads that pool.
+    pooled: Tensor | None = None
+    # Auxiliary losses of parts that have them (none yet in the plain core), to add to the objective.
+    aux_loss: Tensor | None = None
+    # encoder_decoder: the encoder's final hidden states.
+    encoder_last_hidden_state: Tensor | None = None
+
+
+class TransformerStack(nn.Module):
+    """``num_layers`` blocks in sequence (cycling through ``num_unique_layers`` distinct blocks when weights are
+    shared), followed by the final norm when the config has one."""
+
+    def __init__(self, config: ModelConfig, num_layers: int, *, cross_attention: bool = False):
+        super().__init__()
+        unique = config.num_unique_layers or num_layers
+        rates = [config.drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config, cross_attention=cross_attention, drop_path=rates[i]) for i in range(unique))
+        self.num_layers = num_layers
+        window_layers = config.attention.sliding_window_layers
+        self.windowed = tuple(config.attention.sliding_window is not None
+                              and (window_layers is None or i in window_layers) for i in range(num_layers))
+        norm = config.norm
+        self.final_norm = build_norm(norm.kind, config.width, norm.eps, norm.bias) if norm.has_final else None
+
+    def forward(self, hidden: Tensor, mask: PreparedMask, *, window_mask: PreparedMask | None = None,
+                rotary: tuple[Tensor, Tensor] | None = None, memory: Tensor | None = None,
+                memory_mask: PreparedMask | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        states, attentions = [], []
+        for index in range(self.num_layers):
+            if output_hidden_states:
+                states.append(hidden)
+            block = self.blocks[index % len(self.blocks)]
+            layer_mask = window_mask if self.windowed[index] else mask
+            hidden, weights = block(hidden, layer_mask, rotary=rotary, memory=memory, memory_mask=memory_mask,
+                                    need_weights=output_attentions)
+            if output_attentions:
+                attentions.append(weights)
+        if output_hidden_states:
+            states.append(hidden)
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        return hidden, states, attentions
+
+
+class Transformer(nn.Module):
+    """A Transformer built from a ModelConfig; ``model.config`` is that config.
+
+    Calling the model returns the logits (LM: [batch, tokens, vocab]; classification: [batch, classes]; a model with
+    no head: the final hidden states). ``return_outputs=True`` (implied by ``output_hidden_states`` or
+    ``output_attentions``) returns a ``ModelOutput`` instead.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise InputError(f"Transformer: expected a formerkit.ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.stem = build_stem(config)
+        self.positions = build_positions(config)
+        norm = config.norm
+        self.embedding_norm = (build_norm(norm.kind, config.width, norm.eps, norm.bias)
+                               if config.stem.embedding_norm else None)
+        self.embedding_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        if config.arch == "decoder":
+            self.decoder = TransformerStack(config, config.num_layers)
+        else:
+            self.encoder = TransformerStack(config, config.num_layers)
+            if config.arch == "encoder_decoder":
+                self.decoder = TransformerStack(config, config.decoder_layers, cross_attention=True)
+        self.head = build_head(config)
+        self.reset_parameters()
+        if config.head.tie_embeddings:
+            self.head.projection.weight = self.stem.tokens.weight
+
+    # ----- initialization -----
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero biases, unit norms; residual output projections scaled by
+        1/sqrt(2 * depth) (GPT-2); LayerScale and fixed tables keep their constructed values."""
+        std = self.config.init_std
+        depth = self.config.num_layers + (self.config.decoder_layers if self.config.arch == "encoder_decoder" else 0)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                if isinstance(module, nn.Conv2d) and self.config.stem.kind == "conv":
+                    nn.init.kaiming_normal_(module.weight)  # CCT's tokenizer convolutions
+                else:
+                    nn.init.normal_(module.weight, std=std)
+                if name.endswith(("attention.out", "feedforward.fc_out")):
+                    module.weight.data.mul_(1.0 / math.sqrt(2 * depth))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+        for name, parameter in self.named_parameters():
+            if name in ("positions.weight", "stem.class_token", "stem.registers"):
+                nn.init.normal_(parameter, std=std)
+
+    # ----- input handling -----
+
+    def _check_stem_input(self, inputs: Tensor, token_type_ids: Tensor | None, name: str) -> None:
+        if self.config.stem.kind == "tokens":
+            self.stem.check(inputs, token_type_ids, name)
+        else:
+            if token_type_ids is not None:
+                raise InputError(f"token_type_ids: only a tokens stem takes token types, this model's stem is "
+                                 f"{self.config.stem.kind!r}")
+            self.stem.check(inputs, name)
+
+    def _token_keep(self, inputs: Tensor, attention_mask: Tensor | None, name: str) -> Tensor | None:
+        """The [batch, tokens] keep-mask over the stem's output tokens (prefix tokens included), or None if nothing
+        is padded."""
+        if attention_mask is None:
+            return None
+        kind = self.config.stem.kind
+        if kind in ("patches", "conv"):
+            raise InputError(f"{name}: image models take no padding mask (every patch is real)")
+        if not isinstance(attention_mask, Tensor):
+            raise InputError(f"{name}: expected a tensor [batch, tokens] with 1 for tokens and 0 for padding, got "
+                             f"{type(attention_mask).__name__}")
+        tokens = inputs.shape[1] // (self.stem.patch_size if kind == "linear" else 1)
+        expected = [inputs.shape[0], tokens]
+        if list(attention_mask.shape) != expected:
+            raise InputError(f"{name}: expected shape {expected} (batch, tokens) to match the input, "
+                             f"got {list(attention_mask.shape)}")
+        keep = _as_keep(attention_mask, name)
+        if keep.device.type != "meta" and not torch.compiler.is_compiling() and bool(keep.all()):
+            return None
+        prefix = self.stem.num_prefix_tokens
+        if prefix:
+            keep = torch.cat([keep.new_ones(keep.shape[0], prefix), keep], dim=1)
+        return keep
+
+    def _check_position_ids(self, position_ids: Tensor | None, shape: tuple[int, int]) -> None:
+        if position_ids is None:
+            return
+        if self.config.stem.kind != "tokens":
+            raise InputError("position_ids: only a tokens stem takes explicit positions")
+        if not isinstance(position_ids, Tensor) or list(position_ids.shape) != list(shape):
+            got = list(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
+            raise InputError(f"position_ids: expected shape {list(shape)} like the input ids, got {got}")
+        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise InputError(f"position_ids: expected an integer tensor, got dtype {position_ids.dtype}")
+        if position_ids.device.type != "meta" and not torch.compiler.is_compiling():
+            low, high = int(position_ids.min()), int(position_ids.max())
+            if low < 0 or high >= self.config.num_positions:
+                raise InputError(f"position_ids: must lie in [0, {self.config.num_positions}) (max_seq_len), "
+                                 f"got values from {low} to {high}")
+
+    def embed(self, inputs: Tensor, *, keep: Tensor | None = None, position_ids: Tensor | None = None,
+              token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Stem, absolute positions, registers, embedding norm and dropout. Returns the hidden states and the
+        position ids the attention layers should use (None means 0, 1, 2, ...)."""
+        if self.config.stem.kind == "tokens":
+            hidden = self.stem(inputs, token_type_ids)
+            if position_ids is None and keep is not None:
+                # Positions count real tokens only, so a left-padded row gets the same positions as when unpadded.
+                position_ids = (keep.long().cumsum(dim=1) - 1).clamp(min=0)
+        else:
+            hidden = self.stem(inputs)
+        hidden = self.positions.encode_input(hidden, position_ids)
+        hidden = self.stem.add_registers(hidden)
+        if self.embedding_norm is not None:
+            hidden = self.embedding_norm(hidden)
+        return self.embedding_dropout(hidden), position_ids
+
+    def _self_attention_masks(self, causal: bool, keep: Tensor | None, mask: Mask | None, length: int,
+                              position_ids: Tensor | None, device) -> tuple[PreparedMask, PreparedMask | None]:
+        parts: list[Mask] = []
+        if causal and not (mask is not None and mask.defines_order):
+            parts.append(CausalMask())
+        if keep is not None:
+            parts.append(KeyPaddingMask(keep))
+        if mask is not None:
+            parts.append(mask)
+        combined = None
+        for part in parts:
+            combined = part if combined is None else combined & part
+        bias = None
+        if self.positions.uses_bias:
+            positions = (position_ids if position_ids is not None
+                         else torch.arange(length, device=device).unsqueeze(0))
+            bias = self.positions.attention_bias(positions, positions)
+        full = prepare_attention_mask(combined, length, length, bias=bias, device=device)
+        window_mask = None
+        if self.config.attention.sliding_window is not None:
+            window = SlidingWindowMask(self.config.attention.sliding_window)
+            window_mask = prepare_attention_mask(window if combined is None else combined & window, length, length,
+                                                 bias=bias, device=device)
+        return full, window_mask
+
+    def _check_mask(self, mask: Mask | Tensor | None, batch: int, length: int) -> Mask | None:
+        mask = as_mask(mask)
+        if mask is not None:
+            size = mask.batch_size()
+            if size is not None and size != batch:
+                raise InputError(f"mask: built for a batch of {size}, but the input has a batch of {batch}")
+            probe = mask.materialize(length, length, device="meta")
+            if probe.dim() != 4 or probe.shape[0] not in (1, batch) or probe.shape[1] not in (
+                    1, self.config.attention.num_heads):
+                raise InputError(f"mask: expected a shape broadcastable to [batch={batch}, "
+                                 f"heads={self.config.attention.num_heads}, {length}, {length}], "
+                                 f"got {list(probe.shape)}")
+        return mask
+
+    # ----- forward -----
+
+    def _run_stack(self, stack: TransformerStack, inputs: Tensor, *, causal: bool, attention_mask, mask,
+                   position_ids, token_type_ids, memory=None, memory_keep=None, output_hidden_states=False,
+                   output_attentions=False, name="inputs"):
+        self._check_stem_input(inputs, token_type_ids, name)
+        self._check_position_ids(position_ids, tuple(inputs.shape[:2]))
+        keep = self._token_keep(inputs, attention_mask, "attention_mask" if name == "inputs" else
+                                "decoder_attention_mask")
+        length = self.stem.num_tokens(inputs)
+        mask = self._check_mask(mask, inputs.shape[0], length)
+        hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids, token_type_ids=token_type_ids)
+        full, window = self._self_attention_masks(causal, keep, mask, length, position_ids, hidden.device)
+        rotary = self.positions.rotary(position_ids, length)
+        memory_mask = None
+        if memory is not None:
+            memory_mask = prepare_attention_mask(None if memory_keep is None else KeyPaddingMask(memory_keep),
+                                                 length, memory.shape[1], device=hidden.device)
+        hidden, states, attentions = stack(hidden, full, window_mask=window, rotary=rotary, memory=memory,
+                                           memory_mask=memory_mask, output_hidden_states=output_hidden_states,
+                                           output_attentions=output_attentions)
+        return hidden, keep, states, attentions
+
+    def encode(self, inputs: Tensor, *, attention_mask: Tensor | None = None, mask: Mask | Tensor | None = None,
+               position_ids: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
+        """encoder_decoder: the encoder's final hidden states [batch, source tokens, width]."""
+        if self.config.arch != "encoder_decoder":
+            raise InputError(f"encode: only an encoder_decoder model has a separate encoder (arch is "
+                             f"{self.config.arch!r}); call the model instead")
+        hidden, _, _, _ = self._run_stack(self.encoder, inputs, causal=False, attention_mask=attention_mask,
+                                          mask=mask, position_ids=position_ids, token_type_ids=token_type_ids)
+        return hidden
+
+    def forward(self, inputs: Tensor, *, attention_mask: Tensor | None = None, mask: Mask | Tensor | None = None,
+                position_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
+                decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                return_outputs: bool = False) -> Tensor | ModelOutput:
+        """Runs the model.
+
+        inputs: token ids [batch, tokens], images [batch, channels, height, width] or numeric sequences
+            [batch, steps, input_dim], by the stem. For an encoder_decoder, the source token ids.
+        attention_mask: [batch, tokens], 1 for a real token and 0 for padding (either side).
+        mask: any formerkit Mask (or a bool/additive tensor) combined with the model's own masks. A decoder's causal
+            mask is kept unless ``mask`` fixes the order itself (PrefixLMMask).
+        position_ids: [batch, tokens] explicit positions (default: counts of real tokens).
+        decoder_input_ids, decoder_attention_mask: encoder_decoder only, the target side.
+        """
+        config = self.config
+        encoder_state = None
+        if config.arch == "encoder_decoder":
+            if decoder_input_ids is None:
+                raise InputError("decoder_input_ids: an encoder_decoder model needs the target tokens "
+                                 "(decoder_input_ids=...) besides the source tokens")
+            self._check_stem_input(decoder_input_ids, None, "decoder_input_ids")
+            if decoder_input_ids.shape[0] != inputs.shape[0]:
+                raise InputError(f"decoder_input_ids: batch {decoder_input_ids.shape[0]} differs from the source "
+                                 f"batch {inputs.shape[0]}")
+            memory, memory_keep, _, _ = self._run_stack(
+                self.encoder, inputs, causal=False, attention_mask=attention_mask, mask=None,
+                position_ids=None, token_type_ids=token_type_ids)
+            encoder_state = memory
+            hidden, keep, states, attentions = self._run_stack(
+                self.decoder, decoder_input_ids, causal=True, attention_mask=decoder_attention_mask, mask=mask,
+                position_ids=position_ids, token_type_ids=None, memory=memory, memory_keep=memory_keep,
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                name="decoder_input_ids")
+        else:
+            if decoder_input_ids is not None or decoder_attention_mask is not None:
+                raise InputError(f"decoder_input_ids: only an encoder_decoder model takes them (arch is "
+                                 f"{config.arch!r})")
+            stack = self.decoder if config.arch == "decoder" else self.encoder
+            hidden, keep, states, attentions = self._run_stack(
+                stack, inputs, causal=config.arch == "decoder", attention_mask=attention_mask, mask=mask,
+                position_ids=position_ids, token_type_ids=token_type_ids,
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.head(hidden, keep)
+        if not (return_outputs or output_hidden_states or output_attentions):
+            return logits
+        pooled = self.head.pool(hidden, keep) if hasattr(self.head, "pool") and (
+            self.head.pooling is not None or self.head.pooler is not None) else None
+        return ModelOutput(logits=logits, last_hidden_state=hidden,
+                           hidden_states=tuple(states) if output_hidden_states else None,
+                           attentions=tuple(attentions) if output_attentions else None,
+                           pooled=pooled, encoder_last_hidden_state=encoder_state)
+
+    def num_parameters(self) -> int:
+        """Parameters, counting a tied weight once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"arch={self.config.arch!r}, parameters={self.num_parameters():,}"
+
+
+def build_model(config: ModelConfig | dict) -> Transformer:
+    """Builds a model from a ModelConfig (or a dict of its fields)."""
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    return Transformer(config)

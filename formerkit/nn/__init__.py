@@ -1,0 +1,34 @@
+"""Parts: attention, masks, positions, norms, feed-forward, blocks, stems and heads."""
+
+from formerkit.nn.attention import Attention, attention_weights
+from formerkit.nn.block import DropPath, LayerScale, Residual, TransformerBlock
+from formerkit.nn.feedforward import MLP, GatedMLP
+from formerkit.nn.heads import ClassificationHead, LMHead, MaskedLMHead, Pooling, RegressionHead
+from formerkit.nn.masks import (
+    AllOf,
+    CausalMask,
+    DocumentMask,
+    KeyPaddingMask,
+    Mask,
+    PrefixLMMask,
+    SlidingWindowMask,
+    TensorMask,
+)
+from formerkit.nn.norms import RMSNorm
+from formerkit.nn.positions import (
+    ALiBiPositions,
+    LearnedPositions,
+    NoPositions,
+    RotaryPositions,
+    SinCos2DPositions,
+    SinusoidalPositions,
+)
+from formerkit.nn.stems import ConvTokenizer, LinearStem, PatchEmbedding, TokenEmbedding
+
+__all__ = [
+    "ALiBiPositions", "AllOf", "Attention", "CausalMask", "ClassificationHead", "ConvTokenizer", "DocumentMask",
+    "DropPath", "GatedMLP", "KeyPaddingMask", "LMHead", "LayerScale", "LearnedPositions", "LinearStem", "MLP", "Mask",
+    "MaskedLMHead", "NoPositions", "PatchEmbedding", "Pooling", "PrefixLMMask", "RMSNorm", "RegressionHead",
+    "Residual", "RotaryPositions", "SinCos2DPositions", "SinusoidalPositions", "SlidingWindowMask", "TensorMask",
+    "TokenEmbedding", "TransformerBlock", "attention_weights",
+]

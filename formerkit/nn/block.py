@@ -1,0 +1,107 @@
+"""The Transformer block: attention and feed-forward sub-layers, each wrapped in a residual connection with norms."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from formerkit.nn.attention import Attention
+from formerkit.nn.feedforward import build_feedforward
+from formerkit.nn.masks import PreparedMask
+from formerkit.nn.norms import build_norm
+
+__all__ = ["DropPath", "LayerScale", "Residual", "TransformerBlock"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016): drops a whole residual branch per sample while training."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        noise = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * noise / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (Touvron et al., 2021, "Going Deeper with Image
+    Transformers")."""
+
+    def __init__(self, width: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((width,), init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Residual(nn.Module):
+    """x + branch(x) with the norm placement of the config.
+
+    pre: x + drop(scale(f(norm(x)))); post: norm(x + drop(scale(f(x))));
+    sandwich: x + drop(scale(norm_out(f(norm(x)))))
+    """
+
+    def __init__(self, config, drop_path: float):
+        super().__init__()
+        norm = config.norm
+        self.placement = norm.placement
+        self.norm = build_norm(norm.kind, config.width, norm.eps, norm.bias)
+        sandwich = norm.placement == "sandwich"
+        self.norm_out = build_norm(norm.kind, config.width, norm.eps, norm.bias) if sandwich else None
+        self.scale = LayerScale(config.width, config.layer_scale) if config.layer_scale else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
+
+    def branch_input(self, x: Tensor) -> Tensor:
+        """What the branch reads: the normed stream (pre, sandwich) or the stream itself (post)."""
+        return x if self.placement == "post" else self.norm(x)
+
+    def merge(self, x: Tensor, out: Tensor) -> Tensor:
+        """Adds the branch's output back into the stream."""
+        if self.norm_out is not None:
+            out = self.norm_out(out)
+        x = x + self.drop_path(self.dropout(self.scale(out)))
+        return self.norm(x) if self.placement == "post" else x
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, optional cross-attention (decoder of an encoder-decoder), then feed-forward."""
+
+    def __init__(self, config, *, cross_attention: bool = False, drop_path: float = 0.0):
+        super().__init__()
+        attn = config.attention
+
+        def make_attention(cross: bool) -> Attention:
+            return Attention(config.width, attn.num_heads, attn.kv_heads, config.head_dim, qkv_bias=attn.qkv_bias,
+                             out_bias=attn.out_bias, qk_norm=attn.qk_norm, norm_kind=config.norm.kind,
+                             norm_eps=config.norm.eps, dropout=attn.dropout, cross=cross)
+
+        self.attention = make_attention(False)
+        self.attention_residual = Residual(config, drop_path)
+        self.cross_attention = make_attention(True) if cross_attention else None
+        self.cross_attention_residual = Residual(config, drop_path) if cross_attention else None
+        self.feedforward = build_feedforward(config)
+        self.feedforward_residual = Residual(config, drop_path)
+
+    def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
+                memory: Tensor | None = None, memory_mask: PreparedMask | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        residual = self.attention_residual
+        out, weights = self.attention(residual.branch_input(x), mask, rotary=rotary, need_weights=need_weights)
+        x = residual.merge(x, out)
+        if self.cross_attention is not None:
+            residual = self.cross_attention_residual
+            out, _ = self.cross_attention(residual.branch_input(x), memory_mask, memory=memory)
+            x = residual.merge(x, out)
+        residual = self.feedforward_residual
+        x = residual.merge(x, self.feedforward(residual.branch_input(x)))
+        return x, weights

@@ -1,0 +1,126 @@
+"""Heads: what turns the core's final vectors into outputs (logits, class scores, forecasts).
+
+Every head takes the final hidden states [batch, tokens, width] and ``token_mask`` [batch, tokens] (True at real
+tokens, False at padding) and knows how many learned prefix tokens (class token, registers) lead the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from formerkit.nn.feedforward import activation
+from formerkit.nn.norms import build_norm
+
+__all__ = ["ClassificationHead", "LMHead", "MaskedLMHead", "Pooling", "RegressionHead", "build_head"]
+
+
+class Pooling(nn.Module):
+    """Turns [batch, tokens, width] into [batch, width]: cls (first token), mean (of real input tokens, prefix tokens
+    excluded), last (last real token), or sequence (CCT's attention pooling: a learned softmax weighting of tokens)."""
+
+    def __init__(self, kind: str, width: int, num_prefix_tokens: int):
+        super().__init__()
+        self.kind = kind
+        self.num_prefix_tokens = num_prefix_tokens
+        self.score = nn.Linear(width, 1) if kind == "sequence" else None
+
+    def forward(self, hidden: Tensor, token_mask: Tensor | None) -> Tensor:
+        if self.kind == "cls":
+            return hidden[:, 0]
+        if self.kind == "last":
+            if token_mask is None:
+                return hidden[:, -1]
+            # The last real token of each row, whichever side the padding is on.
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = torch.where(token_mask, positions, -1).amax(dim=1).clamp(min=0)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        hidden = hidden[:, self.num_prefix_tokens:]
+        mask = None if token_mask is None else token_mask[:, self.num_prefix_tokens:]
+        if self.kind == "mean":
+            if mask is None:
+                return hidden.mean(dim=1)
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        scores = self.score(hidden)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        return (scores.softmax(dim=1) * hidden).sum(dim=1)
+
+
+class LMHead(nn.Module):
+    """Next-token logits: one linear map to the vocabulary (its weight may be the token embedding's)."""
+
+    def __init__(self, width: int, vocab_size: int):
+        super().__init__()
+        self.projection = nn.Linear(width, vocab_size, bias=False)
+
+    def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        return self.projection(hidden)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's masked-LM head: dense -> GELU -> LayerNorm -> linear to the vocabulary with a bias."""
+
+    def __init__(self, width: int, vocab_size: int, norm_kind: str, norm_eps: float, act: str = "gelu"):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.act = activation(act)
+        self.norm = build_norm(norm_kind, width, norm_eps)
+        self.projection = nn.Linear(width, vocab_size, bias=True)
+
+    def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        return self.projection(self.norm(self.act(self.dense(hidden))))
+
+
+class _PooledHead(nn.Module):
+    """Pooling, optional BERT pooler (dense + tanh), dropout, then a linear map to ``outputs`` numbers."""
+
+    def __init__(self, width: int, outputs: int, pooling: str, num_prefix_tokens: int, pooler: bool, dropout: float):
+        super().__init__()
+        self.pooling = Pooling(pooling, width, num_prefix_tokens) if pooling != "none" else None
+        self.pooler = nn.Linear(width, width) if pooler else None
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.projection = nn.Linear(width, outputs) if outputs else None
+
+    def pool(self, hidden: Tensor, token_mask: Tensor | None) -> Tensor:
+        """The pooled representation, after the pooler if there is one."""
+        pooled = hidden if self.pooling is None else self.pooling(hidden, token_mask)
+        return torch.tanh(self.pooler(pooled)) if self.pooler is not None else pooled
+
+    def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        return self.projection(self.dropout(self.pool(hidden, token_mask)))
+
+
+class ClassificationHead(_PooledHead):
+    """Pooled vector -> class logits [batch, num_classes]."""
+
+
+class RegressionHead(_PooledHead):
+    """Pooled vector -> [batch, output_dim] numbers (a forecast horizon, a score); with pooling 'none', per token."""
+
+
+class IdentityHead(_PooledHead):
+    """No task head: the model returns its final hidden states. A BERT-style pooler, if configured, is still built
+    and its output is reported in ModelOutput.pooled."""
+
+    def __init__(self, width: int, pooling: str, num_prefix_tokens: int, pooler: bool):
+        super().__init__(width, 0, pooling if pooler else "none", num_prefix_tokens, pooler, 0.0)
+
+    def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        return hidden
+
+
+def build_head(config) -> nn.Module:
+    head, stem = config.head, config.stem
+    prefix = stem.num_prefix_tokens
+    pooling = config.head_pooling
+    if head.kind == "lm":
+        return LMHead(config.width, stem.vocab_size)
+    if head.kind == "masked_lm":
+        return MaskedLMHead(config.width, stem.vocab_size, config.norm.kind, config.norm.eps)
+    if head.kind == "classification":
+        return ClassificationHead(config.width, head.num_classes, pooling, prefix, head.pooler, head.dropout)
+    if head.kind == "regression":
+        return RegressionHead(config.width, head.output_dim, pooling, prefix, head.pooler, head.dropout)
+    return IdentityHead(config.width, "cls" if head.pooler and pooling == "none" else pooling, prefix, head.pooler)

@@ -1,0 +1,185 @@
+"""Position schemes: how a Transformer knows where a token is.
+
+Every scheme answers three questions, so the rest of the model never asks which one it has:
+``encode_input`` adds absolute positions to the embeddings (learned, sinusoidal, 2-D sine-cosine), ``rotary`` gives the
+cos/sin tables that rotate queries and keys (RoPE), and ``attention_bias`` gives an additive score bias (ALiBi).
+``position_ids`` is a [batch, tokens] tensor of positions, or None for 0, 1, 2, ... in every row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ALiBiPositions",
+    "LearnedPositions",
+    "NoPositions",
+    "PositionScheme",
+    "RotaryPositions",
+    "SinCos2DPositions",
+    "SinusoidalPositions",
+    "alibi_slopes",
+    "apply_rotary",
+    "build_positions",
+    "sinusoidal_table",
+]
+
+
+class PositionScheme(nn.Module):
+    """Base class: a scheme that does nothing (no positions)."""
+
+    def encode_input(self, hidden: Tensor, position_ids: Tensor | None) -> Tensor:
+        return hidden
+
+    def rotary(self, position_ids: Tensor | None, length: int) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def attention_bias(self, query_positions: Tensor, key_positions: Tensor) -> Tensor | None:
+        return None
+
+    @property
+    def uses_bias(self) -> bool:
+        return False
+
+
+NoPositions = PositionScheme
+
+
+class _AbsoluteTable(PositionScheme):
+    """Adds row ``p`` of a [positions, width] table to the token at position ``p``."""
+
+    table: Tensor
+
+    def encode_input(self, hidden: Tensor, position_ids: Tensor | None) -> Tensor:
+        if position_ids is None:
+            return hidden + self.table[: hidden.shape[1]].to(hidden.dtype)
+        return hidden + self.table[position_ids].to(hidden.dtype)
+
+
+class LearnedPositions(_AbsoluteTable):
+    """A trained table of absolute positions (GPT-2, BERT, ViT)."""
+
+    def __init__(self, num_positions: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_positions, width))
+
+    @property
+    def table(self) -> Tensor:  # type: ignore[override]
+        return self.weight
+
+
+def sinusoidal_table(num_positions: int, width: int, base: float = 10000.0) -> Tensor:
+    """The fixed table of "Attention Is All You Need": even channels sin(p / base^(2i/d)), odd channels cos."""
+    position = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float64) * (-math.log(base) / width))
+    table = torch.zeros(num_positions, width, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: width // 2])
+    return table.float()
+
+
+class SinusoidalPositions(_AbsoluteTable):
+    def __init__(self, num_positions: int, width: int):
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(num_positions, width), persistent=False)
+
+
+def _sincos_1d(positions: Tensor, width: int) -> Tensor:
+    # MAE's 1-D half: the first width/2 channels are sines, the rest cosines, frequencies 1 / 10000^(k / (width/2)).
+    frequency = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
+    angles = positions.to(torch.float64).unsqueeze(1) * frequency
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class SinCos2DPositions(_AbsoluteTable):
+    """A fixed 2-D sine-cosine table over a grid of patches (He et al., "Masked Autoencoders"): the first half of the
+    channels encodes the row, the second half the column. Prefix tokens (class token) get zeros."""
+
+    def __init__(self, grid_size: tuple[int, int], width: int, num_prefix_tokens: int = 0):
+        super().__init__()
+        rows, cols = grid_size
+        row = torch.arange(rows).repeat_interleave(cols)
+        col = torch.arange(cols).repeat(rows)
+        grid = torch.cat([_sincos_1d(row, width // 2), _sincos_1d(col, width // 2)], dim=1)
+        table = torch.cat([torch.zeros(num_prefix_tokens, width, dtype=torch.float64), grid]).float()
+        self.register_buffer("table", table, persistent=False)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates channel pairs (i, i + d/2) of ``x`` [batch, heads, tokens, head_dim] by each position's angles."""
+    return x * cos + rotate_half(x) * sin
+
+
+class RotaryPositions(PositionScheme):
+    """Rotary position embeddings (Su et al., "RoFormer"), in the half-split channel layout of GPT-NeoX and Hugging
+    Face LLaMA: channel i pairs with channel i + head_dim/2, rotated by angle p / base^(2i/head_dim)."""
+
+    def __init__(self, num_positions: int, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        frequency = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1) * frequency
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def rotary(self, position_ids: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
+        if position_ids is None:
+            return self.cos[:length].view(1, 1, length, -1), self.sin[:length].view(1, 1, length, -1)
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's head slopes (Press et al., "Train Short, Test Long"): a geometric sequence starting at 2^(-8/n); for a
+    head count that is not a power of two, the slopes of the nearest lower power plus every other slope of the next."""
+
+    def geometric(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        slopes = geometric(num_heads)
+    else:
+        lower = 2 ** math.floor(math.log2(num_heads))
+        slopes = geometric(lower) + geometric(2 * lower)[0::2][: num_heads - lower]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class ALiBiPositions(PositionScheme):
+    """Attention with linear biases: score(q, k) gets -slope_h * |position(q) - position(k)|."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
+
+    @property
+    def uses_bias(self) -> bool:
+        return True
+
+    def attention_bias(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """[batch|1, heads, queries, keys] from positions [batch|1, queries] and [batch|1, keys]."""
+        distance = (query_positions.unsqueeze(-1) - key_positions.unsqueeze(-2)).abs().unsqueeze(1)
+        return -self.slopes.view(1, -1, 1, 1) * distance.to(self.slopes.dtype)
+
+
+def build_positions(config) -> PositionScheme:
+    """The position scheme a ModelConfig asks for."""
+    kind = config.position.kind
+    if kind == "learned":
+        return LearnedPositions(config.num_positions, config.width)
+    if kind == "sinusoidal":
+        return SinusoidalPositions(config.num_positions, config.width)
+    if kind == "sincos2d":
+        return SinCos2DPositions(config.stem.grid_size, config.width, int(config.stem.class_token))
+    if kind == "rope":
+        return RotaryPositions(config.num_positions, config.head_dim, config.position.rope_base)
+    if kind == "alibi":
+        return ALiBiPositions(config.attention.num_heads)
+    return NoPositions()

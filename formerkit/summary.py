@@ -1,0 +1,151 @@
+"""What a model costs: parameters per part, forward FLOPs per token (or image), training activation memory.
+
+FLOPs and memory are measured, not guessed: the model is built on PyTorch's ``meta`` device (shapes only, no data, no
+time) and run once under ``torch.utils.flop_counter.FlopCounterMode`` while a saved-tensors hook adds up every tensor
+autograd keeps for the backward pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from formerkit.config import ModelConfig
+
+__all__ = ["Summary", "count_parameters", "summarize"]
+
+
+@dataclass
+class Summary:
+    config: ModelConfig
+    name: str
+    parts: list[tuple[str, int]]
+    total_parameters: int
+    batch: int
+    seq_len: int | None
+    # "token" for sequence models, "image" for image models.
+    unit: str
+    forward_flops: int
+    activation_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def units(self) -> int:
+        return self.batch * (self.seq_len if self.unit == "token" else 1)
+
+    @property
+    def flops_per_unit(self) -> float:
+        return self.forward_flops / self.units
+
+    def format(self) -> str:
+        width = max(len(name) for name, _ in self.parts) + 2
+        lines = [f"{self.name}: {self.config.arch}, {self.total_parameters:,} parameters", ""]
+        lines.append(f"{'part':<{width}}{'parameters':>14}{'share':>8}")
+        for name, count in self.parts:
+            share = 100.0 * count / self.total_parameters if self.total_parameters else 0.0
+            lines.append(f"{name:<{width}}{count:>14,}{share:>7.1f}%")
+        lines.append(f"{'total':<{width}}{self.total_parameters:>14,}")
+        lines.append("")
+        shape = f"batch {self.batch}" + (f", {self.seq_len} tokens" if self.unit == "token" else "")
+        lines.append(f"forward FLOPs per {self.unit}: {_human(self.flops_per_unit)} "
+                     f"(whole batch: {_human(self.forward_flops)}; {shape})")
+        lines.append(f"training FLOPs per {self.unit} (forward + backward, ~3x): {_human(3 * self.flops_per_unit)}")
+        lines.append(f"activation memory for training ({shape}, float32): {self.activation_bytes / 2**20:,.1f} MiB")
+        lines.append(f"weights in float32: {4 * self.total_parameters / 2**20:,.1f} MiB")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _human(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:,.2f} {unit}FLOP"
+    return f"{value:,.0f} FLOP"
+
+
+_PART_PATTERNS = [
+    (r"^(stem|embedding_norm)\.", "embedding"),
+    (r"^positions\.", "positions"),
+    (r"^(encoder|decoder)\.blocks\.\d+\.attention\.", r"\1 attention"),
+    (r"^(encoder|decoder)\.blocks\.\d+\.cross_attention\.", r"\1 cross-attention"),
+    (r"^(encoder|decoder)\.blocks\.\d+\.feedforward\.", r"\1 feed-forward"),
+    (r"^(encoder|decoder)\.blocks\.\d+\.\w+_residual\.", r"\1 norms and scales"),
+    (r"^(encoder|decoder)\.final_norm\.", r"\1 final norm"),
+    (r"^head\.", "head"),
+]
+
+
+def _part_of(name: str) -> str:
+    for pattern, label in _PART_PATTERNS:
+        match = re.match(pattern, name)
+        if match:
+            return match.expand(label)
+    return name.split(".")[0]
+
+
+def _example_inputs(config: ModelConfig, batch: int, seq_len: int) -> tuple[torch.Tensor, dict]:
+    stem = config.stem
+    if stem.kind in ("patches", "conv"):
+        return torch.zeros(batch, stem.in_channels, *stem.image_size), {}
+    if stem.kind == "linear":
+        return torch.zeros(batch, seq_len, stem.input_dim), {}
+    ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    if config.arch == "encoder_decoder":
+        return ids, {"decoder_input_ids": ids}
+    return ids, {}
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """The parameter count of the model a config describes (built on the meta device: no memory, no init cost)."""
+    from formerkit.models.transformer import build_model
+
+    with torch.device("meta"):
+        return build_model(config).num_parameters()
+
+
+def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, name: str | None = None) -> Summary:
+    """Summarizes a model (or a config, which is built on the meta device without allocating weights)."""
+    from formerkit.models.transformer import build_model
+
+    config = model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.config
+    with torch.device("meta"):
+        model = build_model(config)
+    counts: dict[str, int] = {}
+    for parameter_name, parameter in model.named_parameters():
+        part = _part_of(parameter_name)
+        counts[part] = counts.get(part, 0) + parameter.numel()
+    notes = []
+    if config.head.tie_embeddings:
+        notes.append("the head's weight is tied to the token embedding and counted once, under embedding")
+    image = config.stem.kind in ("patches", "conv")
+    if not image:
+        seq_len = seq_len or config.max_seq_len
+        if config.stem.kind == "linear" and config.stem.patch_size:
+            seq_len -= seq_len % config.stem.patch_size
+    inputs, kwargs = _example_inputs(config, batch, seq_len or 0)
+    with torch.device("meta"):
+        inputs = inputs.to("meta")
+        kwargs = {key: value.to("meta") for key, value in kwargs.items()}
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.eval()(inputs, **kwargs)
+        flops = counter.get_total_flops()
+        parameter_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage._cdata not in parameter_storages:
+                saved[storage._cdata] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model.train()(inputs, **kwargs)
+    if config.arch == "decoder" or config.arch == "encoder_decoder":
+        notes.append("causal attention is counted as full score matrices, as the kernel computes them")
+    return Summary(config=config, name=name or "model", parts=list(counts.items()),
+                   total_parameters=sum(counts.values()), batch=batch, seq_len=None if image else seq_len,
+                   unit="image" if image else "token", forward_flops=int(flops),
+                   activation_bytes=int(sum(saved.values())), notes=notes)

@@ -1,0 +1,110 @@
+"""ModelConfig: validation, dict/JSON/YAML round trips, replace()."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import formerkit
+from formerkit import ConfigError, ModelConfig, UnknownFieldError
+from formerkit.config import AttentionConfig, StemConfig
+
+
+def small(**overrides) -> ModelConfig:
+    base = ModelConfig(arch="decoder", width=32, num_layers=2, max_seq_len=16, attention={"num_heads": 4},
+                       stem={"vocab_size": 20})
+    return base.replace(**overrides) if overrides else base
+
+
+def test_default_config_is_valid_and_frozen():
+    config = ModelConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.width = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", formerkit.list_models())
+def test_every_preset_round_trips_through_dict_json_and_yaml(name, tmp_path):
+    config = formerkit.model_config(name)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert ModelConfig.from_dict(json.loads(config.to_json())) == config
+    config.to_yaml(tmp_path / "c.yaml")
+    config.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_file(tmp_path / "c.yaml") == config
+    assert ModelConfig.from_file(tmp_path / "c.json") == config
+    # The dict is plain data: JSON of the dict of the reloaded config is the same text.
+    assert ModelConfig.from_file(tmp_path / "c.json").to_json() == config.to_json()
+
+
+def test_partial_dict_fills_defaults_and_int_image_size_becomes_a_pair():
+    config = ModelConfig.from_dict({"arch": "encoder", "width": 64, "attention": {"num_heads": 4},
+                                    "stem": {"kind": "patches", "image_size": 32, "patch_size": 8},
+                                    "head": {"kind": "classification", "num_classes": 3}})
+    assert config.stem.image_size == (32, 32)
+    assert config.num_layers == ModelConfig().num_layers
+    assert config.head_pooling == "mean"  # no class token
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_floats_accept_integers_and_are_stored_as_floats():
+    config = small(position={"kind": "rope", "rope_base": 500000})
+    assert isinstance(config.position.rope_base, float)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_unknown_field_suggests_the_closest_name():
+    with pytest.raises(UnknownFieldError, match="did you mean 'width'"):
+        ModelConfig.from_dict({"widht": 64})
+    with pytest.raises(UnknownFieldError, match="did you mean 'attention.num_heads'"):
+        ModelConfig.from_dict({"attention": {"num_head": 4}})
+
+
+def test_errors_name_field_value_and_what_is_allowed():
+    with pytest.raises(ConfigError) as info:
+        small(attention={"num_heads": 5})
+    assert info.value.field == "attention.num_heads"
+    assert info.value.value == 5
+    assert "divisor of width (32)" in str(info.value)
+    with pytest.raises(ConfigError, match=r"norm.kind: expected one of 'layernorm', 'rmsnorm', got 'rms'"):
+        small(norm={"kind": "rms"})
+    with pytest.raises(ConfigError, match="did you mean 'rope'"):
+        small(position={"kind": "rop"})
+    with pytest.raises(ConfigError, match="num_layers: expected an integer, got '4'"):
+        ModelConfig.from_dict({"num_layers": "4"})
+    with pytest.raises(ConfigError, match="width: expected an integer, got True"):
+        ModelConfig.from_dict({"width": True})
+
+
+def test_sections_validate_on_their_own():
+    with pytest.raises(ConfigError, match="attention.num_kv_heads"):
+        AttentionConfig(num_heads=6, num_kv_heads=4)
+    with pytest.raises(ConfigError, match="stem.vocab_size"):
+        StemConfig(kind="tokens")
+    with pytest.raises(ConfigError, match="applies only to stem.kind"):
+        StemConfig(kind="patches", image_size=32, patch_size=8, vocab_size=10)
+
+
+def test_replace_accepts_top_level_sections_dotted_paths_and_unique_section_fields():
+    config = small()
+    assert config.replace(width=64).width == 64
+    assert config.replace(attention={"num_kv_heads": 2}).attention.num_heads == 4  # merged, not replaced
+    assert config.replace(**{"attention.num_kv_heads": 1}).attention.kv_heads == 1
+    assert config.replace(vocab_size=99).stem.vocab_size == 99
+    assert config.replace(dropout=0.1).dropout == 0.1  # a top-level field wins over section fields of that name
+    with pytest.raises(UnknownFieldError, match="did you mean 'attention.num_heads'"):
+        config.replace(**{"attention.num_head": 2})
+
+
+def test_replace_reports_ambiguous_section_fields():
+    with pytest.raises(ConfigError, match="exists in feedforward.bias, norm.bias"):
+        small().replace(bias=False)
+
+
+def test_config_file_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="an existing .json, .yaml or .yml file"):
+        ModelConfig.from_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="a valid JSON or YAML document"):
+        ModelConfig.from_file(bad)

@@ -1,0 +1,45 @@
+"""summarize(): parameters per part, FLOPs and activation memory, checked against counts done by hand."""
+
+from __future__ import annotations
+
+import formerkit
+
+
+def test_parts_add_up_to_the_model_and_name_the_core_parts():
+    config = formerkit.model_config("gpt2")
+    summary = formerkit.summarize(config, batch=1, seq_len=8)
+    parts = dict(summary.parts)
+    assert summary.total_parameters == 124_439_808
+    assert parts["embedding"] == 50257 * 768
+    assert parts["positions"] == 1024 * 768
+    assert parts["decoder attention"] == 12 * (768 * 3 * 768 + 3 * 768 + 768 * 768 + 768)
+    assert parts["decoder feed-forward"] == 12 * (2 * 768 * 3072 + 3072 + 768)
+
+
+def test_flops_per_token_match_a_hand_count():
+    width, layers, vocab, length, heads = 64, 2, 100, 16, 4
+    config = formerkit.ModelConfig(arch="decoder", width=width, num_layers=layers, max_seq_len=length,
+                                   attention={"num_heads": heads}, stem={"vocab_size": vocab},
+                                   feedforward={"ratio": 4})
+    summary = formerkit.summarize(config, batch=3, seq_len=length)
+    # Per token: 2 FLOPs per weight of every matmul, plus QK^T and AV (2 * length * width each).
+    matmul_weights = layers * (4 * width * width + 2 * 4 * width * width) + width * vocab
+    expected = 2 * matmul_weights + layers * 2 * (2 * length * width)
+    assert summary.flops_per_unit == expected
+    assert summary.unit == "token"
+
+
+def test_activation_memory_grows_linearly_with_batch():
+    config = formerkit.model_config("char_gpt", num_layers=2)
+    one = formerkit.summarize(config, batch=1, seq_len=64).activation_bytes
+    four = formerkit.summarize(config, batch=4, seq_len=64).activation_bytes
+    assert one > 0
+    assert four == 4 * one
+
+
+def test_image_models_report_per_image():
+    summary = formerkit.summarize(formerkit.model_config("vit_base_patch16_224"))
+    assert summary.unit == "image"
+    # ViT-B/16 at 224: about 17.6 GMACs, i.e. about 35 GFLOPs per image.
+    assert 34e9 < summary.flops_per_unit < 36e9
+    assert "per image" in summary.format()
