@@ -17,9 +17,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x: Tensor) -> Tensor:
+        # At least float32 inside (half precision loses the mean of squares), never less than the input's precision.
+        inner = x.to(torch.promote_types(x.dtype, torch.float32))
         if hasattr(torch.nn.functional, "rms_norm"):
-            return torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return torch.nn.functional.rms_norm(inner, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        normed = inner * torch.rsqrt(inner.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight
 
     def extra_repr(self) -> str:

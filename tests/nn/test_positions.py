@@ -1,0 +1,352 @@
+"""formerkit.nn.positions: each position scheme against a reference written out with Python loops and ``math``,
+then a check that positions actually reach a full model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import formerkit
+from formerkit import ModelConfig
+from formerkit.nn.attention import Attention
+from formerkit.nn.masks import PreparedMask
+from formerkit.nn.positions import (
+    ALiBiPositions,
+    LearnedPositions,
+    NoPositions,
+    RotaryPositions,
+    SinCos2DPositions,
+    SinusoidalPositions,
+    alibi_slopes,
+    apply_rotary,
+    build_positions,
+    sinusoidal_table,
+)
+
+# ----- sinusoidal -----
+
+
+def sinusoidal_ref(num_positions, width):
+    table = [[0.0] * width for _ in range(num_positions)]
+    for p in range(num_positions):
+        for c in range(width):
+            i = c // 2
+            angle = p / 10000 ** (2 * i / width)
+            table[p][c] = math.sin(angle) if c % 2 == 0 else math.cos(angle)
+    return torch.tensor(table, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("num_positions, width", [(12, 8), (20, 16), (9, 7)])
+def test_sinusoidal_table_has_sin_on_even_and_cos_on_odd_channels(num_positions, width):
+    table = sinusoidal_table(num_positions, width)
+    assert table.shape == (num_positions, width) and table.dtype == torch.float32
+    torch.testing.assert_close(table.double(), sinusoidal_ref(num_positions, width), rtol=0, atol=1e-6)
+
+
+def test_sinusoidal_positions_add_table_rows_by_position():
+    torch.manual_seed(0)
+    scheme = SinusoidalPositions(16, 8)
+    hidden = torch.randn(2, 5, 8)
+    ref = sinusoidal_ref(16, 8).float()
+    expected = hidden + ref[:5]
+    torch.testing.assert_close(scheme.encode_input(hidden, None), expected, rtol=0, atol=1e-6)
+    position_ids = torch.tensor([[4, 5, 6, 7, 8], [0, 0, 1, 2, 3]])
+    expected = torch.stack([torch.stack([hidden[b, t] + ref[position_ids[b, t]] for t in range(5)]) for b in range(2)])
+    torch.testing.assert_close(scheme.encode_input(hidden, position_ids), expected, rtol=0, atol=1e-6)
+
+
+# ----- learned -----
+
+
+def test_learned_positions_add_rows_of_the_table_indexed_by_position_ids():
+    torch.manual_seed(1)
+    scheme = LearnedPositions(10, 6)
+    assert [name for name, _ in scheme.named_parameters()] == ["weight"]
+    with torch.no_grad():
+        scheme.weight.normal_()
+    hidden = torch.randn(2, 4, 6)
+    position_ids = torch.tensor([[9, 0, 3, 3], [1, 2, 3, 4]])
+    out = scheme.encode_input(hidden, position_ids)
+    for b in range(2):
+        for t in range(4):
+            torch.testing.assert_close(out[b, t], hidden[b, t] + scheme.weight[position_ids[b, t]])
+    default = scheme.encode_input(hidden, None)
+    for t in range(4):
+        torch.testing.assert_close(default[:, t], hidden[:, t] + scheme.weight[t])
+    # the table is trained: gradients reach exactly the rows that were used
+    out.sum().backward()
+    used = set(position_ids.flatten().tolist())
+    for row in range(10):
+        assert bool(scheme.weight.grad[row].abs().sum() > 0) == (row in used)
+
+
+def test_no_positions_change_nothing():
+    scheme = NoPositions()
+    hidden = torch.zeros(1, 3, 4)
+    assert scheme.encode_input(hidden, None) is hidden
+    assert scheme.rotary(None, 3) is None
+    assert scheme.attention_bias(torch.arange(3)[None], torch.arange(3)[None]) is None
+    assert not scheme.uses_bias
+
+
+# ----- rotary -----
+
+
+def rotate_by_hand(x, positions, base):
+    """x [batch, heads, tokens, head_dim]; positions [batch][tokens]. Pairs channel i with i + d/2 and rotates the
+    pair by angle p * base^(-2i/d)."""
+    batch, heads, tokens, dim = x.shape
+    half = dim // 2
+    out = torch.empty_like(x, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for t in range(tokens):
+                p = positions[b][t]
+                for i in range(half):
+                    theta = p * base ** (-2 * i / dim)
+                    first, second = float(x[b, h, t, i]), float(x[b, h, t, i + half])
+                    out[b, h, t, i] = first * math.cos(theta) - second * math.sin(theta)
+                    out[b, h, t, i + half] = first * math.sin(theta) + second * math.cos(theta)
+    return out
+
+
+@pytest.mark.parametrize("base", [10000.0, 500.0])
+def test_rotary_rotates_each_channel_pair_by_position_times_frequency(base):
+    torch.manual_seed(2)
+    scheme = RotaryPositions(32, 8, base)
+    x = torch.randn(2, 3, 6, 8)
+    cos, sin = scheme.rotary(None, 6)
+    assert cos.shape == sin.shape == (1, 1, 6, 8)
+    expected = rotate_by_hand(x, [list(range(6))] * 2, base)
+    torch.testing.assert_close(apply_rotary(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_base_changes_the_rotation():
+    torch.manual_seed(11)
+    x = torch.randn(1, 1, 4, 8)
+    default, other = RotaryPositions(8, 8), RotaryPositions(8, 8, base=500.0)
+    assert not torch.allclose(apply_rotary(x, *default.rotary(None, 4)), apply_rotary(x, *other.rotary(None, 4)))
+
+
+def test_rotary_with_explicit_position_ids_uses_each_rows_positions():
+    torch.manual_seed(3)
+    scheme = RotaryPositions(64, 6, base=1000.0)
+    x = torch.randn(2, 2, 4, 6)
+    position_ids = torch.tensor([[7, 3, 30, 0], [0, 1, 2, 63]])
+    cos, sin = scheme.rotary(position_ids, 4)
+    assert cos.shape == sin.shape == (2, 1, 4, 6)
+    expected = rotate_by_hand(x, position_ids.tolist(), 1000.0)
+    torch.testing.assert_close(apply_rotary(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_at_position_zero_is_the_identity_and_preserves_norms():
+    torch.manual_seed(4)
+    scheme = RotaryPositions(16, 8)
+    x = torch.randn(1, 2, 16, 8)
+    rotated = apply_rotary(x, *scheme.rotary(None, 16))
+    torch.testing.assert_close(rotated[:, :, 0], x[:, :, 0])
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+
+
+@pytest.mark.parametrize("p, p_key, shift", [(0, 0, 5), (3, 1, 7), (1, 9, 20), (12, 12, 3), (30, 2, 33)])
+def test_rope_scores_depend_only_on_relative_position(p, p_key, shift):
+    torch.manual_seed(5)
+    scheme = RotaryPositions(128, 8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(query_position, key_position):
+        cos, sin = scheme.rotary(torch.tensor([[query_position, key_position]]), 2)
+        rq = apply_rotary(q, cos[:, :, :1], sin[:, :, :1])
+        rk = apply_rotary(k, cos[:, :, 1:], sin[:, :, 1:])
+        return float((rq * rk).sum())
+
+    assert score(p, p_key) == pytest.approx(score(p + shift, p_key + shift), abs=1e-4)
+    if p != p_key:  # and the score does depend on the relative position
+        assert score(p, p_key) != pytest.approx(score(p_key, p), abs=1e-3)
+
+
+def test_rope_attention_probabilities_are_unchanged_by_shifting_all_positions():
+    torch.manual_seed(6)
+    attention = Attention(16, 4, 2, 4).eval()
+    scheme = RotaryPositions(64, 4)
+    x = torch.randn(2, 5, 16)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [2, 5, 6, 9, 10]])
+    _, weights = attention(x, PreparedMask(is_causal=True), rotary=scheme.rotary(positions, 5), need_weights=True)
+    _, shifted = attention(x, PreparedMask(is_causal=True), rotary=scheme.rotary(positions + 41, 5),
+                           need_weights=True)
+    torch.testing.assert_close(weights, shifted, rtol=1e-4, atol=1e-5)
+    _, unrotated = attention(x, PreparedMask(is_causal=True), need_weights=True)
+    assert not torch.allclose(weights, unrotated, atol=1e-3)
+
+
+# ----- ALiBi -----
+
+
+def test_alibi_slopes_for_eight_heads_are_powers_of_one_half():
+    expected = torch.tensor([2.0 ** -(i + 1) for i in range(8)])
+    torch.testing.assert_close(alibi_slopes(8), expected, rtol=0, atol=0)
+
+
+def test_alibi_slopes_for_six_heads_are_four_head_slopes_then_every_other_eight_head_slope():
+    four = [2.0 ** (-8 / 4 * (i + 1)) for i in range(4)]  # 2^-2, 2^-4, 2^-6, 2^-8
+    eight = [2.0 ** (-8 / 8 * (i + 1)) for i in range(8)]  # 2^-1 ... 2^-8
+    expected = four + eight[0::2][:2]  # + 2^-1, 2^-3
+    assert expected == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor(expected), rtol=0, atol=0)
+
+
+def paper_slopes(n):
+    """Press et al.'s get_slopes, written out."""
+    def power_of_two(m):
+        start = 2 ** (-(2 ** -(math.log2(m) - 3)))
+        return [start * start**i for i in range(m)]
+
+    if math.log2(n).is_integer():
+        return power_of_two(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_two(closest) + paper_slopes(2 * closest)[0::2][: n - closest]
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 4, 5, 12, 16, 20])
+def test_alibi_slopes_follow_the_paper_for_any_head_count(num_heads):
+    slopes = alibi_slopes(num_heads)
+    assert slopes.shape == (num_heads,)
+    torch.testing.assert_close(slopes, torch.tensor(paper_slopes(num_heads), dtype=torch.float32), rtol=1e-6, atol=0)
+
+
+def test_alibi_bias_is_minus_slope_times_distance():
+    scheme = ALiBiPositions(6)
+    assert scheme.uses_bias
+    slopes = alibi_slopes(6).tolist()
+    query_positions = torch.tensor([[3, 4, 5]])
+    key_positions = torch.arange(6).view(1, 6)
+    bias = scheme.attention_bias(query_positions, key_positions)
+    assert bias.shape == (1, 6, 3, 6)
+    expected = torch.tensor([[[[-slopes[h] * abs(i - j) for j in range(6)] for i in (3, 4, 5)] for h in range(6)]])
+    torch.testing.assert_close(bias, expected, rtol=1e-6, atol=0)
+
+
+def test_alibi_bias_uses_each_rows_positions():
+    scheme = ALiBiPositions(4)
+    slopes = alibi_slopes(4).tolist()
+    positions = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 8]])
+    bias = scheme.attention_bias(positions, positions)
+    assert bias.shape == (2, 4, 4, 4)
+    pos = positions.tolist()
+    expected = torch.tensor([[[[-slopes[h] * abs(pos[b][i] - pos[b][j]) for j in range(4)] for i in range(4)]
+                              for h in range(4)] for b in range(2)])
+    torch.testing.assert_close(bias, expected, rtol=1e-6, atol=0)
+
+
+# ----- 2-D sine-cosine -----
+
+
+def sincos2d_ref(rows, cols, width, prefix):
+    quarter = width // 4
+    table = [[0.0] * width for _ in range(prefix)]
+    for r in range(rows):
+        for c in range(cols):
+            vector = []
+            for position in (r, c):  # first half: the row, second half: the column
+                frequencies = [1.0 / 10000 ** (k / quarter) for k in range(quarter)]
+                vector += [math.sin(position * w) for w in frequencies] + [math.cos(position * w) for w in frequencies]
+            table.append(vector)
+    return torch.tensor(table, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("grid, width, prefix", [((3, 3), 8, 0), ((2, 3), 16, 1), ((4, 2), 12, 2)])
+def test_sincos2d_table_encodes_row_then_column_with_zero_prefix_tokens(grid, width, prefix):
+    scheme = SinCos2DPositions(grid, width, num_prefix_tokens=prefix)
+    expected = sincos2d_ref(*grid, width, prefix)
+    assert scheme.table.shape == (prefix + grid[0] * grid[1], width)
+    torch.testing.assert_close(scheme.table.double(), expected, rtol=0, atol=1e-6)
+    assert bool((scheme.table[:prefix] == 0).all())
+    torch.manual_seed(12)
+    hidden = torch.randn(2, scheme.table.shape[0], width)
+    torch.testing.assert_close(scheme.encode_input(hidden, None), hidden + expected.float())
+
+
+# ----- build_positions -----
+
+
+@pytest.mark.parametrize("kind, cls", [("learned", LearnedPositions), ("sinusoidal", SinusoidalPositions),
+                                       ("rope", RotaryPositions), ("alibi", ALiBiPositions), ("none", NoPositions)])
+def test_build_positions_makes_the_configured_scheme(kind, cls):
+    config = ModelConfig(arch="decoder", width=32, num_layers=1, max_seq_len=16, attention={"num_heads": 4},
+                         stem={"vocab_size": 20}, position={"kind": kind, "rope_base": 777.0})
+    scheme = build_positions(config)
+    assert type(scheme) is cls
+    if kind == "rope":
+        half = torch.tensor([[math.cos(p * 777.0 ** (-2 * i / 8)) for i in range(4)] for p in range(16)],
+                            dtype=torch.float64)
+        torch.testing.assert_close(scheme.cos.double(), torch.cat([half, half], dim=1), rtol=0, atol=1e-6)
+    if kind == "alibi":
+        torch.testing.assert_close(scheme.slopes, alibi_slopes(4))
+
+
+# ----- positions reach a full model -----
+
+KINDS = ["learned", "sinusoidal", "rope", "alibi", "none"]
+
+
+def small_model(arch, kind, **extra):
+    torch.manual_seed(7)
+    # init_std 0.2 (not the default 0.02) so attention is far from uniform: with near-uniform attention a
+    # permutation of the keys hardly changes anything whatever the position scheme.
+    config = ModelConfig(arch=arch, width=32, num_layers=1, max_seq_len=16, init_std=0.2, attention={"num_heads": 4},
+                         stem={"vocab_size": 20}, position={"kind": kind}, **extra)
+    return formerkit.build_model(config).double().eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoder_output_at_a_position_changes_when_earlier_tokens_are_permuted_unless_positions_are_none(kind):
+    model = small_model("decoder", kind)
+    torch.manual_seed(8)
+    tokens = torch.randint(0, 20, (2, 8))
+    tokens[:, :7] = torch.tensor([0, 1, 2, 3, 4, 5, 6])  # distinct earlier tokens, so a permutation changes the input
+    permutation = torch.tensor([3, 0, 6, 1, 5, 2, 4, 7])  # the last token stays in place
+    with torch.no_grad():
+        original, permuted = model(tokens)[:, -1], model(tokens[:, permutation])[:, -1]
+    if kind == "none":  # the last token attends to the same set of tokens
+        torch.testing.assert_close(original, permuted, rtol=1e-9, atol=1e-9)
+    else:
+        assert (original - permuted).abs().max() > 1e-2 * original.abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encoder_is_permutation_equivariant_only_without_positions(kind):
+    model = small_model("encoder", kind, head={"kind": "none"})
+    torch.manual_seed(9)
+    tokens = torch.stack([torch.randperm(20)[:8], torch.randperm(20)[:8]])
+    permutation = torch.tensor([5, 2, 7, 0, 1, 6, 4, 3])
+    with torch.no_grad():
+        original, permuted = model(tokens), model(tokens[:, permutation])
+    assert original.shape == (2, 8, 32)
+    if kind == "none":
+        torch.testing.assert_close(permuted, original[:, permutation], rtol=1e-9, atol=1e-9)
+    else:
+        difference = (permuted - original[:, permutation]).abs().max()
+        assert difference > 1e-2 * original.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["sincos2d", "learned", "none"])
+def test_image_encoder_is_patch_permutation_equivariant_only_without_positions(kind):
+    torch.manual_seed(10)
+    config = ModelConfig(arch="encoder", width=32, num_layers=1, init_std=0.2, attention={"num_heads": 4},
+                         stem={"kind": "patches", "image_size": (8, 8), "patch_size": 4, "in_channels": 1},
+                         head={"kind": "none"}, position={"kind": kind})
+    model = formerkit.build_model(config).double().eval()
+    images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    # swap patch (0, 0) with patch (1, 1): tokens 0 and 3 of the row-major 2x2 grid
+    swapped = images.clone()
+    swapped[..., :4, :4], swapped[..., 4:, 4:] = images[..., 4:, 4:], images[..., :4, :4]
+    permutation = torch.tensor([3, 1, 2, 0])
+    with torch.no_grad():
+        original, permuted = model(images), model(swapped)
+    assert original.shape == (2, 4, 32)
+    if kind == "none":
+        torch.testing.assert_close(permuted, original[:, permutation], rtol=1e-9, atol=1e-9)
+    else:
+        assert (permuted - original[:, permutation]).abs().max() > 1e-2 * original.abs().max()
