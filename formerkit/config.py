@@ -44,6 +44,16 @@ def _is_section(annotation: Any) -> bool:
 class _Section:
     """Behaviour shared by every config dataclass: type checks on construction and dict round trips."""
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # An unknown keyword gets the same "did you mean" error as an unknown key in a dict, not a bare TypeError.
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+                prefix = f"{cls._prefix}." if cls._prefix else ""
+                raise UnknownFieldError(prefix + key, names, prefix + close[0] if close else None)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -150,6 +160,8 @@ def _coerce(path: str, value: Any, annotation: Any, choices: tuple[Any, ...] | N
         raise TypeError(f"{path}: unsupported annotation {annotation!r}")
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        if _ALIASES.get(value) in choices:
+            close = [_ALIASES[value]]
         hint = f"did you mean {close[0]!r}?" if close else ""
         raise ConfigError(path, value, "one of " + ", ".join(repr(c) for c in choices), hint=hint)
     return value
@@ -169,6 +181,11 @@ def _describe(annotation: Any, choices: tuple[Any, ...] | None) -> str:
         return f"a list of {len(args)} values"
     return names.get(annotation, str(annotation))
 
+
+# Names other libraries use for our choices, so an error can point to ours.
+_ALIASES = {"rotary": "rope", "absolute": "learned", "sincos": "sinusoidal", "layer_norm": "layernorm",
+            "rms_norm": "rmsnorm", "rms": "rmsnorm", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+            "swish": "silu", "relu2": "squared_relu", "prenorm": "pre", "postnorm": "post"}
 
 ATTENTION_KINDS = ("softmax",)
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu")
@@ -384,7 +401,10 @@ class StemConfig(_Section):
         if self.kind == "conv":
             rows, cols = self.image_size
             for _ in range(self.conv_layers):
-                # conv: stride 1, 'same' padding; then max pooling with padding kernel // 2 (as in CCT)
+                # conv: stride 1, padding kernel // 2 (the same size for odd kernels, one more for even ones);
+                # then max pooling with padding pool_kernel // 2, as in CCT.
+                rows = rows + 2 * (self.conv_kernel // 2) - self.conv_kernel + 1
+                cols = cols + 2 * (self.conv_kernel // 2) - self.conv_kernel + 1
                 if self.pool_kernel:
                     pad = self.pool_kernel // 2
                     rows = (rows + 2 * pad - self.pool_kernel) // self.pool_stride + 1

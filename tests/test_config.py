@@ -108,3 +108,17 @@ def test_config_file_errors_are_clear(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="a valid JSON or YAML document"):
         ModelConfig.from_file(bad)
+
+
+def test_unknown_keyword_to_a_constructor_gets_the_same_suggestion():
+    with pytest.raises(UnknownFieldError, match="did you mean 'width'"):
+        ModelConfig(widht=64)
+    with pytest.raises(UnknownFieldError, match="did you mean 'attention.num_heads'"):
+        AttentionConfig(num_head=4)
+
+
+def test_names_from_other_libraries_point_to_ours():
+    with pytest.raises(ConfigError, match="did you mean 'rope'"):
+        small(position={"kind": "rotary"})
+    with pytest.raises(ConfigError, match="did you mean 'gelu_tanh'"):
+        small(feedforward={"activation": "gelu_new"})

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
-from formerkit.nn.block import TransformerBlock
+from formerkit.nn.block import DropPath, TransformerBlock
 from formerkit.nn.heads import build_head
 from formerkit.nn.masks import (
     CausalMask,
@@ -60,8 +60,9 @@ class TransformerStack(nn.Module):
         super().__init__()
         unique = config.num_unique_layers or num_layers
         rates = [config.drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
-        self.blocks = nn.ModuleList(
-            TransformerBlock(config, cross_attention=cross_attention, drop_path=rates[i]) for i in range(unique))
+        self.blocks = nn.ModuleList(TransformerBlock(config, cross_attention=cross_attention) for _ in range(unique))
+        # Stochastic depth rises linearly with depth (Huang et al.); a per-layer module, so shared blocks follow it too.
+        self.drop_paths = nn.ModuleList(DropPath(rate) if rate else nn.Identity() for rate in rates)
         self.num_layers = num_layers
         window_layers = config.attention.sliding_window_layers
         self.windowed = tuple(config.attention.sliding_window is not None
@@ -80,7 +81,7 @@ class TransformerStack(nn.Module):
             block = self.blocks[index % len(self.blocks)]
             layer_mask = window_mask if self.windowed[index] else mask
             hidden, weights = block(hidden, layer_mask, rotary=rotary, memory=memory, memory_mask=memory_mask,
-                                    need_weights=output_attentions)
+                                    need_weights=output_attentions, drop_path=self.drop_paths[index])
             if output_attentions:
                 attentions.append(weights)
         if output_hidden_states:

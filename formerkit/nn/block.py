@@ -50,7 +50,7 @@ class Residual(nn.Module):
     sandwich: x + drop(scale(norm_out(f(norm(x)))))
     """
 
-    def __init__(self, config, drop_path: float):
+    def __init__(self, config):
         super().__init__()
         norm = config.norm
         self.placement = norm.placement
@@ -59,24 +59,24 @@ class Residual(nn.Module):
         self.norm_out = build_norm(norm.kind, config.width, norm.eps, norm.bias) if sandwich else None
         self.scale = LayerScale(config.width, config.layer_scale) if config.layer_scale else nn.Identity()
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def branch_input(self, x: Tensor) -> Tensor:
         """What the branch reads: the normed stream (pre, sandwich) or the stream itself (post)."""
         return x if self.placement == "post" else self.norm(x)
 
-    def merge(self, x: Tensor, out: Tensor) -> Tensor:
-        """Adds the branch's output back into the stream."""
+    def merge(self, x: Tensor, out: Tensor, drop_path: nn.Module | None = None) -> Tensor:
+        """Adds the branch's output back into the stream (through the layer's stochastic-depth drop, if any)."""
         if self.norm_out is not None:
             out = self.norm_out(out)
-        x = x + self.drop_path(self.dropout(self.scale(out)))
+        out = self.dropout(self.scale(out))
+        x = x + (drop_path(out) if drop_path is not None else out)
         return self.norm(x) if self.placement == "post" else x
 
 
 class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention (decoder of an encoder-decoder), then feed-forward."""
 
-    def __init__(self, config, *, cross_attention: bool = False, drop_path: float = 0.0):
+    def __init__(self, config, *, cross_attention: bool = False):
         super().__init__()
         attn = config.attention
 
@@ -86,22 +86,23 @@ class TransformerBlock(nn.Module):
                              norm_eps=config.norm.eps, dropout=attn.dropout, cross=cross)
 
         self.attention = make_attention(False)
-        self.attention_residual = Residual(config, drop_path)
+        self.attention_residual = Residual(config)
         self.cross_attention = make_attention(True) if cross_attention else None
-        self.cross_attention_residual = Residual(config, drop_path) if cross_attention else None
+        self.cross_attention_residual = Residual(config) if cross_attention else None
         self.feedforward = build_feedforward(config)
-        self.feedforward_residual = Residual(config, drop_path)
+        self.feedforward_residual = Residual(config)
 
     def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
                 memory: Tensor | None = None, memory_mask: PreparedMask | None = None,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool = False, drop_path: nn.Module | None = None) -> tuple[Tensor, Tensor | None]:
+        """``drop_path`` belongs to the layer, not the block: a block shared across depth gets each layer's rate."""
         residual = self.attention_residual
         out, weights = self.attention(residual.branch_input(x), mask, rotary=rotary, need_weights=need_weights)
-        x = residual.merge(x, out)
+        x = residual.merge(x, out, drop_path)
         if self.cross_attention is not None:
             residual = self.cross_attention_residual
             out, _ = self.cross_attention(residual.branch_input(x), memory_mask, memory=memory)
-            x = residual.merge(x, out)
+            x = residual.merge(x, out, drop_path)
         residual = self.feedforward_residual
-        x = residual.merge(x, self.feedforward(residual.branch_input(x)))
+        x = residual.merge(x, self.feedforward(residual.branch_input(x)), drop_path)
         return x, weights
