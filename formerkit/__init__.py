@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-from formerkit.checkpoint import load, load_config, save
+from formerkit.checkpoint import load, load_config, load_extra, save
 from formerkit.config import (
     AttentionConfig,
     FeedForwardConfig,
@@ -21,10 +21,13 @@ from formerkit.config import (
 )
 from formerkit.errors import CheckpointError, ConfigError, FormerkitError, InputError, UnknownFieldError
 from formerkit.models import (
+    MAEOutput,
+    MaskedAutoencoder,
     ModelOutput,
     Transformer,
     build_model,
     create_model,
+    finetune_model,
     list_models,
     model_config,
     register_model,
@@ -42,8 +45,9 @@ from formerkit.summary import Summary, count_parameters, summarize
 
 __all__ = [
     "AttentionConfig", "CausalMask", "CheckpointError", "ConfigError", "DocumentMask", "FeedForwardConfig",
-    "FormerkitError", "HeadConfig", "InputError", "KeyPaddingMask", "Mask", "ModelConfig", "ModelOutput", "NormConfig",
-    "PositionConfig", "PrefixLMMask", "SlidingWindowMask", "StemConfig", "Summary", "TensorMask", "Transformer",
-    "UnknownFieldError", "__version__", "build_model", "count_parameters", "create_model", "list_models", "load",
-    "load_config", "model_config", "register_model", "save", "summarize",
+    "FormerkitError", "HeadConfig", "InputError", "KeyPaddingMask", "MAEOutput", "Mask", "MaskedAutoencoder",
+    "ModelConfig", "ModelOutput", "NormConfig", "PositionConfig", "PrefixLMMask", "SlidingWindowMask", "StemConfig",
+    "Summary", "TensorMask", "Transformer", "UnknownFieldError", "__version__", "build_model", "count_parameters",
+    "create_model", "finetune_model", "list_models", "load", "load_config", "load_extra", "model_config",
+    "register_model", "save", "summarize",
 ]

@@ -18,14 +18,15 @@ import torch
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError, ConfigError
 
-__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "WEIGHTS_FILE", "load", "load_config", "save"]
+__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "WEIGHTS_FILE", "load", "load_config", "load_extra", "save"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
@@ -57,7 +58,7 @@ def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any]
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
     save_model(model, str(tmp), metadata={"format": "pt", "formerkit_version": __version__})
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     size = tmp.stat().st_size
     _replace_atomically(tmp, weights)
     document = {
@@ -103,6 +104,11 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {error}") from error
 
 
+def load_extra(directory: str | Path) -> dict[str, Any]:
+    """What ``save(..., extra=...)`` stored beside the config (an empty dict if nothing)."""
+    return _read_document(Path(directory)).get("extra", {})
+
+
 def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuilds a model saved by ``save``: same config, same weights, same outputs."""
     from safetensors import SafetensorError
@@ -120,7 +126,7 @@ def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.
     if "bytes" in record and size != record["bytes"]:
         raise CheckpointError(f"{weights}: {size} bytes, but {CONFIG_FILE} records {record['bytes']}; the file is "
                               "truncated or was replaced")
-    if "sha256" in record and _sha256(weights) != record["sha256"]:
+    if "sha256" in record and sha256_file(weights) != record["sha256"]:
         raise CheckpointError(f"{weights}: contents do not match the SHA-256 recorded in {CONFIG_FILE}; the file is "
                               "corrupted or was replaced")
     model = build_model(config).to(device)

@@ -74,6 +74,78 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from formerkit.train.config import list_recipes, load_recipe
+
+    rows = []
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        model = recipe.model.preset or "custom config"
+        rows.append([name, recipe.objective.kind, recipe.data.source, model, recipe.description])
+    _print_table("formerkit recipes", [("name", "left"), ("objective", "left"), ("data", "left"), ("model", "left"),
+                                       ("description", "left")], rows)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from formerkit.train import load_recipe, train
+
+    recipe = load_recipe(args.recipe)
+    if args.set:
+        recipe = recipe.with_overrides(_parse_overrides(args.set))
+    if args.strategy:
+        recipe = recipe.with_overrides({"run.strategy": args.strategy})
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    if args.nproc and args.nproc > 1:
+        return _launch_torchrun(args, out)
+    train(recipe, out, resume=args.resume, console=_console())
+    return 0
+
+
+def _launch_torchrun(args: argparse.Namespace, out: Path) -> int:
+    """Re-runs this same command under torchrun with --nproc processes on this machine."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "formerkit.cli", "train", args.recipe, "--out", str(out)]
+    for pair in args.set:
+        command += ["--set", pair]
+    if args.resume:
+        command.append("--resume")
+    if args.strategy:
+        command += ["--strategy", args.strategy]
+    return subprocess.call(command)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from formerkit.train.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.target, splits=args.split)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from formerkit.train.evaluate import sample_run
+
+    for piece in sample_run(args.target, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from formerkit import __version__
 
@@ -91,6 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config field, e.g. --set num_layers=4 --set attention.num_kv_heads=2")
     summary.set_defaults(run=cmd_summary)
+
+    recipes = commands.add_parser("recipes", help="list the training recipes shipped with formerkit")
+    recipes.set_defaults(run=cmd_recipes)
+
+    train = commands.add_parser("train", help="train a recipe (a shipped name or a YAML file) into a run directory")
+    train.add_argument("recipe", help="a recipe name (formerkit recipes) or a path to a recipe YAML file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any recipe key, e.g. --set optim.lr=1e-3 --set model.num_layers=2")
+    train.add_argument("--out", help="the run directory (default runs/<recipe name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--nproc", type=int, default=None, help="train with N processes on this machine (torchrun)")
+    train.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                       help="with several processes: replicate (ddp, default) or shard (fsdp) the model")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="metrics of a run (or saved model) on its recipe's held-out data")
+    evaluate.add_argument("target", help="a run directory or a model directory saved by a run")
+    evaluate.add_argument("--split", action="append", choices=["valid", "test"], default=None,
+                          help="which split(s) (default: every held-out split the data has)")
+    evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    evaluate.set_defaults(run=cmd_eval)
+
+    sample = commands.add_parser("sample", help="sample text from a language-model run")
+    sample.add_argument("target", help="a run directory or a model directory saved by a run")
+    sample.add_argument("--prompt", default="", help="text to continue")
+    sample.add_argument("--max-new-tokens", type=int, default=200)
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
+    sample.add_argument("--top-k", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(run=cmd_sample)
     return parser
 
 

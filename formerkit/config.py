@@ -156,6 +156,10 @@ def _coerce(path: str, value: Any, annotation: Any, choices: tuple[Any, ...] | N
         if len(value) != len(args):
             raise ConfigError(path, value, _describe(annotation, choices))
         return tuple(_coerce(f"{path}[{i}]", v, a, None) for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, "a mapping of keys to values")
+        return value
     else:  # pragma: no cover - a field type this module does not know is a bug here, not bad input
         raise TypeError(f"{path}: unsupported annotation {annotation!r}")
     if choices is not None and value not in choices:
@@ -655,6 +659,10 @@ def _section_fields() -> dict[str, list[str]]:
     hints = typing.get_type_hints(ModelConfig)
     return {f.name: [g.name for g in dataclasses.fields(hints[f.name])]
             for f in dataclasses.fields(ModelConfig) if _is_section(hints[f.name])}
+
+
+# Other config families (training recipes) are built from the same validated sections.
+ConfigSection = _Section
 
 
 def _resolve_key(key: str) -> list[str]:

@@ -1,0 +1,43 @@
+"""Data sources that never download: the standard library's source, scikit-learn's digits, synthetic tasks, and the
+user's own files. ``build_data(config)`` turns a recipe's data section into a DataBundle."""
+
+from __future__ import annotations
+
+from formerkit.data.base import ArraySplit, DataBundle, DataError, TokenSplit, step_generator
+from formerkit.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, save_tokenizer
+
+__all__ = [
+    "ArraySplit",
+    "ByteTokenizer",
+    "DataBundle",
+    "DataError",
+    "TokenSplit",
+    "Tokenizer",
+    "build_data",
+    "load_tokenizer",
+    "save_tokenizer",
+    "step_generator",
+]
+
+# Synthetic data is generated from this fixed seed, whatever the run's seed: the task's test set never changes.
+SYNTHETIC_DATA_SEED = 1234
+
+
+def build_data(config) -> DataBundle:
+    """Loads the data a recipe's ``data`` section describes. Raises DataError before any training on bad input."""
+    source = config.source
+    if source == "stdlib":
+        from formerkit.data.text import stdlib_bundle
+
+        return stdlib_bundle(config)
+    if source == "digits":
+        from formerkit.data.images import digits_bundle
+
+        return digits_bundle(config)
+    if source == "synthetic":
+        from formerkit.data.synthetic import synthetic_bundle
+
+        return synthetic_bundle(config, SYNTHETIC_DATA_SEED)
+    from formerkit.data import files
+
+    return files.build(config)

@@ -1,0 +1,98 @@
+"""Text corpora: the Python standard library's own source (on every machine), and the user's text files."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from formerkit.data.base import DataBundle, DataError, TokenSplit
+from formerkit.data.tokenizers import ByteTokenizer, Tokenizer
+
+__all__ = ["build_text_bundle", "stdlib_files"]
+
+# Folders of the standard library that hold its test suites (excluded: they are data for CPython's tests, not
+# representative code, and some are huge generated files).
+_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, sorted by path, test packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"stdlib corpus: the standard library folder {root} does not exist")
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in _EXCLUDED_DIRS and not d.startswith("."))
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    return sorted(files)
+
+
+def split_documents(documents: list[bytes], valid_fraction: float) -> tuple[list[bytes], list[bytes]]:
+    """Deterministic split by document: every k-th document (k = round(1 / fraction)) goes to validation."""
+    if valid_fraction <= 0 or len(documents) < 2:
+        return documents, []
+    every = max(2, round(1 / valid_fraction))
+    held = {i for i in range(len(documents)) if i % every == every - 1} or {len(documents) - 1}
+    train = [doc for i, doc in enumerate(documents) if i not in held]
+    valid = [doc for i, doc in enumerate(documents) if i in held]
+    return train, valid
+
+
+def _encode(tokenizer: Tokenizer, documents: list[bytes]) -> torch.Tensor:
+    if isinstance(tokenizer, ByteTokenizer):
+        data = b"\n\n".join(documents)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
+    text = "\n\n".join(doc.decode("utf-8", errors="replace") for doc in documents)
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+def build_text_bundle(documents: list[bytes], config, *, source: str) -> DataBundle:
+    """Splits documents, fits the tokenizer on the training split, and cuts token streams into windows."""
+    documents = [doc for doc in documents if doc.strip()]
+    if not documents:
+        raise DataError(f"{source}: the corpus is empty (no non-blank text found)")
+    train_docs, valid_docs = split_documents(documents, config.valid_fraction)
+    tokenizer = make_tokenizer(config, train_docs)
+    train = _encode(tokenizer, train_docs)
+    if len(train) < config.seq_len + 1:
+        raise DataError(f"{source}: the training text has {len(train)} tokens, fewer than one window of "
+                        f"data.seq_len + 1 = {config.seq_len + 1}")
+    valid_tokens = _encode(tokenizer, valid_docs) if valid_docs else None
+    valid = TokenSplit(valid_tokens, config.seq_len) if valid_tokens is not None and len(
+        valid_tokens) > config.seq_len else None
+    return DataBundle(
+        train=TokenSplit(train, config.seq_len), valid=valid, test=None,
+        model_fields={"vocab_size": tokenizer.vocab_size, "max_seq_len": config.seq_len},
+        preprocessing={"tokenizer": tokenizer.describe(), "seq_len": config.seq_len},
+        tokenizer=tokenizer, unit="tokens",
+        description=f"{source}: {len(train_docs)} training documents ({len(train):,} tokens), "
+                    f"{len(valid_docs)} validation documents"
+                    f" ({len(valid_tokens) if valid_tokens is not None else 0:,} tokens)",
+    )
+
+
+def make_tokenizer(config, train_documents: list[bytes]) -> Tokenizer:
+    if config.tokenizer == "byte":
+        return ByteTokenizer()
+    from formerkit.data import tokenizers
+
+    factory = {"char": "CharTokenizer", "bpe": "BPETokenizer"}[config.tokenizer]
+    if not hasattr(tokenizers, factory):
+        raise DataError(f"data.tokenizer {config.tokenizer!r} is not available in this build")
+    texts = [doc.decode("utf-8", errors="replace") for doc in train_documents]
+    cls = getattr(tokenizers, factory)
+    return cls.train(texts, vocab_size=config.vocab_size) if config.tokenizer == "bpe" else cls.train(texts)
+
+
+def stdlib_bundle(config) -> DataBundle:
+    documents, total = [], 0
+    for path in stdlib_files():
+        data = path.read_bytes()
+        documents.append(data)
+        total += len(data)
+        if config.max_bytes is not None and total >= config.max_bytes:
+            break
+    return build_text_bundle(documents, config, source="stdlib corpus")

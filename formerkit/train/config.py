@@ -1,0 +1,369 @@
+"""Training recipes: one validated config naming the model, the data, the objective and the schedule.
+
+Recipes are YAML files (``formerkit/recipes/*.yaml`` ship with the package; any user file works the same). Every key is
+checked like a model config: an unknown key gets a "did you mean", a bad value names the field and what is allowed.
+``--set optim.lr=1e-3`` overrides any key; keys under ``model.`` that are not ``preset``/``config``/``overrides`` go to
+the model's overrides (``--set model.num_layers=2``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from formerkit.config import ConfigSection, ModelConfig, _choice
+from formerkit.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "ModelSpec",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "list_recipes",
+    "load_recipe",
+]
+
+DATA_SOURCES = ("stdlib", "text", "jsonl", "digits", "image_folder", "synthetic", "csv")
+OBJECTIVES = ("causal_lm", "masked_lm", "classification", "seq2seq", "mae", "forecast")
+
+
+@dataclass(frozen=True)
+class ModelSpec(ConfigSection):
+    """A preset with overrides, or a whole model config."""
+
+    _prefix = "model"
+
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+
+    def _validate(self) -> None:
+        if (self.preset is None) == (self.config is None):
+            self._fail("preset", "exactly one of model.preset and model.config")
+
+    def resolve(self, data_fields: dict[str, Any] | None = None) -> ModelConfig:
+        """The ModelConfig: preset (or config), then the fields the data fixes, then the user's overrides."""
+        from formerkit.models.registry import model_config
+
+        base = model_config(self.preset) if self.preset is not None else ModelConfig.from_dict(self.config)
+        fields = {k: v for k, v in (data_fields or {}).items() if k not in self.overrides}
+        # One replace, validated once: a data field and an override may only make sense together (8x8 digits need
+        # a smaller patch size than the preset's).
+        return base.replace(**fields, **self.overrides) if fields or self.overrides else base
+
+
+@dataclass(frozen=True)
+class DataConfig(ConfigSection):
+    """Where examples come from. Fields apply to some sources only; setting one for another source is an error."""
+
+    _prefix = "data"
+
+    source: str = _choice("stdlib", DATA_SOURCES)
+    # text, jsonl, image_folder, csv: a file or folder of the user's
+    path: str | None = None
+    # jsonl: the field holding the text
+    text_field: str = "text"
+    # text sources: byte, char or bpe (trained on the training split with the `tokenizers` library)
+    tokenizer: str = _choice("byte", ("byte", "char", "bpe"))
+    # bpe: the vocabulary size to train
+    vocab_size: int | None = None
+    # text sources: tokens per training window; synthetic: longest sequence
+    seq_len: int = 256
+    # text sources: fraction of files (or lines) held out for validation, chosen deterministically
+    valid_fraction: float = 0.05
+    # stdlib: read at most this many bytes of source (None = the whole corpus)
+    max_bytes: int | None = None
+    # digits, image_folder: resize images to this square size (None = native size for digits)
+    image_size: int | None = None
+    # digits, image_folder: light augmentation (small random shifts, rotations and scalings) while training
+    augment: bool = True
+    # synthetic: the task, how many training examples, the symbol alphabet, the shortest sequence
+    task: str = _choice("reverse", ("copy", "reverse", "sort"))
+    num_examples: int = 20000
+    num_symbols: int = 10
+    min_len: int = 4
+    # csv: window length fed to the model, how many future steps to predict, which columns (None = all numeric)
+    window: int = 64
+    horizon: int = 16
+    columns: tuple[str, ...] | None = None
+
+    _APPLIES = {
+        "path": ("text", "jsonl", "image_folder", "csv"), "text_field": ("jsonl",),
+        "tokenizer": ("stdlib", "text", "jsonl"), "vocab_size": ("stdlib", "text", "jsonl"),
+        "seq_len": ("stdlib", "text", "jsonl", "synthetic"), "valid_fraction": ("stdlib", "text", "jsonl", "digits",
+                                                                                 "image_folder", "csv"),
+        "max_bytes": ("stdlib", "text", "jsonl"), "image_size": ("digits", "image_folder"),
+        "augment": ("digits", "image_folder"), "task": ("synthetic",), "num_examples": ("synthetic",),
+        "num_symbols": ("synthetic",), "min_len": ("synthetic",), "window": ("csv",), "horizon": ("csv",),
+        "columns": ("csv",),
+    }
+
+    def _validate(self) -> None:
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else None
+                    for f in dataclasses.fields(self)}
+        for name, sources in self._APPLIES.items():
+            if self.source not in sources and getattr(self, name) != defaults[name]:
+                self._fail(name, f"its default ({defaults[name]!r}) with data.source={self.source!r}",
+                           hint=f"data.{name} applies only to data.source in {sources}")
+        if self.source in ("text", "jsonl", "image_folder", "csv") and not self.path:
+            self._fail("path", f"a file or folder for data.source={self.source!r}")
+        if self.tokenizer == "bpe" and (self.vocab_size is None or self.vocab_size < 260):
+            self._fail("vocab_size", "an integer >= 260 for a bpe tokenizer (256 bytes plus merges)")
+        if self.tokenizer != "bpe" and self.vocab_size is not None:
+            self._fail("vocab_size", "null unless data.tokenizer is 'bpe' (byte and char vocabularies are fixed)")
+        for name in ("seq_len", "num_examples", "num_symbols", "min_len", "window", "horizon"):
+            if getattr(self, name) < 1:
+                self._fail(name, "an integer >= 1")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            self._fail("valid_fraction", "a fraction in [0, 1)")
+        if self.image_size is not None and self.image_size < 1:
+            self._fail("image_size", "an integer >= 1 or null")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            self._fail("max_bytes", "an integer >= 1 or null")
+        if self.min_len > self.seq_len:
+            self._fail("min_len", f"at most data.seq_len ({self.seq_len})")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(ConfigSection):
+    _prefix = "objective"
+
+    kind: str = _choice("causal_lm", OBJECTIVES)
+    label_smoothing: float = 0.0
+    # masked_lm: the fraction of tokens chosen for prediction (BERT: 15%, of which 80% masked, 10% random, 10% kept)
+    mask_prob: float = 0.15
+    # mae: the fraction of patches hidden from the encoder, and the light decoder's size
+    mask_ratio: float = 0.75
+    decoder_width: int = 128
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+
+    def _validate(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            self._fail("label_smoothing", "a value in [0, 1)")
+        if not 0.0 < self.mask_prob < 1.0:
+            self._fail("mask_prob", "a probability in (0, 1)")
+        if not 0.0 < self.mask_ratio < 1.0:
+            self._fail("mask_ratio", "a fraction in (0, 1)")
+
+
+@dataclass(frozen=True)
+class OptimConfig(ConfigSection):
+    """AdamW (no weight decay on norms, biases, embeddings and position tables)."""
+
+    _prefix = "optim"
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    # Clip the global gradient norm to this (None = no clipping).
+    grad_clip: float | None = 1.0
+    # Keep an exponential moving average of the weights with this decay; evaluated and saved instead of the raw
+    # weights (None = off).
+    ema_decay: float | None = None
+
+    def _validate(self) -> None:
+        if self.lr <= 0:
+            self._fail("lr", "a number > 0")
+        if self.weight_decay < 0:
+            self._fail("weight_decay", "a number >= 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            self._fail("betas", "two numbers in [0, 1)")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            self._fail("grad_clip", "a number > 0 or null")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            self._fail("ema_decay", "a number in (0, 1) or null")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig(ConfigSection):
+    """How long to train: optimizer steps of ``batch_size`` examples (split into ``grad_accum`` micro-batches);
+    linear warm-up to optim.lr, then cosine decay to ``min_lr_ratio * lr``."""
+
+    _prefix = "schedule"
+
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+
+    def _validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                self._fail(name, "an integer >= 1")
+        if self.batch_size % self.grad_accum:
+            self._fail("grad_accum", f"a divisor of schedule.batch_size ({self.batch_size})")
+        if not 0 <= self.warmup_steps <= self.steps:
+            self._fail("warmup_steps", f"an integer in [0, schedule.steps={self.steps}]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            self._fail("min_lr_ratio", "a fraction in [0, 1]")
+
+
+@dataclass(frozen=True)
+class EvalConfig(ConfigSection):
+    _prefix = "eval"
+
+    # Evaluate every this many steps (and at the end).
+    every: int = 200
+    # Which split the periodic evaluations use; the final report always includes the test split when there is one.
+    split: str = _choice("valid", ("valid", "test"))
+    # Evaluate on at most this many batches (None = the whole split).
+    batches: int | None = None
+    batch_size: int = 256
+    # Stop when `metric` (e.g. valid_loss, valid_accuracy) has not improved for `patience` evaluations (None = never).
+    metric: str | None = None
+    patience: int | None = None
+
+    def _validate(self) -> None:
+        if self.every < 1 or self.batch_size < 1:
+            self._fail("every" if self.every < 1 else "batch_size", "an integer >= 1")
+        if self.patience is not None:
+            if self.patience < 1:
+                self._fail("patience", "an integer >= 1 or null")
+            if self.metric is None:
+                self._fail("metric", "the metric to watch (e.g. valid_loss) when eval.patience is set")
+            if self.split != "valid":
+                self._fail("split", "'valid' for early stopping (stopping on the test split would leak it)")
+
+
+@dataclass(frozen=True)
+class RunConfig(ConfigSection):
+    _prefix = "run"
+
+    seed: int = 0
+    # bf16: autocast matmuls to bfloat16; fp32: full precision; auto: bf16 where the hardware has native bf16 math
+    # (CUDA with bf16, CPUs with AMX or AVX-512 BF16), fp32 otherwise.
+    precision: str = _choice("fp32", ("auto", "bf16", "fp32"))
+    log_every: int = 10
+    checkpoint_every: int = 500
+    # Keep this many most recent checkpoints.
+    keep_checkpoints: int = 2
+    # Torch threads per process (None = PyTorch's default).
+    threads: int | None = None
+    # Show a progress bar (rank 0 only).
+    progress: bool = True
+    # Several processes (torchrun): ddp replicates the model (DistributedDataParallel); fsdp shards parameters,
+    # gradients and optimizer state across processes (FSDP2's fully_shard).
+    strategy: str = _choice("ddp", ("ddp", "fsdp"))
+
+    def _validate(self) -> None:
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                self._fail(name, "an integer >= 1")
+        if self.threads is not None and self.threads < 1:
+            self._fail("threads", "an integer >= 1 or null")
+
+
+@dataclass(frozen=True)
+class TrainConfig(ConfigSection):
+    name: str = "run"
+    description: str = ""
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(preset="char_gpt"))
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # A second stage run after this one, starting from its weights: a partial recipe (same keys) merged over this
+    # one. mae-digits uses it to fine-tune a classifier from the pretrained encoder.
+    then: dict[str, Any] | None = None
+
+    def _validate(self) -> None:
+        if self.then is not None:
+            self.next_stage()  # validate the second stage now, before any training
+
+    def next_stage(self) -> TrainConfig:
+        data = self.to_dict()
+        data.pop("then")
+        merged = _merge(data, self.then or {})
+        try:
+            return TrainConfig.from_dict(merged)
+        except ConfigError as error:
+            raise ConfigError(f"then.{error.field}", error.value, error.expected) from error
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        return TrainConfig.from_dict(apply_overrides(self.to_dict(), overrides))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("recipe", str(path), "an existing YAML file or a recipe name (formerkit recipes)")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError("recipe", str(path), "a valid YAML document", hint=str(error)) from error
+        if not isinstance(data, dict):
+            raise ConfigError("recipe", str(path), "a YAML mapping of recipe sections")
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "overrides":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+_MODEL_SPEC_FIELDS = ("preset", "overrides", "config")
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Sets dotted keys in a recipe dict: ``{"optim.lr": 1e-3, "model.num_layers": 2}``."""
+    data = copy.deepcopy(data)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] == "model" and len(parts) > 1 and parts[1] not in _MODEL_SPEC_FIELDS:
+            data.setdefault("model", {}).setdefault("overrides", {})[".".join(parts[1:])] = value
+            continue
+        target = data
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[parts[-1]] = value
+    return data
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with formerkit."""
+    folder = resources.files("formerkit") / "recipes"
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> TrainConfig:
+    """A shipped recipe by name, or a user's YAML file."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return TrainConfig.from_file(text)
+    recipes = list_recipes()
+    if text not in recipes:
+        import difflib
+
+        close = difflib.get_close_matches(text, recipes, n=1, cutoff=0.4)
+        raise ConfigError("recipe", text, "a recipe name (" + ", ".join(recipes) + ") or a path to a YAML file",
+                          hint=f"did you mean {close[0]!r}?" if close else "")
+    with resources.as_file(resources.files("formerkit") / "recipes" / f"{text}.yaml") as path:
+        return TrainConfig.from_file(path)

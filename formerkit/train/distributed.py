@@ -1,0 +1,153 @@
+"""Running one training script as several processes (torchrun): process group, model wrapping, collective helpers.
+
+Without torchrun (no WORLD_SIZE in the environment, or 1) everything here is a no-op, so the trainer reads the same
+either way. gloo is the backend on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+__all__ = ["Distributed", "setup"]
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    strategy: str = "ddp"
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """True when FSDP shards the parameters (several processes and run.strategy fsdp)."""
+        return self.active and self.strategy == "fsdp"
+
+    def barrier(self) -> None:
+        if self.active:
+            torch_dist.barrier()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the loop calls: the model itself, or its DDP/FSDP form when several processes run.
+
+        FSDP replaces the parameters by sharded DTensors in place (the returned module is ``model``): build the
+        optimizer, and restore checkpoints, after wrapping.
+        """
+        if not self.active:
+            return model
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in _blocks(model):
+                fully_shard(block)
+            fully_shard(model)
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def no_sync(self, model: nn.Module, sync: bool):
+        """Skips the gradient all-reduce (DDP) or reduce-scatter (FSDP) on micro-batches before the last of an
+        accumulation: the gradients accumulate locally and the last micro-batch reduces their sum."""
+        if self.active and not sync and isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        if self.sharded:
+            model.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return value
+        value = value.detach().clone()
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every process if any process raised the flag (a stop signal reaches them at different steps)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def full_model(self, module: nn.Module, root: nn.Module) -> nn.Module:
+        """``module`` (``root`` or one of its submodules) with whole weights, e.g. to save it.
+
+        Unsharded (one process, DDP) that is ``module`` itself. Under FSDP the weights are gathered from every
+        process (a collective: every rank must call this); rank 0 gets a plain copy of ``module`` holding them,
+        the other ranks ``module`` unchanged.
+        """
+        if not self.sharded:
+            return module
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from formerkit.models.transformer import build_model
+
+        full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return module
+        prefix = "" if module is root else next(n for n, m in root.named_modules() if m is module) + "."
+        plain = build_model(module.config)
+        plain.load_state_dict({name[len(prefix):]: tensor for name, tensor in full.items()
+                               if name.startswith(prefix)})
+        return plain.to(next(module.parameters()).device)
+
+    def teardown(self) -> None:
+        if self.owns_group and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    from formerkit.nn.block import TransformerBlock
+
+    return [module for module in model.modules() if isinstance(module, TransformerBlock)]
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def setup(strategy: str = "ddp") -> Distributed:
+    """Joins the process group torchrun describes in the environment (if any).
+
+    On CPU, several processes each with PyTorch's default thread count (one per core) oversubscribe the machine:
+    unless OMP_NUM_THREADS says otherwise (torchrun sets it to 1 when it is unset), each process gets its share of
+    the cores. run.threads, applied after this, overrides either.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return Distributed(device=device, strategy=strategy)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, _cpu_count() // local_world_size))
+    owns = not torch_dist.is_initialized()
+    if owns:
+        torch_dist.init_process_group(backend=backend)
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device, strategy=strategy,
+                       owns_group=owns)

@@ -1,0 +1,80 @@
+"""What a run leaves for people to look at: loss and metric plots, and a one-screen summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_run", "print_summary"]
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Writes plots/loss.png (training and evaluation loss) and plots/metrics.png (other evaluation metrics)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    run_dir = Path(run_dir)
+    records = _records(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    if not train:
+        return []
+    folder = run_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    losses = {"train loss": [(r["step"], r["loss"]) for r in train]}
+    for key in sorted({k for r in evals for k in r if k.endswith("_loss")}):
+        losses[key.replace("_", " ")] = [(r["step"], r[key]) for r in evals if key in r]
+    written = [_plot(plt, folder / "loss.png", losses, "loss")]
+    others = sorted({k for r in evals for k in r if k not in ("step", "kind", "elapsed") and not k.endswith("_loss")})
+    if others:
+        series = {key.replace("_", " "): [(r["step"], r[key]) for r in evals if key in r] for key in others}
+        written.append(_plot(plt, folder / "metrics.png", series, "metric"))
+    return written
+
+
+def _plot(plt, path: Path, series: dict[str, list[tuple[float, float]]], ylabel: str) -> Path:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, points in series.items():
+        # Training loss is logged often: a line; evaluations are sparse: markers.
+        axis.plot(*zip(*points), label=label, **({"linewidth": 1} if label == "train loss" else {"marker": "o"}))
+    axis.set_xlabel("step")
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def print_summary(console, run_dir: Path, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary['name']}: {summary['status']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in summary.items():
+        if key in ("name", "status", "previous_stage"):
+            continue
+        if isinstance(value, float):
+            value = f"{value:.2%}" if "accuracy" in key or "exact_match" in key else f"{value:,.4f}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
+    console.print("next: formerkit eval " + str(run_dir) + "   |   formerkit summary " + str(run_dir / "model")
+                  + ("   |   formerkit sample " + str(run_dir) + ' --prompt "def "' if summary["objective"] in
+                     ("causal_lm",) else ""))

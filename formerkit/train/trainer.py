@@ -1,0 +1,436 @@
+"""The training loop, readable top to bottom: ``train(recipe, out_dir)`` returns the run's summary.
+
+One optimizer step = ``grad_accum`` micro-batches of the global batch (each process of a distributed run takes its
+share of each micro-batch), gradient clipping, AdamW, the learning-rate schedule, the EMA update. Every
+``eval.every`` steps the model is evaluated; every ``run.checkpoint_every`` steps a checkpoint is written. Batches
+depend only on (seed, step), so a resumed run continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from formerkit.data import DataBundle, build_data, save_tokenizer
+from formerkit.data.base import step_generator
+from formerkit.errors import FormerkitError
+from formerkit.train import distributed
+from formerkit.train.config import TrainConfig, load_recipe
+from formerkit.train.objectives import Objective, make_objective
+from formerkit.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["RunError", "TrainResult", "build_optimizer", "lr_factor", "resolve_precision", "train"]
+
+
+class RunError(FormerkitError):
+    """A run cannot start (bad run directory, nothing to resume) or cannot go on (a non-finite loss)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    model: nn.Module = field(repr=False)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up from 0 to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(model: nn.Module, config) -> torch.optim.AdamW:
+    """AdamW with weight decay only on weight matrices: norms, biases, embeddings, position tables and learned tokens
+    are not decayed (decaying them pulls them toward zero with no regularizing benefit)."""
+    no_decay_types = (nn.Embedding, nn.LayerNorm)
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, no_decay_types) or type(module).__name__ in ("RMSNorm", "LearnedPositions"):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    decay, keep = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.dim() < 2 or id(parameter) in no_decay or name.endswith(("class_token", "registers",
+                                                                              "mask_token")):
+            keep.append(parameter)
+        else:
+            decay.append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in decay + keep) else {}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, **fused)
+
+
+def _has_native_bf16() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None = float32, no autocast)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or _has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then it checkpoints and exits cleanly)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Log:
+    """metrics.jsonl (one JSON record per logged step and evaluation) and the console, rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        self.records: list[dict[str, Any]] = []
+        if enabled and resume_step is not None and path.exists():
+            # Drop what was logged after the checkpoint we resume from: those steps are run again.
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r["step"] <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        elif enabled:
+            path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _check_same_recipe(run_dir: Path, config: TrainConfig) -> None:
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.exists():
+        raise RunError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml)")
+    saved = TrainConfig.from_file(recipe_file)
+    if saved.to_dict() != config.to_dict():
+        changed = sorted(k for k in config.to_dict() if config.to_dict()[k] != saved.to_dict()[k])
+        raise RunError(f"--resume: the recipe differs from the one {run_dir} was started with (sections "
+                       f"{', '.join(changed)}); resume with the same recipe and --set values")
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
+    recipe_file = run_dir / "recipe.yaml"
+    if resume:
+        return
+    if recipe_file.exists() or (run_dir / "checkpoints").exists():
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(recipe_file)
+
+
+def _evaluate(objective: Objective, model: nn.Module, bundle: DataBundle, split: str, config: TrainConfig,
+              autocast) -> dict[str, float]:
+    data = bundle.split(split)
+    was_training = model.training
+    model.eval()
+    with autocast():
+        metrics = objective.evaluate(model, data.eval_batches(config.eval.batch_size, config.eval.batches))
+    model.train(was_training)
+    return {f"{split}_{name}": value for name, value in metrics.items()}
+
+
+def _load_previous_stage(model: nn.Module, previous: Path) -> list[str]:
+    """Initializes ``model`` from the previous stage's saved model: every tensor with the same name and shape except
+    the head (a new task's head starts fresh). Returns the names copied."""
+    from formerkit.checkpoint import load
+
+    source = load(previous).state_dict()
+    target = model.state_dict()
+    copied = [name for name, tensor in source.items()
+              if not name.startswith("head.") and name in target and target[name].shape == tensor.shape]
+    model.load_state_dict({name: source[name] for name in copied}, strict=False)
+    return copied
+
+
+def train(recipe: TrainConfig | str | Path, out_dir: str | Path, *, resume: bool = False,
+          overrides: dict[str, Any] | None = None, console=None) -> TrainResult:
+    """Trains a recipe (a TrainConfig, a shipped recipe name or a YAML path) into the run directory ``out_dir``.
+
+    A recipe with a ``then`` stage trains its first stage into ``out_dir/stage1`` and the second, initialized from
+    the first stage's weights, into ``out_dir``.
+    """
+    config = recipe if isinstance(recipe, TrainConfig) else load_recipe(recipe)
+    if overrides:
+        config = config.with_overrides(overrides)
+    run_dir = Path(out_dir)
+    if config.then is not None:
+        first = train_stage(config, run_dir / "stage1", resume=resume and (run_dir / "stage1").exists(),
+                            console=console)
+        second = config.next_stage()
+        return train_stage(second, run_dir, resume=resume and (run_dir / "recipe.yaml").exists(),
+                           console=console, initialize_from=first.run_dir / "model", previous=first.summary)
+    return train_stage(config, run_dir, resume=resume, console=console)
+
+
+def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, console=None,
+                initialize_from: Path | None = None, previous: dict[str, Any] | None = None) -> TrainResult:
+    from formerkit.checkpoint import save
+    from formerkit.models.transformer import build_model
+    from formerkit.train.report import plot_run, print_summary
+
+    dist = distributed.setup(config.run.strategy)
+    if dist.sharded and config.optim.ema_decay is not None:  # distributed: AveragedModel cannot copy FSDP shards
+        dist.teardown()
+        raise RunError("optim.ema_decay is not supported with run.strategy fsdp; set optim.ema_decay null or use "
+                       "run.strategy ddp")
+    if resume:
+        _check_same_recipe(run_dir, config)
+    if (run_dir / "summary.json").exists() and resume:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if summary.get("status") == "completed":
+            from formerkit.checkpoint import load
+
+            return TrainResult(run_dir, summary, load(run_dir / "model"))
+    if dist.is_main:
+        _prepare_run_dir(run_dir, config, resume)
+    dist.barrier()
+
+    run = config.run
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    torch.manual_seed(run.seed)
+    bundle = build_data(config.data)
+    objective = make_objective(config.objective, bundle)
+    model_config = config.model.resolve({**bundle.model_fields, **objective.model_fields()})
+    objective.check_model(model_config)
+    schedule = config.schedule
+    if schedule.batch_size % (schedule.grad_accum * dist.world_size):
+        raise RunError(f"schedule.batch_size ({schedule.batch_size}) must split evenly into grad_accum "
+                       f"({schedule.grad_accum}) x processes ({dist.world_size})")
+    model = build_model(model_config)
+    copied = _load_previous_stage(model, initialize_from) if initialize_from is not None else []
+    trained = objective.wrap_model(model).to(dist.device)
+    # distributed: wrap before building the optimizer and restoring a checkpoint (FSDP swaps in sharded parameters).
+    parallel = dist.wrap(trained)
+    optimizer = build_optimizer(trained, config.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, schedule.warmup_steps, schedule.steps, schedule.min_lr_ratio))
+    ema = None
+    if config.optim.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(trained, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
+
+    start_step, best, stale, elapsed_before = 0, None, 0, 0.0
+    checkpoints = run_dir / "checkpoints"
+    if resume:
+        found = latest_checkpoint(checkpoints)
+        if found is None:
+            raise RunError(f"--resume: no intact checkpoint in {checkpoints}")
+        checkpoint, state = found
+        load_checkpoint(checkpoint, state, model=trained, optimizer=optimizer, scheduler=scheduler, ema=ema)
+        start_step, best, stale = state["step"], state.get("best"), state.get("stale", 0)
+        elapsed_before = state.get("elapsed", 0.0)
+    dtype = resolve_precision(run.precision, dist.device)
+    autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype is not None else nullcontext
+    log = _Log(run_dir / "metrics.jsonl", dist.is_main, start_step if resume else None)
+    if dist.is_main and not resume and initialize_from is not None and console is not None:
+        console.print(f"initialized {len(copied)} tensors from {initialize_from}")
+
+    eval_model = lambda: ema.module if ema is not None else trained  # noqa: E731
+    eval_split = config.eval.split if getattr(bundle, config.eval.split) is not None else None
+    watch = config.eval.metric
+    higher = watch is not None and not watch.endswith("loss")
+    step, status, units, window_start = start_step, "completed", 0, time.perf_counter()
+    started = time.perf_counter()
+    progress = _progress(console, dist.is_main and run.progress, schedule.steps, start_step, config.name)
+
+    def checkpoint_now():
+        # distributed: every rank calls it (FSDP gathers the sharded state collectively); rank 0 writes.
+        save_checkpoint(checkpoints, step, model=trained, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                        keep=run.keep_checkpoints, write=dist.is_main,
+                        extra={"best": best, "stale": stale,
+                               "elapsed": elapsed_before + time.perf_counter() - started})
+        dist.barrier()
+
+    trained.train()
+    with _StopSignal() as stop, progress:
+        while step < schedule.steps:
+            # The global batch, augmented as a whole, so how it is split (accumulation, processes) changes nothing.
+            global_batch = bundle.train.take(bundle.train.sample_indices(schedule.batch_size, run.seed, step))
+            if bundle.augment is not None:
+                global_batch = bundle.augment(global_batch, step_generator(run.seed, 4, step))
+            rows = torch.arange(schedule.batch_size).view(schedule.grad_accum, -1)
+            loss_sum = torch.zeros((), device=dist.device)
+            for micro, micro_rows in enumerate(rows):
+                mine = micro_rows[dist.rank::dist.world_size]
+                batch = {k: v[mine].to(dist.device) for k, v in global_batch.items()}
+                sync = micro == schedule.grad_accum - 1
+                with dist.no_sync(parallel, sync), autocast():
+                    loss = objective.loss(parallel, batch, step_generator(run.seed, 5, step, micro, dist.rank))
+                (loss / schedule.grad_accum).backward()
+                loss_sum += loss.detach()
+                units += objective.units(batch)
+            mean_loss = dist.mean(loss_sum / schedule.grad_accum).item()
+            if not math.isfinite(mean_loss):
+                found = latest_checkpoint(checkpoints)
+                where = f"the last good checkpoint is {found[0]}" if found else "no checkpoint was written yet"
+                raise RunError(f"the training loss became {mean_loss} at step {step + 1}; stopping ({where}). "
+                               "Try a lower optim.lr, optim.grad_clip, or run.precision fp32")
+            if config.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(trained)
+            step += 1
+
+            if step % run.log_every == 0 or step == schedule.steps:
+                now = time.perf_counter()
+                rate = units * dist.world_size / max(now - window_start, 1e-9)
+                log.write({"step": step, "kind": "train", "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                           f"{bundle.unit}_per_s": rate,
+                           "elapsed": elapsed_before + now - started})
+                units, window_start = 0, now
+                progress.advance(step, mean_loss, rate, bundle.unit)
+            else:
+                progress.advance(step, None, None, bundle.unit)
+
+            should_stop = False
+            if eval_split and (step % config.eval.every == 0 or step == schedule.steps):
+                metrics = _evaluate(objective, eval_model(), bundle, eval_split, config, autocast)
+                log.write({"step": step, "kind": "eval", **metrics,
+                           "elapsed": elapsed_before + time.perf_counter() - started})
+                progress.note(step, metrics)
+                if watch is not None:
+                    if watch not in metrics:
+                        raise RunError(f"eval.metric {watch!r} is not reported; this objective reports "
+                                       f"{', '.join(sorted(metrics))}")
+                    value = metrics[watch]
+                    if best is None or (value > best if higher else value < best):
+                        best, stale = value, 0
+                    else:
+                        stale += 1
+                        if config.eval.patience is not None and stale >= config.eval.patience:
+                            status, should_stop = "stopped_early", True
+            if step % run.checkpoint_every == 0 or step == schedule.steps or should_stop:
+                checkpoint_now()
+            if dist.any_flag(stop.received is not None):
+                if step % run.checkpoint_every and step != schedule.steps and not should_stop:
+                    checkpoint_now()
+                status = "interrupted"
+                break
+            if should_stop:
+                break
+
+    wall = elapsed_before + time.perf_counter() - started
+    final_model = eval_model()
+    core = final_model.encoder if hasattr(final_model, "patchify") else final_model
+    summary: dict[str, Any] = {"name": config.name, "status": status, "objective": config.objective.kind,
+                               "steps": step, "parameters": sum(p.numel() for p in core.parameters()),
+                               "wall_time_s": round(wall, 2)}
+    train_rates = [r[f"{bundle.unit}_per_s"] for r in log.records if r["kind"] == "train"]
+    if train_rates:
+        summary[f"train_{bundle.unit}_per_s"] = round(sum(train_rates) / len(train_rates), 1)
+    if status != "interrupted":
+        for split in ("valid", "test"):
+            if getattr(bundle, split) is not None:
+                summary.update(_evaluate(objective, final_model, bundle, split, config, autocast))
+    if previous is not None:
+        summary["previous_stage"] = previous
+    core = dist.full_model(core, trained)  # distributed: FSDP gathers the weights (every rank), rank 0 saves them
+    if dist.is_main:
+        save(core, run_dir / "model", extra={"preprocessing": bundle.preprocessing, "objective": config.objective.kind,
+                                            "recipe": config.to_dict()})
+        if bundle.tokenizer is not None:
+            save_tokenizer(bundle.tokenizer, run_dir / "model" / "tokenizer.json")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_run(run_dir)
+        if console is not None:
+            print_summary(console, run_dir, summary)
+    dist.barrier()
+    dist.teardown()
+    return TrainResult(run_dir, summary, core)
+
+
+class _Progress:
+    """A rich progress bar with loss, throughput and ETA, and evaluation lines printed above it."""
+
+    def __init__(self, console, total: int, start: int, name: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console
+        self.bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
+                            transient=False)
+        self.task = self.bar.add_task(name, total=total, completed=start, status="")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def advance(self, step, loss, rate, unit):
+        fields = {}
+        if loss is not None:
+            fields["status"] = f"loss {loss:.4f}  {rate:,.0f} {unit}/s"
+        self.bar.update(self.task, completed=step, **fields)
+
+    def note(self, step, metrics):
+        text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.bar.console.print(f"step {step}: {text}")
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def advance(self, *args):
+        return None
+
+    def note(self, *args):
+        return None
+
+
+def _progress(console, enabled: bool, total: int, start: int, name: str):
+    if not enabled or console is None:
+        return _NoProgress()
+    return _Progress(console, total, start, name)

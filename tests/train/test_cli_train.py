@@ -1,0 +1,53 @@
+"""The training commands of the CLI: recipes, train, eval, sample."""
+
+from __future__ import annotations
+
+import json
+
+from formerkit.cli import main
+
+
+def _set(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def test_recipes_lists_every_shipped_recipe(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("char-lm", "cct-digits", "vit-digits", "mae-digits", "seq2seq-reverse"):
+        assert name[:10] in out
+
+
+def test_train_then_eval_reproduces_the_final_metrics(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "cct-digits", "--out", str(out), *_set(tiny("cct-digits"))]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", str(tmp_path / "metrics.json")]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == summary["test_accuracy"]
+    assert abs(metrics["test_loss"] - summary["test_loss"]) < 1e-6
+    assert main(["eval", str(out / "model"), "--split", "test"]) == 0
+
+
+def test_sample_streams_text_from_a_language_model_run(tiny, tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert main(["train", "char-lm", "--out", str(out), *_set(tiny("char-lm"))]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "def ", "--max-new-tokens", "20", "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main(["sample", str(out), "--prompt", "def ", "--max-new-tokens", "20", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == greedy  # greedy is deterministic
+    assert main(["sample", str(out / "model"), "--prompt", "x", "--max-new-tokens", "5", "--top-k", "3"]) == 0
+
+
+def test_train_errors_are_reported_without_a_traceback(tmp_path, capsys):
+    assert main(["train", "cct-digit", "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean 'cct-digits'" in capsys.readouterr().err
+    assert main(["train", "cct-digits", "--out", str(tmp_path / "r"), "--set", "optim.lrate=1"]) == 2
+    assert "optim.lrate" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert main(["sample", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
