@@ -14,8 +14,8 @@ def _print_table(title: str, columns: list[tuple[str, str]], rows: list[list[str
     from rich.table import Table
 
     table = Table(title=title)
-    for name, justify in columns:
-        table.add_column(name, justify=justify)
+    for index, (name, justify) in enumerate(columns):
+        table.add_column(name, justify=justify, no_wrap=index == 0)  # names stay whole; descriptions wrap
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -120,7 +120,18 @@ def _launch_torchrun(args: argparse.Namespace, out: Path) -> int:
         command.append("--resume")
     if args.strategy:
         command += ["--strategy", args.strategy]
-    return subprocess.call(command)
+    child = subprocess.Popen(command)
+    # Ctrl-C or SIGTERM sent to this launcher goes on to torchrun, which passes it to every worker; they
+    # checkpoint at the same step and exit.
+    import signal
+
+    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

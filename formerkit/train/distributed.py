@@ -6,6 +6,7 @@ either way. gloo is the backend on CPU, nccl on CUDA.
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class Distributed:
             fully_shard(model)
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # Some objectives leave parameters out of the loss (MAE pretraining does not use the encoder's head).
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
     def no_sync(self, model: nn.Module, sync: bool):
         """Skips the gradient all-reduce (DDP) or reduce-scatter (FSDP) on micro-batches before the last of an
@@ -69,6 +71,16 @@ class Distributed:
         if self.sharded:
             model.set_requires_gradient_sync(sync)
         return nullcontext()
+
+    def seed_rank(self, seed: int) -> None:
+        """Gives each process but rank 0 its own global RNG stream (dropout, drop path). Call it once the model is
+        built, identically on every rank; otherwise every process would draw the same masks for its different rows.
+        Rank 0, and a single process, keep the stream they have."""
+        if self.rank:
+            value = seed & 0xFFFFFFFF
+            for key in (9, self.rank):  # the FNV-style mix of formerkit.data.base.step_generator
+                value = ((value ^ key) * 0x100000001B3) & 0x7FFFFFFFFFFFFFFF
+            torch.manual_seed(value)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -108,14 +120,20 @@ class Distributed:
         return plain.to(next(module.parameters()).device)
 
     def teardown(self) -> None:
-        if self.owns_group and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        """Ends a stage. The process group setup() created stays up until the program exits: the next stage of a
+        recipe (``then``) joins it again, and creating a new group after FSDP used one hangs (torch 2.13)."""
+        return None
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
     from formerkit.nn.block import TransformerBlock
 
     return [module for module in model.modules() if isinstance(module, TransformerBlock)]
+
+
+def _destroy_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def _cpu_count() -> int:
@@ -149,5 +167,6 @@ def setup(strategy: str = "ddp") -> Distributed:
     owns = not torch_dist.is_initialized()
     if owns:
         torch_dist.init_process_group(backend=backend)
+        atexit.register(_destroy_group)
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device, strategy=strategy,
                        owns_group=owns)

@@ -132,6 +132,27 @@ def _load_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor]):
     return missing, unexpected
 
 
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """The global RNG states (dropout, drop path): this process's, and in a distributed run every process's
+    (collective), rank r's under "rank{r}." (each rank draws its own stream, see Distributed.seed_rank)."""
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, value in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{index}"] = value
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, rng)
+        for rank, states in enumerate(everyone[1:], start=1):
+            rng.update({f"rank{rank}.{key}": value for key, value in states.items()})
+    return rng
+
+
 def _unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A state dict with shared (tied) tensors kept once, under their first name, as safetensors requires."""
     seen, out = set(), {}
@@ -153,6 +174,7 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
     with ``write`` (rank 0) writes; the others return None.
     """
     model_state, optimizer_state = _model_state(model), _optimizer_state(model, optimizer)
+    rng = _rng_states()
     if not write:
         return None
     directory.mkdir(parents=True, exist_ok=True)
@@ -162,10 +184,6 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
         shutil.rmtree(tmp)
     tmp.mkdir()
     optimizer_tensors, optimizer_rest = _flatten_optimizer(optimizer_state)
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, value in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{index}"] = value
     files = {"model.safetensors": model_state, "optimizer.safetensors": optimizer_tensors,
              "rng.safetensors": rng}
     if ema is not None:
@@ -236,9 +254,13 @@ def load_checkpoint(checkpoint: Path, state: dict[str, Any], *, model: torch.nn.
         if isinstance(error, CheckpointError):
             raise
         raise CheckpointError(f"{checkpoint}: cannot restore the run ({error})") from error
-    torch.set_rng_state(rng["torch_cpu"])
+    rank = _rank()
+    mine = {k.split(".", 1)[1]: v for k, v in rng.items() if rank and k.startswith(f"rank{rank}.")}
+    if not mine:  # rank 0, or a run resumed with more processes than it had
+        mine = {k: v for k, v in rng.items() if not k.startswith("rank")}
+    torch.set_rng_state(mine["torch_cpu"])
     if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        cuda = [mine[k] for k in sorted(mine) if k.startswith("torch_cuda_")]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
 

@@ -242,6 +242,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     model = build_model(model_config)
     copied = _load_previous_stage(model, initialize_from) if initialize_from is not None else []
     trained = objective.wrap_model(model).to(dist.device)
+    dist.seed_rank(run.seed)  # distributed: each rank its own dropout stream, after the identical initialization
     # distributed: wrap before building the optimizer and restoring a checkpoint (FSDP swaps in sharded parameters).
     parallel = dist.wrap(trained)
     optimizer = build_optimizer(trained, config.optim)
