@@ -147,6 +147,9 @@ class ObjectiveConfig(ConfigSection):
     decoder_width: int = 128
     decoder_layers: int = 2
     decoder_heads: int = 4
+    # mae: predict each patch's pixels normalized by that patch's mean and variance (the MAE paper's default, made
+    # for 16x16 patches); turn it off for tiny patches, whose few pixels make a noisy variance.
+    norm_pix_loss: bool = True
 
     def _validate(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:

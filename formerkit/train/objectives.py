@@ -252,7 +252,8 @@ class MaskedImageModeling(Objective):
 
         config = self.config
         return MaskedAutoencoder(model, decoder_width=config.decoder_width, decoder_layers=config.decoder_layers,
-                                 decoder_heads=config.decoder_heads, mask_ratio=config.mask_ratio)
+                                 decoder_heads=config.decoder_heads, mask_ratio=config.mask_ratio,
+                                 norm_pix_loss=config.norm_pix_loss)
 
     def loss(self, model, batch, generator):
         return model(batch["inputs"], generator=generator).loss

@@ -235,6 +235,9 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     objective = make_objective(config.objective, bundle)
     model_config = config.model.resolve({**bundle.model_fields, **objective.model_fields()})
     objective.check_model(model_config)
+    if dist.is_main and not resume:
+        # The recipe names a preset and overrides; this is the whole model they resolve to, with the data's fields.
+        model_config.to_yaml(run_dir / "model.yaml")
     schedule = config.schedule
     if schedule.batch_size % (schedule.grad_accum * dist.world_size):
         raise RunError(f"schedule.batch_size ({schedule.batch_size}) must split evenly into grad_accum "

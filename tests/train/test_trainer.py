@@ -20,8 +20,8 @@ def test_each_shipped_objective_trains_and_leaves_a_complete_run_directory(recip
     run = tmp_path / "run"
     assert result.summary["status"] == "completed"
     assert result.summary["steps"] == load_recipe(recipe).with_overrides(tiny(recipe)).schedule.steps
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors",
-                 "plots/loss.png"):
+    for name in ("recipe.yaml", "model.yaml", "metrics.jsonl", "summary.json", "model/config.json",
+                 "model/model.safetensors", "plots/loss.png"):
         assert (run / name).is_file(), name
     assert list((run / "checkpoints").glob("step-*"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -35,6 +35,19 @@ def test_each_shipped_objective_trains_and_leaves_a_complete_run_directory(recip
     extra = formerkit.load_extra(run / "model")
     assert extra["recipe"]["name"] == recipe and extra["preprocessing"]
     assert TrainConfig.from_file(run / "recipe.yaml") == TrainConfig.from_dict(extra["recipe"])
+    assert formerkit.ModelConfig.from_file(run / "model.yaml") == loaded.config
+
+
+def test_bf16_autocast_runs_train_in_bfloat16_matmuls_with_finite_losses(tiny, tmp_path):
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.append(output.dtype) if isinstance(module, torch.nn.Linear) else None)
+    try:
+        result = train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits", **{"run.precision": "bf16"}))
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen
+    assert result.summary["status"] == "completed" and math.isfinite(result.summary["test_loss"])
 
 
 def test_mae_pretraining_then_finetuning_starts_from_the_pretrained_encoder(tiny, tmp_path):
