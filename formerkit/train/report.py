@@ -69,7 +69,12 @@ def print_summary(console, run_dir: Path, summary: dict[str, Any]) -> None:
         if key in ("name", "status", "previous_stage"):
             continue
         if isinstance(value, float):
-            value = f"{value:.2%}" if "accuracy" in key or "exact_match" in key else f"{value:,.4f}"
+            if "accuracy" in key or "exact_match" in key:
+                value = f"{value:.2%}"
+            elif key.endswith("_s"):  # seconds and rates
+                value = f"{value:,.1f}"
+            else:
+                value = f"{value:,.4f}"
         elif isinstance(value, int):
             value = f"{value:,}"
         table.add_row(key.replace("_", " "), str(value))
