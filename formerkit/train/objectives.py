@@ -40,6 +40,10 @@ class Objective:
         """The module the optimizer trains (the model itself, or a wrapper such as the MAE)."""
         return model
 
+    def unwrap_model(self, trained: nn.Module) -> nn.Module:
+        """The formerkit model inside what ``wrap_model`` returned: what a run saves."""
+        return trained
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         raise NotImplementedError
 
@@ -254,6 +258,9 @@ class MaskedImageModeling(Objective):
         return MaskedAutoencoder(model, decoder_width=config.decoder_width, decoder_layers=config.decoder_layers,
                                  decoder_heads=config.decoder_heads, mask_ratio=config.mask_ratio,
                                  norm_pix_loss=config.norm_pix_loss)
+
+    def unwrap_model(self, trained):
+        return trained.encoder
 
     def loss(self, model, batch, generator):
         return model(batch["inputs"], generator=generator).loss

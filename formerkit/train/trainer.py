@@ -119,7 +119,7 @@ def _main_thread() -> bool:
 
 
 class _Log:
-    """metrics.jsonl (one JSON record per logged step and evaluation) and the console, rank 0 only."""
+    """metrics.jsonl: one JSON record per logged step and evaluation, written by rank 0 only."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
@@ -143,17 +143,16 @@ def _check_same_recipe(run_dir: Path, config: TrainConfig) -> None:
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.exists():
         raise RunError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml)")
-    saved = TrainConfig.from_file(recipe_file)
-    if saved.to_dict() != config.to_dict():
-        changed = sorted(k for k in config.to_dict() if config.to_dict()[k] != saved.to_dict()[k])
+    saved, wanted = TrainConfig.from_file(recipe_file).to_dict(), config.to_dict()
+    if saved != wanted:
+        changed = sorted(k for k in wanted if wanted[k] != saved[k])
         raise RunError(f"--resume: the recipe differs from the one {run_dir} was started with (sections "
                        f"{', '.join(changed)}); resume with the same recipe and --set values")
 
 
-def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
+def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """A new run: refuses a directory that holds one already, then records the recipe."""
     recipe_file = run_dir / "recipe.yaml"
-    if resume:
-        return
     if recipe_file.exists() or (run_dir / "checkpoints").exists():
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -223,8 +222,8 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
             from formerkit.checkpoint import load
 
             return TrainResult(run_dir, summary, load(run_dir / "model"))
-    if dist.is_main:
-        _prepare_run_dir(run_dir, config, resume)
+    if dist.is_main and not resume:
+        _prepare_run_dir(run_dir, config)
     dist.barrier()
 
     run = config.run
@@ -362,7 +361,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
 
     wall = elapsed_before + time.perf_counter() - started
     final_model = eval_model()
-    core = final_model.encoder if hasattr(final_model, "patchify") else final_model
+    core = objective.unwrap_model(final_model)
     summary: dict[str, Any] = {"name": config.name, "status": status, "objective": config.objective.kind,
                                "steps": step, "parameters": sum(p.numel() for p in core.parameters()),
                                "wall_time_s": round(wall, 2)}
