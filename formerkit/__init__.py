@@ -5,6 +5,7 @@
     config = model.config.replace(num_layers=2)           # configs are validated, frozen values
     small = formerkit.build_model(config)
     formerkit.save(small, "out/small"); same = formerkit.load("out/small")
+    gpt2 = formerkit.from_hf("path/to/hf-gpt2")           # a local Hugging Face checkpoint directory
 """
 
 __version__ = "0.1.0"
@@ -19,7 +20,15 @@ from formerkit.config import (
     PositionConfig,
     StemConfig,
 )
-from formerkit.errors import CheckpointError, ConfigError, FormerkitError, InputError, UnknownFieldError
+from formerkit.errors import (
+    CheckpointError,
+    ConfigError,
+    FormerkitError,
+    InputError,
+    InteropError,
+    UnknownFieldError,
+)
+from formerkit.interop import from_hf, to_hf
 from formerkit.models import (
     MAEOutput,
     MaskedAutoencoder,
@@ -45,9 +54,9 @@ from formerkit.summary import Summary, count_parameters, summarize
 
 __all__ = [
     "AttentionConfig", "CausalMask", "CheckpointError", "ConfigError", "DocumentMask", "FeedForwardConfig",
-    "FormerkitError", "HeadConfig", "InputError", "KeyPaddingMask", "MAEOutput", "Mask", "MaskedAutoencoder",
-    "ModelConfig", "ModelOutput", "NormConfig", "PositionConfig", "PrefixLMMask", "SlidingWindowMask", "StemConfig",
-    "Summary", "TensorMask", "Transformer", "UnknownFieldError", "__version__", "build_model", "count_parameters",
-    "create_model", "finetune_model", "list_models", "load", "load_config", "load_extra", "model_config",
-    "register_model", "save", "summarize",
+    "FormerkitError", "HeadConfig", "InputError", "InteropError", "KeyPaddingMask", "MAEOutput", "Mask",
+    "MaskedAutoencoder", "ModelConfig", "ModelOutput", "NormConfig", "PositionConfig", "PrefixLMMask",
+    "SlidingWindowMask", "StemConfig", "Summary", "TensorMask", "Transformer", "UnknownFieldError", "__version__",
+    "build_model", "count_parameters", "create_model", "finetune_model", "from_hf", "list_models", "load",
+    "load_config", "load_extra", "model_config", "register_model", "save", "summarize", "to_hf",
 ]

@@ -147,13 +147,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from formerkit.train.evaluate import sample_run
+def cmd_generate(args: argparse.Namespace) -> int:
+    from formerkit.train.evaluate import generate_run
 
-    for piece in sample_run(args.target, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+    for piece in generate_run(args.target, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              stop=args.stop):
         print(piece, end="", flush=True)
     print()
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from formerkit.interop import convert
+
+    if args.trust_pickle:
+        print("formerkit convert: warning: --trust-pickle reads a pickled .bin checkpoint (with torch.load's "
+              "weights_only=True); only use it on files you trust", file=sys.stderr)
+    direction, source = ("from_hf", args.from_hf) if args.from_hf else ("to_hf", args.to_hf)
+    result = convert(source, args.out, direction=direction, trust_pickle=args.trust_pickle)
+    print(f"{result['source']} -> {result['out']}: {result['architecture']} ({result['family']}), "
+          f"{result['parameters']:,} parameters")
     return 0
 
 
@@ -196,14 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.set_defaults(run=cmd_eval)
 
-    sample = commands.add_parser("sample", help="sample text from a language-model run")
-    sample.add_argument("target", help="a run directory or a model directory saved by a run")
-    sample.add_argument("--prompt", default="", help="text to continue")
-    sample.add_argument("--max-new-tokens", type=int, default=200)
-    sample.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
-    sample.add_argument("--top-k", type=int, default=None)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.set_defaults(run=cmd_sample)
+    generate = commands.add_parser("generate", aliases=["sample"],
+                                   help="generate text from a language-model run, printed as it comes")
+    generate.add_argument("target", help="a run directory or a model directory saved by a run")
+    generate.add_argument("--prompt", default="", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
+    generate.add_argument("--top-k", type=int, default=None, help="draw among the k most likely tokens only")
+    generate.add_argument("--top-p", type=float, default=None,
+                          help="draw among the most likely tokens holding this much probability (nucleus)")
+    generate.add_argument("--stop", default=None, help="a text of one token that ends the generation")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=cmd_generate)
+
+    convert = commands.add_parser("convert", help="convert a Hugging Face checkpoint directory to formerkit or back "
+                                                  "(local files only)")
+    which = convert.add_mutually_exclusive_group(required=True)
+    which.add_argument("--from-hf", metavar="DIR", help="a Hugging Face directory (config.json + model.safetensors)")
+    which.add_argument("--to-hf", metavar="DIR", help="a formerkit model directory (formerkit.save / a run's model/)")
+    convert.add_argument("--out", required=True, help="the new directory to write")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="allow reading a pickled pytorch_model.bin (refused by default)")
+    convert.set_defaults(run=cmd_convert)
     return parser
 
 

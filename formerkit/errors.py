@@ -45,3 +45,9 @@ class InputError(FormerkitError):
 
 class CheckpointError(FormerkitError):
     """A saved model is missing, corrupted, truncated or does not match its config."""
+
+
+class InteropError(FormerkitError):
+    """A checkpoint of another library (Hugging Face ``transformers``) cannot be converted faithfully: an unknown
+    model type, a config value formerkit does not reproduce, a missing or unexpected weight, or a formerkit model with
+    no equivalent in that library."""

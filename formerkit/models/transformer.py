@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
 from formerkit.nn.block import DropPath, TransformerBlock
+from formerkit.nn.cache import KVCache
 from formerkit.nn.heads import build_head
 from formerkit.nn.masks import (
     CausalMask,
@@ -62,7 +63,7 @@ class TransformerStack(nn.Module):
         rates = [config.drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.blocks = nn.ModuleList(TransformerBlock(config, cross_attention=cross_attention) for _ in range(unique))
         # Stochastic depth rises linearly with depth (Huang et al.); a per-layer module, so shared blocks follow it too.
-        self.drop_paths = nn.ModuleList(DropPath(rate) if rate else nn.Identity() for rate in rates)
+        self.drop_paths = nn.ModuleList(DropPath(rate) for rate in rates)
         self.num_layers = num_layers
         window_layers = config.attention.sliding_window_layers
         self.windowed = tuple(config.attention.sliding_window is not None
@@ -73,7 +74,8 @@ class TransformerStack(nn.Module):
     def forward(self, hidden: Tensor, mask: PreparedMask, *, window_mask: PreparedMask | None = None,
                 rotary: tuple[Tensor, Tensor] | None = None, memory: Tensor | None = None,
                 memory_mask: PreparedMask | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                output_attentions: bool = False,
+                cache: KVCache | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         states, attentions = [], []
         for index in range(self.num_layers):
             if output_hidden_states:
@@ -81,7 +83,9 @@ class TransformerStack(nn.Module):
             block = self.blocks[index % len(self.blocks)]
             layer_mask = window_mask if self.windowed[index] else mask
             hidden, weights = block(hidden, layer_mask, rotary=rotary, memory=memory, memory_mask=memory_mask,
-                                    need_weights=output_attentions, drop_path=self.drop_paths[index])
+                                    need_weights=output_attentions,
+                                    drop_path=self.drop_paths[index] if self.training else None, cache=cache,
+                                    layer=index)
             if output_attentions:
                 attentions.append(weights)
         if output_hidden_states:
@@ -213,7 +217,11 @@ class Transformer(nn.Module):
         return self.embedding_dropout(hidden), position_ids
 
     def _self_attention_masks(self, causal: bool, keep: Tensor | None, mask: Mask | None, length: int,
-                              position_ids: Tensor | None, device) -> tuple[PreparedMask, PreparedMask | None]:
+                              position_ids: Tensor | None, device,
+                              cache: KVCache | None = None) -> tuple[PreparedMask, PreparedMask | None]:
+        """The masks every layer shares. With a cache, the ``length`` queries follow the ``cache.start`` cached
+        tokens and see keys ``[0, cache.end)``; ``keep`` then covers all of those keys."""
+        offset, num_keys = (cache.start, cache.end) if cache is not None else (0, length)
         parts: list[Mask] = []
         if causal and not (mask is not None and mask.defines_order):
             parts.append(CausalMask())
@@ -228,26 +236,29 @@ class Transformer(nn.Module):
         if self.positions.uses_bias:
             positions = (position_ids if position_ids is not None
                          else torch.arange(length, device=device).unsqueeze(0))
-            bias = self.positions.attention_bias(positions, positions)
-        full = prepare_attention_mask(combined, length, length, bias=bias, device=device)
+            keys = cache.key_positions() if cache is not None else positions
+            bias = self.positions.attention_bias(positions, keys)
+        full = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias, device=device)
         window_mask = None
         if self.config.attention.sliding_window is not None:
             window = SlidingWindowMask(self.config.attention.sliding_window)
-            window_mask = prepare_attention_mask(window if combined is None else combined & window, length, length,
-                                                 bias=bias, device=device)
+            window_mask = prepare_attention_mask(window if combined is None else combined & window, length, num_keys,
+                                                 query_offset=offset, bias=bias, device=device)
         return full, window_mask
 
-    def _check_mask(self, mask: Mask | Tensor | None, batch: int, length: int) -> Mask | None:
+    def _check_mask(self, mask: Mask | Tensor | None, batch: int, length: int, num_keys: int | None = None,
+                    query_offset: int = 0) -> Mask | None:
         mask = as_mask(mask)
+        num_keys = length if num_keys is None else num_keys
         if mask is not None:
             size = mask.batch_size()
             if size is not None and size != batch:
                 raise InputError(f"mask: built for a batch of {size}, but the input has a batch of {batch}")
-            probe = mask.materialize(length, length, device="meta")
+            probe = mask.materialize(length, num_keys, query_offset=query_offset, device="meta")
             if probe.dim() != 4 or probe.shape[0] not in (1, batch) or probe.shape[1] not in (
                     1, self.config.attention.num_heads):
                 raise InputError(f"mask: expected a shape broadcastable to [batch={batch}, "
-                                 f"heads={self.config.attention.num_heads}, {length}, {length}], "
+                                 f"heads={self.config.attention.num_heads}, {length}, {num_keys}], "
                                  f"got {list(probe.shape)}")
         return mask
 
@@ -255,23 +266,47 @@ class Transformer(nn.Module):
 
     def _run_stack(self, stack: TransformerStack, inputs: Tensor, *, causal: bool, attention_mask, mask,
                    position_ids, token_type_ids, memory=None, memory_keep=None, output_hidden_states=False,
-                   output_attentions=False, name="inputs"):
+                   output_attentions=False, name="inputs", cache: KVCache | None = None):
         self._check_stem_input(inputs, token_type_ids, name)
         self._check_position_ids(position_ids, tuple(inputs.shape[:2]))
         keep = self._token_keep(inputs, attention_mask, "attention_mask" if name == "inputs" else
                                 "decoder_attention_mask")
         length = self.stem.num_tokens(inputs)
-        mask = self._check_mask(mask, inputs.shape[0], length)
-        hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids, token_type_ids=token_type_ids)
-        full, window = self._self_attention_masks(causal, keep, mask, length, position_ids, hidden.device)
+        if cache is None:
+            mask = self._check_mask(mask, inputs.shape[0], length)
+            hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids,
+                                              token_type_ids=token_type_ids)
+            full, window = self._self_attention_masks(causal, keep, mask, length, position_ids, hidden.device)
+        else:
+            if position_ids is not None:
+                raise InputError("position_ids: with a cache, positions continue from the cached tokens; "
+                                 "pass attention_mask for padding instead")
+            if inputs.shape[0] != cache.batch_size:
+                raise InputError(f"cache: built for a batch of {cache.batch_size}, the input has a batch of "
+                                 f"{inputs.shape[0]}")
+            if cache.length + length > cache.max_length:
+                raise InputError(f"cache: {length} new tokens after {cache.length} cached ones exceed its "
+                                 f"max_length {cache.max_length}")
+            mask = self._check_mask(mask, inputs.shape[0], length, cache.length + length, cache.length)
+            position_ids = cache.begin(keep, length)
+            hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids)
+            full, window = self._self_attention_masks(causal, cache.key_keep(), mask, length, position_ids,
+                                                      hidden.device, cache)
         rotary = self.positions.rotary(position_ids, length)
         memory_mask = None
         if memory is not None:
             memory_mask = prepare_attention_mask(None if memory_keep is None else KeyPaddingMask(memory_keep),
                                                  length, memory.shape[1], device=hidden.device)
-        hidden, states, attentions = stack(hidden, full, window_mask=window, rotary=rotary, memory=memory,
-                                           memory_mask=memory_mask, output_hidden_states=output_hidden_states,
-                                           output_attentions=output_attentions)
+        try:
+            hidden, states, attentions = stack(hidden, full, window_mask=window, rotary=rotary, memory=memory,
+                                               memory_mask=memory_mask, output_hidden_states=output_hidden_states,
+                                               output_attentions=output_attentions, cache=cache)
+        except BaseException:
+            if cache is not None:
+                cache.abort()
+            raise
+        if cache is not None:
+            cache.commit()
         return hidden, keep, states, attentions
 
     def encode(self, inputs: Tensor, *, attention_mask: Tensor | None = None, mask: Mask | Tensor | None = None,
@@ -288,7 +323,8 @@ class Transformer(nn.Module):
                 position_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False,
-                return_outputs: bool = False) -> Tensor | ModelOutput:
+                return_outputs: bool = False, cache: KVCache | None = None,
+                logits_to_keep: int | None = None) -> Tensor | ModelOutput:
         """Runs the model.
 
         inputs: token ids [batch, tokens], images [batch, channels, height, width] or numeric sequences
@@ -298,9 +334,24 @@ class Transformer(nn.Module):
             mask is kept unless ``mask`` fixes the order itself (PrefixLMMask).
         position_ids: [batch, tokens] explicit positions (default: counts of real tokens).
         decoder_input_ids, decoder_attention_mask: encoder_decoder only, the target side.
+        cache: a ``KVCache`` for decoding step by step (see ``generate``): the new tokens attend to the cached ones
+            and are appended to it; ``attention_mask`` then covers the new tokens only. An encoder_decoder's cache
+            keeps the encoder's output of its first pass, and later passes do not re-encode ``inputs``.
+        logits_to_keep: compute logits for the last N tokens only (token-level heads), as generation needs.
         """
         config = self.config
         encoder_state = None
+        if cache is not None:
+            if config.arch == "encoder":
+                raise InputError("cache: only decoder and encoder_decoder models decode step by step")
+            if self.training:
+                raise InputError("cache: decoding with a cache is for inference; call model.eval() first")
+            if not isinstance(cache, KVCache):
+                raise InputError(f"cache: expected a formerkit KVCache, got {type(cache).__name__}")
+        if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int)
+                                           or logits_to_keep < 1 or config.head.kind not in ("lm", "masked_lm")):
+            raise InputError(f"logits_to_keep: expected an integer >= 1 with a token-level head (lm, masked_lm), "
+                             f"got {logits_to_keep!r} with head {config.head.kind!r}")
         if config.arch == "encoder_decoder":
             if decoder_input_ids is None:
                 raise InputError("decoder_input_ids: an encoder_decoder model needs the target tokens "
@@ -309,15 +360,20 @@ class Transformer(nn.Module):
             if decoder_input_ids.shape[0] != inputs.shape[0]:
                 raise InputError(f"decoder_input_ids: batch {decoder_input_ids.shape[0]} differs from the source "
                                  f"batch {inputs.shape[0]}")
-            memory, memory_keep, _, _ = self._run_stack(
-                self.encoder, inputs, causal=False, attention_mask=attention_mask, mask=None,
-                position_ids=None, token_type_ids=token_type_ids)
+            if cache is not None and cache.memory is not None:
+                memory, memory_keep = cache.memory, cache.memory_keep
+            else:
+                memory, memory_keep, _, _ = self._run_stack(
+                    self.encoder, inputs, causal=False, attention_mask=attention_mask, mask=None,
+                    position_ids=None, token_type_ids=token_type_ids)
+                if cache is not None:
+                    cache.memory, cache.memory_keep = memory, memory_keep
             encoder_state = memory
             hidden, keep, states, attentions = self._run_stack(
                 self.decoder, decoder_input_ids, causal=True, attention_mask=decoder_attention_mask, mask=mask,
                 position_ids=position_ids, token_type_ids=None, memory=memory, memory_keep=memory_keep,
                 output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                name="decoder_input_ids")
+                name="decoder_input_ids", cache=cache)
         else:
             if decoder_input_ids is not None or decoder_attention_mask is not None:
                 raise InputError(f"decoder_input_ids: only an encoder_decoder model takes them (arch is "
@@ -326,8 +382,11 @@ class Transformer(nn.Module):
             hidden, keep, states, attentions = self._run_stack(
                 stack, inputs, causal=config.arch == "decoder", attention_mask=attention_mask, mask=mask,
                 position_ids=position_ids, token_type_ids=token_type_ids,
-                output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.head(hidden, keep)
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions, cache=cache)
+        if logits_to_keep is not None:
+            logits = self.head(hidden[:, -logits_to_keep:], None if keep is None else keep[:, -logits_to_keep:])
+        else:
+            logits = self.head(hidden, keep)
         if not (return_outputs or output_hidden_states or output_attentions):
             return logits
         pooled = self.head.pool(hidden, keep) if hasattr(self.head, "pool") and (
@@ -336,6 +395,21 @@ class Transformer(nn.Module):
                            hidden_states=tuple(states) if output_hidden_states else None,
                            attentions=tuple(attentions) if output_attentions else None,
                            pooled=pooled, encoder_last_hidden_state=encoder_state)
+
+    # ----- generation -----
+
+    def generate(self, input_ids, max_new_tokens: int, **options) -> Tensor:
+        """Prompt followed by up to ``max_new_tokens`` generated tokens; see ``formerkit.generation.generate``
+        (temperature, top_k, top_p, stop_tokens, seed, attention_mask for left-padded batches, ...)."""
+        from formerkit.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
+
+    def stream(self, input_ids, max_new_tokens: int, **options):
+        """Yields each step's new tokens [batch] as they are generated; see ``formerkit.generation.stream``."""
+        from formerkit.generation import stream
+
+        return stream(self, input_ids, max_new_tokens, **options)
 
     def num_parameters(self) -> int:
         """Parameters, counting a tied weight once."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from formerkit.nn.cache import KVCache
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.norms import build_norm
 from formerkit.nn.positions import apply_rotary
@@ -46,25 +47,36 @@ class Attention(nn.Module):
         """Queries [batch, heads, tokens, head_dim] and keys/values [batch, kv_heads, keys, head_dim]."""
         batch, length, _ = x.shape
         if self.cross:
-            q = self.q(x).view(batch, length, self.num_heads, self.head_dim)
-            k, v = self.kv(memory).view(batch, memory.shape[1], 2, self.num_kv_heads, self.head_dim).unbind(2)
+            q = self.q(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            k, v = self.kv(memory).view(batch, memory.shape[1], 2 * self.num_kv_heads, self.head_dim).transpose(
+                1, 2).split(self.num_kv_heads, dim=1)
         else:
-            q, k, v = self.qkv(x).view(batch, length, -1, self.head_dim).split(
-                [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k, v = self.qkv(x).view(batch, length, -1, self.head_dim).transpose(1, 2).split(
+                [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
-                memory: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                memory: Tensor | None = None, need_weights: bool = False, cache: KVCache | None = None,
+                layer: int = 0) -> tuple[Tensor, Tensor | None]:
         """Returns the attended values [batch, tokens, width] and, if ``need_weights``, the attention probabilities
-        [batch, heads, tokens, keys] (computed explicitly, without SDPA)."""
+        [batch, heads, tokens, keys] (computed explicitly, without SDPA).
+
+        With a ``cache`` (decoding step by step), self-attention appends this pass's keys and values to the cache's
+        slots of ``layer`` and attends over everything cached; cross-attention projects the encoder's output once and
+        reuses it at later steps.
+        """
         batch, length, _ = x.shape
-        q, k, v = self.project(x, memory)
-        if rotary is not None:
-            cos, sin = rotary[0].to(q.dtype), rotary[1].to(q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None and self.cross:
+            q, k, v = self._cached_cross(x, memory, cache, layer)
+        else:
+            q, k, v = self.project(x, memory)
+            if rotary is not None:
+                cos, sin = rotary[0].to(q.dtype), rotary[1].to(q.dtype)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
         attn_mask = mask.value
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)
@@ -90,6 +102,19 @@ class Attention(nn.Module):
                 weights = weights.masked_fill(mask.empty_rows, 0.0)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.out(out), weights
+
+
+    def _cached_cross(self, x: Tensor, memory: Tensor | None, cache: KVCache,
+                      layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        batch, length, _ = x.shape
+        q = self.q(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if cache.cross[layer] is None:
+            _, k, v = self.project(x[:, :0], memory)
+            cache.cross[layer] = (k, v)
+        k, v = cache.cross[layer]
+        return q, k, v
 
 
 def _meta_fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float,

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from formerkit.nn.attention import Attention
+from formerkit.nn.cache import KVCache
 from formerkit.nn.feedforward import build_feedforward
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.norms import build_norm
@@ -57,8 +58,9 @@ class Residual(nn.Module):
         self.norm = build_norm(norm.kind, config.width, norm.eps, norm.bias)
         sandwich = norm.placement == "sandwich"
         self.norm_out = build_norm(norm.kind, config.width, norm.eps, norm.bias) if sandwich else None
-        self.scale = LayerScale(config.width, config.layer_scale) if config.layer_scale else nn.Identity()
-        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        # Absent parts are None rather than identity modules: decoding calls merge once per token per layer.
+        self.scale = LayerScale(config.width, config.layer_scale) if config.layer_scale else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else None
 
     def branch_input(self, x: Tensor) -> Tensor:
         """What the branch reads: the normed stream (pre, sandwich) or the stream itself (post)."""
@@ -68,8 +70,14 @@ class Residual(nn.Module):
         """Adds the branch's output back into the stream (through the layer's stochastic-depth drop, if any)."""
         if self.norm_out is not None:
             out = self.norm_out(out)
-        out = self.dropout(self.scale(out))
-        x = x + (drop_path(out) if drop_path is not None else out)
+        if self.scale is not None:
+            out = self.scale(out)
+        if self.training:
+            if self.dropout is not None:
+                out = self.dropout(out)
+            if drop_path is not None:
+                out = drop_path(out)
+        x = x + out
         return self.norm(x) if self.placement == "post" else x
 
 
@@ -94,14 +102,18 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
                 memory: Tensor | None = None, memory_mask: PreparedMask | None = None,
-                need_weights: bool = False, drop_path: nn.Module | None = None) -> tuple[Tensor, Tensor | None]:
-        """``drop_path`` belongs to the layer, not the block: a block shared across depth gets each layer's rate."""
+                need_weights: bool = False, drop_path: nn.Module | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> tuple[Tensor, Tensor | None]:
+        """``drop_path`` belongs to the layer, not the block: a block shared across depth gets each layer's rate.
+        ``cache`` and ``layer`` (the layer's index in its stack) are for step-by-step decoding."""
         residual = self.attention_residual
-        out, weights = self.attention(residual.branch_input(x), mask, rotary=rotary, need_weights=need_weights)
+        out, weights = self.attention(residual.branch_input(x), mask, rotary=rotary, need_weights=need_weights,
+                                      cache=cache, layer=layer)
         x = residual.merge(x, out, drop_path)
         if self.cross_attention is not None:
             residual = self.cross_attention_residual
-            out, _ = self.cross_attention(residual.branch_input(x), memory_mask, memory=memory)
+            out, _ = self.cross_attention(residual.branch_input(x), memory_mask, memory=memory, cache=cache,
+                                          layer=layer)
             x = residual.merge(x, out, drop_path)
         residual = self.feedforward_residual
         x = residual.merge(x, self.feedforward(residual.branch_input(x)), drop_path)

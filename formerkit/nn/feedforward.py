@@ -35,10 +35,13 @@ class MLP(nn.Module):
         self.fc_in = nn.Linear(width, hidden_size, bias=bias)
         self.fc_out = nn.Linear(hidden_size, width, bias=bias)
         self.act = activation(activation_name)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(self.dropout(self.act(self.fc_in(x))))
+        hidden = self.act(self.fc_in(x))
+        if self.dropout is not None and self.training:
+            hidden = self.dropout(hidden)
+        return self.fc_out(hidden)
 
 
 class GatedMLP(nn.Module):
@@ -50,11 +53,14 @@ class GatedMLP(nn.Module):
         self.fc_in = nn.Linear(width, 2 * hidden_size, bias=bias)
         self.fc_out = nn.Linear(hidden_size, width, bias=bias)
         self.act = activation(activation_name)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout else None
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.fc_in(x).chunk(2, dim=-1)
-        return self.fc_out(self.dropout(self.act(gate) * up))
+        hidden = self.act(gate) * up
+        if self.dropout is not None and self.training:
+            hidden = self.dropout(hidden)
+        return self.fc_out(hidden)
 
 
 def build_feedforward(config) -> nn.Module:

@@ -289,14 +289,18 @@ def prepare_attention_mask(mask: Mask | None, num_queries: int, num_keys: int, *
                            bias: Tensor | None = None, device=None) -> PreparedMask:
     """Materializes ``mask`` (and adds an additive ``bias`` such as ALiBi's) once for all layers.
 
-    A lone CausalMask over a square score matrix becomes SDPA's ``is_causal`` flag, which needs no mask tensor.
+    A lone CausalMask over a square score matrix becomes SDPA's ``is_causal`` flag, which needs no mask tensor (and
+    for a single query after all cached keys, no mask at all).
     Rows with no allowed key are opened up for the kernel (so softmax sees no all ``-inf`` row) and reported in
     ``empty_rows`` so attention can zero them: a fully masked query yields zeros, never NaN.
     """
     if mask is None and bias is None:
         return PreparedMask()
-    if isinstance(mask, CausalMask) and bias is None and query_offset == 0 and num_queries == num_keys:
-        return PreparedMask(is_causal=True)
+    if isinstance(mask, CausalMask) and bias is None and query_offset + num_queries == num_keys:
+        if query_offset == 0:
+            return PreparedMask(is_causal=True)
+        if num_queries == 1:
+            return PreparedMask()  # one new token after the cached ones sees every key
     value = None if mask is None else mask.materialize(num_queries, num_keys, query_offset=query_offset, device=device)
     if bias is not None:
         value = bias if value is None else (bias + value if value.dtype != torch.bool

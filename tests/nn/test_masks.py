@@ -374,11 +374,18 @@ def test_prepare_without_mask_is_empty():
     assert prepared == PreparedMask()
 
 
-@pytest.mark.parametrize("q, k, offset", [(3, 5, 2), (3, 5, 0), (1, 6, 5)])
+@pytest.mark.parametrize("q, k, offset", [(3, 5, 2), (3, 5, 0), (1, 6, 4), (2, 6, 4)])
 def test_prepare_causal_mask_with_offset_or_rectangular_scores_materializes_it(q, k, offset):
     prepared = prepare_attention_mask(CausalMask(), q, k, query_offset=offset)
     assert prepared.is_causal is False
     assert torch.equal(prepared.value, causal_ref(q, k, offset))
+
+
+def test_prepare_causal_mask_for_one_query_after_every_key_needs_no_mask():
+    # Decoding one token after 5 cached ones: the causal mask allows every key.
+    assert bool(causal_ref(1, 6, 5).all())
+    prepared = prepare_attention_mask(CausalMask(), 1, 6, query_offset=5)
+    assert prepared == PreparedMask()
 
 
 def test_prepare_causal_mask_combined_with_another_mask_materializes_it():

@@ -1,9 +1,12 @@
-"""The training commands of the CLI: recipes, train, eval, sample."""
+"""The training commands of the CLI: recipes, train, eval, generate."""
 
 from __future__ import annotations
 
 import json
 
+import torch
+
+import formerkit
 from formerkit.cli import main
 
 
@@ -33,15 +36,39 @@ def test_train_then_eval_reproduces_the_final_metrics(tiny, tmp_path, capsys):
     assert main(["eval", str(out / "model"), "--split", "test"]) == 0
 
 
-def test_sample_streams_text_from_a_language_model_run(tiny, tmp_path, capsys):
+def _naive_greedy_text(model_dir, prompt: str, new_tokens: int) -> str:
+    """Greedy continuation by recomputing every step without a cache; past the context, from the last half context
+    (the rule ``formerkit generate`` documents)."""
+    from formerkit.data import load_tokenizer
+
+    model = formerkit.load(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    context = model.config.max_seq_len
+    ids = tokenizer.encode(prompt)
+    start, window = len(ids), ids[-context:]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            if len(window) > context:
+                window = window[-(context // 2):]  # the last half context (newest token included), re-encoded
+            token = int(model(torch.tensor([window]))[0, -1].argmax())
+            ids.append(token)
+            window = window + [token]
+    return tokenizer.decode(ids[start:])
+
+
+def test_generate_streams_the_greedy_continuation_of_a_language_model_run(tiny, tmp_path, capsys):
     out = tmp_path / "lm"
     assert main(["train", "char-lm", "--out", str(out), *_set(tiny("char-lm"))]) == 0
     capsys.readouterr()
-    assert main(["sample", str(out), "--prompt", "def ", "--max-new-tokens", "20", "--temperature", "0"]) == 0
-    greedy = capsys.readouterr().out
-    assert main(["sample", str(out), "--prompt", "def ", "--max-new-tokens", "20", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out == greedy  # greedy is deterministic
+    context = formerkit.load(out / "model").config.max_seq_len
+    # Longer than the context, so generation continues past it.
+    count = context + 20
+    assert main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", str(count), "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == _naive_greedy_text(out / "model", "def ", count) + "\n"
     assert main(["sample", str(out / "model"), "--prompt", "x", "--max-new-tokens", "5", "--top-k", "3"]) == 0
+    assert main(["generate", str(out), "--prompt", "x", "--stop", "ab"]) == 2
+    assert "one" in capsys.readouterr().err
 
 
 def test_train_errors_are_reported_without_a_traceback(tmp_path, capsys):

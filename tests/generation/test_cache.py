@@ -1,0 +1,292 @@
+"""Decoding with the key/value cache equals recomputing the whole sequence, step after step.
+
+The reference is the model's own forward pass over the full prefix (no cache): at every step, the logits of the new
+token with the cache must equal the last logits of a full recompute (<= 1e-5 in float32), for every position scheme
+and attention option, for left-padded batches, for encoder-decoders. Generation itself is checked against a naive
+loop written out here that recomputes everything at every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import formerkit
+from formerkit import InputError, ModelConfig
+from formerkit.nn.cache import KVCache
+
+VOCAB = 29
+WIDTH = 32
+MAX_LEN = 24
+TOL = 1e-5
+POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "none"]
+
+
+def make_model(arch: str = "decoder", position: str = "learned", seed: int = 0, **overrides) -> formerkit.Transformer:
+    config = ModelConfig(arch=arch, width=WIDTH, num_layers=2, max_seq_len=MAX_LEN,
+                         num_decoder_layers=2 if arch == "encoder_decoder" else None,
+                         attention={"num_heads": 4}, position={"kind": position},
+                         stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": "lm"})
+    if overrides:
+        config = config.replace(**overrides)
+    torch.manual_seed(seed)
+    model = formerkit.build_model(config)
+    # O(1)-scale weights, so attention patterns are sharp and every part of the model matters.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(parameter + 0.1 * noise if parameter.dim() == 1 else noise / math.sqrt(parameter.shape[-1]))
+    return model.eval()
+
+
+def left_padded(batch_lengths: list[int], total: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded to ``total`` with token 0, and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(batch_lengths), total), generator=generator)
+    mask = torch.zeros(len(batch_lengths), total, dtype=torch.long)
+    for row, length in enumerate(batch_lengths):
+        mask[row, total - length:] = 1
+        ids[row, : total - length] = 0
+    return ids, mask
+
+
+def recompute_last_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask)[:, -1]
+
+
+def check_steps(model, ids, mask, chunks: list[int]):
+    """Feeds ``ids`` to the cache in chunks of the given sizes; after every chunk, its last logits must equal a
+    recompute of the prefix so far. Returns the largest difference seen."""
+    cache = KVCache.for_model(model, ids.shape[0], ids.shape[1])
+    worst, start = 0.0, 0
+    with torch.no_grad():
+        for size in chunks:
+            stop = start + size
+            chunk_mask = None if mask is None else mask[:, start:stop]
+            cached = model(ids[:, start:stop], attention_mask=chunk_mask, cache=cache)[:, -1]
+            full = recompute_last_logits(model, ids[:, :stop], None if mask is None else mask[:, :stop])
+            worst = max(worst, (cached - full).abs().max().item())
+            start = stop
+    assert cache.length == ids.shape[1]
+    return worst
+
+
+def naive_greedy(model, ids, mask, steps: int) -> torch.Tensor:
+    """Greedy decoding by recomputing the whole sequence at every step (the reference)."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    for _ in range(steps):
+        next_token = recompute_last_logits(model, ids, mask).argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_token], 1)
+        mask = torch.cat([mask, torch.ones_like(next_token)], 1)
+    return ids
+
+
+# ----- cache exactness -----
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_every_step_equals_recompute_for_each_position_scheme(position):
+    model = make_model(position=position)
+    ids, mask = left_padded([14, 9, 3], 14)
+    # A multi-token prefill, a second chunk, then one token at a time.
+    assert check_steps(model, ids, mask, [5, 3] + [1] * 6) <= TOL
+    assert check_steps(model, ids[:1], None, [6] + [1] * 8) <= TOL
+
+
+@pytest.mark.parametrize("options", [
+    {"attention.num_kv_heads": 2},               # grouped-query attention
+    {"attention.num_kv_heads": 1},               # multi-query attention
+    {"attention.qk_norm": True, "norm.kind": "rmsnorm", "feedforward.activation": "swiglu"},
+    {"num_unique_layers": 1, "num_layers": 3},   # one block shared across depth: a cache slot per layer
+    {"attention.sliding_window": 4},
+    {"attention.sliding_window": 3, "attention.sliding_window_layers": [1]},
+    {"norm.placement": "post"},
+    {"layer_scale": 0.5, "norm.placement": "sandwich"},
+])
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
+def test_every_step_equals_recompute_with_attention_options(options, position):
+    model = make_model(position=position, **options)
+    ids, mask = left_padded([12, 7], 12, seed=3)
+    assert check_steps(model, ids, mask, [4] + [1] * 8) <= TOL
+
+
+def test_encoder_decoder_cache_equals_recompute_with_padded_source():
+    model = make_model(arch="encoder_decoder", position="rope")
+    source, source_mask = left_padded([10, 6, 8], 10, seed=5)
+    source_mask[2, :] = 1
+    source_mask[2, -2:] = 0  # right padding on the source side is fine too
+    target = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(6))
+    cache = KVCache.for_model(model, 3, 9)
+    with torch.no_grad():
+        for stop in range(1, 10):
+            start = cache.length
+            cached = model(source, attention_mask=source_mask, decoder_input_ids=target[:, start:stop],
+                           cache=cache)[:, -1]
+            full = model(source, attention_mask=source_mask, decoder_input_ids=target[:, :stop])[:, -1]
+            assert (cached - full).abs().max().item() <= TOL, stop
+    assert all(kv is not None for kv in cache.cross)  # the source was projected once per layer and kept
+
+
+def test_a_failed_pass_leaves_the_cache_unchanged():
+    model = make_model()
+    ids, _ = left_padded([6], 6)
+    cache = KVCache.for_model(model, 1, 8)
+    with torch.no_grad():
+        model(ids[:, :4], cache=cache)
+        with pytest.raises(InputError, match="max_length"):
+            model(ids, cache=cache)  # 4 + 6 > 8
+        assert cache.length == 4
+        cached = model(ids[:, 4:], cache=cache)[:, -1]
+    assert (cached - recompute_last_logits(model, ids, None)).abs().max().item() <= TOL
+
+
+# ----- generation -----
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_greedy_generation_matches_naive_recompute_loop_for_left_padded_batches(position):
+    model = make_model(position=position, **{"attention.num_kv_heads": 2})
+    ids, mask = left_padded([8, 5, 2], 8, seed=7)
+    out = model.generate(ids, 10, attention_mask=mask, temperature=0)
+    assert torch.equal(out, naive_greedy(model, ids, mask, 10))
+    # Each padded row generates exactly what it generates alone, unpadded.
+    for row, length in enumerate([8, 5, 2]):
+        alone = model.generate(ids[row:row + 1, 8 - length:], 10, temperature=0)
+        assert torch.equal(out[row, 8:], alone[0, length:])
+
+
+def test_generation_with_the_maximum_length_fills_the_context_exactly():
+    model = make_model(position="learned")
+    ids, _ = left_padded([4], 4)
+    out = model.generate(ids, MAX_LEN - 4, temperature=0)
+    assert out.shape == (1, MAX_LEN)
+    assert torch.equal(out, naive_greedy(model, ids, None, MAX_LEN - 4))
+    # The last new token is never fed back, so one more still fits; two more would need position MAX_LEN.
+    assert model.generate(ids, MAX_LEN - 3, temperature=0).shape == (1, MAX_LEN + 1)
+    with pytest.raises(InputError, match="max_seq_len"):
+        model.generate(ids, MAX_LEN - 2, temperature=0)
+
+
+def test_encoder_decoder_generation_matches_naive_loop():
+    model = make_model(arch="encoder_decoder", position="learned")
+    source, source_mask = left_padded([9, 4], 9, seed=11)
+    out = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1)
+    target = torch.ones(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(7):
+            logits = model(source, attention_mask=source_mask, decoder_input_ids=target)[:, -1]
+            target = torch.cat([target, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, target)
+
+
+def test_stream_yields_the_tokens_generate_returns():
+    model = make_model(position="rope")
+    ids, mask = left_padded([6, 3], 6)
+    streamed = torch.stack(list(model.stream(ids, 8, attention_mask=mask, temperature=0.9, top_k=5, seed=3)), 1)
+    generated = model.generate(ids, 8, attention_mask=mask, temperature=0.9, top_k=5, seed=3)
+    assert torch.equal(generated[:, 6:], streamed)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_leaves_the_global_rng_alone():
+    model = make_model()
+    ids, _ = left_padded([5], 5)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = model.generate(ids, 12, temperature=1.0, seed=42)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(first, model.generate(ids, 12, temperature=1.0, seed=42))
+    others = [model.generate(ids, 12, temperature=1.0, seed=s) for s in range(5)]
+    assert any(not torch.equal(first, other) for other in others)
+
+
+def test_top_k_and_top_p_restrict_sampling_to_the_reference_sets():
+    """Every sampled token lies in the top-k set (or the nucleus) of the recomputed logits at its step."""
+    model = make_model(position="alibi")
+    ids, _ = left_padded([5], 5)
+    for seed in range(4):
+        out = model.generate(ids, 10, temperature=1.5, top_k=3, seed=seed)
+        for step in range(5, 15):
+            logits = recompute_last_logits(model, out[:, :step], None)[0]
+            assert int(out[0, step]) in logits.topk(3).indices.tolist()
+        out = model.generate(ids, 10, temperature=1.0, top_p=0.6, seed=seed)
+        for step in range(5, 15):
+            probabilities = recompute_last_logits(model, out[:, :step], None)[0].softmax(-1)
+            ordered, order = probabilities.sort(descending=True)
+            # The nucleus: the smallest prefix of tokens by probability whose mass reaches 0.6.
+            size = int((ordered.cumsum(0) < 0.6).sum()) + 1
+            assert int(out[0, step]) in order[:size].tolist()
+    # A nucleus too small for a second token and top_k=1 are both greedy.
+    greedy = model.generate(ids, 10, temperature=0)
+    assert torch.equal(model.generate(ids, 10, temperature=1.0, top_k=1, seed=0), greedy)
+    assert torch.equal(model.generate(ids, 10, temperature=1.0, top_p=1e-6, seed=0), greedy)
+
+
+def test_stop_tokens_end_rows_and_pad_the_rest():
+    model = make_model()
+    ids, mask = left_padded([6, 6, 6], 6, seed=13)
+    free = model.generate(ids, 12, attention_mask=mask, temperature=0)
+    stop = int(free[0, 8])  # row 0 produces this token at its third step
+    out = model.generate(ids, 12, attention_mask=mask, temperature=0, stop_tokens=[stop], pad_token_id=0)
+    for row in range(3):
+        new = free[row, 6:].tolist()
+        expected = new[: new.index(stop) + 1] if stop in new else new
+        got = out[row, 6:].tolist()
+        assert got[: len(expected)] == expected
+        assert all(token == 0 for token in got[len(expected):])
+    assert out.shape[1] <= free.shape[1]
+    # Every row stopped early -> generation ended early.
+    all_stop = model.generate(ids, 12, attention_mask=mask, temperature=0, stop_tokens=list(range(VOCAB)))
+    assert all_stop.shape == (3, 7)
+
+
+def test_generate_restores_training_mode_and_accepts_1d_prompts():
+    model = make_model().train()
+    ids, _ = left_padded([5], 5)
+    out = model.generate(ids[0], 4, temperature=0)
+    assert model.training
+    assert out.dim() == 1 and torch.equal(out, model.eval().generate(ids, 4, temperature=0)[0])
+    assert torch.equal(model.generate(ids, 0), ids)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, ids: m.generate(ids.float(), 3), "integer token ids"),
+    (lambda m, ids: m.generate(ids[:, :0], 3), "non-empty"),
+    (lambda m, ids: m.generate(ids, -1), "max_new_tokens"),
+    (lambda m, ids: m.generate(ids, 3, temperature=-0.5), "temperature"),
+    (lambda m, ids: m.generate(ids, 3, top_k=0), "top_k"),
+    (lambda m, ids: m.generate(ids, 3, top_p=0.0), "top_p"),
+    (lambda m, ids: m.generate(ids, 3, stop_tokens=[VOCAB]), "stop_tokens"),
+    (lambda m, ids: m.generate(ids, 3, pad_token_id=-1), "pad_token_id"),
+    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.tensor([[1, 1, 1, 0]])), "padded on the left"),
+    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.ones(1, 3)), "shape"),
+    (lambda m, ids: m.generate(ids, 3, decoder_input_ids=ids), "encoder_decoder"),
+])
+def test_bad_generation_arguments_are_refused(call, message):
+    model = make_model()
+    ids, _ = left_padded([4], 4)
+    with pytest.raises(InputError, match=message):
+        call(model, ids)
+
+
+def test_models_that_cannot_generate_are_refused():
+    encoder = formerkit.build_model(ModelConfig(arch="encoder", width=WIDTH, num_layers=1, max_seq_len=8,
+                                                attention={"num_heads": 2},
+                                                stem={"kind": "tokens", "vocab_size": VOCAB},
+                                                head={"kind": "masked_lm"}))
+    with pytest.raises(InputError, match="decoder"):
+        encoder.generate(torch.ones(1, 3, dtype=torch.long), 2)
+    seq2seq = make_model(arch="encoder_decoder")
+    with pytest.raises(InputError, match="decoder_start_token_id"):
+        seq2seq.generate(torch.ones(1, 3, dtype=torch.long), 2)
+    model = make_model()
+    cache = KVCache.for_model(model, 1, 4)
+    with pytest.raises(InputError, match="eval"):
+        model.train()(torch.ones(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(InputError, match="batch"):
+        model.eval()(torch.ones(2, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(InputError, match="position_ids"):
+        model(torch.ones(1, 2, dtype=torch.long), cache=cache, position_ids=torch.zeros(1, 2, dtype=torch.long))
