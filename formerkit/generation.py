@@ -10,6 +10,9 @@ never attended to and positions count real tokens only, so a padded row generate
 
 from __future__ import annotations
 
+import types
+import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -17,7 +20,8 @@ import torch
 from torch import Tensor
 
 from formerkit.errors import InputError
-from formerkit.nn.cache import KVCache
+from formerkit.nn.cache import KVCache, StaticSlots
+from formerkit.nn.masks import KeyPaddingMask, PreparedMask, prepare_attention_mask
 
 __all__ = ["SamplingConfig", "generate", "stream"]
 
@@ -66,6 +70,84 @@ class SamplingConfig:
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         probabilities = logits.softmax(dim=-1)
         return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+# ----- the compiled decode step -----
+
+
+def _static_mask(allowed: Tensor, bias: Tensor | None) -> PreparedMask:
+    return PreparedMask(value=allowed if bias is None else bias.masked_fill(~allowed, float("-inf")))
+
+
+def _static_step(model, tokens: Tensor, positions: Tensor, slots: StaticSlots, keep: Tensor, key_positions: Tensor,
+                 memory_mask: PreparedMask | None) -> Tensor:
+    """One new token per row through the decoder with every shape fixed: the whole cache is read, and slots not yet
+    filled (``keep`` False) are masked out. Mirrors Transformer._run_stack for a single token after the cached ones;
+    the tests hold the two equal."""
+    config = model.config
+    hidden, _ = model.embed(tokens, position_ids=positions)
+    batch, max_length = keep.shape
+    allowed = keep.view(batch, 1, 1, max_length)
+    bias = model.positions.attention_bias(positions, key_positions) if model.positions.uses_bias else None
+    window = None
+    if config.attention.sliding_window is not None:
+        # The slots within the window before this token's slot (SlidingWindowMask counts slots, padding included).
+        near = torch.arange(max_length, device=keep.device) > slots.slot - config.attention.sliding_window
+        window = _static_mask(allowed & near.view(1, 1, 1, max_length), bias)
+    rotary = model.positions.rotary(positions, 1)
+    hidden, _, _ = model.decoder(hidden, _static_mask(allowed, bias), window_mask=window, rotary=rotary,
+                                 memory_mask=memory_mask, cache=slots)
+    return model.head(hidden)[:, -1]
+
+
+class _CompiledDecoder:
+    """A ``torch.compile``d decode step for one model. Weights are frozen into the compiled code (so the weight
+    matrices can be pre-packed for the CPU's matrix library); a change to any parameter makes a fresh one."""
+
+    _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, model):
+        self.fingerprint = self._fingerprint(model)
+        # A function of its own holding the model, so compiled graphs (which hold this model's frozen weights)
+        # are never shared with another model or with an earlier version of this one.
+        code = _static_step.__code__.replace()
+        function = types.FunctionType(code, _static_step.__globals__, "formerkit_decode_step")
+        namespace = {"function": function, "model": model}
+        exec("def formerkit_decode_step(*args):\n    return function(model, *args)\n", namespace)
+        self.step = torch.compile(namespace["formerkit_decode_step"], dynamic=False, options={"freezing": True})
+        self.failed = False
+
+    @staticmethod
+    def _fingerprint(model) -> tuple:
+        return tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters())
+
+    @classmethod
+    def for_model(cls, model) -> _CompiledDecoder:
+        decoder = cls._by_model.get(model)
+        if decoder is None or decoder.fingerprint != cls._fingerprint(model):
+            decoder = cls._by_model[model] = cls(model)
+        return decoder
+
+
+def _decode_step(model, tokens: Tensor, cache: KVCache, compiled: _CompiledDecoder | None,
+                 slots: StaticSlots | None, memory_mask: PreparedMask | None, source: Tensor) -> Tensor:
+    """Logits [batch, vocab] of one new token per row, appended to the cache."""
+    if compiled is not None and not compiled.failed:
+        positions = cache.begin(None, 1)
+        slots.slot.fill_(cache.start)
+        try:
+            logits = compiled.step(tokens.unsqueeze(1), positions, slots, cache.keep, cache.positions, memory_mask)
+        except Exception as error:  # no C++ compiler, an unsupported platform...: decode without compiling
+            cache.abort()
+            compiled.failed = True
+            warnings.warn(f"generate(compile=True): compiling the decode step failed ({type(error).__name__}: "
+                          f"{error}); decoding without compiling", RuntimeWarning, stacklevel=3)
+        else:
+            cache.commit()
+            return logits
+    if model.config.arch == "encoder_decoder":
+        return model(source, decoder_input_ids=tokens.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
+    return model(tokens.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
 
 
 def _as_ids(input_ids, name: str) -> tuple[Tensor, bool]:
@@ -125,7 +207,8 @@ def _stop_set(stop_tokens, vocab_size: int) -> Tensor | None:
 def stream(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            stop_tokens: int | Iterable[int] | None = None, pad_token_id: int | None = None, seed: int | None = None,
-           decoder_input_ids=None, decoder_start_token_id: int | None = None) -> Iterator[Tensor]:
+           decoder_input_ids=None, decoder_start_token_id: int | None = None,
+           compile: bool = False) -> Iterator[Tensor]:
     """Yields the new tokens [batch] of each step as they are generated (see ``generate`` for the arguments).
 
     A row that has produced a stop token yields ``pad_token_id`` afterwards (default: its first stop token); the
@@ -171,11 +254,17 @@ def stream(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     # The last new token is returned, never fed back: the cache holds everything before it.
-    cache = KVCache.for_model(model, prompt.shape[0], prompt.shape[1] + max_new_tokens - 1)
+    length = prompt.shape[1] + max_new_tokens - 1
+    if compile and config.position.kind in ("learned", "sinusoidal", "rope"):
+        # One cache length for every call, so the compiled step (whose shapes are fixed) is compiled once.
+        length = max(length, config.num_positions)
+    cache = KVCache.for_model(model, prompt.shape[0], length)
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
     stops = None if stops is None else stops.to(device)
     was_training = model.training
     model.eval()
+    # Inference mode is entered around each computation, never across a yield: the caller's code between steps
+    # must not run in it.
     try:
         with torch.inference_mode():
             if config.arch == "encoder_decoder":
@@ -183,16 +272,25 @@ def stream(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
                                logits_to_keep=1)
             else:
                 logits = model(prompt, attention_mask=prompt_keep, cache=cache, logits_to_keep=1)
-            for step in range(max_new_tokens):
-                token = sampling.pick(logits[:, -1], generator)
+            logits = logits[:, -1]
+            compiled = _CompiledDecoder.for_model(model) if compile and max_new_tokens > 1 else None
+            slots = StaticSlots(cache) if compiled is not None else None
+            memory_mask = None
+            if compiled is not None and cache.memory is not None:
+                memory_mask = prepare_attention_mask(
+                    None if cache.memory_keep is None else KeyPaddingMask(cache.memory_keep), 1,
+                    cache.memory.shape[1], device=device)
+        for step in range(max_new_tokens):
+            with torch.inference_mode():
+                token = sampling.pick(logits, generator)
                 if stops is not None:
                     token = token.masked_fill(finished, pad_token_id)
                     finished = finished | torch.isin(token, stops)
-                yield token
-                if step + 1 == max_new_tokens or (stops is not None and bool(finished.all())):
-                    return
-                logits = model(source, decoder_input_ids=token.unsqueeze(1), cache=cache, logits_to_keep=1) \
-                    if config.arch == "encoder_decoder" else model(token.unsqueeze(1), cache=cache, logits_to_keep=1)
+            yield token.clone()
+            if step + 1 == max_new_tokens or (stops is not None and bool(finished.all())):
+                return
+            with torch.inference_mode():
+                logits = _decode_step(model, token, cache, compiled, slots, memory_mask, source)
     finally:
         model.train(was_training)
 
@@ -218,7 +316,7 @@ def _check_source_mask(attention_mask: Tensor | None, shape: tuple[int, int]) ->
 def generate(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: int | Iterable[int] | None = None, pad_token_id: int | None = None, seed: int | None = None,
-             decoder_input_ids=None, decoder_start_token_id: int | None = None) -> Tensor:
+             decoder_input_ids=None, decoder_start_token_id: int | None = None, compile: bool = False) -> Tensor:
     """Generates up to ``max_new_tokens`` tokens after each prompt; returns prompt + new tokens [batch, tokens].
 
     input_ids: [batch, tokens] or [tokens] prompt ids (for an encoder_decoder: the source ids). Prompts of different
@@ -229,11 +327,15 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | 
     seed: seeds a private random generator, so sampling is reproducible and leaves the global RNG alone.
     decoder_input_ids / decoder_start_token_id: encoder_decoder only, the target prompt (default: the start token
         alone). The result is then the target prompt followed by the new tokens.
+    compile: run each decode step through ``torch.compile`` (fixed shapes, weights frozen into the compiled code).
+        The first call compiles (tens of seconds); later calls with the same batch size reuse it, until a parameter
+        changes. If compiling fails, decoding goes on without it (with a warning).
     """
     prompt = decoder_input_ids if model.config.arch == "encoder_decoder" else input_ids
     steps = list(stream(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
                         top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_token_id=pad_token_id, seed=seed,
-                        decoder_input_ids=decoder_input_ids, decoder_start_token_id=decoder_start_token_id))
+                        decoder_input_ids=decoder_input_ids, decoder_start_token_id=decoder_start_token_id,
+                        compile=compile))
     if prompt is None:
         prompt = _start_tokens(decoder_start_token_id, _as_ids(input_ids, "input_ids")[0].shape[0],
                                model.config.stem.vocab_size)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from formerkit.errors import InputError
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "StaticSlots"]
 
 
 class KVCache:
@@ -116,9 +116,9 @@ class KVCache:
         keys/values so far [batch, kv_heads, end, head_dim]."""
         start, end = self.length, self.end
         key_buffer, value_buffer = self.keys[layer], self.values[layer]
-        key_buffer[:, :, start:end] = keys
-        value_buffer[:, :, start:end] = values
-        return key_buffer[:, :, :end], value_buffer[:, :, :end]
+        key_buffer.narrow(2, start, end - start).copy_(keys)
+        value_buffer.narrow(2, start, end - start).copy_(values)
+        return key_buffer.narrow(2, 0, end), value_buffer.narrow(2, 0, end)
 
     def key_keep(self) -> Tensor | None:
         """[batch, end]: which cached keys are real tokens, or None if none is padding."""
@@ -149,3 +149,21 @@ class KVCache:
     def __repr__(self) -> str:
         return (f"KVCache(layers={len(self.keys)}, batch={self.batch_size}, length={self.length}, "
                 f"max_length={self.max_length}, dtype={self.keys[0].dtype})")
+
+
+class StaticSlots:
+    """The cache as a compiled decode step sees it: every shape fixed, so one compiled graph serves every step.
+
+    Each row's one new token goes to slot ``slot`` (a one-element tensor the caller sets before the step), and
+    attention reads the whole buffers; slots not yet filled are masked out through ``KVCache.keep``.
+    """
+
+    def __init__(self, cache: KVCache):
+        self.keys, self.values, self.cross = cache.keys, cache.values, cache.cross
+        self.slot = torch.zeros(1, dtype=torch.long, device=cache.keep.device)
+
+    def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        key_buffer, value_buffer = self.keys[layer], self.values[layer]
+        key_buffer.index_copy_(2, self.slot, keys)
+        value_buffer.index_copy_(2, self.slot, values)
+        return key_buffer, value_buffer

@@ -290,3 +290,67 @@ def test_models_that_cannot_generate_are_refused():
         model.eval()(torch.ones(2, 2, dtype=torch.long), cache=cache)
     with pytest.raises(InputError, match="position_ids"):
         model(torch.ones(1, 2, dtype=torch.long), cache=cache, position_ids=torch.zeros(1, 2, dtype=torch.long))
+
+
+# ----- the compiled decode step -----
+
+
+def _eager_static_decoder(monkeypatch):
+    """Runs generate(compile=True) with the fixed-shape decode step but without torch.compile, so the step's own
+    logic is checked quickly for every configuration (one test below compiles for real)."""
+    import types
+
+    from formerkit import generation
+
+    monkeypatch.setattr(generation._CompiledDecoder, "for_model",
+                        classmethod(lambda cls, model: types.SimpleNamespace(step=generation._static_step,
+                                                                             failed=False)))
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("options", [{}, {"attention.num_kv_heads": 2, "attention.sliding_window": 4},
+                                     {"attention.qk_norm": True, "layer_scale": 0.5, "norm.placement": "sandwich"}])
+def test_fixed_shape_decode_step_matches_the_naive_loop(position, options, monkeypatch):
+    _eager_static_decoder(monkeypatch)
+    model = make_model(position=position, **options)
+    ids, mask = left_padded([8, 5, 2], 8, seed=7)
+    out = model.generate(ids, 10, attention_mask=mask, temperature=0, compile=True)
+    assert torch.equal(out, naive_greedy(model, ids, mask, 10))
+
+
+def test_fixed_shape_decode_step_for_encoder_decoders(monkeypatch):
+    _eager_static_decoder(monkeypatch)
+    model = make_model(arch="encoder_decoder", position="alibi")
+    source, source_mask = left_padded([9, 4], 9, seed=11)
+    expected = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1)
+    got = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1,
+                         compile=True)
+    assert torch.equal(got, expected)
+
+
+def test_compiled_generation_equals_eager_per_model_and_after_weights_change():
+    first, second = make_model(seed=0), make_model(seed=1)
+    ids, mask = left_padded([6, 3], 6, seed=2)
+    for model in (first, second, first):
+        assert torch.equal(model.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
+                           model.generate(ids, 8, attention_mask=mask, temperature=0))
+    # The compiled step holds frozen weights: changing a parameter must give a fresh compile, not stale results.
+    with torch.no_grad():
+        first.head.projection.weight.mul_(-1.0)
+    assert torch.equal(first.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
+                       first.generate(ids, 8, attention_mask=mask, temperature=0))
+
+
+def test_a_failing_compile_falls_back_to_plain_decoding_with_a_warning(monkeypatch):
+    from formerkit import generation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(generation._CompiledDecoder, "for_model",
+                        classmethod(lambda cls, model: __import__("types").SimpleNamespace(step=broken, failed=False)))
+    model = make_model(position="rope")
+    ids, mask = left_padded([5, 2], 5)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        out = model.generate(ids, 6, attention_mask=mask, temperature=0, compile=True)
+    assert torch.equal(out, model.generate(ids, 6, attention_mask=mask, temperature=0))
