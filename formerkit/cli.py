@@ -152,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     for piece in generate_run(args.target, args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              stop=args.stop):
+                              stop=args.stop, compile=args.compile):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="draw among the most likely tokens holding this much probability (nucleus)")
     generate.add_argument("--stop", default=None, help="a text of one token that ends the generation")
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--compile", action="store_true",
+                          help="compile the decode step with torch.compile (faster per token, slower to start)")
     generate.set_defaults(run=cmd_generate)
 
     convert = commands.add_parser("convert", help="convert a Hugging Face checkpoint directory to formerkit or back "

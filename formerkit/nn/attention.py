@@ -84,7 +84,6 @@ class Attention(nn.Module):
         weights = None
         if need_weights:
             out, weights = attention_weights(q, k, v, attn_mask, mask.is_causal, dropout)
-
         else:
             gqa = self.num_kv_heads != self.num_heads
             if gqa and not _SDPA_HAS_GQA:

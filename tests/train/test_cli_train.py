@@ -66,6 +66,9 @@ def test_generate_streams_the_greedy_continuation_of_a_language_model_run(tiny, 
     assert main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", str(count), "--temperature", "0"]) == 0
     printed = capsys.readouterr().out
     assert printed == _naive_greedy_text(out / "model", "def ", count) + "\n"
+    assert main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", str(count), "--temperature", "0",
+                 "--compile"]) == 0
+    assert capsys.readouterr().out == printed
     assert main(["sample", str(out / "model"), "--prompt", "x", "--max-new-tokens", "5", "--top-k", "3"]) == 0
     assert main(["generate", str(out), "--prompt", "x", "--stop", "ab"]) == 2
     assert "one" in capsys.readouterr().err
