@@ -114,8 +114,16 @@ class _CompiledDecoder:
         function = types.FunctionType(code, _static_step.__globals__, "formerkit_decode_step")
         namespace = {"function": function, "model": model}
         exec("def formerkit_decode_step(*args):\n    return function(model, *args)\n", namespace)
-        self.step = torch.compile(namespace["formerkit_decode_step"], dynamic=False, options={"freezing": True})
+        self.compiled = torch.compile(namespace["formerkit_decode_step"], dynamic=False)
         self.failed = False
+
+    def step(self, *args):
+        # Freezing is read from inductor's global config when a graph is compiled (passing it in torch.compile's
+        # options does not reach the freezing pass), so it is set just around each call, not for the whole process.
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args)
 
     @staticmethod
     def _fingerprint(model) -> tuple:

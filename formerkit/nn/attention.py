@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from formerkit.nn.cache import KVCache
+from formerkit.nn.cache import KVCache, StaticSlots
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.norms import build_norm
 from formerkit.nn.positions import apply_rotary
@@ -84,6 +84,8 @@ class Attention(nn.Module):
         weights = None
         if need_weights:
             out, weights = attention_weights(q, k, v, attn_mask, mask.is_causal, dropout)
+        elif isinstance(cache, StaticSlots) and length == 1:
+            out = single_query_attention(q, k, v, attn_mask)
         else:
             gqa = self.num_kv_heads != self.num_heads
             if gqa and not _SDPA_HAS_GQA:
@@ -128,6 +130,22 @@ def _meta_fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, is_causal,
                                                                       attn_mask=attn_mask)[0]
+
+
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """Attention of one query per row [batch, heads, 1, head_dim] over keys [batch, kv_heads, keys, head_dim] as
+    element-wise products and sums (no matrix-multiply calls): inside a compiled decode step these fuse into a few
+    small kernels, where a single-query SDPA call costs more than the arithmetic. Masks as in SDPA."""
+    batch, heads, _, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    query = q.reshape(batch, kv_heads, group, 1, dim)
+    scores = (query * k.unsqueeze(2)).sum(-1) * (1.0 / math.sqrt(dim))  # [batch, kv_heads, group, keys]
+    scores = scores.reshape(batch, heads, 1, keys)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probabilities = scores.softmax(dim=-1).reshape(batch, kv_heads, group, keys, 1)
+    return (probabilities * v.unsqueeze(2)).sum(-2).reshape(batch, heads, 1, dim)
 
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,

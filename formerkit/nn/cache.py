@@ -164,6 +164,7 @@ class StaticSlots:
 
     def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         key_buffer, value_buffer = self.keys[layer], self.values[layer]
-        key_buffer.index_copy_(2, self.slot, keys)
-        value_buffer.index_copy_(2, self.slot, values)
+        # index_put_ (not index_copy_): the compiler writes it into the buffer in place instead of copying it.
+        key_buffer[:, :, self.slot] = keys
+        value_buffer[:, :, self.slot] = values
         return key_buffer, value_buffer

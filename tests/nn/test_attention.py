@@ -398,3 +398,33 @@ def test_attention_dropout_rescales_kept_weights_so_the_mean_is_unchanged():
     spread = (out - expected).std(dim=0)
     error = (out.mean(dim=0) - expected[0]).abs()
     assert bool((error < 5 * spread / math.sqrt(x.shape[0]) + 1e-9).all())
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_single_query_attention_matches_the_written_out_softmax(kv_heads, mask_kind):
+    """The decode-step form (products and sums, no matmul) against softmax(q k^T / sqrt(d) + mask) v per head."""
+    from formerkit.nn.attention import single_query_attention
+
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, keys, dim = 2, 4, 7, 8
+    q = torch.randn(batch, heads, 1, dim, generator=generator, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, keys, dim, generator=generator, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, keys, dim, generator=generator, dtype=torch.float64)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(batch, 1, 1, keys, generator=generator) > 0.4
+        mask[..., 0] = True
+    elif mask_kind == "additive":
+        mask = -torch.rand(batch, heads, 1, keys, generator=generator, dtype=torch.float64)
+    expected = torch.empty(batch, heads, 1, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = q[b, h] @ k[b, kv].T / math.sqrt(dim)
+            if mask_kind == "bool":
+                scores = scores.masked_fill(~mask[b, 0], float("-inf"))
+            elif mask_kind == "additive":
+                scores = scores + mask[b, h]
+            expected[b, h] = scores.softmax(-1) @ v[b, kv]
+    assert torch.allclose(single_query_attention(q, k, v, mask), expected, atol=1e-12)
