@@ -257,6 +257,17 @@ class FeedForwardConfig(_Section):
     ratio: float = 4.0
     bias: bool = True
     dropout: float = 0.0
+    # Mixture of experts (Shazeer et al., 2017; Fedus et al., 2021, "Switch Transformers"): num_experts feed-forwards
+    # of the shape above, of which a learned router sends each token to `experts_per_token`. null or 0: dense.
+    num_experts: int | None = None
+    experts_per_token: int = 2
+    # Training only: an expert takes at most ceil(capacity_factor * tokens * experts_per_token / num_experts) token
+    # assignments per pass; the rest are dropped (those tokens keep their residual). null: nothing is dropped.
+    capacity_factor: float | None = None
+    # The load-balancing losses of the mixture layers, summed and times this weight, are the model's aux_loss.
+    aux_loss_weight: float = 0.01
+    # Which blocks are mixtures, by index (with num_unique_layers: the index of the shared block); null means all.
+    moe_layers: tuple[int, ...] | None = None
 
     def _validate(self) -> None:
         if self.hidden_size is not None and self.hidden_size < 1:
@@ -265,10 +276,34 @@ class FeedForwardConfig(_Section):
             self._fail("ratio", "a number > 0")
         if not 0.0 <= self.dropout < 1.0:
             self._fail("dropout", "a probability in [0, 1)")
+        if self.num_experts is not None and self.num_experts != 0 and self.num_experts < 2:
+            self._fail("num_experts", "null or 0 (a dense feed-forward) or an integer >= 2",
+                       hint="a mixture of one expert is the dense feed-forward with a router that changes nothing")
+        if self.experts_per_token < 1:
+            self._fail("experts_per_token", "an integer >= 1")
+        if self.mixture and self.experts_per_token > self.num_experts:
+            self._fail("experts_per_token", f"an integer in [1, {self.num_experts}] (feedforward.num_experts)")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            self._fail("capacity_factor", "a number > 0 or null (no capacity limit)")
+        if self.aux_loss_weight < 0:
+            self._fail("aux_loss_weight", "a number >= 0")
+        for name in ("capacity_factor", "moe_layers"):
+            if getattr(self, name) is not None and not self.mixture:
+                self._fail(name, "null when feedforward.num_experts is null or 0 (a dense feed-forward)",
+                           hint="set feedforward.num_experts first")
 
     @property
     def gated(self) -> bool:
         return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def mixture(self) -> bool:
+        """Whether any block is a mixture of experts."""
+        return bool(self.num_experts)
+
+    def is_mixture_block(self, index: int) -> bool:
+        """Whether block ``index`` (of a stack, or of the shared blocks with num_unique_layers) is a mixture."""
+        return self.mixture and (self.moe_layers is None or index in self.moe_layers)
 
 
 @dataclass(frozen=True)
@@ -524,6 +559,13 @@ class ModelConfig(_Section):
                 if not 0 <= index < max(self.num_layers, self.decoder_layers):
                     raise ConfigError("attention.sliding_window_layers", attention.sliding_window_layers,
                                       f"layer indices in [0, {max(self.num_layers, self.decoder_layers)})")
+        if self.feedforward.moe_layers is not None:
+            # A shared block is a mixture at every depth it is applied, so with sharing the indices name shared blocks.
+            blocks = self.num_unique_layers or max(self.num_layers, self.decoder_layers)
+            what = "indices of the num_unique_layers shared blocks" if self.num_unique_layers else "layer indices"
+            for index in self.feedforward.moe_layers:
+                if not 0 <= index < blocks:
+                    raise ConfigError("feedforward.moe_layers", self.feedforward.moe_layers, f"{what} in [0, {blocks})")
         # Stems and sequence lengths.
         if stem.kind in ("tokens", "linear"):
             if self.max_seq_len is None or self.max_seq_len < 1:

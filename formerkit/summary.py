@@ -145,6 +145,10 @@ def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, na
             model.train()(inputs, **kwargs)
     if config.arch == "decoder" or config.arch == "encoder_decoder":
         notes.append("causal attention is counted as full score matrices, as the kernel computes them")
+    if config.feedforward.mixture:
+        notes.append(f"parameters count all {config.feedforward.num_experts} experts of each mixture layer; FLOPs are "
+                     f"those of {config.feedforward.experts_per_token} experts per token, as with perfectly even "
+                     "routing (the meta device has no router values)")
     return Summary(config=config, name=name or "model", parts=list(counts.items()),
                    total_parameters=sum(counts.values()), batch=batch, seq_len=None if image else seq_len,
                    unit="image" if image else "token", forward_flops=int(flops),

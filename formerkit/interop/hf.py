@@ -774,7 +774,10 @@ def _semantics(config: ModelConfig) -> dict[str, Any]:
                  "attention.sliding_window_layers": _windowed_layers(config),
                  "feedforward.hidden_size": config.feedforward_size, "norm.final": config.norm.has_final,
                  "head.pooling": config.head_pooling})
-    ignored = ["feedforward.ratio"]
+    # A mixture of experts differs by feedforward.num_experts (0 and null are both dense); its other fields follow it.
+    flat["feedforward.num_experts"] = config.feedforward.num_experts or None
+    ignored = ["feedforward.ratio", "feedforward.experts_per_token", "feedforward.capacity_factor",
+               "feedforward.aux_loss_weight", "feedforward.moe_layers"]
     if config.position.kind != "rope":
         ignored.append("position.rope_base")
     if config.norm.kind == "rmsnorm":

@@ -122,6 +122,10 @@ def _check_encoder(encoder: Transformer) -> ModelConfig:
     if config.attention.sliding_window is not None:
         raise ConfigError("attention.sliding_window", config.attention.sliding_window, "null for a masked autoencoder",
                           hint="a window over the shuffled visible patches has no meaning")
+    if config.feedforward.mixture:
+        raise ConfigError("feedforward.num_experts", config.feedforward.num_experts,
+                          "null or 0 (a dense feed-forward) for a masked autoencoder",
+                          hint="the reconstruction loss does not include a mixture's load-balancing loss")
     return config
 
 

@@ -27,6 +27,7 @@ from formerkit.nn.masks import (
     as_mask,
     prepare_attention_mask,
 )
+from formerkit.nn.moe import Routing
 from formerkit.nn.norms import build_norm
 from formerkit.nn.positions import build_positions
 from formerkit.nn.stems import build_stem
@@ -47,8 +48,11 @@ class ModelOutput:
     attentions: tuple[Tensor, ...] | None = None
     # The pooled vector (after the pooler, if any) for heads that pool.
     pooled: Tensor | None = None
-    # Auxiliary losses of parts that have them (none yet in the plain core), to add to the objective.
+    # Auxiliary losses of parts that have them, to add to the objective: with mixture-of-experts layers,
+    # feedforward.aux_loss_weight times the sum of their load-balancing losses (one per layer applied); else None.
     aux_loss: Tensor | None = None
+    # With mixture-of-experts layers: per layer applied (encoder first), the token assignments each expert received.
+    expert_counts: tuple[Tensor, ...] | None = None
     # encoder_decoder: the encoder's final hidden states.
     encoder_last_hidden_state: Tensor | None = None
 
@@ -61,7 +65,8 @@ class TransformerStack(nn.Module):
         super().__init__()
         unique = config.num_unique_layers or num_layers
         rates = [config.drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
-        self.blocks = nn.ModuleList(TransformerBlock(config, cross_attention=cross_attention) for _ in range(unique))
+        self.blocks = nn.ModuleList(TransformerBlock(config, cross_attention=cross_attention, index=i)
+                                    for i in range(unique))
         # Stochastic depth rises linearly with depth (Huang et al.); a per-layer module, so shared blocks follow it too.
         self.drop_paths = nn.ModuleList(DropPath(rate) for rate in rates)
         self.num_layers = num_layers
@@ -74,8 +79,12 @@ class TransformerStack(nn.Module):
     def forward(self, hidden: Tensor, mask: PreparedMask, *, window_mask: PreparedMask | None = None,
                 rotary: tuple[Tensor, Tensor] | None = None, memory: Tensor | None = None,
                 memory_mask: PreparedMask | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False,
-                cache: KVCache | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                output_attentions: bool = False, cache: KVCache | None = None, token_keep: Tensor | None = None,
+                routing: list[Routing] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Returns the final hidden states, the per-layer states and attentions asked for. ``token_keep``
+        ([batch, tokens], True for a real token) keeps padding out of mixture-of-experts routing; when ``routing`` is
+        a list, every mixture layer applied appends its ``Routing`` to it (a shared block once per depth it runs at).
+        """
         states, attentions = [], []
         for index in range(self.num_layers):
             if output_hidden_states:
@@ -85,7 +94,9 @@ class TransformerStack(nn.Module):
             hidden, weights = block(hidden, layer_mask, rotary=rotary, memory=memory, memory_mask=memory_mask,
                                     need_weights=output_attentions,
                                     drop_path=self.drop_paths[index] if self.training else None, cache=cache,
-                                    layer=index)
+                                    layer=index, token_keep=token_keep)
+            if routing is not None and block.mixture:
+                routing.append(block.feedforward.last_routing)
             if output_attentions:
                 attentions.append(weights)
         if output_hidden_states:
@@ -138,7 +149,8 @@ class Transformer(nn.Module):
                     nn.init.kaiming_normal_(module.weight)  # CCT's tokenizer convolutions
                 else:
                     nn.init.normal_(module.weight, std=std)
-                if name.endswith(("attention.out", "feedforward.fc_out")):
+                if name.endswith(("attention.out", "feedforward.fc_out")) or (
+                        ".feedforward.experts." in name and name.endswith(".fc_out")):
                     module.weight.data.mul_(1.0 / math.sqrt(2 * depth))
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -267,6 +279,9 @@ class Transformer(nn.Module):
     def _run_stack(self, stack: TransformerStack, inputs: Tensor, *, causal: bool, attention_mask, mask,
                    position_ids, token_type_ids, memory=None, memory_keep=None, output_hidden_states=False,
                    output_attentions=False, name="inputs", cache: KVCache | None = None):
+        """Checks the inputs, embeds them and runs ``stack``. Returns the final hidden states, the keep-mask of the
+        tokens (None without padding), the states and attentions asked for, and the mixture layers' ``Routing``s
+        (None when the model has no mixture layers)."""
         self._check_stem_input(inputs, token_type_ids, name)
         self._check_position_ids(position_ids, tuple(inputs.shape[:2]))
         keep = self._token_keep(inputs, attention_mask, "attention_mask" if name == "inputs" else
@@ -297,17 +312,19 @@ class Transformer(nn.Module):
         if memory is not None:
             memory_mask = prepare_attention_mask(None if memory_keep is None else KeyPaddingMask(memory_keep),
                                                  length, memory.shape[1], device=hidden.device)
+        routing = [] if self.config.feedforward.mixture else None
         try:
             hidden, states, attentions = stack(hidden, full, window_mask=window, rotary=rotary, memory=memory,
                                                memory_mask=memory_mask, output_hidden_states=output_hidden_states,
-                                               output_attentions=output_attentions, cache=cache)
+                                               output_attentions=output_attentions, cache=cache, token_keep=keep,
+                                               routing=routing)
         except BaseException:
             if cache is not None:
                 cache.abort()
             raise
         if cache is not None:
             cache.commit()
-        return hidden, keep, states, attentions
+        return hidden, keep, states, attentions, routing
 
     def encode(self, inputs: Tensor, *, attention_mask: Tensor | None = None, mask: Mask | Tensor | None = None,
                position_ids: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
@@ -315,8 +332,8 @@ class Transformer(nn.Module):
         if self.config.arch != "encoder_decoder":
             raise InputError(f"encode: only an encoder_decoder model has a separate encoder (arch is "
                              f"{self.config.arch!r}); call the model instead")
-        hidden, _, _, _ = self._run_stack(self.encoder, inputs, causal=False, attention_mask=attention_mask,
-                                          mask=mask, position_ids=position_ids, token_type_ids=token_type_ids)
+        hidden, _, _, _, _ = self._run_stack(self.encoder, inputs, causal=False, attention_mask=attention_mask,
+                                             mask=mask, position_ids=position_ids, token_type_ids=token_type_ids)
         return hidden
 
     def forward(self, inputs: Tensor, *, attention_mask: Tensor | None = None, mask: Mask | Tensor | None = None,
@@ -340,7 +357,7 @@ class Transformer(nn.Module):
         logits_to_keep: compute logits for the last N tokens only (token-level heads), as generation needs.
         """
         config = self.config
-        encoder_state = None
+        encoder_state, routing = None, []
         if cache is not None:
             if config.arch == "encoder":
                 raise InputError("cache: only decoder and encoder_decoder models decode step by step")
@@ -363,13 +380,14 @@ class Transformer(nn.Module):
             if cache is not None and cache.memory is not None:
                 memory, memory_keep = cache.memory, cache.memory_keep
             else:
-                memory, memory_keep, _, _ = self._run_stack(
+                memory, memory_keep, _, _, encoder_routing = self._run_stack(
                     self.encoder, inputs, causal=False, attention_mask=attention_mask, mask=None,
                     position_ids=None, token_type_ids=token_type_ids)
+                routing += encoder_routing or []
                 if cache is not None:
                     cache.memory, cache.memory_keep = memory, memory_keep
             encoder_state = memory
-            hidden, keep, states, attentions = self._run_stack(
+            hidden, keep, states, attentions, stack_routing = self._run_stack(
                 self.decoder, decoder_input_ids, causal=True, attention_mask=decoder_attention_mask, mask=mask,
                 position_ids=position_ids, token_type_ids=None, memory=memory, memory_keep=memory_keep,
                 output_hidden_states=output_hidden_states, output_attentions=output_attentions,
@@ -379,7 +397,7 @@ class Transformer(nn.Module):
                 raise InputError(f"decoder_input_ids: only an encoder_decoder model takes them (arch is "
                                  f"{config.arch!r})")
             stack = self.decoder if config.arch == "decoder" else self.encoder
-            hidden, keep, states, attentions = self._run_stack(
+            hidden, keep, states, attentions, stack_routing = self._run_stack(
                 stack, inputs, causal=config.arch == "decoder", attention_mask=attention_mask, mask=mask,
                 position_ids=position_ids, token_type_ids=token_type_ids,
                 output_hidden_states=output_hidden_states, output_attentions=output_attentions, cache=cache)
@@ -391,10 +409,19 @@ class Transformer(nn.Module):
             return logits
         pooled = self.head.pool(hidden, keep) if hasattr(self.head, "pool") and (
             self.head.pooling is not None or self.head.pooler is not None) else None
+        aux_loss = expert_counts = None
+        if config.feedforward.mixture:
+            routing += stack_routing
+            # A cached encoder_decoder pass reruns only the decoder, which may have no mixture layers.
+            total = (torch.stack([r.aux_loss for r in routing]).sum() if routing
+                     else hidden.new_zeros((), dtype=torch.float))
+            aux_loss = config.feedforward.aux_loss_weight * total
+            expert_counts = tuple(r.expert_counts for r in routing)
         return ModelOutput(logits=logits, last_hidden_state=hidden,
                            hidden_states=tuple(states) if output_hidden_states else None,
                            attentions=tuple(attentions) if output_attentions else None,
-                           pooled=pooled, encoder_last_hidden_state=encoder_state)
+                           pooled=pooled, aux_loss=aux_loss, expert_counts=expert_counts,
+                           encoder_last_hidden_state=encoder_state)
 
     # ----- generation -----
 

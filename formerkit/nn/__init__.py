@@ -1,4 +1,5 @@
-"""Parts: attention, masks, positions, norms, feed-forward, blocks, stems and heads."""
+"""Parts: attention, masks, positions, norms, feed-forward (dense or a mixture of experts), blocks, stems and
+heads."""
 
 from formerkit.nn.attention import Attention, attention_weights
 from formerkit.nn.block import DropPath, LayerScale, Residual, TransformerBlock
@@ -14,6 +15,7 @@ from formerkit.nn.masks import (
     SlidingWindowMask,
     TensorMask,
 )
+from formerkit.nn.moe import MoEFeedForward, Routing
 from formerkit.nn.norms import RMSNorm
 from formerkit.nn.positions import (
     ALiBiPositions,
@@ -28,7 +30,7 @@ from formerkit.nn.stems import ConvTokenizer, LinearStem, PatchEmbedding, TokenE
 __all__ = [
     "ALiBiPositions", "AllOf", "Attention", "CausalMask", "ClassificationHead", "ConvTokenizer", "DocumentMask",
     "DropPath", "GatedMLP", "KeyPaddingMask", "LMHead", "LayerScale", "LearnedPositions", "LinearStem", "MLP", "Mask",
-    "MaskedLMHead", "NoPositions", "PatchEmbedding", "Pooling", "PrefixLMMask", "RMSNorm", "RegressionHead",
-    "Residual", "RotaryPositions", "SinCos2DPositions", "SinusoidalPositions", "SlidingWindowMask", "TensorMask",
-    "TokenEmbedding", "TransformerBlock", "attention_weights",
+    "MaskedLMHead", "MoEFeedForward", "NoPositions", "PatchEmbedding", "Pooling", "PrefixLMMask", "RMSNorm",
+    "RegressionHead", "Residual", "RotaryPositions", "Routing", "SinCos2DPositions", "SinusoidalPositions",
+    "SlidingWindowMask", "TensorMask", "TokenEmbedding", "TransformerBlock", "attention_weights",
 ]

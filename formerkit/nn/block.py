@@ -9,6 +9,7 @@ from formerkit.nn.attention import Attention
 from formerkit.nn.cache import KVCache
 from formerkit.nn.feedforward import build_feedforward
 from formerkit.nn.masks import PreparedMask
+from formerkit.nn.moe import build_moe
 from formerkit.nn.norms import build_norm
 
 __all__ = ["DropPath", "LayerScale", "Residual", "TransformerBlock"]
@@ -82,9 +83,10 @@ class Residual(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Self-attention, optional cross-attention (decoder of an encoder-decoder), then feed-forward."""
+    """Self-attention, optional cross-attention (decoder of an encoder-decoder), then feed-forward (dense, or a
+    mixture of experts when ``config.feedforward`` makes block ``index`` one)."""
 
-    def __init__(self, config, *, cross_attention: bool = False):
+    def __init__(self, config, *, cross_attention: bool = False, index: int = 0):
         super().__init__()
         attn = config.attention
 
@@ -97,15 +99,18 @@ class TransformerBlock(nn.Module):
         self.attention_residual = Residual(config)
         self.cross_attention = make_attention(True) if cross_attention else None
         self.cross_attention_residual = Residual(config) if cross_attention else None
-        self.feedforward = build_feedforward(config)
+        self.mixture = config.feedforward.is_mixture_block(index)
+        self.feedforward: nn.Module = build_moe(config) if self.mixture else build_feedforward(config)
         self.feedforward_residual = Residual(config)
 
     def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
                 memory: Tensor | None = None, memory_mask: PreparedMask | None = None,
                 need_weights: bool = False, drop_path: nn.Module | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> tuple[Tensor, Tensor | None]:
+                layer: int = 0, token_keep: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``drop_path`` belongs to the layer, not the block: a block shared across depth gets each layer's rate.
-        ``cache`` and ``layer`` (the layer's index in its stack) are for step-by-step decoding."""
+        ``cache`` and ``layer`` (the layer's index in its stack) are for step-by-step decoding. ``token_keep``
+        ([batch, tokens], True for a real token) keeps padding out of a mixture's routing; after the call the
+        mixture's ``last_routing`` reports the pass."""
         residual = self.attention_residual
         out, weights = self.attention(residual.branch_input(x), mask, rotary=rotary, need_weights=need_weights,
                                       cache=cache, layer=layer)
@@ -116,5 +121,9 @@ class TransformerBlock(nn.Module):
                                           layer=layer)
             x = residual.merge(x, out, drop_path)
         residual = self.feedforward_residual
-        x = residual.merge(x, self.feedforward(residual.branch_input(x)), drop_path)
+        if self.mixture:
+            out = self.feedforward(residual.branch_input(x), token_keep)
+        else:
+            out = self.feedforward(residual.branch_input(x))
+        x = residual.merge(x, out, drop_path)
         return x, weights

@@ -2,11 +2,16 @@
 
 An objective turns a batch (a dict of tensors from a DataBundle) into a loss, and a split into metrics. Losses are means
 over the batch's examples (or target tokens), so gradient accumulation and data parallelism average them correctly.
+
+A model with mixture-of-experts layers adds its auxiliary (load-balancing) loss to every objective's training loss, and
+its evaluation metrics gain ``moe_aux_loss``, ``moe_load_max`` and ``moe_load_entropy`` (see ``ExpertUsage``). Dense
+models are called exactly as before (logits only).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -15,7 +20,50 @@ from torch import Tensor, nn
 
 from formerkit.errors import ConfigError
 
-__all__ = ["Objective", "make_objective"]
+__all__ = ["ExpertUsage", "Objective", "make_objective"]
+
+
+class ExpertUsage:
+    """What the mixture-of-experts layers of a model report over evaluation batches, as metrics.
+
+    moe_aux_loss: the mean auxiliary loss the training objective adds (aux_loss_weight x the layers' summed
+        load-balancing losses).
+    moe_load_max: per layer, the busiest expert's share of the token assignments times the number of experts (1 is
+        perfectly even; num_experts / experts_per_token is one expert taking every token), averaged over the layers.
+    moe_load_entropy: per layer, the entropy of the experts' shares of the assignments divided by log(num_experts)
+        (1 is perfectly even, 0 one expert), averaged over the layers.
+    """
+
+    def __init__(self):
+        self.aux_loss, self.batches, self.counts = 0.0, 0, None
+
+    def add(self, output) -> None:
+        """Adds one forward pass's ``ModelOutput`` (nothing for a dense model, whose aux_loss is None)."""
+        if output is None or output.aux_loss is None:
+            return
+        self.aux_loss += float(output.aux_loss)
+        self.batches += 1
+        counts = torch.stack(output.expert_counts).double().cpu()
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def metrics(self) -> dict[str, float]:
+        if not self.batches:
+            return {}
+        share = self.counts / self.counts.sum(dim=1, keepdim=True).clamp(min=1)
+        num_experts = share.shape[1]
+        entropy = -(share * share.clamp(min=1e-12).log()).sum(dim=1) / math.log(num_experts)
+        return {"moe_aux_loss": self.aux_loss / self.batches,
+                "moe_load_max": float((share.max(dim=1).values * num_experts).mean()),
+                "moe_load_entropy": float(entropy.mean())}
+
+
+def _has_experts(model: nn.Module, known: weakref.WeakKeyDictionary) -> bool:
+    """Whether ``model`` (or the formerkit model inside a DDP/FSDP wrapper) has mixture-of-experts layers."""
+    if model not in known:
+        from formerkit.nn.moe import MoEFeedForward
+
+        known[model] = any(isinstance(module, MoEFeedForward) for module in model.modules())
+    return known[model]
 
 
 class Objective:
@@ -29,6 +77,22 @@ class Objective:
     def __init__(self, config, bundle):
         self.config = config
         self.bundle = bundle
+        self._mixtures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def run(self, model: nn.Module, *args, usage: ExpertUsage | None = None, **kwargs) -> tuple[Tensor, Tensor | None]:
+        """The model's output (logits) and, for a model with mixture-of-experts layers, its auxiliary loss (else
+        None). Only such a model is asked for its full ``ModelOutput``; ``usage`` collects what its layers report."""
+        if not _has_experts(model, self._mixtures):
+            return model(*args, **kwargs), None
+        output = model(*args, return_outputs=True, **kwargs)
+        if usage is not None:
+            usage.add(output)
+        return output.logits, output.aux_loss
+
+    @staticmethod
+    def with_aux(loss: Tensor, aux_loss: Tensor | None) -> Tensor:
+        """The training loss: the objective's own loss plus the model's auxiliary loss, if it has one."""
+        return loss if aux_loss is None else loss + aux_loss
 
     def model_fields(self) -> dict:
         return {}
@@ -73,7 +137,8 @@ class CausalLM(Objective):
 
     def loss(self, model, batch, generator):
         tokens = batch["tokens"]
-        return _cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], self.config.label_smoothing)
+        logits, aux_loss = self.run(model, tokens[:, :-1])
+        return self.with_aux(_cross_entropy(logits, tokens[:, 1:], self.config.label_smoothing), aux_loss)
 
     def units(self, batch):
         tokens = batch["tokens"]
@@ -81,15 +146,15 @@ class CausalLM(Objective):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        total, count = 0.0, 0
+        total, count, usage = 0.0, 0, ExpertUsage()
         for batch in batches:
             tokens = batch["tokens"]
-            logits = model(tokens[:, :-1])
+            logits, _ = self.run(model, tokens[:, :-1], usage=usage)
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
                                      reduction="sum").item()
             count += tokens[:, 1:].numel()
         loss = total / max(count, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **usage.metrics()}
 
 
 class MaskedLM(Objective):
@@ -122,7 +187,8 @@ class MaskedLM(Objective):
     def loss(self, model, batch, generator):
         tokens = batch["tokens"][:, :-1]
         inputs, targets = self.corrupt(tokens, generator)
-        return _cross_entropy(model(inputs), targets, self.config.label_smoothing)
+        logits, aux_loss = self.run(model, inputs)
+        return self.with_aux(_cross_entropy(logits, targets, self.config.label_smoothing), aux_loss)
 
     def units(self, batch):
         return batch["tokens"][:, :-1].numel()
@@ -132,15 +198,15 @@ class MaskedLM(Objective):
         from formerkit.data.base import step_generator
 
         generator = step_generator(0, 7)  # the same corruption every evaluation
-        total, correct, count = 0.0, 0, 0
+        total, correct, count, usage = 0.0, 0, 0, ExpertUsage()
         for batch in batches:
             inputs, targets = self.corrupt(batch["tokens"][:, :-1], generator)
-            logits = model(inputs)
+            logits, _ = self.run(model, inputs, usage=usage)
             chosen = targets != -100
             total += F.cross_entropy(logits[chosen].float(), targets[chosen], reduction="sum").item()
             correct += (logits[chosen].argmax(-1) == targets[chosen]).sum().item()
             count += chosen.sum().item()
-        return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1)}
+        return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1), **usage.metrics()}
 
 
 class Classification(Objective):
@@ -154,17 +220,18 @@ class Classification(Objective):
                               hint=f"the model's head is {model_config.head.kind!r}")
 
     def loss(self, model, batch, generator):
-        return _cross_entropy(model(batch["inputs"]), batch["labels"], self.config.label_smoothing)
+        logits, aux_loss = self.run(model, batch["inputs"])
+        return self.with_aux(_cross_entropy(logits, batch["labels"], self.config.label_smoothing), aux_loss)
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        total, correct, count = 0.0, 0, 0
+        total, correct, count, usage = 0.0, 0, 0, ExpertUsage()
         for batch in batches:
-            logits = model(batch["inputs"]).float()
+            logits = self.run(model, batch["inputs"], usage=usage)[0].float()
             total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
             count += len(batch["labels"])
-        return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1)}
+        return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1), **usage.metrics()}
 
 
 class SequenceToSequence(Objective):
@@ -181,15 +248,16 @@ class SequenceToSequence(Objective):
             raise ConfigError("objective.kind", "seq2seq", "an encoder_decoder model with an lm head",
                               hint=f"the model is arch={model_config.arch!r}, head={model_config.head.kind!r}")
 
-    def _logits(self, model, batch):
+    def _logits(self, model, batch, usage: ExpertUsage | None = None) -> tuple[Tensor, Tensor | None]:
         pad = self.bundle.preprocessing.get("pad_id", 0)
-        return model(batch["source"], attention_mask=batch["source"] != pad,
-                     decoder_input_ids=batch["decoder_input"])
+        return self.run(model, batch["source"], attention_mask=batch["source"] != pad,
+                        decoder_input_ids=batch["decoder_input"], usage=usage)
 
     def loss(self, model, batch, generator):
         pad = self.bundle.preprocessing.get("pad_id", 0)
-        return _cross_entropy(self._logits(model, batch), batch["target"], self.config.label_smoothing,
-                              ignore_index=pad)
+        logits, aux_loss = self._logits(model, batch)
+        return self.with_aux(_cross_entropy(logits, batch["target"], self.config.label_smoothing, ignore_index=pad),
+                             aux_loss)
 
     def units(self, batch):
         return int((batch["target"] != self.bundle.preprocessing.get("pad_id", 0)).sum())
@@ -197,9 +265,9 @@ class SequenceToSequence(Objective):
     @torch.no_grad()
     def evaluate(self, model, batches):
         pad = self.bundle.preprocessing.get("pad_id", 0)
-        total, correct, tokens, exact, sequences = 0.0, 0, 0, 0, 0
+        total, correct, tokens, exact, sequences, usage = 0.0, 0, 0, 0, 0, ExpertUsage()
         for batch in batches:
-            logits = self._logits(model, batch).float()
+            logits = self._logits(model, batch, usage)[0].float()
             target = batch["target"]
             real = target != pad
             total += F.cross_entropy(logits[real], target[real], reduction="sum").item()
@@ -209,7 +277,7 @@ class SequenceToSequence(Objective):
             exact += right.all(dim=1).sum().item()
             sequences += len(target)
         return {"loss": total / max(tokens, 1), "token_accuracy": correct / max(tokens, 1),
-                "exact_match": exact / max(sequences, 1)}
+                "exact_match": exact / max(sequences, 1), **usage.metrics()}
 
 
 class Forecast(Objective):
@@ -226,19 +294,20 @@ class Forecast(Objective):
                               hint=f"the model's head is {model_config.head.kind!r}")
 
     def loss(self, model, batch, generator):
-        prediction = model(batch["inputs"]).float()
-        return F.mse_loss(prediction, batch["targets"].reshape(prediction.shape))
+        prediction, aux_loss = self.run(model, batch["inputs"])
+        prediction = prediction.float()
+        return self.with_aux(F.mse_loss(prediction, batch["targets"].reshape(prediction.shape)), aux_loss)
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        squared, absolute, count = 0.0, 0.0, 0
+        squared, absolute, count, usage = 0.0, 0.0, 0, ExpertUsage()
         for batch in batches:
-            prediction = model(batch["inputs"]).float()
+            prediction = self.run(model, batch["inputs"], usage=usage)[0].float()
             target = batch["targets"].reshape(prediction.shape)
             squared += F.mse_loss(prediction, target, reduction="sum").item()
             absolute += F.l1_loss(prediction, target, reduction="sum").item()
             count += target.numel()
-        return {"loss": squared / max(count, 1), "mae": absolute / max(count, 1)}
+        return {"loss": squared / max(count, 1), "mae": absolute / max(count, 1), **usage.metrics()}
 
 
 class MaskedImageModeling(Objective):

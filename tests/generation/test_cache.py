@@ -297,34 +297,47 @@ def test_models_that_cannot_generate_are_refused():
 
 def _eager_static_decoder(monkeypatch):
     """Runs generate(compile=True) with the fixed-shape decode step but without torch.compile, so the step's own
-    logic is checked quickly for every configuration (one test below compiles for real)."""
+    logic is checked quickly for every configuration (one test below compiles for real). Returns the number of
+    steps taken through it, so a test can tell the step really ran (a failing step would fall back silently)."""
     import types
 
     from formerkit import generation
 
-    monkeypatch.setattr(generation._CompiledDecoder, "for_model",
-                        classmethod(lambda cls, model: types.SimpleNamespace(step=generation._static_step,
-                                                                             failed=False)))
+    calls = []
+
+    def for_model(cls, model):
+        def step(*args):
+            calls.append(1)
+            return generation._static_step(model, *args)
+
+        return types.SimpleNamespace(step=step, failed=False)
+
+    monkeypatch.setattr(generation._CompiledDecoder, "for_model", classmethod(for_model))
+    return calls
 
 
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("options", [{}, {"attention.num_kv_heads": 2, "attention.sliding_window": 4},
                                      {"attention.qk_norm": True, "layer_scale": 0.5, "norm.placement": "sandwich"}])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_fixed_shape_decode_step_matches_the_naive_loop(position, options, monkeypatch):
-    _eager_static_decoder(monkeypatch)
+    calls = _eager_static_decoder(monkeypatch)
     model = make_model(position=position, **options)
     ids, mask = left_padded([8, 5, 2], 8, seed=7)
     out = model.generate(ids, 10, attention_mask=mask, temperature=0, compile=True)
+    assert len(calls) == 9  # every step after the prefill went through the fixed-shape step
     assert torch.equal(out, naive_greedy(model, ids, mask, 10))
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_fixed_shape_decode_step_for_encoder_decoders(monkeypatch):
-    _eager_static_decoder(monkeypatch)
+    calls = _eager_static_decoder(monkeypatch)
     model = make_model(arch="encoder_decoder", position="alibi")
     source, source_mask = left_padded([9, 4], 9, seed=11)
     expected = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1)
     got = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1,
                          compile=True)
+    assert len(calls) == 6
     assert torch.equal(got, expected)
 
 
