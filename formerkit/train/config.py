@@ -162,7 +162,8 @@ class ObjectiveConfig(ConfigSection):
 
 @dataclass(frozen=True)
 class OptimConfig(ConfigSection):
-    """AdamW (no weight decay on norms, biases, embeddings and position tables)."""
+    """AdamW (no weight decay on norms, biases, embeddings and position tables), optionally with layer-wise
+    learning-rate decay."""
 
     _prefix = "optim"
 
@@ -175,6 +176,12 @@ class OptimConfig(ConfigSection):
     # Keep an exponential moving average of the weights with this decay; evaluated and saved instead of the raw
     # weights (None = off).
     ema_decay: float | None = None
+    # Layer-wise learning-rate decay (BEiT, Bao et al. 2021; MAE fine-tuning), for fine-tuning a pretrained encoder
+    # whose early layers should move least: with L blocks, block i (1 = first) trains at lr * layer_decay**(L + 1 - i),
+    # the embedding (stem, positions, class token) at lr * layer_decay**(L + 1), the final norm and head at lr; the
+    # schedule scales every group alike. Shared blocks (model.num_unique_layers) count once (L = distinct blocks); an
+    # encoder-decoder's decoder blocks come after its encoder's. None = off (one lr for all).
+    layer_decay: float | None = None
 
     def _validate(self) -> None:
         if self.lr <= 0:
@@ -187,6 +194,10 @@ class OptimConfig(ConfigSection):
             self._fail("grad_clip", "a number > 0 or null")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             self._fail("ema_decay", "a number in (0, 1) or null")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            self._fail("layer_decay", "a number in (0, 1] or null",
+                       hint="e.g. 0.75 (MAE's ViT-B fine-tuning); 1 scales nothing, values above 1 would train the "
+                            "early layers fastest")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from formerkit.train.config import TrainConfig, load_recipe
 from formerkit.train.objectives import Objective, make_objective
 from formerkit.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["RunError", "TrainResult", "build_optimizer", "lr_factor", "resolve_precision", "train"]
+__all__ = ["RunError", "TrainResult", "build_optimizer", "layer_ids", "lr_factor", "resolve_precision", "train"]
 
 
 class RunError(FormerkitError):
@@ -50,26 +50,73 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def layer_ids(model: nn.Module) -> tuple[dict[int, int], int]:
+    """Each parameter's layer for layer-wise learning-rate decay, by ``id``, and the top layer.
+
+    In every formerkit Transformer inside ``model`` the embedding (stem, positions, class token, registers,
+    embedding norm) is layer 0 and the blocks follow, 1 to L: the encoder's, then (an encoder-decoder) the
+    decoder's, whose output is closer to the head. Shared blocks (``num_unique_layers``) count once, in their place
+    in the stack: L counts distinct blocks, as the weights the decay protects are per block, not per application.
+    The final norms, the head and every parameter outside a Transformer (an MAE decoder) are the top layer, L + 1.
+    A parameter reached at several layers (a head tied to the token embedding) takes the highest one.
+    """
+    from formerkit.models.transformer import Transformer, TransformerStack
+
+    cores = [module for module in model.modules() if isinstance(module, Transformer)]
+    stacks = [[child for child in core.children() if isinstance(child, TransformerStack)] for core in cores]
+    top = 1 + max((sum(len(stack.blocks) for stack in core_stacks) for core_stacks in stacks), default=0)
+    layers: dict[int, int] = {}
+
+    def assign(module: nn.Module, layer: int) -> None:
+        for parameter in module.parameters():
+            layers[id(parameter)] = max(layers.get(id(parameter), -1), layer)
+
+    for core, core_stacks in zip(cores, stacks):
+        for name in ("stem", "positions", "embedding_norm"):
+            if getattr(core, name, None) is not None:
+                assign(getattr(core, name), 0)
+        offset = 0
+        for stack in core_stacks:
+            for index, block in enumerate(stack.blocks):
+                assign(block, offset + index + 1)
+            offset += len(stack.blocks)
+        if getattr(core, "head", None) is not None:
+            assign(core.head, top)  # (a head tied to the token embedding lifts it to the top)
+    for parameter in model.parameters():
+        layers.setdefault(id(parameter), top)
+    return layers, top
+
+
 def build_optimizer(model: nn.Module, config) -> torch.optim.AdamW:
     """AdamW with weight decay only on weight matrices: norms, biases, embeddings, position tables and learned tokens
-    are not decayed (decaying them pulls them toward zero with no regularizing benefit)."""
+    are not decayed (decaying them pulls them toward zero with no regularizing benefit).
+
+    With ``config.layer_decay`` each (decay, layer) pair is its own parameter group whose ``lr`` is ``config.lr *
+    lr_scale``, ``lr_scale = layer_decay ** (top - layer)`` (see ``layer_ids``); the schedule (a LambdaLR) multiplies
+    each group's own initial lr, so the scale holds at every step and is saved and restored with the optimizer.
+    """
     no_decay_types = (nn.Embedding, nn.LayerNorm)
     no_decay: set[int] = set()
     for module in model.modules():
         if isinstance(module, no_decay_types) or type(module).__name__ in ("RMSNorm", "LearnedPositions"):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, keep = [], []
+    layers, top = layer_ids(model) if config.layer_decay is not None else ({}, 0)
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {(top, True): [], (top, False): []}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.dim() < 2 or id(parameter) in no_decay or name.endswith(("class_token", "registers",
-                                                                              "mask_token")):
-            keep.append(parameter)
-        else:
-            decay.append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in decay + keep) else {}
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, **fused)
+        decayed = not (parameter.dim() < 2 or id(parameter) in no_decay
+                       or name.endswith(("class_token", "registers", "mask_token")))
+        groups.setdefault((layers.get(id(parameter), top), decayed), []).append(parameter)
+    decay = config.layer_decay if config.layer_decay is not None else 1.0
+    # Without layer decay: exactly two groups (decayed first), as checkpoints written before layer_decay have.
+    order = sorted(groups, key=lambda key: (key[0], not key[1]))
+    param_groups = [{"params": groups[layer, decayed], "weight_decay": config.weight_decay if decayed else 0.0,
+                     "lr": config.lr * decay ** (top - layer), "lr_scale": decay ** (top - layer)}
+                    for layer, decayed in order if groups[layer, decayed] or config.layer_decay is None]
+    every = [p for group in param_groups for p in group["params"]]
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in every) else {}
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas, eps=config.eps, **fused)
 
 
 def _has_native_bf16() -> bool:
@@ -324,7 +371,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
             if step % run.log_every == 0 or step == schedule.steps:
                 now = time.perf_counter()
                 rate = units * dist.world_size / max(now - window_start, 1e-9)
-                log.write({"step": step, "kind": "train", "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                log.write({"step": step, "kind": "train", "loss": mean_loss, "lr": max(scheduler.get_last_lr()),
                            f"{bundle.unit}_per_s": rate,
                            "elapsed": elapsed_before + now - started})
                 units, window_start = 0, now
