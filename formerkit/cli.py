@@ -51,14 +51,14 @@ def _resolve_config(target: str):
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    import yaml
+    from formerkit.config import load_yaml
 
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise FormerkitError(f"--set: expected KEY=VALUE (for example attention.num_heads=4), got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = load_yaml(value)
     return overrides
 
 
@@ -134,12 +134,22 @@ def _launch_torchrun(args: argparse.Namespace, out: Path) -> int:
             signal.signal(sig, handler)
 
 
+def _merge_counts(text: str) -> int | list[int]:
+    """--merge-tokens: R, or one R per layer separated by commas."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or integers separated by commas, got {text!r}") from None
+    return counts[0] if len(counts) == 1 else counts
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from formerkit.train.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.target, splits=args.split)
+    metrics = evaluate_run(args.target, splits=args.split, merge_tokens=args.merge_tokens,
+                           exit_threshold=args.exit_threshold)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
@@ -168,6 +178,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result = convert(source, args.out, direction=direction, trust_pickle=args.trust_pickle)
     print(f"{result['source']} -> {result['out']}: {result['architecture']} ({result['family']}), "
           f"{result['parameters']:,} parameters")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1024,4096, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from formerkit.bench.attention import attention_benchmark, format_table, plot
+
+    records = attention_benchmark(args.seq_lens, kinds=args.kinds, window=args.window, heads=args.heads,
+                                  head_dim=args.head_dim, repeats=args.repeats,
+                                  dtype=getattr(torch, args.dtype), memory=not args.no_memory,
+                                  progress=lambda text: print(f"measuring {text}...", file=sys.stderr, flush=True))
+    print(f"One attention layer ({args.heads} heads x {args.head_dim}, batch 1, {args.dtype}, causal, window "
+          f"{args.window}), {torch.get_num_threads()} threads; median of {args.repeats} runs.\n")
+    print(format_table(records))
+    plot(records, args.plot)
+    print(f"\nplot: {args.plot}")
+    if args.json:
+        import json
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text("".join(json.dumps(record) + "\n" for record in records))
+        print(f"records: {args.json}")
     return 0
 
 
@@ -208,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", action="append", choices=["valid", "test"], default=None,
                           help="which split(s) (default: every held-out split the data has)")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    adaptive = evaluate.add_mutually_exclusive_group()
+    adaptive.add_argument("--merge-tokens", type=_merge_counts, default=None, metavar="R",
+                          help="classifiers: merge R tokens in every layer (ToMe token merging), or R1,R2,... "
+                               "one count per layer")
+    adaptive.add_argument("--exit-threshold", type=float, default=None, metavar="T",
+                          help="classifiers: each sample leaves at the first layer whose softmax confidence reaches "
+                               "T (early exit); also reports the mean number of layers used")
     evaluate.set_defaults(run=cmd_eval)
 
     generate = commands.add_parser("generate", aliases=["sample"],
@@ -234,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--trust-pickle", action="store_true",
                          help="allow reading a pickled pytorch_model.bin (refused by default)")
     convert.set_defaults(run=cmd_convert)
+
+    bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    attention = benches.add_parser("attention", help="time and memory of full, sliding-window and linear attention "
+                                                     "as the sequence grows")
+    attention.add_argument("--seq-lens", type=_int_list, default=[1024, 4096, 16384], metavar="N,N,...",
+                           help="sequence lengths (default 1024,4096,16384)")
+    attention.add_argument("--kinds", type=lambda text: text.split(","), default=["full", "window", "linear"],
+                           metavar="KIND,...", help="full, window, linear (default: all three)")
+    attention.add_argument("--window", type=int, default=256, help="the sliding window (default 256)")
+    attention.add_argument("--heads", type=int, default=6)
+    attention.add_argument("--head-dim", type=int, default=64)
+    attention.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    attention.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    attention.add_argument("--plot", default="bench/attention.png", help="where to write the plot (PNG)")
+    attention.add_argument("--json", metavar="PATH", help="also write one JSON record per measurement (JSON lines)")
+    attention.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    attention.set_defaults(run=cmd_bench_attention)
     return parser
 
 

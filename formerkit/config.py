@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,21 @@ __all__ = [
 
 def _choice(default: Any, choices: tuple[Any, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as configs read it: PyYAML's safe loader, except that numbers such as ``1e-3`` (an exponent without a
+    decimal point) are numbers, as in YAML 1.2 and JSON, not the strings YAML 1.1 makes of them."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+_EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
 
 
 def _is_section(annotation: Any) -> bool:
@@ -191,7 +207,7 @@ _ALIASES = {"rotary": "rope", "absolute": "learned", "sincos": "sinusoidal", "la
             "rms_norm": "rmsnorm", "rms": "rmsnorm", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
             "swish": "silu", "relu2": "squared_relu", "prenorm": "pre", "postnorm": "post"}
 
-ATTENTION_KINDS = ("softmax",)
+ATTENTION_KINDS = ("softmax", "linear", "l2")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
@@ -223,7 +239,20 @@ class AttentionConfig(_Section):
     sliding_window: int | None = None
     # Which layers use the window (by index); None means every layer.
     sliding_window_layers: tuple[int, ...] | None = None
+    # With a window: the first `global_tokens` tokens see every token and every token sees them (Longformer).
+    global_tokens: int = 0
+    # softmax: scaled dot products; linear: softmax replaced by the kernel elu(x) + 1 (Katharopoulos et al., "Transformers
+    # are RNNs"), linear in length; l2: scores are minus squared distances -|q - k|^2 / sqrt(head_dim) (the L2
+    # attention of Ma et al., "Plain Transformers Can be Powerful Graph Learners").
     kind: str = _choice("softmax", ATTENTION_KINDS)
+    # Which layers use `kind` (by index); the others use softmax. None means every layer.
+    kind_layers: tuple[int, ...] | None = None
+    # A learned Gaussian-mixture mask with this many kernels per head, scaling the scores of image patches by their 2-D
+    # distance (Li and Zhang, "Toward a Deeper Understanding: RetNet Viewed through Convolution"). 0: none.
+    gaussian_mixture: int = 0
+    # Decoders: fade the causal mask in linearly over the first `soft_causal_steps` training steps, from no mask to
+    # fully causal (the soft mask of iLLaMA, Wang et al.). null: causal from the start.
+    soft_causal_steps: int | None = None
 
     def _validate(self) -> None:
         if self.num_heads < 1:
@@ -239,6 +268,29 @@ class AttentionConfig(_Section):
         if self.sliding_window_layers is not None and self.sliding_window is None:
             self._fail("sliding_window_layers", "null when attention.sliding_window is null",
                        hint="a window on a model without one: set attention.sliding_window first")
+        if self.global_tokens < 0:
+            self._fail("global_tokens", "an integer >= 0")
+        if self.global_tokens and self.sliding_window is None:
+            self._fail("global_tokens", "0 when attention.sliding_window is null",
+                       hint="without a window every token already sees every other")
+        if self.kind_layers is not None and self.kind == "softmax":
+            self._fail("kind_layers", "null when attention.kind is 'softmax'",
+                       hint="set attention.kind to 'linear' or 'l2' for the layers listed")
+        if self.kind == "linear":
+            if self.dropout:
+                self._fail("dropout", "0.0 with attention.kind 'linear'",
+                           hint="linear attention never forms the attention probabilities that dropout would drop")
+            # Layer lists of None mean every layer, so any two lists of which one is None overlap.
+            overlap = (self.kind_layers is None or self.sliding_window_layers is None
+                       or set(self.kind_layers) & set(self.sliding_window_layers))
+            if self.sliding_window is not None and overlap:
+                self._fail("sliding_window_layers", "layers that do not use linear attention",
+                           hint="linear attention is already linear in length; list the window layers in "
+                                "attention.sliding_window_layers and the linear ones in attention.kind_layers")
+        if self.gaussian_mixture < 0:
+            self._fail("gaussian_mixture", "an integer >= 0 (the number of Gaussian kernels per head)")
+        if self.soft_causal_steps is not None and self.soft_causal_steps < 1:
+            self._fail("soft_causal_steps", "an integer >= 1 or null")
 
     @property
     def kv_heads(self) -> int:
@@ -559,6 +611,26 @@ class ModelConfig(_Section):
                 if not 0 <= index < max(self.num_layers, self.decoder_layers):
                     raise ConfigError("attention.sliding_window_layers", attention.sliding_window_layers,
                                       f"layer indices in [0, {max(self.num_layers, self.decoder_layers)})")
+        if attention.kind_layers is not None:
+            for index in attention.kind_layers:
+                if not 0 <= index < max(self.num_layers, self.decoder_layers):
+                    raise ConfigError("attention.kind_layers", attention.kind_layers,
+                                      f"layer indices in [0, {max(self.num_layers, self.decoder_layers)})")
+        if attention.kind == "linear" and self.position.kind == "alibi":
+            raise ConfigError("position.kind", "alibi", "a position scheme without score biases with linear attention",
+                              hint="linear attention never forms the scores ALiBi adds to; use rope or learned")
+        if attention.gaussian_mixture and stem.kind not in ("patches", "conv"):
+            raise ConfigError("attention.gaussian_mixture", attention.gaussian_mixture,
+                              "0 unless the stem makes a 2-D grid of image tokens (patches or conv)",
+                              hint=f"stem.kind is {stem.kind!r}")
+        if attention.gaussian_mixture and attention.kind == "linear" and attention.kind_layers is None:
+            raise ConfigError("attention.gaussian_mixture", attention.gaussian_mixture,
+                              "0 when every layer uses linear attention (it scales scores linear attention never forms)")
+        if attention.soft_causal_steps is not None and (self.arch != "decoder" or self.head.kind == "lm"):
+            raise ConfigError("attention.soft_causal_steps", attention.soft_causal_steps,
+                              "null unless the model is a decoder with a head other than 'lm'",
+                              hint="it fades in a decoder's causal mask (iLLaMA's image classifiers); a language "
+                                   "model that saw later tokens would learn to copy its targets")
         if self.feedforward.moe_layers is not None:
             # A shared block is a mixture at every depth it is applied, so with sharing the indices name shared blocks.
             blocks = self.num_unique_layers or max(self.num_layers, self.decoder_layers)
@@ -570,9 +642,6 @@ class ModelConfig(_Section):
         if stem.kind in ("tokens", "linear"):
             if self.max_seq_len is None or self.max_seq_len < 1:
                 self._fail("max_seq_len", f"an integer >= 1 for a {stem.kind} stem")
-            if attention.sliding_window is not None and attention.sliding_window > self.max_seq_len:
-                raise ConfigError("attention.sliding_window", attention.sliding_window,
-                                  f"a window no longer than max_seq_len ({self.max_seq_len})")
         if self.position.kind == "sincos2d" and self.width % 4:
             raise ConfigError("width", self.width, "a multiple of 4 for sincos2d positions (sin and cos per axis)")
         if stem.register_tokens and self.position.kind in ("rope", "alibi"):
@@ -685,9 +754,7 @@ class ModelConfig(_Section):
             if path.suffix == ".json":
                 data = json.loads(text)
             elif path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
+                data = load_yaml(text)
             else:
                 raise ConfigError("path", str(path), "a file ending in .json, .yaml or .yml")
         except (json.JSONDecodeError, ValueError) as error:

@@ -92,11 +92,15 @@ def _static_step(model, tokens: Tensor, positions: Tensor, slots: StaticSlots, k
     window = None
     if config.attention.sliding_window is not None:
         # The slots within the window before this token's slot (SlidingWindowMask counts slots, padding included).
-        near = torch.arange(max_length, device=keep.device) > slots.slot - config.attention.sliding_window
+        slot_index = torch.arange(max_length, device=keep.device)
+        near = (slot_index > slots.slot - config.attention.sliding_window) | (
+            slot_index < config.attention.global_tokens)
         window = _static_mask(allowed & near.view(1, 1, 1, max_length), bias)
+    # Linear attention layers read the cache in their quadratic form, under the same mask without score biases.
+    linear = _static_mask(allowed, None) if model.decoder.needs_linear_mask else None
     rotary = model.positions.rotary(positions, 1)
-    hidden, _, _ = model.decoder(hidden, _static_mask(allowed, bias), window_mask=window, rotary=rotary,
-                                 memory_mask=memory_mask, cache=slots)
+    hidden, _, _ = model.decoder(hidden, _static_mask(allowed, bias), window_mask=window, linear_mask=linear,
+                                 rotary=rotary, memory_mask=memory_mask, cache=slots)
     return model.head(hidden)[:, -1]
 
 
@@ -156,6 +160,24 @@ def _decode_step(model, tokens: Tensor, cache: KVCache, compiled: _CompiledDecod
     if model.config.arch == "encoder_decoder":
         return model(source, decoder_input_ids=tokens.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
     return model(tokens.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
+
+
+def _prefill(model, cache: KVCache, prompt: Tensor, prompt_keep: Tensor | None, source: Tensor | None,
+             source_keep: Tensor | None) -> Tensor:
+    """Runs the prompt through the model into the cache; returns the last token's logits [batch, vocab]. With rolling
+    window buffers the prompt goes in pieces of one window, so each piece attends over at most two windows of keys
+    and a long prompt costs time and memory linear in its length."""
+    piece = cache.window if cache.window is not None else prompt.shape[1]
+    logits = None
+    for begin in range(0, prompt.shape[1], piece):
+        tokens = prompt[:, begin:begin + piece]
+        keep = None if prompt_keep is None else prompt_keep[:, begin:begin + piece]
+        if model.config.arch == "encoder_decoder":
+            logits = model(source, attention_mask=source_keep, decoder_input_ids=tokens,
+                           decoder_attention_mask=keep, cache=cache, logits_to_keep=1)
+        else:
+            logits = model(tokens, attention_mask=keep, cache=cache, logits_to_keep=1)
+    return logits[:, -1]
 
 
 def _as_ids(input_ids, name: str) -> tuple[Tensor, bool]:
@@ -266,7 +288,8 @@ def stream(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
     if compile and config.position.kind in ("learned", "sinusoidal", "rope"):
         # One cache length for every call, so the compiled step (whose shapes are fixed) is compiled once.
         length = max(length, config.num_positions)
-    cache = KVCache.for_model(model, prompt.shape[0], length)
+    # A compiled step reads whole buffers of fixed shape, so it keeps full-length buffers for window layers too.
+    cache = KVCache.for_model(model, prompt.shape[0], length, rolling=not compile)
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
     stops = None if stops is None else stops.to(device)
     was_training = model.training
@@ -275,12 +298,7 @@ def stream(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
     # must not run in it.
     try:
         with torch.inference_mode():
-            if config.arch == "encoder_decoder":
-                logits = model(source, attention_mask=source_keep, decoder_input_ids=prompt, cache=cache,
-                               logits_to_keep=1)
-            else:
-                logits = model(prompt, attention_mask=prompt_keep, cache=cache, logits_to_keep=1)
-            logits = logits[:, -1]
+            logits = _prefill(model, cache, prompt, prompt_keep, source, source_keep)
             compiled = _CompiledDecoder.for_model(model) if compile and max_new_tokens > 1 else None
             slots = StaticSlots(cache) if compiled is not None else None
             memory_mask = None

@@ -43,3 +43,11 @@ def test_summary_with_overrides_and_errors(capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "formerkit.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and formerkit.__version__ in result.stdout
+
+
+def test_set_reads_scientific_notation_as_a_number():
+    from formerkit.cli import _parse_overrides
+
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; --set optim.lr=1e-3 means the number.
+    parsed = _parse_overrides(["optim.lr=1e-3", "optim.eps=-2.5E-9", "model.width=64", "name=run1e3"])
+    assert parsed == {"optim.lr": 1e-3, "optim.eps": -2.5e-9, "model.width": 64, "name": "run1e3"}

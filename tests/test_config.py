@@ -122,3 +122,14 @@ def test_names_from_other_libraries_point_to_ours():
         small(position={"kind": "rotary"})
     with pytest.raises(ConfigError, match="did you mean 'gelu_tanh'"):
         small(feedforward={"activation": "gelu_new"})
+
+
+def test_yaml_numbers_with_an_exponent_but_no_point_are_numbers(tmp_path):
+    from formerkit.config import load_yaml
+
+    assert load_yaml("lr: 1e-3\nsteps: 2E4\nname: 1e3x\nrate: 2.5e-4") == {"lr": 1e-3, "steps": 2e4,
+                                                                              "name": "1e3x", "rate": 2.5e-4}
+    path = tmp_path / "model.yaml"
+    path.write_text("width: 32\nattention: {num_heads: 4, dropout: 1e-1}\nmax_seq_len: 8\n"
+                    "stem: {kind: tokens, vocab_size: 11}\n")
+    assert ModelConfig.from_file(path).attention.dropout == 0.1

@@ -17,6 +17,10 @@ __all__ = ["build_text_bundle", "stdlib_files"]
 # representative code, and some are huge generated files).
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
 
+# data.pack: documents are packed with this fixed seed whatever the run's seed, so the rows are a property of the data;
+# the run's seed chooses the order rows are drawn in.
+PACKING_SEED = 0
+
 
 def stdlib_files() -> list[Path]:
     """The standard library's .py files, sorted by path, test packages excluded."""
@@ -49,13 +53,24 @@ def _encode(tokenizer: Tokenizer, documents: list[bytes]) -> torch.Tensor:
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
+def _encode_each(tokenizer: Tokenizer, documents: list[bytes]) -> list[torch.Tensor]:
+    """Each document's token ids on its own (no separator: packing keeps documents apart by their ids)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return [torch.frombuffer(bytearray(doc), dtype=torch.uint8) for doc in documents]
+    return [torch.tensor(tokenizer.encode(doc.decode("utf-8", errors="replace")), dtype=torch.long)
+            for doc in documents]
+
+
 def build_text_bundle(documents: list[bytes], config, *, source: str) -> DataBundle:
-    """Splits documents, fits the tokenizer on the training split, and cuts token streams into windows."""
+    """Splits documents, fits the tokenizer on the training split, and cuts token streams into windows (or, with
+    ``data.pack``, packs the documents into rows: see ``formerkit.data.packing``)."""
     documents = [doc for doc in documents if doc.strip()]
     if not documents:
         raise DataError(f"{source}: the corpus is empty (no non-blank text found)")
     train_docs, valid_docs = split_documents(documents, config.valid_fraction)
     tokenizer = make_tokenizer(config, train_docs)
+    if config.pack:
+        return _packed_bundle(tokenizer, train_docs, valid_docs, config, source)
     train = _encode(tokenizer, train_docs)
     if len(train) < config.seq_len + 1:
         raise DataError(f"{source}: the training text has {len(train)} tokens, fewer than one window of "
@@ -71,6 +86,35 @@ def build_text_bundle(documents: list[bytes], config, *, source: str) -> DataBun
         description=f"{source}: {len(train_docs)} training documents ({len(train):,} tokens), "
                     f"{len(valid_docs)} validation documents"
                     f" ({len(valid_tokens) if valid_tokens is not None else 0:,} tokens)",
+    )
+
+
+def _packed_bundle(tokenizer: Tokenizer, train_docs: list[bytes], valid_docs: list[bytes], config,
+                   source: str) -> DataBundle:
+    """data.pack: each split's documents packed into rows of seq_len + 1 tokens (the model reads the first seq_len,
+    the last is only predicted, as in a TokenSplit window)."""
+    from formerkit.data.packing import PackedSplit, pack_documents
+
+    row_len = config.seq_len + 1
+    train_tokens = _encode_each(tokenizer, train_docs)
+    if max(len(tokens) for tokens in train_tokens) < 2:
+        raise DataError(f"{source}: every training document is a single token; packed rows need documents of at "
+                        "least 2 tokens (one to read, one to predict)")
+    train = pack_documents(train_tokens, row_len, seed=PACKING_SEED)
+    valid = pack_documents(_encode_each(tokenizer, valid_docs), row_len, seed=PACKING_SEED) if valid_docs else None
+
+    def describe(name: str, count: int, rows) -> str:
+        cut = f"; {rows.split_documents} documents longer than a row cut into pieces" if rows.split_documents else ""
+        return (f"{count} {name} documents ({rows.real_tokens:,} tokens) packed into {len(rows.tokens):,} rows of "
+                f"{row_len} ({rows.fill:.1%} filled{cut})")
+
+    return DataBundle(
+        train=PackedSplit(train), valid=PackedSplit(valid) if valid is not None else None, test=None,
+        model_fields={"vocab_size": tokenizer.vocab_size, "max_seq_len": config.seq_len},
+        preprocessing={"tokenizer": tokenizer.describe(), "seq_len": config.seq_len, "packed": True},
+        tokenizer=tokenizer, unit="tokens",
+        description=f"{source}: {describe('training', len(train_docs), train)}"
+                    + (f", {describe('validation', len(valid_docs), valid)}" if valid is not None else ""),
     )
 
 

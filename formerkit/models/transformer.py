@@ -7,6 +7,7 @@ and a causal decoder over the target that reads the encoder's output through cro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,19 +19,25 @@ from formerkit.nn.block import DropPath, TransformerBlock
 from formerkit.nn.cache import KVCache
 from formerkit.nn.heads import build_head
 from formerkit.nn.masks import (
+    AllOf,
     CausalMask,
     KeyPaddingMask,
     Mask,
     PreparedMask,
     SlidingWindowMask,
+    SoftCausalMask,
     _as_keep,
     as_mask,
     prepare_attention_mask,
+    prepare_blocked_mask,
+    prepare_mask_at,
+    window_block_size,
 )
 from formerkit.nn.moe import Routing
 from formerkit.nn.norms import build_norm
 from formerkit.nn.positions import build_positions
 from formerkit.nn.stems import build_stem
+from formerkit.nn.tome import TokenMerging
 
 __all__ = ["ModelOutput", "Transformer", "TransformerStack", "build_model"]
 
@@ -55,6 +62,8 @@ class ModelOutput:
     expert_counts: tuple[Tensor, ...] | None = None
     # encoder_decoder: the encoder's final hidden states.
     encoder_last_hidden_state: Tensor | None = None
+    # With merge_tokens: how many input tokens each final token holds [batch, tokens] (prefix tokens included).
+    token_sizes: Tensor | None = None
 
 
 class TransformerStack(nn.Module):
@@ -70,31 +79,45 @@ class TransformerStack(nn.Module):
         # Stochastic depth rises linearly with depth (Huang et al.); a per-layer module, so shared blocks follow it too.
         self.drop_paths = nn.ModuleList(DropPath(rate) for rate in rates)
         self.num_layers = num_layers
-        window_layers = config.attention.sliding_window_layers
-        self.windowed = tuple(config.attention.sliding_window is not None
+        attention = config.attention
+        window_layers = attention.sliding_window_layers
+        self.windowed = tuple(attention.sliding_window is not None
                               and (window_layers is None or i in window_layers) for i in range(num_layers))
+        # The attention each depth computes (softmax, l2, linear).
+        self.kinds = tuple(attention.kind if attention.kind_layers is None or i in attention.kind_layers
+                           else "softmax" for i in range(num_layers))
         norm = config.norm
         self.final_norm = build_norm(norm.kind, config.width, norm.eps, norm.bias) if norm.has_final else None
 
-    def forward(self, hidden: Tensor, mask: PreparedMask, *, window_mask: PreparedMask | None = None,
-                rotary: tuple[Tensor, Tensor] | None = None, memory: Tensor | None = None,
+    @property
+    def needs_full_mask(self) -> bool:
+        """Whether some layer attends with the plain (not windowed, not linear) mask."""
+        return any(not windowed and kind != "linear" for windowed, kind in zip(self.windowed, self.kinds))
+
+    @property
+    def needs_linear_mask(self) -> bool:
+        return "linear" in self.kinds
+
+    def forward(self, hidden: Tensor, mask: PreparedMask | None, *, window_mask: PreparedMask | None = None,
+                linear_mask: PreparedMask | None = None, rotary: tuple[Tensor, Tensor] | None = None, memory: Tensor | None = None,
                 memory_mask: PreparedMask | None = None, output_hidden_states: bool = False,
                 output_attentions: bool = False, cache: KVCache | None = None, token_keep: Tensor | None = None,
-                routing: list[Routing] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                routing: list[Routing] | None = None,
+                merging: TokenMerging | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Returns the final hidden states, the per-layer states and attentions asked for. ``token_keep``
         ([batch, tokens], True for a real token) keeps padding out of mixture-of-experts routing; when ``routing`` is
         a list, every mixture layer applied appends its ``Routing`` to it (a shared block once per depth it runs at).
+        ``merging`` merges tokens in every layer (``formerkit.nn.tome``).
         """
         states, attentions = [], []
         for index in range(self.num_layers):
             if output_hidden_states:
                 states.append(hidden)
             block = self.blocks[index % len(self.blocks)]
-            layer_mask = window_mask if self.windowed[index] else mask
-            hidden, weights = block(hidden, layer_mask, rotary=rotary, memory=memory, memory_mask=memory_mask,
-                                    need_weights=output_attentions,
-                                    drop_path=self.drop_paths[index] if self.training else None, cache=cache,
-                                    layer=index, token_keep=token_keep)
+            hidden, weights = self.layer(index, hidden, mask, window_mask=window_mask, linear_mask=linear_mask,
+                                         rotary=rotary, memory=memory, memory_mask=memory_mask,
+                                         need_weights=output_attentions, cache=cache, token_keep=token_keep,
+                                         merging=merging)
             if routing is not None and block.mixture:
                 routing.append(block.feedforward.last_routing)
             if output_attentions:
@@ -104,6 +127,17 @@ class TransformerStack(nn.Module):
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         return hidden, states, attentions
+
+    def layer(self, index: int, hidden: Tensor, mask: PreparedMask | None, *,
+              window_mask: PreparedMask | None = None, linear_mask: PreparedMask | None = None,
+              **options) -> tuple[Tensor, Tensor | None]:
+        """Runs layer ``index`` alone (its block, mask, attention kind and stochastic depth), as ``forward`` does for
+        each layer and early exit (``formerkit.nn.early_exit``) does layer by layer. ``options`` go to the block."""
+        kind = self.kinds[index]
+        layer_mask = linear_mask if kind == "linear" else window_mask if self.windowed[index] else mask
+        return self.blocks[index % len(self.blocks)](
+            hidden, layer_mask, drop_path=self.drop_paths[index] if self.training else None, layer=index, kind=kind,
+            **options)
 
 
 class Transformer(nn.Module):
@@ -228,15 +262,20 @@ class Transformer(nn.Module):
             hidden = self.embedding_norm(hidden)
         return self.embedding_dropout(hidden), position_ids
 
-    def _self_attention_masks(self, causal: bool, keep: Tensor | None, mask: Mask | None, length: int,
-                              position_ids: Tensor | None, device,
-                              cache: KVCache | None = None) -> tuple[PreparedMask, PreparedMask | None]:
-        """The masks every layer shares. With a cache, the ``length`` queries follow the ``cache.start`` cached
-        tokens and see keys ``[0, cache.end)``; ``keep`` then covers all of those keys."""
+    def _self_attention_masks(self, stack: TransformerStack, causal: bool, keep: Tensor | None, mask: Mask | None,
+                              batch: int, length: int, position_ids: Tensor | None, device,
+                              cache: KVCache | None = None,
+                              need_weights: bool = False) -> dict[str, PreparedMask | None]:
+        """The masks the layers of ``stack`` share: ``mask`` (plain layers), ``window_mask`` (sliding-window
+        layers; blockwise for long inputs) and ``linear_mask`` (linear attention), each built only if some layer
+        uses it. With a cache, the ``length`` queries follow the ``cache.start`` cached tokens and see keys
+        ``[0, cache.end)``; ``keep`` then covers all of those keys."""
         offset, num_keys = (cache.start, cache.end) if cache is not None else (0, length)
+        attention = self.config.attention
         parts: list[Mask] = []
         if causal and not (mask is not None and mask.defines_order):
-            parts.append(CausalMask())
+            strength = self.soft_causal_strength if attention.soft_causal_steps is not None else 1.0
+            parts.append(CausalMask() if strength >= 1.0 else SoftCausalMask(strength))
         if keep is not None:
             parts.append(KeyPaddingMask(keep))
         if mask is not None:
@@ -244,19 +283,64 @@ class Transformer(nn.Module):
         combined = None
         for part in parts:
             combined = part if combined is None else combined & part
-        bias = None
+        bias = bias_at = None
         if self.positions.uses_bias:
             positions = (position_ids if position_ids is not None
                          else torch.arange(length, device=device).unsqueeze(0))
             keys = cache.key_positions() if cache is not None else positions
             bias = self.positions.attention_bias(positions, keys)
-        full = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias, device=device)
-        window_mask = None
-        if self.config.attention.sliding_window is not None:
-            window = SlidingWindowMask(self.config.attention.sliding_window)
-            window_mask = prepare_attention_mask(window if combined is None else combined & window, length, num_keys,
-                                                 query_offset=offset, bias=bias, device=device)
-        return full, window_mask
+
+            def bias_at(query_index: Tensor, key_index: Tensor) -> Tensor:
+                # Position ids read at the given positions (clamped; positions outside the sequence are masked).
+                last = keys.shape[1] - 1
+                return self.positions.attention_bias(keys[:, query_index.clamp(0, last)],
+                                                     keys[:, key_index.clamp(0, last)])
+
+        masks: dict[str, PreparedMask | None] = {"mask": None, "window_mask": None, "linear_mask": None}
+        if stack.needs_full_mask:
+            masks["mask"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias,
+                                                   device=device)
+        window = attention.sliding_window
+        if window is not None and any(stack.windowed):
+            local = SlidingWindowMask(window, attention.global_tokens)
+            local = local if combined is None else combined & local
+            if cache is not None and cache.slot_tokens is not None:
+                # Rolling buffers: the keys are the slots (in slot order), then, in a pass of several tokens, the
+                # pass's own keys.
+                masks["window_mask"] = prepare_mask_at(
+                    local, torch.arange(offset, num_keys, device=device), cache.window_key_index(), num_keys,
+                    query_offset=offset, bias=bias_at)
+            # Blocks pay off once the sequence is longer than the window plus a couple of blocks.
+            elif cache is None and not need_weights and length >= window + 2 * window_block_size(window):
+                masks["window_mask"] = prepare_blocked_mask(local, length, window, batch=batch,
+                                                            global_tokens=attention.global_tokens, bias=bias_at,
+                                                            device=device)
+            else:
+                masks["window_mask"] = prepare_attention_mask(local, length, num_keys, query_offset=offset,
+                                                              bias=bias, device=device)
+        if stack.needs_linear_mask:
+            structural = combined is None or all(isinstance(part, (CausalMask, KeyPaddingMask))
+                                                 for part in (combined.parts if isinstance(combined, AllOf)
+                                                              else (combined,)))
+            if cache is None and structural and bias is None:
+                masks["linear_mask"] = PreparedMask(is_causal=any(isinstance(part, CausalMask) for part in parts),
+                                                    key_keep=keep)
+            else:
+                masks["linear_mask"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset,
+                                                              bias=bias, device=device)
+        return masks
+
+    @property
+    def soft_causal_strength(self) -> float:
+        """How far the causal mask has faded in (attention.soft_causal_steps): 1.0 (fully causal) unless training
+        has set it through ``set_training_step``."""
+        return getattr(self, "_soft_causal_strength", 1.0)
+
+    def set_training_step(self, step: int) -> None:
+        """Tells the model which optimizer step training is at (the trainer calls it before every step): with
+        attention.soft_causal_steps, the causal mask's strength is ``min(1, step / soft_causal_steps)``."""
+        steps = self.config.attention.soft_causal_steps
+        self._soft_causal_strength = 1.0 if steps is None else min(1.0, step / steps)
 
     def _check_mask(self, mask: Mask | Tensor | None, batch: int, length: int, num_keys: int | None = None,
                     query_offset: int = 0) -> Mask | None:
@@ -278,7 +362,8 @@ class Transformer(nn.Module):
 
     def _run_stack(self, stack: TransformerStack, inputs: Tensor, *, causal: bool, attention_mask, mask,
                    position_ids, token_type_ids, memory=None, memory_keep=None, output_hidden_states=False,
-                   output_attentions=False, name="inputs", cache: KVCache | None = None):
+                   output_attentions=False, name="inputs", cache: KVCache | None = None,
+                   merging: TokenMerging | None = None):
         """Checks the inputs, embeds them and runs ``stack``. Returns the final hidden states, the keep-mask of the
         tokens (None without padding), the states and attentions asked for, and the mixture layers' ``Routing``s
         (None when the model has no mixture layers)."""
@@ -287,11 +372,15 @@ class Transformer(nn.Module):
         keep = self._token_keep(inputs, attention_mask, "attention_mask" if name == "inputs" else
                                 "decoder_attention_mask")
         length = self.stem.num_tokens(inputs)
+        if merging is not None:
+            merging.start(length)
         if cache is None:
             mask = self._check_mask(mask, inputs.shape[0], length)
             hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids,
                                               token_type_ids=token_type_ids)
-            full, window = self._self_attention_masks(causal, keep, mask, length, position_ids, hidden.device)
+            masks = self._self_attention_masks(stack, causal, keep, mask, inputs.shape[0], length, position_ids,
+                                               hidden.device,
+                                               need_weights=output_attentions)
         else:
             if position_ids is not None:
                 raise InputError("position_ids: with a cache, positions continue from the cached tokens; "
@@ -305,8 +394,8 @@ class Transformer(nn.Module):
             mask = self._check_mask(mask, inputs.shape[0], length, cache.length + length, cache.length)
             position_ids = cache.begin(keep, length)
             hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids)
-            full, window = self._self_attention_masks(causal, cache.key_keep(), mask, length, position_ids,
-                                                      hidden.device, cache)
+            masks = self._self_attention_masks(stack, causal, cache.key_keep(), mask, inputs.shape[0], length,
+                                               position_ids, hidden.device, cache, need_weights=output_attentions)
         rotary = self.positions.rotary(position_ids, length)
         memory_mask = None
         if memory is not None:
@@ -314,10 +403,11 @@ class Transformer(nn.Module):
                                                  length, memory.shape[1], device=hidden.device)
         routing = [] if self.config.feedforward.mixture else None
         try:
-            hidden, states, attentions = stack(hidden, full, window_mask=window, rotary=rotary, memory=memory,
+            hidden, states, attentions = stack(hidden, masks["mask"], window_mask=masks["window_mask"],
+                                               linear_mask=masks["linear_mask"], rotary=rotary, memory=memory,
                                                memory_mask=memory_mask, output_hidden_states=output_hidden_states,
                                                output_attentions=output_attentions, cache=cache, token_keep=keep,
-                                               routing=routing)
+                                               routing=routing, merging=merging)
         except BaseException:
             if cache is not None:
                 cache.abort()
@@ -341,7 +431,8 @@ class Transformer(nn.Module):
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False,
                 return_outputs: bool = False, cache: KVCache | None = None,
-                logits_to_keep: int | None = None) -> Tensor | ModelOutput:
+                logits_to_keep: int | None = None,
+                merge_tokens: int | Sequence[int] | None = None) -> Tensor | ModelOutput:
         """Runs the model.
 
         inputs: token ids [batch, tokens], images [batch, channels, height, width] or numeric sequences
@@ -355,8 +446,17 @@ class Transformer(nn.Module):
             and are appended to it; ``attention_mask`` then covers the new tokens only. An encoder_decoder's cache
             keeps the encoder's output of its first pass, and later passes do not re-encode ``inputs``.
         logits_to_keep: compute logits for the last N tokens only (token-level heads), as generation needs.
+        merge_tokens: token merging (ToMe, see ``formerkit.nn.tome``) for encoders that classify: every layer merges
+            this many tokens (or one count per layer) after attention; 0 is the plain model. Takes no masks.
         """
         config = self.config
+        merging = None
+        if merge_tokens is not None:
+            merging = TokenMerging(config, merge_tokens)
+            if attention_mask is not None or mask is not None:
+                raise InputError("merge_tokens: token merging takes no attention_mask or mask (they describe the "
+                                 "unmerged tokens, and padding would be merged into real tokens); pass unpadded "
+                                 "inputs")
         encoder_state, routing = None, []
         if cache is not None:
             if config.arch == "encoder":
@@ -400,14 +500,18 @@ class Transformer(nn.Module):
             hidden, keep, states, attentions, stack_routing = self._run_stack(
                 stack, inputs, causal=config.arch == "decoder", attention_mask=attention_mask, mask=mask,
                 position_ids=position_ids, token_type_ids=token_type_ids,
-                output_hidden_states=output_hidden_states, output_attentions=output_attentions, cache=cache)
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions, cache=cache,
+                merging=merging)
+        sizes = None if merging is None else merging.sizes
         if logits_to_keep is not None:
             logits = self.head(hidden[:, -logits_to_keep:], None if keep is None else keep[:, -logits_to_keep:])
+        elif merging is not None:
+            logits = self.head(hidden, keep, token_sizes=sizes)
         else:
             logits = self.head(hidden, keep)
         if not (return_outputs or output_hidden_states or output_attentions):
             return logits
-        pooled = self.head.pool(hidden, keep) if hasattr(self.head, "pool") and (
+        pooled = self.head.pool(hidden, keep, token_sizes=sizes) if hasattr(self.head, "pool") and (
             self.head.pooling is not None or self.head.pooler is not None) else None
         aux_loss = expert_counts = None
         if config.feedforward.mixture:
@@ -421,7 +525,7 @@ class Transformer(nn.Module):
                            hidden_states=tuple(states) if output_hidden_states else None,
                            attentions=tuple(attentions) if output_attentions else None,
                            pooled=pooled, aux_loss=aux_loss, expert_counts=expert_counts,
-                           encoder_last_hidden_state=encoder_state)
+                           encoder_last_hidden_state=encoder_state, token_sizes=sizes)
 
     # ----- generation -----
 

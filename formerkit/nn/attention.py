@@ -3,6 +3,10 @@
 One module serves self-attention (queries, keys and values from one sequence, fused into one projection) and
 cross-attention (queries from the decoder, keys and values from the encoder's output). Grouped-query attention shares
 each key/value head among ``num_heads // num_kv_heads`` query heads.
+
+The same projections serve every kind of attention a layer may use (``kind`` per call): softmax over scaled dot
+products; L2 attention, whose scores are minus squared distances; linear attention with the elu + 1 kernel. Local
+(sliding-window) attention arrives as a blocked mask and is computed block by block.
 """
 
 from __future__ import annotations
@@ -13,21 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from formerkit.errors import InputError
 from formerkit.nn.cache import KVCache, StaticSlots
-from formerkit.nn.masks import PreparedMask
+from formerkit.nn.linear_attention import linear_attention, quadratic_form
+from formerkit.nn.local_attention import blockwise_attention, grouped_sdpa
+from formerkit.nn.masks import BlockedMask, PreparedMask
 from formerkit.nn.norms import build_norm
 from formerkit.nn.positions import apply_rotary
 
-__all__ = ["Attention", "attention_weights"]
-
-# SDPA's enable_gqa arrived in torch 2.5; older versions repeat the key/value heads instead.
-_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+__all__ = ["Attention", "GaussianMixtureMask", "attention_weights"]
 
 
 class Attention(nn.Module):
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool = True,
                  out_bias: bool = True, qk_norm: bool = False, norm_kind: str = "layernorm", norm_eps: float = 1e-5,
-                 dropout: float = 0.0, cross: bool = False):
+                 dropout: float = 0.0, cross: bool = False, gaussian_mixture: int = 0,
+                 grid: tuple[int, int] | None = None, prefix_tokens: int = 0):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -42,6 +47,8 @@ class Attention(nn.Module):
         self.out = nn.Linear(num_heads * head_dim, width, bias=out_bias)
         self.q_norm = build_norm(norm_kind, head_dim, norm_eps) if qk_norm else None
         self.k_norm = build_norm(norm_kind, head_dim, norm_eps) if qk_norm else None
+        self.gaussian = (GaussianMixtureMask(num_heads, gaussian_mixture, grid, prefix_tokens)
+                         if gaussian_mixture else None)
 
     def project(self, x: Tensor, memory: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries [batch, heads, tokens, head_dim] and keys/values [batch, kv_heads, keys, head_dim]."""
@@ -59,13 +66,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
                 memory: Tensor | None = None, need_weights: bool = False, cache: KVCache | None = None,
-                layer: int = 0) -> tuple[Tensor, Tensor | None]:
+                layer: int = 0, kind: str = "softmax") -> tuple[Tensor, Tensor | None]:
         """Returns the attended values [batch, tokens, width] and, if ``need_weights``, the attention probabilities
         [batch, heads, tokens, keys] (computed explicitly, without SDPA).
 
         With a ``cache`` (decoding step by step), self-attention appends this pass's keys and values to the cache's
         slots of ``layer`` and attends over everything cached; cross-attention projects the encoder's output once and
-        reuses it at later steps.
+        reuses it at later steps. ``kind`` is the layer's attention: softmax, l2 or linear.
         """
         batch, length, _ = x.shape
         if cache is not None and self.cross:
@@ -77,34 +84,63 @@ class Attention(nn.Module):
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
+        if kind == "linear":
+            out, weights = self._linear(q, k, v, mask), None
+            if need_weights:
+                raise InputError("output_attentions: linear attention never forms attention probabilities")
+        else:
+            out, weights = self._softmax(q, k, v, mask, kind, need_weights, isinstance(cache, StaticSlots))
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.out(out), weights
+
+    def _softmax(self, q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask, kind: str, need_weights: bool,
+                 static: bool) -> tuple[Tensor, Tensor | None]:
+        scale = None
+        if kind == "l2":
+            q, k, v, scale = _l2_as_dot_products(q, k, v)
         attn_mask = mask.value
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)
         dropout = self.dropout if self.training else 0.0
+        multiplier = None
+        if self.gaussian is not None and not self.cross:
+            multiplier = self.gaussian(q.shape[2]).to(q.dtype)
         weights = None
-        if need_weights:
-            out, weights = attention_weights(q, k, v, attn_mask, mask.is_causal, dropout)
-        elif isinstance(cache, StaticSlots) and length == 1:
-            out = single_query_attention(q, k, v, attn_mask)
+        if need_weights or multiplier is not None:
+            out, weights = attention_weights(q, k, v, attn_mask, mask.is_causal, dropout, scale=scale,
+                                             multiplier=multiplier)
+        elif mask.blocked is not None:
+            out = self._blockwise(q, k, v, mask.blocked, dropout, scale)
+        elif static and q.shape[2] == 1:
+            out = single_query_attention(q, k, v, attn_mask, scale=scale)
+        elif q.device.type == "meta" and torch.is_grad_enabled():
+            out = _meta_fused_attention(q, k, v, attn_mask, dropout, mask.is_causal, scale)
         else:
-            gqa = self.num_kv_heads != self.num_heads
-            if gqa and not _SDPA_HAS_GQA:
-                repeat = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-                gqa = False
-            if q.device.type == "meta" and torch.is_grad_enabled():
-                out = _meta_fused_attention(q, k, v, attn_mask, dropout, mask.is_causal)
-            else:
-                extra = {"enable_gqa": True} if gqa else {}
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                                     is_causal=mask.is_causal, **extra)
+            out = grouped_sdpa(q, k, v, attn_mask, dropout, mask.is_causal, scale)
         if mask.empty_rows is not None:
             out = out.masked_fill(mask.empty_rows, 0.0)
             if weights is not None:
                 weights = weights.masked_fill(mask.empty_rows, 0.0)
-        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.out(out), weights
+        if kind == "l2":
+            out = out[..., : self.head_dim]
+        return out, weights
 
+    def _blockwise(self, q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, dropout: float,
+                   scale: float | None) -> Tensor:
+        return blockwise_attention(q, k, v, blocked, dropout, scale)
+
+    def _linear(self, q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask) -> Tensor:
+        """Linear attention: the linear-time form under a causal mask and/or key padding, else the quadratic form
+        under the mask (as when decoding with a cache, or with masks of other shapes)."""
+        if mask.blocked is not None:
+            raise InputError("linear attention has no blockwise window form; give windows to softmax layers")
+        if mask.value is None:
+            return linear_attention(q, k, v, causal=mask.is_causal, key_keep=mask.key_keep)
+        if mask.value.dtype != torch.bool:
+            raise InputError("linear attention takes boolean masks only: additive scores (ALiBi, soft masks, float "
+                             "tensors) have no meaning without softmax scores")
+        out = quadratic_form(q, k, v, mask.value)
+        return out if mask.empty_rows is None else out.masked_fill(mask.empty_rows, 0.0)
 
     def _cached_cross(self, x: Tensor, memory: Tensor | None, cache: KVCache,
                       layer: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,8 +155,20 @@ class Attention(nn.Module):
         return q, k, v
 
 
+def _l2_as_dot_products(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    """L2 attention's scores -|q - k|^2 / sqrt(d) as dot products, so SDPA (and every mask path) computes them:
+    -|q - k|^2 = 2 q.k - |k|^2 - |q|^2, and |q|^2 is the same for every key of a query, so softmax drops it; the
+    rest is the dot product of [2q, -1] with [k, |k|^2]. Values get a zero column to match (SDPA's fast kernels
+    want equal widths); callers drop it from the output."""
+    dim = q.shape[-1]
+    q = torch.cat([2.0 * q, q.new_full((*q.shape[:-1], 1), -1.0)], dim=-1)
+    k = torch.cat([k, (k * k).sum(-1, keepdim=True)], dim=-1)
+    v = F.pad(v, (0, 1))
+    return q, k, v, 1.0 / math.sqrt(dim)
+
+
 def _meta_fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float,
-                          is_causal: bool) -> Tensor:
+                          is_causal: bool, scale: float | None = None) -> Tensor:
     """On the meta device (shape-only runs, used by ``formerkit.summary``) SDPA falls back to its math path, which
     keeps the whole probability matrix for backward. The fused CPU kernel that real runs use keeps only its output and
     log-sum-exp; calling it directly lets memory estimates match real runs. (Without autograd, the FLOP counter
@@ -129,10 +177,11 @@ def _meta_fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, is_causal,
-                                                                      attn_mask=attn_mask)[0]
+                                                                      attn_mask=attn_mask, scale=scale)[0]
 
 
-def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                           scale: float | None = None) -> Tensor:
     """Attention of one query per row [batch, heads, 1, head_dim] over keys [batch, kv_heads, keys, head_dim] as
     element-wise products and sums (no matrix-multiply calls): inside a compiled decode step these fuse into a few
     small kernels, where a single-query SDPA call costs more than the arithmetic. Masks as in SDPA."""
@@ -140,21 +189,26 @@ def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | 
     kv_heads, keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
     query = q.reshape(batch, kv_heads, group, 1, dim)
-    scores = (query * k.unsqueeze(2)).sum(-1) * (1.0 / math.sqrt(dim))  # [batch, kv_heads, group, keys]
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scores = (query * k.unsqueeze(2)).sum(-1) * scale  # [batch, kv_heads, group, keys]
     scores = scores.reshape(batch, heads, 1, keys)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     probabilities = scores.softmax(dim=-1).reshape(batch, kv_heads, group, keys, 1)
-    return (probabilities * v.unsqueeze(2)).sum(-2).reshape(batch, heads, 1, dim)
+    return (probabilities * v.unsqueeze(2)).sum(-2).reshape(batch, heads, 1, v.shape[-1])
 
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                      dropout: float = 0.0) -> tuple[Tensor, Tensor]:
-    """softmax(q k^T / sqrt(d) + mask) v written out, returning the probabilities too (for inspection)."""
+                      dropout: float = 0.0, *, scale: float | None = None,
+                      multiplier: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(multiplier * (q k^T * scale) + mask) v written out (scale 1/sqrt(d) by default; ``multiplier``
+    [heads, queries, keys] scales the scores, as the Gaussian-mixture mask does), returning the probabilities too."""
     repeat = q.shape[1] // k.shape[1]
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if multiplier is not None:
+        scores = scores * multiplier
     if is_causal:
         length, keys = scores.shape[-2:]
         attn_mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(keys - length)
@@ -163,3 +217,45 @@ def attention_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     weights = scores.softmax(dim=-1)
     out = F.dropout(weights, dropout) @ v if dropout else weights @ v
     return out, weights
+
+
+class GaussianMixtureMask(nn.Module):
+    """The learned Gaussian-mixture mask of Li and Zhang ("Toward a Deeper Understanding: RetNet Viewed through
+    Convolution"): the scores between image tokens at grid distance d are multiplied by
+    sum_k weight[h, k] * exp(-d^2 / (2 sigma[h, k]^2)), two parameters per kernel and head, giving a ViT trained on
+    little data a convolution-like bias toward nearby patches. Scores involving the prefix tokens (class token,
+    registers) are left as they are.
+
+    Initialized with weights 1/kernels and widths spread from one grid step to the grid's side, so training starts
+    near plain attention for nearby patches.
+    """
+
+    def __init__(self, num_heads: int, kernels: int, grid: tuple[int, int] | None, prefix_tokens: int = 0):
+        super().__init__()
+        if grid is None:
+            raise InputError("GaussianMixtureMask: needs the grid of image tokens (an image stem)")
+        rows, cols = grid
+        self.num_heads, self.kernels, self.prefix_tokens = num_heads, kernels, prefix_tokens
+        # 1-D parameters (heads x kernels flattened): like other scalars of a layer, not weight-decayed.
+        self.weight = nn.Parameter(torch.full((num_heads * kernels,), 1.0 / kernels))
+        widths = torch.linspace(1.0, float(max(rows, cols, 2)), kernels) if kernels > 1 else torch.tensor([1.0 * max(
+            rows, cols)])
+        self.sigma = nn.Parameter(widths.repeat(num_heads))
+        y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        y, x = y.flatten().float(), x.flatten().float()
+        distance = (y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2
+        self.register_buffer("squared_distance", distance, persistent=False)
+
+    def forward(self, num_tokens: int) -> Tensor:
+        """The multiplier [heads, tokens, tokens] for a sequence of the prefix tokens followed by the grid."""
+        grid = self.squared_distance.shape[0]
+        if num_tokens != self.prefix_tokens + grid:
+            raise InputError(f"GaussianMixtureMask: built for {self.prefix_tokens} prefix tokens and a grid of {grid} "
+                             f"image tokens, got a sequence of {num_tokens} (token merging or MAE masking change the "
+                             f"grid and cannot be combined with it)")
+        weight = self.weight.view(self.num_heads, self.kernels, 1, 1)
+        sigma = self.sigma.view(self.num_heads, self.kernels, 1, 1)
+        local = (weight * torch.exp(-self.squared_distance / (2.0 * sigma * sigma + 1e-6))).sum(dim=1)
+        if not self.prefix_tokens:
+            return local
+        return F.pad(local, (self.prefix_tokens, 0, self.prefix_tokens, 0), value=1.0)

@@ -11,6 +11,7 @@ from formerkit.nn.feedforward import build_feedforward
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.moe import build_moe
 from formerkit.nn.norms import build_norm
+from formerkit.nn.tome import TokenMerging
 
 __all__ = ["DropPath", "LayerScale", "Residual", "TransformerBlock"]
 
@@ -90,10 +91,15 @@ class TransformerBlock(nn.Module):
         super().__init__()
         attn = config.attention
 
+        image = config.stem.kind in ("patches", "conv")
+
         def make_attention(cross: bool) -> Attention:
             return Attention(config.width, attn.num_heads, attn.kv_heads, config.head_dim, qkv_bias=attn.qkv_bias,
                              out_bias=attn.out_bias, qk_norm=attn.qk_norm, norm_kind=config.norm.kind,
-                             norm_eps=config.norm.eps, dropout=attn.dropout, cross=cross)
+                             norm_eps=config.norm.eps, dropout=attn.dropout, cross=cross,
+                             gaussian_mixture=0 if cross else attn.gaussian_mixture,
+                             grid=config.stem.grid_size if image else None,
+                             prefix_tokens=int(config.stem.class_token) + config.stem.register_tokens if image else 0)
 
         self.attention = make_attention(False)
         self.attention_residual = Residual(config)
@@ -106,15 +112,24 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
                 memory: Tensor | None = None, memory_mask: PreparedMask | None = None,
                 need_weights: bool = False, drop_path: nn.Module | None = None, cache: KVCache | None = None,
-                layer: int = 0, token_keep: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                layer: int = 0, token_keep: Tensor | None = None,
+                kind: str = "softmax", merging: TokenMerging | None = None) -> tuple[Tensor, Tensor | None]:
         """``drop_path`` belongs to the layer, not the block: a block shared across depth gets each layer's rate.
         ``cache`` and ``layer`` (the layer's index in its stack) are for step-by-step decoding. ``token_keep``
         ([batch, tokens], True for a real token) keeps padding out of a mixture's routing; after the call the
-        mixture's ``last_routing`` reports the pass."""
+        mixture's ``last_routing`` reports the pass. ``kind`` is the attention this layer computes (softmax, l2,
+        linear): a property of the depth, so a block shared across depths may compute different kinds.
+        ``merging`` (token merging, see ``formerkit.nn.tome``) adds proportional attention and merges tokens between
+        attention and the feed-forward sub-layer, where ToMe merges them."""
         residual = self.attention_residual
-        out, weights = self.attention(residual.branch_input(x), mask, rotary=rotary, need_weights=need_weights,
-                                      cache=cache, layer=layer)
+        attention_input = residual.branch_input(x)
+        if merging is not None:
+            mask = merging.attention_mask(mask)
+        out, weights = self.attention(attention_input, mask, rotary=rotary, need_weights=need_weights,
+                                      cache=cache, layer=layer, kind=kind)
         x = residual.merge(x, out, drop_path)
+        if merging is not None:
+            x = merging.merge(x, layer, self.attention, attention_input)
         if self.cross_attention is not None:
             residual = self.cross_attention_residual
             out, _ = self.cross_attention(residual.branch_input(x), memory_mask, memory=memory, cache=cache,

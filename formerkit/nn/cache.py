@@ -11,6 +11,12 @@ values of that output: the source is encoded once.
 
 A forward pass with a cache appends its tokens: it reads slots ``[0, length)``, writes ``[length, length + n)``, and
 advances ``length`` only when the pass has finished (a failed pass leaves the cache as it was).
+
+Layers with a sliding window need only the last ``window`` keys: their buffers are rolling, ``global_tokens + window``
+slots whatever the length (the global tokens keep their slots, the others take turns), and ``window_key_index``
+tells attention which token each slot holds. A one-token step writes its key into the slot of the token that just left
+the window and attends over the buffer in place; a pass of several tokens (the prompt) attends over the buffer
+followed by its own keys, then keeps the latest of them.
 """
 
 from __future__ import annotations
@@ -28,12 +34,24 @@ class KVCache:
     [batch, kv_heads, max_length, head_dim] buffers."""
 
     def __init__(self, *, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 window: int | None = None, rolling_layers: tuple[int, ...] = (), global_tokens: int = 0):
         if batch_size < 1 or max_length < 1:
             raise InputError(f"KVCache: batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+        # Rolling buffers pay off only when the window (with the global tokens) is shorter than the length.
+        rolling = window is not None and bool(rolling_layers) and global_tokens + window < max_length
+        self.window, self.global_tokens = (window, global_tokens) if rolling else (None, 0)
+        self.rolling = tuple(rolling and layer in rolling_layers for layer in range(num_layers))
         shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        short = (batch_size, num_kv_heads, global_tokens + window, head_dim) if rolling else shape
+        self.keys = [torch.zeros(short if roll else shape, dtype=dtype, device=device) for roll in self.rolling]
+        self.values = [torch.zeros(short if roll else shape, dtype=dtype, device=device) for roll in self.rolling]
+        # Rolling buffers: the token each slot holds (-1: none yet), and this pass's key positions for them.
+        self.slot_tokens = (torch.full((short[2],), -1, dtype=torch.long, device=device) if rolling else None)
+        self._window_keys: Tensor | None = None
+        self._pending_slots: Tensor | None = None
+        # What this pass overwrote in rolling buffers, to put back if it fails.
+        self._undo: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = []
         # Per slot: a real token (False for left padding) and its position.
         self.keep = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
@@ -50,8 +68,10 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_length: int, *, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
-        """A cache sized for ``model``'s decoder (the model itself for arch decoder)."""
+                  device: torch.device | str | None = None, rolling: bool = True) -> KVCache:
+        """A cache sized for ``model``'s decoder (the model itself for arch decoder). Its sliding-window layers get
+        rolling buffers unless ``rolling`` is False (then every layer keeps ``max_length`` slots, as a compiled
+        decode step with fixed shapes needs)."""
         config = model.config
         if config.arch == "encoder":
             raise InputError("KVCache: an encoder reads its whole input at once and has nothing to cache; "
@@ -61,9 +81,13 @@ class KVCache:
                              f"{config.num_positions} ({config.position.kind} positions have no row beyond it)")
         reference = next(model.parameters())
         layers = config.decoder_layers if config.arch == "encoder_decoder" else config.num_layers
+        stack = model.decoder
+        windowed = tuple(index for index, flag in enumerate(stack.windowed) if flag) if rolling else ()
         return cls(num_layers=layers, batch_size=batch_size, max_length=max_length,
                    num_kv_heads=config.attention.kv_heads, head_dim=config.head_dim,
-                   dtype=dtype or reference.dtype, device=device or reference.device)
+                   dtype=dtype or reference.dtype, device=device or reference.device,
+                   window=config.attention.sliding_window, rolling_layers=windowed,
+                   global_tokens=config.attention.global_tokens)
 
     @property
     def batch_size(self) -> int:
@@ -79,6 +103,7 @@ class KVCache:
         """Starts a pass over ``num_tokens`` new tokens (``keep`` [batch, n]: False at padding, None if all real).
         Records them and returns their positions [batch, n], counted over real tokens like a full recompute does."""
         batch = self.batch_size
+        self._undo = []
         start, end = self.length, self.length + num_tokens
         if end > self.max_length:
             raise InputError(f"KVCache: {num_tokens} new tokens after {start} cached ones exceed the cache's "
@@ -99,7 +124,32 @@ class KVCache:
         self.positions[:, start:end] = positions
         self._pending = new_counts
         self._end = end
+        if self.slot_tokens is not None:
+            self._plan_rolling(start, end)
         return positions
+
+    def _slot_of(self, token: Tensor) -> Tensor:
+        """The rolling slot of each token index: global tokens keep their own, the others take turns."""
+        glob = self.global_tokens
+        return torch.where(token < glob, token, glob + (token - glob) % self.window)
+
+    def _plan_rolling(self, start: int, end: int) -> None:
+        """Which token each key of the rolling layers is in this pass, and which slots the pass leaves behind."""
+        new = torch.arange(start, end, device=self.slot_tokens.device)
+        after = self.slot_tokens.clone()
+        # Of the new tokens, each slot keeps the latest that lands in it (index_put_ keeps the last write).
+        after[self._slot_of(new)] = new
+        if end - start == 1:
+            self._window_keys = after  # written in place, then attended over
+        else:
+            self._window_keys = torch.cat([self.slot_tokens, new])
+        self._pending_slots = after
+
+    def window_key_index(self) -> Tensor:
+        """[keys]: the token index of each key the rolling layers attend over in this pass (-1: an empty slot)."""
+        if self._window_keys is None:
+            raise RuntimeError("KVCache: no pass in progress over rolling buffers")
+        return self._window_keys
 
     @property
     def start(self) -> int:
@@ -116,9 +166,35 @@ class KVCache:
         keys/values so far [batch, kv_heads, end, head_dim]."""
         start, end = self.length, self.end
         key_buffer, value_buffer = self.keys[layer], self.values[layer]
+        if self.rolling[layer]:
+            return self._update_rolling(key_buffer, value_buffer, keys, values, start, end)
         key_buffer.narrow(2, start, end - start).copy_(keys)
         value_buffer.narrow(2, start, end - start).copy_(values)
         return key_buffer.narrow(2, 0, end), value_buffer.narrow(2, 0, end)
+
+    def _update_rolling(self, key_buffer: Tensor, value_buffer: Tensor, keys: Tensor, values: Tensor, start: int,
+                        end: int) -> tuple[Tensor, Tensor]:
+        count = end - start
+        if count == 1:
+            glob = self.global_tokens
+            slot = start if start < glob else glob + (start - glob) % self.window
+            self._undo.append((key_buffer, value_buffer, torch.tensor([slot], device=keys.device),
+                               key_buffer.narrow(2, slot, 1).clone(), value_buffer.narrow(2, slot, 1).clone()))
+            key_buffer.narrow(2, slot, 1).copy_(keys)
+            value_buffer.narrow(2, slot, 1).copy_(values)
+            return key_buffer, value_buffer
+        every_key = torch.cat([key_buffer, keys], dim=2), torch.cat([value_buffer, values], dim=2)
+        # Keep the latest token of each slot (the last window of the pass, and any global tokens in it).
+        new = torch.arange(start, end, device=keys.device)
+        slots = self._slot_of(new)
+        latest = torch.zeros(key_buffer.shape[2], dtype=torch.long, device=keys.device).fill_(-1)
+        latest[slots] = torch.arange(count, device=keys.device)
+        kept = (latest >= 0).nonzero().flatten()
+        self._undo.append((key_buffer, value_buffer, kept, key_buffer.index_select(2, kept),
+                           value_buffer.index_select(2, kept)))
+        key_buffer.index_copy_(2, kept, keys.index_select(2, latest[kept]))
+        value_buffer.index_copy_(2, kept, values.index_select(2, latest[kept]))
+        return every_key
 
     def key_keep(self) -> Tensor | None:
         """[batch, end]: which cached keys are real tokens, or None if none is padding."""
@@ -132,9 +208,19 @@ class KVCache:
         self.length = self.end
         self.counts = self._pending
         self._end = None
+        self._undo = []
+        if self.slot_tokens is not None:
+            self.slot_tokens = self._pending_slots
+            self._window_keys = self._pending_slots = None
 
     def abort(self) -> None:
+        """Ends a failed pass: the cache is as it was before it (rolling slots the pass overwrote are restored)."""
         self._end = None
+        self._window_keys = self._pending_slots = None
+        for key_buffer, value_buffer, slots, old_keys, old_values in reversed(self._undo):
+            key_buffer.index_copy_(2, slots, old_keys)
+            value_buffer.index_copy_(2, slots, old_values)
+        self._undo = []
 
     def reorder(self, index: Tensor) -> None:
         """Keeps rows ``index`` of the batch (for callers that drop finished rows or reorder beams)."""

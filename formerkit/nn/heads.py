@@ -17,7 +17,11 @@ __all__ = ["ClassificationHead", "LMHead", "MaskedLMHead", "Pooling", "Regressio
 
 class Pooling(nn.Module):
     """Turns [batch, tokens, width] into [batch, width]: cls (first token), mean (of real input tokens, prefix tokens
-    excluded), last (last real token), or sequence (CCT's attention pooling: a learned softmax weighting of tokens)."""
+    excluded), last (last real token), or sequence (CCT's attention pooling: a learned softmax weighting of tokens).
+
+    ``token_sizes`` [batch, tokens] (token merging: how many input tokens each token holds) weighs the mean by size
+    and adds log(size) to the sequence-pooling scores (ToMe's proportional attention), so a merged token counts as
+    the tokens it holds."""
 
     def __init__(self, kind: str, width: int, num_prefix_tokens: int):
         super().__init__()
@@ -25,7 +29,7 @@ class Pooling(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.score = nn.Linear(width, 1) if kind == "sequence" else None
 
-    def forward(self, hidden: Tensor, token_mask: Tensor | None) -> Tensor:
+    def forward(self, hidden: Tensor, token_mask: Tensor | None, token_sizes: Tensor | None = None) -> Tensor:
         if self.kind == "cls":
             return hidden[:, 0]
         if self.kind == "last":
@@ -37,12 +41,16 @@ class Pooling(nn.Module):
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         hidden = hidden[:, self.num_prefix_tokens:]
         mask = None if token_mask is None else token_mask[:, self.num_prefix_tokens:]
+        sizes = None if token_sizes is None else token_sizes[:, self.num_prefix_tokens:].unsqueeze(-1)
         if self.kind == "mean":
-            if mask is None:
+            if mask is None and sizes is None:
                 return hidden.mean(dim=1)
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            weights = mask.unsqueeze(-1).to(hidden.dtype) if mask is not None else 1.0
+            weights = weights * sizes.to(hidden.dtype) if sizes is not None else weights
             return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         scores = self.score(hidden)
+        if sizes is not None:
+            scores = scores + sizes.log().to(scores.dtype)
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         return (scores.softmax(dim=1) * hidden).sum(dim=1)
@@ -83,13 +91,13 @@ class _PooledHead(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.projection = nn.Linear(width, outputs) if outputs else None
 
-    def pool(self, hidden: Tensor, token_mask: Tensor | None) -> Tensor:
-        """The pooled representation, after the pooler if there is one."""
-        pooled = hidden if self.pooling is None else self.pooling(hidden, token_mask)
+    def pool(self, hidden: Tensor, token_mask: Tensor | None, token_sizes: Tensor | None = None) -> Tensor:
+        """The pooled representation, after the pooler if there is one (``token_sizes``: see ``Pooling``)."""
+        pooled = hidden if self.pooling is None else self.pooling(hidden, token_mask, token_sizes)
         return torch.tanh(self.pooler(pooled)) if self.pooler is not None else pooled
 
-    def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        return self.projection(self.dropout(self.pool(hidden, token_mask)))
+    def forward(self, hidden: Tensor, token_mask: Tensor | None = None, token_sizes: Tensor | None = None) -> Tensor:
+        return self.projection(self.dropout(self.pool(hidden, token_mask, token_sizes)))
 
 
 class ClassificationHead(_PooledHead):

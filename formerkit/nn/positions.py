@@ -164,9 +164,11 @@ class ALiBiPositions(PositionScheme):
         return True
 
     def attention_bias(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
-        """[batch|1, heads, queries, keys] from positions [batch|1, queries] and [batch|1, keys]."""
+        """[batch|1, heads, ..., queries, keys] from positions [batch|1, ..., queries] and [batch|1, ..., keys] (the
+        middle dimensions, such as blocks of local attention, are kept)."""
         distance = (query_positions.unsqueeze(-1) - key_positions.unsqueeze(-2)).abs().unsqueeze(1)
-        return -self.slopes.view(1, -1, 1, 1) * distance.to(self.slopes.dtype)
+        slopes = self.slopes.view((1, -1) + (1,) * (distance.dim() - 2))
+        return -slopes * distance.to(self.slopes.dtype)
 
 
 def build_positions(config) -> PositionScheme:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from formerkit.config import ConfigSection, ModelConfig, _choice
+from formerkit.config import ConfigSection, ModelConfig, _choice, load_yaml
 from formerkit.errors import ConfigError
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
 
 DATA_SOURCES = ("stdlib", "text", "jsonl", "digits", "image_folder", "synthetic", "csv")
 OBJECTIVES = ("causal_lm", "masked_lm", "classification", "seq2seq", "mae", "forecast")
+# The objectives that read packed rows (data.pack): they pass each row's document mask and positions to the model.
+PACKING_OBJECTIVES = ("causal_lm", "masked_lm")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ class DataConfig(ConfigSection):
     vocab_size: int | None = None
     # text sources: tokens per training window; synthetic: longest sequence
     seq_len: int = 256
+    # text sources: pack whole documents (files, JSON lines, chunks of a single file) into rows of seq_len + 1
+    # tokens instead of cutting windows from one stream; a token then sees and predicts only its own document
+    # (positions restart at each document). See formerkit.data.packing.
+    pack: bool = False
     # text sources: fraction of files (or lines) held out for validation, chosen deterministically
     valid_fraction: float = 0.05
     # stdlib: read at most this many bytes of source (None = the whole corpus)
@@ -100,8 +106,8 @@ class DataConfig(ConfigSection):
     _APPLIES = {
         "path": ("text", "jsonl", "image_folder", "csv"), "text_field": ("jsonl",),
         "tokenizer": ("stdlib", "text", "jsonl"), "vocab_size": ("stdlib", "text", "jsonl"),
-        "seq_len": ("stdlib", "text", "jsonl", "synthetic"), "valid_fraction": ("stdlib", "text", "jsonl", "digits",
-                                                                                 "image_folder", "csv"),
+        "seq_len": ("stdlib", "text", "jsonl", "synthetic"), "pack": ("stdlib", "text", "jsonl"),
+        "valid_fraction": ("stdlib", "text", "jsonl", "digits", "image_folder", "csv"),
         "max_bytes": ("stdlib", "text", "jsonl"), "image_size": ("digits", "image_folder"),
         "augment": ("digits", "image_folder"), "task": ("synthetic",), "num_examples": ("synthetic",),
         "num_symbols": ("synthetic",), "min_len": ("synthetic",), "window": ("csv",), "horizon": ("csv",),
@@ -150,10 +156,19 @@ class ObjectiveConfig(ConfigSection):
     # mae: predict each patch's pixels normalized by that patch's mean and variance (the MAE paper's default, made
     # for 16x16 patches); turn it off for tiny patches, whose few pixels make a noisy variance.
     norm_pix_loss: bool = True
+    # classification: deep supervision for early exit (formerkit.nn.early_exit): add this weight times the mean
+    # cross-entropy of the exits after every layer but the last (each is the final norm and the head, shared with the
+    # last layer, on that layer's state). 0 = off.
+    exit_loss_weight: float = 0.0
 
     def _validate(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             self._fail("label_smoothing", "a value in [0, 1)")
+        if self.exit_loss_weight < 0:
+            self._fail("exit_loss_weight", "a number >= 0")
+        if self.exit_loss_weight and self.kind != "classification":
+            self._fail("exit_loss_weight", "0 unless objective.kind is classification",
+                       hint=f"objective.kind is {self.kind!r}; only classifiers exit early")
         if not 0.0 < self.mask_prob < 1.0:
             self._fail("mask_prob", "a probability in (0, 1)")
         if not 0.0 < self.mask_ratio < 1.0:
@@ -296,6 +311,9 @@ class TrainConfig(ConfigSection):
     then: dict[str, Any] | None = None
 
     def _validate(self) -> None:
+        if self.data.pack and self.objective.kind not in PACKING_OBJECTIVES:
+            raise ConfigError("data.pack", True, f"false with objective.kind {self.objective.kind!r}",
+                              hint=f"packed rows serve the language-model objectives {PACKING_OBJECTIVES}")
         if self.then is not None:
             self.next_stage()  # validate the second stage now, before any training
 
@@ -317,7 +335,7 @@ class TrainConfig(ConfigSection):
         if not path.is_file():
             raise ConfigError("recipe", str(path), "an existing YAML file or a recipe name (formerkit recipes)")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = load_yaml(path.read_text())
         except yaml.YAMLError as error:
             raise ConfigError("recipe", str(path), "a valid YAML document", hint=str(error)) from error
         if not isinstance(data, dict):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from formerkit.errors import CheckpointError, InputError
 
@@ -35,8 +36,42 @@ def load_run_model(target: str | Path):
     return load(directory).eval(), TrainConfig.from_dict(extra["recipe"]), extra
 
 
-def evaluate_run(target: str | Path, splits: list[str] | None = None) -> dict[str, Any]:
-    """The recipe's metrics of a saved run on its held-out splits (all of them by default)."""
+class _AdaptiveClassifier(nn.Module):
+    """A classifier called with token merging or early exit, looking to the objective like a plain model that
+    returns logits; it counts the layers early exit used."""
+
+    def __init__(self, model: nn.Module, merge_tokens, exit_threshold: float | None):
+        super().__init__()
+        from formerkit.nn.early_exit import check_exit_model, check_threshold
+        from formerkit.nn.tome import TokenMerging
+
+        if merge_tokens is not None:
+            TokenMerging(model.config, merge_tokens)  # checks the model and the count before any data is read
+        else:
+            check_exit_model(model.config)
+            check_threshold(exit_threshold)
+        self.__dict__["model"] = model  # not a submodule: the objective calls this module for logits alone
+        self.merge_tokens, self.exit_threshold = merge_tokens, exit_threshold
+        self.layers_used = self.samples = 0
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.exit_threshold is None:
+            return self.model(inputs, merge_tokens=self.merge_tokens)
+        from formerkit.nn.early_exit import early_exit
+
+        logits, layers_used = early_exit(self.model, inputs, self.exit_threshold)
+        self.layers_used += int(layers_used.sum())
+        self.samples += len(layers_used)
+        return logits
+
+
+def evaluate_run(target: str | Path, splits: list[str] | None = None, *, merge_tokens: int | list[int] | None = None,
+                 exit_threshold: float | None = None) -> dict[str, Any]:
+    """The recipe's metrics of a saved run on its held-out splits (all of them by default).
+
+    Classification runs can be evaluated with token merging (``merge_tokens``, see ``formerkit.nn.tome``) or with
+    early exit (``exit_threshold``, see ``formerkit.nn.early_exit``; adds ``<split>_mean_layers``), not both.
+    """
     from formerkit.data import build_data
     from formerkit.train.objectives import make_objective
     from formerkit.train.trainer import _evaluate
@@ -45,12 +80,26 @@ def evaluate_run(target: str | Path, splits: list[str] | None = None) -> dict[st
     if recipe.objective.kind == "mae":
         raise CheckpointError(f"{target}: a masked-autoencoder pretraining run saves only its encoder, which has no "
                               "task metrics; evaluate the fine-tuning run instead")
+    adaptive = None
+    if merge_tokens is not None or exit_threshold is not None:
+        if merge_tokens is not None and exit_threshold is not None:
+            raise InputError("merge_tokens and exit_threshold: choose one (early exit runs unmerged layers)")
+        if recipe.objective.kind != "classification":
+            raise InputError(f"{target}: token merging and early exit serve classification runs, this run trained "
+                             f"{recipe.objective.kind!r}")
+        adaptive = _AdaptiveClassifier(model, merge_tokens, exit_threshold)
     bundle = build_data(recipe.data)
     objective = make_objective(recipe.objective, bundle)
     chosen = splits or [name for name in ("valid", "test") if getattr(bundle, name) is not None]
     metrics: dict[str, Any] = {}
     for split in chosen:
-        metrics.update(_evaluate(objective, model, bundle, split, recipe, torch.no_grad))
+        if adaptive is None:
+            metrics.update(_evaluate(objective, model, bundle, split, recipe, torch.no_grad))
+            continue
+        adaptive.layers_used = adaptive.samples = 0
+        metrics.update(_evaluate(objective, adaptive, bundle, split, recipe, torch.no_grad))
+        if exit_threshold is not None:
+            metrics[f"{split}_mean_layers"] = adaptive.layers_used / max(adaptive.samples, 1)
     return metrics
 
 

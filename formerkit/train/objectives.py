@@ -24,35 +24,43 @@ __all__ = ["ExpertUsage", "Objective", "make_objective"]
 
 
 class ExpertUsage:
-    """What the mixture-of-experts layers of a model report over evaluation batches, as metrics.
+    """What the mixture-of-experts layers of a model report over forward passes (evaluation batches, or the training
+    steps between two log lines), as metrics.
 
     moe_aux_loss: the mean auxiliary loss the training objective adds (aux_loss_weight x the layers' summed
-        load-balancing losses).
+        load-balancing losses), over the passes.
     moe_load_max: per layer, the busiest expert's share of the token assignments times the number of experts (1 is
         perfectly even; num_experts / experts_per_token is one expert taking every token), averaged over the layers.
     moe_load_entropy: per layer, the entropy of the experts' shares of the assignments divided by log(num_experts)
         (1 is perfectly even, 0 one expert), averaged over the layers.
+
+    ``add`` only adds tensors where they are (no copy to the CPU, no synchronization with an accelerator), so the
+    trainer can call it on every step; ``metrics`` reads them once.
     """
 
     def __init__(self):
-        self.aux_loss, self.batches, self.counts = 0.0, 0, None
+        self.aux_loss: Tensor | None = None
+        self.counts: Tensor | None = None
+        self.batches = 0
 
     def add(self, output) -> None:
         """Adds one forward pass's ``ModelOutput`` (nothing for a dense model, whose aux_loss is None)."""
         if output is None or output.aux_loss is None:
             return
-        self.aux_loss += float(output.aux_loss)
-        self.batches += 1
-        counts = torch.stack(output.expert_counts).double().cpu()
+        aux_loss = output.aux_loss.detach().float()
+        counts = torch.stack(output.expert_counts).detach()
+        self.aux_loss = aux_loss if self.aux_loss is None else self.aux_loss + aux_loss
         self.counts = counts if self.counts is None else self.counts + counts
+        self.batches += 1
 
     def metrics(self) -> dict[str, float]:
         if not self.batches:
             return {}
-        share = self.counts / self.counts.sum(dim=1, keepdim=True).clamp(min=1)
+        counts = self.counts.double().cpu()
+        share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
         num_experts = share.shape[1]
         entropy = -(share * share.clamp(min=1e-12).log()).sum(dim=1) / math.log(num_experts)
-        return {"moe_aux_loss": self.aux_loss / self.batches,
+        return {"moe_aux_loss": float(self.aux_loss) / self.batches,
                 "moe_load_max": float((share.max(dim=1).values * num_experts).mean()),
                 "moe_load_entropy": float(entropy.mean())}
 
@@ -78,13 +86,22 @@ class Objective:
         self.config = config
         self.bundle = bundle
         self._mixtures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Where training losses report their passes' expert usage (set by the trainer for models with mixture-of-
+        # experts layers, read and replaced at every log line); evaluation collects its own.
+        self.training_usage: ExpertUsage | None = None
+
+    def has_experts(self, model: nn.Module) -> bool:
+        """Whether ``model`` (or the model inside a DDP/FSDP wrapper) has mixture-of-experts layers."""
+        return _has_experts(model, self._mixtures)
 
     def run(self, model: nn.Module, *args, usage: ExpertUsage | None = None, **kwargs) -> tuple[Tensor, Tensor | None]:
         """The model's output (logits) and, for a model with mixture-of-experts layers, its auxiliary loss (else
-        None). Only such a model is asked for its full ``ModelOutput``; ``usage`` collects what its layers report."""
+        None). Only such a model is asked for its full ``ModelOutput``; ``usage`` (by default ``training_usage``)
+        collects what its layers report."""
         if not _has_experts(model, self._mixtures):
             return model(*args, **kwargs), None
         output = model(*args, return_outputs=True, **kwargs)
+        usage = usage if usage is not None else self.training_usage
         if usage is not None:
             usage.add(output)
         return output.logits, output.aux_loss
@@ -125,6 +142,28 @@ def _cross_entropy(logits: Tensor, targets: Tensor, smoothing: float, ignore_ind
                            label_smoothing=smoothing, ignore_index=ignore_index)
 
 
+def _mean_over_targets(logits: Tensor, targets: Tensor, smoothing: float) -> Tensor:
+    """The cross-entropy averaged over the targets that are not -100, and 0 (not NaN) when there are none: a batch
+    of packed rows may, rarely, hold no token to predict."""
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                            label_smoothing=smoothing, ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+def _is_packed(batch: dict[str, Tensor]) -> bool:
+    return "document_ids" in batch
+
+
+def _packed_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's keyword arguments for packed rows (see formerkit.data.packing), inputs being ``tokens[:, :-1]``:
+    a token attends only to its own document, at its position within the document; padding (document -1) is also
+    left out of mixture-of-experts routing through ``attention_mask``."""
+    from formerkit.nn.masks import DocumentMask
+
+    ids = batch["document_ids"][:, :-1]
+    return {"mask": DocumentMask(ids), "position_ids": batch["position_ids"][:, :-1], "attention_mask": ids >= 0}
+
+
 class CausalLM(Objective):
     """Predict each next token. Loss in nats per token (per byte with the byte tokenizer)."""
 
@@ -135,24 +174,41 @@ class CausalLM(Objective):
             raise ConfigError("objective.kind", "causal_lm", "a decoder model with an lm head",
                               hint=f"the model is arch={model_config.arch!r}, head={model_config.head.kind!r}")
 
-    def loss(self, model, batch, generator):
+    @staticmethod
+    def inputs_and_targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Input ids [batch, seq_len], the next-token targets, and the model's keyword arguments. In packed rows a
+        target is -100 (not predicted) where it starts another document or is padding: the last token of one document
+        never predicts the first of the next."""
         tokens = batch["tokens"]
-        logits, aux_loss = self.run(model, tokens[:, :-1])
-        return self.with_aux(_cross_entropy(logits, tokens[:, 1:], self.config.label_smoothing), aux_loss)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if not _is_packed(batch):
+            return inputs, targets, {}
+        ids = batch["document_ids"]
+        same_document = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
+        return inputs, targets.masked_fill(~same_document, -100), _packed_inputs(batch)
+
+    def loss(self, model, batch, generator):
+        inputs, targets, kwargs = self.inputs_and_targets(batch)
+        logits, aux_loss = self.run(model, inputs, **kwargs)
+        if kwargs:
+            return self.with_aux(_mean_over_targets(logits, targets, self.config.label_smoothing), aux_loss)
+        return self.with_aux(_cross_entropy(logits, targets, self.config.label_smoothing), aux_loss)
 
     def units(self, batch):
         tokens = batch["tokens"]
+        if _is_packed(batch):  # the real tokens read, padding not counted
+            return int((batch["document_ids"][:, :-1] >= 0).sum())
         return tokens.shape[0] * (tokens.shape[1] - 1)
 
     @torch.no_grad()
     def evaluate(self, model, batches):
         total, count, usage = 0.0, 0, ExpertUsage()
         for batch in batches:
-            tokens = batch["tokens"]
-            logits, _ = self.run(model, tokens[:, :-1], usage=usage)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
-                                     reduction="sum").item()
-            count += tokens[:, 1:].numel()
+            inputs, targets, kwargs = self.inputs_and_targets(batch)
+            logits, _ = self.run(model, inputs, usage=usage, **kwargs)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                     ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **usage.metrics()}
 
@@ -184,13 +240,26 @@ class MaskedLM(Objective):
         targets = torch.where(chosen, tokens, -100)
         return inputs, targets
 
+    def corrupt_batch(self, batch: dict[str, Tensor], generator: torch.Generator
+                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Corrupted inputs, targets and the model's keyword arguments; in packed rows, padding is never a target
+        and each token sees only its own document (in both directions)."""
+        inputs, targets = self.corrupt(batch["tokens"][:, :-1], generator)
+        if not _is_packed(batch):
+            return inputs, targets, {}
+        kwargs = _packed_inputs(batch)
+        return inputs, targets.masked_fill(~kwargs["attention_mask"], -100), kwargs
+
     def loss(self, model, batch, generator):
-        tokens = batch["tokens"][:, :-1]
-        inputs, targets = self.corrupt(tokens, generator)
-        logits, aux_loss = self.run(model, inputs)
+        inputs, targets, kwargs = self.corrupt_batch(batch, generator)
+        logits, aux_loss = self.run(model, inputs, **kwargs)
+        if kwargs:
+            return self.with_aux(_mean_over_targets(logits, targets, self.config.label_smoothing), aux_loss)
         return self.with_aux(_cross_entropy(logits, targets, self.config.label_smoothing), aux_loss)
 
     def units(self, batch):
+        if _is_packed(batch):
+            return int((batch["document_ids"][:, :-1] >= 0).sum())
         return batch["tokens"][:, :-1].numel()
 
     @torch.no_grad()
@@ -200,8 +269,8 @@ class MaskedLM(Objective):
         generator = step_generator(0, 7)  # the same corruption every evaluation
         total, correct, count, usage = 0.0, 0, 0, ExpertUsage()
         for batch in batches:
-            inputs, targets = self.corrupt(batch["tokens"][:, :-1], generator)
-            logits, _ = self.run(model, inputs, usage=usage)
+            inputs, targets, kwargs = self.corrupt_batch(batch, generator)
+            logits, _ = self.run(model, inputs, usage=usage, **kwargs)
             chosen = targets != -100
             total += F.cross_entropy(logits[chosen].float(), targets[chosen], reduction="sum").item()
             correct += (logits[chosen].argmax(-1) == targets[chosen]).sum().item()
@@ -220,8 +289,29 @@ class Classification(Objective):
                               hint=f"the model's head is {model_config.head.kind!r}")
 
     def loss(self, model, batch, generator):
+        if self.config.exit_loss_weight:
+            return self.loss_with_exits(model, batch)
         logits, aux_loss = self.run(model, batch["inputs"])
         return self.with_aux(_cross_entropy(logits, batch["labels"], self.config.label_smoothing), aux_loss)
+
+    def loss_with_exits(self, model, batch) -> Tensor:
+        """Deep supervision for early exit (objective.exit_loss_weight): the final loss plus the weight times the
+        mean loss of the exits after every earlier layer, each the model's final norm and head on that layer's state
+        (formerkit.nn.early_exit.exit_logits), so the shared head learns to read every depth."""
+        from formerkit.nn.early_exit import exit_logits
+
+        output = model(batch["inputs"], output_hidden_states=True)
+        if self.has_experts(model) and self.training_usage is not None:
+            self.training_usage.add(output)
+        labels, smoothing = batch["labels"], self.config.label_smoothing
+        loss = _cross_entropy(output.logits, labels, smoothing)
+        intermediate = output.hidden_states[1:-1]  # the stack's input and last layer's output are not exits
+        if intermediate:
+            core = getattr(model, "module", model)  # the formerkit model inside a DDP wrapper
+            exits = torch.stack([_cross_entropy(exit_logits(core, state), labels, smoothing)
+                                 for state in intermediate])
+            loss = loss + self.config.exit_loss_weight * exits.mean()
+        return self.with_aux(loss, output.aux_loss)
 
     @torch.no_grad()
     def evaluate(self, model, batches):

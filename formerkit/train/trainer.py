@@ -25,7 +25,7 @@ from formerkit.data.base import step_generator
 from formerkit.errors import FormerkitError
 from formerkit.train import distributed
 from formerkit.train.config import TrainConfig, load_recipe
-from formerkit.train.objectives import Objective, make_objective
+from formerkit.train.objectives import ExpertUsage, Objective, make_objective
 from formerkit.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["RunError", "TrainResult", "build_optimizer", "layer_ids", "lr_factor", "resolve_precision", "train"]
@@ -206,6 +206,23 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
     config.to_yaml(recipe_file)
 
 
+def _training_usage(objective: Objective, dist) -> dict[str, float]:
+    """The expert-usage metrics of the training passes since the last call (all processes' passes), and a fresh
+    collector for the next ones; {} for a dense model."""
+    usage = objective.training_usage
+    if usage is None:
+        return {}
+    objective.training_usage = ExpertUsage()
+    if not usage.batches:
+        return {}
+    if dist.active:
+        # distributed: every process ran its share of each micro-batch; add up their assignments and average their
+        # auxiliary losses (each process ran the same number of passes).
+        usage.counts = dist.mean(usage.counts.double()) * dist.world_size
+        usage.aux_loss = dist.mean(usage.aux_loss)
+    return usage.metrics()
+
+
 def _evaluate(objective: Objective, model: nn.Module, bundle: DataBundle, split: str, config: TrainConfig,
               autocast) -> dict[str, float]:
     data = bundle.split(split)
@@ -244,6 +261,10 @@ def train(recipe: TrainConfig | str | Path, out_dir: str | Path, *, resume: bool
     if config.then is not None:
         first = train_stage(config, run_dir / "stage1", resume=resume and (run_dir / "stage1").exists(),
                             console=console)
+        if first.summary.get("status") == "interrupted":
+            # Stopped (SIGINT/SIGTERM) during the first stage: the second must not start from half-trained weights.
+            # --resume finishes the first stage, then runs the second.
+            return first
         second = config.next_stage()
         return train_stage(second, run_dir, resume=resume and (run_dir / "recipe.yaml").exists(),
                            console=console, initialize_from=first.run_dir / "model", previous=first.summary)
@@ -288,6 +309,10 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     if schedule.batch_size % (schedule.grad_accum * dist.world_size):
         raise RunError(f"schedule.batch_size ({schedule.batch_size}) must split evenly into grad_accum "
                        f"({schedule.grad_accum}) x processes ({dist.world_size})")
+    soft = model_config.attention.soft_causal_steps
+    if soft is not None and soft > schedule.steps:
+        raise RunError(f"model attention.soft_causal_steps ({soft}) exceeds schedule.steps ({schedule.steps}): the "
+                       "causal mask would not be fully in place when training ends")
     model = build_model(model_config)
     copied = _load_previous_stage(model, initialize_from) if initialize_from is not None else []
     trained = objective.wrap_model(model).to(dist.device)
@@ -316,6 +341,9 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     dtype = resolve_precision(run.precision, dist.device)
     autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype is not None else nullcontext
     log = _Log(run_dir / "metrics.jsonl", dist.is_main, start_step if resume else None)
+    if dist.is_main and console is not None and bundle.description:
+        # What was read, and how (packed rows say how full they are and how many documents were cut into pieces).
+        console.print(f"data: {bundle.description}", highlight=False)
     if dist.is_main and not resume and initialize_from is not None and console is not None:
         console.print(f"initialized {len(copied)} tensors from {initialize_from}")
 
@@ -335,9 +363,14 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
                                "elapsed": elapsed_before + time.perf_counter() - started})
         dist.barrier()
 
+    # Mixture-of-experts models: the training passes' expert usage, logged with each train record (moe_load_max,
+    # moe_load_entropy, moe_aux_loss over the steps since the previous one). Collected as tensors, read at log time.
+    objective.training_usage = ExpertUsage() if objective.has_experts(trained) else None
+
     trained.train()
     with _StopSignal() as stop, progress:
         while step < schedule.steps:
+            model.set_training_step(step)  # schedules that follow training (attention.soft_causal_steps)
             # The global batch, augmented as a whole, so how it is split (accumulation, processes) changes nothing.
             global_batch = bundle.train.take(bundle.train.sample_indices(schedule.batch_size, run.seed, step))
             if bundle.augment is not None:
@@ -371,11 +404,12 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
             if step % run.log_every == 0 or step == schedule.steps:
                 now = time.perf_counter()
                 rate = units * dist.world_size / max(now - window_start, 1e-9)
+                moe = _training_usage(objective, dist)
                 log.write({"step": step, "kind": "train", "loss": mean_loss, "lr": max(scheduler.get_last_lr()),
-                           f"{bundle.unit}_per_s": rate,
+                           f"{bundle.unit}_per_s": rate, **moe,
                            "elapsed": elapsed_before + now - started})
                 units, window_start = 0, now
-                progress.advance(step, mean_loss, rate, bundle.unit)
+                progress.advance(step, mean_loss, rate, bundle.unit, moe.get("moe_load_max"))
             else:
                 progress.advance(step, None, None, bundle.unit)
 
@@ -455,10 +489,12 @@ class _Progress:
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)
 
-    def advance(self, step, loss, rate, unit):
+    def advance(self, step, loss, rate, unit, load_max=None):
         fields = {}
         if loss is not None:
             fields["status"] = f"loss {loss:.4f}  {rate:,.0f} {unit}/s"
+            if load_max is not None:  # mixture of experts: how unevenly the experts were loaded (1 = evenly)
+                fields["status"] += f"  expert load {load_max:.2f}"
         self.bar.update(self.task, completed=step, **fields)
 
     def note(self, step, metrics):

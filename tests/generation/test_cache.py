@@ -144,6 +144,55 @@ def test_a_failed_pass_leaves_the_cache_unchanged():
     assert (cached - recompute_last_logits(model, ids, None)).abs().max().item() <= TOL
 
 
+# ----- rolling buffers of sliding-window layers -----
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("options", [
+    {"attention.sliding_window": 3},
+    {"attention.sliding_window": 4, "attention.num_kv_heads": 2, "attention.sliding_window_layers": [0]},
+    {"attention.sliding_window": 3, "attention.global_tokens": 2},
+])
+def test_rolling_window_cache_equals_recompute_far_beyond_the_window(position, options):
+    model = make_model(position=position, **options)
+    ids, mask = left_padded([20, 13, 6], 20, seed=8)
+    cache = KVCache.for_model(model, 3, 20)
+    window, glob = model.config.attention.sliding_window, model.config.attention.global_tokens
+    for layer, windowed in enumerate(model.decoder.windowed):
+        # Window layers keep global + window slots, whatever the length; the others keep every token.
+        assert cache.keys[layer].shape[2] == (glob + window if windowed else 20)
+    # Prompt pieces longer than the window, then one token at a time, far past the window.
+    assert check_steps(model, ids, mask, [7, 5] + [1] * 8) <= TOL
+
+
+@pytest.mark.parametrize("options", [{"attention.sliding_window": 3},
+                                     {"attention.sliding_window": 4, "attention.global_tokens": 1}])
+def test_generation_with_rolling_buffers_matches_the_naive_loop(options):
+    model = make_model(position="rope", **options)
+    ids, mask = left_padded([9, 4], 9, seed=9)
+    assert torch.equal(model.generate(ids, 12, attention_mask=mask, temperature=0), naive_greedy(model, ids, mask, 12))
+
+
+def test_a_failed_pass_leaves_rolling_buffers_unchanged():
+    model = make_model(**{"attention.sliding_window": 3})
+    ids, _ = left_padded([10], 10, seed=10)
+    cache = KVCache.for_model(model, 1, 10)
+    with torch.no_grad():
+        model(ids[:, :6], cache=cache)
+        before = [buffer.clone() for buffer in cache.keys + cache.values], cache.slot_tokens.clone()
+        broken = model.decoder.blocks[1].feedforward
+        original = broken.forward
+        broken.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            model(ids[:, 6:7], cache=cache)  # layer 0 wrote into its rolling slot before layer 1 failed
+        broken.forward = original
+        after = [buffer for buffer in cache.keys + cache.values]
+        assert all(torch.equal(a, b) for a, b in zip(before[0], after))
+        assert torch.equal(before[1], cache.slot_tokens) and cache.length == 6
+        cached = model(ids[:, 6:7], cache=cache)[:, -1]
+    assert (cached - recompute_last_logits(model, ids[:, :7], None)).abs().max().item() <= TOL
+
+
 # ----- generation -----
 
 

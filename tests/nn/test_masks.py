@@ -444,3 +444,40 @@ def test_prepare_adds_a_bias_and_blocks_where_the_mask_forbids():
     torch.testing.assert_close(summed.value, bias + extra, rtol=0, atol=1e-6)
     # bias alone
     assert torch.equal(prepare_attention_mask(None, 4, 4, bias=bias).value, bias)
+
+
+# ----- block-causal masks and masks at chosen positions -----
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_block_causal_mask_sees_its_own_segment_and_earlier_ones(offset):
+    from formerkit.nn.masks import BlockCausalMask
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 3], [0, 1, 1, 1, 1, 1, 2, 2, 2]])
+    mask = BlockCausalMask(segments)
+    ids = segments.tolist()
+    expected = by_loops(lambda b, i, j: ids[b][j] <= ids[b][i], 9 - offset, 9, query_offset=offset, batch=2)
+    assert torch.equal(full(mask.materialize(9 - offset, 9, query_offset=offset), 2, 1, 9 - offset, 9), expected)
+    assert mask.defines_order and mask.batch_size() == 2
+    with pytest.raises(InputError, match="BlockCausalMask: expected an integer tensor"):
+        BlockCausalMask(torch.zeros(2, 3))
+
+
+def test_every_mask_at_chosen_positions_equals_its_dense_picture_read_there():
+    from formerkit.nn.masks import BlockCausalMask, SoftCausalMask
+
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.rand(2, 12, generator=generator) < 0.8
+    masks = [CausalMask(), SlidingWindowMask(3, global_tokens=2), KeyPaddingMask(keep),
+             PrefixLMMask(torch.tensor([2, 5])), DocumentMask(torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3])),
+             BlockCausalMask(torch.tensor([[0] * 4 + [1] * 8, [0, 1] * 6]).cumsum(1)), SoftCausalMask(0.5),
+             TensorMask(torch.randn(2, 1, 12, 12, generator=generator)),
+             CausalMask() & KeyPaddingMask(keep) & SlidingWindowMask(4)]
+    queries = torch.tensor([[0, 5, 11], [3, 4, 7]])  # two blocks of three queries
+    keys = torch.tensor([[0, 1, 2, 9], [11, 3, 3, 6]])  # any keys, in any order, repeats allowed
+    for mask in masks:
+        dense = mask.materialize(12, 12).expand(2, 1, 12, 12)
+        picked = mask.materialize_at(queries, keys, num_keys=12).expand(2, 1, 2, 3, 4)
+        for block in range(2):
+            expected = dense[:, :, queries[block]][:, :, :, keys[block]]
+            assert torch.equal(picked[:, :, block], expected), mask

@@ -202,3 +202,19 @@ def test_ema_with_fsdp_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(RunError, match="optim.ema_decay is not supported with run.strategy fsdp"):
         train("cct-digits", tmp_path / "run", overrides={**FSDP, "run.strategy": "fsdp", "optim.ema_decay": 0.9})
     assert not (tmp_path / "run").exists()
+
+
+def test_ddp_logs_the_expert_load_of_every_process_passes(tmp_path):
+    # Mixture of experts: each process routes its share of the batch; the logged load adds up their assignments, so
+    # it is the single-process run's.
+    overrides = {**TINY, "schedule.steps": 4, "run.log_every": 2, "eval.every": 4, "model.num_experts": 4,
+                 "optim.lr": 1e-12}  # the weights stay as initialized: no rounding difference can flip a routing
+    _run(_torchrun(tmp_path / "two", overrides))
+    train("cct-digits", tmp_path / "one", overrides=overrides)
+    two, one = _records(tmp_path / "two"), _records(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 4]
+    for a, b in zip(two, one):
+        assert a["moe_load_max"] == pytest.approx(b["moe_load_max"], rel=1e-6)
+        assert a["moe_load_entropy"] == pytest.approx(b["moe_load_entropy"], rel=1e-6)
+        # Each process's balancing loss sees half the tokens: close to, not equal to, the whole batch's.
+        assert a["moe_aux_loss"] == pytest.approx(b["moe_aux_loss"], rel=0.05)

@@ -147,3 +147,57 @@ def test_every_shipped_recipe_is_valid_and_listed():
         recipe = load_recipe(name)
         assert recipe.name == name
         assert TrainConfig.from_dict(recipe.to_dict()) == recipe
+
+
+def test_char_lm_long_trains_with_local_attention_blocks_experts_and_packed_rows(tmp_path, tiny, monkeypatch):
+    from formerkit.nn.attention import Attention
+
+    blockwise = []
+    original = Attention._blockwise
+    monkeypatch.setattr(Attention, "_blockwise", lambda self, *args: blockwise.append(1) or original(self, *args))
+    result = train("char-lm-long", tmp_path / "run", overrides=tiny("char-lm-long"))
+    assert blockwise  # the window layers ran block by block on 160-token rows
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if r["kind"] == "train"]
+    assert all(math.isfinite(r["loss"]) and "moe_load_max" in r for r in trained)
+    assert math.isfinite(result.summary["test_loss"] if "test_loss" in result.summary else result.summary[
+        "valid_loss"])
+
+
+def test_soft_causal_mask_fades_in_over_the_training_steps(tmp_path, tiny, monkeypatch):
+    from formerkit.models.transformer import Transformer
+
+    strengths = []
+    original = Transformer.set_training_step
+
+    def record(self, step):
+        original(self, step)
+        strengths.append(self.soft_causal_strength)
+
+    monkeypatch.setattr(Transformer, "set_training_step", record)
+    # iLLaMA's setting: a causal (decoder) ViT classifying from its last token.
+    overrides = tiny("vit-digits", **{"model.arch": "decoder", "model.pooling": "last",
+                                      "model.attention.soft_causal_steps": 4})
+    train("vit-digits", tmp_path / "run", overrides=overrides)
+    assert strengths == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    with pytest.raises(formerkit.train.trainer.RunError, match="soft_causal_steps"):
+        train("vit-digits", tmp_path / "long", overrides={**overrides, "model.attention.soft_causal_steps": 50})
+
+
+def test_an_interrupted_first_stage_does_not_start_the_second(tmp_path, tiny, monkeypatch):
+    from formerkit.train import trainer
+
+    stages = []
+    real = trainer.train_stage
+
+    def stopping(config, run_dir, **kwargs):
+        result = real(config, run_dir, **kwargs)
+        stages.append(run_dir.name)
+        if run_dir.name == "stage1" and len(stages) == 1:
+            result.summary["status"] = "interrupted"  # as after SIGTERM: checkpointed, stopped
+        return result
+
+    monkeypatch.setattr(trainer, "train_stage", stopping)
+    result = train("mae-digits", tmp_path / "run", overrides=tiny("mae-digits"))
+    assert stages == ["stage1"] and result.summary["status"] == "interrupted"
+    assert not (tmp_path / "run" / "recipe.yaml").exists()  # the fine-tuning stage never began
