@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument("--skip-cct", action="store_true")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads while measuring (default 1: with several threads, work elsewhere on the "
+                             "machine stalls their barriers and the timings swing by several times)")
     args = parser.parse_args()
     root = Path(args.runs)
     torch.manual_seed(0)
@@ -140,6 +143,7 @@ def main() -> None:
     if args.exit_loss_weight is not None:
         deep = run_dir(root, f"vit-digits-exit{args.exit_loss_weight:g}", "vit-digits",
                        {"objective.exit_loss_weight": args.exit_loss_weight})
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("### Token merging\n")
     print(token_merging_table("vit-digits", vit, [parse_schedule(r) for r in args.vit_r], args.batch_size,

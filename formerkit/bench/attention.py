@@ -144,8 +144,11 @@ def _peak_in_fresh_process(kind: str, seq_len: int, window: int, heads: int, hea
     code = ("import json, torch; from formerkit.bench.attention import _peak_memory; "
             f"print(json.dumps(_peak_memory({kind!r}, {seq_len}, {window}, {heads}, {head_dim}, "
             f"torch.{str(dtype).split('.')[-1]}, {device!r})))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
-                            check=False)
+    # glibc keeps freed medium-sized blocks (up to its adaptive mmap threshold) in the heap, so peak resident memory
+    # would count what the allocator holds on to; a fixed threshold returns every large block when it is freed, so
+    # what is measured is what the computation holds at once.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"bench attention: measuring the memory of {kind} at {seq_len} tokens failed:\n"
                            f"{result.stderr[-2000:]}")

@@ -22,9 +22,12 @@ __all__ = ["blockwise_attention", "grouped_sdpa"]
 # SDPA's enable_gqa arrived in torch 2.5; older versions repeat the key/value heads instead.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
-# Score elements per group of blocks (about 8 MB in float32): large enough that the per-group Python work is small,
-# small enough that a group's scores and their gradients stay small.
-GROUP_ELEMENTS = 2**21
+# Score elements per group of blocks (1 MB in float32): large enough that the per-group Python work is small, small
+# enough that a group's scores and their gradients stay small. Window 256 over 16K tokens, 6 heads x 64, fwd+bwd:
+# 2^18 -> 411 ms and 143 MB above the inputs, 2^20 -> 478 ms and 166 MB, 2^21 -> 410 ms and 201 MB.
+GROUP_ELEMENTS = 2**18
+# Forward groups are this many times larger.
+FORWARD_GROUPS = 8
 
 
 def grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout: float = 0.0,
@@ -80,11 +83,33 @@ def _group_queries(x: Tensor, start: int, stop: int, block: int) -> Tensor:
     return rows.reshape(x.shape[0], x.shape[1], stop - start, block, x.shape[3])
 
 
-def _group_keys(x: Tensor, blocked: BlockedMask, start: int, stop: int) -> Tensor:
-    """The window keys of blocks [start, stop) of x [batch, kv_heads, tokens, d]: [batch, kv_heads, blocks, keys, d]
-    (slots holding no key read token 0; the mask blocks them)."""
-    index = blocked.key_index[start:stop].clamp(0, x.shape[2] - 1)
-    return x.index_select(2, index.flatten()).view(x.shape[0], x.shape[1], stop - start, index.shape[1], x.shape[3])
+class _WindowKeys:
+    """The window keys of groups of blocks from x [batch, kv_heads, tokens, d], as [batch, kv_heads, blocks, keys, d].
+
+    With ``views``, one sequence and no global tokens, the windows are overlapping views of one zero-padded copy (no
+    gathering: one copy of the keys per call, not one per block; faster, but the copy lives as long as this object);
+    otherwise each group's keys are gathered by position (slots holding no key read token 0, which the mask
+    blocks)."""
+
+    def __init__(self, x: Tensor, blocked: BlockedMask, views: bool = True):
+        self.x, self.blocked = x, blocked
+        self.padded = None
+        if views and x.shape[0] == 1 and not blocked.global_tokens:
+            blocks = -(-x.shape[2] // blocked.block)
+            after = blocks * blocked.block - x.shape[2] + blocked.after
+            # [1, before + blocks * block + after, kv_heads, d], token-major so each window is one strided view.
+            self.padded = F.pad(x.transpose(1, 2), (0, 0, 0, 0, blocked.before, after))
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        x, blocked = self.x, self.blocked
+        if self.padded is None:
+            index = blocked.key_index[start:stop].clamp(0, x.shape[2] - 1)
+            return x.index_select(2, index.flatten()).view(x.shape[0], x.shape[1], stop - start, index.shape[1],
+                                                           x.shape[3])
+        span = blocked.before + blocked.block + blocked.after
+        rows = self.padded[:, start * blocked.block:(stop - 1) * blocked.block + span]
+        # unfold: [1, blocks, kv_heads, d, span] -> [1, kv_heads, blocks, span, d]
+        return rows.unfold(1, span, blocked.block).permute(0, 2, 1, 4, 3)
 
 
 def _group_mask(tensor: Tensor | None, blocks: int, start: int, stop: int) -> Tensor | None:
@@ -108,7 +133,7 @@ def _local_with_autograd(q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, 
     batch, heads, length, _ = q.shape
     blocks = _num_blocks(length, blocked)
     queries = _group_queries(q, 0, blocks, blocked.block)
-    keys, values = _group_keys(k, blocked, 0, blocks), _group_keys(v, blocked, 0, blocks)
+    keys, values = _WindowKeys(k, blocked)(0, blocks), _WindowKeys(v, blocked)(0, blocks)
     out = grouped_sdpa(*(x.transpose(1, 2).reshape(batch * blocks, x.shape[1], *x.shape[3:])
                          for x in (queries, keys, values)),
                        _as_sdpa_mask(blocked.value, q.dtype, batch, blocks), dropout, False, scale)
@@ -139,11 +164,13 @@ class _LocalAttention(torch.autograd.Function):
         batch, heads, length, _ = q.shape
         blocks, block = _num_blocks(length, blocked), blocked.block
         out = q.new_empty(batch, heads, blocks * block, v.shape[-1])
-        per_block = batch * heads * block * blocked.key_index.shape[1]
+        # Forward keeps no scores (SDPA's fused kernel), so its groups can be larger than backward's.
+        per_block = batch * heads * block * blocked.key_index.shape[1] // FORWARD_GROUPS
+        window_keys, window_values = _WindowKeys(k, blocked), _WindowKeys(v, blocked)
         for start, stop in _groups(blocks, per_block):
             group = stop - start
             queries = _group_queries(q, start, stop, block)
-            keys, values = _group_keys(k, blocked, start, stop), _group_keys(v, blocked, start, stop)
+            keys, values = window_keys(start, stop), window_values(start, stop)
             mask = _group_mask(blocked.value, blocks, start, stop).transpose(1, 2)
             mask = _as_sdpa_mask(mask.reshape(-1, *mask.shape[2:]), q.dtype, batch, group)
             result = grouped_sdpa(*(x.transpose(1, 2).reshape(batch * group, x.shape[1], *x.shape[3:])
@@ -152,7 +179,7 @@ class _LocalAttention(torch.autograd.Function):
             empty = _group_mask(blocked.empty_rows, blocks, start, stop)
             if empty is not None:
                 result = result.masked_fill(empty, 0.0)
-            out[:, :, start * block:stop * block] = result.reshape(batch, heads, group * block, -1)
+            out.view(batch, heads, blocks, block, -1)[:, :, start:stop] = result
         out = out[:, :, :length]
         ctx.save_for_backward(q, k, v, out)
         ctx.blocked, ctx.scale = blocked, scale
@@ -174,11 +201,13 @@ class _LocalAttention(torch.autograd.Function):
             return x.view(x.shape[0], -1 if x.shape[1] == heads else 1, share if x.shape[1] == heads else 1,
                           *x.shape[2:])
 
+        # Gathered per group, not viewed from padded copies: backward's memory peak would hold those copies too.
+        window_keys, window_values = _WindowKeys(k, blocked, views=False), _WindowKeys(v, blocked, views=False)
         for start, stop in _groups(blocks, per_block):
             group = stop - start
             queries = by_group(_group_queries(q, start, stop, block))  # [b, kv, share, group, block, dim]
-            keys = _group_keys(k, blocked, start, stop).unsqueeze(2)  # [b, kv, 1, group, keys, dim]
-            values = _group_keys(v, blocked, start, stop).unsqueeze(2)
+            keys = window_keys(start, stop).unsqueeze(2)  # [b, kv, 1, group, keys, dim]
+            values = window_values(start, stop).unsqueeze(2)
             d_out = by_group(_group_queries(grad_out, start, stop, block))
             outputs = by_group(_group_queries(out, start, stop, block))
             # The probabilities again, as forward computed them.

@@ -76,15 +76,16 @@ def dense_window_reference(q, k, v, mask, length, window, global_tokens=0, causa
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window,length,global_tokens", [(5, 150, 0), (64, 300, 0), (7, 200, 3), (70, 150, 2)])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_blockwise_window_equals_dense_banded_attention(causal, window, length, global_tokens, kv_heads):
+@pytest.mark.parametrize("batch", [2, 1])  # one sequence reads its windows as views, several gather them
+def test_blockwise_window_equals_dense_banded_attention(causal, window, length, global_tokens, kv_heads, batch):
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, length, 8, generator=generator, dtype=torch.float64)
-    k, v = (torch.randn(2, kv_heads, length, 8, generator=generator, dtype=torch.float64) for _ in range(2))
-    keep = torch.ones(2, length, dtype=torch.bool)
-    keep[1, :11] = False  # row 1 is left-padded: its first queries see no key at all
+    q = torch.randn(batch, 4, length, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(batch, kv_heads, length, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    keep = torch.ones(batch, length, dtype=torch.bool)
+    keep[-1, :11] = False  # the last row is left-padded: its first queries see no key at all
     mask = KeyPaddingMask(keep)
     local = mask & SlidingWindowMask(window, global_tokens)
-    prepared = prepare_blocked_mask(CausalMask() & local if causal else local, length, window, batch=2,
+    prepared = prepare_blocked_mask(CausalMask() & local if causal else local, length, window, batch=batch,
                                     global_tokens=global_tokens)
     assert prepared.blocked is not None and prepared.value is None
     module = Attention(32, 4, kv_heads, 8).double()
@@ -93,28 +94,29 @@ def test_blockwise_window_equals_dense_banded_attention(causal, window, length, 
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("causal,global_tokens,kv_heads,alibi", [
-    (True, 0, 4, False), (False, 2, 2, False), (True, 3, 1, True), (False, 0, 4, True)])
+@pytest.mark.parametrize("causal,global_tokens,kv_heads,alibi,batch", [
+    (True, 0, 4, False, 2), (False, 2, 2, False, 2), (True, 3, 1, True, 2), (False, 0, 4, True, 2),
+    (True, 0, 2, False, 1), (False, 0, 4, True, 1)])
 def test_blockwise_backward_equals_autograd_through_the_same_computation(monkeypatch, causal, global_tokens,
-                                                                         kv_heads, alibi):
+                                                                         kv_heads, alibi, batch):
     from formerkit.nn import local_attention
     from formerkit.nn.positions import ALiBiPositions
 
     length, window = 150, 9
     generator = torch.Generator().manual_seed(7)
-    q = torch.randn(2, 4, length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(2, kv_heads, length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(batch, 4, length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(batch, kv_heads, length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
             for _ in range(2))
-    keep = torch.ones(2, length, dtype=torch.bool)
+    keep = torch.ones(batch, length, dtype=torch.bool)
     keep[0, :20] = False
     mask = KeyPaddingMask(keep) & SlidingWindowMask(window, global_tokens)
     positions = torch.arange(length).unsqueeze(0)
     slopes = ALiBiPositions(4)
     bias = ((lambda qi, ki: slopes.attention_bias(positions[:, qi.clamp(0, length - 1)],
                                                    positions[:, ki.clamp(0, length - 1)])) if alibi else None)
-    prepared = prepare_blocked_mask(CausalMask() & mask if causal else mask, length, window, batch=2,
+    prepared = prepare_blocked_mask(CausalMask() & mask if causal else mask, length, window, batch=batch,
                                     global_tokens=global_tokens, bias=bias)
-    grad = torch.randn(2, 4, length, 8, generator=generator, dtype=torch.float64)
+    grad = torch.randn(batch, 4, length, 8, generator=generator, dtype=torch.float64)
     results = []
     for reference in (False, True):
         if reference:  # the same blocks in one SDPA call, differentiated by autograd
