@@ -181,6 +181,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from formerkit.export import export_run
+
+    path, sidecar = export_run(args.target, args.format, args.out)
+    print(f"{path} ({args.format}); inputs, dynamic axes and preprocessing: {sidecar}")
+    return 0
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.replace(" ", "").split(",") if part]
@@ -284,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--trust-pickle", action="store_true",
                          help="allow reading a pickled pytorch_model.bin (refused by default)")
     convert.set_defaults(run=cmd_convert)
+
+    export = commands.add_parser("export", help="export a run's model to ONNX or a torch.export program (+ a JSON "
+                                                "sidecar), to run without formerkit")
+    export.add_argument("target", help="a run directory or a model directory")
+    export.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    export.add_argument("--out", default=None,
+                        help="the file to write (default: beside the model directory, e.g. RUN/model.onnx)")
+    export.set_defaults(run=cmd_export)
 
     bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

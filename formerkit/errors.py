@@ -51,3 +51,7 @@ class InteropError(FormerkitError):
     """A checkpoint of another library (Hugging Face ``transformers``) cannot be converted faithfully: an unknown
     model type, a config value formerkit does not reproduce, a missing or unexpected weight, or a formerkit model with
     no equivalent in that library."""
+
+
+class ExportError(FormerkitError):
+    """A model, or one of its parts, cannot be exported to the format asked for (ONNX, ``torch.export``)."""

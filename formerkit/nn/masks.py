@@ -433,11 +433,14 @@ def _with_bias(value: Tensor | None, bias: Tensor | None) -> Tensor | None:
 
 def _open_empty_rows(value: Tensor) -> tuple[Tensor, Tensor | None]:
     """Rows with no allowed key opened up (so softmax sees no all ``-inf`` row) and reported, or None."""
+    # Exported graphs (ONNX, torch.export) keep the general path: skipping it is a data-dependent branch they
+    # cannot hold, and opening no row with an all-False ``empty`` computes the same values.
+    tracing = torch.compiler.is_exporting() or torch.jit.is_tracing()
     if value.dtype == torch.bool:
         empty = ~value.any(dim=-1, keepdim=True)
-        return (value | empty, empty) if bool(empty.any()) else (value, None)
+        return (value | empty, empty) if tracing or bool(empty.any()) else (value, None)
     empty = (value == float("-inf")).all(dim=-1, keepdim=True)
-    return (value.masked_fill(empty, 0.0), empty) if bool(empty.any()) else (value, None)
+    return (value.masked_fill(empty, 0.0), empty) if tracing or bool(empty.any()) else (value, None)
 
 
 def prepare_attention_mask(mask: Mask | None, num_queries: int, num_keys: int, *, query_offset: int = 0,
