@@ -241,9 +241,9 @@ class AttentionConfig(_Section):
     sliding_window_layers: tuple[int, ...] | None = None
     # With a window: the first `global_tokens` tokens see every token and every token sees them (Longformer).
     global_tokens: int = 0
-    # softmax: scaled dot products; linear: softmax replaced by the kernel elu(x) + 1 (Katharopoulos et al., "Transformers
-    # are RNNs"), linear in length; l2: scores are minus squared distances -|q - k|^2 / sqrt(head_dim) (the L2
-    # attention of Ma et al., "Plain Transformers Can be Powerful Graph Learners").
+    # softmax: scaled dot products; linear: softmax replaced by the kernel elu(x) + 1 (Katharopoulos et al.,
+    # "Transformers are RNNs"), linear in length; l2: scores are minus squared distances -|q - k|^2 / sqrt(head_dim)
+    # (the L2 attention of Ma et al., "Plain Transformers Can be Powerful Graph Learners").
     kind: str = _choice("softmax", ATTENTION_KINDS)
     # Which layers use `kind` (by index); the others use softmax. None means every layer.
     kind_layers: tuple[int, ...] | None = None
@@ -625,7 +625,8 @@ class ModelConfig(_Section):
                               hint=f"stem.kind is {stem.kind!r}")
         if attention.gaussian_mixture and attention.kind == "linear" and attention.kind_layers is None:
             raise ConfigError("attention.gaussian_mixture", attention.gaussian_mixture,
-                              "0 when every layer uses linear attention (it scales scores linear attention never forms)")
+                              "0 when every layer uses linear attention (it scales scores that linear attention "
+                              "never forms)")
         if attention.soft_causal_steps is not None and (self.arch != "decoder" or self.head.kind == "lm"):
             raise ConfigError("attention.soft_causal_steps", attention.soft_causal_steps,
                               "null unless the model is a decoder with a head other than 'lm'",

@@ -187,10 +187,10 @@ def format_table(records: list[dict]) -> str:
              "|---:|---|---:|---:|---:|---:|---:|"]
     for record in records:
         base = full.get(record["seq_len"])
-        ratio = (lambda key: f"{base[key] / record[key]:.1f}x") if base else (lambda key: "")
+        ratios = [f"{base[key] / record[key]:.1f}x" if base else "" for key in ("fwd_ms", "fwd_bwd_ms")]
         peak = "" if record.get("peak_mb") is None else f"{record['peak_mb']:.0f}"
         lines.append(f"| {record['seq_len']} | {record['kind']} | {record['fwd_ms']:.1f} | "
-                     f"{record['fwd_bwd_ms']:.1f} | {peak} | {ratio('fwd_ms')} | {ratio('fwd_bwd_ms')} |")
+                     f"{record['fwd_bwd_ms']:.1f} | {peak} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 

@@ -99,7 +99,8 @@ class TransformerStack(nn.Module):
         return "linear" in self.kinds
 
     def forward(self, hidden: Tensor, mask: PreparedMask | None, *, window_mask: PreparedMask | None = None,
-                linear_mask: PreparedMask | None = None, rotary: tuple[Tensor, Tensor] | None = None, memory: Tensor | None = None,
+                linear_mask: PreparedMask | None = None, rotary: tuple[Tensor, Tensor] | None = None,
+                memory: Tensor | None = None,
                 memory_mask: PreparedMask | None = None, output_hidden_states: bool = False,
                 output_attentions: bool = False, cache: KVCache | None = None, token_keep: Tensor | None = None,
                 routing: list[Routing] | None = None,
