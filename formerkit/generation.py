@@ -21,7 +21,7 @@ from torch import Tensor
 
 from formerkit.errors import InputError
 from formerkit.nn.cache import KVCache, StaticSlots
-from formerkit.nn.masks import KeyPaddingMask, PreparedMask, prepare_attention_mask
+from formerkit.nn.masks import KeyPaddingMask, PreparedMask, SlidingWindowMask, prepare_attention_mask
 
 __all__ = ["SamplingConfig", "generate", "stream"]
 
@@ -92,10 +92,11 @@ def _static_step(model, tokens: Tensor, positions: Tensor, slots: StaticSlots, k
     window = None
     if config.attention.sliding_window is not None:
         # The slots within the window before this token's slot (SlidingWindowMask counts slots, padding included).
-        slot_index = torch.arange(max_length, device=keep.device)
-        near = (slot_index > slots.slot - config.attention.sliding_window) | (
-            slot_index < config.attention.global_tokens)
-        window = _static_mask(allowed & near.view(1, 1, 1, max_length), bias)
+        # The window over slots, the slot being written as the query (slots after it are not filled yet).
+        local = SlidingWindowMask(config.attention.sliding_window, config.attention.global_tokens)
+        near = local.materialize_at(slots.slot.view(1, 1), torch.arange(max_length, device=keep.device).view(1, -1),
+                                    num_keys=max_length).squeeze(2)
+        window = _static_mask(allowed & near, bias)
     # Linear attention layers read the cache in their quadratic form, under the same mask without score biases.
     linear = _static_mask(allowed, None) if model.decoder.needs_linear_mask else None
     rotary = model.positions.rotary(positions, 1)

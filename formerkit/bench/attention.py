@@ -47,7 +47,7 @@ def _attend(kind: str, window: int):
         length = q.shape[2]
         if window >= length:  # no window to speak of: full attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        prepared = prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), length, window, batch=q.shape[0],
+        prepared = prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), length, window,
                                         device=q.device)
         return blockwise_attention(q, k, v, prepared.blocked)
 
@@ -121,7 +121,7 @@ def _peak_memory(kind: str, seq_len: int, window: int, heads: int, head_dim: int
         # The shape's mask is built once and cached, as in a model: build it before measuring.
         from formerkit.nn.masks import CausalMask, SlidingWindowMask, prepare_blocked_mask
 
-        prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), seq_len, window, batch=1, device=device)
+        prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), seq_len, window, device=device)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -19,7 +19,6 @@ from formerkit.nn.block import DropPath, TransformerBlock
 from formerkit.nn.cache import KVCache
 from formerkit.nn.heads import build_head
 from formerkit.nn.masks import (
-    AllOf,
     CausalMask,
     KeyPaddingMask,
     Mask,
@@ -27,6 +26,7 @@ from formerkit.nn.masks import (
     SlidingWindowMask,
     SoftCausalMask,
     _as_keep,
+    _parts,
     as_mask,
     prepare_attention_mask,
     prepare_blocked_mask,
@@ -264,7 +264,7 @@ class Transformer(nn.Module):
         return self.embedding_dropout(hidden), position_ids
 
     def _self_attention_masks(self, stack: TransformerStack, causal: bool, keep: Tensor | None, mask: Mask | None,
-                              batch: int, length: int, position_ids: Tensor | None, device,
+                              length: int, position_ids: Tensor | None, device,
                               cache: KVCache | None = None,
                               need_weights: bool = False) -> dict[str, PreparedMask | None]:
         """The masks the layers of ``stack`` share: ``mask`` (plain layers), ``window_mask`` (sliding-window
@@ -313,7 +313,7 @@ class Transformer(nn.Module):
                     query_offset=offset, bias=bias_at)
             # Blocks pay off once the sequence is longer than the window plus a couple of blocks.
             elif cache is None and not need_weights and length >= window + 2 * window_block_size(window):
-                masks["window_mask"] = prepare_blocked_mask(local, length, window, batch=batch,
+                masks["window_mask"] = prepare_blocked_mask(local, length, window,
                                                             global_tokens=attention.global_tokens, bias=bias_at,
                                                             device=device)
             else:
@@ -321,8 +321,7 @@ class Transformer(nn.Module):
                                                               bias=bias, device=device)
         if stack.needs_linear_mask:
             structural = combined is None or all(isinstance(part, (CausalMask, KeyPaddingMask))
-                                                 for part in (combined.parts if isinstance(combined, AllOf)
-                                                              else (combined,)))
+                                                 for part in _parts(combined))
             if cache is None and structural and bias is None:
                 masks["linear_mask"] = PreparedMask(is_causal=any(isinstance(part, CausalMask) for part in parts),
                                                     key_keep=keep)
@@ -379,8 +378,7 @@ class Transformer(nn.Module):
             mask = self._check_mask(mask, inputs.shape[0], length)
             hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids,
                                               token_type_ids=token_type_ids)
-            masks = self._self_attention_masks(stack, causal, keep, mask, inputs.shape[0], length, position_ids,
-                                               hidden.device,
+            masks = self._self_attention_masks(stack, causal, keep, mask, length, position_ids, hidden.device,
                                                need_weights=output_attentions)
         else:
             if position_ids is not None:
@@ -395,8 +393,8 @@ class Transformer(nn.Module):
             mask = self._check_mask(mask, inputs.shape[0], length, cache.length + length, cache.length)
             position_ids = cache.begin(keep, length)
             hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids)
-            masks = self._self_attention_masks(stack, causal, cache.key_keep(), mask, inputs.shape[0], length,
-                                               position_ids, hidden.device, cache, need_weights=output_attentions)
+            masks = self._self_attention_masks(stack, causal, cache.key_keep(), mask, length, position_ids,
+                                               hidden.device, cache, need_weights=output_attentions)
         rotary = self.positions.rotary(position_ids, length)
         memory_mask = None
         if memory is not None:

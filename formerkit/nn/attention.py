@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from formerkit.errors import InputError
 from formerkit.nn.cache import KVCache, StaticSlots
 from formerkit.nn.linear_attention import linear_attention, quadratic_form
-from formerkit.nn.local_attention import blockwise_attention, grouped_sdpa
+from formerkit.nn.local_attention import blockwise_attention, grouped_sdpa, repeat_kv
 from formerkit.nn.masks import BlockedMask, PreparedMask
 from formerkit.nn.norms import build_norm
 from formerkit.nn.positions import apply_rotary
@@ -173,9 +173,7 @@ def _meta_fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     keeps the whole probability matrix for backward. The fused CPU kernel that real runs use keeps only its output and
     log-sum-exp; calling it directly lets memory estimates match real runs. (Without autograd, the FLOP counter
     goes through SDPA, which it knows how to count.)"""
-    repeat = q.shape[1] // k.shape[1]
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    k, v = repeat_kv(q, k, v)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, is_causal,
                                                                       attn_mask=attn_mask, scale=scale)[0]
 
@@ -203,9 +201,7 @@ def attention_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
                       multiplier: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """softmax(multiplier * (q k^T * scale) + mask) v written out (scale 1/sqrt(d) by default; ``multiplier``
     [heads, queries, keys] scales the scores, as the Gaussian-mixture mask does), returning the probabilities too."""
-    repeat = q.shape[1] // k.shape[1]
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    k, v = repeat_kv(q, k, v)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if multiplier is not None:
         scores = scores * multiplier

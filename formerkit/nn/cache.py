@@ -50,6 +50,7 @@ class KVCache:
         self.slot_tokens = (torch.full((short[2],), -1, dtype=torch.long, device=device) if rolling else None)
         self._window_keys: Tensor | None = None
         self._pending_slots: Tensor | None = None
+        self._writes: tuple[Tensor, Tensor] | None = None
         # What this pass overwrote in rolling buffers, to put back if it fails.
         self._undo: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = []
         # Per slot: a real token (False for left padding) and its position.
@@ -134,15 +135,19 @@ class KVCache:
         return torch.where(token < glob, token, glob + (token - glob) % self.window)
 
     def _plan_rolling(self, start: int, end: int) -> None:
-        """Which token each key of the rolling layers is in this pass, and which slots the pass leaves behind."""
+        """Once per pass, for every rolling layer: which token each key attended over is, which slots the pass
+        writes (``_writes``: the slots and which of the pass's tokens goes to each) and what the slots hold after."""
         new = torch.arange(start, end, device=self.slot_tokens.device)
+        # Each slot keeps the latest of the new tokens that land in it (the last window of the pass, and any global
+        # tokens in it): the largest index per slot, by a reduction (duplicate indices in an index_put_ have no
+        # guaranteed winner).
+        latest = torch.full_like(self.slot_tokens, -1).scatter_reduce(0, self._slot_of(new), new - start, "amax")
+        written = (latest >= 0).nonzero().flatten()
+        self._writes = (written, latest[written])
         after = self.slot_tokens.clone()
-        # Of the new tokens, each slot keeps the latest that lands in it (index_put_ keeps the last write).
-        after[self._slot_of(new)] = new
-        if end - start == 1:
-            self._window_keys = after  # written in place, then attended over
-        else:
-            self._window_keys = torch.cat([self.slot_tokens, new])
+        after[written] = new[latest[written]]
+        # One token: written into its slot in place, then attended over; several: the slots, then the pass's keys.
+        self._window_keys = after if end - start == 1 else torch.cat([self.slot_tokens, new])
         self._pending_slots = after
 
     def window_key_index(self) -> Tensor:
@@ -174,27 +179,15 @@ class KVCache:
 
     def _update_rolling(self, key_buffer: Tensor, value_buffer: Tensor, keys: Tensor, values: Tensor, start: int,
                         end: int) -> tuple[Tensor, Tensor]:
-        count = end - start
-        if count == 1:
-            glob = self.global_tokens
-            slot = start if start < glob else glob + (start - glob) % self.window
-            self._undo.append((key_buffer, value_buffer, torch.tensor([slot], device=keys.device),
-                               key_buffer.narrow(2, slot, 1).clone(), value_buffer.narrow(2, slot, 1).clone()))
-            key_buffer.narrow(2, slot, 1).copy_(keys)
-            value_buffer.narrow(2, slot, 1).copy_(values)
-            return key_buffer, value_buffer
-        every_key = torch.cat([key_buffer, keys], dim=2), torch.cat([value_buffer, values], dim=2)
-        # Keep the latest token of each slot (the last window of the pass, and any global tokens in it).
-        new = torch.arange(start, end, device=keys.device)
-        slots = self._slot_of(new)
-        latest = torch.zeros(key_buffer.shape[2], dtype=torch.long, device=keys.device).fill_(-1)
-        latest[slots] = torch.arange(count, device=keys.device)
-        kept = (latest >= 0).nonzero().flatten()
-        self._undo.append((key_buffer, value_buffer, kept, key_buffer.index_select(2, kept),
-                           value_buffer.index_select(2, kept)))
-        key_buffer.index_copy_(2, kept, keys.index_select(2, latest[kept]))
-        value_buffer.index_copy_(2, kept, values.index_select(2, latest[kept]))
-        return every_key
+        # Several tokens attend over the slots as they were, followed by their own keys (copied before the writes).
+        result = ((key_buffer, value_buffer) if end - start == 1
+                  else (torch.cat([key_buffer, keys], dim=2), torch.cat([value_buffer, values], dim=2)))
+        slots, sources = self._writes
+        self._undo.append((key_buffer, value_buffer, slots, key_buffer.index_select(2, slots),
+                           value_buffer.index_select(2, slots)))
+        key_buffer.index_copy_(2, slots, keys.index_select(2, sources))
+        value_buffer.index_copy_(2, slots, values.index_select(2, sources))
+        return result
 
     def key_keep(self) -> Tensor | None:
         """[batch, end]: which cached keys are real tokens, or None if none is padding."""

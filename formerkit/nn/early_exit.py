@@ -86,8 +86,7 @@ def early_exit(model: nn.Module, inputs: Tensor, threshold: float | None, *, att
     masks = rotary = None
     for index in range(stack.num_layers):
         if masks is None:  # built for the rows still running; rebuilt when some leave
-            masks = model._self_attention_masks(stack, causal, keep, None, len(running), length, positions,
-                                                hidden.device)
+            masks = model._self_attention_masks(stack, causal, keep, None, length, positions, hidden.device)
             rotary = model.positions.rotary(positions, length)
         hidden, _ = stack.layer(index, hidden, masks["mask"], window_mask=masks["window_mask"],
                                 linear_mask=masks["linear_mask"], rotary=rotary, token_keep=keep)

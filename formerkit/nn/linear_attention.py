@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from formerkit.nn.local_attention import repeat_kv
+
 __all__ = ["feature_map", "linear_attention", "quadratic_form"]
 
 # Queries per chunk of the causal form: large enough for matrix products to be efficient, small enough that the
@@ -23,13 +25,6 @@ CHUNK = 64
 def feature_map(x: Tensor) -> Tensor:
     """elu(x) + 1: positive, so every normalizer is > 0 (Katharopoulos et al.)."""
     return F.elu(x) + 1.0
-
-
-def _repeat_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    repeat = q.shape[1] // k.shape[1]
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    return k, v
 
 
 def _normalize(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -43,7 +38,7 @@ def quadratic_form(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = Non
     """The reference: weights phi(q_i) . phi(k_j) where ``allowed`` (bool, broadcastable to [batch, heads, queries,
     keys]; None = all) permits, each row normalized to sum 1. q [batch, heads, queries, dim], k/v [batch, kv_heads,
     keys, dim]."""
-    k, v = _repeat_kv(q, k, v)
+    k, v = repeat_kv(q, k, v)
     weights = feature_map(q) @ feature_map(k).transpose(-2, -1)
     if allowed is not None:
         weights = weights.masked_fill(~allowed, 0.0)
@@ -54,7 +49,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_keep:
                      chunk: int = CHUNK) -> Tensor:
     """Linear attention over a whole sequence. ``causal``: each query sees keys at or before it; ``key_keep``
     [batch, keys] (True for a real token) leaves padding out. Equal to ``quadratic_form`` under the same mask."""
-    k, v = _repeat_kv(q, k, v)
+    k, v = repeat_kv(q, k, v)
     if causal:
         keep = None if key_keep is None else key_keep[:, None, :, None].to(k.dtype)
         return _CausalLinearAttention.apply(q, k, v, keep, chunk)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from formerkit.nn.masks import BlockedMask
 
-__all__ = ["blockwise_attention", "grouped_sdpa"]
+__all__ = ["blockwise_attention", "grouped_sdpa", "repeat_kv"]
 
 # SDPA's enable_gqa arrived in torch 2.5; older versions repeat the key/value heads instead.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -30,6 +30,15 @@ GROUP_ELEMENTS = 2**18
 FORWARD_GROUPS = 8
 
 
+def repeat_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values [batch, kv_heads, keys, d] with each head repeated for its group of query heads, for code
+    that needs one key/value head per query head (q [batch, heads, queries, d])."""
+    repeat = q.shape[1] // k.shape[1]
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return k, v
+
+
 def grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout: float = 0.0,
                  is_causal: bool = False, scale: float | None = None) -> Tensor:
     """SDPA with grouped key/value heads (repeated on torch versions whose SDPA cannot share them)."""
@@ -38,8 +47,7 @@ def grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = Non
         if _SDPA_HAS_GQA:
             extra["enable_gqa"] = True
         else:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            k, v = repeat_kv(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
                                           **extra)
 
@@ -95,8 +103,7 @@ class _WindowKeys:
         self.x, self.blocked = x, blocked
         self.padded = None
         if views and x.shape[0] == 1 and not blocked.global_tokens:
-            blocks = -(-x.shape[2] // blocked.block)
-            after = blocks * blocked.block - x.shape[2] + blocked.after
+            after = _num_blocks(x.shape[2], blocked) * blocked.block - x.shape[2] + blocked.after
             # [1, before + blocks * block + after, kv_heads, d], token-major so each window is one strided view.
             self.padded = F.pad(x.transpose(1, 2), (0, 0, 0, 0, blocked.before, after))
 
@@ -144,7 +151,8 @@ def _local_with_autograd(q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, 
 
 
 def _expand_blocks(tensor: Tensor, batch: int, blocks: int) -> Tensor:
-    """[batch|1 * blocks, ...] -> [batch * blocks, ...] (SDPA broadcasts a size-1 batch, not one of blocks)."""
+    """[batch|1 * blocks, ...] -> [batch * blocks, ...]: a mask shared by the rows (stored once, see
+    ``prepare_blocked_mask``) repeated for each, as SDPA broadcasts a size-1 batch but not one of blocks."""
     if tensor.shape[0] == blocks and batch > 1:
         tensor = tensor.unsqueeze(0).expand(batch, *tensor.shape).reshape(batch * blocks, *tensor.shape[1:])
     return tensor

@@ -476,8 +476,8 @@ def window_block_size(window: int) -> int:
     return 64
 
 
-def prepare_blocked_mask(mask: Mask, length: int, window: int, *, batch: int, global_tokens: int = 0,
-                         bias=None, device=None) -> PreparedMask:
+def prepare_blocked_mask(mask: Mask, length: int, window: int, *, global_tokens: int = 0, bias=None,
+                         device=None) -> PreparedMask:
     """``mask`` (which includes the window, a SlidingWindowMask of ``window``) prepared for blockwise attention over
     ``length`` tokens: memory and work grow with length x window, never length^2.
 
@@ -490,10 +490,10 @@ def prepare_blocked_mask(mask: Mask, length: int, window: int, *, batch: int, gl
     if bias is None and all(isinstance(part, (CausalMask, SlidingWindowMask)) for part in _parts(mask)):
         windows = tuple((part.window, part.global_tokens) for part in _parts(mask)
                         if isinstance(part, SlidingWindowMask))
-        key = (length, window, global_tokens, causal, windows, batch, str(device))
+        key = (length, window, global_tokens, causal, windows, str(device))
         if key in _BLOCKED_CACHE:
             return _BLOCKED_CACHE[key]
-    prepared = _prepare_blocked(mask, length, window, causal, batch, global_tokens, bias, device)
+    prepared = _prepare_blocked(mask, length, window, causal, global_tokens, bias, device)
     if key is not None:
         if len(_BLOCKED_CACHE) >= 8:
             _BLOCKED_CACHE.pop(next(iter(_BLOCKED_CACHE)))
@@ -505,7 +505,7 @@ def prepare_blocked_mask(mask: Mask, length: int, window: int, *, batch: int, gl
 _BLOCKED_CACHE: dict[tuple, PreparedMask] = {}
 
 
-def _prepare_blocked(mask: Mask, length: int, window: int, causal: bool, batch: int, global_tokens: int, bias,
+def _prepare_blocked(mask: Mask, length: int, window: int, causal: bool, global_tokens: int, bias,
                      device) -> PreparedMask:
     block = window_block_size(window)
     before, after = window - 1, 0 if causal else window - 1
@@ -518,16 +518,12 @@ def _prepare_blocked(mask: Mask, length: int, window: int, causal: bool, batch: 
         key = torch.cat([torch.arange(global_tokens, device=device).expand(blocks, global_tokens),
                          key.masked_fill(key < global_tokens, -1)], dim=1)
     value, empty = _open_empty_rows(_materialize_valid(mask, query, key, length, bias))
-    value = _blocks_first(value, batch)
-    empty = None if empty is None else _blocks_first(empty, batch)
+    value = _blocks_first(value)
+    empty = None if empty is None else _blocks_first(empty)
     global_rows = None
     if global_tokens:
-        rows = torch.arange(global_tokens, device=device).view(1, -1)
-        everything = torch.arange(length, device=device).view(1, -1)
-        dense = mask.materialize_at(rows, everything, num_keys=length)
-        dense = _with_bias(dense, None if bias is None else bias(rows, everything)).squeeze(2)
-        dense, dense_empty = _open_empty_rows(dense)
-        global_rows = PreparedMask(value=dense, empty_rows=dense_empty)
+        global_rows = prepare_mask_at(mask, torch.arange(global_tokens, device=device),
+                                      torch.arange(length, device=device), length, bias=bias)
     return PreparedMask(blocked=BlockedMask(block=block, before=before, after=after, global_tokens=global_tokens,
                                             value=value, key_index=key, empty_rows=empty, global_rows=global_rows))
 
@@ -552,9 +548,8 @@ def prepare_mask_at(mask: Mask, query_index: Tensor, key_index: Tensor, num_keys
     return PreparedMask(value=value, empty_rows=empty)
 
 
-def _blocks_first(value: Tensor, batch: int) -> Tensor:
-    """[batch | 1, heads | 1, blocks, queries, keys] -> [batch * blocks | blocks, heads | 1, queries, keys]."""
+def _blocks_first(value: Tensor) -> Tensor:
+    """[batch | 1, heads | 1, blocks, queries, keys] -> [batch * blocks | blocks, heads | 1, queries, keys] (a mask
+    the same for every row stays one; attention expands it a group of blocks at a time)."""
     value = value.transpose(1, 2)
-    if value.shape[0] == 1 and batch > 1:
-        value = value.expand(batch, *value.shape[1:])
     return value.reshape(-1, *value.shape[2:])

@@ -85,7 +85,7 @@ def test_blockwise_window_equals_dense_banded_attention(causal, window, length, 
     keep[-1, :11] = False  # the last row is left-padded: its first queries see no key at all
     mask = KeyPaddingMask(keep)
     local = mask & SlidingWindowMask(window, global_tokens)
-    prepared = prepare_blocked_mask(CausalMask() & local if causal else local, length, window, batch=batch,
+    prepared = prepare_blocked_mask(CausalMask() & local if causal else local, length, window,
                                     global_tokens=global_tokens)
     assert prepared.blocked is not None and prepared.value is None
     module = Attention(32, 4, kv_heads, 8).double()
@@ -114,7 +114,7 @@ def test_blockwise_backward_equals_autograd_through_the_same_computation(monkeyp
     slopes = ALiBiPositions(4)
     bias = ((lambda qi, ki: slopes.attention_bias(positions[:, qi.clamp(0, length - 1)],
                                                    positions[:, ki.clamp(0, length - 1)])) if alibi else None)
-    prepared = prepare_blocked_mask(CausalMask() & mask if causal else mask, length, window, batch=batch,
+    prepared = prepare_blocked_mask(CausalMask() & mask if causal else mask, length, window,
                                     global_tokens=global_tokens, bias=bias)
     grad = torch.randn(batch, 4, length, 8, generator=generator, dtype=torch.float64)
     results = []
@@ -133,7 +133,7 @@ def test_blockwise_backward_equals_autograd_through_the_same_computation(monkeyp
 
 def test_blocked_mask_memory_grows_with_length_times_window_not_length_squared():
     window, length = 16, 4096
-    prepared = prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), length, window, batch=1)
+    prepared = prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), length, window)
     # Every block holds [block, window - 1 + block] entries: length x (block + window - 1) in all, far below length^2.
     assert prepared.blocked.value.numel() == length * (prepared.blocked.block + window - 1)
     assert prepared.blocked.value.numel() * 20 < length * length
