@@ -189,6 +189,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from formerkit.compress.compare import compare, markdown_table, write_comparison
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    names = args.names.split(",") if args.names else None
+    result = compare(args.targets, names=names, split=args.split, batch_sizes=tuple(args.batch_sizes),
+                     repeats=args.repeats)
+    paths = write_comparison(result, args.out)
+    print(markdown_table(result), end="")
+    print(f"wrote {paths['markdown']}, {paths['plot']} and {paths['json']}")
+    return 0
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.replace(" ", "").split(",") if part]
@@ -300,6 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=None,
                         help="the file to write (default: beside the model directory, e.g. RUN/model.onnx)")
     export.set_defaults(run=cmd_export)
+
+    compare = commands.add_parser("compare", help="quality against CPU latency and size of a model's variants (a run "
+                                                  "and its quantized, pruned or distilled versions), measured in one "
+                                                  "run: a Markdown table, a PNG plot and JSON")
+    compare.add_argument("targets", nargs="+", help="run directories or model directories (the first is the baseline)")
+    compare.add_argument("--out", default="compare", help="directory for compare.md, compare.png and compare.json")
+    compare.add_argument("--names", default=None, help="comma-separated names, one per target (default: directory "
+                                                       "names)")
+    compare.add_argument("--split", default=None, help="held-out split (default: test, else valid)")
+    compare.add_argument("--batch-sizes", type=_int_list, default=[1, 64],
+                         help="batch sizes to time, comma-separated (default 1,64)")
+    compare.add_argument("--repeats", type=int, default=20, help="timed passes per variant and batch size")
+    compare.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    compare.set_defaults(run=cmd_compare)
 
     bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

@@ -105,30 +105,116 @@ def _static_step(model, tokens: Tensor, positions: Tensor, slots: StaticSlots, k
     return model.head(hidden)[:, -1]
 
 
+class _DecodeStep(torch.nn.Module):
+    """``_static_step`` over plain tensors, as ``torch.export`` takes them: the cache buffers (written in place), the
+    cross-attention keys and values of an encoder-decoder, and the parts of the memory mask."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, slot, keep, key_positions, keys, values, cross, memory):
+        slots = StaticSlots.from_buffers(list(keys), list(values), list(cross) if cross else [None] * len(keys), slot)
+        memory_mask = None if memory is None else PreparedMask(value=memory[0], empty_rows=memory[1])
+        return _static_step(self.model, tokens, positions, slots, keep, key_positions, memory_mask)
+
+
+def _flat_inputs(tokens: Tensor, positions: Tensor, slots: StaticSlots, keep: Tensor, key_positions: Tensor,
+                 memory_mask: PreparedMask | None) -> tuple:
+    cross = tuple(slots.cross) if any(kv is not None for kv in slots.cross) else None
+    memory = None if memory_mask is None else (memory_mask.value, memory_mask.empty_rows)
+    return (tokens, positions, slots.slot, keep, key_positions, tuple(slots.keys), tuple(slots.values), cross, memory)
+
+
+def _signature(keep: Tensor, slots: StaticSlots, memory_mask: PreparedMask | None) -> tuple:
+    """What an ahead-of-time compiled step is specialized to: the batch and cache length (``keep``'s shape), the
+    cache's dtype and device, and the memory mask's shapes (every other input's shape follows from these)."""
+    memory = None if memory_mask is None else tuple(None if t is None else tuple(t.shape)
+                                                    for t in (memory_mask.value, memory_mask.empty_rows))
+    return tuple(keep.shape), slots.keys[0].dtype, slots.keys[0].device, memory
+
+
+def _compile_ahead_of_time(model, inputs: tuple):
+    """The decode step compiled by AOTInductor: exported once (``torch.export``) and compiled to a shared library with
+    the weights frozen in. A call runs C++ from end to end, with none of the Python work per call of a
+    ``torch.compile``d function (its guards and its Python wrapper around the kernels), which at batch 1 is a large
+    part of a step's time. The package is loaded, then its file removed."""
+    import shutil
+    import tempfile
+
+    import torch._inductor
+
+    step = _DecodeStep(model).eval()
+    directory = tempfile.mkdtemp(prefix="formerkit-decode-")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own internals, nothing the caller can act on
+            program = torch.export.export(step, inputs, strict=False)
+            path = torch._inductor.aoti_compile_and_package(program, package_path=f"{directory}/step.pt2",
+                                                            inductor_configs={"freezing": True})
+            return torch._inductor.aoti_load_package(path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class _CompiledDecoder:
-    """A ``torch.compile``d decode step for one model. Weights are frozen into the compiled code (so the weight
-    matrices can be pre-packed for the CPU's matrix library); a change to any parameter makes a fresh one."""
+    """The compiled decode step of one model, specialized to fixed shapes (one per batch size and cache length).
+
+    AOTInductor first (see ``_compile_ahead_of_time``); where it cannot compile the step, ``torch.compile`` (with
+    guards and a Python wrapper, slower per step); where neither can, the caller decodes without compiling. Weights
+    are frozen into the compiled code (so the weight matrices can be pre-packed for the CPU's matrix library); a
+    change to any parameter makes a fresh one."""
 
     _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, model):
         self.fingerprint = self._fingerprint(model)
-        # A function of its own holding the model, so compiled graphs (which hold this model's frozen weights)
-        # are never shared with another model or with an earlier version of this one.
-        code = _static_step.__code__.replace()
-        function = types.FunctionType(code, _static_step.__globals__, "formerkit_decode_step")
-        namespace = {"function": function, "model": model}
-        exec("def formerkit_decode_step(*args):\n    return function(model, *args)\n", namespace)
-        self.compiled = torch.compile(namespace["formerkit_decode_step"], dynamic=False)
+        self.model = weakref.ref(model)
+        self.ahead: dict[tuple, object] = {}
+        self.ahead_failed = False
+        self.ahead_error: str | None = None  # why AOTInductor could not compile the step, for whoever wonders
+        self.jit = None
         self.failed = False
 
-    def step(self, *args):
+    def step(self, tokens, positions, slots, keep, key_positions, memory_mask):
+        if not self.ahead_failed:
+            key = _signature(keep, slots, memory_mask)
+            runner = self.ahead.get(key)
+            if runner is None:
+                inputs = _flat_inputs(tokens, positions, slots, keep, key_positions, memory_mask)
+                try:
+                    runner = self.ahead[key] = _compile_ahead_of_time(self.model(), inputs)
+                except Exception as error:  # an export or compile this torch cannot do: torch.compile instead
+                    self.ahead_failed, self.ahead_error = True, f"{type(error).__name__}: {error}"
+            if runner is not None:
+                # The runner's own __call__ re-reads its input/output specs (JSON) and walks pytrees on every call,
+                # a sizeable share of a batch-1 step; the inputs are flattened here in the exported order instead.
+                flat = [tokens, positions, slots.slot, keep, key_positions, *slots.keys, *slots.values]
+                for kv in slots.cross:
+                    if kv is not None:
+                        flat.extend(kv)
+                if memory_mask is not None:
+                    flat.extend(t for t in (memory_mask.value, memory_mask.empty_rows) if t is not None)
+                run = getattr(getattr(runner, "loader", None), "boxed_run", None)
+                return run(flat)[0] if run is not None else runner(*_flat_inputs(tokens, positions, slots, keep,
+                                                                                 key_positions, memory_mask))
+        return self._jit_step(tokens, positions, slots, keep, key_positions, memory_mask)
+
+    def _jit_step(self, *args):
+        if self.jit is None:
+            # A function of its own holding the model, so compiled graphs (which hold this model's frozen weights)
+            # are never shared with another model or with an earlier version of this one.
+            code = _static_step.__code__.replace()
+            function = types.FunctionType(code, _static_step.__globals__, "formerkit_decode_step")
+            namespace = {"function": function, "model": self.model()}
+            exec("def formerkit_decode_step(*args):\n    return function(model, *args)\n", namespace)
+            self.jit = torch.compile(namespace["formerkit_decode_step"], dynamic=False)
         # Freezing is read from inductor's global config when a graph is compiled (passing it in torch.compile's
         # options does not reach the freezing pass), so it is set just around each call, not for the whole process.
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
-            return self.compiled(*args)
+            return self.jit(*args)
 
     @staticmethod
     def _fingerprint(model) -> tuple:
@@ -354,9 +440,10 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | 
     seed: seeds a private random generator, so sampling is reproducible and leaves the global RNG alone.
     decoder_input_ids / decoder_start_token_id: encoder_decoder only, the target prompt (default: the start token
         alone). The result is then the target prompt followed by the new tokens.
-    compile: run each decode step through ``torch.compile`` (fixed shapes, weights frozen into the compiled code).
-        The first call compiles (tens of seconds); later calls with the same batch size reuse it, until a parameter
-        changes. If compiling fails, decoding goes on without it (with a warning).
+    compile: run each decode step compiled (fixed shapes, weights frozen into the compiled code): ahead of time by
+        AOTInductor, or by ``torch.compile`` where that cannot. The first call compiles (tens of seconds); later
+        calls with the same batch size reuse it, until a parameter changes. If compiling fails, decoding goes on
+        without it (with a warning).
     """
     prompt = decoder_input_ids if model.config.arch == "encoder_decoder" else input_ids
     steps = list(stream(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,

@@ -241,6 +241,13 @@ class StaticSlots:
         self.keys, self.values, self.cross = cache.keys, cache.values, cache.cross
         self.slot = torch.zeros(1, dtype=torch.long, device=cache.keep.device)
 
+    @classmethod
+    def from_buffers(cls, keys: list[Tensor], values: list[Tensor], cross: list, slot: Tensor) -> StaticSlots:
+        """The same view over buffers given one by one (as an exported decode step receives them)."""
+        slots = cls.__new__(cls)
+        slots.keys, slots.values, slots.cross, slots.slot = keys, values, cross, slot
+        return slots
+
     def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         key_buffer, value_buffer = self.keys[layer], self.values[layer]
         # index_put_ (not index_copy_): the compiler writes it into the buffer in place instead of copying it.

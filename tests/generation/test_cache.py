@@ -391,16 +391,43 @@ def test_fixed_shape_decode_step_for_encoder_decoders(monkeypatch):
 
 
 def test_compiled_generation_equals_eager_per_model_and_after_weights_change():
+    from formerkit import generation
+
     first, second = make_model(seed=0), make_model(seed=1)
     ids, mask = left_padded([6, 3], 6, seed=2)
     for model in (first, second, first):
         assert torch.equal(model.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
                            model.generate(ids, 8, attention_mask=mask, temperature=0))
+        # Compiled ahead of time (AOTInductor), its cache writes landing in the cache's own buffers.
+        decoder = generation._CompiledDecoder.for_model(model)
+        assert decoder.ahead_error is None and len(decoder.ahead) == 1 and decoder.jit is None
     # The compiled step holds frozen weights: changing a parameter must give a fresh compile, not stale results.
     with torch.no_grad():
         first.head.projection.weight.mul_(-1.0)
     assert torch.equal(first.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
                        first.generate(ids, 8, attention_mask=mask, temperature=0))
+
+
+def test_a_step_aotinductor_cannot_compile_goes_through_torch_compile(monkeypatch):
+    from formerkit import generation
+
+    def cannot(model, inputs):
+        raise NotImplementedError("this torch has no AOTInductor")
+
+    compiled = []
+
+    def fake_compile(function, **options):  # torch.compile itself is tested above; here only the route to it
+        compiled.append(options)
+        return function
+
+    monkeypatch.setattr(generation, "_compile_ahead_of_time", cannot)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = make_model(position="alibi")
+    ids, mask = left_padded([5, 2], 5)
+    out = model.generate(ids, 6, attention_mask=mask, temperature=0, compile=True)
+    assert torch.equal(out, model.generate(ids, 6, attention_mask=mask, temperature=0))
+    decoder = generation._CompiledDecoder.for_model(model)
+    assert compiled == [{"dynamic": False}] and decoder.ahead_error.startswith("NotImplementedError")
 
 
 def test_a_failing_compile_falls_back_to_plain_decoding_with_a_warning(monkeypatch):
