@@ -57,7 +57,16 @@ def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any]
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_model(model, str(tmp), metadata={"format": "pt", "formerkit_version": __version__})
+    metadata = {"format": "pt", "formerkit_version": __version__}
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:  # int8 layers are saved as plain int8 weights and float scales
+        from safetensors.torch import save_file
+
+        from formerkit.compress.quantize import quantized_state
+
+        save_file(quantized_state(model), str(tmp), metadata=metadata)
+    else:
+        save_model(model, str(tmp), metadata=metadata)
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
     _replace_atomically(tmp, weights)
@@ -66,6 +75,8 @@ def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any]
         "model": config.to_dict(),
         "weights": {"file": WEIGHTS_FILE, "sha256": digest, "bytes": size},
     }
+    if quantization is not None:
+        document["quantization"] = quantization
     if extra:
         document["extra"] = extra
     tmp = directory / f".{CONFIG_FILE}.tmp{os.getpid()}"
@@ -118,7 +129,8 @@ def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.
 
     directory = Path(directory)
     config = load_config(directory)
-    record = _read_document(directory).get("weights", {})
+    document = _read_document(directory)
+    record = document.get("weights", {})
     weights = directory / record.get("file", WEIGHTS_FILE)
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing; the model's weights should be beside {CONFIG_FILE}")
@@ -130,7 +142,16 @@ def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.
         raise CheckpointError(f"{weights}: contents do not match the SHA-256 recorded in {CONFIG_FILE}; the file is "
                               "corrupted or was replaced")
     model = build_model(config).to(device)
+    quantization = document.get("quantization")
     try:
+        if quantization is not None:
+            from safetensors.torch import load_file
+
+            from formerkit.compress.quantize import rebuild_quantized
+
+            if quantization.get("mode") == "dynamic-int8" and torch.device(device).type != "cpu":
+                raise CheckpointError(f"{directory}: a dynamic-int8 model runs on the CPU only, not on {device}")
+            return rebuild_quantized(model, quantization, load_file(str(weights), device=str(device)), str(weights))
         load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as error:
         raise CheckpointError(f"{weights}: does not hold this model's weights ({error})") from error

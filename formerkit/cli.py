@@ -189,6 +189,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from formerkit.compress.quantize import quantize_run
+
+    out = quantize_run(args.target, args.mode, args.out)
+    print(f"{args.target} -> {out} ({args.mode}); next: formerkit eval {out}  |  formerkit compare {args.target} {out}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from formerkit.compress.compare import compare, markdown_table, write_comparison
 
@@ -316,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=None,
                         help="the file to write (default: beside the model directory, e.g. RUN/model.onnx)")
     export.set_defaults(run=cmd_export)
+
+    quantize = commands.add_parser("quantize", help="int8 weights for a run's Linear layers (dynamic int8 through "
+                                                    "torch.ao, or weight-only int8), saved as a model directory")
+    quantize.add_argument("target", help="a run directory or a model directory")
+    quantize.add_argument("--mode", choices=["dynamic-int8", "weight-int8"], default="dynamic-int8")
+    quantize.add_argument("--out", required=True, help="the model directory to write")
+    quantize.set_defaults(run=cmd_quantize)
 
     compare = commands.add_parser("compare", help="quality against CPU latency and size of a model's variants (a run "
                                                   "and its quantized, pruned or distilled versions), measured in one "

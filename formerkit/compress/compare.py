@@ -161,7 +161,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for variant in variants:
         change = variant.value - base.value
         change_text = f"{100 * change:+.2f} pt" if metric.endswith("accuracy") else f"{change:+.4f}"
-        name = variant.name + (f" ({variant.quantization})" if variant.quantization else "")
+        quantized = variant.quantization and variant.quantization not in variant.name
+        name = variant.name + (f" ({variant.quantization})" if quantized else "")
         row = [name, _format_value(metric, variant.value), change_text, f"{variant.parameters:,}",
                f"{variant.megabytes:.2f}"]
         row += [f"{variant.latency_ms[b]:.2f}" for b in sizes]

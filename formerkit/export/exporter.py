@@ -86,6 +86,11 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", *, example:
     config = getattr(model, "config", None)
     if config is None:
         raise ExportError(f"model: expected a formerkit model (with a .config), got {type(model).__name__}")
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        raise ExportError(f"model: a quantized model ({quantization['mode']}) cannot be exported: its int8 layers are "
+                          "torch.ao or formerkit modules the exporters do not hold; export the float run instead "
+                          "(onnxruntime has its own int8 quantization for the exported file)")
     parts = _unsupported_parts(config)
     if parts:
         raise ExportError(f"{format}: cannot export " + "; ".join(parts))
