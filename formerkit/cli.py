@@ -189,6 +189,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from formerkit.compress.distill import distill_run
+
+    distill_run(args.teacher, args.student, args.out, overrides=_parse_overrides(args.set or []),
+                temperature=args.temperature, alpha=args.alpha, hidden_weight=args.hidden_weight, resume=args.resume,
+                console=_console())
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from formerkit.compress.quantize import quantize_run
 
@@ -324,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=None,
                         help="the file to write (default: beside the model directory, e.g. RUN/model.onnx)")
     export.set_defaults(run=cmd_export)
+
+    distill = commands.add_parser("distill", help="train a student on a teacher run's data with the teacher's outputs "
+                                                  "in the loss (knowledge distillation)")
+    distill.add_argument("--teacher", required=True, help="the teacher's run directory (classification or causal LM)")
+    distill.add_argument("--student", required=True, help="a recipe (name or YAML with data), a preset, or a model "
+                                                          "YAML (then the teacher's recipe with that model)")
+    distill.add_argument("--out", required=True, help="the student's run directory")
+    distill.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a student recipe field")
+    distill.add_argument("--temperature", type=float, default=2.0, help="softening of both distributions (default 2)")
+    distill.add_argument("--alpha", type=float, default=0.5,
+                         help="weight of the teacher's soft targets; 1 - alpha weighs the labels (default 0.5)")
+    distill.add_argument("--hidden-weight", type=float, default=0.0,
+                         help="weight of matching the teacher's final hidden states (default 0: off)")
+    distill.add_argument("--resume", action="store_true", help="continue an interrupted distillation run")
+    distill.set_defaults(run=cmd_distill)
 
     quantize = commands.add_parser("quantize", help="int8 weights for a run's Linear layers (dynamic int8 through "
                                                     "torch.ao, or weight-only int8), saved as a model directory")

@@ -248,17 +248,20 @@ def _load_previous_stage(model: nn.Module, previous: Path) -> list[str]:
 
 
 def train(recipe: TrainConfig | str | Path, out_dir: str | Path, *, resume: bool = False,
-          overrides: dict[str, Any] | None = None, console=None) -> TrainResult:
+          overrides: dict[str, Any] | None = None, console=None, wrap_objective=None) -> TrainResult:
     """Trains a recipe (a TrainConfig, a shipped recipe name or a YAML path) into the run directory ``out_dir``.
 
     A recipe with a ``then`` stage trains its first stage into ``out_dir/stage1`` and the second, initialized from
-    the first stage's weights, into ``out_dir``.
+    the first stage's weights, into ``out_dir``. ``wrap_objective`` (one-stage recipes) replaces the recipe's
+    objective by ``wrap_objective(objective)``, e.g. ``formerkit.compress.distill.Distillation``.
     """
     config = recipe if isinstance(recipe, TrainConfig) else load_recipe(recipe)
     if overrides:
         config = config.with_overrides(overrides)
     run_dir = Path(out_dir)
     if config.then is not None:
+        if wrap_objective is not None:
+            raise RunError(f"{config.name}: a two-stage recipe cannot take a wrapped objective; use a one-stage recipe")
         first = train_stage(config, run_dir / "stage1", resume=resume and (run_dir / "stage1").exists(),
                             console=console)
         if first.summary.get("status") == "interrupted":
@@ -268,11 +271,12 @@ def train(recipe: TrainConfig | str | Path, out_dir: str | Path, *, resume: bool
         second = config.next_stage()
         return train_stage(second, run_dir, resume=resume and (run_dir / "recipe.yaml").exists(),
                            console=console, initialize_from=first.run_dir / "model", previous=first.summary)
-    return train_stage(config, run_dir, resume=resume, console=console)
+    return train_stage(config, run_dir, resume=resume, console=console, wrap_objective=wrap_objective)
 
 
 def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, console=None,
-                initialize_from: Path | None = None, previous: dict[str, Any] | None = None) -> TrainResult:
+                initialize_from: Path | None = None, previous: dict[str, Any] | None = None,
+                wrap_objective=None) -> TrainResult:
     from formerkit.checkpoint import save
     from formerkit.models.transformer import build_model
     from formerkit.train.report import plot_run, print_summary
@@ -300,6 +304,8 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     torch.manual_seed(run.seed)
     bundle = build_data(config.data)
     objective = make_objective(config.objective, bundle)
+    if wrap_objective is not None:
+        objective = wrap_objective(objective)
     model_config = config.model.resolve({**bundle.model_fields, **objective.model_fields()})
     objective.check_model(model_config)
     if dist.is_main and not resume:
@@ -457,8 +463,10 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         summary["previous_stage"] = previous
     core = dist.full_model(core, trained)  # distributed: FSDP gathers the weights (every rank), rank 0 saves them
     if dist.is_main:
-        save(core, run_dir / "model", extra={"preprocessing": bundle.preprocessing, "objective": config.objective.kind,
-                                            "recipe": config.to_dict()})
+        extra = {"preprocessing": bundle.preprocessing, "objective": config.objective.kind, "recipe": config.to_dict()}
+        if getattr(objective, "record", None) is not None:  # how the model was trained beyond its recipe
+            extra["distillation"] = objective.record
+        save(core, run_dir / "model", extra=extra)
         if bundle.tokenizer is not None:
             save_tokenizer(bundle.tokenizer, run_dir / "model" / "tokenizer.json")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
