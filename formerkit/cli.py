@@ -198,6 +198,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from formerkit.compress.prune import prune_run
+
+    out = prune_run(args.target, args.out, heads=args.heads, ffn=args.ffn, layers=args.layers, score=args.score,
+                    finetune_steps=args.finetune_steps, console=_console())
+    print(f"{args.target} -> {out}; next: formerkit eval {out}  |  formerkit compare {args.target} {out}")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from formerkit.compress.quantize import quantize_run
 
@@ -348,6 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="weight of matching the teacher's final hidden states (default 0: off)")
     distill.add_argument("--resume", action="store_true", help="continue an interrupted distillation run")
     distill.set_defaults(run=cmd_distill)
+
+    prune = commands.add_parser("prune", help="remove attention heads, feed-forward channels and layers (smaller "
+                                              "matrices, a valid config), then optionally fine-tune")
+    prune.add_argument("target", help="a run directory or a model directory")
+    prune.add_argument("--out", required=True, help="the model (or, with --finetune-steps, run) directory to write")
+    prune.add_argument("--heads", type=float, default=0.0, help="fraction of each layer's heads to remove, in [0, 1)")
+    prune.add_argument("--ffn", type=float, default=0.0,
+                       help="fraction of each layer's feed-forward channels to remove, in [0, 1)")
+    prune.add_argument("--layers", type=int, default=0, help="whole layers to remove (the lowest-scoring)")
+    prune.add_argument("--score", choices=["magnitude", "taylor"], default="magnitude",
+                       help="weight norms, or first-order Taylor saliency on training batches")
+    prune.add_argument("--finetune-steps", type=int, default=0, help="fine-tune this many steps with the run's recipe")
+    prune.set_defaults(run=cmd_prune)
 
     quantize = commands.add_parser("quantize", help="int8 weights for a run's Linear layers (dynamic int8 through "
                                                     "torch.ao, or weight-only int8), saved as a model directory")

@@ -253,6 +253,8 @@ class AttentionConfig(_Section):
     # Decoders: fade the causal mask in linearly over the first `soft_causal_steps` training steps, from no mask to
     # fully causal (the soft mask of iLLaMA, Wang et al.). null: causal from the start.
     soft_causal_steps: int | None = None
+    # Heads of each layer (a structurally pruned model; each head keeps head_dim). null: num_heads in every layer.
+    layer_heads: tuple[int, ...] | None = None
 
     def _validate(self) -> None:
         if self.num_heads < 1:
@@ -291,6 +293,8 @@ class AttentionConfig(_Section):
             self._fail("gaussian_mixture", "an integer >= 0 (the number of Gaussian kernels per head)")
         if self.soft_causal_steps is not None and self.soft_causal_steps < 1:
             self._fail("soft_causal_steps", "an integer >= 1 or null")
+        if self.layer_heads is not None and any(h < 1 or h > self.num_heads for h in self.layer_heads):
+            self._fail("layer_heads", f"head counts in [1, attention.num_heads={self.num_heads}], one per layer")
 
     @property
     def kv_heads(self) -> int:
@@ -320,6 +324,8 @@ class FeedForwardConfig(_Section):
     aux_loss_weight: float = 0.01
     # Which blocks are mixtures, by index (with num_unique_layers: the index of the shared block); null means all.
     moe_layers: tuple[int, ...] | None = None
+    # Hidden size of each layer's feed-forward part (a structurally pruned model). null: the same in every layer.
+    layer_hidden_sizes: tuple[int, ...] | None = None
 
     def _validate(self) -> None:
         if self.hidden_size is not None and self.hidden_size < 1:
@@ -639,6 +645,10 @@ class ModelConfig(_Section):
             for index in self.feedforward.moe_layers:
                 if not 0 <= index < blocks:
                     raise ConfigError("feedforward.moe_layers", self.feedforward.moe_layers, f"{what} in [0, {blocks})")
+        for name, values in (("attention.layer_heads", attention.layer_heads),
+                             ("feedforward.layer_hidden_sizes", self.feedforward.layer_hidden_sizes)):
+            if values is not None:
+                self._check_per_layer(name, values)
         # Stems and sequence lengths.
         if stem.kind in ("tokens", "linear"):
             if self.max_seq_len is None or self.max_seq_len < 1:
@@ -666,6 +676,40 @@ class ModelConfig(_Section):
         if self.head_pooling == "last" and self.arch == "encoder":
             raise ConfigError("head.pooling", "last", "cls, mean or sequence for an encoder",
                               hint="'last' pools the last token, which sees the whole input only in a decoder")
+
+    def _check_per_layer(self, name: str, values: tuple[int, ...]) -> None:
+        """Per-layer sizes (a pruned model): one per layer of one stack, each layer its own block."""
+        hint = "per-layer sizes come from structured pruning (formerkit prune), which keeps the model plain"
+        if self.arch == "encoder_decoder":
+            raise ConfigError(name, values, "null for arch 'encoder_decoder'", hint=hint)
+        if self.num_unique_layers is not None:
+            raise ConfigError(name, values, "null with num_unique_layers (a shared block has one size)", hint=hint)
+        if len(values) != self.num_layers:
+            raise ConfigError(name, values, f"{self.num_layers} values, one per layer (num_layers)")
+        if name == "feedforward.layer_hidden_sizes":
+            if self.feedforward.mixture:
+                raise ConfigError(name, values, "null with mixture-of-experts feed-forward layers", hint=hint)
+            if any(size < 1 for size in values):
+                raise ConfigError(name, values, "hidden sizes >= 1")
+            return
+        attention = self.attention
+        if attention.kv_heads != attention.num_heads:
+            raise ConfigError(name, values, "null with grouped-query attention (num_kv_heads < num_heads)", hint=hint)
+        if self.position.kind == "alibi":
+            raise ConfigError(name, values, "null with alibi positions (one slope per head, shared by all layers)",
+                              hint=hint)
+        if attention.gaussian_mixture:
+            raise ConfigError(name, values, "null with attention.gaussian_mixture", hint=hint)
+
+    def layer_num_heads(self, index: int) -> int:
+        """Attention heads of layer ``index`` (its query, key and value heads alike when sizes are per layer)."""
+        heads = self.attention.layer_heads
+        return self.attention.num_heads if heads is None else heads[index]
+
+    def layer_feedforward_size(self, index: int) -> int:
+        """Hidden size of layer ``index``'s feed-forward part."""
+        sizes = self.feedforward.layer_hidden_sizes
+        return self.feedforward_size if sizes is None else sizes[index]
 
     # ----- derived values -----
 

@@ -93,8 +93,12 @@ class TransformerBlock(nn.Module):
 
         image = config.stem.kind in ("patches", "conv")
 
+        # Per-layer head counts (pruned models) exist only without grouped-query attention: kv heads = heads.
+        heads = config.layer_num_heads(index) if attn.layer_heads is not None else attn.num_heads
+        kv_heads = heads if attn.layer_heads is not None else attn.kv_heads
+
         def make_attention(cross: bool) -> Attention:
-            return Attention(config.width, attn.num_heads, attn.kv_heads, config.head_dim, qkv_bias=attn.qkv_bias,
+            return Attention(config.width, heads, kv_heads, config.head_dim, qkv_bias=attn.qkv_bias,
                              out_bias=attn.out_bias, qk_norm=attn.qk_norm, norm_kind=config.norm.kind,
                              norm_eps=config.norm.eps, dropout=attn.dropout, cross=cross,
                              gaussian_mixture=0 if cross else attn.gaussian_mixture,
@@ -106,7 +110,7 @@ class TransformerBlock(nn.Module):
         self.cross_attention = make_attention(True) if cross_attention else None
         self.cross_attention_residual = Residual(config) if cross_attention else None
         self.mixture = config.feedforward.is_mixture_block(index)
-        self.feedforward: nn.Module = build_moe(config) if self.mixture else build_feedforward(config)
+        self.feedforward: nn.Module = build_moe(config) if self.mixture else build_feedforward(config, index)
         self.feedforward_residual = Residual(config)
 
     def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,

@@ -33,8 +33,8 @@ class KVCache:
     """Keys and values of every self-attention layer: ``keys[layer]`` and ``values[layer]`` are
     [batch, kv_heads, max_length, head_dim] buffers."""
 
-    def __init__(self, *, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+    def __init__(self, *, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int | list[int],
+                 head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  window: int | None = None, rolling_layers: tuple[int, ...] = (), global_tokens: int = 0):
         if batch_size < 1 or max_length < 1:
             raise InputError(f"KVCache: batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
@@ -42,12 +42,15 @@ class KVCache:
         rolling = window is not None and bool(rolling_layers) and global_tokens + window < max_length
         self.window, self.global_tokens = (window, global_tokens) if rolling else (None, 0)
         self.rolling = tuple(rolling and layer in rolling_layers for layer in range(num_layers))
-        shape = (batch_size, num_kv_heads, max_length, head_dim)
-        short = (batch_size, num_kv_heads, global_tokens + window, head_dim) if rolling else shape
-        self.keys = [torch.zeros(short if roll else shape, dtype=dtype, device=device) for roll in self.rolling]
-        self.values = [torch.zeros(short if roll else shape, dtype=dtype, device=device) for roll in self.rolling]
+        # One count for every layer, or one per layer (a pruned model's layers have their own head counts).
+        heads = [num_kv_heads] * num_layers if isinstance(num_kv_heads, int) else list(num_kv_heads)
+        slots = [global_tokens + window if roll else max_length for roll in self.rolling]
+        self.keys = [torch.zeros(batch_size, h, n, head_dim, dtype=dtype, device=device) for h, n in zip(heads, slots)]
+        self.values = [torch.zeros(batch_size, h, n, head_dim, dtype=dtype, device=device)
+                       for h, n in zip(heads, slots)]
         # Rolling buffers: the token each slot holds (-1: none yet), and this pass's key positions for them.
-        self.slot_tokens = (torch.full((short[2],), -1, dtype=torch.long, device=device) if rolling else None)
+        self.slot_tokens = (torch.full((global_tokens + window,), -1, dtype=torch.long, device=device) if rolling
+                            else None)
         self._window_keys: Tensor | None = None
         self._pending_slots: Tensor | None = None
         self._writes: tuple[Tensor, Tensor] | None = None
@@ -85,7 +88,8 @@ class KVCache:
         stack = model.decoder
         windowed = tuple(index for index, flag in enumerate(stack.windowed) if flag) if rolling else ()
         return cls(num_layers=layers, batch_size=batch_size, max_length=max_length,
-                   num_kv_heads=config.attention.kv_heads, head_dim=config.head_dim,
+                   num_kv_heads=(config.attention.kv_heads if config.attention.layer_heads is None
+                                 else list(config.attention.layer_heads)), head_dim=config.head_dim,
                    dtype=dtype or reference.dtype, device=device or reference.device,
                    window=config.attention.sliding_window, rolling_layers=windowed,
                    global_tokens=config.attention.global_tokens)

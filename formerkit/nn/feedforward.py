@@ -63,7 +63,8 @@ class GatedMLP(nn.Module):
         return self.fc_out(hidden)
 
 
-def build_feedforward(config) -> nn.Module:
+def build_feedforward(config, index: int = 0) -> nn.Module:
+    """The feed-forward part of layer ``index`` (its hidden size may be its own in a pruned model)."""
     ff = config.feedforward
     cls = GatedMLP if ff.gated else MLP
-    return cls(config.width, config.feedforward_size, ff.activation, ff.bias, ff.dropout)
+    return cls(config.width, config.layer_feedforward_size(index), ff.activation, ff.bias, ff.dropout)

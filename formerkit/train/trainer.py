@@ -234,15 +234,16 @@ def _evaluate(objective: Objective, model: nn.Module, bundle: DataBundle, split:
     return {f"{split}_{name}": value for name, value in metrics.items()}
 
 
-def _load_previous_stage(model: nn.Module, previous: Path) -> list[str]:
+def _load_previous_stage(model: nn.Module, previous: Path, keep_head: bool = False) -> list[str]:
     """Initializes ``model`` from the previous stage's saved model: every tensor with the same name and shape except
-    the head (a new task's head starts fresh). Returns the names copied."""
+    the head (a new task's head starts fresh) unless ``keep_head``. Returns the names copied."""
     from formerkit.checkpoint import load
 
     source = load(previous).state_dict()
     target = model.state_dict()
     copied = [name for name, tensor in source.items()
-              if not name.startswith("head.") and name in target and target[name].shape == tensor.shape]
+              if (keep_head or not name.startswith("head.")) and name in target
+              and target[name].shape == tensor.shape]
     model.load_state_dict({name: source[name] for name in copied}, strict=False)
     return copied
 
@@ -276,7 +277,7 @@ def train(recipe: TrainConfig | str | Path, out_dir: str | Path, *, resume: bool
 
 def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, console=None,
                 initialize_from: Path | None = None, previous: dict[str, Any] | None = None,
-                wrap_objective=None) -> TrainResult:
+                wrap_objective=None, initialize_head: bool = False) -> TrainResult:
     from formerkit.checkpoint import save
     from formerkit.models.transformer import build_model
     from formerkit.train.report import plot_run, print_summary
@@ -320,7 +321,8 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         raise RunError(f"model attention.soft_causal_steps ({soft}) exceeds schedule.steps ({schedule.steps}): the "
                        "causal mask would not be fully in place when training ends")
     model = build_model(model_config)
-    copied = _load_previous_stage(model, initialize_from) if initialize_from is not None else []
+    copied = (_load_previous_stage(model, initialize_from, initialize_head) if initialize_from is not None
+              else [])
     trained = objective.wrap_model(model).to(dist.device)
     dist.seed_rank(run.seed)  # distributed: each rank its own dropout stream, after the identical initialization
     # distributed: wrap before building the optimizer and restoring a checkpoint (FSDP swaps in sharded parameters).
