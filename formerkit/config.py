@@ -429,6 +429,10 @@ class StemConfig(_Section):
     class_token: bool = False
     # patches and conv: extra learned tokens without positions (Darcet et al., "Vision Transformers Need Registers")
     register_tokens: int = 0
+    # patches and conv, classification: DeiT's distillation token (Touvron et al., 2021), after the class token, read
+    # by a second classification head that learns from a teacher (formerkit distill); the two heads' logits are
+    # averaged at inference.
+    distill_token: bool = False
     # conv
     conv_layers: int = 1
     conv_kernel: int = 3
@@ -448,6 +452,7 @@ class StemConfig(_Section):
             "vocab_size": ("tokens",), "num_token_types": ("tokens",), "image_size": ("patches", "conv"),
             "in_channels": ("patches", "conv"), "patch_size": ("patches", "linear"),
             "class_token": ("patches", "conv", "linear"), "register_tokens": ("patches", "conv"),
+            "distill_token": ("patches", "conv"),
             "conv_layers": ("conv",), "conv_kernel": ("conv",), "conv_channels": ("conv",), "conv_bias": ("conv",),
             "pool_kernel": ("conv",), "pool_stride": ("conv",), "input_dim": ("linear",),
         }
@@ -511,8 +516,13 @@ class StemConfig(_Section):
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Learned tokens placed before the input's own tokens (class token and registers)."""
-        return int(self.class_token) + self.register_tokens
+        """Learned tokens placed before the input's own tokens (class token, distillation token, registers)."""
+        return int(self.class_token) + int(self.distill_token) + self.register_tokens
+
+    @property
+    def num_positioned_prefix_tokens(self) -> int:
+        """The prefix tokens that get positions (class and distillation tokens; registers get none)."""
+        return int(self.class_token) + int(self.distill_token)
 
 
 @dataclass(frozen=True)
@@ -669,6 +679,9 @@ class ModelConfig(_Section):
                               hint="an encoder over tokens predicts masked tokens: use head.kind 'masked_lm'")
         if head.kind == "masked_lm" and (stem.kind != "tokens" or self.arch != "encoder"):
             raise ConfigError("head.kind", "masked_lm", "a tokens stem with arch 'encoder'")
+        if stem.distill_token and head.kind != "classification":
+            raise ConfigError("stem.distill_token", True, "false unless head.kind is 'classification'",
+                              hint="the distillation token feeds a second classification head")
         if head.tie_embeddings and stem.kind != "tokens":
             raise ConfigError("head.tie_embeddings", True, "a tokens stem, whose embedding the head can share")
         if self.head_pooling == "cls" and stem.kind != "tokens" and not stem.class_token:
@@ -741,7 +754,7 @@ class ModelConfig(_Section):
         """How many positions the position table covers: max_seq_len, or the image stem's token count."""
         if self.stem.kind in ("patches", "conv"):
             rows, cols = self.stem.grid_size
-            return rows * cols + int(self.stem.class_token)
+            return rows * cols + self.stem.num_positioned_prefix_tokens
         tokens = self.max_seq_len
         if self.stem.kind == "linear" and self.stem.patch_size:
             tokens = tokens // self.stem.patch_size

@@ -10,6 +10,10 @@ softened distribution to the student's::
 Optionally the student's final hidden states are pulled towards the teacher's (mean squared error, through a learned
 projection when the widths differ; the projection is not part of the saved student).
 
+A ViT or CCT student with DeiT's distillation token (``stem.distill_token: true``, Touvron et al., 2021) splits the
+two terms between its heads: the class head learns from the labels (weight ``1 - alpha``), the distillation-token
+head from the teacher (weight ``alpha``); the model's logits are the mean of the two.
+
 ``Distillation`` wraps the task's objective, so the ordinary trainer runs it: logging, evaluation (the task's own
 metrics), checkpoints, exact resume and torchrun all work, and the result is a normal run directory.
 """
@@ -138,8 +142,16 @@ class Distillation(Objective):
             output, projected = model(inputs, return_outputs=True, **kwargs), None
         if self.training_usage is not None:
             self.training_usage.add(output)
-        loss = distillation_loss(output.logits, teacher.logits, targets, temperature=self.temperature,
-                                 alpha=self.alpha, smoothing=self.config.label_smoothing)
+        if output.head_logits is not None:
+            # DeiT: the class token's head learns from the labels, the distillation token's from the teacher.
+            class_logits, distill_logits = output.head_logits
+            loss = ((1 - self.alpha) * distillation_loss(class_logits, teacher.logits, targets, temperature=1.0,
+                                                         alpha=0.0, smoothing=self.config.label_smoothing)
+                    + self.alpha * distillation_loss(distill_logits, teacher.logits, targets,
+                                                     temperature=self.temperature, alpha=1.0))
+        else:
+            loss = distillation_loss(output.logits, teacher.logits, targets, temperature=self.temperature,
+                                     alpha=self.alpha, smoothing=self.config.label_smoothing)
         if projected is not None:
             loss = loss + self.hidden_weight * F.mse_loss(projected.float(), teacher.last_hidden_state.float())
         return self.with_aux(loss, output.aux_loss)

@@ -55,6 +55,9 @@ class ModelOutput:
     attentions: tuple[Tensor, ...] | None = None
     # The pooled vector (after the pooler, if any) for heads that pool.
     pooled: Tensor | None = None
+    # With a distillation token (stem.distill_token): (the class head's logits, the distillation head's logits), whose
+    # mean is ``logits``.
+    head_logits: tuple[Tensor, Tensor] | None = None
     # Auxiliary losses of parts that have them, to add to the objective: with mixture-of-experts layers,
     # feedforward.aux_loss_weight times the sum of their load-balancing losses (one per layer applied); else None.
     aux_loss: Tensor | None = None
@@ -192,7 +195,7 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
         for name, parameter in self.named_parameters():
-            if name in ("positions.weight", "stem.class_token", "stem.registers"):
+            if name in ("positions.weight", "stem.class_token", "stem.distill_token", "stem.registers"):
                 nn.init.normal_(parameter, std=std)
 
     # ----- input handling -----
@@ -520,7 +523,10 @@ class Transformer(nn.Module):
                      else hidden.new_zeros((), dtype=torch.float))
             aux_loss = config.feedforward.aux_loss_weight * total
             expert_counts = tuple(r.expert_counts for r in routing)
-        return ModelOutput(logits=logits, last_hidden_state=hidden,
+        head_logits = None
+        if getattr(self.head, "distill_projection", None) is not None:
+            head_logits = self.head.parts(hidden, keep, token_sizes=sizes)
+        return ModelOutput(logits=logits, last_hidden_state=hidden, head_logits=head_logits,
                            hidden_states=tuple(states) if output_hidden_states else None,
                            attentions=tuple(attentions) if output_attentions else None,
                            pooled=pooled, aux_loss=aux_loss, expert_counts=expert_counts,

@@ -103,7 +103,7 @@ class TransformerBlock(nn.Module):
                              norm_eps=config.norm.eps, dropout=attn.dropout, cross=cross,
                              gaussian_mixture=0 if cross else attn.gaussian_mixture,
                              grid=config.stem.grid_size if image else None,
-                             prefix_tokens=int(config.stem.class_token) + config.stem.register_tokens if image else 0)
+                             prefix_tokens=config.stem.num_prefix_tokens if image else 0)
 
         self.attention = make_attention(False)
         self.attention_residual = Residual(config)

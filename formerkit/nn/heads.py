@@ -101,7 +101,26 @@ class _PooledHead(nn.Module):
 
 
 class ClassificationHead(_PooledHead):
-    """Pooled vector -> class logits [batch, num_classes]."""
+    """Pooled vector -> class logits [batch, num_classes]. With a distillation token (DeiT) at ``distill_index``, a
+    second linear map reads that token, and the logits are the mean of the two heads' (``parts`` gives both)."""
+
+    def __init__(self, width: int, outputs: int, pooling: str, num_prefix_tokens: int, pooler: bool, dropout: float,
+                 distill_index: int | None = None):
+        super().__init__(width, outputs, pooling, num_prefix_tokens, pooler, dropout)
+        self.distill_index = distill_index
+        self.distill_projection = nn.Linear(width, outputs) if distill_index is not None else None
+
+    def parts(self, hidden: Tensor, token_mask: Tensor | None = None,
+              token_sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(the class head's logits, the distillation head's logits)."""
+        return (super().forward(hidden, token_mask, token_sizes),
+                self.distill_projection(self.dropout(hidden[:, self.distill_index])))
+
+    def forward(self, hidden: Tensor, token_mask: Tensor | None = None, token_sizes: Tensor | None = None) -> Tensor:
+        if self.distill_projection is None:
+            return super().forward(hidden, token_mask, token_sizes)
+        first, second = self.parts(hidden, token_mask, token_sizes)
+        return (first + second) / 2
 
 
 class RegressionHead(_PooledHead):
@@ -128,7 +147,8 @@ def build_head(config) -> nn.Module:
     if head.kind == "masked_lm":
         return MaskedLMHead(config.width, stem.vocab_size, config.norm.kind, config.norm.eps)
     if head.kind == "classification":
-        return ClassificationHead(config.width, head.num_classes, pooling, prefix, head.pooler, head.dropout)
+        return ClassificationHead(config.width, head.num_classes, pooling, prefix, head.pooler, head.dropout,
+                                  int(stem.class_token) if stem.distill_token else None)
     if head.kind == "regression":
         return RegressionHead(config.width, head.output_dim, pooling, prefix, head.pooler, head.dropout)
     return IdentityHead(config.width, "cls" if head.pooler and pooling == "none" else pooling, prefix, head.pooler)

@@ -179,7 +179,7 @@ def build_positions(config) -> PositionScheme:
     if kind == "sinusoidal":
         return SinusoidalPositions(config.num_positions, config.width)
     if kind == "sincos2d":
-        return SinCos2DPositions(config.stem.grid_size, config.width, int(config.stem.class_token))
+        return SinCos2DPositions(config.stem.grid_size, config.width, config.stem.num_positioned_prefix_tokens)
     if kind == "rope":
         return RotaryPositions(config.num_positions, config.head_dim, config.position.rope_base)
     if kind == "alibi":

@@ -77,32 +77,36 @@ class TokenEmbedding(nn.Module):
 
 
 class _PrefixTokens(nn.Module):
-    """Learned class and register tokens shared by the image and linear stems."""
+    """Learned class, distillation and register tokens shared by the image and linear stems, in that order."""
 
-    def __init__(self, width: int, class_token: bool, register_tokens: int):
+    def __init__(self, width: int, class_token: bool, register_tokens: int, distill_token: bool = False):
         super().__init__()
         self.class_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
+        self.distill_token = nn.Parameter(torch.zeros(1, 1, width)) if distill_token else None
         self.registers = nn.Parameter(torch.zeros(1, register_tokens, width)) if register_tokens else None
-        self.num_prefix_tokens = int(class_token) + register_tokens
+        self.num_prefix_tokens = int(class_token) + int(distill_token) + register_tokens
 
     def add_class_token(self, hidden: Tensor) -> Tensor:
-        if self.class_token is None:
+        """The class and distillation tokens in front (before positions are added: they have positions)."""
+        tokens = [token for token in (self.class_token, self.distill_token) if token is not None]
+        if not tokens:
             return hidden
-        return torch.cat([self.class_token.expand(hidden.shape[0], -1, -1).to(hidden.dtype), hidden], dim=1)
+        front = torch.cat(tokens, dim=1).expand(hidden.shape[0], -1, -1).to(hidden.dtype)
+        return torch.cat([front, hidden], dim=1)
 
     def add_registers(self, hidden: Tensor) -> Tensor:
         """Registers go right after the class token, after positions are added: they carry no position."""
         if self.registers is None:
             return hidden
-        split = int(self.class_token is not None)
+        split = int(self.class_token is not None) + int(self.distill_token is not None)
         registers = self.registers.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
         return torch.cat([hidden[:, :split], registers, hidden[:, split:]], dim=1)
 
 
 class _ImageStem(_PrefixTokens):
     def __init__(self, width: int, image_size: tuple[int, int], in_channels: int, class_token: bool,
-                 register_tokens: int):
-        super().__init__(width, class_token, register_tokens)
+                 register_tokens: int, distill_token: bool = False):
+        super().__init__(width, class_token, register_tokens, distill_token)
         self.image_size = tuple(image_size)
         self.in_channels = in_channels
         self.grid_size: tuple[int, int] = (0, 0)  # set by each image stem
@@ -126,8 +130,8 @@ class PatchEmbedding(_ImageStem):
     """ViT patch embedding (Dosovitskiy et al., 2021): non-overlapping patches, each linearly projected."""
 
     def __init__(self, width: int, image_size: tuple[int, int], patch_size: int, in_channels: int = 3,
-                 class_token: bool = False, register_tokens: int = 0):
-        super().__init__(width, image_size, in_channels, class_token, register_tokens)
+                 class_token: bool = False, register_tokens: int = 0, distill_token: bool = False):
+        super().__init__(width, image_size, in_channels, class_token, register_tokens, distill_token)
         self.projection = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.grid_size = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
 
@@ -141,8 +145,9 @@ class ConvTokenizer(_ImageStem):
 
     def __init__(self, width: int, image_size: tuple[int, int], in_channels: int = 3, *, conv_layers: int = 1,
                  conv_kernel: int = 3, conv_channels: int = 64, conv_bias: bool = False, pool_kernel: int = 3,
-                 pool_stride: int = 2, class_token: bool = False, register_tokens: int = 0):
-        super().__init__(width, image_size, in_channels, class_token, register_tokens)
+                 pool_stride: int = 2, class_token: bool = False, register_tokens: int = 0,
+                 distill_token: bool = False):
+        super().__init__(width, image_size, in_channels, class_token, register_tokens, distill_token)
         channels = [in_channels] + [conv_channels] * (conv_layers - 1) + [width]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
@@ -202,10 +207,11 @@ def build_stem(config) -> nn.Module:
         return TokenEmbedding(stem.vocab_size, config.width, config.max_seq_len, stem.num_token_types)
     if stem.kind == "patches":
         return PatchEmbedding(config.width, stem.image_size, stem.patch_size, stem.in_channels, stem.class_token,
-                              stem.register_tokens)
+                              stem.register_tokens, stem.distill_token)
     if stem.kind == "conv":
         return ConvTokenizer(config.width, stem.image_size, stem.in_channels, conv_layers=stem.conv_layers,
                              conv_kernel=stem.conv_kernel, conv_channels=stem.conv_channels,
                              conv_bias=stem.conv_bias, pool_kernel=stem.pool_kernel, pool_stride=stem.pool_stride,
-                             class_token=stem.class_token, register_tokens=stem.register_tokens)
+                             class_token=stem.class_token, register_tokens=stem.register_tokens,
+                             distill_token=stem.distill_token)
     return LinearStem(config.width, stem.input_dim, config.max_seq_len, stem.patch_size, stem.class_token)

@@ -409,6 +409,9 @@ class MaskedImageModeling(Objective):
         if model_config.arch != "encoder" or model_config.stem.kind != "patches":
             raise ConfigError("objective.kind", "mae", "an encoder with a patches stem (a ViT)",
                               hint=f"the model is arch={model_config.arch!r}, stem={model_config.stem.kind!r}")
+        if model_config.stem.distill_token:
+            raise ConfigError("stem.distill_token", True, "false for masked-autoencoder pretraining",
+                              hint="the distillation token learns from a teacher: add it when distilling")
 
     def wrap_model(self, model):
         from formerkit.models.mae import MaskedAutoencoder

@@ -169,3 +169,65 @@ def test_a_student_with_another_label_set_is_refused(tiny_classifier_run):
     distilled = Distillation(base, teacher)
     with pytest.raises(FormerkitError, match="teacher's number of classes"):
         distilled.check_model(teacher.config.replace(**{"head.num_classes": 3}))
+
+
+def _deit(kind: str, randomize) -> torch.nn.Module:
+    """A ViT (class and distillation tokens) or a CCT (distillation token, sequence pooling) over 8x8 images."""
+    stem = ({"kind": "patches", "image_size": [8, 8], "patch_size": 2, "in_channels": 1, "class_token": True,
+             "distill_token": True} if kind == "vit" else
+            {"kind": "conv", "image_size": [8, 8], "in_channels": 1, "pool_kernel": 0, "distill_token": True})
+    config = ModelConfig(arch="encoder", width=32, num_layers=1, attention={"num_heads": 2}, stem=stem,
+                         head={"kind": "classification", "num_classes": 10,  # digits' classes
+                               "pooling": "cls" if kind == "vit" else "sequence"})
+    model = formerkit.build_model(config)
+    randomize(model, 9)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind, index", [("vit", 1), ("cct", 0)])
+def test_the_distillation_token_has_its_own_head_and_the_logits_average_the_two(kind, index, randomize, tmp_path):
+    model = _deit(kind, randomize)
+    images = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        output = model(images, return_outputs=True)
+        hidden = output.last_hidden_state
+        by_class = model.head.projection(model.head.pool(hidden, None))
+        by_token = model.head.distill_projection(hidden[:, index])  # the token right after the class token, if any
+        torch.testing.assert_close(output.head_logits[0], by_class)
+        torch.testing.assert_close(output.head_logits[1], by_token)
+        torch.testing.assert_close(output.logits, (by_class + by_token) / 2)
+    # The distillation token has a position (registers would not): the grid's tokens + the class and distill tokens.
+    rows, cols = model.config.stem.grid_size
+    assert model.positions.weight.shape[0] == rows * cols + index + 1
+    assert formerkit.summary.count_parameters(model.config) == sum(p.numel() for p in model.parameters())
+    formerkit.save(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(formerkit.load(tmp_path / "m")(images), model(images))
+
+
+def test_distillation_splits_labels_and_teacher_between_the_two_heads(tiny_classifier_run, randomize):
+    teacher, recipe, base, bundle = _tiny_run_objective(tiny_classifier_run)
+    student = _deit("cct", randomize).train()
+    batch = bundle.train.take(torch.arange(6))
+    got = Distillation(base, teacher, temperature=2.0, alpha=0.4).loss(student, batch, torch.Generator())
+    with torch.no_grad():
+        teacher_logits = teacher(batch["inputs"])
+    class_logits, distill_logits = student(batch["inputs"], return_outputs=True).head_logits
+    smoothing = recipe.objective.label_smoothing
+    expected = 0.6 * torch.nn.functional.cross_entropy(class_logits, batch["labels"], label_smoothing=smoothing) + \
+        0.4 * 4.0 * torch.nn.functional.kl_div(torch.log_softmax(distill_logits / 2, -1),
+                                               torch.log_softmax(teacher_logits / 2, -1), log_target=True,
+                                               reduction="batchmean")
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("stem, head, message", [
+    ({"kind": "tokens", "vocab_size": 10, "distill_token": True}, {"kind": "classification", "num_classes": 2},
+     "applies only to stem.kind in \\('patches', 'conv'\\)"),
+    ({"kind": "patches", "image_size": [8, 8], "patch_size": 2, "in_channels": 1, "distill_token": True},
+     {"kind": "regression", "output_dim": 1}, "false unless head.kind is 'classification'"),
+])
+def test_a_distillation_token_where_it_means_nothing_is_refused(stem, head, message):
+    with pytest.raises(FormerkitError, match=message):
+        ModelConfig(arch="encoder", width=32, num_layers=1, attention={"num_heads": 2}, max_seq_len=16, stem=stem,
+                    head=head)
