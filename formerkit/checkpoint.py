@@ -105,14 +105,17 @@ def _read_document(directory: Path) -> dict[str, Any]:
     return document
 
 
-def load_config(directory: str | Path) -> ModelConfig:
-    """The ModelConfig of a saved model, without reading its weights."""
-    directory = Path(directory)
-    document = _read_document(directory)
+def _config_of(document: dict[str, Any], directory: Path) -> ModelConfig:
     try:
         return ModelConfig.from_dict(document["model"])
     except ConfigError as error:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {error}") from error
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a saved model, without reading its weights."""
+    directory = Path(directory)
+    return _config_of(_read_document(directory), directory)
 
 
 def load_extra(directory: str | Path) -> dict[str, Any]:
@@ -128,8 +131,8 @@ def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.
     from formerkit.models.transformer import build_model
 
     directory = Path(directory)
-    config = load_config(directory)
     document = _read_document(directory)
+    config = _config_of(document, directory)
     record = document.get("weights", {})
     weights = directory / record.get("file", WEIGHTS_FILE)
     if not weights.is_file():

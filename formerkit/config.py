@@ -715,9 +715,15 @@ class ModelConfig(_Section):
             raise ConfigError(name, values, "null with attention.gaussian_mixture", hint=hint)
 
     def layer_num_heads(self, index: int) -> int:
-        """Attention heads of layer ``index`` (its query, key and value heads alike when sizes are per layer)."""
+        """Attention (query) heads of layer ``index``."""
         heads = self.attention.layer_heads
         return self.attention.num_heads if heads is None else heads[index]
+
+    def layer_kv_heads(self, index: int) -> int:
+        """Key/value heads of layer ``index``: per-layer head counts (pruned models) exist only without grouped-query
+        attention, so there they are the layer's query heads."""
+        heads = self.attention.layer_heads
+        return self.attention.kv_heads if heads is None else heads[index]
 
     def layer_feedforward_size(self, index: int) -> int:
         """Hidden size of layer ``index``'s feed-forward part."""

@@ -105,25 +105,46 @@ def _static_step(model, tokens: Tensor, positions: Tensor, slots: StaticSlots, k
     return model.head(hidden)[:, -1]
 
 
-class _DecodeStep(torch.nn.Module):
-    """``_static_step`` over plain tensors, as ``torch.export`` takes them: the cache buffers (written in place), the
-    cross-attention keys and values of an encoder-decoder, and the parts of the memory mask."""
+def _flat_inputs(tokens: Tensor, positions: Tensor, slots: StaticSlots, keep: Tensor, key_positions: Tensor,
+                 memory_mask: PreparedMask | None) -> list[Tensor]:
+    """The decode step's inputs as one flat list of tensors, in the order ``_DecodeStep`` reads them: tokens,
+    positions, slot, keep, key positions, every layer's keys, every layer's values, the cross-attention keys and
+    values of the layers that have them, and the memory mask's parts that are present."""
+    flat = [tokens, positions, slots.slot, keep, key_positions, *slots.keys, *slots.values]
+    for kv in slots.cross:
+        if kv is not None:
+            flat.extend(kv)
+    if memory_mask is not None:
+        flat.extend(t for t in (memory_mask.value, memory_mask.empty_rows) if t is not None)
+    return flat
 
-    def __init__(self, model):
+
+class _DecodeStep(torch.nn.Module):
+    """``_static_step`` over the flat tensors of ``_flat_inputs``, as ``torch.export`` takes them (the cache buffers
+    are written in place). Which cross-attention layers and memory-mask parts are present is fixed at construction."""
+
+    def __init__(self, model, slots: StaticSlots, memory_mask: PreparedMask | None):
         super().__init__()
         self.model = model
+        self.num_layers = len(slots.keys)
+        self.cross_layers = [layer for layer, kv in enumerate(slots.cross) if kv is not None]
+        self.memory_parts = None if memory_mask is None else (memory_mask.value is not None,
+                                                              memory_mask.empty_rows is not None)
 
-    def forward(self, tokens, positions, slot, keep, key_positions, keys, values, cross, memory):
-        slots = StaticSlots.from_buffers(list(keys), list(values), list(cross) if cross else [None] * len(keys), slot)
-        memory_mask = None if memory is None else PreparedMask(value=memory[0], empty_rows=memory[1])
+    def forward(self, *flat: Tensor) -> Tensor:
+        tokens, positions, slot, keep, key_positions = flat[:5]
+        layers = self.num_layers
+        keys, values = list(flat[5:5 + layers]), list(flat[5 + layers:5 + 2 * layers])
+        rest = list(flat[5 + 2 * layers:])
+        cross: list = [None] * layers
+        for layer in self.cross_layers:
+            cross[layer], rest = (rest[0], rest[1]), rest[2:]
+        memory_mask = None
+        if self.memory_parts is not None:
+            value = rest.pop(0) if self.memory_parts[0] else None
+            memory_mask = PreparedMask(value=value, empty_rows=rest.pop(0) if self.memory_parts[1] else None)
+        slots = StaticSlots.from_buffers(keys, values, cross, slot)
         return _static_step(self.model, tokens, positions, slots, keep, key_positions, memory_mask)
-
-
-def _flat_inputs(tokens: Tensor, positions: Tensor, slots: StaticSlots, keep: Tensor, key_positions: Tensor,
-                 memory_mask: PreparedMask | None) -> tuple:
-    cross = tuple(slots.cross) if any(kv is not None for kv in slots.cross) else None
-    memory = None if memory_mask is None else (memory_mask.value, memory_mask.empty_rows)
-    return (tokens, positions, slots.slot, keep, key_positions, tuple(slots.keys), tuple(slots.values), cross, memory)
 
 
 def _signature(keep: Tensor, slots: StaticSlots, memory_mask: PreparedMask | None) -> tuple:
@@ -134,7 +155,7 @@ def _signature(keep: Tensor, slots: StaticSlots, memory_mask: PreparedMask | Non
     return tuple(keep.shape), slots.keys[0].dtype, slots.keys[0].device, memory
 
 
-def _compile_ahead_of_time(model, inputs: tuple):
+def _compile_ahead_of_time(model, slots: StaticSlots, memory_mask: PreparedMask | None, flat: list[Tensor]):
     """The decode step compiled by AOTInductor: exported once (``torch.export``) and compiled to a shared library with
     the weights frozen in. A call runs C++ from end to end, with none of the Python work per call of a
     ``torch.compile``d function (its guards and its Python wrapper around the kernels), which at batch 1 is a large
@@ -144,12 +165,12 @@ def _compile_ahead_of_time(model, inputs: tuple):
 
     import torch._inductor
 
-    step = _DecodeStep(model).eval()
+    step = _DecodeStep(model, slots, memory_mask).eval()
     directory = tempfile.mkdtemp(prefix="formerkit-decode-")
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own internals, nothing the caller can act on
-            program = torch.export.export(step, inputs, strict=False)
+            program = torch.export.export(step, tuple(flat), strict=False)
             # No weight pre-packing: on CPU it swaps each Linear for a oneDNN kernel that, for one token's
             # matrix-vector products, measured ~2x slower than the plain matrix library call (addmm).
             path = torch._inductor.aoti_compile_and_package(
@@ -165,8 +186,7 @@ class _CompiledDecoder:
 
     AOTInductor first (see ``_compile_ahead_of_time``); where it cannot compile the step, ``torch.compile`` (with
     guards and a Python wrapper, slower per step); where neither can, the caller decodes without compiling. Weights
-    are frozen into the compiled code (so the weight matrices can be pre-packed for the CPU's matrix library); a
-    change to any parameter makes a fresh one."""
+    are frozen into the compiled code; a change to any parameter makes a fresh one."""
 
     _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -183,24 +203,17 @@ class _CompiledDecoder:
         if not self.ahead_failed:
             key = _signature(keep, slots, memory_mask)
             runner = self.ahead.get(key)
+            flat = _flat_inputs(tokens, positions, slots, keep, key_positions, memory_mask)
             if runner is None:
-                inputs = _flat_inputs(tokens, positions, slots, keep, key_positions, memory_mask)
                 try:
-                    runner = self.ahead[key] = _compile_ahead_of_time(self.model(), inputs)
+                    runner = self.ahead[key] = _compile_ahead_of_time(self.model(), slots, memory_mask, flat)
                 except Exception as error:  # an export or compile this torch cannot do: torch.compile instead
                     self.ahead_failed, self.ahead_error = True, f"{type(error).__name__}: {error}"
             if runner is not None:
                 # The runner's own __call__ re-reads its input/output specs (JSON) and walks pytrees on every call,
-                # a sizeable share of a batch-1 step; the inputs are flattened here in the exported order instead.
-                flat = [tokens, positions, slots.slot, keep, key_positions, *slots.keys, *slots.values]
-                for kv in slots.cross:
-                    if kv is not None:
-                        flat.extend(kv)
-                if memory_mask is not None:
-                    flat.extend(t for t in (memory_mask.value, memory_mask.empty_rows) if t is not None)
+                # a sizeable share of a batch-1 step; the loader runs the already flat inputs directly.
                 run = getattr(getattr(runner, "loader", None), "boxed_run", None)
-                return run(flat)[0] if run is not None else runner(*_flat_inputs(tokens, positions, slots, keep,
-                                                                                 key_positions, memory_mask))
+                return run(flat)[0] if run is not None else runner(*flat)
         return self._jit_step(tokens, positions, slots, keep, key_positions, memory_mask)
 
     def _jit_step(self, *args):

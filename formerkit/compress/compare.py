@@ -37,15 +37,11 @@ class Variant:
     pareto: bool = False
 
 
-def _weights_and_quantization(directory: Path) -> tuple[float, str | None]:
-    """The weights file's size on disk (MB) and the quantization mode recorded in config.json (None if float)."""
-    from formerkit.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+def _weights_megabytes(directory: Path) -> float:
+    """The size on disk (MB) of the weights file config.json names."""
+    from formerkit.checkpoint import WEIGHTS_FILE, _read_document
 
-    document = json.loads((directory / CONFIG_FILE).read_text())
-    name = document.get("weights", {}).get("file", WEIGHTS_FILE)
-    record = document.get("quantization") or document.get("extra", {}).get("quantization")
-    mode = record.get("mode") if isinstance(record, dict) else record
-    return (directory / name).stat().st_size / 1e6, mode
+    return (directory / _read_document(directory).get("weights", {}).get("file", WEIGHTS_FILE)).stat().st_size / 1e6
 
 
 def _label(target: Path) -> str:
@@ -121,11 +117,12 @@ def compare(targets: list[str | Path], *, names: list[str] | None = None, split:
         metrics = _evaluate(objective, model, bundle, split, recipe, torch.no_grad)
         if metric not in metrics:
             raise InputError(f"compare: {directory} gives no {metric!r} (got {sorted(metrics)})")
-        megabytes, quantization = _weights_and_quantization(directory)
+        quantization = getattr(model, "quantization", None)  # the record checkpoint.load restored, if any
         variants.append(Variant(
             name=names[index] if names else _label(Path(targets[index])), path=str(directory), metric=metric,
-            value=float(metrics[metric]), parameters=count_parameters(model.config), megabytes=megabytes,
-            latency_ms={}, quantization=quantization))
+            value=float(metrics[metric]), parameters=count_parameters(model.config),
+            megabytes=_weights_megabytes(directory), latency_ms={},
+            quantization=None if quantization is None else quantization["mode"]))
     models = [model for model, _, _ in loaded]
     with torch.inference_mode():
         for size, batch in batches.items():

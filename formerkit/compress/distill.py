@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from formerkit.compress.quantize import is_quantized
 from formerkit.errors import ConfigError, InputError
 from formerkit.train.objectives import CausalLM, Objective
 
@@ -221,7 +222,7 @@ def distill_run(teacher: str | Path, student: str, out: str | Path, *, overrides
 
     _check_settings(temperature, alpha, hidden_weight)
     model, teacher_recipe, _ = load_run_model(teacher)
-    if getattr(model, "quantization", None) is not None:
+    if is_quantized(model):
         raise InputError(f"--teacher: {teacher} is quantized; teach with the float run it came from")
     if teacher_recipe.objective.kind not in KINDS:
         raise InputError(f"--teacher: distillation works for {' and '.join(KINDS)} runs, {teacher} trained "

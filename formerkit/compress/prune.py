@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from formerkit.compress.quantize import is_quantized
 from formerkit.errors import ConfigError, InputError
 
 __all__ = ["SCORES", "prune", "prune_run", "structure_scores"]
@@ -63,9 +64,15 @@ def check_prunable(config, *, heads: bool, ffn: bool, layers: bool) -> None:
         raise InputError("prune: this model cannot be pruned as asked: " + "; ".join(reasons))
 
 
-def _head_rows(index: int, heads: int, dim: int) -> list[int]:
-    """The rows of a fused q/k/v projection (queries, keys, values, head-major) that belong to head ``index``."""
-    return [part * heads * dim + index * dim + offset for part in range(3) for offset in range(dim)]
+def _head_rows(chosen: list[int], heads: int, dim: int) -> list[int]:
+    """The rows of a fused q/k/v projection of ``heads`` heads that belong to the ``chosen`` heads, in the fused
+    layout: their queries, then their keys, then their values."""
+    return [part * heads * dim + h * dim + offset for part in range(3) for h in chosen for offset in range(dim)]
+
+
+def _head_columns(chosen: list[int], dim: int) -> list[int]:
+    """The columns of the output projection that read the ``chosen`` heads."""
+    return [h * dim + offset for h in chosen for offset in range(dim)]
 
 
 def _layer_parts(block: nn.Module, config) -> dict[str, Any]:
@@ -84,7 +91,7 @@ def _structure_values(block: nn.Module, config, value) -> tuple[Tensor, Tensor, 
     if parts["qkv"].bias is not None:
         qkv = qkv + value(parts["qkv"].bias)
     out = value(parts["out"].weight).sum(0)
-    head = torch.stack([qkv[_head_rows(h, heads, dim)].sum() + out[h * dim:(h + 1) * dim].sum()
+    head = torch.stack([qkv[_head_rows([h], heads, dim)].sum() + out[_head_columns([h], dim)].sum()
                         for h in range(heads)])
     fc_in = value(parts["fc_in"].weight).sum(1)
     if parts["fc_in"].bias is not None:
@@ -151,7 +158,7 @@ def prune(model: nn.Module, *, heads: float = 0.0, ffn: float = 0.0, layers: int
     ``structure_scores`` (magnitude scores by default)."""
     from formerkit.models.transformer import build_model
 
-    if getattr(model, "quantization", None) is not None:
+    if is_quantized(model):
         raise InputError("prune: the model is quantized; prune the float model, then quantize")
     _check_ratio("heads", heads)
     _check_ratio("ffn", ffn)
@@ -213,11 +220,9 @@ def prune(model: nn.Module, *, heads: float = 0.0, ffn: float = 0.0, layers: int
         dim, heads_before, hidden = parts["dim"], parts["heads"], parts["hidden"]
         keep_h, keep_c = kept_heads[layer], kept_channels[layer]
         if rest.startswith("attention.qkv."):
-            # The fused projection's layout: the kept heads' queries, then their keys, then their values.
-            tensor = tensor[[part * heads_before * dim + h * dim + o for part in range(3) for h in keep_h
-                             for o in range(dim)]]
+            tensor = tensor[_head_rows(keep_h, heads_before, dim)]
         elif rest == "attention.out.weight":
-            tensor = tensor[:, [h * dim + o for h in keep_h for o in range(dim)]]
+            tensor = tensor[:, _head_columns(keep_h, dim)]
         elif rest.startswith("feedforward.fc_in."):
             index = keep_c + [hidden + c for c in keep_c] if parts["gated"] else keep_c
             tensor = tensor[index]
@@ -256,7 +261,7 @@ def prune_run(target: str | Path, out: str | Path, *, heads: float = 0.0, ffn: f
         raise InputError(f"prune: --finetune-steps must be an integer >= 0, got {finetune_steps!r}")
     directory = _model_dir(target)
     model, recipe, extra = load_run_model(directory)
-    if getattr(model, "quantization", None) is not None:
+    if is_quantized(model):
         raise InputError(f"prune: {directory} is quantized; prune the float run, then quantize")
     check_prunable(model.config, heads=heads > 0, ffn=ffn > 0, layers=layers > 0)
     out = Path(out)

@@ -40,6 +40,11 @@ def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "quantization", None) is not None
 
 
+def _storage_key(tensor: Tensor) -> tuple[int, int]:
+    """Where a tensor's data lives: two names with the same key are one tensor (a tied LM head and embedding)."""
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
+
+
 def _per_channel_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel int8: (int8 weight [out, in], float32 scale [out]) with weight ~ int8 * scale."""
     weight = weight.detach().float()
@@ -56,11 +61,6 @@ class Int8WeightLinear(nn.Module):
         self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("weight_scale", weight_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8WeightLinear:
-        weight_int8, weight_scale = _per_channel_int8(linear.weight)
-        return cls(weight_int8.to(linear.weight.device), weight_scale.to(linear.weight.device), linear.bias)
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         return self.weight_int8.to(dtype) * self.weight_scale.to(dtype).unsqueeze(1)
@@ -136,21 +136,27 @@ def quantize(model: nn.Module, mode: str = "dynamic-int8") -> nn.Module:
     import copy
 
     _check_model(model, mode)
-    quantized = copy.deepcopy(model).eval()
-    names = _target_names(quantized)
-    for name in names:
+    quantized = copy.deepcopy(model)
+    layers = {}
+    for name in _target_names(quantized):
         linear = quantized.get_submodule(name)
-        weight_int8, weight_scale = _per_channel_int8(linear.weight)
-        if mode == "dynamic-int8":
-            layer = _dynamic_linear(weight_int8, weight_scale, linear.bias)
-        else:
-            layer = Int8WeightLinear(weight_int8.to(linear.weight.device), weight_scale.to(linear.weight.device),
-                                     linear.bias)
-        _set_module(quantized, name, layer)
-    for parameter in quantized.parameters():
-        parameter.requires_grad_(False)  # int8 weights are not trained; the float rest is frozen with them
-    quantized.quantization = {"mode": mode, "modules": names}
-    return quantized
+        layers[name] = (*_per_channel_int8(linear.weight), linear.bias)
+    return _install(quantized, mode, layers)
+
+
+def _install(model: nn.Module, mode: str, layers: dict[str, tuple[Tensor, Tensor, Tensor | None]]) -> nn.Module:
+    """Replaces each named Linear of ``model`` by its int8 layer of ``mode`` (from int8 weight, scale and bias), then
+    puts the model in eval mode, frozen (int8 weights are not trained; the float rest is frozen with them), with its
+    quantization record."""
+    for name, (weight_int8, weight_scale, bias) in layers.items():
+        layer = (_dynamic_linear(weight_int8, weight_scale, bias) if mode == "dynamic-int8"
+                 else Int8WeightLinear(weight_int8, weight_scale, bias))
+        _set_module(model, name, layer)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.quantization = {"mode": mode, "modules": list(layers)}
+    return model
 
 
 def _layer_tensors(layer: nn.Module) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -177,7 +183,7 @@ def quantized_state(model: nn.Module) -> dict[str, Tensor]:
     for key, tensor in model.state_dict().items():
         if key.startswith(inside) or not isinstance(tensor, Tensor):
             continue
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        identity = _storage_key(tensor)
         if identity in seen:
             continue
         seen.add(identity)
@@ -213,23 +219,13 @@ def rebuild_quantized(model: nn.Module, record: dict, tensors: dict[str, Tensor]
     missing, unexpected = model.load_state_dict(remaining, strict=False)
     state = model.state_dict()
     # Names left out at saving because they share a tensor with a saved one (a tied LM head) are tied again here.
-    loaded = {(state[k].untyped_storage().data_ptr(), state[k].storage_offset()) for k in remaining if k in state}
+    loaded = {_storage_key(state[k]) for k in remaining if k in state}
     really_missing = [key for key in missing if not key.startswith(quantized_keys)
-                      and (state[key].untyped_storage().data_ptr(), state[key].storage_offset()) not in loaded]
+                      and _storage_key(state[key]) not in loaded]
     if really_missing or unexpected:
         raise CheckpointError(f"{source}: does not hold this quantized model's weights (missing "
                               f"{really_missing[:5]}, unexpected {unexpected[:5]})")
-    for name, (weight_int8, weight_scale, bias) in layers.items():
-        if mode == "dynamic-int8":
-            layer = _dynamic_linear(weight_int8, weight_scale, bias)
-        else:
-            layer = Int8WeightLinear(weight_int8, weight_scale, bias)
-        _set_module(model, name, layer)
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    model.quantization = {"mode": mode, "modules": list(names)}
-    return model
+    return _install(model, mode, layers)
 
 
 def quantize_run(target: str | Path, mode: str, out: str | Path) -> Path:

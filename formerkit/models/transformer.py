@@ -505,13 +505,19 @@ class Transformer(nn.Module):
                 output_hidden_states=output_hidden_states, output_attentions=output_attentions, cache=cache,
                 merging=merging)
         sizes = None if merging is None else merging.sizes
+        wants_outputs = return_outputs or output_hidden_states or output_attentions
+        head_logits = None
         if logits_to_keep is not None:
             logits = self.head(hidden[:, -logits_to_keep:], None if keep is None else keep[:, -logits_to_keep:])
+        elif wants_outputs and getattr(self.head, "distill_projection", None) is not None:
+            # Both heads' logits for ModelOutput, computed once (one dropout draw): the logits are their mean.
+            head_logits = self.head.parts(hidden, keep, token_sizes=sizes)
+            logits = self.head.combine(head_logits)
         elif merging is not None:
             logits = self.head(hidden, keep, token_sizes=sizes)
         else:
             logits = self.head(hidden, keep)
-        if not (return_outputs or output_hidden_states or output_attentions):
+        if not wants_outputs:
             return logits
         pooled = self.head.pool(hidden, keep, token_sizes=sizes) if hasattr(self.head, "pool") and (
             self.head.pooling is not None or self.head.pooler is not None) else None
@@ -523,9 +529,6 @@ class Transformer(nn.Module):
                      else hidden.new_zeros((), dtype=torch.float))
             aux_loss = config.feedforward.aux_loss_weight * total
             expert_counts = tuple(r.expert_counts for r in routing)
-        head_logits = None
-        if getattr(self.head, "distill_projection", None) is not None:
-            head_logits = self.head.parts(hidden, keep, token_sizes=sizes)
         return ModelOutput(logits=logits, last_hidden_state=hidden, head_logits=head_logits,
                            hidden_states=tuple(states) if output_hidden_states else None,
                            attentions=tuple(attentions) if output_attentions else None,

@@ -93,9 +93,7 @@ class TransformerBlock(nn.Module):
 
         image = config.stem.kind in ("patches", "conv")
 
-        # Per-layer head counts (pruned models) exist only without grouped-query attention: kv heads = heads.
-        heads = config.layer_num_heads(index) if attn.layer_heads is not None else attn.num_heads
-        kv_heads = heads if attn.layer_heads is not None else attn.kv_heads
+        heads, kv_heads = config.layer_num_heads(index), config.layer_kv_heads(index)
 
         def make_attention(cross: bool) -> Attention:
             return Attention(config.width, heads, kv_heads, config.head_dim, qkv_bias=attn.qkv_bias,

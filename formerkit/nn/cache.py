@@ -88,8 +88,7 @@ class KVCache:
         stack = model.decoder
         windowed = tuple(index for index, flag in enumerate(stack.windowed) if flag) if rolling else ()
         return cls(num_layers=layers, batch_size=batch_size, max_length=max_length,
-                   num_kv_heads=(config.attention.kv_heads if config.attention.layer_heads is None
-                                 else list(config.attention.layer_heads)), head_dim=config.head_dim,
+                   num_kv_heads=[config.layer_kv_heads(layer) for layer in range(layers)], head_dim=config.head_dim,
                    dtype=dtype or reference.dtype, device=device or reference.device,
                    window=config.attention.sliding_window, rolling_layers=windowed,
                    global_tokens=config.attention.global_tokens)

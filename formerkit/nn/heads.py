@@ -116,11 +116,15 @@ class ClassificationHead(_PooledHead):
         return (super().forward(hidden, token_mask, token_sizes),
                 self.distill_projection(self.dropout(hidden[:, self.distill_index])))
 
+    @staticmethod
+    def combine(parts: tuple[Tensor, Tensor]) -> Tensor:
+        """The model's logits from the two heads': their mean (DeiT's inference rule)."""
+        return (parts[0] + parts[1]) / 2
+
     def forward(self, hidden: Tensor, token_mask: Tensor | None = None, token_sizes: Tensor | None = None) -> Tensor:
         if self.distill_projection is None:
             return super().forward(hidden, token_mask, token_sizes)
-        first, second = self.parts(hidden, token_mask, token_sizes)
-        return (first + second) / 2
+        return self.combine(self.parts(hidden, token_mask, token_sizes))
 
 
 class RegressionHead(_PooledHead):

@@ -408,10 +408,39 @@ def test_compiled_generation_equals_eager_per_model_and_after_weights_change():
                        first.generate(ids, 8, attention_mask=mask, temperature=0))
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_the_exported_step_reads_its_flat_inputs_back_for_encoder_decoders(monkeypatch):
+    """The ahead-of-time path hands the step one flat list (cache buffers, cross-attention keys and values, memory
+    mask parts); the exported module must read them back in that order. Run eagerly here, in place of the compiled
+    library, through the same call."""
+    from formerkit import generation
+
+    runs = []
+
+    def eager_library(model, slots, memory_mask, flat):
+        step = generation._DecodeStep(model, slots, memory_mask)
+
+        def run(*inputs):
+            runs.append(len(inputs))
+            return step(*inputs)
+
+        return run
+
+    monkeypatch.setattr(generation, "_compile_ahead_of_time", eager_library)
+    model = make_model(arch="encoder_decoder", position="alibi")
+    source, source_mask = left_padded([9, 4], 9, seed=11)
+    expected = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1)
+    got = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1,
+                         compile=True)
+    # 5 step inputs, keys and values of 2 layers, cross keys and values of 2 layers, and the memory mask.
+    assert len(runs) == 6 and runs[0] == 5 + 2 * 2 + 2 * 2 + 1
+    assert torch.equal(got, expected)
+
+
 def test_a_step_aotinductor_cannot_compile_goes_through_torch_compile(monkeypatch):
     from formerkit import generation
 
-    def cannot(model, inputs):
+    def cannot(model, slots, memory_mask, flat):
         raise NotImplementedError("this torch has no AOTInductor")
 
     compiled = []
