@@ -10,10 +10,11 @@ never attended to and positions count real tokens only, so a padded row generate
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,38 +80,51 @@ def _static_mask(allowed: Tensor, bias: Tensor | None) -> PreparedMask:
     return PreparedMask(value=allowed if bias is None else bias.masked_fill(~allowed, float("-inf")))
 
 
-def _static_step(model, tokens: Tensor, positions: Tensor, slots: StaticSlots, keep: Tensor, key_positions: Tensor,
-                 memory_mask: PreparedMask | None) -> Tensor:
-    """One new token per row through the decoder with every shape fixed: the whole cache is read, and slots not yet
-    filled (``keep`` False) are masked out. Mirrors Transformer._run_stack for a single token after the cached ones;
-    the tests hold the two equal."""
+def _static_step(model, tokens: Tensor, slots: StaticSlots, counts: Tensor, keep: Tensor, key_positions: Tensor,
+                 memory_mask: PreparedMask | None) -> tuple[Tensor, Tensor]:
+    """One new token per row [batch, 1] through the decoder, with every input shape fixed; returns its logits
+    [batch, vocab] and their argmax [batch] (the greedy pick, cheaper here than as a call of its own).
+
+    The step does the cache's bookkeeping itself, in place, as ``KVCache.begin`` and ``commit`` would for one real
+    token per row: the token goes to slot ``slots.slot`` (its keys and values, ``keep`` True, its position, which is
+    the row's count of real tokens), then the row counts and the slot advance by one. Attention reads the slots
+    filled so far (a length the compiled code takes at run time), masking the left padding among them. Mirrors
+    Transformer._run_stack for a single token after the cached ones; the tests hold the two equal."""
     config = model.config
+    slot = slots.slot
+    positions = counts.unsqueeze(1)
+    keep[:, slot] = True
+    key_positions[:, slot] = positions
+    filled = slots.fill_to_slot(keep.shape[1])
     hidden, _ = model.embed(tokens, position_ids=positions)
-    batch, max_length = keep.shape
-    allowed = keep.view(batch, 1, 1, max_length)
-    bias = model.positions.attention_bias(positions, key_positions) if model.positions.uses_bias else None
+    batch = keep.shape[0]
+    allowed = keep[:, :filled].view(batch, 1, 1, filled)
+    bias = (model.positions.attention_bias(positions, key_positions[:, :filled]) if model.positions.uses_bias
+            else None)
     window = None
     if config.attention.sliding_window is not None:
-        # The slots within the window before this token's slot (SlidingWindowMask counts slots, padding included).
-        # The window over slots, the slot being written as the query (slots after it are not filled yet).
+        # The window over slots (SlidingWindowMask counts slots, padding included), this token's slot the query.
         local = SlidingWindowMask(config.attention.sliding_window, config.attention.global_tokens)
-        near = local.materialize_at(slots.slot.view(1, 1), torch.arange(max_length, device=keep.device).view(1, -1),
-                                    num_keys=max_length).squeeze(2)
+        near = local.materialize_at(slot.view(1, 1), torch.arange(filled, device=keep.device).view(1, -1),
+                                    num_keys=filled).squeeze(2)
         window = _static_mask(allowed & near, bias)
     # Linear attention layers read the cache in their quadratic form, under the same mask without score biases.
     linear = _static_mask(allowed, None) if model.decoder.needs_linear_mask else None
     rotary = model.positions.rotary(positions, 1)
     hidden, _, _ = model.decoder(hidden, _static_mask(allowed, bias), window_mask=window, linear_mask=linear,
                                  rotary=rotary, memory_mask=memory_mask, cache=slots)
-    return model.head(hidden)[:, -1]
+    logits = model.head(hidden)[:, -1]
+    counts.add_(1)
+    slot.add_(1)
+    return logits, logits.argmax(dim=-1)
 
 
-def _flat_inputs(tokens: Tensor, positions: Tensor, slots: StaticSlots, keep: Tensor, key_positions: Tensor,
+def _flat_inputs(tokens: Tensor, slots: StaticSlots, counts: Tensor, keep: Tensor, key_positions: Tensor,
                  memory_mask: PreparedMask | None) -> list[Tensor]:
-    """The decode step's inputs as one flat list of tensors, in the order ``_DecodeStep`` reads them: tokens,
-    positions, slot, keep, key positions, every layer's keys, every layer's values, the cross-attention keys and
-    values of the layers that have them, and the memory mask's parts that are present."""
-    flat = [tokens, positions, slots.slot, keep, key_positions, *slots.keys, *slots.values]
+    """The decode step's inputs as one flat list of tensors, in the order ``_DecodeStep`` reads them: tokens, slot,
+    counts, keep, key positions, every layer's keys, every layer's values, the cross-attention keys and values of the
+    layers that have them, and the memory mask's parts that are present."""
+    flat = [tokens, slots.slot, counts, keep, key_positions, *slots.keys, *slots.values]
     for kv in slots.cross:
         if kv is not None:
             flat.extend(kv)
@@ -121,7 +135,8 @@ def _flat_inputs(tokens: Tensor, positions: Tensor, slots: StaticSlots, keep: Te
 
 class _DecodeStep(torch.nn.Module):
     """``_static_step`` over the flat tensors of ``_flat_inputs``, as ``torch.export`` takes them (the cache buffers
-    are written in place). Which cross-attention layers and memory-mask parts are present is fixed at construction."""
+    and bookkeeping are written in place). Which cross-attention layers and memory-mask parts are present is fixed
+    at construction."""
 
     def __init__(self, model, slots: StaticSlots, memory_mask: PreparedMask | None):
         super().__init__()
@@ -131,8 +146,8 @@ class _DecodeStep(torch.nn.Module):
         self.memory_parts = None if memory_mask is None else (memory_mask.value is not None,
                                                               memory_mask.empty_rows is not None)
 
-    def forward(self, *flat: Tensor) -> Tensor:
-        tokens, positions, slot, keep, key_positions = flat[:5]
+    def forward(self, *flat: Tensor) -> tuple[Tensor, Tensor]:
+        tokens, slot, counts, keep, key_positions = flat[:5]
         layers = self.num_layers
         keys, values = list(flat[5:5 + layers]), list(flat[5 + layers:5 + 2 * layers])
         rest = list(flat[5 + 2 * layers:])
@@ -144,7 +159,7 @@ class _DecodeStep(torch.nn.Module):
             value = rest.pop(0) if self.memory_parts[0] else None
             memory_mask = PreparedMask(value=value, empty_rows=rest.pop(0) if self.memory_parts[1] else None)
         slots = StaticSlots.from_buffers(keys, values, cross, slot)
-        return _static_step(self.model, tokens, positions, slots, keep, key_positions, memory_mask)
+        return _static_step(self.model, tokens, slots, counts, keep, key_positions, memory_mask)
 
 
 def _signature(keep: Tensor, slots: StaticSlots, memory_mask: PreparedMask | None) -> tuple:
@@ -153,6 +168,17 @@ def _signature(keep: Tensor, slots: StaticSlots, memory_mask: PreparedMask | Non
     memory = None if memory_mask is None else tuple(None if t is None else tuple(t.shape)
                                                     for t in (memory_mask.value, memory_mask.empty_rows))
     return tuple(keep.shape), slots.keys[0].dtype, slots.keys[0].device, memory
+
+
+# Inductor's own C++ matrix kernels for the step's Linear layers (weights packed for them when frozen): for one
+# token's matrix-vector products they measured ~5% faster per step than the matrix library call, whose ATen wrapper
+# also costs a few small tensor operations per call. Where they cannot be built (a CPU without the vector
+# instructions they use), the step is compiled again with the plain library call. (AOTInductor's experimental
+# stack allocation of small intermediates was ~3% faster still, but gave wrong logits at batch 2: left out.)
+_GEMM_CONFIGS = ({"cpp.weight_prepack": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"},
+                 # No weight pre-packing for the library call: on CPU it swaps each Linear for a oneDNN kernel that,
+                 # for matrix-vector products, measured ~2x slower than the plain call (addmm).
+                 {"cpp.weight_prepack": False})
 
 
 def _compile_ahead_of_time(model, slots: StaticSlots, memory_mask: PreparedMask | None, flat: list[Tensor]):
@@ -171,12 +197,15 @@ def _compile_ahead_of_time(model, slots: StaticSlots, memory_mask: PreparedMask 
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own internals, nothing the caller can act on
             program = torch.export.export(step, tuple(flat), strict=False)
-            # No weight pre-packing: on CPU it swaps each Linear for a oneDNN kernel that, for one token's
-            # matrix-vector products, measured ~2x slower than the plain matrix library call (addmm).
-            path = torch._inductor.aoti_compile_and_package(
-                program, package_path=f"{directory}/step.pt2",
-                inductor_configs={"freezing": True, "cpp.weight_prepack": False})
-            return torch._inductor.aoti_load_package(path)
+            for attempt, gemm in enumerate(_GEMM_CONFIGS):
+                try:
+                    path = torch._inductor.aoti_compile_and_package(
+                        program, package_path=f"{directory}/step{attempt}.pt2",
+                        inductor_configs={"freezing": True, **gemm})
+                    return torch._inductor.aoti_load_package(path)
+                except Exception:
+                    if attempt + 1 == len(_GEMM_CONFIGS):
+                        raise
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -197,13 +226,17 @@ class _CompiledDecoder:
         self.ahead_failed = False
         self.ahead_error: str | None = None  # why AOTInductor could not compile the step, for whoever wonders
         self.jit = None
-        self.failed = False
 
-    def step(self, tokens, positions, slots, keep, key_positions, memory_mask):
+    def bind(self, slots: StaticSlots, counts: Tensor, keep: Tensor, key_positions: Tensor,
+             memory_mask: PreparedMask | None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """The step over one cache's buffers: a function of the new tokens [batch, 1] that returns their logits
+        [batch, vocab] and argmax [batch] (compiling on first use of these shapes)."""
         if not self.ahead_failed:
             key = _signature(keep, slots, memory_mask)
+            tokens = torch.zeros(keep.shape[0], 1, dtype=torch.long, device=keep.device)
+            flat = _flat_inputs(tokens, slots, counts, keep, key_positions, memory_mask)
+            rest = flat[1:]
             runner = self.ahead.get(key)
-            flat = _flat_inputs(tokens, positions, slots, keep, key_positions, memory_mask)
             if runner is None:
                 try:
                     runner = self.ahead[key] = _compile_ahead_of_time(self.model(), slots, memory_mask, flat)
@@ -211,10 +244,13 @@ class _CompiledDecoder:
                     self.ahead_failed, self.ahead_error = True, f"{type(error).__name__}: {error}"
             if runner is not None:
                 # The runner's own __call__ re-reads its input/output specs (JSON) and walks pytrees on every call,
-                # a sizeable share of a batch-1 step; the loader runs the already flat inputs directly.
+                # a sizeable share of a batch-1 step; the loader runs a fresh flat list (it takes the list's
+                # contents) directly.
                 run = getattr(getattr(runner, "loader", None), "boxed_run", None)
-                return run(flat)[0] if run is not None else runner(*flat)
-        return self._jit_step(tokens, positions, slots, keep, key_positions, memory_mask)
+                if run is not None:
+                    return lambda tokens: run([tokens, *rest])
+                return lambda tokens: runner(tokens, *rest)
+        return lambda tokens: self._jit_step(tokens, slots, counts, keep, key_positions, memory_mask)
 
     def _jit_step(self, *args):
         if self.jit is None:
@@ -226,10 +262,12 @@ class _CompiledDecoder:
             exec("def formerkit_decode_step(*args):\n    return function(model, *args)\n", namespace)
             self.jit = torch.compile(namespace["formerkit_decode_step"], dynamic=False)
         # Freezing is read from inductor's global config when a graph is compiled (passing it in torch.compile's
-        # options does not reach the freezing pass), so it is set just around each call, not for the whole process.
+        # options does not reach the freezing pass), so it is set just around each call, not for the whole process;
+        # the filled length, read from the slot tensor, is captured into the graph rather than breaking it.
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True), dynamo_config.patch(capture_scalar_outputs=True):
             return self.jit(*args)
 
     @staticmethod
@@ -244,22 +282,19 @@ class _CompiledDecoder:
         return decoder
 
 
-def _decode_step(model, tokens: Tensor, cache: KVCache, compiled: _CompiledDecoder | None,
-                 slots: StaticSlots | None, memory_mask: PreparedMask | None, source: Tensor) -> Tensor:
+def _bind_compiled_step(model, cache: KVCache) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor]], StaticSlots]:
+    """The compiled step over ``cache`` (after its prefill), and the slots it writes through."""
+    slots = StaticSlots(cache)
+    memory_mask = None
+    if cache.memory is not None:
+        memory_mask = prepare_attention_mask(None if cache.memory_keep is None else KeyPaddingMask(cache.memory_keep),
+                                             1, cache.memory.shape[1], device=cache.keep.device)
+    step = _CompiledDecoder.for_model(model).bind(slots, cache.counts, cache.keep, cache.positions, memory_mask)
+    return step, slots
+
+
+def _decode_step(model, tokens: Tensor, cache: KVCache, source: Tensor) -> Tensor:
     """Logits [batch, vocab] of one new token per row, appended to the cache."""
-    if compiled is not None and not compiled.failed:
-        positions = cache.begin(None, 1)
-        slots.slot.fill_(cache.start)
-        try:
-            logits = compiled.step(tokens.unsqueeze(1), positions, slots, cache.keep, cache.positions, memory_mask)
-        except Exception as error:  # no C++ compiler, an unsupported platform...: decode without compiling
-            cache.abort()
-            compiled.failed = True
-            warnings.warn(f"generate(compile=True): compiling the decode step failed ({type(error).__name__}: "
-                          f"{error}); decoding without compiling", RuntimeWarning, stacklevel=3)
-        else:
-            cache.commit()
-            return logits
     if model.config.arch == "encoder_decoder":
         return model(source, decoder_input_ids=tokens.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
     return model(tokens.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
@@ -347,6 +382,20 @@ def stream(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
     A row that has produced a stop token yields ``pad_token_id`` afterwards (default: its first stop token); the
     stream ends when every row has stopped or after ``max_new_tokens`` steps.
     """
+    yield from _steps(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                      top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_token_id=pad_token_id, seed=seed,
+                      decoder_input_ids=decoder_input_ids, decoder_start_token_id=decoder_start_token_id,
+                      compile=compile, between_steps=True)
+
+
+def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | None, temperature: float,
+           top_k: int | None, top_p: float | None, stop_tokens, pad_token_id: int | None, seed: int | None,
+           decoder_input_ids, decoder_start_token_id: int | None, compile: bool,
+           between_steps: bool) -> Iterator[Tensor]:
+    """``stream``'s steps. With ``between_steps`` the caller runs its own code between them: each computation
+    enters inference mode by itself (never across a yield) and each token is yielded as an ordinary tensor.
+    Without, the caller (``generate``) runs everything in inference mode and only collects the tokens: at a
+    step of about a millisecond, the per-step context switches and copies are worth sparing."""
     config = model.config
     if config.arch == "encoder" or config.head.kind != "lm":
         raise InputError(f"generate: needs a decoder or encoder_decoder with an lm head, this model is arch "
@@ -396,32 +445,48 @@ def stream(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
     stops = None if stops is None else stops.to(device)
     was_training = model.training
-    model.eval()
-    # Inference mode is entered around each computation, never across a yield: the caller's code between steps
-    # must not run in it.
+    if was_training:  # switching modes walks every module: skipped when there is nothing to switch
+        model.eval()
+
+    def choose(logits: Tensor, finished: Tensor, best: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        token = best if best is not None and sampling.greedy else sampling.pick(logits, generator)
+        if stops is not None:
+            token = token.masked_fill(finished, pad_token_id)
+            finished = finished | torch.isin(token, stops)
+        return token, finished
+
+    inference = torch.inference_mode if between_steps else contextlib.nullcontext
     try:
-        with torch.inference_mode():
+        with inference():
             logits = _prefill(model, cache, prompt, prompt_keep, source, source_keep)
-            compiled = _CompiledDecoder.for_model(model) if compile and max_new_tokens > 1 else None
-            slots = StaticSlots(cache) if compiled is not None else None
-            memory_mask = None
-            if compiled is not None and cache.memory is not None:
-                memory_mask = prepare_attention_mask(
-                    None if cache.memory_keep is None else KeyPaddingMask(cache.memory_keep), 1,
-                    cache.memory.shape[1], device=device)
-        for step in range(max_new_tokens):
-            with torch.inference_mode():
-                token = sampling.pick(logits, generator)
-                if stops is not None:
-                    token = token.masked_fill(finished, pad_token_id)
-                    finished = finished | torch.isin(token, stops)
-            yield token.clone()
-            if step + 1 == max_new_tokens or (stops is not None and bool(finished.all())):
+            step, slots = None, None
+            if compile and max_new_tokens > 1:
+                step, slots = _bind_compiled_step(model, cache)
+            token, finished = choose(logits, finished)
+        for index in range(max_new_tokens):
+            yield token.clone() if between_steps else token
+            if index + 1 == max_new_tokens or (stops is not None and bool(finished.all())):
                 return
-            with torch.inference_mode():
-                logits = _decode_step(model, token, cache, compiled, slots, memory_mask, source)
+            with inference():
+                logits = best = None
+                if step is not None:
+                    try:
+                        logits, best = step(token.view(-1, 1))
+                    except Exception as error:  # no C++ compiler, an unsupported platform...: decode without it
+                        if int(slots.slot) != cache.length:
+                            raise  # the step failed after it began writing: the cache cannot be trusted
+                        step = None
+                        warnings.warn(f"generate(compile=True): compiling the decode step failed "
+                                      f"({type(error).__name__}: {error}); decoding without compiling",
+                                      RuntimeWarning, stacklevel=2)
+                    else:
+                        cache.took_static_step()
+                if logits is None:
+                    logits = _decode_step(model, token, cache, source)
+                token, finished = choose(logits, finished, best)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def _start_tokens(start: int | None, batch: int, vocab_size: int) -> Tensor:
@@ -462,14 +527,17 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | 
         without it (with a warning).
     """
     prompt = decoder_input_ids if model.config.arch == "encoder_decoder" else input_ids
-    steps = list(stream(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
-                        top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_token_id=pad_token_id, seed=seed,
-                        decoder_input_ids=decoder_input_ids, decoder_start_token_id=decoder_start_token_id,
-                        compile=compile))
+    with torch.inference_mode():
+        steps = list(_steps(model, input_ids, max_new_tokens, attention_mask=attention_mask,
+                            temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens,
+                            pad_token_id=pad_token_id, seed=seed, decoder_input_ids=decoder_input_ids,
+                            decoder_start_token_id=decoder_start_token_id, compile=compile, between_steps=False))
+        new_tokens = torch.stack(steps, dim=1) if steps else None
     if prompt is None:
         prompt = _start_tokens(decoder_start_token_id, _as_ids(input_ids, "input_ids")[0].shape[0],
                                model.config.stem.vocab_size)
     prompt, single = _as_ids(prompt, "input_ids")
     prompt = prompt.to(next(model.parameters()).device)
-    result = torch.cat([prompt, torch.stack(steps, dim=1)], dim=1) if steps else prompt
+    # The new tokens were made in inference mode; the result is an ordinary tensor.
+    result = torch.cat([prompt, new_tokens], dim=1) if new_tokens is not None else prompt.clone()
     return result[0] if single else result

@@ -192,8 +192,11 @@ def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | 
     scores = scores.reshape(batch, heads, 1, keys)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probabilities = scores.softmax(dim=-1).reshape(batch, kv_heads, group, keys, 1)
-    return (probabilities * v.unsqueeze(2)).sum(-2).reshape(batch, heads, 1, v.shape[-1])
+    # The softmax's division comes after the weighted sum (one division per output, not one per key and output).
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    total = weights.sum(dim=-1, keepdim=True).reshape(batch, kv_heads, group, 1)
+    out = (weights.reshape(batch, kv_heads, group, keys, 1) * v.unsqueeze(2)).sum(-2) / total
+    return out.reshape(batch, heads, 1, v.shape[-1])
 
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,

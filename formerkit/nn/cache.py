@@ -209,6 +209,13 @@ class KVCache:
             self.slot_tokens = self._pending_slots
             self._window_keys = self._pending_slots = None
 
+    def took_static_step(self) -> None:
+        """A compiled decode step (see ``StaticSlots``) has written one real token per row at slot ``length``, its
+        keys and values, ``keep``, position and count: the token becomes part of the cache."""
+        if self.length >= self.max_length:
+            raise RuntimeError(f"KVCache: a step past the cache's max_length {self.max_length}")
+        self.length += 1
+
     def abort(self) -> None:
         """Ends a failed pass: the cache is as it was before it (rolling slots the pass overwrote are restored)."""
         self._end = None
@@ -234,26 +241,38 @@ class KVCache:
 
 
 class StaticSlots:
-    """The cache as a compiled decode step sees it: every shape fixed, so one compiled graph serves every step.
+    """The cache as a compiled decode step sees it: buffer shapes fixed, so one compiled graph serves every step.
 
-    Each row's one new token goes to slot ``slot`` (a one-element tensor the caller sets before the step), and
-    attention reads the whole buffers; slots not yet filled are masked out through ``KVCache.keep``.
+    Each row's one new token goes to slot ``slot`` (a one-element tensor, starting after the prefill, that the step
+    itself advances), and attention reads the slots filled so far, ``filled`` of them (a length the compiled code
+    reads from ``slot`` at run time); left padding among them is masked out through ``KVCache.keep``.
     """
 
     def __init__(self, cache: KVCache):
         self.keys, self.values, self.cross = cache.keys, cache.values, cache.cross
-        self.slot = torch.zeros(1, dtype=torch.long, device=cache.keep.device)
+        self.slot = torch.full((1,), cache.length, dtype=torch.long, device=cache.keep.device)
+        self.filled: int | None = None
 
     @classmethod
     def from_buffers(cls, keys: list[Tensor], values: list[Tensor], cross: list, slot: Tensor) -> StaticSlots:
         """The same view over buffers given one by one (as an exported decode step receives them)."""
         slots = cls.__new__(cls)
-        slots.keys, slots.values, slots.cross, slots.slot = keys, values, cross, slot
+        slots.keys, slots.values, slots.cross, slots.slot, slots.filled = keys, values, cross, slot, None
         return slots
+
+    def fill_to_slot(self, max_length: int) -> int:
+        """Sets and returns ``filled``, the slots up to and including ``slot``. Traced for compiling, this reads a
+        value at run time (bounded by ``max_length``), so the compiled code attends over as many keys as there are
+        tokens, not over the whole buffer."""
+        filled = self.slot.item() + 1
+        torch._check(filled >= 1)
+        torch._check(filled <= max_length)
+        self.filled = filled
+        return filled
 
     def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         key_buffer, value_buffer = self.keys[layer], self.values[layer]
         # index_put_ (not index_copy_): the compiler writes it into the buffer in place instead of copying it.
         key_buffer[:, :, self.slot] = keys
         value_buffer[:, :, self.slot] = values
-        return key_buffer, value_buffer
+        return key_buffer.narrow(2, 0, self.filled), value_buffer.narrow(2, 0, self.filled)

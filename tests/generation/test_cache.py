@@ -355,11 +355,14 @@ def _eager_static_decoder(monkeypatch):
     calls = []
 
     def for_model(cls, model):
-        def step(*args):
-            calls.append(1)
-            return generation._static_step(model, *args)
+        def bind(slots, *state):
+            def step(tokens):
+                calls.append(1)
+                return generation._static_step(model, tokens, slots, *state)
 
-        return types.SimpleNamespace(step=step, failed=False)
+            return step
+
+        return types.SimpleNamespace(bind=bind)
 
     monkeypatch.setattr(generation._CompiledDecoder, "for_model", classmethod(for_model))
     return calls
@@ -432,7 +435,8 @@ def test_the_exported_step_reads_its_flat_inputs_back_for_encoder_decoders(monke
     expected = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1)
     got = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1,
                          compile=True)
-    # 5 step inputs, keys and values of 2 layers, cross keys and values of 2 layers, and the memory mask.
+    # 5 step inputs (tokens, slot, counts, keep, key positions), keys and values of 2 layers, cross keys and values
+    # of 2 layers, and the memory mask.
     assert len(runs) == 6 and runs[0] == 5 + 2 * 2 + 2 * 2 + 1
     assert torch.equal(got, expected)
 
@@ -466,7 +470,7 @@ def test_a_failing_compile_falls_back_to_plain_decoding_with_a_warning(monkeypat
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(generation._CompiledDecoder, "for_model",
-                        classmethod(lambda cls, model: __import__("types").SimpleNamespace(step=broken, failed=False)))
+                        classmethod(lambda cls, model: __import__("types").SimpleNamespace(bind=lambda *a: broken)))
     model = make_model(position="rope")
     ids, mask = left_padded([5, 2], 5)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
