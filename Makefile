@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # A bare torch requirement would pull a multi-GB CUDA build on a machine without torch; install the CPU build first.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test lint install install-dev bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ lint: install-dev
 
 test: install-dev lint
 	$(PY) -m pytest -q
+
+# make bench: formerkit against its peers on this machine (about 10 minutes); tables and JSON under bench/.
+bench: $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip install --quiet --no-deps vit-pytorch
+	$(VENV)/bin/formerkit bench lm --markdown bench/lm.md --json bench/lm.json
+	$(VENV)/bin/formerkit bench vision --markdown bench/vision.md --json bench/vision.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

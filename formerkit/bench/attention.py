@@ -13,18 +13,14 @@ once per shape, as in a model (the warm-up builds it).
 
 from __future__ import annotations
 
-import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from formerkit.bench.common import in_fresh_process, peak_rss_mb, reset_peak_rss, status_mb
 from formerkit.errors import InputError
 
 __all__ = ["KINDS", "attention_benchmark", "format_table", "measure", "plot"]
@@ -88,27 +84,6 @@ def measure(kind: str, seq_len: int, *, window: int = 256, heads: int = 6, head_
     return {"kind": kind, "seq_len": seq_len, **{key: statistics.median(values[1:]) for key, values in times.items()}}
 
 
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Resets the process's peak resident memory (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return _status_mb("VmHWM") is not None
-    except OSError:
-        return False
-
-
 def _peak_memory(kind: str, seq_len: int, window: int, heads: int, head_dim: int, dtype: torch.dtype,
                  device: str) -> float:
     """The memory one forward + backward needs beyond its inputs (MB): on CUDA the allocator's peak; on a CPU the
@@ -127,14 +102,10 @@ def _peak_memory(kind: str, seq_len: int, window: int, heads: int, head_dim: int
         base = torch.cuda.memory_allocated()
         attend(q, k, v).backward(grad)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if _reset_peak_rss():
-        base = _status_mb("VmRSS")
-        attend(q, k, v).backward(grad)
-        return max(_status_mb("VmHWM") - base, 0.0)
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    # With the peak reset (Linux), growth over what is resident now; elsewhere over the peak so far.
+    base = status_mb("VmRSS") if reset_peak_rss() else peak_rss_mb()
     attend(q, k, v).backward(grad)
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20 - base, 0.0)
+    return max(peak_rss_mb() - base, 0.0)
 
 
 def _peak_in_fresh_process(kind: str, seq_len: int, window: int, heads: int, head_dim: int, dtype: torch.dtype,
@@ -144,15 +115,7 @@ def _peak_in_fresh_process(kind: str, seq_len: int, window: int, heads: int, hea
     code = ("import json, torch; from formerkit.bench.attention import _peak_memory; "
             f"print(json.dumps(_peak_memory({kind!r}, {seq_len}, {window}, {heads}, {head_dim}, "
             f"torch.{str(dtype).split('.')[-1]}, {device!r})))")
-    # glibc keeps freed medium-sized blocks (up to its adaptive mmap threshold) in the heap, so peak resident memory
-    # would count what the allocator holds on to; a fixed threshold returns every large block when it is freed, so
-    # what is measured is what the computation holds at once.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"bench attention: measuring the memory of {kind} at {seq_len} tokens failed:\n"
-                           f"{result.stderr[-2000:]}")
-    return float(json.loads(result.stdout.strip().splitlines()[-1]))
+    return float(in_fresh_process(code, f"the memory of {kind} attention at {seq_len} tokens"))
 
 
 def attention_benchmark(seq_lens=(1024, 4096, 16384), *, kinds=KINDS, window: int = 256, heads: int = 6,
