@@ -169,6 +169,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from formerkit.inspection import inspect_run
+
+    inspection, paths = inspect_run(args.target, text=args.text, image_index=args.image_index, out=args.out,
+                                    split=args.split, top_k=args.top_k)
+    if inspection.prediction is not None:
+        label, probability = inspection.prediction
+        print(f"predicted {label} ({probability:.1%})")
+    for path in paths:
+        print(path)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from formerkit.interop import convert
 
@@ -452,6 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--repeats", type=int, default=20, help="timed passes per variant and batch size")
     compare.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     compare.set_defaults(run=cmd_compare)
+
+    inspect = commands.add_parser("inspect", help="attention maps (and next-token probabilities or attention "
+                                                  "rollout) of one text or image, as PNGs")
+    inspect.add_argument("target", help="a run directory or a model directory a run saved")
+    what = inspect.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a text for a language model (encoded with the run's tokenizer)")
+    what.add_argument("--image-index", type=int, help="an image of the run's data (its --split) by position")
+    inspect.add_argument("--split", default="test", help="the split --image-index reads (default test)")
+    inspect.add_argument("--top-k", type=int, default=5, help="next tokens shown per position (default 5)")
+    inspect.add_argument("--out", default=None, help="where to write the PNGs (default TARGET/inspect)")
+    inspect.set_defaults(run=cmd_inspect)
 
     bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
