@@ -182,6 +182,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from formerkit.train.html_report import write_report
+
+    print(write_report(args.target, args.out, samples=args.sample_tokens))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from formerkit.interop import convert
 
@@ -476,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top-k", type=int, default=5, help="next tokens shown per position (default 5)")
     inspect.add_argument("--out", default=None, help="where to write the PNGs (default TARGET/inspect)")
     inspect.set_defaults(run=cmd_inspect)
+
+    report = commands.add_parser("report", help="one self-contained HTML page about a run: summary, curves, "
+                                                "confusion matrix or samples, attention maps")
+    report.add_argument("target", help="a run directory")
+    report.add_argument("--out", default=None, help="the HTML file (default TARGET/report.html)")
+    report.add_argument("--sample-tokens", type=int, default=200, help="length of each language-model sample")
+    report.set_defaults(run=cmd_report)
 
     bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

@@ -127,3 +127,57 @@ def test_inspect_runs_on_a_trained_language_model_run(tmp_path):
     assert len(inspection.top_next) == len(inspection.tokens) and len(inspection.top_next[0]) == 2
     assert {p.name for p in paths} == {"attention_layer0.png", "next_tokens.png"}
     assert all(p.parent == tmp_path / "run" / "inspect" for p in paths)
+
+
+# ----- formerkit report -----
+
+
+def _sections(page: str) -> set[str]:
+    import re
+
+    return set(re.findall(r'<h2 id="([a-z]+)">', page))
+
+
+def test_the_report_of_a_classifier_run_is_one_offline_page_with_its_sections(tmp_path, capsys):
+    import re
+
+    from formerkit.cli import main
+    from formerkit.train import train
+
+    tiny = {**QUIET, "schedule.steps": 2, "schedule.batch_size": 16, "eval.every": 2, "model.num_layers": 1,
+            "model.width": 32, "model.num_heads": 2, "model.conv_layers": 1}
+    train("cct-digits", tmp_path / "run", overrides=tiny)
+    assert main(["report", str(tmp_path / "run")]) == 0
+    path = tmp_path / "run" / "report.html"
+    assert capsys.readouterr().out.strip() == str(path)
+    page = path.read_text()
+    assert _sections(page) == {"summary", "model", "curves", "confusion", "hardest", "attention", "recipe"}
+    images = re.findall(r'<img src="([^"]+)"', page)
+    # curves (loss, metrics), the confusion matrix, 12 hardest examples, one attention layer and the rollout
+    assert len(images) == 2 + 1 + 12 + 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from anywhere
+    assert len(re.findall(r"<tr><th>#\d+</th><td>true \d, predicted \d, loss ", page)) == 12
+
+
+def test_the_report_of_a_language_model_run_has_samples_at_three_temperatures(tmp_path):
+    from formerkit.train import train
+    from formerkit.train.html_report import write_report
+
+    tiny = {**QUIET, "schedule.steps": 2, "schedule.batch_size": 4, "eval.every": 2, "data.max_bytes": 120_000,
+            "data.seq_len": 32, "model.num_layers": 1, "model.width": 32, "model.num_heads": 2, "eval.batches": 2}
+    train("char-lm", tmp_path / "run", overrides=tiny)
+    page = write_report(tmp_path / "run", tmp_path / "page.html", samples=20).read_text()
+    assert _sections(page) == {"summary", "model", "curves", "samples", "attention", "recipe"}
+    assert [h for h in ("greedy", "temperature 0.8", "temperature 1.2") if f"<h3>{h}</h3>" in page] == [
+        "greedy", "temperature 0.8", "temperature 1.2"]
+    # loss and metric curves, one attention layer, the next-token table
+    assert page.count("data:image/png;base64,") == 2 + 1 + 1
+
+
+def test_the_confusion_matrix_counts_each_true_and_predicted_pair():
+    from formerkit.train.html_report import confusion_matrix
+
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    predictions = torch.tensor([0, 1, 1, 2, 0, 2])
+    expected = torch.tensor([[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    assert torch.equal(confusion_matrix(labels, predictions, 3), expected)
