@@ -189,6 +189,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from formerkit.serve import serve
+
+    serve(args.target, host=args.host, port=args.port, max_batch=args.max_batch, wait_ms=args.wait_ms,
+          max_body_bytes=args.max_body_mb * 2**20)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from formerkit.interop import convert
 
@@ -490,6 +498,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="the HTML file (default TARGET/report.html)")
     report.add_argument("--sample-tokens", type=int, default=200, help="length of each language-model sample")
     report.set_defaults(run=cmd_report)
+
+    serve = commands.add_parser("serve", help="serve a run over HTTP (generate, classify), batching concurrent "
+                                              "requests (needs the [serve] extra)")
+    serve.add_argument("target", help="a run directory or a model directory a run saved")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=16, help="most requests in one batch (default 16)")
+    serve.add_argument("--wait-ms", type=float, default=5.0,
+                       help="how long a request waits for others to share its batch (default 5 ms)")
+    serve.add_argument("--max-body-mb", type=int, default=8, help="largest request body accepted (default 8 MB)")
+    serve.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

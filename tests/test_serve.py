@@ -1,0 +1,237 @@
+"""formerkit serve: every endpoint, every refusal, streaming, and batched answers equal to one-at-a-time answers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+
+from formerkit.serve import ModelService, create_app  # noqa: E402
+
+QUIET = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    from formerkit.train import train
+
+    run = tmp_path_factory.mktemp("serve") / "lm"
+    train("char-lm", run, overrides={**QUIET, "schedule.steps": 2, "schedule.batch_size": 4, "eval.every": 2,
+                                     "data.max_bytes": 120_000, "data.seq_len": 32, "model.num_layers": 1,
+                                     "model.width": 32, "model.num_heads": 2, "eval.batches": 2})
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    from formerkit.train import train
+
+    run = tmp_path_factory.mktemp("serve") / "cct"
+    train("cct-digits", run, overrides={**QUIET, "schedule.steps": 2, "schedule.batch_size": 16, "eval.every": 2,
+                                        "model.num_layers": 1, "model.width": 32, "model.num_heads": 2,
+                                        "model.conv_layers": 1})
+    return run
+
+
+def _call(app, requests: list[tuple[str, str, object]], *, concurrent: bool = True):
+    """Sends (method, path, json body or raw bytes) requests, all at once or one after another; returns responses."""
+
+    async def run():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            def send(method, path, body):
+                if isinstance(body, bytes):
+                    return client.request(method, path, content=body, headers={"content-type": "application/json"})
+                return client.request(method, path, json=body)
+
+            if concurrent:
+                return await asyncio.gather(*(send(*request) for request in requests))
+            return [await send(*request) for request in requests]
+
+    return asyncio.run(run())
+
+
+def test_health_model_and_openapi(lm_run):
+    app = create_app(ModelService(lm_run))
+    health, model, schema = _call(app, [("GET", "/health", None), ("GET", "/v1/model", None),
+                                        ("GET", "/openapi.json", None)])
+    assert health.json() == {"status": "ok"}
+    info = model.json()
+    assert info["task"] == "causal_lm" and info["context"] == 32 and info["parameters"] > 0
+    assert info["config"]["width"] == 32
+    assert {"/v1/generate", "/v1/classify", "/health", "/v1/model"} <= set(schema.json()["paths"])
+
+
+def test_concurrent_greedy_requests_are_batched_and_answer_as_one_at_a_time(lm_run):
+    service = ModelService(lm_run, max_batch=8, wait_ms=50)
+    app = create_app(service)
+    prompts = ["def ", "import os\n", "x", "class Foo:\n    def", "return"]
+    requests = [("POST", "/v1/generate", {"prompt": p, "max_new_tokens": 4 + i, "temperature": 0})
+                for i, p in enumerate(prompts)]
+    alone = _call(app, requests, concurrent=False)
+    batches_alone = service.batches
+    together = _call(app, requests, concurrent=True)
+    assert batches_alone == len(prompts) and service.batches - batches_alone < len(prompts)  # they shared batches
+    for single, batched, (_, _, body) in zip(alone, together, requests):
+        assert single.status_code == batched.status_code == 200
+        assert single.json() == batched.json()
+        assert batched.json()["num_tokens"] == body["max_new_tokens"]
+    # And what the server answers is the model's own greedy continuation.
+    tokenizer = service.tokenizer
+    ids = tokenizer.encode(prompts[1])
+    expected = service.model.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids):].tolist()
+    assert together[1].json()["text"] == tokenizer.decode(expected)
+
+
+def test_streaming_sends_the_same_text_as_events(lm_run):
+    app = create_app(ModelService(lm_run))
+    body = {"prompt": "def ", "max_new_tokens": 6, "temperature": 0}
+    plain, streamed = _call(app, [("POST", "/v1/generate", body),
+                                  ("POST", "/v1/generate", {**body, "stream": True})], concurrent=False)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[len("data: "):]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == {"done": True, "num_tokens": 6}
+    assert "".join(event["text"] for event in events[:-1]) == plain.json()["text"]
+
+
+def test_bad_generation_requests_get_a_4xx_that_says_what_is_wrong(lm_run):
+    app = create_app(ModelService(lm_run, max_new_tokens_limit=20), max_body_bytes=2000)
+    responses = _call(app, [
+        ("POST", "/v1/generate", b"{not json"),
+        ("POST", "/v1/generate", {"max_new_tokens": 4}),
+        ("POST", "/v1/generate", {"prompt": "x" * 40, "max_new_tokens": 4}),
+        ("POST", "/v1/generate", {"prompt": "x", "max_new_tokens": 21}),
+        ("POST", "/v1/generate", {"prompt": "x", "max_new_tokens": 0}),
+        ("POST", "/v1/generate", {"prompt": "x", "temperature": -1}),
+        ("POST", "/v1/generate", {"prompt": "x", "colour": "blue"}),
+        ("POST", "/v1/generate", {"prompt": "x" * 5000}),
+        ("POST", "/v1/classify", {"image": [[0, 1], [2, 3]]}),
+        ("GET", "/health", None),
+    ], concurrent=False)
+    codes = [r.status_code for r in responses]
+    assert codes == [422, 422, 400, 400, 422, 422, 422, 413, 400, 200]
+    errors = [r.json()["error"] for r in responses[:-1]]
+    assert "JSON" in errors[0] or "json" in errors[0]
+    assert "prompt" in errors[1]
+    assert "context" in errors[2]
+    assert "at most 20" in errors[3]
+    assert "max_new_tokens" in errors[4] and "temperature" in errors[5] and "colour" in errors[6]
+    assert "limit of 2000 bytes" in errors[7]
+    assert "/v1/generate" in errors[8]
+
+
+def _png(pixels: torch.Tensor) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.to(torch.uint8).numpy(), mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_classify_takes_raw_lists_and_pngs_and_preprocesses_as_in_training(image_run):
+    from sklearn.datasets import load_digits
+
+    service = ModelService(image_run)
+    app = create_app(service)
+    digits = load_digits()
+    raw = digits.images[:3]  # scikit-learn's 0-16 values, 8x8
+    requests = [("POST", "/v1/classify", {"image": image.tolist()}) for image in raw]
+    requests.append(("POST", "/v1/classify", {"image": _png(torch.tensor(raw[0] * 255 / 16).round())}))
+    responses = _call(app, requests)
+    assert all(r.status_code == 200 for r in responses)
+    pre = service.preprocessing
+    inputs = (torch.tensor(raw, dtype=torch.float32).unsqueeze(1) / 16 - pre["mean"][0]) / pre["std"][0]
+    with torch.no_grad():
+        expected = service.model(inputs).softmax(-1)
+    for response, row in zip(responses, expected):
+        body = response.json()
+        assert body["probabilities"] == pytest.approx(row.tolist(), abs=1e-5)
+        assert body["label"] == pre["classes"][int(row.argmax())]
+    # The PNG (0-255, rounded) reads as the same image up to rounding.
+    assert responses[3].json()["probabilities"] == pytest.approx(expected[0].tolist(), abs=2e-2)
+    bad = _call(app, [("POST", "/v1/classify", {"image": "not base64!"}),
+                      ("POST", "/v1/classify", {"image": [[[0.0] * 8] * 8] * 3}),
+                      ("POST", "/v1/classify", {"image": [1, 2, 3]}),
+                      ("POST", "/v1/generate", {"prompt": "x"})], concurrent=False)
+    assert [r.status_code for r in bad] == [400, 400, 400, 400]
+    assert "PNG" in bad[0].json()["error"] and "channel" in bad[1].json()["error"]
+    assert "[C][H][W]" in bad[2].json()["error"] and "/v1/classify" in bad[3].json()["error"]
+
+
+def test_a_failing_request_answers_500_and_the_server_goes_on(lm_run, monkeypatch):
+    service = ModelService(lm_run)
+    app = create_app(service)
+    calls = {"n": 0}
+    original = service._generate
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return original(batch)
+
+    monkeypatch.setattr(service, "_generate", flaky)
+    body = {"prompt": "def ", "max_new_tokens": 3, "temperature": 0}
+    first, second = _call(app, [("POST", "/v1/generate", body)] * 2, concurrent=False)
+    assert first.status_code == 500 and "out of memory" in first.json()["error"]
+    assert second.status_code == 200 and second.json()["num_tokens"] == 3
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_the_server_exits(lm_run):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # A request waits up to a second for others to share its batch: SIGTERM comes while it is in flight.
+    server = subprocess.Popen([sys.executable, "-m", "formerkit.cli", "serve", str(lm_run), "--port", str(port),
+                               "--wait-ms", "1000"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline and server.poll() is None, "the server did not start"
+                time.sleep(0.2)
+        answer = {}
+
+        def ask():
+            answer["response"] = httpx.post(f"http://127.0.0.1:{port}/v1/generate", timeout=60,
+                                            json={"prompt": "def ", "max_new_tokens": 20, "temperature": 0})
+
+        client = threading.Thread(target=ask)
+        client.start()
+        time.sleep(0.3)
+        server.send_signal(signal.SIGTERM)
+        client.join(timeout=60)
+        # uvicorn finishes the requests in flight, then re-raises the signal it caught (so: killed by SIGTERM).
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+        response = answer["response"]
+        assert response.status_code == 200 and response.json()["num_tokens"] == 20
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_a_seeded_sample_is_the_same_alone_or_among_other_requests(lm_run):
+    app = create_app(ModelService(lm_run, max_batch=8, wait_ms=50))
+    seeded = {"prompt": "def ", "max_new_tokens": 8, "temperature": 1.0, "seed": 7}
+    others = [("POST", "/v1/generate", {"prompt": p, "max_new_tokens": 8, "temperature": 1.0}) for p in "abc"]
+    alone = _call(app, [("POST", "/v1/generate", seeded)])[0]
+    crowded = _call(app, [*others, ("POST", "/v1/generate", seeded)])[-1]
+    assert alone.status_code == crowded.status_code == 200 and alone.json() == crowded.json()
