@@ -34,9 +34,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def with_default_permissions(path: Path) -> None:
+    """Gives a written file the permissions a plain ``open`` would (0666 less the umask): safetensors creates its
+    files readable by their owner alone, which hides a saved model from the other users of a shared machine."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _replace_atomically(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    with_default_permissions(tmp)
     os.replace(tmp, final)
 
 

@@ -50,6 +50,20 @@ def test_saved_weights_are_safetensors_not_pickle(tmp_path):
     assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[:2]
 
 
+def test_saved_files_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        formerkit.save(formerkit.create_model("cct_2_3x2_32"), tmp_path)
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        for name in ("model.safetensors", "config.json"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644, name
+    finally:
+        os.umask(mask)
+
+
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from formerkit.checkpoint import sha256_file
+from formerkit.checkpoint import sha256_file, with_default_permissions
 from formerkit.errors import CheckpointError
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -191,6 +191,7 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
     checksums = {}
     for name, tensors in files.items():
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / name))
+        with_default_permissions(tmp / name)
         _fsync(tmp / name)
         checksums[name] = sha256_file(tmp / name)
     state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": optimizer_rest, "files": checksums,

@@ -167,3 +167,17 @@ def test_torch_export_file_loads_and_runs_without_formerkit(tmp_path):
               "assert logits.shape == (3, 11, 50), logits.shape\n"
               "assert not any(name.startswith('formerkit') for name in sys.modules)\n")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "lm.pt2")], check=True, cwd=tmp_path)
+
+
+def test_a_pruned_decoder_exports_to_onnx(tmp_path):
+    """Pruning leaves layers with fewer heads and narrower feed-forward layers (per-layer config fields): the
+    exported graph must carry them, giving the pruned model's logits."""
+    from formerkit.compress.prune import prune
+
+    model = _decoder("rope", **{"attention.num_kv_heads": 4})
+    pruned, record = prune(model, heads=0.25, ffn=0.5)
+    pruned.eval()
+    assert pruned.config.to_dict() != model.config.to_dict()
+    export(pruned, tmp_path / "pruned.onnx")
+    cases = _token_cases()
+    _assert_matches_on_real_tokens(pruned, cases, _run_onnx_alone(tmp_path / "pruned.onnx", cases, tmp_path))
