@@ -53,13 +53,18 @@ class Attention(nn.Module):
     def project(self, x: Tensor, memory: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries [batch, heads, tokens, head_dim] and keys/values [batch, kv_heads, keys, head_dim]."""
         batch, length, _ = x.shape
+        # Split along the features first, then give each part its heads: the backward pass then concatenates the
+        # gradients as they come out of attention, where splitting heads after the transpose made it copy the whole
+        # [batch, tokens, heads, head_dim] gradient once more (~2% of a training step).
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.cross:
-            q = self.q(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            k, v = self.kv(memory).view(batch, memory.shape[1], 2 * self.num_kv_heads, self.head_dim).transpose(
-                1, 2).split(self.num_kv_heads, dim=1)
+            q, (k, v) = self.q(x), self.kv(memory).split(kv_size, dim=-1)
         else:
-            q, k, v = self.qkv(x).view(batch, length, -1, self.head_dim).transpose(1, 2).split(
-                [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+            q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        keys = k.shape[1]
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
