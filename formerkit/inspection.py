@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from formerkit.errors import InputError
+from formerkit.errors import CheckpointError, InputError
 
-__all__ = ["Inspection", "attention_rollout", "inspect_image", "inspect_run", "inspect_text", "plot_inspection"]
+__all__ = ["Inspection", "attention_rollout", "inspect_example", "inspect_image", "inspect_run", "inspect_text",
+           "plot_inspection"]
 
 
 @dataclass
@@ -69,7 +70,7 @@ def inspect_text(model, token_ids: list[int], *, decode=None, top_k: int = 5) ->
     """Attention maps of a text (``token_ids``, one sequence) and, for a language model, the ``top_k`` next tokens
     after each position. ``decode(id) -> str`` names the tokens (default: the ids)."""
     config = model.config
-    if config.stem.kind != "tokens" or config.arch != "decoder" and config.arch != "encoder":
+    if config.stem.kind != "tokens" or config.arch not in ("decoder", "encoder"):
         raise InputError(f"inspect_text: needs a token model (decoder or encoder), this one has a "
                          f"{config.stem.kind!r} stem and arch {config.arch!r}")
     if not token_ids:
@@ -227,42 +228,41 @@ def _label_tokens(axis, tokens: list[str] | None) -> None:
     axis.set_yticks(range(len(labels)), labels, fontsize=6)
 
 
+def inspect_example(model, bundle, split: str, index: int) -> Inspection:
+    """``inspect_image`` of example ``index`` of a data bundle's ``split`` (preprocessed as in training)."""
+    from formerkit.data.images import denormalize_images
+
+    examples = bundle.split(split)
+    inputs = examples.tensors["inputs"] if hasattr(examples, "tensors") else None
+    if inputs is None or inputs.dim() != 4:
+        raise InputError(f"inspect: an image index needs image data; this run's data is {bundle.description!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(inputs):
+        raise InputError(f"inspect: image index must lie in [0, {len(inputs)}) for the {split} split, got {index!r}")
+    pre = bundle.preprocessing
+    image = inputs[index]
+    return inspect_image(model, image, shown=denormalize_images(image, pre["mean"], pre["std"]),
+                         classes=pre.get("classes"))
+
+
 def inspect_run(target: str | Path, *, text: str | None = None, image_index: int | None = None,
                 out: str | Path | None = None, split: str = "test", top_k: int = 5) -> tuple[Inspection, list[Path]]:
-    """``inspect_text`` (with the run's tokenizer) or ``inspect_image`` (example ``image_index`` of the run's
-    ``split``, preprocessed as in training) for a run or model directory, with the PNGs written to ``out``
-    (default: ``<target>/inspect``)."""
-    from formerkit.train.evaluate import _model_dir, load_run_model
+    """``inspect_text`` (with the run's tokenizer) or ``inspect_example`` (example ``image_index`` of the run's
+    ``split``) for a run or model directory, with the PNGs written to ``out`` (default: ``<target>/inspect``)."""
+    from formerkit.train.evaluate import load_run_model, load_run_tokenizer
 
     if (text is None) == (image_index is None):
         raise InputError("inspect: give either a text or an image index")
     model, recipe, extra = load_run_model(target)
     out = Path(out) if out is not None else Path(target) / "inspect"
     if text is not None:
-        from formerkit.data import load_tokenizer
-
-        tokenizer_path = _model_dir(target) / "tokenizer.json"
-        if not tokenizer_path.exists():
-            raise InputError(f"{tokenizer_path}: missing; this run saved no tokenizer, so text cannot be encoded")
-        tokenizer = load_tokenizer(tokenizer_path)
+        try:
+            tokenizer = load_run_tokenizer(target)
+        except CheckpointError as error:  # asked for text of a run without one: a bad request here
+            raise InputError(str(error)) from None
         inspection = inspect_text(model, tokenizer.encode(text), decode=lambda token: tokenizer.decode([token]),
                                   top_k=top_k)
     else:
         from formerkit.data import build_data
 
-        bundle = build_data(recipe.data)
-        examples = bundle.split(split)
-        inputs = examples.tensors["inputs"] if hasattr(examples, "tensors") else None
-        if inputs is None or inputs.dim() != 4:
-            raise InputError(f"inspect: --image-index needs an image run; this run's data is "
-                             f"{recipe.data.source!r}")
-        if isinstance(image_index, bool) or not isinstance(image_index, int) or not 0 <= image_index < len(inputs):
-            raise InputError(f"inspect: image index must lie in [0, {len(inputs)}) for the {split} split, got "
-                             f"{image_index!r}")
-        preprocessing = bundle.preprocessing
-        image = inputs[image_index]
-        mean = torch.tensor(preprocessing["mean"]).view(-1, 1, 1)
-        std = torch.tensor(preprocessing["std"]).view(-1, 1, 1)
-        inspection = inspect_image(model, image, shown=(image * std + mean).clamp(0, 1),
-                                   classes=preprocessing.get("classes"))
+        inspection = inspect_example(model, build_data(recipe.data), split, image_index)
     return inspection, plot_inspection(inspection, out)

@@ -20,7 +20,6 @@ import binascii
 import concurrent.futures
 import io
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,22 +255,17 @@ class ModelService:
     # ----- streaming -----
 
     def stream_pieces(self, job: _Job, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        """Runs in the worker thread: puts each new piece of text on ``queue``, then None."""
+        """Runs in the worker thread: puts the text of each new token on ``queue``, then None."""
+        from formerkit.train.evaluate import generate_text
+
         temperature, top_k, top_p, stop = job.key[:4]
-        ids = job.payload["ids"]
-        decoded = self.tokenizer.decode(ids)
         try:
             with torch.inference_mode():
-                pieces = self.model.stream(torch.tensor([ids]), job.payload["count"], temperature=temperature,
-                                           top_k=top_k, top_p=top_p, stop_tokens=list(stop) or None,
-                                           seed=job.payload["seed"])
-                for token in pieces:
-                    ids = ids + [int(token[0])]
-                    text = self.tokenizer.decode(ids)
-                    loop.call_soon_threadsafe(queue.put_nowait, text[len(decoded):])
-                    decoded = text
-                    if stop and ids[-1] == stop[0]:
-                        break
+                for piece in generate_text(self.model, self.tokenizer, job.payload["ids"],
+                                           max_new_tokens=job.payload["count"], temperature=temperature,
+                                           top_k=top_k, top_p=top_p, seed=job.payload["seed"],
+                                           stop_tokens=list(stop) or None):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
@@ -398,5 +392,4 @@ def serve(target: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_
         raise InputError("formerkit serve needs FastAPI and uvicorn: pip install 'formerkit[serve]'") from error
     service = ModelService(target, max_batch=max_batch, wait_ms=wait_ms)
     app = create_app(service, max_body_bytes=max_body_bytes)
-    threading.current_thread().name = "formerkit-serve"
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

@@ -73,6 +73,12 @@ class LMSpec:
                              f"{self.context}")
 
     @property
+    def gpt2_overrides(self) -> dict:
+        """The ``gpt2`` preset's overrides that make formerkit's contender this size."""
+        return {"width": self.width, "num_layers": self.layers, "num_heads": self.heads, "max_seq_len": self.context,
+                "vocab_size": self.vocab}
+
+    @property
     def shape(self) -> str:
         return (f"{self.layers} layers, width {self.width}, {self.heads} heads, vocab {self.vocab}; batch "
                 f"{self.batch} x {self.context} tokens; decode {self.prompt} + {self.new_tokens}")
@@ -91,8 +97,7 @@ def _formerkit(spec: LMSpec, decode_compile: bool) -> _Contender:
     from formerkit.train.config import OptimConfig
     from formerkit.train.trainer import build_optimizer
 
-    model = create_model("gpt2", width=spec.width, num_layers=spec.layers, num_heads=spec.heads,
-                         max_seq_len=spec.context, vocab_size=spec.vocab)
+    model = create_model("gpt2", **spec.gpt2_overrides)
     return _Contender("formerkit", model, lambda m: build_optimizer(m, OptimConfig()),
                       lambda prompt, n: model.generate(prompt, n, temperature=0, compile=decode_compile))
 
@@ -259,8 +264,7 @@ def _forward_flops_per_token(spec: LMSpec) -> float:
     from formerkit.models.registry import model_config
     from formerkit.summary import summarize
 
-    config = model_config("gpt2", width=spec.width, num_layers=spec.layers, num_heads=spec.heads,
-                          max_seq_len=spec.context, vocab_size=spec.vocab)
+    config = model_config("gpt2", **spec.gpt2_overrides)
     return summarize(config, batch=1, seq_len=spec.context).flops_per_unit
 
 

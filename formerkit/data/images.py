@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from formerkit.data.base import ArraySplit, DataBundle, DataError
 
-__all__ = ["augment_images", "digits_bundle", "image_bundle", "normalize_images"]
+__all__ = ["augment_images", "denormalize_images", "digits_bundle", "image_bundle", "normalize_images"]
 
 
 def augment_images(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -37,6 +37,13 @@ def normalize_images(images: torch.Tensor, mean: list[float], std: list[float]) 
     mean_t = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
     return (images - mean_t) / std_t
+
+
+def denormalize_images(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """``normalize_images`` undone, clamped to [0, 1]: images [..., C, H, W] as they are shown."""
+    mean_t = torch.tensor(mean, dtype=images.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype).view(-1, 1, 1)
+    return (images * std_t + mean_t).clamp(0, 1)
 
 
 def image_bundle(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from formerkit.errors import CheckpointError
+from formerkit.inspection import inspect_example, inspect_text
 
 __all__ = ["confusion_matrix", "write_report"]
 
@@ -83,17 +84,24 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
     parts.append(_section("curves", "Loss and metrics", "".join(_png(path) for path in curves) or
                           "<p>No training records.</p>"))
     kind = recipe.objective.kind
-    with tempfile.TemporaryDirectory() as scratch:
-        if kind == "classification":
-            parts.append(_classification(model, recipe))
-            attention = _attention_maps(run_dir, Path(scratch), image_index=0)
-        elif kind == "causal_lm":
-            section, greedy = _samples(run_dir, samples)
-            parts.append(section)
-            # The attention of the model's own greedy text (in its domain, whatever the corpus), a line or so.
-            attention = _attention_maps(run_dir, Path(scratch), text=greedy[:48] or "\n")
-        else:
-            attention = "<p>Attention maps are drawn for classifiers and language models.</p>"
+    if kind == "classification":
+        from formerkit.data import build_data
+
+        bundle = build_data(recipe.data)
+        section, split = _classification(model, bundle)
+        parts.append(section)
+        attention = _attention_maps(lambda: inspect_example(model, bundle, split, 0))
+    elif kind == "causal_lm":
+        from formerkit.train.evaluate import load_run_tokenizer
+
+        tokenizer = load_run_tokenizer(run_dir)
+        section, greedy = _samples(model, tokenizer, samples)
+        parts.append(section)
+        # The attention of the model's own greedy text (in its domain, whatever the corpus), a line or so.
+        attention = _attention_maps(lambda: inspect_text(model, tokenizer.encode(greedy[:48] or "\n"),
+                                                         decode=lambda token: tokenizer.decode([token])))
+    else:
+        attention = "<p>Attention maps are drawn for classifiers and language models.</p>"
     parts.append(_section("attention", "Attention maps", attention))
     parts.append(_section("recipe", "Recipe", f"<pre>{html.escape(json.dumps(extra['recipe'], indent=1))}</pre>"))
     title = html.escape(f"{summary.get('name', run_dir.name)} — {run_dir.name}")
@@ -112,16 +120,16 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: i
     return matrix
 
 
-def _classification(model, recipe) -> str:
-    """The test confusion matrix and the hardest test examples."""
+def _classification(model, bundle) -> tuple[str, str | None]:
+    """The held-out confusion matrix and hardest examples, and the name of the split they come from."""
     import matplotlib.pyplot as plt
 
-    from formerkit.data import build_data
+    from formerkit.data.images import denormalize_images
 
-    bundle = build_data(recipe.data)
-    split = bundle.test or bundle.valid
+    name = "test" if bundle.test is not None else "valid" if bundle.valid is not None else None
+    split = bundle.split(name) if name is not None else None
     if split is None or not hasattr(split, "tensors"):
-        return _section("confusion", "Confusion matrix", "<p>This run's data has no held-out split.</p>")
+        return _section("confusion", "Confusion matrix", "<p>This run's data has no held-out split.</p>"), None
     inputs, labels = split.tensors["inputs"], split.tensors["labels"]
     losses, predictions = [], []
     model.eval()
@@ -154,12 +162,11 @@ def _classification(model, recipe) -> str:
                           f"loss {float(losses[index]):.3f}") for index in hardest]
     pictures = ""
     if inputs.dim() == 4:
-        mean = torch.tensor(bundle.preprocessing["mean"]).view(-1, 1, 1)
-        std = torch.tensor(bundle.preprocessing["std"]).view(-1, 1, 1)
+        pre = bundle.preprocessing
         tiles = []
         for index in hardest:
             figure, axis = plt.subplots(figsize=(2, 2))
-            axis.imshow((inputs[index] * std + mean).clamp(0, 1).mean(0).numpy(), cmap="gray")
+            axis.imshow(denormalize_images(inputs[index], pre["mean"], pre["std"]).mean(0).numpy(), cmap="gray")
             axis.set_title(f"#{index}: {classes[int(labels[index])]} → {classes[int(predictions[index])]}",
                            fontsize=8)
             axis.axis("off")
@@ -168,28 +175,32 @@ def _classification(model, recipe) -> str:
             plt.close(figure)
         pictures = '<div class="grid">' + "".join(tiles) + "</div>"
     return (_section("confusion", "Confusion matrix", confusion)
-            + _section("hardest", "Hardest held-out examples", pictures + _table(rows)))
+            + _section("hardest", "Hardest held-out examples", pictures + _table(rows))), name
 
 
-def _samples(run_dir: Path, length: int) -> tuple[str, str]:
+def _samples(model, tokenizer, length: int) -> tuple[str, str]:
     """Samples from a start of line at a few temperatures (seeded); returns the section and the greedy text."""
-    from formerkit.train.evaluate import generate_run
+    from formerkit.train.evaluate import generate_text
 
     blocks, greedy = [], ""
+    start = tokenizer.encode("\n")[:1]
     for temperature in (0.0, 0.8, 1.2):
-        text = "".join(generate_run(run_dir, "", max_new_tokens=length, temperature=temperature, seed=0))
+        text = "".join(generate_text(model, tokenizer, start, max_new_tokens=length, temperature=temperature,
+                                     seed=0))
         greedy = greedy or text
         label = "greedy" if temperature == 0 else f"temperature {temperature}"
         blocks.append(f"<h3>{label}</h3><pre>{html.escape(text)}</pre>")
     return _section("samples", "Samples", "".join(blocks)), greedy
 
 
-def _attention_maps(run_dir: Path, scratch: Path, *, image_index: int | None = None, text: str | None = None) -> str:
+def _attention_maps(inspect) -> str:
+    """The PNGs of ``inspect()``'s inspection, embedded; a note where the model's input cannot be inspected."""
     from formerkit.errors import FormerkitError
-    from formerkit.inspection import inspect_run
+    from formerkit.inspection import plot_inspection
 
     try:
-        _, paths = inspect_run(run_dir, image_index=image_index, text=text, out=scratch / "inspect")
+        inspection = inspect()
     except FormerkitError as error:  # e.g. a classifier of non-image inputs
         return f"<p>No attention maps: {html.escape(str(error))}</p>"
-    return "".join(_png(path) for path in paths)
+    with tempfile.TemporaryDirectory() as scratch:
+        return "".join(_png(path) for path in plot_inspection(inspection, scratch))
