@@ -222,8 +222,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from formerkit.compress.distill import distill_run
 
     distill_run(args.teacher, args.student, args.out, overrides=_parse_overrides(args.set or []),
-                temperature=args.temperature, alpha=args.alpha, hidden_weight=args.hidden_weight, resume=args.resume,
-                console=_console())
+                temperature=args.temperature, alpha=args.alpha, hidden_weight=args.hidden_weight, mixup=args.mixup,
+                resume=args.resume, console=_console())
     return 0
 
 
@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="weight of the teacher's soft targets; 1 - alpha weighs the labels (default 0.5)")
     distill.add_argument("--hidden-weight", type=float, default=0.0,
                          help="weight of matching the teacher's final hidden states (default 0: off)")
+    distill.add_argument("--mixup", action="store_true",
+                         help="function matching: train on pairs of images mixed with a uniform weight, the teacher "
+                              "labelling each mixed image (image classification)")
     distill.add_argument("--resume", action="store_true", help="continue an interrupted distillation run")
     distill.set_defaults(run=cmd_distill)
 

@@ -99,9 +99,21 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs:
 
 
 def training_memory(build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]], inputs: torch.Tensor,
-                    targets: torch.Tensor, precision: str, steps: int) -> float:
+                    targets: torch.Tensor, precision: str, steps: int,
+                    warm_up: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]]
+                    | None = None) -> float:
     """The peak resident memory (MB) that building (model, optimizer) and ``steps`` training steps add to what the
-    process holds before (its imports): meant for a fresh process (see ``in_fresh_process``)."""
+    process holds before (its imports): meant for a fresh process (see ``in_fresh_process``).
+
+    ``warm_up`` builds a tiny model of the same library (with its optimizer, inputs and targets) that takes one step
+    before the base is read, so that what a library loads lazily on first use (modules imported inside its
+    constructors, ``torch._dynamo`` that the first optimizer step imports -- ~70 MB -- and the math libraries'
+    one-time buffers) counts as imports for every library alike, not as the model's memory of whichever library
+    happens not to import it up front."""
+    if warm_up is not None:
+        model, optimizer, warm_inputs, warm_targets = warm_up()
+        train_step(model, optimizer, warm_inputs, warm_targets, precision)
+        del model, optimizer, warm_inputs, warm_targets
     reset_peak_rss()
     base = status_mb("VmRSS") or 0.0
     model, optimizer = build()

@@ -21,7 +21,7 @@ import importlib.util
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -179,7 +179,13 @@ def _memory_child(library: str, spec: dict, precision: str, steps: int) -> float
         model = _build(library, vision_spec)
         return model, _optimizer(library, model)
 
-    return training_memory(build, images, labels, precision, steps)
+    def warm_up():
+        tiny = replace(vision_spec, image=2 * vision_spec.patch if vision_spec.kind == "vit" else 16, width=32,
+                       layers=1, heads=2, batch=2)
+        model = _build(library, tiny)
+        return (model, _optimizer(library, model), *_batch(tiny))
+
+    return training_memory(build, images, labels, precision, steps, warm_up)
 
 
 def _peak_memory(library: str, spec: VisionSpec, precision: str, steps: int = 2) -> float:

@@ -10,6 +10,12 @@ softened distribution to the student's::
 Optionally the student's final hidden states are pulled towards the teacher's (mean squared error, through a learned
 projection when the widths differ; the projection is not part of the saved student).
 
+With ``mixup`` (function matching, Beyer et al., 2022, "Knowledge distillation: A good teacher is patient and
+consistent") each training image is mixed with another of its batch, ``w * x + (1 - w) * x'`` with ``w ~ U(0, 1)``
+drawn per example from the step's generator; teacher and student see the same mixed image, the soft term matches the
+teacher on it, and the hard term weighs the two labels ``w`` and ``1 - w``. The teacher then labels images that are
+not in the training set, which is where a teacher has the most to add when labelled images are few.
+
 A ViT or CCT student with DeiT's distillation token (``stem.distill_token: true``, Touvron et al., 2021) splits the
 two terms between its heads: the class head learns from the labels (weight ``1 - alpha``), the distillation-token
 head from the teacher (weight ``alpha``); the model's logits are the mean of the two.
@@ -31,28 +37,49 @@ from formerkit.compress.quantize import is_quantized
 from formerkit.errors import ConfigError, InputError
 from formerkit.train.objectives import CausalLM, Objective
 
-__all__ = ["Distillation", "distill_run", "distillation_loss"]
+__all__ = ["Distillation", "distill_run", "distillation_loss", "mix_images"]
 
 KINDS = ("classification", "causal_lm")
+IMAGE_SOURCES = ("digits", "image_folder")
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, *, temperature: float,
-                      alpha: float, smoothing: float = 0.0, ignore_index: int = -100) -> Tensor:
+                      alpha: float, smoothing: float = 0.0, ignore_index: int = -100,
+                      mixed: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``(1 - alpha) * CE(student, targets) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))``, both
-    averaged over the targets that are not ``ignore_index`` (logits [..., classes], targets [...])."""
+    averaged over the targets that are not ``ignore_index`` (logits [..., classes], targets [...]).
+
+    ``mixed = (partner_targets, weights)`` (classification of mixed images, see ``mix_images``): the hard term of each
+    example is ``w * CE(targets) + (1 - w) * CE(partner_targets)``."""
     classes = student_logits.shape[-1]
     student = student_logits.reshape(-1, classes).float()
     teacher = teacher_logits.reshape(-1, classes).float()
     targets = targets.reshape(-1)
     keep = targets != ignore_index
     count = keep.sum().clamp(min=1)
-    hard = F.cross_entropy(student, targets, label_smoothing=smoothing, ignore_index=ignore_index,
-                           reduction="sum") / count
+    if mixed is None:
+        hard = F.cross_entropy(student, targets, label_smoothing=smoothing, ignore_index=ignore_index,
+                               reduction="sum") / count
+    else:
+        partner, weights = mixed[0].reshape(-1), mixed[1].reshape(-1).float()
+        first = F.cross_entropy(student, targets, label_smoothing=smoothing, reduction="none")
+        second = F.cross_entropy(student, partner, label_smoothing=smoothing, reduction="none")
+        hard = (weights * first + (1 - weights) * second).mean()
     log_student = F.log_softmax(student / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher / temperature, dim=-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
     soft = (kl * keep).sum() / count
     return (1 - alpha) * hard + alpha * temperature ** 2 * soft
+
+
+def mix_images(inputs: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Each example mixed with a partner from the same batch: ``(w * x + (1 - w) * x[partner], partner, w)``, the
+    partner a random permutation and ``w ~ U(0, 1)`` per example, both drawn from ``generator``."""
+    count = inputs.shape[0]
+    weights = torch.rand(count, generator=generator).to(inputs.device)
+    partner = torch.randperm(count, generator=generator).to(inputs.device)
+    w = weights.view((count,) + (1,) * (inputs.dim() - 1)).to(inputs.dtype)
+    return w * inputs + (1 - w) * inputs[partner], partner, weights
 
 
 class _StudentWithProjection(nn.Module):
@@ -70,7 +97,9 @@ class _StudentWithProjection(nn.Module):
         return output, self.projection(output.last_hidden_state)
 
 
-def _check_settings(temperature: float, alpha: float, hidden_weight: float) -> None:
+def _check_settings(temperature: float, alpha: float, hidden_weight: float, mix: bool = False) -> None:
+    if not isinstance(mix, bool):
+        raise InputError(f"distill: mixup must be true or false, got {mix!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise InputError(f"distill: temperature must be a number > 0 (2 to 4 is usual), got {temperature!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
@@ -85,10 +114,13 @@ class Distillation(Objective):
     """The task's objective (classification or causal LM) with a frozen teacher's outputs mixed into the loss."""
 
     def __init__(self, base: Objective, teacher: nn.Module, *, temperature: float = 2.0, alpha: float = 0.5,
-                 hidden_weight: float = 0.0, teacher_path: str | None = None):
-        _check_settings(temperature, alpha, hidden_weight)
+                 hidden_weight: float = 0.0, mixup: bool = False, teacher_path: str | None = None):
+        _check_settings(temperature, alpha, hidden_weight, mixup)
         if base.kind not in KINDS:
             raise InputError(f"distill: works for {' and '.join(KINDS)} runs, this one trains {base.kind!r}")
+        if mixup and base.kind != "classification":
+            raise InputError(f"distill: mixup mixes images; this run trains {base.kind!r}, whose token ids cannot be "
+                             "mixed: leave mixup off")
         super().__init__(base.config, base.bundle)
         self.base = base
         self.kind, self.primary_metric, self.higher_is_better = base.kind, base.primary_metric, base.higher_is_better
@@ -96,8 +128,9 @@ class Distillation(Objective):
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.temperature, self.alpha, self.hidden_weight = float(temperature), float(alpha), float(hidden_weight)
+        self.mixup = mixup
         self.record = {"teacher": teacher_path, "temperature": self.temperature, "alpha": self.alpha,
-                       "hidden_weight": self.hidden_weight}
+                       "hidden_weight": self.hidden_weight, "mixup": mixup}
 
     def model_fields(self) -> dict:
         return self.base.model_fields()
@@ -133,6 +166,13 @@ class Distillation(Objective):
 
     def loss(self, model, batch, generator):
         inputs, targets, kwargs = self._inputs(batch)
+        mixed = None
+        if self.mixup:
+            if not inputs.is_floating_point():
+                raise InputError(f"distill: mixup mixes images or feature vectors; this data gives {inputs.dtype} "
+                                 "inputs (token ids), which cannot be mixed: leave mixup off")
+            inputs, partner, weights = mix_images(inputs, generator)
+            mixed = (targets[partner], weights)
         if next(self.teacher.parameters()).device != inputs.device:
             self.teacher.to(inputs.device)
         with torch.no_grad():
@@ -147,12 +187,13 @@ class Distillation(Objective):
             # DeiT: the class token's head learns from the labels, the distillation token's from the teacher.
             class_logits, distill_logits = output.head_logits
             loss = ((1 - self.alpha) * distillation_loss(class_logits, teacher.logits, targets, temperature=1.0,
-                                                         alpha=0.0, smoothing=self.config.label_smoothing)
+                                                         alpha=0.0, smoothing=self.config.label_smoothing,
+                                                         mixed=mixed)
                     + self.alpha * distillation_loss(distill_logits, teacher.logits, targets,
                                                      temperature=self.temperature, alpha=1.0))
         else:
             loss = distillation_loss(output.logits, teacher.logits, targets, temperature=self.temperature,
-                                     alpha=self.alpha, smoothing=self.config.label_smoothing)
+                                     alpha=self.alpha, smoothing=self.config.label_smoothing, mixed=mixed)
         if projected is not None:
             loss = loss + self.hidden_weight * F.mse_loss(projected.float(), teacher.last_hidden_state.float())
         return self.with_aux(loss, output.aux_loss)
@@ -213,14 +254,14 @@ def _student_recipe(student: str, teacher_recipe, overrides: dict[str, Any]):
 
 
 def distill_run(teacher: str | Path, student: str, out: str | Path, *, overrides: dict[str, Any] | None = None,
-                temperature: float = 2.0, alpha: float = 0.5, hidden_weight: float = 0.0, resume: bool = False,
-                console=None):
+                temperature: float = 2.0, alpha: float = 0.5, hidden_weight: float = 0.0, mixup: bool = False,
+                resume: bool = False, console=None):
     """Trains ``student`` (a recipe, a preset, or a model YAML) into the run directory ``out`` with the teacher run's
     outputs in the loss (see ``Distillation``). Returns the trainer's ``TrainResult``."""
     from formerkit.train.evaluate import load_run_model
     from formerkit.train.trainer import train
 
-    _check_settings(temperature, alpha, hidden_weight)
+    _check_settings(temperature, alpha, hidden_weight, mixup)
     model, teacher_recipe, _ = load_run_model(teacher)
     if is_quantized(model):
         raise InputError(f"--teacher: {teacher} is quantized; teach with the float run it came from")
@@ -228,9 +269,12 @@ def distill_run(teacher: str | Path, student: str, out: str | Path, *, overrides
         raise InputError(f"--teacher: distillation works for {' and '.join(KINDS)} runs, {teacher} trained "
                          f"{teacher_recipe.objective.kind!r}")
     recipe = _student_recipe(student, teacher_recipe, overrides or {})
+    if mixup and recipe.data.source not in IMAGE_SOURCES:
+        raise InputError(f"--mixup: mixes images (data.source {' or '.join(IMAGE_SOURCES)}); this run reads "
+                         f"{recipe.data.source!r}: leave --mixup off")
 
     def wrap(base: Objective) -> Objective:
         return Distillation(base, model, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
-                            teacher_path=str(Path(teacher).resolve()))
+                            mixup=mixup, teacher_path=str(Path(teacher).resolve()))
 
     return train(recipe, out, resume=resume, console=console, wrap_objective=wrap)

@@ -50,6 +50,8 @@ def image_bundle(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
                  test_labels: torch.Tensor, config, *, scale: float, classes: list[str], source: str,
                  valid_fraction: float = 0.0) -> DataBundle:
     """Builds the bundle from raw images [N, C, H, W] (raw units; ``scale`` maps them to [0, 1])."""
+    if config.labels_per_class is not None:
+        train_images, train_labels = _first_per_class(train_images, train_labels, config.labels_per_class, classes)
     size = config.image_size
     if size is not None and tuple(train_images.shape[-2:]) != (size, size):
         resize = lambda x: F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
@@ -75,6 +77,18 @@ def image_bundle(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
         description=f"{source}: {len(train_x)} training and {len(test_x)} test images of {channels}x{height}x{width},"
                     f" {len(classes)} classes" + (f", {len(valid_labels)} held out for validation" if valid else ""),
     )
+
+
+def _first_per_class(images, labels, count, classes):
+    """The first ``count`` images of each class, in the split's order (data.labels_per_class)."""
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    for label in range(len(classes)):
+        members = (labels == label).nonzero().flatten()
+        if len(members) < count:
+            raise DataError(f"data.labels_per_class: {count} asked, but class {classes[label]!r} has only "
+                            f"{len(members)} training images; lower it or give more images")
+        keep[members[:count]] = True
+    return images[keep], labels[keep]
 
 
 def _stratified_holdout(images, labels, fraction):

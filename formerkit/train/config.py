@@ -93,6 +93,9 @@ class DataConfig(ConfigSection):
     image_size: int | None = None
     # digits, image_folder: light augmentation (small random shifts, rotations and scalings) while training
     augment: bool = True
+    # digits, image_folder: train on only the first this-many training images of each class (a few-label regime,
+    # the same images in every run; validation, if any, is held out of them; the test split stays whole)
+    labels_per_class: int | None = None
     # synthetic: the task, how many training examples, the symbol alphabet, the shortest sequence
     task: str = _choice("reverse", ("copy", "reverse", "sort"))
     num_examples: int = 20000
@@ -109,7 +112,8 @@ class DataConfig(ConfigSection):
         "seq_len": ("stdlib", "text", "jsonl", "synthetic"), "pack": ("stdlib", "text", "jsonl"),
         "valid_fraction": ("stdlib", "text", "jsonl", "digits", "image_folder", "csv"),
         "max_bytes": ("stdlib", "text", "jsonl"), "image_size": ("digits", "image_folder"),
-        "augment": ("digits", "image_folder"), "task": ("synthetic",), "num_examples": ("synthetic",),
+        "augment": ("digits", "image_folder"),
+        "labels_per_class": ("digits", "image_folder"), "task": ("synthetic",), "num_examples": ("synthetic",),
         "num_symbols": ("synthetic",), "min_len": ("synthetic",), "window": ("csv",), "horizon": ("csv",),
         "columns": ("csv",),
     }
@@ -136,6 +140,8 @@ class DataConfig(ConfigSection):
             self._fail("image_size", "an integer >= 1 or null")
         if self.max_bytes is not None and self.max_bytes < 1:
             self._fail("max_bytes", "an integer >= 1 or null")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            self._fail("labels_per_class", "an integer >= 1 or null (null: every training image)")
         if self.min_len > self.seq_len:
             self._fail("min_len", f"at most data.seq_len ({self.seq_len})")
 

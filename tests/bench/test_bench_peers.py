@@ -107,3 +107,32 @@ def test_the_nanogpt_reference_generates_what_its_forward_predicts():
     for step in range(7):
         window = out[:, : 3 + step][:, -8:]
         assert out[0, 3 + step] == model(window)[0, -1].argmax()
+
+
+_LOADED_ONCE = []
+
+
+def test_training_memory_counts_what_the_warm_up_loads_as_imports():
+    """What a library loads on first use (here: 200 MB kept by a warm-up, standing for a lazily imported module) is
+    not charged to the model measured after it, while the same memory taken while building is."""
+    from formerkit.bench.common import training_memory
+
+    def build():
+        model = torch.nn.Linear(8, 2)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def warm_up():
+        _LOADED_ONCE.append(torch.ones(50 * 2**20))  # 200 MB, touched
+        model, optimizer = build()
+        return model, optimizer, torch.randn(4, 8), torch.tensor([0, 1, 0, 1])
+
+    def build_loading():
+        _LOADED_ONCE.append(torch.ones(50 * 2**20))
+        return build()
+
+    inputs, targets = torch.randn(4, 8), torch.tensor([0, 1, 0, 1])
+    try:
+        assert training_memory(build, inputs, targets, "fp32", 1, warm_up) < 50
+        assert training_memory(build_loading, inputs, targets, "fp32", 1) > 150
+    finally:
+        _LOADED_ONCE.clear()

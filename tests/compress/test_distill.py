@@ -10,7 +10,7 @@ import torch
 
 import formerkit
 from formerkit.cli import main
-from formerkit.compress.distill import Distillation, distillation_loss
+from formerkit.compress.distill import Distillation, distillation_loss, mix_images
 from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
 from formerkit.train.evaluate import evaluate_run, load_run_model
@@ -71,6 +71,32 @@ def test_distillation_loss_at_the_extremes():
     assert distillation_loss(logits, logits, targets, temperature=3.0, alpha=1.0).abs().item() < 1e-6
 
 
+def test_distillation_loss_with_mixed_labels_equals_the_hand_computed_value():
+    student = [[2.0, -1.0, 0.5], [0.1, 0.2, 0.3], [1.0, 1.0, -1.0]]
+    teacher = [[1.0, 0.0, -2.0], [3.0, -1.0, 0.0], [0.0, 2.0, 0.0]]
+    targets, partners, weights = [0, 2, 1], [2, 0, 0], [0.25, 1.0, 0.6]
+    got = distillation_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(targets), temperature=2.0,
+                            alpha=0.3, mixed=(torch.tensor([targets[p] for p in partners]), torch.tensor(weights)))
+    expected = 0.0
+    for s, t, y, other, w in zip(student, teacher, targets, [targets[p] for p in partners], weights):
+        hard = -w * math.log(_softmax(s)[y]) - (1 - w) * math.log(_softmax(s)[other])
+        q_s, q_t = _softmax([v / 2.0 for v in s]), _softmax([v / 2.0 for v in t])
+        kl = sum(qt * (math.log(qt) - math.log(qs)) for qt, qs in zip(q_t, q_s))
+        expected += (0.7 * hard + 0.3 * 4.0 * kl) / 3
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mix_images_mixes_each_example_with_a_partner_of_the_batch():
+    images = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    mixed, partner, weights = mix_images(images, torch.Generator().manual_seed(5))
+    assert sorted(partner.tolist()) == list(range(6))
+    assert ((weights >= 0) & (weights <= 1)).all() and weights.unique().numel() == 6
+    for i in range(6):
+        torch.testing.assert_close(mixed[i], weights[i] * images[i] + (1 - weights[i]) * images[partner[i]])
+    again = mix_images(images, torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip((mixed, partner, weights), again))  # the step's generator decides
+
+
 def _tiny_run_objective(run):
     from formerkit.data import build_data
     from formerkit.train.objectives import make_objective
@@ -96,6 +122,37 @@ def test_distillation_objective_feeds_the_teacher_and_student_the_same_batch(tin
     torch.testing.assert_close(plain, base.loss(student, batch, torch.Generator()))
     got.backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
+
+
+def test_mixup_distillation_feeds_both_models_the_same_mixed_images(tiny_classifier_run, randomize):
+    teacher, recipe, base, bundle = _tiny_run_objective(tiny_classifier_run)
+    student = formerkit.build_model(teacher.config.replace(num_layers=1))
+    randomize(student, 4)
+    batch = bundle.train.take(torch.arange(8))
+    got = Distillation(base, teacher, temperature=3.0, alpha=0.6, mixup=True).loss(
+        student, batch, torch.Generator().manual_seed(11))
+    mixed, partner, weights = mix_images(batch["inputs"], torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = distillation_loss(student(mixed), teacher(mixed), batch["labels"], temperature=3.0, alpha=0.6,
+                                     smoothing=recipe.objective.label_smoothing,
+                                     mixed=(batch["labels"][partner], weights))
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(mixed, batch["inputs"])
+
+
+def test_mixup_is_refused_where_inputs_cannot_be_mixed(tiny_classifier_run, randomize):
+    from formerkit.train.objectives import CausalLM
+
+    class Settings:
+        label_smoothing = 0.0
+
+    config = ModelConfig(arch="decoder", width=16, num_layers=1, max_seq_len=8, attention={"num_heads": 2},
+                         stem={"kind": "tokens", "vocab_size": 12}, head={"kind": "lm"})
+    with pytest.raises(FormerkitError, match="mixup mixes images"):
+        Distillation(CausalLM(Settings(), None), formerkit.build_model(config), mixup=True)
+    teacher, _, base, bundle = _tiny_run_objective(tiny_classifier_run)
+    with pytest.raises(FormerkitError, match="mixup must be true or false"):
+        Distillation(base, teacher, mixup=0.2)
 
 
 def test_language_model_distillation_predicts_next_tokens(randomize):
@@ -135,7 +192,7 @@ def test_cli_distill_trains_a_student_run_that_eval_accepts(tiny_classifier_run,
     assert main(argv) == 0
     document = json.loads((out / "model" / "config.json").read_text())
     assert document["extra"]["distillation"] == {"teacher": str(tiny_classifier_run.resolve()), "temperature": 3.0,
-                                                 "alpha": 0.7, "hidden_weight": 0.1}
+                                                 "alpha": 0.7, "hidden_weight": 0.1, "mixup": False}
     assert document["model"]["width"] == 16
     # The saved student is the student alone (no projection), and eval reads it as any run.
     student, _, _ = load_run_model(out)

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from formerkit.data import ArraySplit, TokenSplit, build_data
+from formerkit.data import ArraySplit, DataError, TokenSplit, build_data
 from formerkit.data.images import augment_images
 from formerkit.data.synthetic import BOS, EOS, PAD, SPECIAL
 from formerkit.data.text import stdlib_files
+from formerkit.errors import ConfigError
 from formerkit.train.config import DataConfig
 
 # ----- stdlib -----
@@ -96,6 +97,32 @@ def test_digits_valid_fraction_holds_out_a_stratified_validation_split():
     bundle = build_data(DataConfig(source="digits", valid_fraction=0.1, augment=False))
     assert len(bundle.train) + len(bundle.valid) == 1347
     assert set(bundle.valid.tensors["labels"].tolist()) == set(range(10))
+
+
+def test_digits_labels_per_class_keeps_the_first_images_of_each_class_and_the_whole_test_split(digits_raw):
+    full = build_data(DataConfig(source="digits", valid_fraction=0.0, augment=False))
+    few = build_data(DataConfig(source="digits", valid_fraction=0.0, augment=False, labels_per_class=5))
+    full_labels, full_raw = full.train.tensors["labels"], unnormalize(full.train.tensors["inputs"], full.preprocessing)
+    few_raw = unnormalize(few.train.tensors["inputs"], few.preprocessing)
+    assert len(few.train) == 50 and few.train.tensors["labels"].bincount().tolist() == [5] * 10
+    # The kept images are, in order, the first five of each class in the full training split.
+    expected = torch.cat([full_raw[(full_labels == c).nonzero().flatten()[:5]] for c in range(10)])
+    order = few.train.tensors["labels"].argsort(stable=True)
+    assert torch.allclose(few_raw[order], expected, atol=1e-5)
+    assert torch.allclose(unnormalize(few.test.tensors["inputs"], few.preprocessing),
+                          unnormalize(full.test.tensors["inputs"], full.preprocessing), atol=1e-5)
+    assert torch.equal(few.test.tensors["labels"], full.test.tensors["labels"])
+    # Normalization comes from the images trained on.
+    assert few.train.tensors["inputs"].double().mean().abs() < 1e-5
+
+
+def test_digits_labels_per_class_refuses_more_than_a_class_has_and_other_sources():
+    with pytest.raises(DataError, match="labels_per_class.*has only"):
+        build_data(DataConfig(source="digits", labels_per_class=1000))
+    with pytest.raises(ConfigError, match="labels_per_class"):
+        DataConfig(source="digits", labels_per_class=0)
+    with pytest.raises(ConfigError, match="labels_per_class"):
+        DataConfig(source="stdlib", labels_per_class=5)
 
 
 def test_digits_image_size_upsamples_bilinearly():

@@ -1,0 +1,94 @@
+"""The feed-forward parts: the recomputing backward (the activation recomputed instead of kept) against autograd
+through the plain forward, and what it keeps for the backward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from formerkit.nn.feedforward import MLP, GatedMLP
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu")
+
+
+def _gradients(module, x, upstream):
+    out = module(x)
+    return out, torch.autograd.grad(out, [x, *module.parameters()], upstream)
+
+
+@pytest.mark.parametrize("cls", [MLP, GatedMLP])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_recomputed_activation_gives_autograds_gradients(cls, name):
+    torch.manual_seed(0)
+    module = cls(8, 12, name).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 5, 8, dtype=torch.float64)
+    module.recompute = True
+    out, recomputed = _gradients(module, x, upstream)
+    module.recompute = False
+    reference_out, reference = _gradients(module, x, upstream)
+    assert torch.equal(out, reference_out)
+    for got, expected in zip(recomputed, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    module.recompute = True
+    assert torch.autograd.gradcheck(lambda inputs: module(inputs), (x[:1, :2].detach().requires_grad_(),))
+
+
+def _saved_bytes(module, x) -> int:
+    """Bytes of the distinct storages the forward keeps for backward (parameters excluded)."""
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("cls", [MLP, GatedMLP])
+def test_recompute_keeps_only_the_first_projections_output_and_the_input(cls):
+    module = cls(16, 64, "gelu")
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    fc_in_out = 2 * 10 * module.fc_in.out_features * 4
+    module.recompute = True
+    assert _saved_bytes(module, x) == fc_in_out + x.numel() * 4
+    module.recompute = False
+    # Autograd keeps the activation's output too (and for a gated MLP the activated gate).
+    hidden = 2 * 10 * 64 * 4
+    assert _saved_bytes(module, x) == fc_in_out + x.numel() * 4 + hidden * (2 if cls is GatedMLP else 1)
+
+
+def test_recompute_under_bf16_autocast_matches_the_plain_path():
+    torch.manual_seed(0)
+    module = MLP(16, 64, "gelu_tanh")
+    x = torch.randn(4, 16, requires_grad=True)
+    upstream = torch.randn(4, 16)
+    results = []
+    for recompute in (True, False):
+        module.recompute = recompute
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        grads = torch.autograd.grad(out, [x, *module.parameters()], upstream.to(out.dtype))
+        results.append((out, grads))
+    (out, grads), (reference_out, reference) = results
+    assert out.dtype == reference_out.dtype == torch.bfloat16
+    assert torch.equal(out, reference_out)
+    for got, expected, tensor in zip(grads, reference, [x, *module.parameters()]):
+        assert got.dtype == expected.dtype == tensor.dtype
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_plain_path_without_gradients_dropout_or_a_replaced_output_projection():
+    module = MLP(8, 16, "gelu", dropout=0.5)
+    x = torch.randn(2, 8, requires_grad=True)
+    with torch.no_grad():
+        assert module(x).grad_fn is None
+    # Dropout between the activation and fc_out: autograd's own graph (the dropout mask must be kept).
+    assert "Recomputed" not in type(module.train()(x).grad_fn).__name__
+    module.eval()
+    assert "Recomputed" in type(module(x).grad_fn).__name__
