@@ -66,16 +66,14 @@ class _RecomputedActivationOut(torch.autograd.Function):
         if ctx.gated:
             gate, up = h.chunk(2, dim=-1)
             activated = act(gate)
-            hidden = activated * up
-        else:
-            hidden = act(h)
         grad_h = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # fc_out's weight gradient needs the activation's output: recomputed here
+            hidden = activated * up if ctx.gated else act(h)
             grad_weight = (flat.t() @ hidden.reshape(-1, hidden.shape[-1]).to(ctx.dtype)).to(weight.dtype)
+            del hidden
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat.sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            del hidden
             grad_hidden = (grad @ weight.to(ctx.dtype)).to(h.dtype)
             derivative = _DERIVATIVES[ctx.name]
             if ctx.gated:

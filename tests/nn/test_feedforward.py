@@ -92,3 +92,17 @@ def test_plain_path_without_gradients_dropout_or_a_replaced_output_projection():
     assert "Recomputed" not in type(module.train()(x).grad_fn).__name__
     module.eval()
     assert "Recomputed" in type(module(x).grad_fn).__name__
+
+
+@pytest.mark.parametrize("cls", [MLP, GatedMLP])
+def test_recompute_with_a_frozen_output_projection_gives_the_input_gradient(cls):
+    torch.manual_seed(1)
+    module = cls(8, 12, "silu").double()
+    module.fc_out.requires_grad_(False)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for recompute in (True, False):
+        module.recompute = recompute
+        grads.append(torch.autograd.grad(module(x).sum(), [x, *module.fc_in.parameters()]))
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
