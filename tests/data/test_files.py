@@ -237,6 +237,17 @@ def test_image_folder_valid_fraction_zero_holds_out_twenty_percent(tmp_path):
     assert len(bundle.test) == 6 and len(bundle.train) == 24
 
 
+def test_image_folder_labels_per_class_limits_training_images_and_keeps_the_test_split(tmp_path):
+    # Which images are kept (the first of each class) is checked on digits, whose images differ.
+    write_image_folder(tmp_path, per_class=10)
+    full = build_data(image_config(tmp_path, valid_fraction=0.2))
+    few = build_data(image_config(tmp_path, valid_fraction=0.2, labels_per_class=3))
+    assert few.train.tensors["labels"].bincount().tolist() == [3, 3, 3]
+    assert torch.equal(few.test.tensors["labels"], full.test.tensors["labels"])
+    assert torch.allclose(raw_pixels(few.test, few.preprocessing), raw_pixels(full.test, full.preprocessing),
+                          atol=1e-4)
+
+
 def test_small_classes_still_get_a_test_image(tmp_path):
     write_image_folder(tmp_path, per_class=3)
     bundle = build_data(image_config(tmp_path))  # 5% of 3 rounds to 0: still one per class
