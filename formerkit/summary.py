@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from formerkit.config import ModelConfig
 
-__all__ = ["Summary", "count_parameters", "summarize"]
+__all__ = ["Summary", "count_parameters", "saved_activation_bytes", "summarize"]
 
 
 @dataclass
@@ -98,6 +98,23 @@ def _example_inputs(config: ModelConfig, batch: int, seq_len: int) -> tuple[torc
     return ids, {}
 
 
+def saved_activation_bytes(model: torch.nn.Module, *args, **kwargs) -> int:
+    """Bytes of the distinct storages that one call ``model(*args, **kwargs)`` keeps for the backward pass (counted by
+    a saved-tensors hook; the model's parameters excluded). Works on the meta device."""
+    parameter_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameter_storages:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(*args, **kwargs)
+    return int(sum(saved.values()))
+
+
 def count_parameters(config: ModelConfig) -> int:
     """The parameter count of the model a config describes (built on the meta device: no memory, no init cost)."""
     from formerkit.models.transformer import build_model
@@ -132,17 +149,7 @@ def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, na
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model.eval()(inputs, **kwargs)
         flops = counter.get_total_flops()
-        parameter_storages = {p.untyped_storage()._cdata for p in model.parameters()}
-        saved: dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage._cdata not in parameter_storages:
-                saved[storage._cdata] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model.train()(inputs, **kwargs)
+        activation_bytes = saved_activation_bytes(model.train(), inputs, **kwargs)
     if config.arch == "decoder" or config.arch == "encoder_decoder":
         notes.append("causal attention is counted as full score matrices, as the kernel computes them")
     if config.feedforward.mixture:
@@ -152,4 +159,4 @@ def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, na
     return Summary(config=config, name=name or "model", parts=list(counts.items()),
                    total_parameters=sum(counts.values()), batch=batch, seq_len=None if image else seq_len,
                    unit="image" if image else "token", forward_flops=int(flops),
-                   activation_bytes=int(sum(saved.values())), notes=notes)
+                   activation_bytes=activation_bytes, notes=notes)

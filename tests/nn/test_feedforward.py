@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from formerkit.nn.feedforward import MLP, GatedMLP
+from formerkit.summary import saved_activation_bytes
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu")
 
@@ -34,33 +35,17 @@ def test_recomputed_activation_gives_autograds_gradients(cls, name):
     assert torch.autograd.gradcheck(lambda inputs: module(inputs), (x[:1, :2].detach().requires_grad_(),))
 
 
-def _saved_bytes(module, x) -> int:
-    """Bytes of the distinct storages the forward keeps for backward (parameters excluded)."""
-    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        module(x)
-    return sum(kept.values())
-
-
 @pytest.mark.parametrize("cls", [MLP, GatedMLP])
 def test_recompute_keeps_only_the_first_projections_output_and_the_input(cls):
     module = cls(16, 64, "gelu")
     x = torch.randn(2, 10, 16, requires_grad=True)
     fc_in_out = 2 * 10 * module.fc_in.out_features * 4
     module.recompute = True
-    assert _saved_bytes(module, x) == fc_in_out + x.numel() * 4
+    assert saved_activation_bytes(module, x) == fc_in_out + x.numel() * 4
     module.recompute = False
     # Autograd keeps the activation's output too (and for a gated MLP the activated gate).
     hidden = 2 * 10 * 64 * 4
-    assert _saved_bytes(module, x) == fc_in_out + x.numel() * 4 + hidden * (2 if cls is GatedMLP else 1)
+    assert saved_activation_bytes(module, x) == fc_in_out + x.numel() * 4 + hidden * (2 if cls is GatedMLP else 1)
 
 
 def test_recompute_under_bf16_autocast_matches_the_plain_path():
