@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from formerkit.data import build_data
-from formerkit.nn.early_exit import early_exit
+from formerkit.models.early_exit import early_exit
 from formerkit.train import load_recipe, train
 from formerkit.train.evaluate import load_run_model
 

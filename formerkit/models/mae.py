@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from formerkit.config import AttentionConfig, HeadConfig, ModelConfig, NormConfig, PositionConfig, StemConfig
 from formerkit.errors import ConfigError, InputError
 from formerkit.models.transformer import Transformer, TransformerStack
+from formerkit.nn.context import StackInput
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.positions import SinCos2DPositions
 
@@ -246,8 +247,9 @@ class MaskedAutoencoder(nn.Module):
                                                         generator=generator, device=images.device)
         visible = torch.cat([prefix, _gather_tokens(patches, ids_keep)], dim=1)
         # Every visible token sees every other one: no mask. The stack ends with the encoder's final norm.
-        latent, _, _ = self.encoder.encoder(visible, PreparedMask())
-        return latent, mask, ids_restore
+        stack = self.encoder.encoder
+        layers = self.encoder.layer_contexts(stack, visible)
+        return stack(StackInput(visible, layers)).hidden, mask, ids_restore
 
     def decode(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """Fills in a mask token for every masked patch, restores the patch order, adds fixed 2-D positions and
@@ -258,7 +260,8 @@ class MaskedAutoencoder(nn.Module):
         # In shuffled order the visible patches come first and the masked ones after; ids_restore undoes the shuffle.
         patches = _gather_tokens(torch.cat([visible, mask_tokens], dim=1), ids_restore)
         hidden = self.decoder_positions.encode_input(torch.cat([prefix, patches], dim=1), None)
-        hidden, _, _ = self.decoder(hidden, PreparedMask())
+        # The decoder's own stack (plain softmax attention, see __init__): no mask, no positions inside attention.
+        hidden = self.decoder(StackInput(hidden, self.decoder.contexts({"full": PreparedMask()}))).hidden
         return self.decoder_prediction(hidden[:, self.num_prefix_tokens:])
 
     def targets(self, images: Tensor) -> Tensor:

@@ -9,14 +9,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
+from formerkit.generation import generate, stream
+from formerkit.models.inputs import (
+    check_cache,
+    check_call,
+    check_mask,
+    check_position_ids,
+    check_stem_input,
+    check_target,
+    token_keep,
+    token_merging,
+)
 from formerkit.nn.block import DropPath, TransformerBlock
-from formerkit.nn.cache import KVCache
+from formerkit.nn.cache import KVCache, StaticSlots
+from formerkit.nn.context import LayerContext, StackInput
 from formerkit.nn.heads import build_head
 from formerkit.nn.masks import (
     CausalMask,
@@ -25,13 +38,12 @@ from formerkit.nn.masks import (
     PreparedMask,
     SlidingWindowMask,
     SoftCausalMask,
-    _as_keep,
-    _parts,
-    as_mask,
+    blockwise_pays_off,
+    mask_parts,
     prepare_attention_mask,
     prepare_blocked_mask,
     prepare_mask_at,
-    window_block_size,
+    with_bias,
 )
 from formerkit.nn.moe import Routing
 from formerkit.nn.norms import build_norm
@@ -39,7 +51,7 @@ from formerkit.nn.positions import build_positions
 from formerkit.nn.stems import build_stem
 from formerkit.nn.tome import TokenMerging
 
-__all__ = ["ModelOutput", "Transformer", "TransformerStack", "build_model"]
+__all__ = ["ModelOutput", "StackOutput", "Transformer", "TransformerStack", "build_model"]
 
 
 @dataclass
@@ -69,11 +81,23 @@ class ModelOutput:
     token_sizes: Tensor | None = None
 
 
+class StackOutput(NamedTuple):
+    """What a stack returns: the final hidden states (after the final norm), and what was asked for."""
+
+    hidden: Tensor
+    # With output_hidden_states: the stack's input, then each layer's output (before the final norm); else empty.
+    hidden_states: list[Tensor]
+    # With output_attentions: each layer's attention probabilities; else empty.
+    attentions: list[Tensor]
+    # Each mixture-of-experts layer's ``Routing`` of this pass, in depth order (a shared block once per depth).
+    routing: list[Routing]
+
+
 class TransformerStack(nn.Module):
     """``num_layers`` blocks in sequence (cycling through ``num_unique_layers`` distinct blocks when weights are
-    shared), followed by the final norm when the config has one."""
+    shared), followed by the final norm when the config has one. A causal stack is a decoder's."""
 
-    def __init__(self, config: ModelConfig, num_layers: int, *, cross_attention: bool = False):
+    def __init__(self, config: ModelConfig, num_layers: int, *, causal: bool = False, cross_attention: bool = False):
         super().__init__()
         unique = config.num_unique_layers or num_layers
         rates = [config.drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
@@ -82,6 +106,7 @@ class TransformerStack(nn.Module):
         # Stochastic depth rises linearly with depth (Huang et al.); a per-layer module, so shared blocks follow it too.
         self.drop_paths = nn.ModuleList(DropPath(rate) for rate in rates)
         self.num_layers = num_layers
+        self.causal = causal
         attention = config.attention
         window_layers = attention.sliding_window_layers
         self.windowed = tuple(attention.sliding_window is not None
@@ -89,40 +114,33 @@ class TransformerStack(nn.Module):
         # The attention each depth computes (softmax, l2, linear).
         self.kinds = tuple(attention.kind if attention.kind_layers is None or i in attention.kind_layers
                            else "softmax" for i in range(num_layers))
+        # The mask each depth reads: linear attention's own form, the sliding window, or the full mask.
+        self.mask_kinds = tuple("linear" if kind == "linear" else "window" if windowed else "full"
+                                for kind, windowed in zip(self.kinds, self.windowed))
         norm = config.norm
         self.final_norm = build_norm(norm.kind, config.width, norm.eps, norm.bias) if norm.has_final else None
 
-    @property
-    def needs_full_mask(self) -> bool:
-        """Whether some layer attends with the plain (not windowed, not linear) mask."""
-        return any(not windowed and kind != "linear" for windowed, kind in zip(self.windowed, self.kinds))
+    def block_at(self, index: int) -> TransformerBlock:
+        """The block that runs at depth ``index`` (blocks repeat when weights are shared)."""
+        return self.blocks[index % len(self.blocks)]
 
-    @property
-    def needs_linear_mask(self) -> bool:
-        return "linear" in self.kinds
+    def contexts(self, masks: dict[str, PreparedMask], **shared) -> tuple[LayerContext, ...]:
+        """One ``LayerContext`` per depth: the mask of the depth's kind from ``masks`` ("full", "window", "linear"),
+        its attention kind, index and (while training) stochastic depth, and the ``shared`` fields of the pass."""
+        return tuple(LayerContext(mask=masks[self.mask_kinds[index]], kind=self.kinds[index], index=index,
+                                  drop_path=self.drop_paths[index] if self.training else None, **shared)
+                     for index in range(self.num_layers))
 
-    def forward(self, hidden: Tensor, mask: PreparedMask | None, *, window_mask: PreparedMask | None = None,
-                linear_mask: PreparedMask | None = None, rotary: tuple[Tensor, Tensor] | None = None,
-                memory: Tensor | None = None,
-                memory_mask: PreparedMask | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False, cache: KVCache | None = None, token_keep: Tensor | None = None,
-                routing: list[Routing] | None = None,
-                merging: TokenMerging | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Returns the final hidden states, the per-layer states and attentions asked for. ``token_keep``
-        ([batch, tokens], True for a real token) keeps padding out of mixture-of-experts routing; when ``routing`` is
-        a list, every mixture layer applied appends its ``Routing`` to it (a shared block once per depth it runs at).
-        ``merging`` merges tokens in every layer (``formerkit.nn.tome``).
-        """
-        states, attentions = [], []
-        for index in range(self.num_layers):
+    def forward(self, prepared: StackInput, *, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> StackOutput:
+        """Runs every layer over ``prepared.hidden`` with its context (see ``Transformer.prepare``)."""
+        hidden, states, attentions, routing = prepared.hidden, [], [], []
+        for index, context in enumerate(prepared.layers):
             if output_hidden_states:
                 states.append(hidden)
-            block = self.blocks[index % len(self.blocks)]
-            hidden, weights = self.layer(index, hidden, mask, window_mask=window_mask, linear_mask=linear_mask,
-                                         rotary=rotary, memory=memory, memory_mask=memory_mask,
-                                         need_weights=output_attentions, cache=cache, token_keep=token_keep,
-                                         merging=merging)
-            if routing is not None and block.mixture:
+            block = self.block_at(index)
+            hidden, weights = block(hidden, context)
+            if block.mixture:
                 routing.append(block.feedforward.last_routing)
             if output_attentions:
                 attentions.append(weights)
@@ -130,18 +148,7 @@ class TransformerStack(nn.Module):
             states.append(hidden)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        return hidden, states, attentions
-
-    def layer(self, index: int, hidden: Tensor, mask: PreparedMask | None, *,
-              window_mask: PreparedMask | None = None, linear_mask: PreparedMask | None = None,
-              **options) -> tuple[Tensor, Tensor | None]:
-        """Runs layer ``index`` alone (its block, mask, attention kind and stochastic depth), as ``forward`` does for
-        each layer and early exit (``formerkit.nn.early_exit``) does layer by layer. ``options`` go to the block."""
-        kind = self.kinds[index]
-        layer_mask = linear_mask if kind == "linear" else window_mask if self.windowed[index] else mask
-        return self.blocks[index % len(self.blocks)](
-            hidden, layer_mask, drop_path=self.drop_paths[index] if self.training else None, layer=index, kind=kind,
-            **options)
+        return StackOutput(hidden, states, attentions, routing)
 
 
 class Transformer(nn.Module):
@@ -164,11 +171,12 @@ class Transformer(nn.Module):
                                if config.stem.embedding_norm else None)
         self.embedding_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         if config.arch == "decoder":
-            self.decoder = TransformerStack(config, config.num_layers)
+            self.decoder = TransformerStack(config, config.num_layers, causal=True)
         else:
             self.encoder = TransformerStack(config, config.num_layers)
             if config.arch == "encoder_decoder":
-                self.decoder = TransformerStack(config, config.decoder_layers, cross_attention=True)
+                self.decoder = TransformerStack(config, config.decoder_layers, causal=True,
+                                                cross_attention=True)
         self.head = build_head(config)
         self.reset_parameters()
         if config.head.tie_embeddings:
@@ -198,56 +206,61 @@ class Transformer(nn.Module):
             if name in ("positions.weight", "stem.class_token", "stem.distill_token", "stem.registers"):
                 nn.init.normal_(parameter, std=std)
 
-    # ----- input handling -----
+    # ----- the forward path: prepare, then the stack's layers, then the head -----
 
-    def _check_stem_input(self, inputs: Tensor, token_type_ids: Tensor | None, name: str) -> None:
-        if self.config.stem.kind == "tokens":
-            self.stem.check(inputs, token_type_ids, name)
+    def get_stack(self, side: str | None = None) -> TransformerStack:
+        """The stack ``side`` names, "encoder" or "decoder"; None names the model's only stack (an encoder_decoder
+        has two, and needs the side)."""
+        arch = self.config.arch
+        if side is None and arch != "encoder_decoder":
+            side = "decoder" if arch == "decoder" else "encoder"
+        if side not in ("encoder", "decoder") or not hasattr(self, side):
+            raise InputError(f"side: expected {'encoder or decoder' if arch == 'encoder_decoder' else 'None'} for "
+                             f"arch {arch!r}, got {side!r}")
+        return getattr(self, side)
+
+    def prepare(self, inputs: Tensor, *, side: str | None = None, attention_mask: Tensor | None = None,
+                mask: Mask | Tensor | None = None, position_ids: Tensor | None = None,
+                token_type_ids: Tensor | None = None, cache: KVCache | StaticSlots | None = None,
+                memory: Tensor | None = None, memory_keep: Tensor | None = None, need_weights: bool = False,
+                merging: TokenMerging | None = None) -> StackInput:
+        """Checks the inputs of one stack, embeds them and builds every layer's ``LayerContext``: the one way from
+        inputs to a stack's layers (the forward pass, early exit, the compiled decode step and MAE all use it).
+        ``stack(prepared)`` then runs the layers; ``side`` picks the stack as in ``get_stack``.
+
+        With a ``KVCache`` the new tokens are recorded in it (positions continue from the cached ones); the caller
+        commits or aborts the cache after the stack has run. ``memory``/``memory_keep`` are an encoder-decoder's
+        encoder output and its padding; ``merging`` is token merging for this pass. The other arguments are those of
+        ``forward``.
+        """
+        stack = self.get_stack(side)
+        if isinstance(cache, StaticSlots):
+            # The compiled decode step: one token per row after the cached ones, fixed shapes, inputs made by generate.
+            position_ids = cache.begin()
+            hidden, _ = self.embed(inputs, position_ids=position_ids)
+            layers = self.layer_contexts(stack, hidden, position_ids=position_ids, cache=cache)
+            return StackInput(hidden, layers, None, position_ids)
+        target_side = self.config.arch == "encoder_decoder" and side == "decoder"
+        name = "decoder_input_ids" if target_side else "inputs"
+        check_stem_input(self, inputs, token_type_ids, name)
+        check_position_ids(self, position_ids, tuple(inputs.shape[:2]))
+        keep = token_keep(self, inputs, attention_mask, "decoder_attention_mask" if target_side else "attention_mask")
+        length = self.stem.num_tokens(inputs)
+        if merging is not None:
+            merging.start(length)
+        if cache is None:
+            mask = check_mask(self, mask, inputs.shape[0], length)
+            hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids,
+                                              token_type_ids=token_type_ids)
         else:
-            if token_type_ids is not None:
-                raise InputError(f"token_type_ids: only a tokens stem takes token types, this model's stem is "
-                                 f"{self.config.stem.kind!r}")
-            self.stem.check(inputs, name)
-
-    def _token_keep(self, inputs: Tensor, attention_mask: Tensor | None, name: str) -> Tensor | None:
-        """The [batch, tokens] keep-mask over the stem's output tokens (prefix tokens included), or None if nothing
-        is padded."""
-        if attention_mask is None:
-            return None
-        kind = self.config.stem.kind
-        if kind in ("patches", "conv"):
-            raise InputError(f"{name}: image models take no padding mask (every patch is real)")
-        if not isinstance(attention_mask, Tensor):
-            raise InputError(f"{name}: expected a tensor [batch, tokens] with 1 for tokens and 0 for padding, got "
-                             f"{type(attention_mask).__name__}")
-        tokens = inputs.shape[1] // (self.stem.patch_size if kind == "linear" else 1)
-        expected = [inputs.shape[0], tokens]
-        if list(attention_mask.shape) != expected:
-            raise InputError(f"{name}: expected shape {expected} (batch, tokens) to match the input, "
-                             f"got {list(attention_mask.shape)}")
-        keep = _as_keep(attention_mask, name)
-        if keep.device.type != "meta" and not torch.compiler.is_compiling() and bool(keep.all()):
-            return None
-        prefix = self.stem.num_prefix_tokens
-        if prefix:
-            keep = torch.cat([keep.new_ones(keep.shape[0], prefix), keep], dim=1)
-        return keep
-
-    def _check_position_ids(self, position_ids: Tensor | None, shape: tuple[int, int]) -> None:
-        if position_ids is None:
-            return
-        if self.config.stem.kind != "tokens":
-            raise InputError("position_ids: only a tokens stem takes explicit positions")
-        if not isinstance(position_ids, Tensor) or list(position_ids.shape) != list(shape):
-            got = list(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
-            raise InputError(f"position_ids: expected shape {list(shape)} like the input ids, got {got}")
-        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
-            raise InputError(f"position_ids: expected an integer tensor, got dtype {position_ids.dtype}")
-        if position_ids.device.type != "meta" and not torch.compiler.is_compiling():
-            low, high = int(position_ids.min()), int(position_ids.max())
-            if low < 0 or high >= self.config.num_positions:
-                raise InputError(f"position_ids: must lie in [0, {self.config.num_positions}) (max_seq_len), "
-                                 f"got values from {low} to {high}")
+            check_cache(cache, inputs, length, position_ids)
+            mask = check_mask(self, mask, inputs.shape[0], length, cache.length + length, cache.length)
+            position_ids = cache.begin(keep, length)
+            hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids)
+        layers = self.layer_contexts(stack, hidden, token_keep=keep, position_ids=position_ids, mask=mask,
+                                     cache=cache, memory=memory, memory_keep=memory_keep, need_weights=need_weights,
+                                     merging=merging)
+        return StackInput(hidden, layers, keep, position_ids)
 
     def embed(self, inputs: Tensor, *, keep: Tensor | None = None, position_ids: Tensor | None = None,
               token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -266,22 +279,52 @@ class Transformer(nn.Module):
             hidden = self.embedding_norm(hidden)
         return self.embedding_dropout(hidden), position_ids
 
-    def _self_attention_masks(self, stack: TransformerStack, causal: bool, keep: Tensor | None, mask: Mask | None,
-                              length: int, position_ids: Tensor | None, device,
-                              cache: KVCache | None = None,
-                              need_weights: bool = False) -> dict[str, PreparedMask | None]:
-        """The masks the layers of ``stack`` share: ``mask`` (plain layers), ``window_mask`` (sliding-window
-        layers; blockwise for long inputs) and ``linear_mask`` (linear attention), each built only if some layer
-        uses it. With a cache, the ``length`` queries follow the ``cache.start`` cached tokens and see keys
-        ``[0, cache.end)``; ``keep`` then covers all of those keys."""
+    def layer_contexts(self, stack: TransformerStack, hidden: Tensor, *, token_keep: Tensor | None = None,
+                       position_ids: Tensor | None = None, mask: Mask | None = None,
+                       cache: KVCache | StaticSlots | None = None, memory: Tensor | None = None,
+                       memory_keep: Tensor | None = None, need_weights: bool = False,
+                       merging: TokenMerging | None = None) -> tuple[LayerContext, ...]:
+        """Every layer's context for the embedded tokens ``hidden`` [batch, tokens, width] entering ``stack`` (see
+        ``prepare``, which checks the inputs first): the masks, rotary tables and cross-attention mask of the pass.
+        Early exit calls it again for the rows still running."""
+        length, device = hidden.shape[1], hidden.device
+        masks = self.attention_masks(stack, length=length, key_keep=token_keep, position_ids=position_ids, mask=mask,
+                                     cache=cache, need_weights=need_weights, device=device)
+        if isinstance(cache, StaticSlots):
+            memory_mask = cache.memory_mask
+        elif memory is not None:
+            memory_mask = prepare_attention_mask(None if memory_keep is None else KeyPaddingMask(memory_keep),
+                                                 length, memory.shape[1], device=device)
+        else:
+            memory_mask = None
+        return stack.contexts(masks, rotary=self.positions.rotary(position_ids, length), cache=cache, memory=memory,
+                              memory_mask=memory_mask, token_keep=token_keep, need_weights=need_weights,
+                              merging=merging)
+
+    def attention_masks(self, stack: TransformerStack, *, length: int, key_keep: Tensor | None,
+                        position_ids: Tensor | None, mask: Mask | None, cache: KVCache | StaticSlots | None,
+                        need_weights: bool, device) -> dict[str, PreparedMask]:
+        """The self-attention masks the layers of ``stack`` read, by kind, each built only if some layer reads it
+        (``TransformerStack.mask_kinds`` says which depth reads which): "full" (the causal, padding and given masks,
+        with ALiBi's bias), "window" (the same within the sliding window: blockwise for long inputs, over the slots
+        of a rolling cache when decoding) and "linear" (linear attention's causal/padding form, or the dense mask).
+        The one place that decides what each layer's attention sees.
+
+        ``key_keep`` marks the real tokens of this pass. With a cache the ``length`` queries follow the cached
+        tokens and attend to every cached key, whose padding and positions the cache records."""
+        kinds = set(stack.mask_kinds)
+        if isinstance(cache, StaticSlots):
+            return self._static_masks(kinds, cache, position_ids)
         offset, num_keys = (cache.start, cache.end) if cache is not None else (0, length)
+        if cache is not None:
+            key_keep = cache.key_keep()
         attention = self.config.attention
         parts: list[Mask] = []
-        if causal and not (mask is not None and mask.defines_order):
+        if stack.causal and not (mask is not None and mask.defines_order):
             strength = self.soft_causal_strength if attention.soft_causal_steps is not None else 1.0
             parts.append(CausalMask() if strength >= 1.0 else SoftCausalMask(strength))
-        if keep is not None:
-            parts.append(KeyPaddingMask(keep))
+        if key_keep is not None:
+            parts.append(KeyPaddingMask(key_keep))
         if mask is not None:
             parts.append(mask)
         combined = None
@@ -300,37 +343,55 @@ class Transformer(nn.Module):
                 return self.positions.attention_bias(keys[:, query_index.clamp(0, last)],
                                                      keys[:, key_index.clamp(0, last)])
 
-        masks: dict[str, PreparedMask | None] = {"mask": None, "window_mask": None, "linear_mask": None}
-        if stack.needs_full_mask:
-            masks["mask"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias,
+        masks: dict[str, PreparedMask] = {}
+        if "full" in kinds:
+            masks["full"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias,
                                                    device=device)
-        window = attention.sliding_window
-        if window is not None and any(stack.windowed):
+        if "window" in kinds:
+            window = attention.sliding_window
             local = SlidingWindowMask(window, attention.global_tokens)
             local = local if combined is None else combined & local
             if cache is not None and cache.slot_tokens is not None:
                 # Rolling buffers: the keys are the slots (in slot order), then, in a pass of several tokens, the
                 # pass's own keys.
-                masks["window_mask"] = prepare_mask_at(
-                    local, torch.arange(offset, num_keys, device=device), cache.window_key_index(), num_keys,
-                    query_offset=offset, bias=bias_at)
-            # Blocks pay off once the sequence is longer than the window plus a couple of blocks.
-            elif cache is None and not need_weights and length >= window + 2 * window_block_size(window):
-                masks["window_mask"] = prepare_blocked_mask(local, length, window,
-                                                            global_tokens=attention.global_tokens, bias=bias_at,
-                                                            device=device)
+                masks["window"] = prepare_mask_at(local, torch.arange(offset, num_keys, device=device),
+                                                  cache.window_key_index(), num_keys, query_offset=offset,
+                                                  bias=bias_at)
+            elif cache is None and not need_weights and blockwise_pays_off(length, window):
+                masks["window"] = prepare_blocked_mask(local, length, window, global_tokens=attention.global_tokens,
+                                                       bias=bias_at, device=device)
             else:
-                masks["window_mask"] = prepare_attention_mask(local, length, num_keys, query_offset=offset,
-                                                              bias=bias, device=device)
-        if stack.needs_linear_mask:
+                masks["window"] = prepare_attention_mask(local, length, num_keys, query_offset=offset, bias=bias,
+                                                         device=device)
+        if "linear" in kinds:
             structural = combined is None or all(isinstance(part, (CausalMask, KeyPaddingMask))
-                                                 for part in _parts(combined))
+                                                 for part in mask_parts(combined))
             if cache is None and structural and bias is None:
-                masks["linear_mask"] = PreparedMask(is_causal=any(isinstance(part, CausalMask) for part in parts),
-                                                    key_keep=keep)
+                masks["linear"] = PreparedMask(is_causal=any(isinstance(part, CausalMask) for part in parts),
+                                               key_keep=key_keep)
             else:
-                masks["linear_mask"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset,
-                                                              bias=bias, device=device)
+                masks["linear"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias,
+                                                         device=device)
+        return masks
+
+    def _static_masks(self, kinds: set[str], slots: StaticSlots, position_ids: Tensor) -> dict[str, PreparedMask]:
+        """``attention_masks`` for the compiled decode step: one query per row over the slots filled so far, every
+        shape fixed but the filled length. The query comes after every key, so only padding (and the window) mask."""
+        key_keep = slots.key_keep()
+        batch, filled = key_keep.shape
+        allowed = key_keep.view(batch, 1, 1, filled)
+        bias = (self.positions.attention_bias(position_ids, slots.key_positions()) if self.positions.uses_bias
+                else None)
+        masks = {"full": PreparedMask(value=with_bias(allowed, bias))}
+        if "window" in kinds:
+            # The window over slots (SlidingWindowMask counts slots, padding included), this token's slot the query.
+            attention = self.config.attention
+            local = SlidingWindowMask(attention.sliding_window, attention.global_tokens)
+            near = local.materialize_at(slots.slot.view(1, 1), torch.arange(filled, device=key_keep.device).view(1, -1),
+                                        num_keys=filled).squeeze(2)
+            masks["window"] = PreparedMask(value=with_bias(allowed & near, bias))
+        if "linear" in kinds:  # the quadratic form over the cache, without score biases
+            masks["linear"] = PreparedMask(value=allowed)
         return masks
 
     @property
@@ -345,88 +406,15 @@ class Transformer(nn.Module):
         steps = self.config.attention.soft_causal_steps
         self._soft_causal_strength = 1.0 if steps is None else min(1.0, step / steps)
 
-    def _check_mask(self, mask: Mask | Tensor | None, batch: int, length: int, num_keys: int | None = None,
-                    query_offset: int = 0) -> Mask | None:
-        mask = as_mask(mask)
-        num_keys = length if num_keys is None else num_keys
-        if mask is not None:
-            size = mask.batch_size()
-            if size is not None and size != batch:
-                raise InputError(f"mask: built for a batch of {size}, but the input has a batch of {batch}")
-            probe = mask.materialize(length, num_keys, query_offset=query_offset, device="meta")
-            if probe.dim() != 4 or probe.shape[0] not in (1, batch) or probe.shape[1] not in (
-                    1, self.config.attention.num_heads):
-                raise InputError(f"mask: expected a shape broadcastable to [batch={batch}, "
-                                 f"heads={self.config.attention.num_heads}, {length}, {num_keys}], "
-                                 f"got {list(probe.shape)}")
-        return mask
-
-    # ----- forward -----
-
-    def _run_stack(self, stack: TransformerStack, inputs: Tensor, *, causal: bool, attention_mask, mask,
-                   position_ids, token_type_ids, memory=None, memory_keep=None, output_hidden_states=False,
-                   output_attentions=False, name="inputs", cache: KVCache | None = None,
-                   merging: TokenMerging | None = None):
-        """Checks the inputs, embeds them and runs ``stack``. Returns the final hidden states, the keep-mask of the
-        tokens (None without padding), the states and attentions asked for, and the mixture layers' ``Routing``s
-        (None when the model has no mixture layers)."""
-        self._check_stem_input(inputs, token_type_ids, name)
-        self._check_position_ids(position_ids, tuple(inputs.shape[:2]))
-        keep = self._token_keep(inputs, attention_mask, "attention_mask" if name == "inputs" else
-                                "decoder_attention_mask")
-        length = self.stem.num_tokens(inputs)
-        if merging is not None:
-            merging.start(length)
-        if cache is None:
-            mask = self._check_mask(mask, inputs.shape[0], length)
-            hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids,
-                                              token_type_ids=token_type_ids)
-            masks = self._self_attention_masks(stack, causal, keep, mask, length, position_ids, hidden.device,
-                                               need_weights=output_attentions)
-        else:
-            if position_ids is not None:
-                raise InputError("position_ids: with a cache, positions continue from the cached tokens; "
-                                 "pass attention_mask for padding instead")
-            if inputs.shape[0] != cache.batch_size:
-                raise InputError(f"cache: built for a batch of {cache.batch_size}, the input has a batch of "
-                                 f"{inputs.shape[0]}")
-            if cache.length + length > cache.max_length:
-                raise InputError(f"cache: {length} new tokens after {cache.length} cached ones exceed its "
-                                 f"max_length {cache.max_length}")
-            mask = self._check_mask(mask, inputs.shape[0], length, cache.length + length, cache.length)
-            position_ids = cache.begin(keep, length)
-            hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids)
-            masks = self._self_attention_masks(stack, causal, cache.key_keep(), mask, length, position_ids,
-                                               hidden.device, cache, need_weights=output_attentions)
-        rotary = self.positions.rotary(position_ids, length)
-        memory_mask = None
-        if memory is not None:
-            memory_mask = prepare_attention_mask(None if memory_keep is None else KeyPaddingMask(memory_keep),
-                                                 length, memory.shape[1], device=hidden.device)
-        routing = [] if self.config.feedforward.mixture else None
-        try:
-            hidden, states, attentions = stack(hidden, masks["mask"], window_mask=masks["window_mask"],
-                                               linear_mask=masks["linear_mask"], rotary=rotary, memory=memory,
-                                               memory_mask=memory_mask, output_hidden_states=output_hidden_states,
-                                               output_attentions=output_attentions, cache=cache, token_keep=keep,
-                                               routing=routing, merging=merging)
-        except BaseException:
-            if cache is not None:
-                cache.abort()
-            raise
-        if cache is not None:
-            cache.commit()
-        return hidden, keep, states, attentions, routing
-
     def encode(self, inputs: Tensor, *, attention_mask: Tensor | None = None, mask: Mask | Tensor | None = None,
                position_ids: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
         """encoder_decoder: the encoder's final hidden states [batch, source tokens, width]."""
         if self.config.arch != "encoder_decoder":
             raise InputError(f"encode: only an encoder_decoder model has a separate encoder (arch is "
                              f"{self.config.arch!r}); call the model instead")
-        hidden, _, _, _, _ = self._run_stack(self.encoder, inputs, causal=False, attention_mask=attention_mask,
-                                             mask=mask, position_ids=position_ids, token_type_ids=token_type_ids)
-        return hidden
+        prepared = self.prepare(inputs, side="encoder", attention_mask=attention_mask, mask=mask,
+                                position_ids=position_ids, token_type_ids=token_type_ids)
+        return self.encoder(prepared).hidden
 
     def forward(self, inputs: Tensor, *, attention_mask: Tensor | None = None, mask: Mask | Tensor | None = None,
                 position_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
@@ -452,58 +440,37 @@ class Transformer(nn.Module):
             this many tokens (or one count per layer) after attention; 0 is the plain model. Takes no masks.
         """
         config = self.config
-        merging = None
-        if merge_tokens is not None:
-            merging = TokenMerging(config, merge_tokens)
-            if attention_mask is not None or mask is not None:
-                raise InputError("merge_tokens: token merging takes no attention_mask or mask (they describe the "
-                                 "unmerged tokens, and padding would be merged into real tokens); pass unpadded "
-                                 "inputs")
-        encoder_state, routing = None, []
-        if cache is not None:
-            if config.arch == "encoder":
-                raise InputError("cache: only decoder and encoder_decoder models decode step by step")
-            if self.training:
-                raise InputError("cache: decoding with a cache is for inference; call model.eval() first")
-            if not isinstance(cache, KVCache):
-                raise InputError(f"cache: expected a formerkit KVCache, got {type(cache).__name__}")
-        if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int)
-                                           or logits_to_keep < 1 or config.head.kind not in ("lm", "masked_lm")):
-            raise InputError(f"logits_to_keep: expected an integer >= 1 with a token-level head (lm, masked_lm), "
-                             f"got {logits_to_keep!r} with head {config.head.kind!r}")
+        merging = token_merging(self, merge_tokens, attention_mask, mask)
+        check_call(self, cache, logits_to_keep)
+        side, memory, memory_keep, routing = None, None, None, []
         if config.arch == "encoder_decoder":
-            if decoder_input_ids is None:
-                raise InputError("decoder_input_ids: an encoder_decoder model needs the target tokens "
-                                 "(decoder_input_ids=...) besides the source tokens")
-            self._check_stem_input(decoder_input_ids, None, "decoder_input_ids")
-            if decoder_input_ids.shape[0] != inputs.shape[0]:
-                raise InputError(f"decoder_input_ids: batch {decoder_input_ids.shape[0]} differs from the source "
-                                 f"batch {inputs.shape[0]}")
-            if cache is not None and cache.memory is not None:
+            check_target(self, inputs, decoder_input_ids)
+            if cache is not None and cache.memory is not None:  # encoded by the cache's first pass
                 memory, memory_keep = cache.memory, cache.memory_keep
             else:
-                memory, memory_keep, _, _, encoder_routing = self._run_stack(
-                    self.encoder, inputs, causal=False, attention_mask=attention_mask, mask=None,
-                    position_ids=None, token_type_ids=token_type_ids)
-                routing += encoder_routing or []
+                source = self.prepare(inputs, side="encoder", attention_mask=attention_mask,
+                                      token_type_ids=token_type_ids)
+                encoded = self.encoder(source)
+                memory, memory_keep, routing = encoded.hidden, source.token_keep, encoded.routing
                 if cache is not None:
                     cache.memory, cache.memory_keep = memory, memory_keep
-            encoder_state = memory
-            hidden, keep, states, attentions, stack_routing = self._run_stack(
-                self.decoder, decoder_input_ids, causal=True, attention_mask=decoder_attention_mask, mask=mask,
-                position_ids=position_ids, token_type_ids=None, memory=memory, memory_keep=memory_keep,
-                output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                name="decoder_input_ids", cache=cache)
-        else:
-            if decoder_input_ids is not None or decoder_attention_mask is not None:
-                raise InputError(f"decoder_input_ids: only an encoder_decoder model takes them (arch is "
-                                 f"{config.arch!r})")
-            stack = self.decoder if config.arch == "decoder" else self.encoder
-            hidden, keep, states, attentions, stack_routing = self._run_stack(
-                stack, inputs, causal=config.arch == "decoder", attention_mask=attention_mask, mask=mask,
-                position_ids=position_ids, token_type_ids=token_type_ids,
-                output_hidden_states=output_hidden_states, output_attentions=output_attentions, cache=cache,
-                merging=merging)
+            side, inputs, attention_mask, token_type_ids = "decoder", decoder_input_ids, decoder_attention_mask, None
+        elif decoder_input_ids is not None or decoder_attention_mask is not None:
+            raise InputError(f"decoder_input_ids: only an encoder_decoder model takes them (arch is "
+                             f"{config.arch!r})")
+        prepared = self.prepare(inputs, side=side, attention_mask=attention_mask, mask=mask, position_ids=position_ids,
+                                token_type_ids=token_type_ids, cache=cache, memory=memory, memory_keep=memory_keep,
+                                need_weights=output_attentions, merging=merging)
+        try:
+            out = self.get_stack(side)(prepared, output_hidden_states=output_hidden_states,
+                                       output_attentions=output_attentions)
+        except BaseException:
+            if cache is not None:
+                cache.abort()
+            raise
+        if cache is not None:
+            cache.commit()
+        hidden, keep = out.hidden, prepared.token_keep
         sizes = None if merging is None else merging.sizes
         wants_outputs = return_outputs or output_hidden_states or output_attentions
         head_logits = None
@@ -523,31 +490,27 @@ class Transformer(nn.Module):
             self.head.pooling is not None or self.head.pooler is not None) else None
         aux_loss = expert_counts = None
         if config.feedforward.mixture:
-            routing += stack_routing
+            routing = routing + out.routing
             # A cached encoder_decoder pass reruns only the decoder, which may have no mixture layers.
             total = (torch.stack([r.aux_loss for r in routing]).sum() if routing
                      else hidden.new_zeros((), dtype=torch.float))
             aux_loss = config.feedforward.aux_loss_weight * total
             expert_counts = tuple(r.expert_counts for r in routing)
         return ModelOutput(logits=logits, last_hidden_state=hidden, head_logits=head_logits,
-                           hidden_states=tuple(states) if output_hidden_states else None,
-                           attentions=tuple(attentions) if output_attentions else None,
+                           hidden_states=tuple(out.hidden_states) if output_hidden_states else None,
+                           attentions=tuple(out.attentions) if output_attentions else None,
                            pooled=pooled, aux_loss=aux_loss, expert_counts=expert_counts,
-                           encoder_last_hidden_state=encoder_state, token_sizes=sizes)
+                           encoder_last_hidden_state=memory, token_sizes=sizes)
 
     # ----- generation -----
 
     def generate(self, input_ids, max_new_tokens: int, **options) -> Tensor:
         """Prompt followed by up to ``max_new_tokens`` generated tokens; see ``formerkit.generation.generate``
         (temperature, top_k, top_p, stop_tokens, seed, attention_mask for left-padded batches, ...)."""
-        from formerkit.generation import generate
-
         return generate(self, input_ids, max_new_tokens, **options)
 
     def stream(self, input_ids, max_new_tokens: int, **options):
         """Yields each step's new tokens [batch] as they are generated; see ``formerkit.generation.stream``."""
-        from formerkit.generation import stream
-
         return stream(self, input_ids, max_new_tokens, **options)
 
     def num_parameters(self) -> int:

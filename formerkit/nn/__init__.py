@@ -1,9 +1,9 @@
 """Parts: attention, masks, positions, norms, feed-forward (dense or a mixture of experts), blocks, stems and
-heads; token merging and early exit for classifiers at inference."""
+heads; the per-layer context blocks read; token merging for classifiers at inference."""
 
 from formerkit.nn.attention import Attention, attention_weights
 from formerkit.nn.block import DropPath, LayerScale, Residual, TransformerBlock
-from formerkit.nn.early_exit import EarlyExit, early_exit
+from formerkit.nn.context import LayerContext, StackInput
 from formerkit.nn.feedforward import MLP, GatedMLP
 from formerkit.nn.heads import ClassificationHead, LMHead, MaskedLMHead, Pooling, RegressionHead
 from formerkit.nn.masks import (
@@ -31,9 +31,9 @@ from formerkit.nn.tome import TokenMerging, bipartite_soft_matching
 
 __all__ = [
     "ALiBiPositions", "AllOf", "Attention", "CausalMask", "ClassificationHead", "ConvTokenizer", "DocumentMask",
-    "DropPath", "EarlyExit", "GatedMLP", "KeyPaddingMask", "LMHead", "LayerScale", "LearnedPositions", "LinearStem",
+    "DropPath", "GatedMLP", "KeyPaddingMask", "LMHead", "LayerContext", "LayerScale", "LearnedPositions", "LinearStem",
     "MLP", "Mask", "MaskedLMHead", "MoEFeedForward", "NoPositions", "PatchEmbedding", "Pooling", "PrefixLMMask",
     "RMSNorm", "RegressionHead", "Residual", "RotaryPositions", "Routing", "SinCos2DPositions", "SinusoidalPositions",
-    "SlidingWindowMask", "TensorMask", "TokenEmbedding", "TokenMerging", "TransformerBlock", "attention_weights",
-    "bipartite_soft_matching", "early_exit",
+    "SlidingWindowMask", "StackInput", "TensorMask", "TokenEmbedding", "TokenMerging", "TransformerBlock",
+    "attention_weights", "bipartite_soft_matching",
 ]

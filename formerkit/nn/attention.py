@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from formerkit.errors import InputError
 from formerkit.nn.cache import KVCache, StaticSlots
+from formerkit.nn.context import LayerContext
 from formerkit.nn.linear_attention import linear_attention, quadratic_form
 from formerkit.nn.local_attention import blockwise_attention, grouped_sdpa, repeat_kv
 from formerkit.nn.masks import BlockedMask, PreparedMask
@@ -69,32 +70,39 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
-                memory: Tensor | None = None, need_weights: bool = False, cache: KVCache | None = None,
-                layer: int = 0, kind: str = "softmax") -> tuple[Tensor, Tensor | None]:
-        """Returns the attended values [batch, tokens, width] and, if ``need_weights``, the attention probabilities
-        [batch, heads, tokens, keys] (computed explicitly, without SDPA).
+    def forward(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:
+        """Returns the attended values [batch, tokens, width] and, if ``context.need_weights``, the attention
+        probabilities [batch, heads, tokens, keys] (computed explicitly, without SDPA).
 
-        With a ``cache`` (decoding step by step), self-attention appends this pass's keys and values to the cache's
-        slots of ``layer`` and attends over everything cached; cross-attention projects the encoder's output once and
-        reuses it at later steps. ``kind`` is the layer's attention: softmax, l2 or linear.
+        Self-attention applies ``context.mask`` (with token merging, its proportional form) and the rotary tables;
+        cross-attention reads ``context.memory`` under ``context.memory_mask``. With a cache (decoding step by step),
+        self-attention appends this pass's keys and values to the cache rows of layer ``context.index`` and attends
+        over everything cached; cross-attention projects the encoder's output once and reuses it at later steps.
         """
         batch, length, _ = x.shape
-        if cache is not None and self.cross:
-            q, k, v = self._cached_cross(x, memory, cache, layer)
+        cache = context.cache
+        if self.cross:
+            mask = context.memory_mask
+            if cache is not None:
+                q, k, v = self._cached_cross(x, context.memory, cache, context.index)
+            else:
+                q, k, v = self.project(x, context.memory)
         else:
-            q, k, v = self.project(x, memory)
-            if rotary is not None:
-                cos, sin = rotary[0].to(q.dtype), rotary[1].to(q.dtype)
+            mask = context.mask if context.merging is None else context.merging.attention_mask(context.mask)
+            q, k, v = self.project(x)
+            if context.rotary is not None:
+                cos, sin = context.rotary[0].to(q.dtype), context.rotary[1].to(q.dtype)
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             if cache is not None:
-                k, v = cache.update(layer, k, v)
+                k, v = cache.update(context.index, k, v)
+        kind = "softmax" if self.cross else context.kind
         if kind == "linear":
-            out, weights = self._linear(q, k, v, mask), None
-            if need_weights:
+            if context.need_weights:
                 raise InputError("output_attentions: linear attention never forms attention probabilities")
+            out, weights = self._linear(q, k, v, mask), None
         else:
-            out, weights = self._softmax(q, k, v, mask, kind, need_weights, isinstance(cache, StaticSlots))
+            out, weights = self._softmax(q, k, v, mask, kind, context.need_weights,
+                                         isinstance(cache, StaticSlots))
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.out(out), weights
 

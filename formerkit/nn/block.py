@@ -6,12 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from formerkit.nn.attention import Attention
-from formerkit.nn.cache import KVCache
+from formerkit.nn.context import LayerContext
 from formerkit.nn.feedforward import build_feedforward
-from formerkit.nn.masks import PreparedMask
 from formerkit.nn.moe import build_moe
 from formerkit.nn.norms import build_norm
-from formerkit.nn.tome import TokenMerging
 
 __all__ = ["DropPath", "LayerScale", "Residual", "TransformerBlock"]
 
@@ -111,36 +109,25 @@ class TransformerBlock(nn.Module):
         self.feedforward: nn.Module = build_moe(config) if self.mixture else build_feedforward(config, index)
         self.feedforward_residual = Residual(config)
 
-    def forward(self, x: Tensor, mask: PreparedMask, *, rotary: tuple[Tensor, Tensor] | None = None,
-                memory: Tensor | None = None, memory_mask: PreparedMask | None = None,
-                need_weights: bool = False, drop_path: nn.Module | None = None, cache: KVCache | None = None,
-                layer: int = 0, token_keep: Tensor | None = None,
-                kind: str = "softmax", merging: TokenMerging | None = None) -> tuple[Tensor, Tensor | None]:
-        """``drop_path`` belongs to the layer, not the block: a block shared across depth gets each layer's rate.
-        ``cache`` and ``layer`` (the layer's index in its stack) are for step-by-step decoding. ``token_keep``
-        ([batch, tokens], True for a real token) keeps padding out of a mixture's routing; after the call the
-        mixture's ``last_routing`` reports the pass. ``kind`` is the attention this layer computes (softmax, l2,
-        linear): a property of the depth, so a block shared across depths may compute different kinds.
-        ``merging`` (token merging, see ``formerkit.nn.tome``) adds proportional attention and merges tokens between
-        attention and the feed-forward sub-layer, where ToMe merges them."""
+    def forward(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:
+        """One layer: returns the new residual stream and, with ``context.need_weights``, the self-attention
+        probabilities. ``context`` (see ``LayerContext``) carries the depth's mask, attention kind, cache rows and
+        stochastic depth: a block shared across depths runs each with that depth's context. Token merging (ToMe)
+        merges tokens between attention and the feed-forward sub-layer, where the paper merges them."""
         residual = self.attention_residual
         attention_input = residual.branch_input(x)
-        if merging is not None:
-            mask = merging.attention_mask(mask)
-        out, weights = self.attention(attention_input, mask, rotary=rotary, need_weights=need_weights,
-                                      cache=cache, layer=layer, kind=kind)
-        x = residual.merge(x, out, drop_path)
-        if merging is not None:
-            x = merging.merge(x, layer, self.attention, attention_input)
+        out, weights = self.attention(attention_input, context)
+        x = residual.merge(x, out, context.drop_path)
+        if context.merging is not None:
+            x = context.merging.merge(x, context.index, self.attention, attention_input)
         if self.cross_attention is not None:
             residual = self.cross_attention_residual
-            out, _ = self.cross_attention(residual.branch_input(x), memory_mask, memory=memory, cache=cache,
-                                          layer=layer)
-            x = residual.merge(x, out, drop_path)
+            out, _ = self.cross_attention(residual.branch_input(x), context)
+            x = residual.merge(x, out, context.drop_path)
         residual = self.feedforward_residual
-        if self.mixture:
-            out = self.feedforward(residual.branch_input(x), token_keep)
+        if self.mixture:  # padding stays out of the routing; the mixture's last_routing then reports this pass
+            out = self.feedforward(residual.branch_input(x), context.token_keep)
         else:
             out = self.feedforward(residual.branch_input(x))
-        x = residual.merge(x, out, drop_path)
+        x = residual.merge(x, out, context.drop_path)
         return x, weights

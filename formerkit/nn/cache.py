@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from formerkit.errors import InputError
+from formerkit.nn.masks import PreparedMask
 
 __all__ = ["KVCache", "StaticSlots"]
 
@@ -245,20 +246,36 @@ class StaticSlots:
 
     Each row's one new token goes to slot ``slot`` (a one-element tensor, starting after the prefill, that the step
     itself advances), and attention reads the slots filled so far, ``filled`` of them (a length the compiled code
-    reads from ``slot`` at run time); left padding among them is masked out through ``KVCache.keep``.
+    reads from ``slot`` at run time); left padding among them is masked out through ``keep``. ``begin`` and
+    ``commit`` do, in place, what ``KVCache.begin`` and ``commit`` do for a pass of one real token per row.
+    ``memory_mask`` is an encoder-decoder's cross-attention mask (its keys and values are in ``cross``).
     """
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: KVCache, memory_mask: PreparedMask | None = None):
         self.keys, self.values, self.cross = cache.keys, cache.values, cache.cross
+        self.keep, self.positions, self.counts = cache.keep, cache.positions, cache.counts
         self.slot = torch.full((1,), cache.length, dtype=torch.long, device=cache.keep.device)
+        self.memory_mask = memory_mask
         self.filled: int | None = None
 
     @classmethod
-    def from_buffers(cls, keys: list[Tensor], values: list[Tensor], cross: list, slot: Tensor) -> StaticSlots:
-        """The same view over buffers given one by one (as an exported decode step receives them)."""
+    def from_buffers(cls, keys: list[Tensor], values: list[Tensor], cross: list, slot: Tensor, keep: Tensor,
+                     positions: Tensor, counts: Tensor, memory_mask: PreparedMask | None) -> StaticSlots:
+        """The same view over tensors given one by one (as an exported decode step receives them)."""
         slots = cls.__new__(cls)
-        slots.keys, slots.values, slots.cross, slots.slot, slots.filled = keys, values, cross, slot, None
+        slots.keys, slots.values, slots.cross, slots.slot = keys, values, cross, slot
+        slots.keep, slots.positions, slots.counts = keep, positions, counts
+        slots.memory_mask, slots.filled = memory_mask, None
         return slots
+
+    def begin(self) -> Tensor:
+        """Records one real token per row at ``slot`` and returns their positions [batch, 1] (each row's count of
+        real tokens); attention then reads the slots up to and including this one."""
+        positions = self.counts.unsqueeze(1)
+        self.keep[:, self.slot] = True
+        self.positions[:, self.slot] = positions
+        self.fill_to_slot(self.keep.shape[1])
+        return positions
 
     def fill_to_slot(self, max_length: int) -> int:
         """Sets and returns ``filled``, the slots up to and including ``slot``. Traced for compiling, this reads a
@@ -270,9 +287,22 @@ class StaticSlots:
         self.filled = filled
         return filled
 
+    def key_keep(self) -> Tensor:
+        """[batch, filled]: False at the left padding among the filled slots."""
+        return self.keep[:, :self.filled]
+
+    def key_positions(self) -> Tensor:
+        """[batch, filled]: the position of the token in each filled slot."""
+        return self.positions[:, :self.filled]
+
     def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         key_buffer, value_buffer = self.keys[layer], self.values[layer]
         # index_put_ (not index_copy_): the compiler writes it into the buffer in place instead of copying it.
         key_buffer[:, :, self.slot] = keys
         value_buffer[:, :, self.slot] = values
         return key_buffer.narrow(2, 0, self.filled), value_buffer.narrow(2, 0, self.filled)
+
+    def commit(self) -> None:
+        """The step's token is in: every row's count of real tokens and the slot advance by one."""
+        self.counts.add_(1)
+        self.slot.add_(1)

@@ -34,10 +34,15 @@ __all__ = [
     "SlidingWindowMask",
     "SoftCausalMask",
     "TensorMask",
+    "as_keep",
     "as_mask",
+    "blockwise_pays_off",
+    "mask_parts",
     "prepare_attention_mask",
     "prepare_blocked_mask",
     "prepare_mask_at",
+    "window_block_size",
+    "with_bias",
 ]
 
 
@@ -153,7 +158,7 @@ class KeyPaddingMask(Mask):
             raise InputError(f"KeyPaddingMask: expected a tensor of shape [batch, keys], got {type(keep).__name__}")
         if keep.dim() != 2:
             raise InputError(f"KeyPaddingMask: expected shape [batch, keys], got {list(keep.shape)}")
-        object.__setattr__(self, "keep", _as_keep(keep, "KeyPaddingMask"))
+        object.__setattr__(self, "keep", as_keep(keep, "KeyPaddingMask"))
 
     def materialize_at(self, query_index, key_index, *, num_keys, query_offset=0):
         if self.keep.shape[1] != num_keys:
@@ -363,7 +368,7 @@ class AllOf(Mask):
         return " & ".join(repr(part) for part in self.parts)
 
 
-def _as_keep(keep: Tensor, where: str) -> Tensor:
+def as_keep(keep: Tensor, where: str) -> Tensor:
     """A [batch, seq] padding mask (bool, or integers/floats 0 and 1) as bool, True = real token."""
     if keep.dtype == torch.bool:
         return keep
@@ -422,7 +427,7 @@ class PreparedMask:
     key_keep: Tensor | None = None
 
 
-def _with_bias(value: Tensor | None, bias: Tensor | None) -> Tensor | None:
+def with_bias(value: Tensor | None, bias: Tensor | None) -> Tensor | None:
     """An additive ``bias`` blocked wherever the mask ``value`` forbids (or added to a float mask)."""
     if bias is None:
         return value
@@ -460,12 +465,19 @@ def prepare_attention_mask(mask: Mask | None, num_queries: int, num_keys: int, *
         if num_queries == 1:
             return PreparedMask()  # one new token after the cached ones sees every key
     value = None if mask is None else mask.materialize(num_queries, num_keys, query_offset=query_offset, device=device)
-    value, empty = _open_empty_rows(_with_bias(value, bias))
+    value, empty = _open_empty_rows(with_bias(value, bias))
     return PreparedMask(value=value, empty_rows=empty)
 
 
-def _parts(mask: Mask) -> tuple[Mask, ...]:
+def mask_parts(mask: Mask) -> tuple[Mask, ...]:
+    """The masks a combination (``a & b``) is made of; a single mask is its own one part."""
     return mask.parts if isinstance(mask, AllOf) else (mask,)
+
+
+def blockwise_pays_off(length: int, window: int) -> bool:
+    """Whether blockwise local attention beats a dense windowed mask for ``length`` tokens: once the sequence is
+    longer than the window plus a couple of blocks (shorter ones would be mostly padding blocks)."""
+    return length >= window + 2 * window_block_size(window)
 
 
 def window_block_size(window: int) -> int:
@@ -484,11 +496,11 @@ def prepare_blocked_mask(mask: Mask, length: int, window: int, *, global_tokens:
     ``bias``, if given, is a function of query and key positions ([blocks, queries] and [blocks, keys]) returning
     additive scores broadcastable to [batch, heads, blocks, queries, keys] (ALiBi's distances).
     """
-    causal = any(isinstance(part, CausalMask) for part in _parts(mask))
+    causal = any(isinstance(part, CausalMask) for part in mask_parts(mask))
     # A mask made only of the causal and window parts depends on nothing but the shape: built once per shape.
     key = None
-    if bias is None and all(isinstance(part, (CausalMask, SlidingWindowMask)) for part in _parts(mask)):
-        windows = tuple((part.window, part.global_tokens) for part in _parts(mask)
+    if bias is None and all(isinstance(part, (CausalMask, SlidingWindowMask)) for part in mask_parts(mask)):
+        windows = tuple((part.window, part.global_tokens) for part in mask_parts(mask)
                         if isinstance(part, SlidingWindowMask))
         key = (length, window, global_tokens, causal, windows, str(device))
         if key in _BLOCKED_CACHE:
@@ -534,7 +546,7 @@ def _materialize_valid(mask: Mask, query: Tensor, key: Tensor, num_keys: int, bi
     valid = ((key >= 0) & (key < num_keys)).unsqueeze(-2)[None, None]
     value = mask.materialize_at(query, key, num_keys=num_keys, query_offset=query_offset)
     value = value & valid if value.dtype == torch.bool else value.masked_fill(~valid, float("-inf"))
-    return _with_bias(value, None if bias is None else bias(query, key))
+    return with_bias(value, None if bias is None else bias(query, key))
 
 
 def prepare_mask_at(mask: Mask, query_index: Tensor, key_index: Tensor, num_keys: int, *, query_offset: int = 0,

@@ -42,7 +42,7 @@ class _AdaptiveClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, merge_tokens, exit_threshold: float | None):
         super().__init__()
-        from formerkit.nn.early_exit import check_exit_model, check_threshold
+        from formerkit.models.early_exit import check_exit_model, check_threshold
         from formerkit.nn.tome import TokenMerging
 
         if merge_tokens is not None:
@@ -57,7 +57,7 @@ class _AdaptiveClassifier(nn.Module):
     def forward(self, inputs: Tensor) -> Tensor:
         if self.exit_threshold is None:
             return self.model(inputs, merge_tokens=self.merge_tokens)
-        from formerkit.nn.early_exit import early_exit
+        from formerkit.models.early_exit import early_exit
 
         logits, layers_used = early_exit(self.model, inputs, self.exit_threshold)
         self.layers_used += int(layers_used.sum())
@@ -70,7 +70,7 @@ def evaluate_run(target: str | Path, splits: list[str] | None = None, *, merge_t
     """The recipe's metrics of a saved run on its held-out splits (all of them by default).
 
     Classification runs can be evaluated with token merging (``merge_tokens``, see ``formerkit.nn.tome``) or with
-    early exit (``exit_threshold``, see ``formerkit.nn.early_exit``; adds ``<split>_mean_layers``), not both.
+    early exit (``exit_threshold``, see ``formerkit.models.early_exit``; adds ``<split>_mean_layers``), not both.
     """
     from formerkit.data import build_data
     from formerkit.train.objectives import make_objective

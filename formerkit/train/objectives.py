@@ -297,8 +297,8 @@ class Classification(Objective):
     def loss_with_exits(self, model, batch) -> Tensor:
         """Deep supervision for early exit (objective.exit_loss_weight): the final loss plus the weight times the
         mean loss of the exits after every earlier layer, each the model's final norm and head on that layer's state
-        (formerkit.nn.early_exit.exit_logits), so the shared head learns to read every depth."""
-        from formerkit.nn.early_exit import exit_logits
+        (formerkit.models.early_exit.exit_logits), so the shared head learns to read every depth."""
+        from formerkit.models.early_exit import exit_logits
 
         output = model(batch["inputs"], output_hidden_states=True)
         if self.has_experts(model) and self.training_usage is not None:

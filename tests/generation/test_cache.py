@@ -350,21 +350,21 @@ def _eager_static_decoder(monkeypatch):
     steps taken through it, so a test can tell the step really ran (a failing step would fall back silently)."""
     import types
 
-    from formerkit import generation
+    from formerkit.generation import compiled_step
 
     calls = []
 
     def for_model(cls, model):
-        def bind(slots, *state):
+        def bind(slots):
             def step(tokens):
                 calls.append(1)
-                return generation._static_step(model, tokens, slots, *state)
+                return compiled_step.decode_step(model, tokens, slots)
 
             return step
 
         return types.SimpleNamespace(bind=bind)
 
-    monkeypatch.setattr(generation._CompiledDecoder, "for_model", classmethod(for_model))
+    monkeypatch.setattr(compiled_step.CompiledDecoder, "for_model", classmethod(for_model))
     return calls
 
 
@@ -394,7 +394,7 @@ def test_fixed_shape_decode_step_for_encoder_decoders(monkeypatch):
 
 
 def test_compiled_generation_equals_eager_per_model_and_after_weights_change():
-    from formerkit import generation
+    from formerkit.generation import compiled_step
 
     first, second = make_model(seed=0), make_model(seed=1)
     ids, mask = left_padded([6, 3], 6, seed=2)
@@ -402,7 +402,7 @@ def test_compiled_generation_equals_eager_per_model_and_after_weights_change():
         assert torch.equal(model.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
                            model.generate(ids, 8, attention_mask=mask, temperature=0))
         # Compiled ahead of time (AOTInductor), its cache writes landing in the cache's own buffers.
-        decoder = generation._CompiledDecoder.for_model(model)
+        decoder = compiled_step.CompiledDecoder.for_model(model)
         assert decoder.ahead_error is None and len(decoder.ahead) == 1 and decoder.jit is None
     # The compiled step holds frozen weights: changing a parameter must give a fresh compile, not stale results.
     with torch.no_grad():
@@ -416,12 +416,12 @@ def test_the_exported_step_reads_its_flat_inputs_back_for_encoder_decoders(monke
     """The ahead-of-time path hands the step one flat list (cache buffers, cross-attention keys and values, memory
     mask parts); the exported module must read them back in that order. Run eagerly here, in place of the compiled
     library, through the same call."""
-    from formerkit import generation
+    from formerkit.generation import compiled_step
 
     runs = []
 
-    def eager_library(model, slots, memory_mask, flat):
-        step = generation._DecodeStep(model, slots, memory_mask)
+    def eager_library(model, slots, flat):
+        step = compiled_step.DecodeStep(model, slots)
 
         def run(*inputs):
             runs.append(len(inputs))
@@ -429,7 +429,7 @@ def test_the_exported_step_reads_its_flat_inputs_back_for_encoder_decoders(monke
 
         return run
 
-    monkeypatch.setattr(generation, "_compile_ahead_of_time", eager_library)
+    monkeypatch.setattr(compiled_step, "compile_ahead_of_time", eager_library)
     model = make_model(arch="encoder_decoder", position="alibi")
     source, source_mask = left_padded([9, 4], 9, seed=11)
     expected = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1)
@@ -442,9 +442,9 @@ def test_the_exported_step_reads_its_flat_inputs_back_for_encoder_decoders(monke
 
 
 def test_a_step_aotinductor_cannot_compile_goes_through_torch_compile(monkeypatch):
-    from formerkit import generation
+    from formerkit.generation import compiled_step
 
-    def cannot(model, slots, memory_mask, flat):
+    def cannot(model, slots, flat):
         raise NotImplementedError("this torch has no AOTInductor")
 
     compiled = []
@@ -453,23 +453,23 @@ def test_a_step_aotinductor_cannot_compile_goes_through_torch_compile(monkeypatc
         compiled.append(options)
         return function
 
-    monkeypatch.setattr(generation, "_compile_ahead_of_time", cannot)
+    monkeypatch.setattr(compiled_step, "compile_ahead_of_time", cannot)
     monkeypatch.setattr(torch, "compile", fake_compile)
     model = make_model(position="alibi")
     ids, mask = left_padded([5, 2], 5)
     out = model.generate(ids, 6, attention_mask=mask, temperature=0, compile=True)
     assert torch.equal(out, model.generate(ids, 6, attention_mask=mask, temperature=0))
-    decoder = generation._CompiledDecoder.for_model(model)
+    decoder = compiled_step.CompiledDecoder.for_model(model)
     assert compiled == [{"dynamic": False}] and decoder.ahead_error.startswith("NotImplementedError")
 
 
 def test_a_failing_compile_falls_back_to_plain_decoding_with_a_warning(monkeypatch):
-    from formerkit import generation
+    from formerkit.generation import compiled_step
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(generation._CompiledDecoder, "for_model",
+    monkeypatch.setattr(compiled_step.CompiledDecoder, "for_model",
                         classmethod(lambda cls, model: __import__("types").SimpleNamespace(bind=lambda *a: broken)))
     model = make_model(position="rope")
     ids, mask = left_padded([5, 2], 5)

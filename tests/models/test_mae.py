@@ -87,8 +87,8 @@ def capture_stack_io(stack: nn.Module) -> tuple[dict, object]:
     seen: dict = {}
 
     def hook(module, args, output):
-        seen["input"] = args[0].detach().clone()
-        seen["output"] = output[0].detach().clone()
+        seen["input"] = args[0].hidden.detach().clone()
+        seen["output"] = output.hidden.detach().clone()
 
     return seen, stack.register_forward_hook(hook)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import formerkit
 from formerkit import ModelConfig, ModelOutput
+from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.norms import RMSNorm
 
@@ -293,12 +294,12 @@ def test_block_matches_norm_placement_by_hand(placement, kind):
     x = torch.randn(2, 5, WIDTH, generator=torch.Generator().manual_seed(5))
 
     def attn(h):
-        return block.attention(h, PreparedMask())[0]
+        return block.attention(h, LayerContext(PreparedMask()))[0]
 
     ff = block.feedforward
     g_attn, g_ff = attn_res.scale.gamma, ff_res.scale.gamma
     with torch.no_grad():
-        out, _ = block(x, PreparedMask())
+        out, _ = block(x, LayerContext(PreparedMask()))
         if placement == "pre":
             h = x + g_attn * attn(norm_by_hand(attn_res.norm, x))
             expected = h + g_ff * ff(norm_by_hand(ff_res.norm, h))
@@ -362,7 +363,7 @@ def _by_hand_through_blocks(model: formerkit.Transformer, ids: torch.Tensor, ord
     stack = model.decoder
     hidden, _ = model.embed(ids)
     for index in order:
-        hidden, _ = stack.blocks[index](hidden, PreparedMask(is_causal=True))
+        hidden, _ = stack.blocks[index](hidden, LayerContext(PreparedMask(is_causal=True)))
     return model.head(stack.final_norm(hidden))
 
 

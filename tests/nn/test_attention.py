@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from formerkit.nn.attention import Attention
+from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import KeyPaddingMask, PreparedMask, TensorMask, prepare_attention_mask
 
 WIDTH = 16
@@ -118,7 +119,7 @@ def assert_close(actual, expected, dtype=torch.float64):
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_plain_attention_matches_reference(need_weights):
     module, x = make_attention(), inputs()
-    out, weights = module(x, PreparedMask(), need_weights=need_weights)
+    out, weights = module(x, LayerContext(PreparedMask(), need_weights=need_weights))
     expected, expected_probs = reference_attention(module, x)
     assert out.shape == (2, 5, WIDTH)
     assert_close(out, expected)
@@ -130,7 +131,7 @@ def test_plain_attention_matches_reference(need_weights):
 
 def test_plain_attention_matches_reference_in_float32():
     module, x = make_attention(dtype=torch.float32), inputs(dtype=torch.float32)
-    out, _ = module(x, PreparedMask())
+    out, _ = module(x, LayerContext(PreparedMask()))
     expected, _ = reference_attention(module, x)
     assert_close(out, expected, torch.float32)
 
@@ -138,7 +139,7 @@ def test_plain_attention_matches_reference_in_float32():
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_causal_flag_matches_reference_with_lower_triangular_mask(need_weights):
     module, x = make_attention(), inputs(length=6)
-    out, weights = module(x, PreparedMask(is_causal=True), need_weights=need_weights)
+    out, weights = module(x, LayerContext(PreparedMask(is_causal=True), need_weights=need_weights))
     expected, expected_probs = reference_attention(module, x, causal=True)
     assert_close(out, expected)
     if need_weights:
@@ -152,7 +153,7 @@ def test_boolean_mask_matches_reference(need_weights):
     torch.manual_seed(2)
     mask = torch.rand(2, 1, 6, 6) < 0.6
     mask[..., 0] = True  # every query keeps at least one key
-    out, weights = module(x, PreparedMask(value=mask), need_weights=need_weights)
+    out, weights = module(x, LayerContext(PreparedMask(value=mask), need_weights=need_weights))
     expected, expected_probs = reference_attention(module, x, mask=mask)
     assert_close(out, expected)
     if need_weights:
@@ -166,7 +167,7 @@ def test_per_head_boolean_mask_matches_reference(need_weights):
     torch.manual_seed(3)
     mask = torch.rand(1, NUM_HEADS, 5, 5) < 0.5
     mask[..., 2] = True
-    out, weights = module(x, PreparedMask(value=mask), need_weights=need_weights)
+    out, weights = module(x, LayerContext(PreparedMask(value=mask), need_weights=need_weights))
     expected, expected_probs = reference_attention(module, x, mask=mask)
     assert_close(out, expected)
     if need_weights:
@@ -180,7 +181,7 @@ def test_additive_float_mask_matches_reference(need_weights):
     mask = torch.randn(2, 1, 6, 6, dtype=torch.float64) * 2.0
     mask[0, 0, 1, 3:] = float("-inf")
     mask[1, 0, 4, :2] = float("-inf")
-    out, weights = module(x, PreparedMask(value=mask), need_weights=need_weights)
+    out, weights = module(x, LayerContext(PreparedMask(value=mask), need_weights=need_weights))
     expected, expected_probs = reference_attention(module, x, mask=mask)
     assert_close(out, expected)
     if need_weights:
@@ -191,7 +192,7 @@ def test_float32_additive_mask_is_cast_to_module_dtype():
     module, x = make_attention(), inputs(length=4)
     torch.manual_seed(5)
     mask = torch.randn(4, 4, dtype=torch.float32).view(1, 1, 4, 4)
-    out, _ = module(x, PreparedMask(value=mask))
+    out, _ = module(x, LayerContext(PreparedMask(value=mask)))
     expected, _ = reference_attention(module, x, mask=mask.double())
     assert out.dtype == torch.float64
     assert_close(out, expected)
@@ -207,7 +208,7 @@ def test_shared_kv_heads_match_reference_that_repeats_each_kv_head_for_its_group
     mask[..., -1] = True
     for prepared, kwargs in [(PreparedMask(), {}), (PreparedMask(is_causal=True), {"causal": True}),
                              (PreparedMask(value=mask), {"mask": mask})]:
-        out, weights = module(x, prepared, need_weights=need_weights)
+        out, weights = module(x, LayerContext(prepared, need_weights=need_weights))
         expected, expected_probs = reference_attention(module, x, **kwargs)
         assert_close(out, expected)
         if need_weights:
@@ -221,7 +222,7 @@ def test_qk_norm_normalizes_queries_and_keys_over_head_dim(norm_kind, dtype, nee
     module = make_attention(dtype=dtype, qk_norm=True, norm_kind=norm_kind, num_kv_heads=2)
     assert module.q_norm.weight.shape == (HEAD_DIM,) and module.k_norm.weight.shape == (HEAD_DIM,)
     x = inputs(dtype=dtype) * 3.0
-    out, weights = module(x, PreparedMask(is_causal=True), need_weights=need_weights)
+    out, weights = module(x, LayerContext(PreparedMask(is_causal=True), need_weights=need_weights))
     expected, expected_probs = reference_attention(module, x, causal=True, norm_kind=norm_kind)
     assert_close(out, expected, dtype)
     if need_weights:
@@ -231,7 +232,7 @@ def test_qk_norm_normalizes_queries_and_keys_over_head_dim(norm_kind, dtype, nee
 def test_qk_norm_changes_the_output():
     plain, normed = make_attention(seed=7), make_attention(seed=7, qk_norm=True)
     x = inputs()
-    assert not torch.allclose(plain(x, PreparedMask())[0], normed(x, PreparedMask())[0])
+    assert not torch.allclose(plain(x, LayerContext(PreparedMask()))[0], normed(x, LayerContext(PreparedMask()))[0])
 
 
 def param_shapes(module):
@@ -251,7 +252,7 @@ def test_bias_flags_decide_which_bias_parameters_exist(qkv_bias, out_bias):
     assert param_shapes(module) == expected
     assert sum(p.numel() for p in module.parameters()) == sum(math.prod(s) for s in expected.values())
     x = inputs()
-    assert_close(module(x, PreparedMask())[0], reference_attention(module, x)[0])
+    assert_close(module(x, LayerContext(PreparedMask()))[0], reference_attention(module, x)[0])
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
@@ -281,7 +282,8 @@ def test_cross_attention_attends_to_memory_keys(num_kv_heads, need_weights):
     module = make_attention(cross=True, num_kv_heads=num_kv_heads)
     x = inputs(length=3)
     memory = inputs(length=7, seed=9)
-    out, weights = module(x, PreparedMask(), memory=memory, need_weights=need_weights)
+    context = LayerContext(PreparedMask(), memory=memory, memory_mask=PreparedMask(), need_weights=need_weights)
+    out, weights = module(x, context)
     expected, expected_probs = reference_attention(module, x, memory=memory)
     assert out.shape == (2, 3, WIDTH)
     assert_close(out, expected)
@@ -296,13 +298,13 @@ def test_cross_attention_with_memory_padding_mask_matches_reference(need_weights
     x, memory = inputs(length=3), inputs(length=6, seed=10)
     keep = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     prepared = prepare_attention_mask(KeyPaddingMask(keep), 3, 6)
-    out, weights = module(x, prepared, memory=memory, need_weights=need_weights)
+    out, weights = module(x, LayerContext(prepared, memory_mask=prepared, memory=memory, need_weights=need_weights))
     expected, expected_probs = reference_attention(module, x, memory=memory, mask=keep.bool().view(2, 1, 1, 6))
     assert_close(out, expected)
     # padded memory positions have no influence
     changed = memory.clone()
     changed[0, 4:] = 100.0
-    assert_close(module(x, prepared, memory=changed)[0][0], out[0])
+    assert_close(module(x, LayerContext(prepared, memory_mask=prepared, memory=changed))[0][0], out[0])
     if need_weights:
         assert_close(weights, expected_probs)
 
@@ -310,8 +312,8 @@ def test_cross_attention_with_memory_padding_mask_matches_reference(need_weights
 def test_need_weights_returns_probabilities_that_sum_to_one():
     module, x = make_attention(num_kv_heads=2), inputs(length=5)
     mask = torch.ones(5, 5, dtype=torch.bool).tril().view(1, 1, 5, 5)
-    fast, none = module(x, PreparedMask(value=mask))
-    slow, weights = module(x, PreparedMask(value=mask), need_weights=True)
+    fast, none = module(x, LayerContext(PreparedMask(value=mask)))
+    slow, weights = module(x, LayerContext(PreparedMask(value=mask), need_weights=True))
     assert none is None
     assert weights.shape == (2, NUM_HEADS, 5, 5)
     assert_close(weights, reference_attention(module, x, mask=mask)[1])
@@ -320,7 +322,7 @@ def test_need_weights_returns_probabilities_that_sum_to_one():
 
 
 def _check_empty_row_output(module, x, prepared, allowed, row, need_weights):
-    out, weights = module(x, prepared, need_weights=need_weights)
+    out, weights = module(x, LayerContext(prepared, need_weights=need_weights))
     assert not torch.isnan(out).any()
     assert bool((out[:, row] == 0).all())
     # the other queries are untouched: they match the reference with the original mask
@@ -362,7 +364,7 @@ def test_fully_masked_row_with_out_bias_returns_the_bias():
     module, x = make_attention(), inputs(length=4)
     allowed = torch.ones(4, 4, dtype=torch.bool)
     allowed[1] = False
-    out, _ = module(x, prepare_attention_mask(TensorMask(allowed), 4, 4))
+    out, _ = module(x, LayerContext(prepare_attention_mask(TensorMask(allowed), 4, 4)))
     assert_close(out[:, 1], module.out.bias.expand(2, WIDTH))
 
 
@@ -373,15 +375,15 @@ def test_attention_dropout_is_active_in_train_mode_and_inactive_in_eval(need_wei
     expected, _ = reference_attention(module, x, causal=True)
 
     module.eval()
-    first, _ = module(x, mask, need_weights=need_weights)
-    second, _ = module(x, mask, need_weights=need_weights)
+    first, _ = module(x, LayerContext(mask, need_weights=need_weights))
+    second, _ = module(x, LayerContext(mask, need_weights=need_weights))
     assert_close(first, expected)
     assert torch.equal(first, second)
 
     module.train()
     torch.manual_seed(12)
-    train_a, _ = module(x, mask, need_weights=need_weights)
-    train_b, _ = module(x, mask, need_weights=need_weights)
+    train_a, _ = module(x, LayerContext(mask, need_weights=need_weights))
+    train_b, _ = module(x, LayerContext(mask, need_weights=need_weights))
     assert not torch.allclose(train_a, expected)
     assert not torch.allclose(train_a, train_b)
 
@@ -393,7 +395,7 @@ def test_attention_dropout_rescales_kept_weights_so_the_mean_is_unchanged():
     module.train()
     torch.manual_seed(13)
     with torch.no_grad():
-        out, _ = module(x, PreparedMask())
+        out, _ = module(x, LayerContext(PreparedMask()))
     assert not torch.allclose(out[0], expected[0])
     spread = (out - expected).std(dim=0)
     error = (out.mean(dim=0) - expected[0]).abs()

@@ -14,6 +14,7 @@ import formerkit
 from formerkit import ConfigError, ModelConfig
 from formerkit.nn import attention as attention_module
 from formerkit.nn.attention import Attention, GaussianMixtureMask, attention_weights
+from formerkit.nn.context import LayerContext
 from formerkit.nn.linear_attention import feature_map, linear_attention, quadratic_form
 from formerkit.nn.masks import (
     CausalMask,
@@ -305,7 +306,7 @@ def test_l2_attention_equals_softmax_of_minus_squared_distances(need_weights, ca
             parameter.normal_(0.0, 0.5)
     x = torch.randn(2, 7, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     prepared = PreparedMask(is_causal=causal)
-    out, weights = module(x, prepared, need_weights=need_weights, kind="l2")
+    out, weights = module(x, LayerContext(prepared, need_weights=need_weights, kind="l2"))
     q, k, v = module.project(x)
     allowed = torch.ones(7, 7, dtype=torch.bool).tril() if causal else None
     expected, probabilities = l2_reference(q, k, v, allowed)
@@ -360,7 +361,7 @@ def test_gaussian_mixture_attention_multiplies_the_scores_before_softmax(randomi
     model = image_model(randomize)
     attention = model.encoder.blocks[0].attention
     x = torch.randn(2, 17, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    out, weights = attention(x, PreparedMask(), need_weights=True)
+    out, weights = attention(x, LayerContext(PreparedMask(), need_weights=True))
     q, k, v = attention.project(x)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) * attention.gaussian(17)
     expected = attention.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 17, WIDTH))

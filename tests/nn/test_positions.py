@@ -11,6 +11,7 @@ import torch
 import formerkit
 from formerkit import ModelConfig
 from formerkit.nn.attention import Attention
+from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.positions import (
     ALiBiPositions,
@@ -173,11 +174,11 @@ def test_rope_attention_probabilities_are_unchanged_by_shifting_all_positions():
     scheme = RotaryPositions(64, 4)
     x = torch.randn(2, 5, 16)
     positions = torch.tensor([[0, 1, 2, 3, 4], [2, 5, 6, 9, 10]])
-    _, weights = attention(x, PreparedMask(is_causal=True), rotary=scheme.rotary(positions, 5), need_weights=True)
-    _, shifted = attention(x, PreparedMask(is_causal=True), rotary=scheme.rotary(positions + 41, 5),
-                           need_weights=True)
+    causal = PreparedMask(is_causal=True)
+    _, weights = attention(x, LayerContext(causal, rotary=scheme.rotary(positions, 5), need_weights=True))
+    _, shifted = attention(x, LayerContext(causal, rotary=scheme.rotary(positions + 41, 5), need_weights=True))
     torch.testing.assert_close(weights, shifted, rtol=1e-4, atol=1e-5)
-    _, unrotated = attention(x, PreparedMask(is_causal=True), need_weights=True)
+    _, unrotated = attention(x, LayerContext(PreparedMask(is_causal=True), need_weights=True))
     assert not torch.allclose(weights, unrotated, atol=1e-3)
 
 

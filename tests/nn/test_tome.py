@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from formerkit import InputError, ModelConfig, build_model
+from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.tome import TokenMerging, attention_keys, bipartite_soft_matching, merge_weighted
 
@@ -74,9 +75,9 @@ def test_proportional_attention_counts_a_merged_token_as_the_identical_tokens_it
     merging = TokenMerging(vit().config, 0)
     merging.sizes = torch.tensor([[1.0, 2.0, 1.0]])
     with torch.no_grad():
-        expected, _ = attention(unmerged, PreparedMask())
-        got, _ = attention(merged, merging.attention_mask(PreparedMask()))
-        plain, _ = attention(merged, PreparedMask())
+        expected, _ = attention(unmerged, LayerContext(PreparedMask()))
+        got, _ = attention(merged, LayerContext(merging.attention_mask(PreparedMask())))
+        plain, _ = attention(merged, LayerContext(PreparedMask()))
     assert torch.allclose(got, expected[:, [0, 1, 3]], atol=1e-6)
     assert not torch.allclose(plain, expected[:, [0, 1, 3]], atol=1e-4)  # without log(size) it would differ
 

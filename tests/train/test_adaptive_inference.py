@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import formerkit
 from formerkit import ConfigError, InputError
 from formerkit.cli import main
-from formerkit.nn.early_exit import early_exit, exit_logits
+from formerkit.models.early_exit import early_exit, exit_logits
 from formerkit.train import train
 from formerkit.train.config import ObjectiveConfig, TrainConfig
 from formerkit.train.evaluate import evaluate_run

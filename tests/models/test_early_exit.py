@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from formerkit import InputError, ModelConfig, build_model
-from formerkit.nn.early_exit import EarlyExit, early_exit, exit_logits
+from formerkit.models.early_exit import EarlyExit, early_exit, exit_logits
+from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import PreparedMask
 
 WIDTH, HEADS, LAYERS = 16, 2, 4
@@ -80,7 +81,7 @@ def test_a_threshold_of_zero_exits_every_sample_after_layer_one():
     with torch.no_grad():
         # Layer 1 by hand from the embeddings: its block, then the final norm and the pooled head.
         embedded, _ = model.embed(x)
-        state, _ = model.encoder.blocks[0](embedded, PreparedMask())  # an image encoder masks nothing
+        state, _ = model.encoder.blocks[0](embedded, LayerContext(PreparedMask()))  # an image encoder masks nothing
         expected = model.head(model.encoder.final_norm(state))
     logits, layers_used = early_exit(model, x, 0.0)
     assert torch.allclose(logits, expected, atol=1e-6)

@@ -32,15 +32,11 @@ class EarlyExit(NamedTuple):
         return float(self.layers_used.float().mean())
 
 
-def _stack(model: nn.Module):
-    return model.decoder if model.config.arch == "decoder" else model.encoder
-
-
 def exit_logits(model: nn.Module, hidden: Tensor, token_keep: Tensor | None = None) -> Tensor:
     """The logits a classifier gives to an intermediate state ``hidden`` [batch, tokens, width] (a layer's output,
     before the final norm): the final norm, then the head with its pooling. At the last layer this is the model's
     own output."""
-    norm = _stack(model).final_norm
+    norm = model.get_stack().final_norm
     return model.head(hidden if norm is None else norm(hidden), token_keep)
 
 
@@ -75,21 +71,15 @@ def early_exit(model: nn.Module, inputs: Tensor, threshold: float | None, *, att
     """
     check_exit_model(model.config)
     limit = check_threshold(threshold)
-    model._check_stem_input(inputs, token_type_ids, "inputs")
-    keep = model._token_keep(inputs, attention_mask, "attention_mask")
-    hidden, positions = model.embed(inputs, keep=keep, token_type_ids=token_type_ids)
-    stack = _stack(model)
-    causal, length, batch = model.config.arch == "decoder", hidden.shape[1], hidden.shape[0]
+    prepared = model.prepare(inputs, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    stack = model.get_stack()
+    hidden, keep, positions, layers = prepared.hidden, prepared.token_keep, prepared.position_ids, prepared.layers
+    batch = hidden.shape[0]
     running = torch.arange(batch, device=hidden.device)  # the rows of the batch still in ``hidden``
     layers_used = torch.full((batch,), stack.num_layers, dtype=torch.long, device=hidden.device)
     logits_out: Tensor | None = None
-    masks = rotary = None
     for index in range(stack.num_layers):
-        if masks is None:  # built for the rows still running; rebuilt when some leave
-            masks = model._self_attention_masks(stack, causal, keep, None, length, positions, hidden.device)
-            rotary = model.positions.rotary(positions, length)
-        hidden, _ = stack.layer(index, hidden, masks["mask"], window_mask=masks["window_mask"],
-                                linear_mask=masks["linear_mask"], rotary=rotary, token_keep=keep)
+        hidden, _ = stack.block_at(index)(hidden, layers[index])
         last = index == stack.num_layers - 1
         if not last and limit == math.inf:
             continue
@@ -108,5 +98,6 @@ def early_exit(model: nn.Module, inputs: Tensor, threshold: float | None, *, att
         running, hidden = running[staying], hidden[staying]
         keep = None if keep is None else keep[staying]
         positions = None if positions is None else positions[staying]
-        masks = None
+        # The masks and rotary tables of the rows still running.
+        layers = model.layer_contexts(stack, hidden, token_keep=keep, position_ids=positions)
     return EarlyExit(logits_out, layers_used)

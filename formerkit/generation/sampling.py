@@ -1,4 +1,4 @@
-"""Generation: decoding new tokens one at a time with a key/value cache.
+"""Generation: sampling and the generate/stream API, decoding new tokens one at a time with a key/value cache.
 
 ``generate`` returns the prompt followed by the new tokens; ``stream`` yields each step's tokens as they are made.
 Both run the model's ordinary forward pass with a ``KVCache``, so what is generated is what a full recompute of the
@@ -11,18 +11,16 @@ never attended to and positions count real tokens only, so a padded row generate
 from __future__ import annotations
 
 import contextlib
-import types
 import warnings
-import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from formerkit.errors import InputError
-from formerkit.nn.cache import KVCache, StaticSlots
-from formerkit.nn.masks import KeyPaddingMask, PreparedMask, SlidingWindowMask, prepare_attention_mask
+from formerkit.generation.compiled_step import bind_compiled_step
+from formerkit.nn.cache import KVCache
 
 __all__ = ["SamplingConfig", "generate", "stream"]
 
@@ -71,226 +69,6 @@ class SamplingConfig:
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         probabilities = logits.softmax(dim=-1)
         return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
-
-
-# ----- the compiled decode step -----
-
-
-def _static_mask(allowed: Tensor, bias: Tensor | None) -> PreparedMask:
-    return PreparedMask(value=allowed if bias is None else bias.masked_fill(~allowed, float("-inf")))
-
-
-def _static_step(model, tokens: Tensor, slots: StaticSlots, counts: Tensor, keep: Tensor, key_positions: Tensor,
-                 memory_mask: PreparedMask | None) -> tuple[Tensor, Tensor]:
-    """One new token per row [batch, 1] through the decoder, with every input shape fixed; returns its logits
-    [batch, vocab] and their argmax [batch] (the greedy pick, cheaper here than as a call of its own).
-
-    The step does the cache's bookkeeping itself, in place, as ``KVCache.begin`` and ``commit`` would for one real
-    token per row: the token goes to slot ``slots.slot`` (its keys and values, ``keep`` True, its position, which is
-    the row's count of real tokens), then the row counts and the slot advance by one. Attention reads the slots
-    filled so far (a length the compiled code takes at run time), masking the left padding among them. Mirrors
-    Transformer._run_stack for a single token after the cached ones; the tests hold the two equal."""
-    config = model.config
-    slot = slots.slot
-    positions = counts.unsqueeze(1)
-    keep[:, slot] = True
-    key_positions[:, slot] = positions
-    filled = slots.fill_to_slot(keep.shape[1])
-    hidden, _ = model.embed(tokens, position_ids=positions)
-    batch = keep.shape[0]
-    allowed = keep[:, :filled].view(batch, 1, 1, filled)
-    bias = (model.positions.attention_bias(positions, key_positions[:, :filled]) if model.positions.uses_bias
-            else None)
-    window = None
-    if config.attention.sliding_window is not None:
-        # The window over slots (SlidingWindowMask counts slots, padding included), this token's slot the query.
-        local = SlidingWindowMask(config.attention.sliding_window, config.attention.global_tokens)
-        near = local.materialize_at(slot.view(1, 1), torch.arange(filled, device=keep.device).view(1, -1),
-                                    num_keys=filled).squeeze(2)
-        window = _static_mask(allowed & near, bias)
-    # Linear attention layers read the cache in their quadratic form, under the same mask without score biases.
-    linear = _static_mask(allowed, None) if model.decoder.needs_linear_mask else None
-    rotary = model.positions.rotary(positions, 1)
-    hidden, _, _ = model.decoder(hidden, _static_mask(allowed, bias), window_mask=window, linear_mask=linear,
-                                 rotary=rotary, memory_mask=memory_mask, cache=slots)
-    logits = model.head(hidden)[:, -1]
-    counts.add_(1)
-    slot.add_(1)
-    return logits, logits.argmax(dim=-1)
-
-
-def _flat_inputs(tokens: Tensor, slots: StaticSlots, counts: Tensor, keep: Tensor, key_positions: Tensor,
-                 memory_mask: PreparedMask | None) -> list[Tensor]:
-    """The decode step's inputs as one flat list of tensors, in the order ``_DecodeStep`` reads them: tokens, slot,
-    counts, keep, key positions, every layer's keys, every layer's values, the cross-attention keys and values of the
-    layers that have them, and the memory mask's parts that are present."""
-    flat = [tokens, slots.slot, counts, keep, key_positions, *slots.keys, *slots.values]
-    for kv in slots.cross:
-        if kv is not None:
-            flat.extend(kv)
-    if memory_mask is not None:
-        flat.extend(t for t in (memory_mask.value, memory_mask.empty_rows) if t is not None)
-    return flat
-
-
-class _DecodeStep(torch.nn.Module):
-    """``_static_step`` over the flat tensors of ``_flat_inputs``, as ``torch.export`` takes them (the cache buffers
-    and bookkeeping are written in place). Which cross-attention layers and memory-mask parts are present is fixed
-    at construction."""
-
-    def __init__(self, model, slots: StaticSlots, memory_mask: PreparedMask | None):
-        super().__init__()
-        self.model = model
-        self.num_layers = len(slots.keys)
-        self.cross_layers = [layer for layer, kv in enumerate(slots.cross) if kv is not None]
-        self.memory_parts = None if memory_mask is None else (memory_mask.value is not None,
-                                                              memory_mask.empty_rows is not None)
-
-    def forward(self, *flat: Tensor) -> tuple[Tensor, Tensor]:
-        tokens, slot, counts, keep, key_positions = flat[:5]
-        layers = self.num_layers
-        keys, values = list(flat[5:5 + layers]), list(flat[5 + layers:5 + 2 * layers])
-        rest = list(flat[5 + 2 * layers:])
-        cross: list = [None] * layers
-        for layer in self.cross_layers:
-            cross[layer], rest = (rest[0], rest[1]), rest[2:]
-        memory_mask = None
-        if self.memory_parts is not None:
-            value = rest.pop(0) if self.memory_parts[0] else None
-            memory_mask = PreparedMask(value=value, empty_rows=rest.pop(0) if self.memory_parts[1] else None)
-        slots = StaticSlots.from_buffers(keys, values, cross, slot)
-        return _static_step(self.model, tokens, slots, counts, keep, key_positions, memory_mask)
-
-
-def _signature(keep: Tensor, slots: StaticSlots, memory_mask: PreparedMask | None) -> tuple:
-    """What an ahead-of-time compiled step is specialized to: the batch and cache length (``keep``'s shape), the
-    cache's dtype and device, and the memory mask's shapes (every other input's shape follows from these)."""
-    memory = None if memory_mask is None else tuple(None if t is None else tuple(t.shape)
-                                                    for t in (memory_mask.value, memory_mask.empty_rows))
-    return tuple(keep.shape), slots.keys[0].dtype, slots.keys[0].device, memory
-
-
-# Inductor's own C++ matrix kernels for the step's Linear layers (weights packed for them when frozen): for one
-# token's matrix-vector products they measured ~5% faster per step than the matrix library call, whose ATen wrapper
-# also costs a few small tensor operations per call. Where they cannot be built (a CPU without the vector
-# instructions they use), the step is compiled again with the plain library call. (AOTInductor's experimental
-# stack allocation of small intermediates was ~3% faster still, but gave wrong logits at batch 2: left out.)
-_GEMM_CONFIGS = ({"cpp.weight_prepack": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"},
-                 # No weight pre-packing for the library call: on CPU it swaps each Linear for a oneDNN kernel that,
-                 # for matrix-vector products, measured ~2x slower than the plain call (addmm).
-                 {"cpp.weight_prepack": False})
-
-
-def _compile_ahead_of_time(model, slots: StaticSlots, memory_mask: PreparedMask | None, flat: list[Tensor]):
-    """The decode step compiled by AOTInductor: exported once (``torch.export``) and compiled to a shared library with
-    the weights frozen in. A call runs C++ from end to end, with none of the Python work per call of a
-    ``torch.compile``d function (its guards and its Python wrapper around the kernels), which at batch 1 is a large
-    part of a step's time. The package is loaded, then its file removed."""
-    import shutil
-    import tempfile
-
-    import torch._inductor
-
-    step = _DecodeStep(model, slots, memory_mask).eval()
-    directory = tempfile.mkdtemp(prefix="formerkit-decode-")
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own internals, nothing the caller can act on
-            program = torch.export.export(step, tuple(flat), strict=False)
-            for attempt, gemm in enumerate(_GEMM_CONFIGS):
-                try:
-                    path = torch._inductor.aoti_compile_and_package(
-                        program, package_path=f"{directory}/step{attempt}.pt2",
-                        inductor_configs={"freezing": True, **gemm})
-                    return torch._inductor.aoti_load_package(path)
-                except Exception:
-                    if attempt + 1 == len(_GEMM_CONFIGS):
-                        raise
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-class _CompiledDecoder:
-    """The compiled decode step of one model, specialized to fixed shapes (one per batch size and cache length).
-
-    AOTInductor first (see ``_compile_ahead_of_time``); where it cannot compile the step, ``torch.compile`` (with
-    guards and a Python wrapper, slower per step); where neither can, the caller decodes without compiling. Weights
-    are frozen into the compiled code; a change to any parameter makes a fresh one."""
-
-    _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def __init__(self, model):
-        self.fingerprint = self._fingerprint(model)
-        self.model = weakref.ref(model)
-        self.ahead: dict[tuple, object] = {}
-        self.ahead_failed = False
-        self.ahead_error: str | None = None  # why AOTInductor could not compile the step, for whoever wonders
-        self.jit = None
-
-    def bind(self, slots: StaticSlots, counts: Tensor, keep: Tensor, key_positions: Tensor,
-             memory_mask: PreparedMask | None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-        """The step over one cache's buffers: a function of the new tokens [batch, 1] that returns their logits
-        [batch, vocab] and argmax [batch] (compiling on first use of these shapes)."""
-        if not self.ahead_failed:
-            key = _signature(keep, slots, memory_mask)
-            tokens = torch.zeros(keep.shape[0], 1, dtype=torch.long, device=keep.device)
-            flat = _flat_inputs(tokens, slots, counts, keep, key_positions, memory_mask)
-            rest = flat[1:]
-            runner = self.ahead.get(key)
-            if runner is None:
-                try:
-                    runner = self.ahead[key] = _compile_ahead_of_time(self.model(), slots, memory_mask, flat)
-                except Exception as error:  # an export or compile this torch cannot do: torch.compile instead
-                    self.ahead_failed, self.ahead_error = True, f"{type(error).__name__}: {error}"
-            if runner is not None:
-                # The runner's own __call__ re-reads its input/output specs (JSON) and walks pytrees on every call,
-                # a sizeable share of a batch-1 step; the loader runs a fresh flat list (it takes the list's
-                # contents) directly.
-                run = getattr(getattr(runner, "loader", None), "boxed_run", None)
-                if run is not None:
-                    return lambda tokens: run([tokens, *rest])
-                return lambda tokens: runner(tokens, *rest)
-        return lambda tokens: self._jit_step(tokens, slots, counts, keep, key_positions, memory_mask)
-
-    def _jit_step(self, *args):
-        if self.jit is None:
-            # A function of its own holding the model, so compiled graphs (which hold this model's frozen weights)
-            # are never shared with another model or with an earlier version of this one.
-            code = _static_step.__code__.replace()
-            function = types.FunctionType(code, _static_step.__globals__, "formerkit_decode_step")
-            namespace = {"function": function, "model": self.model()}
-            exec("def formerkit_decode_step(*args):\n    return function(model, *args)\n", namespace)
-            self.jit = torch.compile(namespace["formerkit_decode_step"], dynamic=False)
-        # Freezing is read from inductor's global config when a graph is compiled (passing it in torch.compile's
-        # options does not reach the freezing pass), so it is set just around each call, not for the whole process;
-        # the filled length, read from the slot tensor, is captured into the graph rather than breaking it.
-        import torch._dynamo.config as dynamo_config
-        import torch._inductor.config as inductor_config
-
-        with inductor_config.patch(freezing=True), dynamo_config.patch(capture_scalar_outputs=True):
-            return self.jit(*args)
-
-    @staticmethod
-    def _fingerprint(model) -> tuple:
-        return tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters())
-
-    @classmethod
-    def for_model(cls, model) -> _CompiledDecoder:
-        decoder = cls._by_model.get(model)
-        if decoder is None or decoder.fingerprint != cls._fingerprint(model):
-            decoder = cls._by_model[model] = cls(model)
-        return decoder
-
-
-def _bind_compiled_step(model, cache: KVCache) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor]], StaticSlots]:
-    """The compiled step over ``cache`` (after its prefill), and the slots it writes through."""
-    slots = StaticSlots(cache)
-    memory_mask = None
-    if cache.memory is not None:
-        memory_mask = prepare_attention_mask(None if cache.memory_keep is None else KeyPaddingMask(cache.memory_keep),
-                                             1, cache.memory.shape[1], device=cache.keep.device)
-    step = _CompiledDecoder.for_model(model).bind(slots, cache.counts, cache.keep, cache.positions, memory_mask)
-    return step, slots
 
 
 def _decode_step(model, tokens: Tensor, cache: KVCache, source: Tensor) -> Tensor:
@@ -461,7 +239,7 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
             logits = _prefill(model, cache, prompt, prompt_keep, source, source_keep)
             step, slots = None, None
             if compile and max_new_tokens > 1:
-                step, slots = _bind_compiled_step(model, cache)
+                step, slots = bind_compiled_step(model, cache)
             token, finished = choose(logits, finished)
         for index in range(max_new_tokens):
             yield token.clone() if between_steps else token
