@@ -42,7 +42,7 @@ def with_default_permissions(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def _replace_atomically(tmp: Path, final: Path) -> None:
+def replace_atomically(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     with_default_permissions(tmp)
@@ -78,7 +78,7 @@ def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any]
         save_model(model, str(tmp), metadata=metadata)
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
-    _replace_atomically(tmp, weights)
+    replace_atomically(tmp, weights)
     document = {
         "formerkit": {"format_version": FORMAT_VERSION, "version": __version__},
         "model": config.to_dict(),
@@ -90,7 +90,7 @@ def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any]
         document["extra"] = extra
     tmp = directory / f".{CONFIG_FILE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(document, indent=2) + "\n")
-    _replace_atomically(tmp, directory / CONFIG_FILE)
+    replace_atomically(tmp, directory / CONFIG_FILE)
     return directory
 
 

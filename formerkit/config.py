@@ -10,18 +10,10 @@ dicts, dotted paths (``"attention.num_heads"``) and unambiguous field names of a
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from formerkit.errors import ConfigError, UnknownFieldError
+from formerkit.errors import ConfigError
+from formerkit.schema import ConfigSection, choice, load_yaml  # noqa: F401 - load_yaml: also read from here
 
 __all__ = [
     "AttentionConfig",
@@ -32,174 +24,6 @@ __all__ = [
     "PositionConfig",
     "StemConfig",
 ]
-
-
-def _choice(default: Any, choices: tuple[Any, ...]) -> Any:
-    return field(default=default, metadata={"choices": choices})
-
-
-def load_yaml(text: str) -> Any:
-    """YAML as configs read it: PyYAML's safe loader, except that numbers such as ``1e-3`` (an exponent without a
-    decimal point) are numbers, as in YAML 1.2 and JSON, not the strings YAML 1.1 makes of them."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, list("-+0123456789"))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-_EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, _Section)
-
-
-class _Section:
-    """Behaviour shared by every config dataclass: type checks on construction and dict round trips."""
-
-    def __new__(cls, *args: Any, **kwargs: Any):
-        # An unknown keyword gets the same "did you mean" error as an unknown key in a dict, not a bare TypeError.
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in kwargs:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-                prefix = f"{cls._prefix}." if cls._prefix else ""
-                raise UnknownFieldError(prefix + key, names, prefix + close[0] if close else None)
-        return super().__new__(cls)
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = _coerce(self._path(f.name), getattr(self, f.name), hints[f.name], f.metadata.get("choices"))
-            object.__setattr__(self, f.name, value)
-        self._validate()
-
-    # A section's prefix in error messages ("attention.num_heads"); ModelConfig has none.
-    _prefix = ""
-
-    def _path(self, name: str) -> str:
-        return f"{self._prefix}.{name}" if self._prefix else name
-
-    def _validate(self) -> None:
-        """Checks that involve more than one field; sections override it."""
-
-    def _fail(self, name: str, expected: str, hint: str = "") -> typing.NoReturn:
-        raise ConfigError(self._path(name), getattr(self, name), expected, hint=hint)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        """Builds the section from a (possibly partial) dict; missing fields take their defaults."""
-        if isinstance(data, cls):
-            return data
-        prefix = cls._prefix
-        if not isinstance(data, dict):
-            raise ConfigError(prefix or "config", data, f"a dict of {cls.__name__} fields")
-        names = [f.name for f in dataclasses.fields(cls)]
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in data.items():
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-                full = f"{prefix}.{key}" if prefix else str(key)
-                suggestion = (f"{prefix}.{close[0]}" if prefix else close[0]) if close else None
-                raise UnknownFieldError(full, names, suggestion)
-            if _is_section(hints[key]):
-                value = hints[key].from_dict(value if value is not None else {})
-            kwargs[key] = value
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict (lists for tuples) that ``from_dict`` turns back into an equal config."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, _Section):
-                value = value.to_dict()
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
-
-
-def _coerce(path: str, value: Any, annotation: Any, choices: tuple[Any, ...] | None) -> Any:
-    """Checks ``value`` against a field's annotation; returns it in canonical form (float, tuple)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(path, value, _describe(annotation, choices))
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(path, value, option, choices)
-            except ConfigError as error:
-                errors.append(error)
-        raise ConfigError(path, value, _describe(annotation, choices))
-    if _is_section(annotation):
-        if isinstance(value, annotation):
-            return value
-        if isinstance(value, dict):
-            return annotation.from_dict(value)
-        raise ConfigError(path, value, f"a {annotation.__name__} or a dict of its fields")
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(path, value, "true or false")
-    elif annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, value, "an integer")
-    elif annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, value, "a number")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(path, value, "a finite number")
-    elif annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, value, "a string")
-    elif origin is tuple:
-        args = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, value, _describe(annotation, choices))
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(f"{path}[{i}]", v, args[0], None) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(path, value, _describe(annotation, choices))
-        return tuple(_coerce(f"{path}[{i}]", v, a, None) for i, (v, a) in enumerate(zip(value, args)))
-    elif origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(path, value, "a mapping of keys to values")
-        return value
-    else:  # pragma: no cover - a field type this module does not know is a bug here, not bad input
-        raise TypeError(f"{path}: unsupported annotation {annotation!r}")
-    if choices is not None and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        if _ALIASES.get(value) in choices:
-            close = [_ALIASES[value]]
-        hint = f"did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(path, value, "one of " + ", ".join(repr(c) for c in choices), hint=hint)
-    return value
-
-
-def _describe(annotation: Any, choices: tuple[Any, ...] | None) -> str:
-    if choices:
-        return "one of " + ", ".join(repr(c) for c in choices)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a, None) for a in typing.get_args(annotation))
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0], None)}s"
-        return f"a list of {len(args)} values"
-    return names.get(annotation, str(annotation))
 
 
 # Names other libraries use for our choices, so an error can point to ours.
@@ -219,8 +43,14 @@ POOLINGS = ("cls", "mean", "sequence", "last", "none")
 ARCHS = ("encoder", "decoder", "encoder_decoder")
 
 
+class _ModelSection(ConfigSection):
+    """A section of the model config, whose choice errors know other libraries' names."""
+
+    _aliases = _ALIASES
+
+
 @dataclass(frozen=True)
-class AttentionConfig(_Section):
+class AttentionConfig(_ModelSection):
     """Multi-head attention: heads, grouped-query heads, biases, QK-norm, dropout, local windows."""
 
     _prefix = "attention"
@@ -244,7 +74,7 @@ class AttentionConfig(_Section):
     # softmax: scaled dot products; linear: softmax replaced by the kernel elu(x) + 1 (Katharopoulos et al.,
     # "Transformers are RNNs"), linear in length; l2: scores are minus squared distances -|q - k|^2 / sqrt(head_dim)
     # (the L2 attention of Ma et al., "Plain Transformers Can be Powerful Graph Learners").
-    kind: str = _choice("softmax", ATTENTION_KINDS)
+    kind: str = choice("softmax", ATTENTION_KINDS)
     # Which layers use `kind` (by index); the others use softmax. None means every layer.
     kind_layers: tuple[int, ...] | None = None
     # A learned Gaussian-mixture mask with this many kernels per head, scaling the scores of image patches by their 2-D
@@ -302,12 +132,12 @@ class AttentionConfig(_Section):
 
 
 @dataclass(frozen=True)
-class FeedForwardConfig(_Section):
+class FeedForwardConfig(_ModelSection):
     """The position-wise feed-forward part: a plain MLP or a gated one (Shazeer, 2020, "GLU Variants")."""
 
     _prefix = "feedforward"
 
-    activation: str = _choice("gelu", ACTIVATIONS)
+    activation: str = choice("gelu", ACTIVATIONS)
     # Hidden width; by default int(ratio * width).
     hidden_size: int | None = None
     ratio: float = 4.0
@@ -365,15 +195,15 @@ class FeedForwardConfig(_Section):
 
 
 @dataclass(frozen=True)
-class NormConfig(_Section):
+class NormConfig(_ModelSection):
     """Normalization: which norm, where it sits around each sub-layer, and whether the stack ends with one."""
 
     _prefix = "norm"
 
-    kind: str = _choice("layernorm", NORM_KINDS)
+    kind: str = choice("layernorm", NORM_KINDS)
     # pre: x + f(norm(x)); post: norm(x + f(x)) (the original Transformer, BERT); sandwich: x + norm(f(norm(x)))
     # (Ding et al., 2021, "CogView").
-    placement: str = _choice("pre", NORM_PLACEMENTS)
+    placement: str = choice("pre", NORM_PLACEMENTS)
     eps: float = 1e-5
     # LayerNorm only: learn an additive bias.
     bias: bool = True
@@ -390,7 +220,7 @@ class NormConfig(_Section):
 
 
 @dataclass(frozen=True)
-class PositionConfig(_Section):
+class PositionConfig(_ModelSection):
     """How the model knows where a token is."""
 
     _prefix = "position"
@@ -398,7 +228,7 @@ class PositionConfig(_Section):
     # learned: a trained table added to the input; sinusoidal: the fixed table of Vaswani et al.; rope: rotary
     # embeddings on queries and keys (Su et al., "RoFormer"); alibi: linear distance biases (Press et al., "Train Short,
     # Test Long"); sincos2d: fixed 2-D sine-cosine table over a patch grid (MAE); none.
-    kind: str = _choice("learned", POSITION_KINDS)
+    kind: str = choice("learned", POSITION_KINDS)
     rope_base: float = 10000.0
 
     def _validate(self) -> None:
@@ -407,14 +237,14 @@ class PositionConfig(_Section):
 
 
 @dataclass(frozen=True)
-class StemConfig(_Section):
+class StemConfig(_ModelSection):
     """What turns raw inputs (token ids, images, numeric sequences) into a sequence of vectors."""
 
     _prefix = "stem"
 
     # tokens: an embedding table; patches: ViT patch embedding; conv: the CCT convolutional tokenizer (Hassani et al.,
     # "Escaping the Big Data Paradigm with Compact Transformers"); linear: a linear map of numeric vectors.
-    kind: str = _choice("tokens", STEM_KINDS)
+    kind: str = choice("tokens", STEM_KINDS)
     # tokens
     vocab_size: int | None = None
     num_token_types: int = 0
@@ -447,19 +277,14 @@ class StemConfig(_Section):
         kind = self.kind
         if isinstance(self.image_size, tuple) and min(self.image_size) < 1:
             self._fail("image_size", "positive sizes")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        applies = {
+        self._check_applies("kind", {
             "vocab_size": ("tokens",), "num_token_types": ("tokens",), "image_size": ("patches", "conv"),
             "in_channels": ("patches", "conv"), "patch_size": ("patches", "linear"),
             "class_token": ("patches", "conv", "linear"), "register_tokens": ("patches", "conv"),
             "distill_token": ("patches", "conv"),
             "conv_layers": ("conv",), "conv_kernel": ("conv",), "conv_channels": ("conv",), "conv_bias": ("conv",),
             "pool_kernel": ("conv",), "pool_stride": ("conv",), "input_dim": ("linear",),
-        }
-        for name, kinds in applies.items():
-            if kind not in kinds and getattr(self, name) != defaults[name]:
-                self._fail(name, f"its default ({defaults[name]!r}) with stem.kind={kind!r}",
-                           hint=f"stem.{name} applies only to stem.kind in {kinds}")
+        })
         if kind == "tokens" and (self.vocab_size is None or self.vocab_size < 1):
             self._fail("vocab_size", "an integer >= 1 for a tokens stem")
         if self.num_token_types < 0:
@@ -526,19 +351,19 @@ class StemConfig(_Section):
 
 
 @dataclass(frozen=True)
-class HeadConfig(_Section):
+class HeadConfig(_ModelSection):
     """What turns the final vectors into outputs."""
 
     _prefix = "head"
 
     # lm: next-token logits; masked_lm: BERT's transform + decoder; classification: pooled vector -> classes;
     # regression: pooled (or per-token) vector -> output_dim numbers (forecasts); none: the final hidden states.
-    kind: str = _choice("lm", HEAD_KINDS)
+    kind: str = choice("lm", HEAD_KINDS)
     num_classes: int | None = None
     output_dim: int | None = None
     # How a sequence becomes one vector: cls (first token), mean (of real input tokens), sequence (CCT's learned
     # attention pooling), last (last real token, for decoders), none (keep every position).
-    pooling: str | None = _choice(None, (None, *POOLINGS))
+    pooling: str | None = choice(None, (None, *POOLINGS))
     # BERT's pooler: a dense layer with tanh on the pooled vector.
     pooler: bool = False
     # Share the LM head's weight with the token embedding (Press & Wolf, 2017).
@@ -566,12 +391,12 @@ class HeadConfig(_Section):
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(_ModelSection):
     """The whole model. ``formerkit.build_model(config)`` turns it into a ``torch.nn.Module``."""
 
     # encoder: bidirectional; decoder: causal; encoder_decoder: a bidirectional encoder read by a causal decoder
     # through cross-attention.
-    arch: str = _choice("decoder", ARCHS)
+    arch: str = choice("decoder", ARCHS)
     width: int = 512
     num_layers: int = 6
     # encoder_decoder only: decoder depth (default num_layers).
@@ -766,102 +591,3 @@ class ModelConfig(_Section):
             tokens = tokens // self.stem.patch_size
         return tokens + int(self.stem.class_token)
 
-    # ----- construction helpers -----
-
-    def replace(self, **overrides: Any) -> ModelConfig:
-        """A new config with some values changed.
-
-        Keys may be top-level fields (``width=256``), whole sections as dicts (``attention={"num_heads": 4}``, merged
-        into the current section), dotted paths (``**{"attention.num_heads": 4}``) or a field name that exists in
-        exactly one section (``num_classes=10``, ``vocab_size=50257``).
-        """
-        data = self.to_dict()
-        for key, value in overrides.items():
-            path = _resolve_key(key)
-            target = data
-            for part in path[:-1]:
-                target = target[part]
-            leaf = path[-1]
-            if isinstance(value, dict) and isinstance(target.get(leaf), dict):
-                merged = dict(target[leaf])
-                merged.update(value)
-                value = merged
-            elif isinstance(value, _Section):
-                value = value.to_dict()
-            target[leaf] = value
-        return ModelConfig.from_dict(data)
-
-    # ----- files -----
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        import yaml
-
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        """Reads a config from a .json, .yaml or .yml file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("path", str(path), "an existing .json, .yaml or .yml file")
-        text = path.read_text()
-        try:
-            if path.suffix == ".json":
-                data = json.loads(text)
-            elif path.suffix in (".yaml", ".yml"):
-                data = load_yaml(text)
-            else:
-                raise ConfigError("path", str(path), "a file ending in .json, .yaml or .yml")
-        except (json.JSONDecodeError, ValueError) as error:
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError("path", str(path), "a valid JSON or YAML document", hint=str(error)) from error
-        return cls.from_dict(data)
-
-
-def _section_fields() -> dict[str, list[str]]:
-    hints = typing.get_type_hints(ModelConfig)
-    return {f.name: [g.name for g in dataclasses.fields(hints[f.name])]
-            for f in dataclasses.fields(ModelConfig) if _is_section(hints[f.name])}
-
-
-# Other config families (training recipes) are built from the same validated sections.
-ConfigSection = _Section
-
-
-def _resolve_key(key: str) -> list[str]:
-    """Maps an override key to its path in the config dict; see ``ModelConfig.replace``."""
-    top = [f.name for f in dataclasses.fields(ModelConfig)]
-    sections = _section_fields()
-    if "." in key:
-        section, _, name = key.partition(".")
-        if section not in sections:
-            close = difflib.get_close_matches(section, list(sections), n=1, cutoff=0.5)
-            raise UnknownFieldError(key, list(sections), close[0] if close else None)
-        if name not in sections[section] or "." in name:
-            close = difflib.get_close_matches(name, sections[section], n=1, cutoff=0.5)
-            raise UnknownFieldError(key, sections[section], f"{section}.{close[0]}" if close else None)
-        return [section, name]
-    if key in top:
-        return [key]
-    owners = [section for section, names in sections.items() if key in names]
-    if len(owners) == 1:
-        return [owners[0], key]
-    if len(owners) > 1:
-        raise ConfigError(key, key, "a dotted path naming the section",
-                          hint="this field exists in " + ", ".join(f"{o}.{key}" for o in owners))
-    every = top + [f"{s}.{n}" for s, names in sections.items() for n in names]
-    close = difflib.get_close_matches(key, every + [n for names in sections.values() for n in names], n=1, cutoff=0.6)
-    suggestion = close[0] if close else None
-    if suggestion and suggestion not in every:
-        suggestion = next(f"{s}.{suggestion}" for s, names in sections.items() if suggestion in names)
-    raise UnknownFieldError(key, top, suggestion)

@@ -125,7 +125,7 @@ def test_names_from_other_libraries_point_to_ours():
 
 
 def test_yaml_numbers_with_an_exponent_but_no_point_are_numbers(tmp_path):
-    from formerkit.config import load_yaml
+    from formerkit.schema import load_yaml
 
     assert load_yaml("lr: 1e-3\nsteps: 2E4\nname: 1e3x\nrate: 2.5e-4") == {"lr": 1e-3, "steps": 2e4,
                                                                               "name": "1e3x", "rate": 2.5e-4}

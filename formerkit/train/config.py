@@ -9,7 +9,6 @@ the model's overrides (``--set model.num_layers=2``).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from formerkit.config import ConfigSection, ModelConfig, _choice, load_yaml
+from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError
+from formerkit.schema import ConfigSection, choice, load_yaml
 
 __all__ = [
     "DataConfig",
@@ -70,13 +70,13 @@ class DataConfig(ConfigSection):
 
     _prefix = "data"
 
-    source: str = _choice("stdlib", DATA_SOURCES)
+    source: str = choice("stdlib", DATA_SOURCES)
     # text, jsonl, image_folder, csv: a file or folder of the user's
     path: str | None = None
     # jsonl: the field holding the text
     text_field: str = "text"
     # text sources: byte, char or bpe (trained on the training split with the `tokenizers` library)
-    tokenizer: str = _choice("byte", ("byte", "char", "bpe"))
+    tokenizer: str = choice("byte", ("byte", "char", "bpe"))
     # bpe: the vocabulary size to train
     vocab_size: int | None = None
     # text sources: tokens per training window; synthetic: longest sequence
@@ -97,7 +97,7 @@ class DataConfig(ConfigSection):
     # the same images in every run; validation, if any, is held out of them; the test split stays whole)
     labels_per_class: int | None = None
     # synthetic: the task, how many training examples, the symbol alphabet, the shortest sequence
-    task: str = _choice("reverse", ("copy", "reverse", "sort"))
+    task: str = choice("reverse", ("copy", "reverse", "sort"))
     num_examples: int = 20000
     num_symbols: int = 10
     min_len: int = 4
@@ -119,12 +119,7 @@ class DataConfig(ConfigSection):
     }
 
     def _validate(self) -> None:
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else None
-                    for f in dataclasses.fields(self)}
-        for name, sources in self._APPLIES.items():
-            if self.source not in sources and getattr(self, name) != defaults[name]:
-                self._fail(name, f"its default ({defaults[name]!r}) with data.source={self.source!r}",
-                           hint=f"data.{name} applies only to data.source in {sources}")
+        self._check_applies("source", self._APPLIES)
         if self.source in ("text", "jsonl", "image_folder", "csv") and not self.path:
             self._fail("path", f"a file or folder for data.source={self.source!r}")
         if self.tokenizer == "bpe" and (self.vocab_size is None or self.vocab_size < 260):
@@ -150,7 +145,7 @@ class DataConfig(ConfigSection):
 class ObjectiveConfig(ConfigSection):
     _prefix = "objective"
 
-    kind: str = _choice("causal_lm", OBJECTIVES)
+    kind: str = choice("causal_lm", OBJECTIVES)
     label_smoothing: float = 0.0
     # masked_lm: the fraction of tokens chosen for prediction (BERT: 15%, of which 80% masked, 10% random, 10% kept)
     mask_prob: float = 0.15
@@ -253,7 +248,7 @@ class EvalConfig(ConfigSection):
     # Evaluate every this many steps (and at the end).
     every: int = 200
     # Which split the periodic evaluations use; the final report always includes the test split when there is one.
-    split: str = _choice("valid", ("valid", "test"))
+    split: str = choice("valid", ("valid", "test"))
     # Evaluate on at most this many batches (None = the whole split).
     batches: int | None = None
     batch_size: int = 256
@@ -280,7 +275,7 @@ class RunConfig(ConfigSection):
     seed: int = 0
     # bf16: autocast matmuls to bfloat16; fp32: full precision; auto: bf16 where the hardware has native bf16 math
     # (CUDA with bf16, CPUs with AMX or AVX-512 BF16), fp32 otherwise.
-    precision: str = _choice("fp32", ("auto", "bf16", "fp32"))
+    precision: str = choice("fp32", ("auto", "bf16", "fp32"))
     log_every: int = 10
     checkpoint_every: int = 500
     # Keep this many most recent checkpoints.
@@ -291,7 +286,7 @@ class RunConfig(ConfigSection):
     progress: bool = True
     # Several processes (torchrun): ddp replicates the model (DistributedDataParallel); fsdp shards parameters,
     # gradients and optimizer state across processes (FSDP2's fully_shard).
-    strategy: str = _choice("ddp", ("ddp", "fsdp"))
+    strategy: str = choice("ddp", ("ddp", "fsdp"))
 
     def _validate(self) -> None:
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -347,12 +342,6 @@ class TrainConfig(ConfigSection):
         if not isinstance(data, dict):
             raise ConfigError("recipe", str(path), "a YAML mapping of recipe sections")
         return cls.from_dict(data)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

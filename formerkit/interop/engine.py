@@ -1,0 +1,411 @@
+"""The conversion engine shared by every Hugging Face family: weight rules, the family interface and its registry,
+and the checks that make a conversion exact.
+
+A family (one module each: ``gpt2``, ``llama``, ``bert``, ``vit``) is a ``Family``: the Hugging Face config read into a
+ModelConfig, a ModelConfig written back as one, and one table of ``Rule``s that serves both directions. The engine
+knows no family; ``formerkit.interop.hf`` lists them in a ``Registry``.
+
+Two layout facts the rules encode: formerkit fuses the query, key and value projections into one ``qkv`` Linear stacked
+[q | k | v] along the output dimension (with grouped-query attention k and v have ``num_kv_heads * head_dim`` rows
+each), and a gated MLP's gate and up projections into one ``fc_in`` stacked [gate | up]. GPT-2's ``Conv1D`` stores its
+weights [in, out], the transpose of ``nn.Linear``'s [out, in].
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from formerkit.config import ModelConfig
+from formerkit.errors import InteropError
+from formerkit.interop.files import CONFIG_FILE, Fields
+
+__all__ = [
+    "ACTIVATIONS",
+    "ACTIVATION_NAMES",
+    "GATED_ACTIVATIONS",
+    "GATED_ACTIVATION_NAMES",
+    "QKV_NAMES",
+    "Family",
+    "Registry",
+    "Rule",
+    "assign",
+    "check_coverage",
+    "check_round_trip",
+    "feedforward_hidden_size",
+    "hf_name",
+    "hf_state",
+    "label_fields",
+    "pair",
+    "rope_base",
+    "stack",
+    "untied_lm_head",
+    "windowed_layers",
+]
+
+# Hugging Face activation names (hidden_act, activation_function) -> the formerkit activation computing the same
+# function. "gelu_new" spells GELU's tanh approximation out by hand; formerkit uses torch's, equal up to float rounding.
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+               "silu": "silu", "swish": "silu"}
+# formerkit -> the name written; "gelu_pytorch_tanh" is torch's tanh GELU, exactly what formerkit runs.
+ACTIVATION_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
+# A LLaMA-family MLP computes act(gate) * up: formerkit's gated activations, by their gate's function.
+GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
+GATED_ACTIVATION_NAMES = {"swiglu": "silu", "geglu": "gelu"}
+# BERT's and ViT's names for the query, key and value projections.
+QKV_NAMES = ("query", "key", "value")
+
+
+# ----- weight rules: one formerkit parameter <-> the Hugging Face tensors it is made of -----
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One formerkit parameter and the Hugging Face tensor(s) holding the same numbers.
+
+    ``layout`` says how: "same" (copied), "transposed" (GPT-2's Conv1D, [in, out]), "stacked" (several tensors
+    concatenated along dim 0, ``sizes`` rows each: fused q/k/v, fused gate/up) or "batched" (the Hugging Face tensor
+    has a leading dimension of 1: ViT's position table).
+    """
+
+    ours: str
+    theirs: tuple[str, ...]
+    layout: str = "same"
+    sizes: tuple[int, ...] = ()
+
+    def their_shapes(self, shape: torch.Size) -> list[tuple[int, ...]]:
+        """The shapes the Hugging Face tensors have for a formerkit parameter of ``shape``."""
+        shape = tuple(shape)
+        if self.layout == "transposed":
+            return [shape[::-1]]
+        if self.layout == "stacked":
+            return [(rows, *shape[1:]) for rows in self.sizes]
+        if self.layout == "batched":
+            return [(1, *shape)]
+        return [shape]
+
+    def to_ours(self, parts: list[Tensor]) -> Tensor:
+        if self.layout == "transposed":
+            return parts[0].t()
+        if self.layout == "stacked":
+            return torch.cat(parts, dim=0)
+        if self.layout == "batched":
+            return parts[0].squeeze(0)
+        return parts[0]
+
+    def to_theirs(self, tensor: Tensor) -> dict[str, Tensor]:
+        if self.layout == "transposed":
+            parts = [tensor.t()]
+        elif self.layout == "stacked":
+            parts = list(tensor.split(list(self.sizes), dim=0))
+        elif self.layout == "batched":
+            parts = [tensor.unsqueeze(0)]
+        else:
+            parts = [tensor]
+        return dict(zip(self.theirs, parts))
+
+
+def pair(ours: str, theirs: str, *, bias: bool = True, layout: str = "same") -> list[Rule]:
+    """A Linear, Conv2d or norm: its weight (in ``layout``) and, with ``bias``, its bias (always copied as is)."""
+    rules = [Rule(f"{ours}.weight", (f"{theirs}.weight",), layout)]
+    return rules + [Rule(f"{ours}.bias", (f"{theirs}.bias",))] if bias else rules
+
+
+def stack(ours: str, theirs: list[str], sizes: tuple[int, ...], *, bias: bool) -> list[Rule]:
+    """Several Hugging Face Linears stacked along the output dimension into one formerkit Linear."""
+    rules = [Rule(f"{ours}.weight", tuple(f"{name}.weight" for name in theirs), "stacked", sizes)]
+    if bias:
+        rules.append(Rule(f"{ours}.bias", tuple(f"{name}.bias" for name in theirs), "stacked", sizes))
+    return rules
+
+
+def untied_lm_head(config: ModelConfig) -> list[Rule]:
+    """A decoder's LM head has a weight of its own only when untied; tied, it is the token embedding."""
+    if config.head.kind == "lm" and not config.head.tie_embeddings:
+        return [Rule("head.projection.weight", ("lm_head.weight",))]
+    return []
+
+
+def check_coverage(rules: list[Rule], params: dict[str, Tensor], architecture: str) -> None:
+    """Every formerkit parameter is assigned by exactly one rule (a mismatch is a bug here, not bad input)."""
+    counts = Counter(rule.ours for rule in rules)
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    unmapped = sorted(set(params) - set(counts))
+    unknown = sorted(set(counts) - set(params))
+    if repeated or unmapped or unknown:
+        raise RuntimeError(f"formerkit.interop: the {architecture} weight rules do not fit the model (assigned twice: "
+                           f"{repeated}, unassigned: {unmapped}, not parameters: {unknown}); this is a formerkit bug")
+
+
+# ----- config helpers shared by families -----
+
+
+def feedforward_hidden_size(hidden: int | None, width: int) -> int | None:
+    """A feed-forward width as formerkit's presets spell it: null when it is the default 4 x width."""
+    return None if hidden is None or hidden == 4 * width else hidden
+
+
+def _rope_type(spec: Any) -> Any:
+    return spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, dict) else spec
+
+
+def rope_base(hf: Fields) -> float:
+    """RoPE's base (``rope_theta``), after checking that no scaling scheme is asked for. transformers 4.x writes
+    ``rope_theta`` and ``rope_scaling``; 5.x writes both into ``rope_parameters``."""
+    why = ("formerkit implements plain RoPE; a scaled variant (linear, dynamic, yarn, longrope, llama3) changes the "
+           "rotation angles")
+    theta: Any = hf.number("rope_theta", 10000.0)
+    scaling = hf.value("rope_scaling", None)
+    if scaling is not None and _rope_type(scaling) != "default":
+        hf.fail("rope_scaling", "null or a rope_type of 'default'", scaling, hint=why)
+    parameters = hf.value("rope_parameters", None)
+    if parameters is not None:
+        if not isinstance(parameters, dict) or any(isinstance(value, dict) for value in parameters.values()):
+            hf.fail("rope_parameters", "one mapping with rope_type and rope_theta", parameters,
+                    hint="per-layer-type RoPE settings are not supported")
+        if _rope_type(parameters) != "default":
+            hf.fail("rope_parameters.rope_type", "'default'", _rope_type(parameters), hint=why)
+        if parameters.get("partial_rotary_factor", 1.0) != 1.0:
+            hf.fail("rope_parameters.partial_rotary_factor", "1.0 (every channel rotated)",
+                    parameters["partial_rotary_factor"])
+        theta = parameters.get("rope_theta", theta)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+            hf.fail("rope_parameters.rope_theta", "a number", theta)
+    if hf.value("partial_rotary_factor", 1.0) != 1.0:
+        hf.fail("partial_rotary_factor", "1.0 (every channel rotated)", hf.value("partial_rotary_factor"))
+    return float(theta)
+
+
+def label_fields(count: int) -> dict[str, Any]:
+    """id2label and label2id for ``count`` classes, named as transformers names them by default."""
+    names = {str(index): f"LABEL_{index}" for index in range(count)}
+    return {"id2label": names, "label2id": {name: int(index) for index, name in names.items()}}
+
+
+def hf_name(table: dict[str, str], value: str, field: str, architecture: str) -> str:
+    """The Hugging Face spelling of a formerkit choice, or an error naming the formerkit field."""
+    if value not in table:
+        raise InteropError(f"to_hf: {field}: expected one of {', '.join(map(repr, table))} for a {architecture} "
+                           f"checkpoint, got {value!r}")
+    return table[value]
+
+
+def windowed_layers(config: ModelConfig) -> list[int]:
+    """The layers whose attention is limited to a sliding window."""
+    attention = config.attention
+    if attention.sliding_window is None:
+        return []
+    if attention.sliding_window_layers is None:
+        return list(range(config.num_layers))
+    return sorted(set(attention.sliding_window_layers))
+
+
+# ----- the family interface -----
+
+
+class Family:
+    """One Hugging Face model family: its config read and written, its weight rules, and the tensors its files may
+    hold besides the weights."""
+
+    model_types: tuple[str, ...] = ()
+    # The base model's name prefix inside a model with a head ("transformer." in GPT2LMHeadModel). Base models are
+    # saved without it; some files of head models are too (the original GPT-2), so reading accepts both.
+    prefix = ""
+    # Tensors Hugging Face may store that are buffers, not weights (causal-mask tables, RoPE frequencies, position
+    # ids); they are ignored on reading, by name. The default pattern never matches.
+    buffers = re.compile(r"(?!)")
+
+    def architectures(self, model_type: str) -> dict[str, str]:
+        """Hugging Face architecture -> formerkit head kind."""
+        raise NotImplementedError
+
+    def writes(self, config: ModelConfig) -> bool:
+        """Whether ``to_hf`` writes a model of ``config`` as this family (by its architecture, stem and positions);
+        a family that is only read keeps this default."""
+        return False
+
+    def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
+        """The ModelConfig of a checkpoint; ``has_pooler``: the weights hold a pooler (BertModel, ViTModel)."""
+        raise NotImplementedError
+
+    def write_config(self, config: ModelConfig) -> dict[str, Any]:
+        """A config.json (with "architectures" and "model_type") for a model of this family."""
+        raise NotImplementedError
+
+    def rules(self, config: ModelConfig, base: str) -> list[Rule]:
+        """The weight rules of a model; ``base`` is the prefix its base-model weights carry ("" or ``prefix``)."""
+        raise NotImplementedError
+
+    def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
+        """Tensors a file may hold as copies of tied ones (name -> the tensor it must equal); dropped once checked."""
+        return {}
+
+    def unused(self, architecture: str, base: str) -> set[str]:
+        """Weights a file of ``architecture`` may hold that the architecture itself never uses (transformers drops
+        them on loading too); dropped with a warning naming them."""
+        return set()
+
+    def architecture_of(self, hf: Fields) -> str:
+        """The class a checkpoint was saved from (config.json's "architectures"), which decides the head."""
+        known = self.architectures(hf.model_type)
+        value = hf.data.get("architectures")
+        if not isinstance(value, list) or len(value) != 1 or value[0] not in known:
+            hf.refuse("architectures", f"a list of one of {', '.join(map(repr, known))}",
+                      hint="the class the weights were saved from decides the head")
+        return value[0]
+
+    def architecture_for(self, config: ModelConfig, model_type: str) -> str:
+        """The architecture written for a model of ``config`` as ``model_type``: its head decides."""
+        by_head = {kind: architecture for architecture, kind in self.architectures(model_type).items()}
+        if config.head.kind not in by_head:
+            raise InteropError(f"to_hf: head.kind: expected one of {', '.join(map(repr, by_head))} for a "
+                               f"{model_type} checkpoint, got {config.head.kind!r}")
+        return by_head[config.head.kind]
+
+    @staticmethod
+    def header(config: ModelConfig, architecture: str, model_type: str) -> dict[str, Any]:
+        """The fields every written config.json starts with. formerkit knows no special token ids, so none are
+        claimed (transformers' defaults could point outside a small vocabulary)."""
+        data = {"architectures": [architecture], "model_type": model_type, "initializer_range": config.init_std}
+        if config.stem.kind == "tokens":
+            data.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        return data
+
+
+class Registry:
+    """The families formerkit converts, in order: reading picks one by the checkpoint's model_type, writing the first
+    whose ``writes`` holds for the model's config."""
+
+    def __init__(self, *families: Family):
+        self.families = families
+        self.by_model_type: dict[str, Family] = {}
+        for family in families:
+            for model_type in family.model_types:
+                if model_type in self.by_model_type:
+                    raise ValueError(f"formerkit.interop: two families read model_type {model_type!r}")
+                self.by_model_type[model_type] = family
+
+    def family_of(self, hf: Fields) -> Family:
+        """The family of a checkpoint, by its config.json's model_type."""
+        family = self.by_model_type.get(hf.model_type) if isinstance(hf.model_type, str) else None
+        if family is None:
+            hf.refuse("model_type", f"one of {', '.join(map(repr, self.by_model_type))}",
+                      hint="formerkit converts these families only")
+        return family
+
+    def family_for(self, config: ModelConfig) -> Family | None:
+        """The family ``to_hf`` writes a model of ``config`` as, if any."""
+        return next((family for family in self.families if family.writes(config)), None)
+
+
+# ----- checks -----
+
+
+def _semantics(config: ModelConfig) -> dict[str, Any]:
+    """A config's values as dotted names, with defaults resolved and values that change nothing left out, so that
+    two spellings of one model compare equal and a difference is one the model would show."""
+    flat: dict[str, Any] = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{name}": inner for name, inner in value.items()})
+        else:
+            flat[key] = value
+    flat.update({"attention.num_kv_heads": config.attention.kv_heads, "attention.head_dim": config.head_dim,
+                 "attention.sliding_window_layers": windowed_layers(config),
+                 "feedforward.hidden_size": config.feedforward_size, "norm.final": config.norm.has_final,
+                 "head.pooling": config.head_pooling})
+    # A mixture of experts differs by feedforward.num_experts (0 and null are both dense); its other fields follow it.
+    flat["feedforward.num_experts"] = config.feedforward.num_experts or None
+    ignored = ["feedforward.ratio", "feedforward.experts_per_token", "feedforward.capacity_factor",
+               "feedforward.aux_loss_weight", "feedforward.moe_layers"]
+    if config.position.kind != "rope":
+        ignored.append("position.rope_base")
+    if config.norm.kind == "rmsnorm":
+        ignored.append("norm.bias")
+    if config.stem.kind in ("patches", "conv"):
+        ignored.append("max_seq_len")
+    if config.head.kind not in ("classification", "regression"):
+        ignored.append("head.dropout")
+    if config.head.kind in ("lm", "masked_lm"):  # these heads never build a pooler
+        ignored.append("head.pooler")
+    for name in ignored:
+        flat.pop(name)
+    return flat
+
+
+def check_round_trip(family: Family, config: ModelConfig, data: dict[str, Any]) -> None:
+    """The config.json about to be written must read back as ``config``; otherwise names every field it cannot
+    hold. (A base model is read back with its pooler: BertModel and ViTModel always build one.)"""
+    architecture = data["architectures"][0]
+    back = family.read_config(Fields(data, f"to_hf ({architecture})"), architecture, has_pooler=True)
+    ours, theirs = _semantics(config), _semantics(back)
+    differences = [f"{name} is {ours.get(name)!r} (a {architecture} checkpoint holds {theirs.get(name)!r})"
+                   for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+    if differences:
+        raise InteropError(f"to_hf: this model has no exact {architecture} equivalent: " + "; ".join(differences))
+
+
+
+def assign(model: torch.nn.Module, family: Family, architecture: str, base: str, tensors: dict[str, Tensor],
+           origins: dict[str, str], directory: Path) -> None:
+    """Copies a checkpoint's tensors into ``model`` after checking that every weight the rules need is there, that
+    nothing else is (buffers and checked copies of tied weights aside), and that every shape is the config's."""
+    config = model.config
+    rules = family.rules(config, base)
+    params = dict(model.named_parameters())  # a tied weight appears once
+    check_coverage(rules, params, architecture)
+    remaining = {name: tensor for name, tensor in tensors.items() if not family.buffers.search(name)}
+    for copy, original in family.tied_copies(config, base).items():
+        if copy in remaining:
+            if original not in remaining or not torch.equal(remaining[copy], remaining[original]):
+                raise InteropError(f"{directory / origins[copy]}: {copy} should equal {original}, which it is tied "
+                                   "to, but differs (or the latter is absent); refusing to pick one")
+            del remaining[copy]
+    dropped = sorted(set(remaining) & family.unused(architecture, base))
+    if dropped:
+        warnings.warn(f"{directory}: dropping {', '.join(dropped)}: weights a {architecture} does not use "
+                      "(transformers drops them too)", UserWarning, stacklevel=4)
+        for name in dropped:
+            del remaining[name]
+    needed = [name for rule in rules for name in rule.theirs]
+    missing = [name for name in needed if name not in remaining]
+    if missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:6])}{', ...' if len(missing) > 6 else ''})"
+        raise InteropError(f"{directory}: weight {missing[0]!r} is missing{more if len(missing) > 1 else ''}; a "
+                           f"{architecture} with this {CONFIG_FILE} needs it")
+    extra = sorted(set(remaining) - set(needed))
+    if extra:
+        more = f" (and {len(extra) - 1} more: {', '.join(extra[1:6])})" if len(extra) > 1 else ""
+        raise InteropError(f"{directory / origins[extra[0]]}: unexpected weight {extra[0]!r}{more}; it is not part "
+                           f"of a {architecture} with this {CONFIG_FILE}, and formerkit does not drop weights silently")
+    with torch.no_grad():
+        for rule in rules:
+            param = params[rule.ours]
+            parts = [remaining[name] for name in rule.theirs]
+            for name, part, shape in zip(rule.theirs, parts, rule.their_shapes(param.shape)):
+                if tuple(part.shape) != shape:
+                    raise InteropError(f"{directory / origins[name]}: {name} has shape {list(part.shape)}, but "
+                                       f"{CONFIG_FILE} implies {list(shape)}")
+            param.copy_(rule.to_ours(parts))
+
+
+
+def hf_state(model: torch.nn.Module, rules: list[Rule], architecture: str) -> dict[str, Tensor]:
+    """The Hugging Face tensors of ``model`` by the rules (fused weights split, transposed, batched): the inverse of
+    ``assign``."""
+    params = dict(model.named_parameters())
+    check_coverage(rules, params, architecture)
+    state = {}
+    for rule in rules:
+        for name, tensor in rule.to_theirs(params[rule.ours].detach()).items():
+            # Each tensor gets storage of its own: safetensors refuses tensors sharing memory (q, k, v split from one
+            # qkv) and a tied weight is written once, as transformers expects.
+            state[name] = tensor.to("cpu").contiguous().clone()
+    return state

@@ -1,0 +1,157 @@
+"""LLaMA-family checkpoints in and out: LLaMA (``llama``), Mistral (``mistral``) and Qwen2 (``qwen2``), one
+family because they differ only in biases and sliding windows.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from formerkit.config import ModelConfig
+from formerkit.interop.engine import (
+    GATED_ACTIVATION_NAMES,
+    GATED_ACTIVATIONS,
+    Family,
+    Rule,
+    hf_name,
+    pair,
+    rope_base,
+    stack,
+    untied_lm_head,
+    windowed_layers,
+)
+from formerkit.interop.files import Fields
+
+__all__ = ["Llama"]
+
+
+# The class-name stem of each LLaMA-family model type, and its default number of key/value heads.
+_LLAMA_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+_LLAMA_KV_HEADS = {"llama": None, "mistral": 8, "qwen2": 32}
+
+
+class Llama(Family):
+    """LLaMA (Touvron et al., 2023) and two relatives formerkit reproduces exactly: RMSNorm, RoPE, SwiGLU,
+    grouped-query attention. Mistral adds a sliding window on every layer; Qwen2 adds query/key/value biases and
+    sliding windows on chosen layers (``layer_types``, as transformers 5 applies them)."""
+
+    model_types = tuple(_LLAMA_CLASSES)
+    prefix = "model."
+    buffers = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+    def architectures(self, model_type: str) -> dict[str, str]:
+        name = _LLAMA_CLASSES[model_type]
+        return {f"{name}ForCausalLM": "lm", f"{name}Model": "none"}
+
+    def writes(self, config: ModelConfig) -> bool:
+        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "rope"
+
+    def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
+        model_type = hf.model_type
+        width, heads, layers = hf.integer("hidden_size"), hf.integer("num_attention_heads"), hf.integer(
+            "num_hidden_layers")
+        kv_heads = hf.integer("num_key_value_heads", _LLAMA_KV_HEADS[model_type], nullable=True) or heads
+        head_dim = hf.integer("head_dim", None, nullable=True) or width // heads
+        max_seq_len = hf.integer("max_position_embeddings")
+        if model_type == "llama":
+            qkv_bias = out_bias = hf.flag("attention_bias", False)
+            mlp_bias = hf.flag("mlp_bias", False)
+        else:  # Qwen2 has biases on q, k and v only; Mistral has none.
+            qkv_bias, out_bias, mlp_bias = model_type == "qwen2", False, False
+        window, windowed = self._sliding_window(hf, layers, max_seq_len)
+        head = ({"kind": "lm", "tie_embeddings": hf.flag("tie_word_embeddings", False)}
+                if architecture.endswith("ForCausalLM") else {"kind": "none"})
+        return ModelConfig(
+            arch="decoder", width=width, num_layers=layers, max_seq_len=max_seq_len,
+            init_std=hf.number("initializer_range", 0.02),
+            attention={"num_heads": heads, "num_kv_heads": kv_heads if kv_heads != heads else None,
+                       "head_dim": head_dim if head_dim != width // heads else None, "qkv_bias": qkv_bias,
+                       "out_bias": out_bias, "dropout": hf.number("attention_dropout", 0.0),
+                       "sliding_window": window, "sliding_window_layers": windowed},
+            feedforward={"activation": hf.choice("hidden_act", GATED_ACTIVATIONS, "silu",
+                                                 "the activation of the MLP's gate"),
+                         "hidden_size": hf.integer("intermediate_size"), "bias": mlp_bias},
+            norm={"kind": "rmsnorm", "placement": "pre", "eps": hf.number("rms_norm_eps", 1e-6)},
+            position={"kind": "rope", "rope_base": rope_base(hf)},
+            stem={"kind": "tokens", "vocab_size": hf.integer("vocab_size")},
+            head=head,
+        )
+
+    @staticmethod
+    def _sliding_window(hf: Fields, layers: int, max_seq_len: int) -> tuple[int | None, tuple[int, ...] | None]:
+        """formerkit's (sliding_window, sliding_window_layers). A window longer than max_seq_len never limits
+        anything, so it is dropped (formerkit's config refuses such a window)."""
+        model_type = hf.model_type
+        if model_type == "mistral":
+            window = hf.integer("sliding_window", 4096, nullable=True)
+            windowed = list(range(layers))
+        elif model_type == "qwen2":
+            window = hf.integer("sliding_window", 4096, nullable=True) if hf.flag("use_sliding_window", False) else None
+            kinds = hf.value("layer_types", None)
+            if kinds is None:  # transformers 4.x: the layers from max_window_layers on slide
+                first = hf.integer("max_window_layers", 28, minimum=0)
+                windowed = [index for index in range(layers) if index >= first]
+            elif (not isinstance(kinds, list) or len(kinds) != layers
+                  or any(kind not in ("full_attention", "sliding_attention") for kind in kinds)):
+                hf.fail("layer_types", f"a list of {layers} values 'full_attention' or 'sliding_attention'", kinds)
+            else:
+                windowed = [index for index, kind in enumerate(kinds) if kind == "sliding_attention"]
+        else:
+            return None, None
+        if window is None or window > max_seq_len or not windowed:
+            return None, None
+        return window, None if len(windowed) == layers else tuple(windowed)
+
+    def write_config(self, config: ModelConfig) -> dict[str, Any]:
+        attention = config.attention
+        windowed = windowed_layers(config)
+        # The one family member that holds this model: Qwen2 for q/k/v-only biases or per-layer windows, Mistral for
+        # windows on every layer, LLaMA otherwise. Whatever the choice cannot hold, the round-trip check names.
+        if (attention.qkv_bias and not attention.out_bias) or 0 < len(windowed) < config.num_layers:
+            model_type = "qwen2"
+        else:
+            model_type = "mistral" if windowed else "llama"
+        architecture = self.architecture_for(config, model_type)
+        base = config.position.rope_base
+        data = {
+            **self.header(config, architecture, model_type),
+            "vocab_size": config.stem.vocab_size, "hidden_size": config.width,
+            "intermediate_size": config.feedforward_size, "num_hidden_layers": config.num_layers,
+            "num_attention_heads": attention.num_heads, "num_key_value_heads": attention.kv_heads,
+            "head_dim": config.head_dim,
+            "hidden_act": hf_name(GATED_ACTIVATION_NAMES, config.feedforward.activation, "feedforward.activation",
+                                  architecture),
+            "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm.eps,
+            # transformers 4.x reads rope_theta, 5.x rope_parameters.
+            "rope_theta": base, "rope_parameters": {"rope_type": "default", "rope_theta": base},
+            "attention_dropout": attention.dropout, "tie_word_embeddings": config.head.tie_embeddings,
+        }
+        if model_type == "llama":
+            data.update(attention_bias=attention.qkv_bias, mlp_bias=config.feedforward.bias)
+        elif model_type == "mistral":
+            data.update(sliding_window=attention.sliding_window)
+        else:
+            data.update(use_sliding_window=bool(windowed), sliding_window=attention.sliding_window,
+                        max_window_layers=windowed[0] if windowed else config.num_layers,
+                        layer_types=["sliding_attention" if index in windowed else "full_attention"
+                                     for index in range(config.num_layers)])
+        return data
+
+    def rules(self, config: ModelConfig, base: str) -> list[Rule]:
+        attention, hidden = config.attention, config.feedforward_size
+        q_rows, kv_rows = attention.num_heads * config.head_dim, attention.kv_heads * config.head_dim
+        rules = [Rule("stem.tokens.weight", (f"{base}embed_tokens.weight",))]
+        for i in range(config.num_layers):
+            ours, theirs = f"decoder.blocks.{i}", f"{base}layers.{i}"
+            rules += pair(f"{ours}.attention_residual.norm", f"{theirs}.input_layernorm", bias=False)
+            rules += stack(f"{ours}.attention.qkv", [f"{theirs}.self_attn.{p}_proj" for p in "qkv"],
+                           (q_rows, kv_rows, kv_rows), bias=attention.qkv_bias)
+            rules += pair(f"{ours}.attention.out", f"{theirs}.self_attn.o_proj", bias=attention.out_bias)
+            rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.post_attention_layernorm", bias=False)
+            rules += stack(f"{ours}.feedforward.fc_in", [f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"],
+                           (hidden, hidden), bias=config.feedforward.bias)
+            rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.down_proj", bias=config.feedforward.bias)
+        return rules + pair("decoder.final_norm", f"{base}norm", bias=False) + untied_lm_head(config)
+
+    def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
+        return {"lm_head.weight": f"{base}embed_tokens.weight"} if config.head.tie_embeddings else {}
