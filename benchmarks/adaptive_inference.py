@@ -26,8 +26,8 @@ import torch
 
 from formerkit.data import build_data
 from formerkit.models.early_exit import early_exit
+from formerkit.runs import load_run_model
 from formerkit.train import load_recipe, train
-from formerkit.train.evaluate import load_run_model
 
 
 def run_dir(root: Path, name: str, recipe: str, overrides: dict | None = None) -> Path:

@@ -8,8 +8,6 @@
     gpt2 = formerkit.from_hf("path/to/hf-gpt2")           # a local Hugging Face checkpoint directory
 """
 
-__version__ = "0.1.0"
-
 from formerkit.checkpoint import load, load_config, load_extra, save
 from formerkit.config import (
     AttentionConfig,
@@ -51,6 +49,7 @@ from formerkit.nn.masks import (
     TensorMask,
 )
 from formerkit.summary import Summary, count_parameters, summarize
+from formerkit.version import __version__
 
 __all__ = [
     "AttentionConfig", "CausalMask", "CheckpointError", "ConfigError", "DocumentMask", "FeedForwardConfig",

@@ -17,8 +17,12 @@ import torch
 
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError, ConfigError
+from formerkit.models.transformer import build_model
+from formerkit.nn.int8 import quantized_state, rebuild_quantized
+from formerkit.version import __version__
 
-__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "WEIGHTS_FILE", "load", "load_config", "load_extra", "save"]
+__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "WEIGHTS_FILE", "load", "load_config", "load_extra", "read_document",
+           "replace_atomically", "save", "sha256_file", "with_default_permissions"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,10 +47,12 @@ def with_default_permissions(path: Path) -> None:
 
 
 def replace_atomically(tmp: Path, final: Path) -> None:
+    """Moves the written file ``tmp`` to ``final`` once its bytes are on disk, so ``final`` is never half-written."""
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     with_default_permissions(tmp)
     os.replace(tmp, final)
+
 
 
 def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
@@ -55,8 +61,6 @@ def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any]
     ``extra`` is stored under "extra" in config.json (for tools that keep their own notes beside the model).
     """
     from safetensors.torch import save_model
-
-    from formerkit import __version__
 
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
@@ -70,8 +74,6 @@ def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any]
     quantization = getattr(model, "quantization", None)
     if quantization is not None:  # int8 layers are saved as plain int8 weights and float scales
         from safetensors.torch import save_file
-
-        from formerkit.compress.quantize import quantized_state
 
         save_file(quantized_state(model), str(tmp), metadata=metadata)
     else:
@@ -94,7 +96,8 @@ def save(model: torch.nn.Module, directory: str | Path, *, extra: dict[str, Any]
     return directory
 
 
-def _read_document(directory: Path) -> dict[str, Any]:
+def read_document(directory: Path) -> dict[str, Any]:
+    """The checked contents of a saved model's config.json (model config, weights record, quantization, extra)."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected one holding {CONFIG_FILE} and {WEIGHTS_FILE})")
     path = directory / CONFIG_FILE
@@ -124,12 +127,12 @@ def _config_of(document: dict[str, Any], directory: Path) -> ModelConfig:
 def load_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of a saved model, without reading its weights."""
     directory = Path(directory)
-    return _config_of(_read_document(directory), directory)
+    return _config_of(read_document(directory), directory)
 
 
 def load_extra(directory: str | Path) -> dict[str, Any]:
     """What ``save(..., extra=...)`` stored beside the config (an empty dict if nothing)."""
-    return _read_document(Path(directory)).get("extra", {})
+    return read_document(Path(directory)).get("extra", {})
 
 
 def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -137,10 +140,8 @@ def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from formerkit.models.transformer import build_model
-
     directory = Path(directory)
-    document = _read_document(directory)
+    document = read_document(directory)
     config = _config_of(document, directory)
     record = document.get("weights", {})
     weights = directory / record.get("file", WEIGHTS_FILE)
@@ -158,8 +159,6 @@ def load(directory: str | Path, *, device: str | torch.device = "cpu") -> torch.
     try:
         if quantization is not None:
             from safetensors.torch import load_file
-
-            from formerkit.compress.quantize import rebuild_quantized
 
             if quantization.get("mode") == "dynamic-int8" and torch.device(device).type != "cpu":
                 raise CheckpointError(f"{directory}: a dynamic-int8 model runs on the CPU only, not on {device}")

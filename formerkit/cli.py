@@ -147,7 +147,7 @@ def _merge_counts(text: str) -> int | list[int]:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from formerkit.train.evaluate import evaluate_run
+    from formerkit.runs import evaluate_run
 
     metrics = evaluate_run(args.target, splits=args.split, merge_tokens=args.merge_tokens,
                            exit_threshold=args.exit_threshold)
@@ -159,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from formerkit.train.evaluate import generate_run
+    from formerkit.runs import generate_run
 
     for piece in generate_run(args.target, args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -354,7 +354,7 @@ def cmd_bench_vision(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from formerkit import __version__
+    from formerkit.version import __version__
 
     parser = argparse.ArgumentParser(prog="formerkit", description="Compact, customizable, efficient Transformers.")
     parser.add_argument("--version", action="version", version=f"formerkit {__version__}")

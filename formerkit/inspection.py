@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from formerkit.data import build_data
+from formerkit.data.images import denormalize_images
 from formerkit.errors import CheckpointError, InputError
+from formerkit.runs import load_run_model, load_run_tokenizer
 
 __all__ = ["Inspection", "attention_rollout", "inspect_example", "inspect_image", "inspect_run", "inspect_text",
            "plot_inspection"]
@@ -230,8 +233,6 @@ def _label_tokens(axis, tokens: list[str] | None) -> None:
 
 def inspect_example(model, bundle, split: str, index: int) -> Inspection:
     """``inspect_image`` of example ``index`` of a data bundle's ``split`` (preprocessed as in training)."""
-    from formerkit.data.images import denormalize_images
-
     examples = bundle.split(split)
     inputs = examples.tensors["inputs"] if hasattr(examples, "tensors") else None
     if inputs is None or inputs.dim() != 4:
@@ -248,8 +249,6 @@ def inspect_run(target: str | Path, *, text: str | None = None, image_index: int
                 out: str | Path | None = None, split: str = "test", top_k: int = 5) -> tuple[Inspection, list[Path]]:
     """``inspect_text`` (with the run's tokenizer) or ``inspect_example`` (example ``image_index`` of the run's
     ``split``) for a run or model directory, with the PNGs written to ``out`` (default: ``<target>/inspect``)."""
-    from formerkit.train.evaluate import load_run_model, load_run_tokenizer
-
     if (text is None) == (image_index is None):
         raise InputError("inspect: give either a text or an image index")
     model, recipe, extra = load_run_model(target)
@@ -262,7 +261,5 @@ def inspect_run(target: str | Path, *, text: str | None = None, image_index: int
         inspection = inspect_text(model, tokenizer.encode(text), decode=lambda token: tokenizer.decode([token]),
                                   top_k=top_k)
     else:
-        from formerkit.data import build_data
-
         inspection = inspect_example(model, build_data(recipe.data), split, image_index)
     return inspection, plot_inspection(inspection, out)

@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
+from formerkit.bench.common import parameter_count
+from formerkit.data import load_tokenizer
 from formerkit.errors import CheckpointError, InputError
+from formerkit.runs import generate_text, load_run_model, model_dir
 
 __all__ = ["ServeError", "create_app", "serve"]
 
@@ -52,8 +55,6 @@ class ModelService:
 
     def __init__(self, target: str | Path, *, max_batch: int = 16, wait_ms: float = 5.0,
                  max_new_tokens_limit: int = 1024):
-        from formerkit.train.evaluate import _model_dir, load_run_model
-
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"serve: max_batch must be an integer >= 1, got {max_batch!r}")
         if not 0 <= wait_ms <= 1000:
@@ -63,9 +64,7 @@ class ModelService:
         self.task = self.recipe.objective.kind
         self.tokenizer = None
         if self.task == "causal_lm":
-            from formerkit.data import load_tokenizer
-
-            path = _model_dir(target) / "tokenizer.json"
+            path = model_dir(target) / "tokenizer.json"
             if not path.exists():
                 raise CheckpointError(f"{path}: missing; a language model is served with the tokenizer of its run")
             self.tokenizer = load_tokenizer(path)
@@ -87,8 +86,6 @@ class ModelService:
     # ----- describing the model -----
 
     def describe(self) -> dict:
-        from formerkit.bench.common import parameter_count
-
         info = {"task": self.task, "parameters": parameter_count(self.model), "config": self.config.to_dict(),
                 "max_batch": self.max_batch}
         if self.task == "classification":
@@ -256,8 +253,6 @@ class ModelService:
 
     def stream_pieces(self, job: _Job, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Runs in the worker thread: puts the text of each new token on ``queue``, then None."""
-        from formerkit.train.evaluate import generate_text
-
         temperature, top_k, top_p, stop = job.key[:4]
         try:
             with torch.inference_mode():

@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from formerkit.config import ModelConfig
+from formerkit.models.transformer import build_model
 
 __all__ = ["Summary", "count_parameters", "saved_activation_bytes", "summarize"]
 
@@ -117,16 +118,12 @@ def saved_activation_bytes(model: torch.nn.Module, *args, **kwargs) -> int:
 
 def count_parameters(config: ModelConfig) -> int:
     """The parameter count of the model a config describes (built on the meta device: no memory, no init cost)."""
-    from formerkit.models.transformer import build_model
-
     with torch.device("meta"):
         return build_model(config).num_parameters()
 
 
 def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, name: str | None = None) -> Summary:
     """Summarizes a model (or a config, which is built on the meta device without allocating weights)."""
-    from formerkit.models.transformer import build_model
-
     config = model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.config
     with torch.device("meta"):
         model = build_model(config)

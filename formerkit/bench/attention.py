@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 from formerkit.bench.common import in_fresh_process, peak_rss_mb, reset_peak_rss, status_mb
 from formerkit.errors import InputError
+from formerkit.nn.attention import blockwise_attention
+from formerkit.nn.linear_attention import linear_attention
+from formerkit.nn.masks import CausalMask, SlidingWindowMask, prepare_blocked_mask
 
 __all__ = ["KINDS", "attention_benchmark", "format_table", "measure", "plot"]
 
@@ -30,10 +33,6 @@ KINDS = ("full", "window", "linear")
 
 def _attend(kind: str, window: int):
     """The attention function of a kind: (q, k, v) -> output, all [batch, heads, tokens, head_dim]."""
-    from formerkit.nn.attention import blockwise_attention
-    from formerkit.nn.linear_attention import linear_attention
-    from formerkit.nn.masks import CausalMask, SlidingWindowMask, prepare_blocked_mask
-
     if kind == "full":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if kind == "linear":
@@ -84,7 +83,7 @@ def measure(kind: str, seq_len: int, *, window: int = 256, heads: int = 6, head_
     return {"kind": kind, "seq_len": seq_len, **{key: statistics.median(values[1:]) for key, values in times.items()}}
 
 
-def _peak_memory(kind: str, seq_len: int, window: int, heads: int, head_dim: int, dtype: torch.dtype,
+def peak_memory(kind: str, seq_len: int, window: int, heads: int, head_dim: int, dtype: torch.dtype,
                  device: str) -> float:
     """The memory one forward + backward needs beyond its inputs (MB): on CUDA the allocator's peak; on a CPU the
     growth of the process's peak resident memory, reset just before (on Linux; elsewhere, run this in a fresh
@@ -94,8 +93,6 @@ def _peak_memory(kind: str, seq_len: int, window: int, heads: int, head_dim: int
     attend = _attend(kind, window)
     if kind == "window" and window < seq_len:
         # The shape's mask is built once and cached, as in a model: build it before measuring.
-        from formerkit.nn.masks import CausalMask, SlidingWindowMask, prepare_blocked_mask
-
         prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), seq_len, window, device=device)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -110,10 +107,10 @@ def _peak_memory(kind: str, seq_len: int, window: int, heads: int, head_dim: int
 
 def _peak_in_fresh_process(kind: str, seq_len: int, window: int, heads: int, head_dim: int, dtype: torch.dtype,
                            device: str) -> float:
-    """``_peak_memory`` in a process of its own, so what earlier measurements left in the allocator (freed memory
+    """``peak_memory`` in a process of its own, so what earlier measurements left in the allocator (freed memory
     a process keeps) cannot hide or inflate this one."""
-    code = ("import json, torch; from formerkit.bench.attention import _peak_memory; "
-            f"print(json.dumps(_peak_memory({kind!r}, {seq_len}, {window}, {heads}, {head_dim}, "
+    code = ("import json, torch; from formerkit.bench.attention import peak_memory; "
+            f"print(json.dumps(peak_memory({kind!r}, {seq_len}, {window}, {heads}, {head_dim}, "
             f"torch.{str(dtype).split('.')[-1]}, {device!r})))")
     return float(in_fresh_process(code, f"the memory of {kind} attention at {seq_len} tokens"))
 

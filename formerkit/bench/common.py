@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from formerkit.errors import InputError
+
 PRECISIONS = ("fp32", "bf16-autocast")
 
 
@@ -30,8 +32,6 @@ def record(bench: str, library: str, precision: str, metric: str, value: float, 
 
 def check_choices(bench: str, libraries, known_libraries, precisions, counts: dict[str, int]) -> None:
     """Refuses unknown libraries or precisions and counts (rounds...) that are not integers >= 1."""
-    from formerkit.errors import InputError
-
     unknown = [name for name in libraries if name not in known_libraries]
     if unknown:
         raise InputError(f"bench {bench}: unknown libraries {unknown}; expected some of {list(known_libraries)}")

@@ -42,7 +42,12 @@ from formerkit.bench.common import (
     train_step,
     training_memory,
 )
+from formerkit.bench.nanogpt import NanoGPT
 from formerkit.errors import InputError
+from formerkit.models.registry import create_model, model_config
+from formerkit.summary import summarize
+from formerkit.train.config import OptimConfig
+from formerkit.train.trainer import build_optimizer
 
 __all__ = ["LIBRARIES", "LMSpec", "lm_benchmark"]
 
@@ -95,10 +100,6 @@ class _Contender:
 
 
 def _formerkit(spec: LMSpec, decode_compile: bool) -> _Contender:
-    from formerkit.models.registry import create_model
-    from formerkit.train.config import OptimConfig
-    from formerkit.train.trainer import build_optimizer
-
     model = create_model("gpt2", **spec.gpt2_overrides)
     return _Contender("formerkit", model, lambda m: build_optimizer(m, OptimConfig()),
                       lambda prompt, n: model.generate(prompt, n, temperature=0, compile=decode_compile))
@@ -142,8 +143,6 @@ def _x_transformers(spec: LMSpec) -> _Contender:
 
 
 def _nanogpt(spec: LMSpec) -> _Contender:
-    from formerkit.bench.nanogpt import NanoGPT
-
     model = NanoGPT(vocab_size=spec.vocab, context=spec.context, width=spec.width, layers=spec.layers,
                     heads=spec.heads)
     return _Contender("nanogpt", model, lambda m: torch.optim.AdamW(m.parameters()), model.generate)
@@ -176,7 +175,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch
     train_step(model, optimizer, batch[:, :-1], batch[:, 1:], precision)
 
 
-def _memory_child(library: str, spec: dict, precision: str, steps: int) -> float:
+def memory_child(library: str, spec: dict, precision: str, steps: int) -> float:
     """In a fresh process: the peak resident memory (MB) that building the model and ``steps`` training steps add
     to what the imports hold."""
     lm_spec = LMSpec(**spec)
@@ -199,8 +198,8 @@ def _memory_child(library: str, spec: dict, precision: str, steps: int) -> float
 
 
 def _peak_memory(library: str, spec: LMSpec, precision: str, steps: int = 2) -> float:
-    code = ("import json; from formerkit.bench.lm import _memory_child; "
-            f"print(json.dumps(_memory_child({library!r}, {json.dumps(asdict(spec))}, {precision!r}, {steps})))")
+    code = ("import json; from formerkit.bench.lm import memory_child; "
+            f"print(json.dumps(memory_child({library!r}, {json.dumps(asdict(spec))}, {precision!r}, {steps})))")
     return float(in_fresh_process(code, f"the memory of {library} ({precision})"))
 
 
@@ -269,9 +268,6 @@ def lm_benchmark(spec: LMSpec = LMSpec(), *, libraries=LIBRARIES, precisions=PRE
 
 
 def _forward_flops_per_token(spec: LMSpec) -> float:
-    from formerkit.models.registry import model_config
-    from formerkit.summary import summarize
-
     config = model_config("gpt2", **spec.gpt2_overrides)
     return summarize(config, batch=1, seq_len=spec.context).flops_per_unit
 

@@ -40,6 +40,9 @@ from formerkit.bench.common import (
     training_memory,
 )
 from formerkit.errors import InputError
+from formerkit.models.registry import create_model
+from formerkit.train.config import OptimConfig
+from formerkit.train.trainer import build_optimizer
 
 __all__ = ["LIBRARIES", "VisionSpec", "default_specs", "vision_benchmark"]
 
@@ -86,8 +89,6 @@ def default_specs() -> list[VisionSpec]:
 
 
 def _formerkit(spec: VisionSpec) -> nn.Module:
-    from formerkit.models.registry import create_model
-
     common = {"width": spec.width, "num_layers": spec.layers, "num_heads": spec.heads, "num_classes": spec.classes,
               "drop_path": 0.0, "dropout": 0.0, "attention.dropout": 0.0, "feedforward.ratio": spec.mlp_ratio}
     if spec.kind == "cct":
@@ -152,9 +153,6 @@ def _build(library: str, spec: VisionSpec) -> nn.Module | None:
 
 def _optimizer(library: str, model: nn.Module) -> torch.optim.Optimizer:
     if library == "formerkit":
-        from formerkit.train.config import OptimConfig
-        from formerkit.train.trainer import build_optimizer
-
         return build_optimizer(model, OptimConfig())
     return torch.optim.AdamW(model.parameters())
 
@@ -165,7 +163,7 @@ def _batch(spec: VisionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.randint(0, spec.classes, (spec.batch,), generator=generator)
 
 
-def _memory_child(library: str, spec: dict, precision: str, steps: int) -> float:
+def memory_child(library: str, spec: dict, precision: str, steps: int) -> float:
     """In a fresh process: the peak resident memory (MB) that building the model and ``steps`` training steps add
     to what the imports hold."""
     vision_spec = VisionSpec(**spec)
@@ -189,8 +187,8 @@ def _memory_child(library: str, spec: dict, precision: str, steps: int) -> float
 
 
 def _peak_memory(library: str, spec: VisionSpec, precision: str, steps: int = 2) -> float:
-    code = ("import json; from formerkit.bench.vision import _memory_child; "
-            f"print(json.dumps(_memory_child({library!r}, {json.dumps(asdict(spec))}, {precision!r}, {steps})))")
+    code = ("import json; from formerkit.bench.vision import memory_child; "
+            f"print(json.dumps(memory_child({library!r}, {json.dumps(asdict(spec))}, {precision!r}, {steps})))")
     return float(in_fresh_process(code, f"the memory of {library} ({spec.name}, {precision})"))
 
 

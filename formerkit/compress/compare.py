@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
+from formerkit.checkpoint import WEIGHTS_FILE, read_document
+from formerkit.data import build_data
 from formerkit.errors import InputError
+from formerkit.runs import load_run_model, model_dir
+from formerkit.summary import count_parameters
+from formerkit.train.objectives import make_objective
+from formerkit.train.trainer import evaluate_split
 
 __all__ = ["Variant", "compare", "pareto_front", "write_comparison"]
 
@@ -39,9 +45,7 @@ class Variant:
 
 def _weights_megabytes(directory: Path) -> float:
     """The size on disk (MB) of the weights file config.json names."""
-    from formerkit.checkpoint import WEIGHTS_FILE, _read_document
-
-    return (directory / _read_document(directory).get("weights", {}).get("file", WEIGHTS_FILE)).stat().st_size / 1e6
+    return (directory / read_document(directory).get("weights", {}).get("file", WEIGHTS_FILE)).stat().st_size / 1e6
 
 
 def _label(target: Path) -> str:
@@ -78,12 +82,6 @@ def compare(targets: list[str | Path], *, names: list[str] | None = None, split:
     ``b`` examples for each ``b`` in ``batch_sizes``, with the variants timed in turn ``repeats`` times after
     ``warmup`` passes each, under ``torch.inference_mode`` on the CPU with torch's current thread count.
     """
-    from formerkit.data import build_data
-    from formerkit.summary import count_parameters
-    from formerkit.train.evaluate import _model_dir, load_run_model
-    from formerkit.train.objectives import make_objective
-    from formerkit.train.trainer import _evaluate
-
     if not targets:
         raise InputError("compare: give at least one run or model directory")
     if names is not None and len(names) != len(targets):
@@ -92,7 +90,7 @@ def compare(targets: list[str | Path], *, names: list[str] | None = None, split:
         raise InputError(f"compare: batch sizes must be positive integers, got {list(batch_sizes)}")
     if repeats < 1 or warmup < 0:
         raise InputError(f"compare: repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    directories = [_model_dir(target) for target in targets]  # a clear error for a directory that is neither
+    directories = [model_dir(target) for target in targets]  # a clear error for a directory that is neither
     loaded = [load_run_model(directory) for directory in directories]
     first_recipe = loaded[0][1]
     for directory, (_, recipe, _) in zip(directories[1:], loaded[1:]):
@@ -114,7 +112,7 @@ def compare(targets: list[str | Path], *, names: list[str] | None = None, split:
 
     variants = []
     for index, (directory, (model, recipe, _)) in enumerate(zip(directories, loaded)):
-        metrics = _evaluate(objective, model, bundle, split, recipe, torch.no_grad)
+        metrics = evaluate_split(objective, model, bundle, split, recipe, torch.no_grad)
         if metric not in metrics:
             raise InputError(f"compare: {directory} gives no {metric!r} (got {sorted(metrics)})")
         quantization = getattr(model, "quantization", None)  # the record checkpoint.load restored, if any

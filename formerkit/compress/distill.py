@@ -33,9 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from formerkit.compress.quantize import is_quantized
+from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InputError
+from formerkit.models.registry import list_models
+from formerkit.nn.int8 import is_quantized
+from formerkit.runs import load_run_model
+from formerkit.train.config import TrainConfig, list_recipes, load_recipe
 from formerkit.train.objectives import CausalLM, Objective
+from formerkit.train.trainer import train
 
 __all__ = ["Distillation", "distill_run", "distillation_loss", "mix_images"]
 
@@ -211,10 +216,6 @@ def _student_recipe(student: str, teacher_recipe, overrides: dict[str, Any]):
     model YAML file: the teacher's recipe with that model."""
     import yaml
 
-    from formerkit.config import ModelConfig
-    from formerkit.models.registry import list_models
-    from formerkit.train.config import TrainConfig, list_recipes, load_recipe
-
     path = Path(student)
     if student in list_recipes():
         recipe = load_recipe(student)
@@ -258,9 +259,6 @@ def distill_run(teacher: str | Path, student: str, out: str | Path, *, overrides
                 resume: bool = False, console=None):
     """Trains ``student`` (a recipe, a preset, or a model YAML) into the run directory ``out`` with the teacher run's
     outputs in the loss (see ``Distillation``). Returns the trainer's ``TrainResult``."""
-    from formerkit.train.evaluate import load_run_model
-    from formerkit.train.trainer import train
-
     _check_settings(temperature, alpha, hidden_weight, mixup)
     model, teacher_recipe, _ = load_run_model(teacher)
     if is_quantized(model):

@@ -31,8 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from formerkit.compress.quantize import is_quantized
+from formerkit.checkpoint import save
+from formerkit.data import build_data
 from formerkit.errors import ConfigError, InputError
+from formerkit.models.transformer import build_model
+from formerkit.nn.int8 import is_quantized
+from formerkit.runs import load_run_model, model_dir
+from formerkit.train.config import TrainConfig
+from formerkit.train.objectives import make_objective
+from formerkit.train.trainer import train_stage
 
 __all__ = ["SCORES", "prune", "prune_run", "structure_scores"]
 
@@ -156,8 +163,6 @@ def prune(model: nn.Module, *, heads: float = 0.0, ffn: float = 0.0, layers: int
           scores: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A pruned copy of ``model`` (left unchanged) and a record of what was removed. ``scores`` come from
     ``structure_scores`` (magnitude scores by default)."""
-    from formerkit.models.transformer import build_model
-
     if is_quantized(model):
         raise InputError("prune: the model is quantized; prune the float model, then quantize")
     _check_ratio("heads", heads)
@@ -247,19 +252,13 @@ def prune_run(target: str | Path, out: str | Path, *, heads: float = 0.0, ffn: f
     """Prunes the model of a run (or a model directory a run saved) into ``out``: a model directory, or with
     ``finetune_steps`` a run directory whose model is the pruned one fine-tuned with the run's recipe (the pruned
     model before fine-tuning is kept in ``out/pruned``). Returns ``out``."""
-    from formerkit.checkpoint import save
-    from formerkit.data import build_data
-    from formerkit.train.config import TrainConfig
-    from formerkit.train.evaluate import _model_dir, load_run_model
-    from formerkit.train.objectives import make_objective
-
     _check_ratio("heads", heads)
     _check_ratio("ffn", ffn)
     if score not in SCORES:
         raise InputError(f"prune: --score must be one of {', '.join(SCORES)}, got {score!r}")
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise InputError(f"prune: --finetune-steps must be an integer >= 0, got {finetune_steps!r}")
-    directory = _model_dir(target)
+    directory = model_dir(target)
     model, recipe, extra = load_run_model(directory)
     if is_quantized(model):
         raise InputError(f"prune: {directory} is quantized; prune the float run, then quantize")
@@ -287,8 +286,6 @@ def prune_run(target: str | Path, out: str | Path, *, heads: float = 0.0, ffn: f
         shutil.copyfile(tokenizer, target_dir / "tokenizer.json")
     if not finetune_steps:
         return out
-    from formerkit.train.trainer import train_stage
-
     schedule = recipe.schedule
     every = max(1, min(recipe.eval.every, finetune_steps))
     tuned = pruned_recipe.with_overrides({

@@ -3,7 +3,11 @@ user's own files. ``build_data(config)`` turns a recipe's data section into a Da
 
 from __future__ import annotations
 
+from formerkit.data import files
 from formerkit.data.base import ArraySplit, DataBundle, DataError, TokenSplit, step_generator
+from formerkit.data.images import digits_bundle
+from formerkit.data.synthetic import synthetic_bundle
+from formerkit.data.text import stdlib_bundle
 from formerkit.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, save_tokenizer
 
 __all__ = [
@@ -27,17 +31,9 @@ def build_data(config) -> DataBundle:
     """Loads the data a recipe's ``data`` section describes. Raises DataError before any training on bad input."""
     source = config.source
     if source == "stdlib":
-        from formerkit.data.text import stdlib_bundle
-
         return stdlib_bundle(config)
     if source == "digits":
-        from formerkit.data.images import digits_bundle
-
         return digits_bundle(config)
     if source == "synthetic":
-        from formerkit.data.synthetic import synthetic_bundle
-
         return synthetic_bundle(config, SYNTHETIC_DATA_SEED)
-    from formerkit.data import files
-
     return files.build(config)

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 from formerkit.data.base import ArraySplit, DataBundle, DataError
+from formerkit.data.images import image_bundle
+from formerkit.data.text import build_text_bundle
 
 __all__ = ["DEMO_SERIES", "IMAGE_SUFFIXES", "TEXT_SUFFIXES", "build", "demo_series_csv", "write_demo_series_csv"]
 
@@ -74,8 +76,6 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def text_bundle(config) -> DataBundle:
-    from formerkit.data.text import build_text_bundle
-
     path = _existing_path(config)
     if path.is_dir():
         # Hidden folders (.git, .venv, ...) are skipped: they hold tooling, not the user's corpus.
@@ -128,8 +128,6 @@ def split_single_text(data: bytes, valid_fraction: float) -> list[bytes]:
 
 
 def jsonl_bundle(config) -> DataBundle:
-    from formerkit.data.text import build_text_bundle
-
     path = _existing_path(config)
     if not path.is_file():
         raise DataError(f"data.path {str(path)!r}: expected a JSON-lines file, found a folder (data.source='jsonl')")
@@ -169,8 +167,6 @@ def image_folder_bundle(config) -> DataBundle:
 
     Images become grayscale (1 channel) when every image is grayscale, RGB (3 channels) otherwise; alpha is dropped.
     """
-    from formerkit.data.images import image_bundle
-
     try:
         from PIL import Image
     except ImportError as error:

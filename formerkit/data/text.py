@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from formerkit.data import tokenizers
 from formerkit.data.base import DataBundle, DataError, TokenSplit
+from formerkit.data.packing import PackedSplit, pack_documents
 from formerkit.data.tokenizers import ByteTokenizer, Tokenizer
 
 __all__ = ["build_text_bundle", "stdlib_files"]
@@ -93,8 +95,6 @@ def _packed_bundle(tokenizer: Tokenizer, train_docs: list[bytes], valid_docs: li
                    source: str) -> DataBundle:
     """data.pack: each split's documents packed into rows of seq_len + 1 tokens (the model reads the first seq_len,
     the last is only predicted, as in a TokenSplit window)."""
-    from formerkit.data.packing import PackedSplit, pack_documents
-
     row_len = config.seq_len + 1
     train_tokens = _encode_each(tokenizer, train_docs)
     if max(len(tokens) for tokens in train_tokens) < 2:
@@ -121,8 +121,6 @@ def _packed_bundle(tokenizer: Tokenizer, train_docs: list[bytes], valid_docs: li
 def make_tokenizer(config, train_documents: list[bytes]) -> Tokenizer:
     if config.tokenizer == "byte":
         return ByteTokenizer()
-    from formerkit.data import tokenizers
-
     factory = {"char": "CharTokenizer", "bpe": "BPETokenizer"}[config.tokenizer]
     if not hasattr(tokenizers, factory):
         raise DataError(f"data.tokenizer {config.tokenizer!r} is not available in this build")

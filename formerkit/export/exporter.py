@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from formerkit.checkpoint import load, load_extra
 from formerkit.errors import ExportError
+from formerkit.runs import model_dir
 
 __all__ = ["FORMATS", "export", "export_run"]
 
@@ -190,21 +192,13 @@ def _describe(config) -> str:
     return ", ".join(parts)
 
 
-def _model_dir(target: Path) -> Path:
-    from formerkit.train.evaluate import _model_dir as resolve
-
-    return resolve(target)
-
-
 def export_run(target: str | Path, format: str = "onnx", out: str | Path | None = None) -> tuple[Path, Path]:
     """Exports the model of a run directory (or a model directory) and writes a JSON sidecar beside the file with
     its interface and the run's preprocessing (image normalization, tokenizer path), so it runs without formerkit.
     The file goes next to the model directory by default (``runs/x/model.onnx``). Returns (file, sidecar)."""
-    from formerkit.checkpoint import load, load_extra
-
     if format not in FORMATS:
         raise ExportError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
-    directory = _model_dir(Path(target))
+    directory = model_dir(target)
     model = load(directory).eval()
     path = Path(out) if out is not None else directory.with_name(directory.name + _SUFFIX[format])
     info = export(model, path, format)

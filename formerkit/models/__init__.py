@@ -1,6 +1,7 @@
 """Assemblies: the Transformer built from parts, early exit through its layers, the masked-autoencoder pretraining
 wrapper, and the preset registry."""
 
+from formerkit.models import presets  # noqa: F401  (registers the built-in presets)
 from formerkit.models.early_exit import EarlyExit, early_exit
 from formerkit.models.mae import MAEOutput, MaskedAutoencoder, finetune_model
 from formerkit.models.registry import create_model, get_preset, list_models, model_config, register_model

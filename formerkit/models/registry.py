@@ -1,4 +1,8 @@
-"""Named presets: a preset is a name, a one-line description and a function returning a ModelConfig."""
+"""Named presets: a preset is a name, a one-line description and a function returning a ModelConfig.
+
+The registry knows no preset: ``formerkit.models.presets`` registers the built-in ones, and importing
+``formerkit.models`` (which Python does before any of its modules) imports it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError
+from formerkit.models.transformer import build_model
 
 __all__ = ["Preset", "create_model", "get_preset", "list_models", "model_config", "register_model"]
 
@@ -37,12 +42,10 @@ def register_model(name: str, description: str):
 
 def list_models() -> list[str]:
     """The registered preset names, sorted."""
-    _load_presets()
     return sorted(_PRESETS)
 
 
 def get_preset(name: str) -> Preset:
-    _load_presets()
     if name not in _PRESETS:
         close = difflib.get_close_matches(name, list(_PRESETS), n=1, cutoff=0.4)
         raise ConfigError("preset", name, "a registered preset name (formerkit.list_models())",
@@ -58,10 +61,4 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
 
 def create_model(name: str, **overrides: Any):
     """Builds a preset, e.g. ``create_model("vit_tiny_patch16_224", num_classes=10, image_size=32)``."""
-    from formerkit.models.transformer import build_model
-
     return build_model(model_config(name, **overrides))
-
-
-def _load_presets() -> None:
-    import formerkit.models.presets  # noqa: F401  (registers the built-in presets)

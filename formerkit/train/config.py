@@ -157,7 +157,7 @@ class ObjectiveConfig(ConfigSection):
     # mae: predict each patch's pixels normalized by that patch's mean and variance (the MAE paper's default, made
     # for 16x16 patches); turn it off for tiny patches, whose few pixels make a noisy variance.
     norm_pix_loss: bool = True
-    # classification: deep supervision for early exit (formerkit.nn.early_exit): add this weight times the mean
+    # classification: deep supervision for early exit (formerkit.models.early_exit): add this weight times the mean
     # cross-entropy of the exits after every layer but the last (each is the final norm and the head, shared with the
     # last layer, on that layer's state). 0 = off.
     exit_loss_weight: float = 0.0

@@ -15,6 +15,9 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from formerkit.models.transformer import build_model
+from formerkit.nn.block import TransformerBlock
+
 __all__ = ["Distributed", "setup"]
 
 
@@ -108,8 +111,6 @@ class Distributed:
             return module
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from formerkit.models.transformer import build_model
-
         full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return module
@@ -126,8 +127,6 @@ class Distributed:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    from formerkit.nn.block import TransformerBlock
-
     return [module for module in model.modules() if isinstance(module, TransformerBlock)]
 
 

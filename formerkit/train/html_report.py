@@ -17,8 +17,13 @@ from typing import Any
 
 import torch
 
-from formerkit.errors import CheckpointError
-from formerkit.inspection import inspect_example, inspect_text
+from formerkit.data import build_data
+from formerkit.data.images import denormalize_images
+from formerkit.errors import CheckpointError, FormerkitError
+from formerkit.inspection import inspect_example, inspect_text, plot_inspection
+from formerkit.runs import generate_text, load_run_model, load_run_tokenizer
+from formerkit.summary import summarize
+from formerkit.train.report import plot_run
 
 __all__ = ["confusion_matrix", "write_report"]
 
@@ -65,8 +70,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
     import matplotlib
 
     matplotlib.use("Agg")
-    from formerkit.train.evaluate import load_run_model
-    from formerkit.train.report import plot_run
 
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
@@ -76,8 +79,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
     model, recipe, extra = load_run_model(run_dir)
     parts = [_section("summary", "Summary", _table([(k.replace("_", " "), v) for k, v in summary.items()
                                                     if not isinstance(v, (dict, list))]))]
-    from formerkit.summary import summarize
-
     parts.append(_section("model", "Model", f"<pre>{html.escape(str(summarize(model)))}</pre>"
                           f"<pre>{html.escape(json.dumps(model.config.to_dict(), indent=1))}</pre>"))
     curves = plot_run(run_dir)
@@ -85,15 +86,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
                           "<p>No training records.</p>"))
     kind = recipe.objective.kind
     if kind == "classification":
-        from formerkit.data import build_data
-
         bundle = build_data(recipe.data)
         section, split = _classification(model, bundle)
         parts.append(section)
         attention = _attention_maps(lambda: inspect_example(model, bundle, split, 0))
     elif kind == "causal_lm":
-        from formerkit.train.evaluate import load_run_tokenizer
-
         tokenizer = load_run_tokenizer(run_dir)
         section, greedy = _samples(model, tokenizer, samples)
         parts.append(section)
@@ -123,8 +120,6 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: i
 def _classification(model, bundle) -> tuple[str, str | None]:
     """The held-out confusion matrix and hardest examples, and the name of the split they come from."""
     import matplotlib.pyplot as plt
-
-    from formerkit.data.images import denormalize_images
 
     name = "test" if bundle.test is not None else "valid" if bundle.valid is not None else None
     split = bundle.split(name) if name is not None else None
@@ -180,8 +175,6 @@ def _classification(model, bundle) -> tuple[str, str | None]:
 
 def _samples(model, tokenizer, length: int) -> tuple[str, str]:
     """Samples from a start of line at a few temperatures (seeded); returns the section and the greedy text."""
-    from formerkit.train.evaluate import generate_text
-
     blocks, greedy = [], ""
     start = tokenizer.encode("\n")[:1]
     for temperature in (0.0, 0.8, 1.2):
@@ -195,9 +188,6 @@ def _samples(model, tokenizer, length: int) -> tuple[str, str]:
 
 def _attention_maps(inspect) -> str:
     """The PNGs of ``inspect()``'s inspection, embedded; a note where the model's input cannot be inspected."""
-    from formerkit.errors import FormerkitError
-    from formerkit.inspection import plot_inspection
-
     try:
         inspection = inspect()
     except FormerkitError as error:  # e.g. a classifier of non-image inputs

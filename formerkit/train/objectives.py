@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from formerkit.data.base import step_generator
 from formerkit.errors import ConfigError
+from formerkit.models.early_exit import exit_logits
+from formerkit.models.mae import MaskedAutoencoder
+from formerkit.nn.masks import DocumentMask
+from formerkit.nn.moe import MoEFeedForward
 
 __all__ = ["ExpertUsage", "Objective", "make_objective"]
 
@@ -68,8 +73,6 @@ class ExpertUsage:
 def _has_experts(model: nn.Module, known: weakref.WeakKeyDictionary) -> bool:
     """Whether ``model`` (or the formerkit model inside a DDP/FSDP wrapper) has mixture-of-experts layers."""
     if model not in known:
-        from formerkit.nn.moe import MoEFeedForward
-
         known[model] = any(isinstance(module, MoEFeedForward) for module in model.modules())
     return known[model]
 
@@ -158,8 +161,6 @@ def _packed_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The model's keyword arguments for packed rows (see formerkit.data.packing), inputs being ``tokens[:, :-1]``:
     a token attends only to its own document, at its position within the document; padding (document -1) is also
     left out of mixture-of-experts routing through ``attention_mask``."""
-    from formerkit.nn.masks import DocumentMask
-
     ids = batch["document_ids"][:, :-1]
     return {"mask": DocumentMask(ids), "position_ids": batch["position_ids"][:, :-1], "attention_mask": ids >= 0}
 
@@ -264,8 +265,6 @@ class MaskedLM(Objective):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        from formerkit.data.base import step_generator
-
         generator = step_generator(0, 7)  # the same corruption every evaluation
         total, correct, count, usage = 0.0, 0, 0, ExpertUsage()
         for batch in batches:
@@ -298,8 +297,6 @@ class Classification(Objective):
         """Deep supervision for early exit (objective.exit_loss_weight): the final loss plus the weight times the
         mean loss of the exits after every earlier layer, each the model's final norm and head on that layer's state
         (formerkit.models.early_exit.exit_logits), so the shared head learns to read every depth."""
-        from formerkit.models.early_exit import exit_logits
-
         output = model(batch["inputs"], output_hidden_states=True)
         if self.has_experts(model) and self.training_usage is not None:
             self.training_usage.add(output)
@@ -414,8 +411,6 @@ class MaskedImageModeling(Objective):
                               hint="the distillation token learns from a teacher: add it when distilling")
 
     def wrap_model(self, model):
-        from formerkit.models.mae import MaskedAutoencoder
-
         config = self.config
         return MaskedAutoencoder(model, decoder_width=config.decoder_width, decoder_layers=config.decoder_layers,
                                  decoder_heads=config.decoder_heads, mask_ratio=config.mask_ratio,
@@ -429,8 +424,6 @@ class MaskedImageModeling(Objective):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        from formerkit.data.base import step_generator
-
         generator = step_generator(0, 8)  # the same masks every evaluation
         total, count = 0.0, 0
         for batch in batches:

@@ -20,15 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from formerkit.checkpoint import load, save
 from formerkit.data import DataBundle, build_data, save_tokenizer
 from formerkit.data.base import step_generator
 from formerkit.errors import FormerkitError
+from formerkit.models.transformer import Transformer, TransformerStack, build_model
 from formerkit.train import distributed
 from formerkit.train.config import TrainConfig, load_recipe
 from formerkit.train.objectives import ExpertUsage, Objective, make_objective
+from formerkit.train.report import plot_run, print_summary
 from formerkit.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["RunError", "TrainResult", "build_optimizer", "layer_ids", "lr_factor", "resolve_precision", "train"]
+__all__ = ["RunError", "TrainResult", "build_optimizer", "evaluate_split", "layer_ids", "lr_factor",
+           "resolve_precision", "train", "train_stage"]
 
 
 class RunError(FormerkitError):
@@ -60,8 +64,6 @@ def layer_ids(model: nn.Module) -> tuple[dict[int, int], int]:
     The final norms, the head and every parameter outside a Transformer (an MAE decoder) are the top layer, L + 1.
     A parameter reached at several layers (a head tied to the token embedding) takes the highest one.
     """
-    from formerkit.models.transformer import Transformer, TransformerStack
-
     cores = [module for module in model.modules() if isinstance(module, Transformer)]
     stacks = [[child for child in core.children() if isinstance(child, TransformerStack)] for core in cores]
     top = 1 + max((sum(len(stack.blocks) for stack in core_stacks) for core_stacks in stacks), default=0)
@@ -223,8 +225,10 @@ def _training_usage(objective: Objective, dist) -> dict[str, float]:
     return usage.metrics()
 
 
-def _evaluate(objective: Objective, model: nn.Module, bundle: DataBundle, split: str, config: TrainConfig,
-              autocast) -> dict[str, float]:
+def evaluate_split(objective: Objective, model: nn.Module, bundle: DataBundle, split: str, config: TrainConfig,
+                   autocast) -> dict[str, float]:
+    """The objective's metrics of ``model`` on a split of ``bundle`` (``config.eval``'s batches), named
+    ``<split>_<metric>``; ``autocast`` is the context the passes run in (e.g. ``torch.no_grad``)."""
     data = bundle.split(split)
     was_training = model.training
     model.eval()
@@ -237,8 +241,6 @@ def _evaluate(objective: Objective, model: nn.Module, bundle: DataBundle, split:
 def _load_previous_stage(model: nn.Module, previous: Path, keep_head: bool = False) -> list[str]:
     """Initializes ``model`` from the previous stage's saved model: every tensor with the same name and shape except
     the head (a new task's head starts fresh) unless ``keep_head``. Returns the names copied."""
-    from formerkit.checkpoint import load
-
     source = load(previous).state_dict()
     target = model.state_dict()
     copied = [name for name, tensor in source.items()
@@ -278,10 +280,6 @@ def train(recipe: TrainConfig | str | Path, out_dir: str | Path, *, resume: bool
 def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, console=None,
                 initialize_from: Path | None = None, previous: dict[str, Any] | None = None,
                 wrap_objective=None, initialize_head: bool = False) -> TrainResult:
-    from formerkit.checkpoint import save
-    from formerkit.models.transformer import build_model
-    from formerkit.train.report import plot_run, print_summary
-
     dist = distributed.setup(config.run.strategy)
     if dist.sharded and config.optim.ema_decay is not None:  # distributed: AveragedModel cannot copy FSDP shards
         dist.teardown()
@@ -292,8 +290,6 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     if (run_dir / "summary.json").exists() and resume:
         summary = json.loads((run_dir / "summary.json").read_text())
         if summary.get("status") == "completed":
-            from formerkit.checkpoint import load
-
             return TrainResult(run_dir, summary, load(run_dir / "model"))
     if dist.is_main and not resume:
         _prepare_run_dir(run_dir, config)
@@ -423,7 +419,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
 
             should_stop = False
             if eval_split and (step % config.eval.every == 0 or step == schedule.steps):
-                metrics = _evaluate(objective, eval_model(), bundle, eval_split, config, autocast)
+                metrics = evaluate_split(objective, eval_model(), bundle, eval_split, config, autocast)
                 log.write({"step": step, "kind": "eval", **metrics,
                            "elapsed": elapsed_before + time.perf_counter() - started})
                 progress.note(step, metrics)
@@ -460,7 +456,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     if status != "interrupted":
         for split in ("valid", "test"):
             if getattr(bundle, split) is not None:
-                summary.update(_evaluate(objective, final_model, bundle, split, config, autocast))
+                summary.update(evaluate_split(objective, final_model, bundle, split, config, autocast))
     if previous is not None:
         summary["previous_stage"] = previous
     core = dist.full_model(core, trained)  # distributed: FSDP gathers the weights (every rank), rank 0 saves them

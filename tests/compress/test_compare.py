@@ -12,7 +12,7 @@ from formerkit.checkpoint import load, save
 from formerkit.cli import main
 from formerkit.compress.compare import Variant, compare, pareto_front
 from formerkit.errors import FormerkitError
-from formerkit.train.evaluate import evaluate_run, load_run_model
+from formerkit.runs import evaluate_run, load_run_model
 
 
 def _variant(name, value, latency, megabytes):

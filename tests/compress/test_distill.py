@@ -13,7 +13,7 @@ from formerkit.cli import main
 from formerkit.compress.distill import Distillation, distillation_loss, mix_images
 from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
-from formerkit.train.evaluate import evaluate_run, load_run_model
+from formerkit.runs import evaluate_run, load_run_model
 
 from .conftest import TINY_CLASSIFIER
 

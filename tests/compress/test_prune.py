@@ -15,8 +15,8 @@ from formerkit.cli import main
 from formerkit.compress.prune import prune, structure_scores
 from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
+from formerkit.runs import evaluate_run
 from formerkit.summary import count_parameters
-from formerkit.train.evaluate import evaluate_run
 
 
 def _model(randomize, arch: str = "encoder", **overrides) -> torch.nn.Module:
@@ -136,7 +136,7 @@ def test_pruned_models_save_load_and_their_config_matches_their_weights(randomiz
 
 def test_taylor_scores_equal_weight_times_gradient_by_hand(tiny_classifier_run):
     from formerkit.data import build_data
-    from formerkit.train.evaluate import load_run_model
+    from formerkit.runs import load_run_model
     from formerkit.train.objectives import make_objective
 
     model, recipe, _ = load_run_model(tiny_classifier_run)

@@ -11,10 +11,11 @@ import torch
 import formerkit
 from formerkit.checkpoint import load, save
 from formerkit.cli import main
-from formerkit.compress.quantize import Int8WeightLinear, is_quantized, quantize
+from formerkit.compress.quantize import quantize
 from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
-from formerkit.train.evaluate import evaluate_run
+from formerkit.nn.int8 import Int8WeightLinear, is_quantized
+from formerkit.runs import evaluate_run
 
 
 def _model(kind: str, randomize) -> torch.nn.Module:
@@ -146,7 +147,7 @@ def test_cli_quantize_gives_a_model_directory_eval_and_compare_accept(tiny_class
     metrics = evaluate_run(out, ["test"])
     with torch.no_grad():
         from formerkit.data import build_data
-        from formerkit.train.evaluate import load_run_model
+        from formerkit.runs import load_run_model
 
         _, recipe, _ = load_run_model(tiny_classifier_run)
         test = build_data(recipe.data).test

@@ -13,9 +13,9 @@ import formerkit
 from formerkit import ConfigError, InputError
 from formerkit.cli import main
 from formerkit.models.early_exit import early_exit, exit_logits
+from formerkit.runs import evaluate_run
 from formerkit.train import train
 from formerkit.train.config import ObjectiveConfig, TrainConfig
-from formerkit.train.evaluate import evaluate_run
 from formerkit.train.objectives import Classification
 
 

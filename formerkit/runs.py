@@ -1,4 +1,9 @@
-"""Using a finished run: metrics on its held-out data, and text sampled from language models."""
+"""The run-directory API: a finished run (or a model directory a run saved) resolved, its model, recipe and tokenizer
+loaded, its metrics on its held-out data, and text sampled from language models.
+
+The tools that take a run (serve, export, compare, prune, quantize, distill, inspection, the HTML report) go through
+this module, so where a run keeps its model is known in one place.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from formerkit.checkpoint import load, load_extra
+from formerkit.data import build_data, load_tokenizer
 from formerkit.errors import CheckpointError, InputError
+from formerkit.models.early_exit import check_exit_model, check_threshold, early_exit
+from formerkit.nn.tome import TokenMerging
+from formerkit.train.config import TrainConfig
+from formerkit.train.objectives import make_objective
+from formerkit.train.trainer import evaluate_split
 
-__all__ = ["evaluate_run", "generate_run", "generate_text", "load_run_model", "load_run_tokenizer", "sample_run"]
+__all__ = ["evaluate_run", "generate_run", "generate_text", "load_run_model", "load_run_tokenizer", "model_dir",
+           "sample_run"]
 
 
-def _model_dir(target: str | Path) -> Path:
+def model_dir(target: str | Path) -> Path:
+    """The model directory of ``target``: a run directory's ``model/``, or ``target`` itself when it is a saved
+    model."""
     target = Path(target)
     if (target / "model" / "config.json").exists():
         return target / "model"
@@ -26,10 +41,7 @@ def _model_dir(target: str | Path) -> Path:
 
 def load_run_model(target: str | Path):
     """(model, recipe TrainConfig, extra) of a run directory or of a model directory a run saved."""
-    from formerkit.checkpoint import load, load_extra
-    from formerkit.train.config import TrainConfig
-
-    directory = _model_dir(target)
+    directory = model_dir(target)
     extra = load_extra(directory)
     if "recipe" not in extra:
         raise CheckpointError(f"{directory}: this model was not saved by a training run, so its data is unknown")
@@ -42,9 +54,6 @@ class _AdaptiveClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, merge_tokens, exit_threshold: float | None):
         super().__init__()
-        from formerkit.models.early_exit import check_exit_model, check_threshold
-        from formerkit.nn.tome import TokenMerging
-
         if merge_tokens is not None:
             TokenMerging(model.config, merge_tokens)  # checks the model and the count before any data is read
         else:
@@ -57,8 +66,6 @@ class _AdaptiveClassifier(nn.Module):
     def forward(self, inputs: Tensor) -> Tensor:
         if self.exit_threshold is None:
             return self.model(inputs, merge_tokens=self.merge_tokens)
-        from formerkit.models.early_exit import early_exit
-
         logits, layers_used = early_exit(self.model, inputs, self.exit_threshold)
         self.layers_used += int(layers_used.sum())
         self.samples += len(layers_used)
@@ -72,10 +79,6 @@ def evaluate_run(target: str | Path, splits: list[str] | None = None, *, merge_t
     Classification runs can be evaluated with token merging (``merge_tokens``, see ``formerkit.nn.tome``) or with
     early exit (``exit_threshold``, see ``formerkit.models.early_exit``; adds ``<split>_mean_layers``), not both.
     """
-    from formerkit.data import build_data
-    from formerkit.train.objectives import make_objective
-    from formerkit.train.trainer import _evaluate
-
     model, recipe, extra = load_run_model(target)
     if recipe.objective.kind == "mae":
         raise CheckpointError(f"{target}: a masked-autoencoder pretraining run saves only its encoder, which has no "
@@ -94,10 +97,10 @@ def evaluate_run(target: str | Path, splits: list[str] | None = None, *, merge_t
     metrics: dict[str, Any] = {}
     for split in chosen:
         if adaptive is None:
-            metrics.update(_evaluate(objective, model, bundle, split, recipe, torch.no_grad))
+            metrics.update(evaluate_split(objective, model, bundle, split, recipe, torch.no_grad))
             continue
         adaptive.layers_used = adaptive.samples = 0
-        metrics.update(_evaluate(objective, adaptive, bundle, split, recipe, torch.no_grad))
+        metrics.update(evaluate_split(objective, adaptive, bundle, split, recipe, torch.no_grad))
         if exit_threshold is not None:
             metrics[f"{split}_mean_layers"] = adaptive.layers_used / max(adaptive.samples, 1)
     return metrics
@@ -105,9 +108,7 @@ def evaluate_run(target: str | Path, splits: list[str] | None = None, *, merge_t
 
 def load_run_tokenizer(target: str | Path):
     """The tokenizer a run saved beside its model (run or model directory)."""
-    from formerkit.data import load_tokenizer
-
-    path = _model_dir(target) / "tokenizer.json"
+    path = model_dir(target) / "tokenizer.json"
     if not path.exists():
         raise CheckpointError(f"{path}: missing; the run saved no tokenizer, so text cannot be encoded")
     return load_tokenizer(path)
