@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from formerkit.checkpoint import load, save
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InteropError
 from formerkit.interop.bert import Bert
@@ -32,6 +33,7 @@ from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
 from formerkit.interop.gpt2 import GPT2
 from formerkit.interop.llama import Llama
 from formerkit.interop.vit import ViT
+from formerkit.models.transformer import build_model
 
 __all__ = ["convert", "from_hf", "to_hf"]
 
@@ -58,8 +60,6 @@ def _family_for(config: ModelConfig) -> Family:
 
 def _read_hf(directory: str | Path, trust_pickle: bool) -> tuple[torch.nn.Module, str, str]:
     """The model of a checkpoint directory, its model_type and its architecture."""
-    from formerkit.models.transformer import build_model
-
     directory = Path(directory)
     hf = read_hf_config(directory)
     family = FAMILIES.family_of(hf)
@@ -137,8 +137,6 @@ def convert(source: str | Path, out: str | Path, *, direction: str, trust_pickle
     ``out`` must not exist or be empty (nothing is overwritten). ``trust_pickle`` applies to ``from_hf`` only.
     Returns a summary: direction, family (the Hugging Face model_type), architecture, parameters, source and out.
     """
-    from formerkit.checkpoint import load, save
-
     if direction not in ("from_hf", "to_hf"):
         raise InteropError(f"convert: direction: expected 'from_hf' or 'to_hf', got {direction!r}")
     out = Path(out)

@@ -18,6 +18,7 @@ import yaml
 
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError
+from formerkit.models.registry import model_config
 from formerkit.schema import ConfigSection, choice, load_yaml
 
 __all__ = [
@@ -55,8 +56,6 @@ class ModelSpec(ConfigSection):
 
     def resolve(self, data_fields: dict[str, Any] | None = None) -> ModelConfig:
         """The ModelConfig: preset (or config), then the fields the data fixes, then the user's overrides."""
-        from formerkit.models.registry import model_config
-
         base = model_config(self.preset) if self.preset is not None else ModelConfig.from_dict(self.config)
         fields = {k: v for k, v in (data_fields or {}).items() if k not in self.overrides}
         # One replace, validated once: a data field and an override may only make sense together (8x8 digits need
