@@ -672,3 +672,59 @@ def test_cross_attention_ignores_padded_source_tokens():
         changed = source.clone()
         changed[1, 2] = other_token(source[1, 2])
         assert_differs(model(changed, attention_mask=keep, decoder_input_ids=target)[1], logits[1])
+
+
+# ----- the per-layer interface -----
+
+
+@pytest.mark.parametrize("arch, position, overrides", [
+    ("decoder", "rope", {}),
+    ("decoder", "alibi", {"attention.sliding_window": 3, "attention.sliding_window_layers": [1]}),
+    ("decoder", "learned", {"attention.kind": "linear", "attention.kind_layers": [0]}),
+    ("encoder", "learned", {"num_unique_layers": 1, "num_layers": 3}),
+])
+def test_running_the_prepared_layers_by_hand_equals_the_forward_pass(arch, position, overrides):
+    """What the README shows: prepare, then each block with its own context, then the final norm and head."""
+    model = randomize(formerkit.build_model(make_config(arch, position, **overrides))).eval()
+    ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[1, :4] = 0  # left padding
+    attention_mask[2, 7:] = 0  # right padding
+    prepared = model.prepare(ids, attention_mask=attention_mask)
+    stack = model.get_stack()
+    assert len(prepared.layers) == stack.num_layers
+    assert [context.index for context in prepared.layers] == list(range(stack.num_layers))
+    x = prepared.hidden
+    for index, context in enumerate(prepared.layers):
+        x, _ = stack.block_at(index)(x, context)
+    if stack.final_norm is not None:
+        x = stack.final_norm(x)
+    expected = model(ids, attention_mask=attention_mask, return_outputs=True).last_hidden_state
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+def test_each_depth_gets_the_mask_of_its_kind():
+    config = make_config("decoder", "learned", **{"attention.sliding_window": 3,
+                                                  "attention.sliding_window_layers": [1], "attention.kind": "linear",
+                                                  "attention.kind_layers": [2], "num_layers": 3})
+    model = formerkit.build_model(config).eval()
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    attention_mask[1, :2] = 0
+    prepared = model.prepare(torch.randint(0, VOCAB, (2, 8)), attention_mask=attention_mask)
+    full, window, linear = (context.mask for context in prepared.layers)
+    assert [context.kind for context in prepared.layers] == ["softmax", "softmax", "linear"]
+    keys = attention_mask.bool()[:, None, None, :]
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    near = ~torch.ones(8, 8, dtype=torch.bool).tril(-3)
+    # Queries with no key left (row 1's padding) are opened for the kernel and reported, as everywhere.
+    empty = ~(causal & keys).any(-1, keepdim=True)
+    assert torch.equal(full.value, (causal & keys) | empty) and torch.equal(full.empty_rows, empty)
+    assert torch.equal(window.value, (causal & near & keys) | empty)
+    # Linear attention gets its linear-time form: the causal flag and the padding, no dense mask.
+    assert linear.value is None and linear.is_causal and torch.equal(linear.key_keep, attention_mask.bool())
+
+
+def test_prepare_names_the_stack_a_two_stack_model_needs():
+    model = formerkit.build_model(make_config("encoder_decoder"))
+    with pytest.raises(formerkit.InputError, match="side: expected encoder or decoder"):
+        model.prepare(torch.zeros(1, 3, dtype=torch.long))
