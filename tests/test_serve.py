@@ -15,28 +15,24 @@ import httpx  # noqa: E402
 
 from formerkit.serve import ModelService, create_app  # noqa: E402
 
-QUIET = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 1}
+TWO_STEPS = {"schedule.steps": 2, "eval.every": 2}
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
+def lm_run(tmp_path_factory, tiny):
     from formerkit.train import train
 
     run = tmp_path_factory.mktemp("serve") / "lm"
-    train("char-lm", run, overrides={**QUIET, "schedule.steps": 2, "schedule.batch_size": 4, "eval.every": 2,
-                                     "data.max_bytes": 120_000, "data.seq_len": 32, "model.num_layers": 1,
-                                     "model.width": 32, "model.num_heads": 2, "eval.batches": 2})
+    train("char-lm", run, overrides=tiny("char-lm", **TWO_STEPS))
     return run
 
 
 @pytest.fixture(scope="module")
-def image_run(tmp_path_factory):
+def image_run(tmp_path_factory, tiny):
     from formerkit.train import train
 
     run = tmp_path_factory.mktemp("serve") / "cct"
-    train("cct-digits", run, overrides={**QUIET, "schedule.steps": 2, "schedule.batch_size": 16, "eval.every": 2,
-                                        "model.num_layers": 1, "model.width": 32, "model.num_heads": 2,
-                                        "model.conv_layers": 1})
+    train("cct-digits", run, overrides=tiny("cct-digits", **TWO_STEPS))
     return run
 
 

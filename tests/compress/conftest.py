@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-TINY_CLASSIFIER = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 1, "schedule.steps": 6,
-                   "schedule.batch_size": 16, "eval.every": 3, "model.num_layers": 2, "model.width": 32,
-                   "model.num_heads": 2, "model.conv_layers": 1}
+from ..conftest import tiny_overrides
+
+# conftest's tiny cct-digits with 2 layers, so that a layer can be pruned or distilled away.
+TINY_CLASSIFIER = tiny_overrides("cct-digits", **{"model.num_layers": 2})
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
 from formerkit.train.evaluate import evaluate_run, load_run_model
 
+from ..conftest import token_config
 from .conftest import TINY_CLASSIFIER
 
 
@@ -146,8 +147,7 @@ def test_mixup_is_refused_where_inputs_cannot_be_mixed(tiny_classifier_run, rand
     class Settings:
         label_smoothing = 0.0
 
-    config = ModelConfig(arch="decoder", width=16, num_layers=1, max_seq_len=8, attention={"num_heads": 2},
-                         stem={"kind": "tokens", "vocab_size": 12}, head={"kind": "lm"})
+    config = token_config(vocab_size=12, width=16, num_layers=1, max_seq_len=8, num_heads=2)
     with pytest.raises(FormerkitError, match="mixup mixes images"):
         Distillation(CausalLM(Settings(), None), formerkit.build_model(config), mixup=True)
     teacher, _, base, bundle = _tiny_run_objective(tiny_classifier_run)
@@ -158,8 +158,7 @@ def test_mixup_is_refused_where_inputs_cannot_be_mixed(tiny_classifier_run, rand
 def test_language_model_distillation_predicts_next_tokens(randomize):
     from formerkit.train.objectives import CausalLM
 
-    config = ModelConfig(arch="decoder", width=32, num_layers=1, max_seq_len=16, attention={"num_heads": 2},
-                         stem={"kind": "tokens", "vocab_size": 20}, head={"kind": "lm"})
+    config = token_config(vocab_size=20, num_layers=1, num_heads=2)
     teacher, student = formerkit.build_model(config), formerkit.build_model(config.replace(width=16))
     randomize(teacher, 1), randomize(student, 2)
 

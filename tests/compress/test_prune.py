@@ -13,17 +13,17 @@ import formerkit
 from formerkit.checkpoint import load, save
 from formerkit.cli import main
 from formerkit.compress.prune import prune, structure_scores
-from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
 from formerkit.summary import count_parameters
 from formerkit.train.evaluate import evaluate_run
+
+from ..conftest import token_config
 
 
 def _model(randomize, arch: str = "encoder", **overrides) -> torch.nn.Module:
     head = ({"kind": "classification", "num_classes": 5, "pooling": "mean"} if arch == "encoder"
             else {"kind": "lm"})
-    config = ModelConfig(arch=arch, width=32, num_layers=3, max_seq_len=16, attention={"num_heads": 4},
-                         stem={"kind": "tokens", "vocab_size": 40}, head=head)
+    config = token_config(arch, vocab_size=40, num_layers=3, head=head)
     if overrides:
         config = config.replace(**overrides)
     model = formerkit.build_model(config)

@@ -15,6 +15,8 @@ import formerkit
 from formerkit.errors import ExportError
 from formerkit.export import export
 
+from ..conftest import token_config
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
@@ -46,9 +48,7 @@ def _run_onnx_alone(path: Path, cases: list[dict[str, torch.Tensor]], tmp_path: 
 
 def _decoder(position: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = formerkit.ModelConfig(arch="decoder", width=32, num_layers=2, max_seq_len=64,
-                                   attention={"num_heads": 4, "num_kv_heads": 2}, position={"kind": position},
-                                   stem={"kind": "tokens", "vocab_size": 50}, head={"kind": "lm"})
+    config = token_config(vocab_size=50, max_seq_len=64, attention={"num_kv_heads": 2}, position=position)
     return formerkit.build_model(config.replace(**overrides)).eval()
 
 
@@ -106,9 +106,7 @@ def test_vit_classifier_onnx_takes_pixel_values_with_dynamic_batch(tmp_path):
 
 def test_encoder_onnx_matches_pytorch_with_padding(tmp_path):
     torch.manual_seed(0)
-    config = formerkit.ModelConfig(arch="encoder", width=32, num_layers=2, max_seq_len=64,
-                                   attention={"num_heads": 4}, position={"kind": "learned"},
-                                   stem={"kind": "tokens", "vocab_size": 50}, head={"kind": "masked_lm"})
+    config = token_config("encoder", vocab_size=50, max_seq_len=64, position="learned", head="masked_lm")
     model = formerkit.build_model(config).eval()
     export(model, tmp_path / "encoder.onnx")
     cases = _token_cases()

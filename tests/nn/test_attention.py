@@ -16,6 +16,8 @@ import torch
 from formerkit.nn.attention import Attention
 from formerkit.nn.masks import KeyPaddingMask, PreparedMask, TensorMask, prepare_attention_mask
 
+from ..conftest import randomize_weights
+
 WIDTH = 16
 NUM_HEADS = 4
 HEAD_DIM = 4
@@ -96,10 +98,8 @@ def reference_attention(module, x, *, mask=None, causal=False, memory=None, norm
 def make_attention(*, dtype=torch.float64, num_kv_heads=NUM_HEADS, seed=0, **kwargs):
     torch.manual_seed(seed)
     module = Attention(WIDTH, NUM_HEADS, num_kv_heads, HEAD_DIM, **kwargs).to(dtype)
-    with torch.no_grad():  # non-trivial biases and norm affine parameters, so a reference that skips them fails
-        for parameter in module.parameters():
-            parameter.normal_(0.0, 0.5)
-    return module.eval()
+    # Non-trivial biases and norm affine parameters, so a reference that skips them fails.
+    return randomize_weights(module, seed, std=0.5).eval()
 
 
 def inputs(batch=2, length=5, dtype=torch.float64, seed=1):

@@ -21,6 +21,8 @@ from formerkit.nn.cache import KVCache
 from formerkit.nn.feedforward import MLP, GatedMLP
 from formerkit.nn.moe import MoEFeedForward, load_balancing_loss
 
+from ..conftest import token_config
+
 WIDTH = 8
 VOCAB = 23
 
@@ -214,9 +216,8 @@ def test_gradients_reach_the_router_and_the_chosen_experts_only():
 
 
 def moe_config(**overrides) -> ModelConfig:
-    config = ModelConfig(width=16, num_layers=2, max_seq_len=24, attention={"num_heads": 2},
-                         feedforward={"ratio": 2.0, "num_experts": 4}, position={"kind": "rope"},
-                         stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": "lm"})
+    config = token_config(vocab_size=VOCAB, width=16, max_seq_len=24, num_heads=2,
+                          feedforward={"ratio": 2.0, "num_experts": 4}, position="rope")
     return config.replace(**overrides) if overrides else config
 
 
@@ -376,17 +377,15 @@ def test_a_masked_autoencoder_refuses_a_mixture_encoder():
 # ----- training -----
 
 
-def test_a_mixture_decoder_trains_with_the_aux_loss_in_its_loss(tmp_path):
+def test_a_mixture_decoder_trains_with_the_aux_loss_in_its_loss(tmp_path, tiny):
     from formerkit.data import build_data
     from formerkit.data.base import step_generator
     from formerkit.train import load_recipe, train
     from formerkit.train.objectives import make_objective
 
-    # char-lm shrunk as in tests/train/conftest.py, with 4 experts; lr 1e-12 leaves the model as initialized.
-    base = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 0, "schedule.steps": 2,
-            "schedule.batch_size": 4, "eval.every": 2, "eval.batches": 2, "data.max_bytes": 120_000,
-            "data.seq_len": 32, "model.num_layers": 1, "model.width": 32, "model.num_heads": 2,
-            "model.num_experts": 4, "model.capacity_factor": 1.5, "optim.lr": 1e-12}
+    # conftest's tiny char-lm with 4 experts; lr 1e-12 leaves the model as initialized.
+    base = tiny("char-lm", **{"schedule.warmup_steps": 0, "schedule.steps": 2, "eval.every": 2,
+                              "model.num_experts": 4, "model.capacity_factor": 1.5, "optim.lr": 1e-12})
 
     def run(name, weight):
         result = train("char-lm", tmp_path / name, overrides={**base, "model.aux_loss_weight": weight})

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from formerkit import InputError, ModelConfig, build_model
+from formerkit import InputError, build_model
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.tome import TokenMerging, attention_keys, bipartite_soft_matching, merge_weighted
+
+from ..conftest import image_config, token_config
 
 WIDTH, HEADS = 16, 2
 
@@ -17,13 +19,10 @@ WIDTH, HEADS = 16, 2
 def vit(pooling: str = "cls", *, layers: int = 3, registers: int = 0, class_token: bool = True, seed: int = 0,
         **overrides) -> torch.nn.Module:
     """A tiny ViT on 8x8 single-channel images with 2x2 patches: 16 patch tokens (plus the prefix tokens)."""
-    config = ModelConfig(
-        arch="encoder", width=WIDTH, num_layers=layers, max_seq_len=None, attention={"num_heads": HEADS},
-        position={"kind": "learned"}, norm={"eps": 1e-6},
-        stem={"kind": "patches", "image_size": 8, "patch_size": 2, "in_channels": 1, "class_token": class_token,
-              "register_tokens": registers},
-        head={"kind": "classification", "num_classes": 5, "pooling": pooling},
-    ).replace(**overrides)
+    config = image_config(width=WIDTH, num_layers=layers, num_heads=HEADS, max_seq_len=None,
+                          position={"kind": "learned"}, norm={"eps": 1e-6},
+                          stem={"class_token": class_token, "register_tokens": registers},
+                          head={"kind": "classification", "num_classes": 5, "pooling": pooling}).replace(**overrides)
     torch.manual_seed(seed)
     return build_model(config).eval()
 
@@ -127,12 +126,10 @@ def test_a_model_without_class_token_merges_every_patch_token():
     assert out.last_hidden_state.shape[1] == 16 - 3 * 4 and out.token_sizes.sum(dim=1).eq(16).all()
 
 
-def test_the_similarity_metric_is_the_keys_averaged_over_heads():
-    model = vit(attention={"num_heads": 4, "num_kv_heads": 2, "qk_norm": True}, seed=5)
-    attention = model.encoder.blocks[1].attention
+def test_the_similarity_metric_is_the_keys_averaged_over_heads(randomize):
+    model = randomize(vit(attention={"num_heads": 4, "num_kv_heads": 2, "qk_norm": True}, seed=5), 9)
+    attention = model.encoder.blocks[1].attention  # non-trivial norm weights and biases
     with torch.no_grad():
-        for parameter in model.parameters():  # non-trivial norm weights and biases
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(9)))
         x = torch.randn(2, 17, WIDTH)
         _, keys, _ = attention.project(x)
         assert torch.allclose(attention_keys(attention, x), keys.mean(dim=1), atol=1e-6)
@@ -161,14 +158,11 @@ def test_bad_merge_requests_are_refused_with_what_was_expected():
 
 
 def test_merging_is_refused_for_models_and_inputs_it_does_not_serve():
-    lm = build_model(ModelConfig(arch="decoder", width=WIDTH, num_layers=1, max_seq_len=16,
-                                 attention={"num_heads": HEADS}, stem={"kind": "tokens", "vocab_size": 11},
-                                 head={"kind": "lm"}))
+    lm = build_model(token_config(vocab_size=11, width=WIDTH, num_layers=1, num_heads=HEADS))
     with pytest.raises(InputError, match="for encoders that classify.*arch='decoder', head='lm'"):
         lm(torch.randint(0, 11, (1, 6)), merge_tokens=1)
-    text = build_model(ModelConfig(arch="encoder", width=WIDTH, num_layers=2, max_seq_len=16,
-                                   attention={"num_heads": HEADS}, stem={"kind": "tokens", "vocab_size": 11},
-                                   head={"kind": "classification", "num_classes": 3}))
+    text = build_model(token_config("encoder", vocab_size=11, width=WIDTH, num_heads=HEADS,
+                                    head={"kind": "classification", "num_classes": 3}))
     ids = torch.randint(0, 11, (2, 8))
     assert text(ids, merge_tokens=1).shape == (2, 3)
     with pytest.raises(InputError, match="takes no attention_mask or mask"):

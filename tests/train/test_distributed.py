@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 import formerkit
 from formerkit.train import train
 
+from ..conftest import tiny_overrides
+
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available in this PyTorch build")
@@ -29,11 +31,9 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 180
 
-# The tiny cct-digits of conftest's `tiny` fixture, deterministic (no dropout) so that how the batch is split
-# between processes changes nothing but float rounding.
-TINY = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 1, "schedule.batch_size": 16,
-        "model.num_layers": 1, "model.width": 32, "model.num_heads": 2, "model.conv_layers": 1, "model.dropout": 0.0,
-        "model.drop_path": 0.0, "model.attention.dropout": 0.0}
+# conftest's tiny cct-digits, deterministic (no dropout) so that how the batch is split between processes changes
+# nothing but float rounding.
+TINY = tiny_overrides("cct-digits", **{"model.dropout": 0.0, "model.drop_path": 0.0, "model.attention.dropout": 0.0})
 DDP = {**TINY, "schedule.steps": 100, "eval.every": 50, "run.checkpoint_every": 50}
 FSDP = {**TINY, "schedule.steps": 10, "eval.every": 5, "run.checkpoint_every": 5, "schedule.grad_accum": 2}
 # The CCT's sequence-pooling score bias has a zero gradient in exact arithmetic (softmax ignores a shared shift):
