@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import formerkit
 from formerkit.train import train
 
 from ..conftest import tiny_overrides
+from .conftest import gated_train, wait_until_held
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -52,9 +52,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(out: Path, overrides: dict, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "formerkit.cli", "train", "cct-digits", "--out", str(out), *_sets(overrides), *extra]
+def _torchrun(out: Path, overrides: dict, *extra: str, gate: list[str] | None = None) -> list[str]:
+    """2 processes of ``formerkit.cli train cct-digits``, or of conftest's ``gated_train`` script ``gate``."""
+    program = gate if gate is not None else ["-m", "formerkit.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program,
+            "train", "cct-digits", "--out", str(out), *_sets(overrides), *extra]
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -133,16 +135,13 @@ def test_ddp_on_two_processes_follows_the_single_process_loss_curve(ddp_run, tmp
 def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step_and_the_resumed_run_is_uninterrupted(
         ddp_run, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(_torchrun(out, DDP), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+    # Both workers wait after their third optimizer step for the SIGTERM, then finish that step.
+    gate = gated_train(3, tmp_path / "gate", "sigterm")
+    process = subprocess.Popen(_torchrun(out, DDP, gate=gate), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3:
-                break
-            time.sleep(0.02)
-        assert process.poll() is None, "the run ended before it could be interrupted"
+        wait_until_held(tmp_path / "gate", process, ranks=2, timeout=LAUNCH_TIMEOUT,
+                        stop=lambda: os.killpg(process.pid, signal.SIGKILL))
         process.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both workers
         output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
     finally:
@@ -152,6 +151,7 @@ def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step_and_the_resum
     stopped = summary["steps"]
     assert summary["status"] == "interrupted", output[-4000:]
     assert 3 <= stopped < DDP["schedule.steps"]
+    assert stopped == 3  # the step the signal came in
     assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output, output[-4000:]
     # Both ranks stopped after the same step (a rank still training would hang the other in a collective), and
     # that step was checkpointed.
