@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
+import formerkit  # noqa: E402
 from formerkit.serve import ModelService, create_app  # noqa: E402
 
 TWO_STEPS = {"schedule.steps": 2, "eval.every": 2}
@@ -67,7 +68,8 @@ def test_health_model_and_openapi(lm_run):
                                         ("GET", "/openapi.json", None)])
     assert health.json() == {"status": "ok"}
     info = model.json()
-    assert info["task"] == "causal_lm" and info["context"] == 32 and info["parameters"] > 0
+    parameters = sum(parameter.numel() for parameter in formerkit.load(lm_run / "model").parameters())
+    assert info["task"] == "causal_lm" and info["context"] == 32 and info["parameters"] == parameters
     assert info["config"]["width"] == 32
     assert {"/v1/generate", "/v1/classify", "/health", "/v1/model"} <= set(schema.json()["paths"])
 

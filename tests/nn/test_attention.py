@@ -343,7 +343,7 @@ def test_fully_masked_boolean_row_returns_exact_zeros(need_weights, num_kv_heads
     allowed = torch.ones(5, 5, dtype=torch.bool).tril()
     allowed[2] = False
     prepared = prepare_attention_mask(TensorMask(allowed), 5, 5)
-    assert prepared.empty_rows is not None
+    assert prepared.empty_rows.flatten().tolist() == [row == 2 for row in range(5)]
     _check_empty_row_output(module, x, prepared, allowed.view(1, 1, 5, 5), 2, need_weights)
 
 
@@ -354,7 +354,7 @@ def test_fully_masked_float_row_returns_exact_zeros(need_weights):
     scores = torch.randn(5, 5, dtype=torch.float64)
     scores[3] = float("-inf")
     prepared = prepare_attention_mask(TensorMask(scores), 5, 5)
-    assert prepared.empty_rows is not None
+    assert prepared.empty_rows.flatten().tolist() == [row == 3 for row in range(5)]
     _check_empty_row_output(module, x, prepared, scores.view(1, 1, 5, 5), 3, need_weights)
 
 

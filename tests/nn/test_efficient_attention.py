@@ -241,7 +241,8 @@ def test_quadratic_form_is_the_normalized_kernel_written_out():
         weights = [float(F.elu(q[0, 0, i]).add(1) @ F.elu(k[0, 0, j]).add(1)) for j in range(i + 1)]
         expected = sum(w * v[0, 0, j] for j, w in enumerate(weights)) / sum(weights)
         torch.testing.assert_close(out[0, 0, i], expected)
-    assert torch.all(feature_map(torch.tensor([-5.0, 0.0, 2.0])) > 0)
+    # elu(x) + 1: exp(x) for x <= 0, x + 1 above, so positive everywhere.
+    torch.testing.assert_close(feature_map(torch.tensor([-5.0, 0.0, 2.0])), torch.tensor([math.exp(-5.0), 1.0, 3.0]))
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])

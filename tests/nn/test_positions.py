@@ -194,8 +194,10 @@ def test_alibi_slopes_for_six_heads_are_four_head_slopes_then_every_other_eight_
     four = [2.0 ** (-8 / 4 * (i + 1)) for i in range(4)]  # 2^-2, 2^-4, 2^-6, 2^-8
     eight = [2.0 ** (-8 / 8 * (i + 1)) for i in range(8)]  # 2^-1 ... 2^-8
     expected = four + eight[0::2][:2]  # + 2^-1, 2^-3
-    assert expected == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
     torch.testing.assert_close(alibi_slopes(6), torch.tensor(expected), rtol=0, atol=0)
+    # The values of get_slopes(6) in the ALiBi authors' code (github.com/ofirpress/attention_with_linear_biases).
+    published = [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor(published), rtol=0, atol=0)
 
 
 def paper_slopes(n):

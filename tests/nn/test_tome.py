@@ -135,11 +135,57 @@ def test_the_similarity_metric_is_the_keys_averaged_over_heads(randomize):
         assert torch.allclose(attention_keys(attention, x), keys.mean(dim=1), atol=1e-6)
 
 
-def test_training_mode_and_gradients_work_through_merging():
-    model = vit("mean").train()
-    logits = model(images(), merge_tokens=3)
-    logits.sum().backward()
-    assert model.stem.projection.weight.grad is not None
+def test_gradients_through_merging_are_the_derivative_of_the_merged_model():
+    """In training mode, backward through merging gives the derivative of what the merged forward pass computes:
+    the matching is a piecewise-constant choice, so along a small step the merged model is smooth, and each
+    gradient's component along a random direction equals a central finite difference (float64)."""
+    model = vit("mean").double().train()
+    x = images().double()
+    generator = torch.Generator().manual_seed(4)
+    weights = torch.randn(3, 5, dtype=torch.float64, generator=generator)  # a loss in which every logit counts
+
+    def loss() -> torch.Tensor:
+        return (model(x, merge_tokens=3) * weights).sum()
+
+    loss().backward()
+    parameters = dict(model.named_parameters())
+    original = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+    step = 1e-6
+    for names in (["stem.projection.weight"], list(parameters)):
+        direction = {name: torch.randn(parameters[name].shape, dtype=torch.float64, generator=generator)
+                     for name in names}
+        analytic = sum(float((parameters[name].grad * d).sum()) for name, d in direction.items())
+        values = []
+        with torch.no_grad():
+            for sign in (1.0, -1.0):
+                for name, d in direction.items():
+                    parameters[name].copy_(original[name] + sign * step * d)
+                values.append(float(loss()))
+            for name in names:
+                parameters[name].copy_(original[name])
+        assert (values[0] - values[1]) / (2 * step) == pytest.approx(analytic, rel=1e-6, abs=0), names
+
+
+def test_merging_identical_tokens_leaves_the_gradients_of_the_unmerged_model():
+    """As in test_merging_identical_tokens_changes_nothing: without position embeddings a constant image makes every
+    patch token the same whatever the other weights are, so the merged model is the unmerged one as a function of
+    them, and its gradients (through the size-weighted merges, proportional attention and pooling) must be the
+    unmerged model's. (Not the position rows': they are what would make the tokens differ.) The tolerance is that of
+    the token sizes, which merging keeps in float32 whatever the model's dtype."""
+    model = vit("mean", layers=4, registers=1).double().train()
+    with torch.no_grad():
+        model.positions.weight.zero_()
+    x = torch.full((2, 1, 8, 8), 0.7, dtype=torch.float64)
+    x[1] = -1.3
+    weights = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    gradients = []
+    for merge_tokens in (None, [5, 0, 2, 1]):
+        model.zero_grad()
+        (model(x, merge_tokens=merge_tokens) * weights).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if name != "positions.weight"})
+    plain, merged = gradients
+    for name in plain:
+        torch.testing.assert_close(merged[name], plain[name], rtol=1e-7, atol=1e-8, msg=name)
 
 
 def test_bad_merge_requests_are_refused_with_what_was_expected():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,10 +100,12 @@ def test_a_corrupted_or_half_written_checkpoint_is_skipped_for_the_last_good_one
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     overrides = tiny("cct-digits", **{"optim.lr": 1e6, "optim.grad_clip": None, "run.checkpoint_every": 1,
                                       "schedule.steps": 20})
-    with pytest.raises(RunError, match=r"loss became (nan|inf) at step \d+.*last good checkpoint is .*step-"):
+    with pytest.raises(RunError, match=r"loss became (nan|inf) at step \d+.*last good checkpoint is .*step-") as raised:
         train("cct-digits", tmp_path / "run", overrides=overrides)
+    failed = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
     found = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    assert found is not None
+    # A checkpoint every step: the last good one is the step before, and the message names it.
+    assert found is not None and found[1]["step"] == failed - 1 and str(found[0]) in str(raised.value)
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(found[0] / "model.safetensors")).values())
