@@ -1,20 +1,30 @@
-"""Fixtures and helpers shared by the test folders: random weights, shrunken recipes, a console that records, tiny
-model configs.
+"""Fixtures and helpers shared by the test folders: random weights, shrunken recipes and runs trained once, a console
+that records, tiny model configs.
 
-Tests ask for the fixtures (``randomize``, ``tiny``, ``console``). Module-level helpers and parametrize lists, which
-cannot ask for fixtures, import the same functions: ``from ..conftest import randomize_weights, token_config``.
+Tests ask for the fixtures (``randomize``, ``tiny``, ``trained_run``, ``console``). Module-level helpers and parametrize
+lists, which cannot ask for fixtures, import the same functions: ``from ..conftest import randomize_weights``.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from formerkit import ModelConfig
+
+# One thread per process, here and in the subprocesses tests start (unless OMP_NUM_THREADS says otherwise): the
+# models are tiny, so a second thread gains nothing, and on a machine whose cores are busy with other work the
+# threads of every small op wait for each other (the suite ran 20x slower on 2 shared cores).
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # ----- random weights -----
 
@@ -89,6 +99,27 @@ def tiny_overrides(recipe: str, **extra: Any) -> dict[str, Any]:
 def tiny():
     """tiny(recipe, **extra) -> the overrides that shrink a shipped recipe for a test (``tiny_overrides``)."""
     return tiny_overrides
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """trained_run(recipe, **extra) -> the directory of a run of ``tiny_overrides(recipe, **extra)``, trained once
+    per test session for every test that asks for the same run. Tests only read it: one that writes into a run
+    directory copies it first (``shutil.copytree(trained_run(...), tmp_path / "run")``)."""
+    from formerkit.train import train
+
+    runs: dict[str, Path] = {}
+
+    def get(recipe: str, **extra: Any) -> Path:
+        overrides = tiny_overrides(recipe, **extra)
+        key = json.dumps([recipe, overrides], sort_keys=True)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(recipe) / "run"
+            train(recipe, out, overrides=overrides)
+            runs[key] = out
+        return runs[key]
+
+    return get
 
 
 @pytest.fixture

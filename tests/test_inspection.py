@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -12,6 +14,12 @@ from formerkit.inspection import attention_rollout, inspect_image, inspect_run, 
 from .conftest import token_config
 
 TWO_STEPS = {"schedule.steps": 2, "eval.every": 2}
+
+
+def _copy_of(trained_run, recipe: str, tmp_path):
+    """A run of conftest's tiny ``recipe`` trained for two steps (the one test_serve serves), in this test's own
+    directory: inspecting and reporting write into it."""
+    return shutil.copytree(trained_run(recipe, **TWO_STEPS), tmp_path / "run")
 
 
 def _decoder():
@@ -99,11 +107,11 @@ def test_bad_inspection_inputs_are_refused():
         inspect_image(model, torch.zeros(1, 8, 8))
 
 
-def test_inspect_runs_on_a_trained_image_run_from_the_cli(tmp_path, capsys, tiny):
+@pytest.mark.slow
+def test_inspect_runs_on_a_trained_image_run_from_the_cli(tmp_path, capsys, trained_run):
     from formerkit.cli import main
-    from formerkit.train import train
 
-    train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits", **TWO_STEPS))
+    _copy_of(trained_run, "cct-digits", tmp_path)
     assert main(["inspect", str(tmp_path / "run"), "--image-index", "3", "--out", str(tmp_path / "maps")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("predicted ")
@@ -114,10 +122,9 @@ def test_inspect_runs_on_a_trained_image_run_from_the_cli(tmp_path, capsys, tiny
         inspect_run(tmp_path / "run", text="hello")
 
 
-def test_inspect_runs_on_a_trained_language_model_run(tmp_path, tiny):
-    from formerkit.train import train
-
-    train("char-lm", tmp_path / "run", overrides=tiny("char-lm", **TWO_STEPS))
+@pytest.mark.slow
+def test_inspect_runs_on_a_trained_language_model_run(tmp_path, trained_run):
+    _copy_of(trained_run, "char-lm", tmp_path)
     inspection, paths = inspect_run(tmp_path / "run", text="def f(x):", top_k=2)
     assert "".join(inspection.tokens) == "def f(x):"
     assert len(inspection.top_next) == len(inspection.tokens) and len(inspection.top_next[0]) == 2
@@ -134,13 +141,13 @@ def _sections(page: str) -> set[str]:
     return set(re.findall(r'<h2 id="([a-z]+)">', page))
 
 
-def test_the_report_of_a_classifier_run_is_one_offline_page_with_its_sections(tmp_path, capsys, tiny):
+@pytest.mark.slow
+def test_the_report_of_a_classifier_run_is_one_offline_page_with_its_sections(tmp_path, capsys, trained_run):
     import re
 
     from formerkit.cli import main
-    from formerkit.train import train
 
-    train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits", **TWO_STEPS))
+    _copy_of(trained_run, "cct-digits", tmp_path)
     assert main(["report", str(tmp_path / "run")]) == 0
     path = tmp_path / "run" / "report.html"
     assert capsys.readouterr().out.strip() == str(path)
@@ -153,11 +160,11 @@ def test_the_report_of_a_classifier_run_is_one_offline_page_with_its_sections(tm
     assert len(re.findall(r"<tr><th>#\d+</th><td>true \d, predicted \d, loss ", page)) == 12
 
 
-def test_the_report_of_a_language_model_run_has_samples_at_three_temperatures(tmp_path, tiny):
-    from formerkit.train import train
+@pytest.mark.slow
+def test_the_report_of_a_language_model_run_has_samples_at_three_temperatures(tmp_path, trained_run):
     from formerkit.train.html_report import write_report
 
-    train("char-lm", tmp_path / "run", overrides=tiny("char-lm", **TWO_STEPS))
+    _copy_of(trained_run, "char-lm", tmp_path)
     page = write_report(tmp_path / "run", tmp_path / "page.html", samples=20).read_text()
     assert _sections(page) == {"summary", "model", "curves", "samples", "attention", "recipe"}
     assert [h for h in ("greedy", "temperature 0.8", "temperature 1.2") if f"<h3>{h}</h3>" in page] == [

@@ -23,25 +23,19 @@ import httpx  # noqa: E402
 import formerkit  # noqa: E402
 from formerkit.serve import ModelService, create_app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test serves a run trained for it
+
 TWO_STEPS = {"schedule.steps": 2, "eval.every": 2}
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory, tiny):
-    from formerkit.train import train
-
-    run = tmp_path_factory.mktemp("serve") / "lm"
-    train("char-lm", run, overrides=tiny("char-lm", **TWO_STEPS))
-    return run
+def lm_run(trained_run):
+    return trained_run("char-lm", **TWO_STEPS)
 
 
 @pytest.fixture(scope="module")
-def image_run(tmp_path_factory, tiny):
-    from formerkit.train import train
-
-    run = tmp_path_factory.mktemp("serve") / "cct"
-    train("cct-digits", run, overrides=tiny("cct-digits", **TWO_STEPS))
-    return run
+def image_run(trained_run):
+    return trained_run("cct-digits", **TWO_STEPS)
 
 
 def _call(app, requests: list[tuple[str, str, object]], *, concurrent: bool = True):

@@ -107,6 +107,7 @@ def _tiny_run_objective(run):
     return teacher, recipe, make_objective(recipe.objective, bundle), bundle
 
 
+@pytest.mark.slow
 def test_distillation_objective_feeds_the_teacher_and_student_the_same_batch(tiny_classifier_run, randomize):
     teacher, recipe, base, bundle = _tiny_run_objective(tiny_classifier_run)
     student = formerkit.build_model(teacher.config.replace(num_layers=1))
@@ -125,6 +126,7 @@ def test_distillation_objective_feeds_the_teacher_and_student_the_same_batch(tin
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
 
 
+@pytest.mark.slow
 def test_mixup_distillation_feeds_both_models_the_same_mixed_images(tiny_classifier_run, randomize):
     teacher, recipe, base, bundle = _tiny_run_objective(tiny_classifier_run)
     student = formerkit.build_model(teacher.config.replace(num_layers=1))
@@ -141,6 +143,7 @@ def test_mixup_distillation_feeds_both_models_the_same_mixed_images(tiny_classif
     assert not torch.allclose(mixed, batch["inputs"])
 
 
+@pytest.mark.slow
 def test_mixup_is_refused_where_inputs_cannot_be_mixed(tiny_classifier_run, randomize):
     from formerkit.train.objectives import CausalLM
 
@@ -181,6 +184,7 @@ def test_language_model_distillation_predicts_next_tokens(randomize):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow
 def test_cli_distill_trains_a_student_run_that_eval_accepts(tiny_classifier_run, tmp_path):
     out = tmp_path / "student"
     sets = [f"{key}={value}" for key, value in TINY_CLASSIFIER.items() if key != "model.width"]
@@ -207,6 +211,7 @@ def test_cli_distill_trains_a_student_run_that_eval_accepts(tiny_classifier_run,
     (["--set", "data.augment=false"], "reads other data than the teacher"),
     (["--student", "no-such-thing"], "neither a recipe"),
 ])
+@pytest.mark.slow
 def test_cli_distill_refuses_bad_settings(tiny_classifier_run, tmp_path, capsys, argv, message):
     base = {"--teacher": str(tiny_classifier_run), "--student": "cct-digits", "--out": str(tmp_path / "s")}
     for flag in ("--student",):
@@ -220,6 +225,7 @@ def test_cli_distill_refuses_bad_settings(tiny_classifier_run, tmp_path, capsys,
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_a_student_with_another_label_set_is_refused(tiny_classifier_run):
     teacher, _, base, _ = _tiny_run_objective(tiny_classifier_run)
     distilled = Distillation(base, teacher)
@@ -261,6 +267,7 @@ def test_the_distillation_token_has_its_own_head_and_the_logits_average_the_two(
         assert torch.equal(formerkit.load(tmp_path / "m")(images), model(images))
 
 
+@pytest.mark.slow
 def test_distillation_splits_labels_and_teacher_between_the_two_heads(tiny_classifier_run, randomize):
     teacher, recipe, base, bundle = _tiny_run_objective(tiny_classifier_run)
     student = _deit("cct", randomize).train()

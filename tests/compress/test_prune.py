@@ -134,6 +134,7 @@ def test_pruned_models_save_load_and_their_config_matches_their_weights(randomiz
         formerkit.to_hf(gpt2_like, tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_taylor_scores_equal_weight_times_gradient_by_hand(tiny_classifier_run):
     from formerkit.data import build_data
     from formerkit.train.evaluate import load_run_model
@@ -178,6 +179,7 @@ def test_models_pruning_cannot_reduce_are_refused_with_the_reason(overrides, mes
         prune(model, heads=0.25)
 
 
+@pytest.mark.slow
 def test_cli_prune_with_finetune_gives_runs_eval_accepts(tiny_classifier_run, tmp_path):
     out = tmp_path / "pruned"
     assert main(["prune", str(tiny_classifier_run), "--heads", "0.5", "--ffn", "0.5", "--score", "taylor",

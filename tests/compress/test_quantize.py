@@ -135,6 +135,7 @@ def test_quantize_refuses_what_it_cannot_do(randomize):
         export(quantize(model, "weight-int8"), "never.onnx")
 
 
+@pytest.mark.slow
 def test_cli_quantize_gives_a_model_directory_eval_and_compare_accept(tiny_classifier_run, tmp_path, capsys):
     out = tmp_path / "int8"
     assert main(["quantize", str(tiny_classifier_run), "--mode", "dynamic-int8", "--out", str(out)]) == 0

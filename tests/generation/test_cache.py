@@ -388,6 +388,7 @@ def test_fixed_shape_decode_step_for_encoder_decoders(monkeypatch):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow
 def test_compiled_generation_equals_eager_per_model_and_after_weights_change():
     from formerkit import generation
 

@@ -377,6 +377,7 @@ def test_a_masked_autoencoder_refuses_a_mixture_encoder():
 # ----- training -----
 
 
+@pytest.mark.slow
 def test_a_mixture_decoder_trains_with_the_aux_loss_in_its_loss(tmp_path, tiny):
     from formerkit.data import build_data
     from formerkit.data.base import step_generator

@@ -60,6 +60,7 @@ def _by_hand(run, predict) -> dict[str, float]:
     return {"accuracy": correct / samples, "loss": loss / samples, "mean_layers": counted / samples}
 
 
+@pytest.mark.slow
 def test_eval_with_token_merging_and_early_exit(tiny, tmp_path, capsys):
     run = tmp_path / "vit"
     train("vit-digits", run, overrides=tiny("vit-digits", **{"model.num_layers": 2,
@@ -102,6 +103,7 @@ def test_eval_with_token_merging_and_early_exit(tiny, tmp_path, capsys):
         evaluate_run(run, merge_tokens=1, exit_threshold=0.5)
 
 
+@pytest.mark.slow
 def test_eval_refuses_adaptive_inference_for_other_objectives(tiny, tmp_path):
     run = tmp_path / "lm"
     train("char-lm", run, overrides=tiny("char-lm"))

@@ -108,6 +108,7 @@ def ddp_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_nproc_launches_torchrun_and_rank_0_alone_writes_the_run_directory(ddp_run):
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
         assert (ddp_run / name).is_file(), name
@@ -123,6 +124,7 @@ def test_nproc_launches_torchrun_and_rank_0_alone_writes_the_run_directory(ddp_r
     assert not torch.equal(rng["torch_cpu"], rng["rank1.torch_cpu"])
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_follows_the_single_process_loss_curve(ddp_run, tmp_path):
     single = train("cct-digits", tmp_path / "single", overrides=DDP)
     expected = [r["loss"] for r in _records(tmp_path / "single")]
@@ -132,6 +134,7 @@ def test_ddp_on_two_processes_follows_the_single_process_loss_curve(ddp_run, tmp
     _same_model(ddp_run / "model", single.model, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step_and_the_resumed_run_is_uninterrupted(
         ddp_run, tmp_path):
     out = tmp_path / "run"
@@ -167,6 +170,7 @@ def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step_and_the_resum
         assert torch.allclose(_weights(out / "model")[name], tensor, rtol=1e-6, atol=1e-7), name
 
 
+@pytest.mark.slow
 def test_fsdp_trains_saves_a_loadable_model_and_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "fsdp"
     _run(_torchrun(out, FSDP, "--strategy", "fsdp"))
@@ -204,6 +208,7 @@ def test_ema_with_fsdp_is_refused_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_ddp_logs_the_expert_load_of_every_process_passes(tmp_path):
     # Mixture of experts: each process routes its share of the batch; the logged load adds up their assignments, so
     # it is the single-process run's.

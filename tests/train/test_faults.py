@@ -38,6 +38,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_equals_the_uninterrupted_run_bitwise(tiny, tmp_path):
     overrides = tiny("cct-digits", **LONG, **{"run.threads": 1})
     reference = train("cct-digits", tmp_path / "reference", overrides=overrides)
@@ -63,6 +64,7 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run_bitwise(tiny, tmp_path
     assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resume_finishes(tiny, tmp_path):
     overrides = tiny("cct-digits", **{**LONG, "run.threads": 1, "run.checkpoint_every": 50})
     # SIGTERM during step 5, between checkpoints: the run finishes the step, checkpoints it and stops.
@@ -85,6 +87,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resume_finishes(tiny
     assert resumed.summary["status"] == "completed" and resumed.summary["steps"] == 120
 
 
+@pytest.mark.slow
 def test_a_corrupted_or_half_written_checkpoint_is_skipped_for_the_last_good_one(tiny, tmp_path):
     overrides = tiny("cct-digits", **{"run.checkpoint_every": 2, "run.keep_checkpoints": 3})
     train("cct-digits", tmp_path / "run", overrides=overrides)
@@ -97,6 +100,7 @@ def test_a_corrupted_or_half_written_checkpoint_is_skipped_for_the_last_good_one
     assert found is not None and found[0] != newest and found[0].name < newest.name
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     overrides = tiny("cct-digits", **{"optim.lr": 1e6, "optim.grad_clip": None, "run.checkpoint_every": 1,
                                       "schedule.steps": 20})
@@ -111,6 +115,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
     assert all(torch.isfinite(t).all() for t in load_file(str(found[0] / "model.safetensors")).values())
 
 
+@pytest.mark.slow
 def test_a_run_directory_holding_another_run_is_refused_without_resume(tiny, tmp_path):
     train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits"))
     with pytest.raises(RunError, match="already holds a run; pass --resume"):
@@ -121,6 +126,7 @@ def test_a_run_directory_holding_another_run_is_refused_without_resume(tiny, tmp
         train("cct-digits", tmp_path / "empty", overrides=tiny("cct-digits"), resume=True)
 
 
+@pytest.mark.slow
 def test_resuming_a_completed_run_returns_it_without_training(tiny, tmp_path):
     first = train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits"))
     again = train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits"), resume=True)

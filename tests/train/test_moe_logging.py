@@ -13,6 +13,8 @@ from formerkit.train.objectives import ExpertUsage, make_objective
 
 from ..conftest import tiny_overrides
 
+pytestmark = pytest.mark.slow  # every test trains a run
+
 # conftest's tiny char-lm, 2 layers, 2 micro-batches a step; lr 1e-12 leaves the weights as initialized, so the
 # passes can be redone by hand.
 BASE = tiny_overrides("char-lm", **{"run.log_every": 2, "schedule.warmup_steps": 0, "schedule.steps": 4,

@@ -122,6 +122,7 @@ def test_padding_in_packed_rows_is_left_out_of_expert_routing(randomize):
 FOUR_STEPS = {"schedule.steps": 4, "eval.every": 2, "eval.batches": 2}
 
 
+@pytest.mark.slow
 def test_char_lm_trains_and_evaluates_on_packed_stdlib_files(tmp_path, tiny, console):
     overrides = tiny("char-lm", **FOUR_STEPS, **{"data.seq_len": 64, "data.pack": True})
     result = train("char-lm", tmp_path / "run", overrides=overrides, console=console)
@@ -139,6 +140,7 @@ def test_char_lm_trains_and_evaluates_on_packed_stdlib_files(tmp_path, tiny, con
     assert extra["preprocessing"]["packed"] is True and extra["recipe"]["data"]["pack"] is True
 
 
+@pytest.mark.slow
 def test_a_jsonl_corpus_trains_packed_with_the_masked_lm_objective_too(tmp_path, tiny):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"def f{i}():\n    return {'x' * (i % 37)!r}\n"}) + "\n"
