@@ -1,12 +1,13 @@
 # make demo: create .venv, install formerkit, train the default recipe (cct-digits, about a minute on a laptop CPU).
 # make test: install formerkit with its [dev] extra, lint, run the whole suite.
+# make test-fast: the same without the tests marked slow (training runs, subprocesses, export): under a minute.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A bare torch requirement would pull a multi-GB CUDA build on a machine without torch; install the CPU build first.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint install install-dev bench clean
+.PHONY: demo test test-fast lint install install-dev bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ lint: install-dev
 
 test: install-dev lint
 	$(PY) -m pytest -q
+
+test-fast: install-dev lint
+	$(PY) -m pytest -q -m "not slow"
 
 # make bench: formerkit against its peers on this machine (about 10 minutes); tables and JSON under bench/.
 bench: $(VENV)/.torch

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import formerkit
 from formerkit.cli import main
 
@@ -40,6 +42,7 @@ def test_summary_with_overrides_and_errors(capsys):
     assert "did you mean 'width'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "formerkit.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and formerkit.__version__ in result.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -9,14 +11,20 @@ import formerkit
 from formerkit.errors import InputError
 from formerkit.inspection import attention_rollout, inspect_image, inspect_run, inspect_text, plot_inspection
 
-QUIET = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 1}
+from .conftest import token_config
+
+TWO_STEPS = {"schedule.steps": 2, "eval.every": 2}
+
+
+def _copy_of(trained_run, recipe: str, tmp_path):
+    """A run of conftest's tiny ``recipe`` trained for two steps (the one test_serve serves), in this test's own
+    directory: inspecting and reporting write into it."""
+    return shutil.copytree(trained_run(recipe, **TWO_STEPS), tmp_path / "run")
 
 
 def _decoder():
     torch.manual_seed(0)
-    return formerkit.build_model(formerkit.ModelConfig(arch="decoder", width=32, num_layers=2, max_seq_len=16,
-                                                       attention={"num_heads": 2},
-                                                       stem={"kind": "tokens", "vocab_size": 20}))
+    return formerkit.build_model(token_config(vocab_size=20, num_heads=2))
 
 
 def test_text_inspection_gives_causal_attention_and_the_softmax_top_tokens(tmp_path):
@@ -99,13 +107,11 @@ def test_bad_inspection_inputs_are_refused():
         inspect_image(model, torch.zeros(1, 8, 8))
 
 
-def test_inspect_runs_on_a_trained_image_run_from_the_cli(tmp_path, capsys):
+@pytest.mark.slow
+def test_inspect_runs_on_a_trained_image_run_from_the_cli(tmp_path, capsys, trained_run):
     from formerkit.cli import main
-    from formerkit.train import train
 
-    tiny = {**QUIET, "schedule.steps": 2, "schedule.batch_size": 16, "eval.every": 2, "model.num_layers": 1,
-            "model.width": 32, "model.num_heads": 2, "model.conv_layers": 1}
-    train("cct-digits", tmp_path / "run", overrides=tiny)
+    _copy_of(trained_run, "cct-digits", tmp_path)
     assert main(["inspect", str(tmp_path / "run"), "--image-index", "3", "--out", str(tmp_path / "maps")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("predicted ")
@@ -116,12 +122,9 @@ def test_inspect_runs_on_a_trained_image_run_from_the_cli(tmp_path, capsys):
         inspect_run(tmp_path / "run", text="hello")
 
 
-def test_inspect_runs_on_a_trained_language_model_run(tmp_path):
-    from formerkit.train import train
-
-    tiny = {**QUIET, "schedule.steps": 2, "schedule.batch_size": 4, "eval.every": 2, "data.max_bytes": 120_000,
-            "data.seq_len": 32, "model.num_layers": 1, "model.width": 32, "model.num_heads": 2, "eval.batches": 2}
-    train("char-lm", tmp_path / "run", overrides=tiny)
+@pytest.mark.slow
+def test_inspect_runs_on_a_trained_language_model_run(tmp_path, trained_run):
+    _copy_of(trained_run, "char-lm", tmp_path)
     inspection, paths = inspect_run(tmp_path / "run", text="def f(x):", top_k=2)
     assert "".join(inspection.tokens) == "def f(x):"
     assert len(inspection.top_next) == len(inspection.tokens) and len(inspection.top_next[0]) == 2
@@ -138,15 +141,13 @@ def _sections(page: str) -> set[str]:
     return set(re.findall(r'<h2 id="([a-z]+)">', page))
 
 
-def test_the_report_of_a_classifier_run_is_one_offline_page_with_its_sections(tmp_path, capsys):
+@pytest.mark.slow
+def test_the_report_of_a_classifier_run_is_one_offline_page_with_its_sections(tmp_path, capsys, trained_run):
     import re
 
     from formerkit.cli import main
-    from formerkit.train import train
 
-    tiny = {**QUIET, "schedule.steps": 2, "schedule.batch_size": 16, "eval.every": 2, "model.num_layers": 1,
-            "model.width": 32, "model.num_heads": 2, "model.conv_layers": 1}
-    train("cct-digits", tmp_path / "run", overrides=tiny)
+    _copy_of(trained_run, "cct-digits", tmp_path)
     assert main(["report", str(tmp_path / "run")]) == 0
     path = tmp_path / "run" / "report.html"
     assert capsys.readouterr().out.strip() == str(path)
@@ -159,13 +160,11 @@ def test_the_report_of_a_classifier_run_is_one_offline_page_with_its_sections(tm
     assert len(re.findall(r"<tr><th>#\d+</th><td>true \d, predicted \d, loss ", page)) == 12
 
 
-def test_the_report_of_a_language_model_run_has_samples_at_three_temperatures(tmp_path):
-    from formerkit.train import train
+@pytest.mark.slow
+def test_the_report_of_a_language_model_run_has_samples_at_three_temperatures(tmp_path, trained_run):
     from formerkit.train.html_report import write_report
 
-    tiny = {**QUIET, "schedule.steps": 2, "schedule.batch_size": 4, "eval.every": 2, "data.max_bytes": 120_000,
-            "data.seq_len": 32, "model.num_layers": 1, "model.width": 32, "model.num_heads": 2, "eval.batches": 2}
-    train("char-lm", tmp_path / "run", overrides=tiny)
+    _copy_of(trained_run, "char-lm", tmp_path)
     page = write_report(tmp_path / "run", tmp_path / "page.html", samples=20).read_text()
     assert _sections(page) == {"summary", "model", "curves", "samples", "attention", "recipe"}
     assert [h for h in ("greedy", "temperature 0.8", "temperature 1.2") if f"<h3>{h}</h3>" in page] == [

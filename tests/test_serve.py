@@ -6,6 +6,13 @@ import asyncio
 import base64
 import io
 import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -13,31 +20,22 @@ import torch
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
+import formerkit  # noqa: E402
 from formerkit.serve import ModelService, create_app  # noqa: E402
 
-QUIET = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 1}
+pytestmark = pytest.mark.slow  # every test serves a run trained for it
+
+TWO_STEPS = {"schedule.steps": 2, "eval.every": 2}
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    from formerkit.train import train
-
-    run = tmp_path_factory.mktemp("serve") / "lm"
-    train("char-lm", run, overrides={**QUIET, "schedule.steps": 2, "schedule.batch_size": 4, "eval.every": 2,
-                                     "data.max_bytes": 120_000, "data.seq_len": 32, "model.num_layers": 1,
-                                     "model.width": 32, "model.num_heads": 2, "eval.batches": 2})
-    return run
+def lm_run(trained_run):
+    return trained_run("char-lm", **TWO_STEPS)
 
 
 @pytest.fixture(scope="module")
-def image_run(tmp_path_factory):
-    from formerkit.train import train
-
-    run = tmp_path_factory.mktemp("serve") / "cct"
-    train("cct-digits", run, overrides={**QUIET, "schedule.steps": 2, "schedule.batch_size": 16, "eval.every": 2,
-                                        "model.num_layers": 1, "model.width": 32, "model.num_heads": 2,
-                                        "model.conv_layers": 1})
-    return run
+def image_run(trained_run):
+    return trained_run("cct-digits", **TWO_STEPS)
 
 
 def _call(app, requests: list[tuple[str, str, object]], *, concurrent: bool = True):
@@ -64,7 +62,8 @@ def test_health_model_and_openapi(lm_run):
                                         ("GET", "/openapi.json", None)])
     assert health.json() == {"status": "ok"}
     info = model.json()
-    assert info["task"] == "causal_lm" and info["context"] == 32 and info["parameters"] > 0
+    parameters = sum(parameter.numel() for parameter in formerkit.load(lm_run / "model").parameters())
+    assert info["task"] == "causal_lm" and info["context"] == 32 and info["parameters"] == parameters
     assert info["config"]["width"] == 32
     assert {"/v1/generate", "/v1/classify", "/health", "/v1/model"} <= set(schema.json()["paths"])
 
@@ -184,48 +183,88 @@ def test_a_failing_request_answers_500_and_the_server_goes_on(lm_run, monkeypatc
     assert second.status_code == 200 and second.json()["num_tokens"] == 3
 
 
-def test_sigterm_lets_the_request_in_flight_finish_then_the_server_exits(lm_run):
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import threading
-    import time
+class _Lines:
+    """The lines a subprocess writes to one of its pipes, read on a thread as they come, so that a test can wait for
+    one with a deadline."""
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # A request waits up to a second for others to share its batch: SIGTERM comes while it is in flight.
-    server = subprocess.Popen([sys.executable, "-m", "formerkit.cli", "serve", str(lm_run), "--port", str(port),
-                               "--wait-ms", "1000"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: str, process: subprocess.Popen, timeout: float) -> re.Match:
+        """The first line matching ``pattern``; fails, with every line seen, if the process ends or ``timeout``
+        seconds pass before one comes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if found := re.search(pattern, line):
+                        return found
+                if process.poll() is not None or time.monotonic() > deadline:
                     break
-            except httpx.HTTPError:
-                assert time.time() < deadline and server.poll() is None, "the server did not start"
-                time.sleep(0.2)
-        answer = {}
+                self._changed.wait(timeout=0.1)
+        what = f"ended with exit code {process.returncode}" if process.poll() is not None else f"ran {timeout} s"
+        pytest.fail(f"no line matching {pattern!r}: the server {what}; it wrote:\n" + "\n".join(self.lines[-50:]))
 
-        def ask():
-            answer["response"] = httpx.post(f"http://127.0.0.1:{port}/v1/generate", timeout=60,
-                                            json={"prompt": "def ", "max_new_tokens": 20, "temperature": 0})
 
-        client = threading.Thread(target=ask)
-        client.start()
-        time.sleep(0.3)
-        server.send_signal(signal.SIGTERM)
-        client.join(timeout=60)
+def test_sigterm_lets_the_request_in_flight_finish_then_the_server_exits(lm_run):
+    # A request waits up to a second for others to share its batch: SIGTERM comes while it is in flight.
+    server = subprocess.Popen([sys.executable, "-m", "formerkit.cli", "serve", str(lm_run), "--port", "0",
+                               "--wait-ms", "1000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        log = _Lines(server.stderr)
+        # uvicorn's "listening" line, which names the port it chose.
+        port = int(log.wait_for(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", server, timeout=120).group(1))
+        body = json.dumps({"prompt": "def ", "max_new_tokens": 20, "temperature": 0}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+            # The headers alone, asking to be told when the body is wanted: the "100 Continue" answer says the
+            # server has read them and the endpoint is waiting for the body, so the request is in flight.
+            connection.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            interim = _read_until(connection, b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 "), interim
+            server.send_signal(signal.SIGTERM)
+            connection.sendall(body)
+            status, response = _read_response(connection)
         # uvicorn finishes the requests in flight, then re-raises the signal it caught (so: killed by SIGTERM).
         assert server.wait(timeout=60) in (0, -signal.SIGTERM)
-        response = answer["response"]
-        assert response.status_code == 200 and response.json()["num_tokens"] == 20
+        assert status == 200 and response["num_tokens"] == 20
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def _read_until(connection: socket.socket, end: bytes) -> bytes:
+    data = b""
+    while end not in data:
+        chunk = connection.recv(4096)
+        if not chunk:
+            pytest.fail(f"the connection closed after {data!r}")
+        data += chunk
+    return data
+
+
+def _read_response(connection: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of an HTTP/1.1 response (uvicorn closes the connection after it while shutting
+    down; the body is read to its Content-Length either way)."""
+    head, _, rest = _read_until(connection, b"\r\n\r\n").partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    while len(rest) < int(headers["content-length"]):
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        rest += chunk
+    return int(lines[0].split()[1]), json.loads(rest)
 
 
 def test_a_seeded_sample_is_the_same_alone_or_among_other_requests(lm_run):

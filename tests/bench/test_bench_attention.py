@@ -11,6 +11,7 @@ from formerkit.bench.attention import attention_benchmark, format_table
 from formerkit.cli import main
 
 
+@pytest.mark.slow
 def test_records_one_measurement_per_kind_and_length_with_the_documented_fields():
     records = attention_benchmark((150, 300), window=8, heads=2, head_dim=8, repeats=1)
     assert [(r["kind"], r["seq_len"]) for r in records] == [
@@ -22,6 +23,7 @@ def test_records_one_measurement_per_kind_and_length_with_the_documented_fields(
     assert table.count("\n") == 1 + len(records) and "| 300 | window |" in table
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_writes_json_lines_and_a_plot(tmp_path, capsys):
     json_path, plot_path = tmp_path / "bench.jsonl", tmp_path / "attention.png"
     assert main(["bench", "attention", "--seq-lens", "140", "--window", "8", "--heads", "2", "--head-dim", "8",

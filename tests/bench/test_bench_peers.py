@@ -43,6 +43,7 @@ def _check_same_work(records, metrics):
                 assert abs(item["params"] - reference["params"]) <= 0.01 * reference["params"], item
 
 
+@pytest.mark.slow
 def test_the_lm_bench_measures_every_present_peer_on_the_same_work():
     records, notes = lm_benchmark(TINY_LM, rounds=1, decode_rounds=1, decode_compile=False,
                                   precisions=("fp32", "bf16-autocast"))
@@ -59,6 +60,7 @@ def test_the_lm_bench_measures_every_present_peer_on_the_same_work():
     assert "| formerkit | fp32 |" in table and "GFLOP/s" in table
 
 
+@pytest.mark.slow
 def test_the_vision_bench_measures_every_present_peer_on_the_same_work():
     specs = [VisionSpec("CCT", "cct", 16, 64, 2, 2, 2.0, 10, batch=2),
              VisionSpec("ViT", "vit", 32, 64, 2, 2, 4.0, 10, batch=2, patch=8)]
@@ -69,6 +71,7 @@ def test_the_vision_bench_measures_every_present_peer_on_the_same_work():
     assert "**CCT**" in format_vision(records)
 
 
+@pytest.mark.slow
 def test_the_lm_bench_cli_writes_a_json_list(tmp_path, capsys):
     from formerkit.cli import main
 

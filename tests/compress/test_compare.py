@@ -40,6 +40,7 @@ def _halved_copy(run, out):
     return out
 
 
+@pytest.mark.slow
 def test_compare_measures_every_variant_with_its_own_metric(tiny_classifier_run, tmp_path):
     variant = _halved_copy(tiny_classifier_run, tmp_path / "halved")
     result = compare([tiny_classifier_run, variant], batch_sizes=(1, 8), repeats=2, warmup=1)
@@ -55,6 +56,7 @@ def test_compare_measures_every_variant_with_its_own_metric(tiny_classifier_run,
     assert set(first.latency_ms) == {1, 8} and all(v > 0 for v in first.latency_ms.values())
 
 
+@pytest.mark.slow
 def test_cli_compare_writes_table_plot_and_json(tiny_classifier_run, tmp_path, capsys):
     variant = _halved_copy(tiny_classifier_run, tmp_path / "halved")
     out = tmp_path / "cmp"
@@ -69,6 +71,7 @@ def test_cli_compare_writes_table_plot_and_json(tiny_classifier_run, tmp_path, c
     assert records["batch_sizes"] == [2]
 
 
+@pytest.mark.slow
 def test_compare_refuses_variants_of_different_tasks(tiny_classifier_run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_classifier_run / "model", other)
@@ -82,6 +85,7 @@ def test_compare_refuses_variants_of_different_tasks(tiny_classifier_run, tmp_pa
 @pytest.mark.parametrize("kwargs, message", [({"names": ["a", "b"]}, "1 targets"),
                                              ({"batch_sizes": (0,)}, "positive integers"),
                                              ({"repeats": 0}, "repeats must be")])
+@pytest.mark.slow
 def test_compare_refuses_bad_arguments_before_loading(tiny_classifier_run, kwargs, message):
     with pytest.raises(FormerkitError, match=message):
         compare([tiny_classifier_run], **kwargs)

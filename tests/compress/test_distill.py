@@ -15,6 +15,7 @@ from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
 from formerkit.runs import evaluate_run, load_run_model
 
+from ..conftest import token_config
 from .conftest import TINY_CLASSIFIER
 
 
@@ -106,6 +107,7 @@ def _tiny_run_objective(run):
     return teacher, recipe, make_objective(recipe.objective, bundle), bundle
 
 
+@pytest.mark.slow
 def test_distillation_objective_feeds_the_teacher_and_student_the_same_batch(tiny_classifier_run, randomize):
     teacher, recipe, base, bundle = _tiny_run_objective(tiny_classifier_run)
     student = formerkit.build_model(teacher.config.replace(num_layers=1))
@@ -124,6 +126,7 @@ def test_distillation_objective_feeds_the_teacher_and_student_the_same_batch(tin
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
 
 
+@pytest.mark.slow
 def test_mixup_distillation_feeds_both_models_the_same_mixed_images(tiny_classifier_run, randomize):
     teacher, recipe, base, bundle = _tiny_run_objective(tiny_classifier_run)
     student = formerkit.build_model(teacher.config.replace(num_layers=1))
@@ -140,14 +143,14 @@ def test_mixup_distillation_feeds_both_models_the_same_mixed_images(tiny_classif
     assert not torch.allclose(mixed, batch["inputs"])
 
 
+@pytest.mark.slow
 def test_mixup_is_refused_where_inputs_cannot_be_mixed(tiny_classifier_run, randomize):
     from formerkit.train.objectives import CausalLM
 
     class Settings:
         label_smoothing = 0.0
 
-    config = ModelConfig(arch="decoder", width=16, num_layers=1, max_seq_len=8, attention={"num_heads": 2},
-                         stem={"kind": "tokens", "vocab_size": 12}, head={"kind": "lm"})
+    config = token_config(vocab_size=12, width=16, num_layers=1, max_seq_len=8, num_heads=2)
     with pytest.raises(FormerkitError, match="mixup mixes images"):
         Distillation(CausalLM(Settings(), None), formerkit.build_model(config), mixup=True)
     teacher, _, base, bundle = _tiny_run_objective(tiny_classifier_run)
@@ -158,8 +161,7 @@ def test_mixup_is_refused_where_inputs_cannot_be_mixed(tiny_classifier_run, rand
 def test_language_model_distillation_predicts_next_tokens(randomize):
     from formerkit.train.objectives import CausalLM
 
-    config = ModelConfig(arch="decoder", width=32, num_layers=1, max_seq_len=16, attention={"num_heads": 2},
-                         stem={"kind": "tokens", "vocab_size": 20}, head={"kind": "lm"})
+    config = token_config(vocab_size=20, num_layers=1, num_heads=2)
     teacher, student = formerkit.build_model(config), formerkit.build_model(config.replace(width=16))
     randomize(teacher, 1), randomize(student, 2)
 
@@ -182,6 +184,7 @@ def test_language_model_distillation_predicts_next_tokens(randomize):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow
 def test_cli_distill_trains_a_student_run_that_eval_accepts(tiny_classifier_run, tmp_path):
     out = tmp_path / "student"
     sets = [f"{key}={value}" for key, value in TINY_CLASSIFIER.items() if key != "model.width"]
@@ -208,6 +211,7 @@ def test_cli_distill_trains_a_student_run_that_eval_accepts(tiny_classifier_run,
     (["--set", "data.augment=false"], "reads other data than the teacher"),
     (["--student", "no-such-thing"], "neither a recipe"),
 ])
+@pytest.mark.slow
 def test_cli_distill_refuses_bad_settings(tiny_classifier_run, tmp_path, capsys, argv, message):
     base = {"--teacher": str(tiny_classifier_run), "--student": "cct-digits", "--out": str(tmp_path / "s")}
     for flag in ("--student",):
@@ -221,6 +225,7 @@ def test_cli_distill_refuses_bad_settings(tiny_classifier_run, tmp_path, capsys,
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_a_student_with_another_label_set_is_refused(tiny_classifier_run):
     teacher, _, base, _ = _tiny_run_objective(tiny_classifier_run)
     distilled = Distillation(base, teacher)
@@ -262,6 +267,7 @@ def test_the_distillation_token_has_its_own_head_and_the_logits_average_the_two(
         assert torch.equal(formerkit.load(tmp_path / "m")(images), model(images))
 
 
+@pytest.mark.slow
 def test_distillation_splits_labels_and_teacher_between_the_two_heads(tiny_classifier_run, randomize):
     teacher, recipe, base, bundle = _tiny_run_objective(tiny_classifier_run)
     student = _deit("cct", randomize).train()

@@ -13,17 +13,17 @@ import formerkit
 from formerkit.checkpoint import load, save
 from formerkit.cli import main
 from formerkit.compress.prune import prune, structure_scores
-from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
 from formerkit.runs import evaluate_run
 from formerkit.summary import count_parameters
+
+from ..conftest import token_config
 
 
 def _model(randomize, arch: str = "encoder", **overrides) -> torch.nn.Module:
     head = ({"kind": "classification", "num_classes": 5, "pooling": "mean"} if arch == "encoder"
             else {"kind": "lm"})
-    config = ModelConfig(arch=arch, width=32, num_layers=3, max_seq_len=16, attention={"num_heads": 4},
-                         stem={"kind": "tokens", "vocab_size": 40}, head=head)
+    config = token_config(arch, vocab_size=40, num_layers=3, head=head)
     if overrides:
         config = config.replace(**overrides)
     model = formerkit.build_model(config)
@@ -134,6 +134,7 @@ def test_pruned_models_save_load_and_their_config_matches_their_weights(randomiz
         formerkit.to_hf(gpt2_like, tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_taylor_scores_equal_weight_times_gradient_by_hand(tiny_classifier_run):
     from formerkit.data import build_data
     from formerkit.runs import load_run_model
@@ -178,6 +179,7 @@ def test_models_pruning_cannot_reduce_are_refused_with_the_reason(overrides, mes
         prune(model, heads=0.25)
 
 
+@pytest.mark.slow
 def test_cli_prune_with_finetune_gives_runs_eval_accepts(tiny_classifier_run, tmp_path):
     out = tmp_path / "pruned"
     assert main(["prune", str(tiny_classifier_run), "--heads", "0.5", "--ffn", "0.5", "--score", "taylor",

@@ -12,20 +12,19 @@ import formerkit
 from formerkit.checkpoint import load, save
 from formerkit.cli import main
 from formerkit.compress.quantize import quantize
-from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitError
 from formerkit.nn.int8 import Int8WeightLinear, is_quantized
 from formerkit.runs import evaluate_run
 
+from ..conftest import token_config
+
 
 def _model(kind: str, randomize) -> torch.nn.Module:
     if kind == "lm":  # a decoder whose head is tied to the embedding
-        config = ModelConfig(arch="decoder", width=32, num_layers=2, max_seq_len=16, attention={"num_heads": 4},
-                             stem={"kind": "tokens", "vocab_size": 40}, head={"kind": "lm", "tie_embeddings": True})
+        config = token_config(vocab_size=40, head={"kind": "lm", "tie_embeddings": True})
     else:  # an encoder classifier with mean pooling and a gated feed-forward
-        config = ModelConfig(arch="encoder", width=32, num_layers=2, max_seq_len=16, attention={"num_heads": 4},
-                             feedforward={"activation": "swiglu"}, stem={"kind": "tokens", "vocab_size": 40},
-                             head={"kind": "classification", "num_classes": 5, "pooling": "mean"})
+        config = token_config("encoder", vocab_size=40, feedforward={"activation": "swiglu"},
+                              head={"kind": "classification", "num_classes": 5, "pooling": "mean"})
     model = formerkit.build_model(config)
     randomize(model, 3)
     return model.eval()
@@ -137,6 +136,7 @@ def test_quantize_refuses_what_it_cannot_do(randomize):
         export(quantize(model, "weight-int8"), "never.onnx")
 
 
+@pytest.mark.slow
 def test_cli_quantize_gives_a_model_directory_eval_and_compare_accept(tiny_classifier_run, tmp_path, capsys):
     out = tmp_path / "int8"
     assert main(["quantize", str(tiny_classifier_run), "--mode", "dynamic-int8", "--out", str(out)]) == 0

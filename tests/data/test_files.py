@@ -99,7 +99,9 @@ def test_a_folder_holding_one_file_is_chunked_like_a_single_file(tmp_path):
     lines = [f"the only file, line {i}" for i in range(200)]
     (tmp_path / "only.txt").write_text("\n".join(lines) + "\n")
     bundle = build_data(DataConfig(source="text", path=str(tmp_path), seq_len=16, valid_fraction=0.1))
-    assert bundle.valid is not None
+    single = build_data(DataConfig(source="text", path=str(tmp_path / "only.txt"), seq_len=16, valid_fraction=0.1))
+    assert torch.equal(bundle.train.tokens, single.train.tokens) and torch.equal(bundle.valid.tokens,
+                                                                                  single.valid.tokens)
     no_split = build_data(DataConfig(source="text", path=str(tmp_path), seq_len=16, valid_fraction=0.0))
     assert no_split.valid is None
     assert as_bytes(no_split.train.tokens) == (tmp_path / "only.txt").read_bytes()

@@ -15,6 +15,8 @@ import formerkit
 from formerkit.errors import ExportError
 from formerkit.export import export
 
+from ..conftest import token_config
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
@@ -46,9 +48,7 @@ def _run_onnx_alone(path: Path, cases: list[dict[str, torch.Tensor]], tmp_path: 
 
 def _decoder(position: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = formerkit.ModelConfig(arch="decoder", width=32, num_layers=2, max_seq_len=64,
-                                   attention={"num_heads": 4, "num_kv_heads": 2}, position={"kind": position},
-                                   stem={"kind": "tokens", "vocab_size": 50}, head={"kind": "lm"})
+    config = token_config(vocab_size=50, max_seq_len=64, attention={"num_kv_heads": 2}, position=position)
     return formerkit.build_model(config.replace(**overrides)).eval()
 
 
@@ -75,6 +75,7 @@ def _assert_matches_on_real_tokens(model, cases, outputs) -> None:
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.slow
 def test_decoder_lm_onnx_runs_in_onnxruntime_alone_with_dynamic_batch_and_length(position, tmp_path):
     model = _decoder(position)
     info = export(model, tmp_path / "lm.onnx")
@@ -84,6 +85,7 @@ def test_decoder_lm_onnx_runs_in_onnxruntime_alone_with_dynamic_batch_and_length
     _assert_matches_on_real_tokens(model, cases, _run_onnx_alone(tmp_path / "lm.onnx", cases, tmp_path))
 
 
+@pytest.mark.slow
 def test_sliding_window_decoder_exports_to_onnx(tmp_path):
     # The blockwise window path is plain tensor code in eval mode (its custom backward is for training only).
     model = _decoder("rope", **{"attention.sliding_window": 8})
@@ -92,6 +94,7 @@ def test_sliding_window_decoder_exports_to_onnx(tmp_path):
     _assert_matches_on_real_tokens(model, cases, _run_onnx_alone(tmp_path / "window.onnx", cases, tmp_path))
 
 
+@pytest.mark.slow
 def test_vit_classifier_onnx_takes_pixel_values_with_dynamic_batch(tmp_path):
     torch.manual_seed(0)
     model = formerkit.create_model("vit_tiny_patch16_224", image_size=16, patch_size=4, num_classes=5, width=32,
@@ -104,17 +107,17 @@ def test_vit_classifier_onnx_takes_pixel_values_with_dynamic_batch(tmp_path):
         np.testing.assert_allclose(output, model(case["pixel_values"]).detach().numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_encoder_onnx_matches_pytorch_with_padding(tmp_path):
     torch.manual_seed(0)
-    config = formerkit.ModelConfig(arch="encoder", width=32, num_layers=2, max_seq_len=64,
-                                   attention={"num_heads": 4}, position={"kind": "learned"},
-                                   stem={"kind": "tokens", "vocab_size": 50}, head={"kind": "masked_lm"})
+    config = token_config("encoder", vocab_size=50, max_seq_len=64, position="learned", head="masked_lm")
     model = formerkit.build_model(config).eval()
     export(model, tmp_path / "encoder.onnx")
     cases = _token_cases()
     _assert_matches_on_real_tokens(model, cases, _run_onnx_alone(tmp_path / "encoder.onnx", cases, tmp_path))
 
 
+@pytest.mark.slow
 def test_torch_export_round_trip_gives_the_same_logits(tmp_path):
     model = _decoder("rope")
     info = export(model, tmp_path / "lm.pt2", format="torch-export")
@@ -143,6 +146,7 @@ def test_unknown_format_is_refused(tmp_path):
         export(_decoder("rope"), tmp_path / "model.tflite", format="tflite")
 
 
+@pytest.mark.slow
 def test_cli_export_writes_the_file_next_to_the_model_dir_and_a_sidecar(tmp_path):
     from formerkit.cli import main
 
@@ -159,6 +163,7 @@ def test_cli_export_writes_the_file_next_to_the_model_dir_and_a_sidecar(tmp_path
     assert (tmp_path / "x" / "lm.pt2").exists() and (tmp_path / "x" / "lm.pt2.json").exists()
 
 
+@pytest.mark.slow
 def test_torch_export_file_loads_and_runs_without_formerkit(tmp_path):
     export(_decoder("learned"), tmp_path / "lm.pt2", format="torch-export")
     script = ("import sys, torch\n"
@@ -169,6 +174,7 @@ def test_torch_export_file_loads_and_runs_without_formerkit(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "lm.pt2")], check=True, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_pruned_decoder_exports_to_onnx(tmp_path):
     """Pruning leaves layers with fewer heads and narrower feed-forward layers (per-layer config fields): the
     exported graph must carry them, giving the pruned model's logits."""

@@ -8,14 +8,14 @@ loop written out here that recomputes everything at every step.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import formerkit
 from formerkit import InputError, ModelConfig
 from formerkit.nn.cache import KVCache
+
+from ..conftest import randomize_weights
 
 VOCAB = 29
 WIDTH = 32
@@ -34,12 +34,7 @@ def make_model(arch: str = "decoder", position: str = "learned", seed: int = 0, 
     torch.manual_seed(seed)
     model = formerkit.build_model(config)
     # O(1)-scale weights, so attention patterns are sharp and every part of the model matters.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            parameter.copy_(parameter + 0.1 * noise if parameter.dim() == 1 else noise / math.sqrt(parameter.shape[-1]))
-    return model.eval()
+    return randomize_weights(model, seed, std="fan_in").eval()
 
 
 def left_padded(batch_lengths: list[int], total: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,6 +388,7 @@ def test_fixed_shape_decode_step_for_encoder_decoders(monkeypatch):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow
 def test_compiled_generation_equals_eager_per_model_and_after_weights_change():
     from formerkit.generation import compiled_step
 

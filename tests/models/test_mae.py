@@ -19,6 +19,8 @@ import formerkit
 from formerkit import ConfigError, InputError, MaskedAutoencoder, ModelConfig, finetune_model
 from formerkit.models.mae import patchify, unpatchify
 
+from ..conftest import image_config, randomize_weights, token_config
+
 WIDTH = 32
 TOL = 1e-5
 
@@ -29,33 +31,18 @@ TOL = 1e-5
 def encoder_config(image_size=(8, 8), patch_size: int = 2, in_channels: int = 1, *, class_token: bool = True,
                    register_tokens: int = 0, position: str = "learned", **overrides) -> ModelConfig:
     """A tiny image encoder, by default for 8x8 one-channel digits."""
-    config = ModelConfig(
-        arch="encoder", width=WIDTH, num_layers=2, max_seq_len=None,
-        attention={"num_heads": 4}, norm={"kind": "layernorm", "placement": "pre", "eps": 1e-6},
-        position={"kind": position},
-        stem={"kind": "patches", "image_size": list(image_size), "patch_size": patch_size,
-              "in_channels": in_channels, "class_token": class_token, "register_tokens": register_tokens},
-        head={"kind": "none"},
-    )
+    config = image_config(image_size=list(image_size), patch_size=patch_size, in_channels=in_channels, width=WIDTH,
+                          max_seq_len=None, norm={"kind": "layernorm", "placement": "pre", "eps": 1e-6},
+                          position={"kind": position},
+                          stem={"class_token": class_token, "register_tokens": register_tokens})
     return config.replace(**overrides) if overrides else config
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """O(1)-scale random weights instead of the tiny default init, so every part of the encoder visibly matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if parameter.dim() == 1:
-                parameter.add_(0.1 * noise)
-            else:
-                parameter.copy_(noise / math.sqrt(parameter.shape[-1]))
-    return model
-
-
 def make_mae(config: ModelConfig | None = None, seed: int = 0, **options) -> MaskedAutoencoder:
+    """An MAE around a tiny encoder with O(1)-scale random weights (conftest's randomize_weights, 1/fan_in matrices)
+    instead of the tiny default init, so every part of the encoder visibly matters."""
     torch.manual_seed(seed)
-    encoder = randomize(formerkit.build_model(config or encoder_config()), seed)
+    encoder = randomize_weights(formerkit.build_model(config or encoder_config()), seed, std="fan_in")
     options.setdefault("decoder_width", 16)
     return MaskedAutoencoder(encoder, **options).eval()
 
@@ -437,8 +424,7 @@ def test_finetune_model_starts_from_the_pretrained_weights_not_the_initial_ones(
 
 @pytest.mark.parametrize("config, field", [
     (encoder_config(stem={"kind": "conv", "patch_size": None, "register_tokens": 0}), "stem.kind"),
-    (ModelConfig(arch="encoder", width=WIDTH, num_layers=1, max_seq_len=8, attention={"num_heads": 4},
-                 stem={"kind": "tokens", "vocab_size": 11}, head={"kind": "none"}), "stem.kind"),
+    (token_config("encoder", vocab_size=11, width=WIDTH, num_layers=1, max_seq_len=8), "stem.kind"),
     (encoder_config(arch="decoder"), "arch"),
     (encoder_config(position="rope"), "position.kind"),
     (encoder_config(attention={"sliding_window": 3}), "attention.sliding_window"),

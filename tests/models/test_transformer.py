@@ -19,6 +19,8 @@ from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.norms import RMSNorm
 
+from ..conftest import image_config, randomize_weights, token_config
+
 VOCAB = 23
 WIDTH = 32
 HEADS = 4
@@ -31,31 +33,17 @@ POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "none"]
 
 
 def make_config(arch: str = "decoder", position: str = "learned", **overrides) -> ModelConfig:
-    """A tiny token model; ``overrides`` go through ModelConfig.replace."""
-    head = {"encoder": "none", "decoder": "lm", "encoder_decoder": "lm"}[arch]
-    config = ModelConfig(
-        arch=arch, width=WIDTH, num_layers=2, max_seq_len=MAX_LEN,
-        attention={"num_heads": HEADS}, position={"kind": position},
-        stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": head},
-    )
+    """A tiny token model (conftest's token_config: lm head for decoders and encoder-decoders, none for encoders);
+    ``overrides`` go through ModelConfig.replace."""
+    config = token_config(arch, vocab_size=VOCAB, width=WIDTH, max_seq_len=MAX_LEN, num_heads=HEADS, position=position)
     return config.replace(**overrides) if overrides else config
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Replaces the (tiny) default init by O(1)-scale random weights so every part visibly matters.
-
-    Matrices get N(0, 1/fan_in); vectors (biases, norm weights, LayerScale gammas) get their value plus N(0, 0.1^2),
-    so norm weights stay near 1 and gammas near their configured value but are no longer uniform.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if parameter.dim() == 1:
-                parameter.add_(0.1 * noise)
-            else:
-                parameter.copy_(noise / math.sqrt(parameter.shape[-1]))
-    return model
+    """Replaces the (tiny) default init by O(1)-scale random weights so every part visibly matters: conftest's
+    randomize_weights with N(0, 1/fan_in) matrices (vectors get their value plus N(0, 0.1^2), so norm weights stay
+    near 1 and LayerScale gammas near their configured value but are no longer uniform)."""
+    return randomize_weights(model, seed, std="fan_in")
 
 
 def build(config: ModelConfig, seed: int = 0, train: bool = False) -> formerkit.Transformer:
@@ -417,13 +405,8 @@ def test_drop_path_is_random_in_training_and_identity_in_eval(num_unique_layers)
 
 def test_vit_class_token_and_registers():
     image, patch, registers, classes = 16, 4, 2, 5
-    config = ModelConfig(
-        arch="encoder", width=WIDTH, num_layers=2, max_seq_len=None, attention={"num_heads": HEADS},
-        position={"kind": "learned"},
-        stem={"kind": "patches", "image_size": image, "patch_size": patch, "class_token": True,
-              "register_tokens": registers},
-        head={"kind": "none"},
-    )
+    config = image_config(image_size=image, patch_size=patch, in_channels=3, width=WIDTH, num_heads=HEADS,
+                          max_seq_len=None, position={"kind": "learned"}, stem={"register_tokens": registers})
     model = build(config).eval()
     grid = image // patch
     assert config.stem.grid_size == (grid, grid)

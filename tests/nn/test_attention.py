@@ -17,6 +17,8 @@ from formerkit.nn.attention import Attention
 from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import KeyPaddingMask, PreparedMask, TensorMask, prepare_attention_mask
 
+from ..conftest import randomize_weights
+
 WIDTH = 16
 NUM_HEADS = 4
 HEAD_DIM = 4
@@ -97,10 +99,8 @@ def reference_attention(module, x, *, mask=None, causal=False, memory=None, norm
 def make_attention(*, dtype=torch.float64, num_kv_heads=NUM_HEADS, seed=0, **kwargs):
     torch.manual_seed(seed)
     module = Attention(WIDTH, NUM_HEADS, num_kv_heads, HEAD_DIM, **kwargs).to(dtype)
-    with torch.no_grad():  # non-trivial biases and norm affine parameters, so a reference that skips them fails
-        for parameter in module.parameters():
-            parameter.normal_(0.0, 0.5)
-    return module.eval()
+    # Non-trivial biases and norm affine parameters, so a reference that skips them fails.
+    return randomize_weights(module, seed, std=0.5).eval()
 
 
 def inputs(batch=2, length=5, dtype=torch.float64, seed=1):
@@ -345,7 +345,7 @@ def test_fully_masked_boolean_row_returns_exact_zeros(need_weights, num_kv_heads
     allowed = torch.ones(5, 5, dtype=torch.bool).tril()
     allowed[2] = False
     prepared = prepare_attention_mask(TensorMask(allowed), 5, 5)
-    assert prepared.empty_rows is not None
+    assert prepared.empty_rows.flatten().tolist() == [row == 2 for row in range(5)]
     _check_empty_row_output(module, x, prepared, allowed.view(1, 1, 5, 5), 2, need_weights)
 
 
@@ -356,7 +356,7 @@ def test_fully_masked_float_row_returns_exact_zeros(need_weights):
     scores = torch.randn(5, 5, dtype=torch.float64)
     scores[3] = float("-inf")
     prepared = prepare_attention_mask(TensorMask(scores), 5, 5)
-    assert prepared.empty_rows is not None
+    assert prepared.empty_rows.flatten().tolist() == [row == 3 for row in range(5)]
     _check_empty_row_output(module, x, prepared, scores.view(1, 1, 5, 5), 3, need_weights)
 
 

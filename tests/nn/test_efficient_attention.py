@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import formerkit
-from formerkit import ConfigError, ModelConfig
+from formerkit import ConfigError
 from formerkit.nn import attention as attention_module
 from formerkit.nn.attention import Attention, GaussianMixtureMask, attention_weights
 from formerkit.nn.context import LayerContext
@@ -26,14 +26,14 @@ from formerkit.nn.masks import (
     prepare_blocked_mask,
 )
 
+from ..conftest import image_config, token_config
+
 VOCAB, WIDTH, HEADS = 29, 32, 4
 
 
 def token_model(randomize, *, arch="decoder", position="rope", length=256, seed=0, **attention):
-    head = "lm" if arch == "decoder" else "none"
-    config = ModelConfig(arch=arch, width=WIDTH, num_layers=2, max_seq_len=length,
-                         attention={"num_heads": HEADS, **attention}, position={"kind": position},
-                         stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": head})
+    config = token_config(arch, vocab_size=VOCAB, width=WIDTH, max_seq_len=length, num_heads=HEADS,
+                          attention=attention, position=position, head="lm" if arch == "decoder" else "none")
     model = formerkit.Transformer(config).double().eval()
     randomize(model, seed)
     return model
@@ -183,15 +183,14 @@ def test_window_larger_than_the_sequence_falls_back_to_full_attention(randomize)
 @pytest.mark.parametrize("window", [0, -3])
 def test_window_below_one_is_a_config_error(window):
     with pytest.raises(ConfigError, match="attention.sliding_window"):
-        ModelConfig(arch="decoder", width=WIDTH, num_layers=1, max_seq_len=8, attention={"num_heads": HEADS,
-                    "sliding_window": window}, stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": "lm"})
+        token_config(vocab_size=VOCAB, width=WIDTH, num_layers=1, max_seq_len=8, num_heads=HEADS,
+                     attention={"sliding_window": window})
 
 
 def test_global_tokens_need_a_window():
     with pytest.raises(ConfigError, match="attention.global_tokens: .*0 when attention.sliding_window is null"):
-        formerkit.ModelConfig(arch="encoder", width=WIDTH, num_layers=1, max_seq_len=8,
-                              attention={"num_heads": HEADS, "global_tokens": 2},
-                              stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": "none"})
+        token_config("encoder", vocab_size=VOCAB, width=WIDTH, num_layers=1, max_seq_len=8, num_heads=HEADS,
+                     attention={"global_tokens": 2})
 
 
 # ----- linear attention -----
@@ -243,7 +242,8 @@ def test_quadratic_form_is_the_normalized_kernel_written_out():
         weights = [float(F.elu(q[0, 0, i]).add(1) @ F.elu(k[0, 0, j]).add(1)) for j in range(i + 1)]
         expected = sum(w * v[0, 0, j] for j, w in enumerate(weights)) / sum(weights)
         torch.testing.assert_close(out[0, 0, i], expected)
-    assert torch.all(feature_map(torch.tensor([-5.0, 0.0, 2.0])) > 0)
+    # elu(x) + 1: exp(x) for x <= 0, x + 1 above, so positive everywhere.
+    torch.testing.assert_close(feature_map(torch.tensor([-5.0, 0.0, 2.0])), torch.tensor([math.exp(-5.0), 1.0, 3.0]))
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
@@ -270,21 +270,21 @@ def test_linear_layers_differ_from_softmax_layers(randomize):
 
 
 def test_linear_attention_bad_combinations_are_config_errors():
-    base = dict(arch="decoder", width=WIDTH, num_layers=2, max_seq_len=16,
-                stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": "lm"})
+    def config(position=None, **attention):
+        return token_config(vocab_size=VOCAB, width=WIDTH, num_heads=HEADS, attention=attention, position=position)
+
     with pytest.raises(ConfigError, match="position.kind"):
-        ModelConfig(**base, attention={"num_heads": HEADS, "kind": "linear"}, position={"kind": "alibi"})
+        config("alibi", kind="linear")
     with pytest.raises(ConfigError, match="attention.sliding_window_layers"):
-        ModelConfig(**base, attention={"num_heads": HEADS, "kind": "linear", "sliding_window": 4})
+        config(kind="linear", sliding_window=4)
     with pytest.raises(ConfigError, match="attention.dropout"):
-        ModelConfig(**base, attention={"num_heads": HEADS, "kind": "linear", "dropout": 0.1})
+        config(kind="linear", dropout=0.1)
     with pytest.raises(ConfigError, match="attention.kind_layers"):
-        ModelConfig(**base, attention={"num_heads": HEADS, "kind_layers": [0]})
+        config(kind_layers=[0])
     with pytest.raises(ConfigError, match=r"attention.kind_layers: expected layer indices in \[0, 2\)"):
-        ModelConfig(**base, attention={"num_heads": HEADS, "kind": "l2", "kind_layers": [5]})
+        config(kind="l2", kind_layers=[5])
     # Windows on the softmax layers and linear attention on the others is fine.
-    ModelConfig(**base, attention={"num_heads": HEADS, "kind": "linear", "kind_layers": [1], "sliding_window": 4,
-                                   "sliding_window_layers": [0]})
+    config(kind="linear", kind_layers=[1], sliding_window=4, sliding_window_layers=[0])
 
 
 # ----- L2 attention -----
@@ -299,11 +299,8 @@ def l2_reference(q, k, v, allowed=None):
 
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_l2_attention_equals_softmax_of_minus_squared_distances(need_weights, causal):
-    module = Attention(WIDTH, HEADS, HEADS, 8, qkv_bias=True).double()
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.normal_(0.0, 0.5)
+def test_l2_attention_equals_softmax_of_minus_squared_distances(need_weights, causal, randomize):
+    module = randomize(Attention(WIDTH, HEADS, HEADS, 8, qkv_bias=True).double(), 3, std=0.5)
     x = torch.randn(2, 7, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     prepared = PreparedMask(is_causal=causal)
     out, weights = module(x, LayerContext(prepared, need_weights=need_weights, kind="l2"))
@@ -329,12 +326,10 @@ def test_l2_model_with_blockwise_window_equals_dense(randomize, monkeypatch):
 
 
 def image_model(randomize, *, kernels=2, class_token=True):
-    config = ModelConfig(arch="encoder", width=WIDTH, num_layers=2, attention={"num_heads": HEADS,
-                         "gaussian_mixture": kernels}, position={"kind": "learned"},
-                         stem={"kind": "patches", "image_size": [8, 8], "patch_size": 2, "in_channels": 1,
-                               "class_token": class_token},
-                         head={"kind": "classification", "num_classes": 10, "pooling": "cls" if class_token else
-                               "mean"})
+    config = image_config(image_size=[8, 8], width=WIDTH, num_heads=HEADS, attention={"gaussian_mixture": kernels},
+                          position={"kind": "learned"}, stem={"class_token": class_token},
+                          head={"kind": "classification", "num_classes": 10,
+                                "pooling": "cls" if class_token else "mean"})
     model = formerkit.Transformer(config).double().eval()
     randomize(model, 0)
     return model
@@ -373,9 +368,8 @@ def test_gaussian_mixture_attention_multiplies_the_scores_before_softmax(randomi
 
 def test_gaussian_mixture_needs_an_image_stem():
     with pytest.raises(ConfigError, match="attention.gaussian_mixture"):
-        ModelConfig(arch="encoder", width=WIDTH, num_layers=1, max_seq_len=8,
-                    attention={"num_heads": HEADS, "gaussian_mixture": 2},
-                    stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": "none"})
+        token_config("encoder", vocab_size=VOCAB, width=WIDTH, num_layers=1, max_seq_len=8, num_heads=HEADS,
+                     attention={"gaussian_mixture": 2})
 
 
 # ----- the soft causal mask -----
@@ -394,10 +388,9 @@ def test_soft_causal_mask_scales_the_weight_of_later_keys_by_one_minus_strength(
 
 
 def classifier_decoder(randomize, steps):
-    config = ModelConfig(arch="decoder", width=WIDTH, num_layers=2, max_seq_len=12,
-                         attention={"num_heads": HEADS, "soft_causal_steps": steps}, position={"kind": "rope"},
-                         stem={"kind": "tokens", "vocab_size": VOCAB},
-                         head={"kind": "classification", "num_classes": 3})
+    config = token_config(vocab_size=VOCAB, width=WIDTH, max_seq_len=12, num_heads=HEADS,
+                          attention={"soft_causal_steps": steps}, position="rope",
+                          head={"kind": "classification", "num_classes": 3})
     model = formerkit.Transformer(config).double().eval()
     randomize(model, 0)
     return model
@@ -423,9 +416,8 @@ def test_soft_causal_schedule_goes_from_no_mask_to_the_causal_mask(randomize):
 def test_soft_causal_is_refused_for_language_models_and_encoders():
     for arch, head in [("decoder", "lm"), ("encoder", "none")]:
         with pytest.raises(ConfigError, match="attention.soft_causal_steps"):
-            ModelConfig(arch=arch, width=WIDTH, num_layers=1, max_seq_len=8,
-                        attention={"num_heads": HEADS, "soft_causal_steps": 5},
-                        stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": head})
+            token_config(arch, vocab_size=VOCAB, width=WIDTH, num_layers=1, max_seq_len=8, num_heads=HEADS,
+                         attention={"soft_causal_steps": 5}, head=head)
 
 
 def test_attention_module_names_the_kinds():

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import formerkit
-from formerkit import ModelConfig
 from formerkit.nn.attention import Attention
 from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import PreparedMask
@@ -25,6 +24,8 @@ from formerkit.nn.positions import (
     build_positions,
     sinusoidal_table,
 )
+
+from ..conftest import image_config, token_config
 
 # ----- sinusoidal -----
 
@@ -194,8 +195,10 @@ def test_alibi_slopes_for_six_heads_are_four_head_slopes_then_every_other_eight_
     four = [2.0 ** (-8 / 4 * (i + 1)) for i in range(4)]  # 2^-2, 2^-4, 2^-6, 2^-8
     eight = [2.0 ** (-8 / 8 * (i + 1)) for i in range(8)]  # 2^-1 ... 2^-8
     expected = four + eight[0::2][:2]  # + 2^-1, 2^-3
-    assert expected == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
     torch.testing.assert_close(alibi_slopes(6), torch.tensor(expected), rtol=0, atol=0)
+    # The values of get_slopes(6) in the ALiBi authors' code (github.com/ofirpress/attention_with_linear_biases).
+    published = [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor(published), rtol=0, atol=0)
 
 
 def paper_slopes(n):
@@ -275,8 +278,7 @@ def test_sincos2d_table_encodes_row_then_column_with_zero_prefix_tokens(grid, wi
 @pytest.mark.parametrize("kind, cls", [("learned", LearnedPositions), ("sinusoidal", SinusoidalPositions),
                                        ("rope", RotaryPositions), ("alibi", ALiBiPositions), ("none", NoPositions)])
 def test_build_positions_makes_the_configured_scheme(kind, cls):
-    config = ModelConfig(arch="decoder", width=32, num_layers=1, max_seq_len=16, attention={"num_heads": 4},
-                         stem={"vocab_size": 20}, position={"kind": kind, "rope_base": 777.0})
+    config = token_config(vocab_size=20, num_layers=1, position={"kind": kind, "rope_base": 777.0})
     scheme = build_positions(config)
     assert type(scheme) is cls
     if kind == "rope":
@@ -296,8 +298,7 @@ def small_model(arch, kind, **extra):
     torch.manual_seed(7)
     # init_std 0.2 (not the default 0.02) so attention is far from uniform: with near-uniform attention a
     # permutation of the keys hardly changes anything whatever the position scheme.
-    config = ModelConfig(arch=arch, width=32, num_layers=1, max_seq_len=16, init_std=0.2, attention={"num_heads": 4},
-                         stem={"vocab_size": 20}, position={"kind": kind}, **extra)
+    config = token_config(arch, vocab_size=20, num_layers=1, init_std=0.2, position=kind, **extra)
     return formerkit.build_model(config).double().eval()
 
 
@@ -335,9 +336,8 @@ def test_encoder_is_permutation_equivariant_only_without_positions(kind):
 @pytest.mark.parametrize("kind", ["sincos2d", "learned", "none"])
 def test_image_encoder_is_patch_permutation_equivariant_only_without_positions(kind):
     torch.manual_seed(10)
-    config = ModelConfig(arch="encoder", width=32, num_layers=1, init_std=0.2, attention={"num_heads": 4},
-                         stem={"kind": "patches", "image_size": (8, 8), "patch_size": 4, "in_channels": 1},
-                         head={"kind": "none"}, position={"kind": kind})
+    config = image_config(image_size=(8, 8), patch_size=4, num_layers=1, init_std=0.2, stem={"class_token": False},
+                          position={"kind": kind})
     model = formerkit.build_model(config).double().eval()
     images = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     # swap patch (0, 0) with patch (1, 1): tokens 0 and 3 of the row-major 2x2 grid

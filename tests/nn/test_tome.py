@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from formerkit import InputError, ModelConfig, build_model
+from formerkit import InputError, build_model
 from formerkit.nn.context import LayerContext
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.tome import TokenMerging, attention_keys, bipartite_soft_matching, merge_weighted
+
+from ..conftest import image_config, token_config
 
 WIDTH, HEADS = 16, 2
 
@@ -18,13 +20,10 @@ WIDTH, HEADS = 16, 2
 def vit(pooling: str = "cls", *, layers: int = 3, registers: int = 0, class_token: bool = True, seed: int = 0,
         **overrides) -> torch.nn.Module:
     """A tiny ViT on 8x8 single-channel images with 2x2 patches: 16 patch tokens (plus the prefix tokens)."""
-    config = ModelConfig(
-        arch="encoder", width=WIDTH, num_layers=layers, max_seq_len=None, attention={"num_heads": HEADS},
-        position={"kind": "learned"}, norm={"eps": 1e-6},
-        stem={"kind": "patches", "image_size": 8, "patch_size": 2, "in_channels": 1, "class_token": class_token,
-              "register_tokens": registers},
-        head={"kind": "classification", "num_classes": 5, "pooling": pooling},
-    ).replace(**overrides)
+    config = image_config(width=WIDTH, num_layers=layers, num_heads=HEADS, max_seq_len=None,
+                          position={"kind": "learned"}, norm={"eps": 1e-6},
+                          stem={"class_token": class_token, "register_tokens": registers},
+                          head={"kind": "classification", "num_classes": 5, "pooling": pooling}).replace(**overrides)
     torch.manual_seed(seed)
     return build_model(config).eval()
 
@@ -128,22 +127,66 @@ def test_a_model_without_class_token_merges_every_patch_token():
     assert out.last_hidden_state.shape[1] == 16 - 3 * 4 and out.token_sizes.sum(dim=1).eq(16).all()
 
 
-def test_the_similarity_metric_is_the_keys_averaged_over_heads():
-    model = vit(attention={"num_heads": 4, "num_kv_heads": 2, "qk_norm": True}, seed=5)
-    attention = model.encoder.blocks[1].attention
+def test_the_similarity_metric_is_the_keys_averaged_over_heads(randomize):
+    model = randomize(vit(attention={"num_heads": 4, "num_kv_heads": 2, "qk_norm": True}, seed=5), 9)
+    attention = model.encoder.blocks[1].attention  # non-trivial norm weights and biases
     with torch.no_grad():
-        for parameter in model.parameters():  # non-trivial norm weights and biases
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(9)))
         x = torch.randn(2, 17, WIDTH)
         _, keys, _ = attention.project(x)
         assert torch.allclose(attention_keys(attention, x), keys.mean(dim=1), atol=1e-6)
 
 
-def test_training_mode_and_gradients_work_through_merging():
-    model = vit("mean").train()
-    logits = model(images(), merge_tokens=3)
-    logits.sum().backward()
-    assert model.stem.projection.weight.grad is not None
+def test_gradients_through_merging_are_the_derivative_of_the_merged_model():
+    """In training mode, backward through merging gives the derivative of what the merged forward pass computes:
+    the matching is a piecewise-constant choice, so along a small step the merged model is smooth, and each
+    gradient's component along a random direction equals a central finite difference (float64)."""
+    model = vit("mean").double().train()
+    x = images().double()
+    generator = torch.Generator().manual_seed(4)
+    weights = torch.randn(3, 5, dtype=torch.float64, generator=generator)  # a loss in which every logit counts
+
+    def loss() -> torch.Tensor:
+        return (model(x, merge_tokens=3) * weights).sum()
+
+    loss().backward()
+    parameters = dict(model.named_parameters())
+    original = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+    step = 1e-6
+    for names in (["stem.projection.weight"], list(parameters)):
+        direction = {name: torch.randn(parameters[name].shape, dtype=torch.float64, generator=generator)
+                     for name in names}
+        analytic = sum(float((parameters[name].grad * d).sum()) for name, d in direction.items())
+        values = []
+        with torch.no_grad():
+            for sign in (1.0, -1.0):
+                for name, d in direction.items():
+                    parameters[name].copy_(original[name] + sign * step * d)
+                values.append(float(loss()))
+            for name in names:
+                parameters[name].copy_(original[name])
+        assert (values[0] - values[1]) / (2 * step) == pytest.approx(analytic, rel=1e-6, abs=0), names
+
+
+def test_merging_identical_tokens_leaves_the_gradients_of_the_unmerged_model():
+    """As in test_merging_identical_tokens_changes_nothing: without position embeddings a constant image makes every
+    patch token the same whatever the other weights are, so the merged model is the unmerged one as a function of
+    them, and its gradients (through the size-weighted merges, proportional attention and pooling) must be the
+    unmerged model's. (Not the position rows': they are what would make the tokens differ.) The tolerance is that of
+    the token sizes, which merging keeps in float32 whatever the model's dtype."""
+    model = vit("mean", layers=4, registers=1).double().train()
+    with torch.no_grad():
+        model.positions.weight.zero_()
+    x = torch.full((2, 1, 8, 8), 0.7, dtype=torch.float64)
+    x[1] = -1.3
+    weights = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    gradients = []
+    for merge_tokens in (None, [5, 0, 2, 1]):
+        model.zero_grad()
+        (model(x, merge_tokens=merge_tokens) * weights).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if name != "positions.weight"})
+    plain, merged = gradients
+    for name in plain:
+        torch.testing.assert_close(merged[name], plain[name], rtol=1e-7, atol=1e-8, msg=name)
 
 
 def test_bad_merge_requests_are_refused_with_what_was_expected():
@@ -162,14 +205,11 @@ def test_bad_merge_requests_are_refused_with_what_was_expected():
 
 
 def test_merging_is_refused_for_models_and_inputs_it_does_not_serve():
-    lm = build_model(ModelConfig(arch="decoder", width=WIDTH, num_layers=1, max_seq_len=16,
-                                 attention={"num_heads": HEADS}, stem={"kind": "tokens", "vocab_size": 11},
-                                 head={"kind": "lm"}))
+    lm = build_model(token_config(vocab_size=11, width=WIDTH, num_layers=1, num_heads=HEADS))
     with pytest.raises(InputError, match="for encoders that classify.*arch='decoder', head='lm'"):
         lm(torch.randint(0, 11, (1, 6)), merge_tokens=1)
-    text = build_model(ModelConfig(arch="encoder", width=WIDTH, num_layers=2, max_seq_len=16,
-                                   attention={"num_heads": HEADS}, stem={"kind": "tokens", "vocab_size": 11},
-                                   head={"kind": "classification", "num_classes": 3}))
+    text = build_model(token_config("encoder", vocab_size=11, width=WIDTH, num_heads=HEADS,
+                                    head={"kind": "classification", "num_classes": 3}))
     ids = torch.randint(0, 11, (2, 8))
     assert text(ids, merge_tokens=1).shape == (2, 3)
     with pytest.raises(InputError, match="takes no attention_mask or mask"):

@@ -1,43 +1,39 @@
-"""Shrunken recipes for training tests: the shipped recipes with tiny models and a few steps."""
+"""Interrupting training subprocesses at a known step (tests/train/gated_train.py), with deadlines that fail loudly."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
-QUIET = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 1}
-
-TINY = {
-    "cct-digits": {"schedule.steps": 6, "schedule.batch_size": 16, "eval.every": 3, "model.num_layers": 1,
-                   "model.width": 32, "model.num_heads": 2, "model.conv_layers": 1},
-    "vit-digits": {"schedule.steps": 6, "schedule.batch_size": 16, "eval.every": 3, "model.num_layers": 1,
-                   "model.width": 32, "model.num_heads": 2},
-    "mae-digits": {"schedule.steps": 4, "schedule.batch_size": 16, "eval.every": 2, "model.num_layers": 1,
-                   "model.width": 32, "model.num_heads": 2, "objective.decoder_width": 32,
-                   "objective.decoder_layers": 1,
-                   "then": {"objective": {"kind": "classification"},
-                            "schedule": {"steps": 4, "batch_size": 16, "warmup_steps": 1}}},
-    "seq2seq-reverse": {"schedule.steps": 6, "schedule.batch_size": 16, "eval.every": 3, "data.num_examples": 64,
-                        "data.seq_len": 6, "model.config.width": 32, "model.config.max_seq_len": 7},
-    "mlm-stdlib": {"schedule.steps": 6, "schedule.batch_size": 4, "eval.every": 3, "data.max_bytes": 120_000,
-                   "data.seq_len": 32, "model.config.width": 32, "model.config.num_layers": 1,
-                   "model.config.max_seq_len": 32, "eval.batches": 2},
-    "timeseries-forecast": {"schedule.steps": 6, "schedule.batch_size": 16, "eval.every": 3, "data.window": 32,
-                            "data.horizon": 8, "model.config.width": 32, "model.config.num_layers": 1,
-                            "model.config.max_seq_len": 32},
-    "char-lm-long": {"schedule.steps": 4, "schedule.batch_size": 2, "eval.every": 2, "data.max_bytes": 120_000,
-                     "data.seq_len": 160, "model.width": 32, "model.num_heads": 2, "model.max_seq_len": 160,
-                     "model.attention.sliding_window": 8, "eval.batches": 2, "eval.batch_size": 2},
-    "char-lm": {"schedule.steps": 6, "schedule.batch_size": 4, "eval.every": 3, "data.max_bytes": 120_000,
-                "data.seq_len": 32, "model.num_layers": 1, "model.width": 32, "model.num_heads": 2,
-                "eval.batches": 2},
-}
+GATED_TRAIN = Path(__file__).with_name("gated_train.py")
 
 
-@pytest.fixture
-def tiny():
-    """tiny(recipe) -> the overrides that shrink a shipped recipe for a test."""
+def gated_train(step: int, directory: Path, action: str, *cli_args: str) -> list[str]:
+    """The arguments that run ``formerkit <cli_args>`` held after optimizer step ``step`` (see gated_train.py), to be
+    started with the Python interpreter or torchrun. ``directory`` receives the reached-<rank> files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return [str(GATED_TRAIN), str(step), str(directory), action, *cli_args]
 
-    def make(recipe: str, **extra) -> dict:
-        return {**QUIET, **TINY[recipe], **extra}
 
-    return make
+def wait_until_held(directory: Path, process: subprocess.Popen, *, ranks: int = 1, timeout: float = 120.0,
+                    stop: Callable[[], None] | None = None) -> None:
+    """Waits until every rank of the gated run has reached its step. Fails, with the run's output, when the process
+    ends first or ``timeout`` seconds pass (then ``stop``, by default ``process.kill``, ends it)."""
+    expected = [directory / f"reached-{rank}" for rank in range(ranks)]
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in expected):
+        ended = process.poll() is not None
+        if ended or time.monotonic() > deadline:
+            if not ended:
+                (stop or process.kill)()
+            output = process.communicate(timeout=60)
+            text = "\n".join(part if isinstance(part, str) else part.decode(errors="replace")
+                             for part in output if part)
+            reached = sorted(path.name for path in directory.glob("reached-*"))
+            what = f"ended with exit code {process.returncode}" if ended else f"did not get there within {timeout} s"
+            pytest.fail(f"the run {what}: reached {reached} of {[path.name for path in expected]}\n{text[-4000:]}")
+        time.sleep(0.01)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import formerkit
@@ -24,6 +25,7 @@ def test_recipes_lists_every_shipped_recipe(capsys):
         assert name[:10] in out
 
 
+@pytest.mark.slow
 def test_train_then_eval_reproduces_the_final_metrics(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "cct-digits", "--out", str(out), *_set(tiny("cct-digits"))]) == 0
@@ -56,6 +58,7 @@ def _naive_greedy_text(model_dir, prompt: str, new_tokens: int) -> str:
     return tokenizer.decode(ids[start:])
 
 
+@pytest.mark.slow
 def test_generate_streams_the_greedy_continuation_of_a_language_model_run(tiny, tmp_path, capsys):
     out = tmp_path / "lm"
     assert main(["train", "char-lm", "--out", str(out), *_set(tiny("char-lm"))]) == 0

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,9 @@ from safetensors.torch import load_file
 import formerkit
 from formerkit.train import train
 
+from ..conftest import tiny_overrides
+from .conftest import gated_train, wait_until_held
+
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available in this PyTorch build")
@@ -29,11 +31,9 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 180
 
-# The tiny cct-digits of conftest's `tiny` fixture, deterministic (no dropout) so that how the batch is split
-# between processes changes nothing but float rounding.
-TINY = {"run.progress": False, "run.log_every": 1, "schedule.warmup_steps": 1, "schedule.batch_size": 16,
-        "model.num_layers": 1, "model.width": 32, "model.num_heads": 2, "model.conv_layers": 1, "model.dropout": 0.0,
-        "model.drop_path": 0.0, "model.attention.dropout": 0.0}
+# conftest's tiny cct-digits, deterministic (no dropout) so that how the batch is split between processes changes
+# nothing but float rounding.
+TINY = tiny_overrides("cct-digits", **{"model.dropout": 0.0, "model.drop_path": 0.0, "model.attention.dropout": 0.0})
 DDP = {**TINY, "schedule.steps": 100, "eval.every": 50, "run.checkpoint_every": 50}
 FSDP = {**TINY, "schedule.steps": 10, "eval.every": 5, "run.checkpoint_every": 5, "schedule.grad_accum": 2}
 # The CCT's sequence-pooling score bias has a zero gradient in exact arithmetic (softmax ignores a shared shift):
@@ -52,9 +52,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(out: Path, overrides: dict, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "formerkit.cli", "train", "cct-digits", "--out", str(out), *_sets(overrides), *extra]
+def _torchrun(out: Path, overrides: dict, *extra: str, gate: list[str] | None = None) -> list[str]:
+    """2 processes of ``formerkit.cli train cct-digits``, or of conftest's ``gated_train`` script ``gate``."""
+    program = gate if gate is not None else ["-m", "formerkit.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program,
+            "train", "cct-digits", "--out", str(out), *_sets(overrides), *extra]
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -106,6 +108,7 @@ def ddp_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_nproc_launches_torchrun_and_rank_0_alone_writes_the_run_directory(ddp_run):
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
         assert (ddp_run / name).is_file(), name
@@ -121,6 +124,7 @@ def test_nproc_launches_torchrun_and_rank_0_alone_writes_the_run_directory(ddp_r
     assert not torch.equal(rng["torch_cpu"], rng["rank1.torch_cpu"])
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_follows_the_single_process_loss_curve(ddp_run, tmp_path):
     single = train("cct-digits", tmp_path / "single", overrides=DDP)
     expected = [r["loss"] for r in _records(tmp_path / "single")]
@@ -130,19 +134,17 @@ def test_ddp_on_two_processes_follows_the_single_process_loss_curve(ddp_run, tmp
     _same_model(ddp_run / "model", single.model, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step_and_the_resumed_run_is_uninterrupted(
         ddp_run, tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen(_torchrun(out, DDP), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+    # Both workers wait after their third optimizer step for the SIGTERM, then finish that step.
+    gate = gated_train(3, tmp_path / "gate", "sigterm")
+    process = subprocess.Popen(_torchrun(out, DDP, gate=gate), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3:
-                break
-            time.sleep(0.02)
-        assert process.poll() is None, "the run ended before it could be interrupted"
+        wait_until_held(tmp_path / "gate", process, ranks=2, timeout=LAUNCH_TIMEOUT,
+                        stop=lambda: os.killpg(process.pid, signal.SIGKILL))
         process.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both workers
         output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
     finally:
@@ -152,6 +154,7 @@ def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step_and_the_resum
     stopped = summary["steps"]
     assert summary["status"] == "interrupted", output[-4000:]
     assert 3 <= stopped < DDP["schedule.steps"]
+    assert stopped == 3  # the step the signal came in
     assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output, output[-4000:]
     # Both ranks stopped after the same step (a rank still training would hang the other in a collective), and
     # that step was checkpointed.
@@ -167,6 +170,7 @@ def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step_and_the_resum
         assert torch.allclose(_weights(out / "model")[name], tensor, rtol=1e-6, atol=1e-7), name
 
 
+@pytest.mark.slow
 def test_fsdp_trains_saves_a_loadable_model_and_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "fsdp"
     _run(_torchrun(out, FSDP, "--strategy", "fsdp"))
@@ -204,6 +208,7 @@ def test_ema_with_fsdp_is_refused_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_ddp_logs_the_expert_load_of_every_process_passes(tmp_path):
     # Mixture of experts: each process routes its share of the batch; the logged load adds up their assignments, so
     # it is the single-process run's.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,41 +19,41 @@ from formerkit.data import DataError
 from formerkit.train import RunError, TrainConfig, load_recipe, train
 from formerkit.train.state import latest_checkpoint
 
+from .conftest import gated_train, wait_until_held
+
 LONG = {"schedule.steps": 120, "run.checkpoint_every": 3, "eval.every": 40}
 
 
-def _cli(recipe: str, out: Path, overrides: dict, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "formerkit.cli", "train", recipe, "--out", str(out), *extra]
+def _cli(recipe: str, out: Path, overrides: dict, *, step: int, action: str) -> subprocess.Popen:
+    """``formerkit train`` in a subprocess, held after optimizer step ``step`` (conftest's gated_train)."""
+    command = [sys.executable, *gated_train(step, out.with_name(out.name + "-gate"), action),
+               "train", recipe, "--out", str(out)]
     for key, value in overrides.items():
         command += ["--set", f"{key}={json.dumps(value)}"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ,
                                                                                           "OMP_NUM_THREADS": "1"})
 
 
-def _wait_for_checkpoint(out: Path, step: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    target = out / "checkpoints" / f"step-{step:08d}"
-    deadline = time.time() + timeout
-    while not target.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before checkpoint {step}: {process.stderr.read().decode()[-2000:]}")
-        if time.time() > deadline:
-            process.kill()
-            raise AssertionError(f"no checkpoint {step} within {timeout}s")
-        time.sleep(0.01)
-
-
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_equals_the_uninterrupted_run_bitwise(tiny, tmp_path):
     overrides = tiny("cct-digits", **LONG, **{"run.threads": 1})
     reference = train("cct-digits", tmp_path / "reference", overrides=overrides)
-    process = _cli("cct-digits", tmp_path / "killed", overrides)
-    _wait_for_checkpoint(tmp_path / "killed", 6, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # Killed during step 8: after the checkpoint of step 6 and the train record of step 7, which resuming drops.
+    process = _cli("cct-digits", tmp_path / "killed", overrides, step=8, action="hold")
+    try:
+        wait_until_held(tmp_path / "killed-gate", process)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
     assert process.returncode == -signal.SIGKILL
+    found = latest_checkpoint(tmp_path / "killed" / "checkpoints")
+    assert found is not None and found[1]["step"] == 6
     resumed = train("cct-digits", tmp_path / "killed", overrides=overrides, resume=True)
     assert resumed.summary["status"] == "completed"
     assert _same_weights(reference.model, resumed.model)
@@ -64,26 +64,30 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run_bitwise(tiny, tmp_path
     assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resume_finishes(tiny, tmp_path):
     overrides = tiny("cct-digits", **{**LONG, "run.threads": 1, "run.checkpoint_every": 50})
-    process = _cli("cct-digits", tmp_path / "run", overrides)
-    # The run writes metrics as it goes; stop it a few steps in, between checkpoints.
-    deadline = time.time() + 60
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5) and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    # SIGTERM during step 5, between checkpoints: the run finishes the step, checkpoints it and stops.
+    process = _cli("cct-digits", tmp_path / "run", overrides, step=5, action="sigterm")
+    try:
+        wait_until_held(tmp_path / "run-gate", process)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
     assert process.returncode == 0, err.decode()[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     found = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert found is not None and found[1]["step"] == summary["steps"]
     assert 5 <= summary["steps"] < 120
+    assert summary["steps"] == 5  # the step the signal came in
     resumed = train("cct-digits", tmp_path / "run", overrides=overrides, resume=True)
     assert resumed.summary["status"] == "completed" and resumed.summary["steps"] == 120
 
 
+@pytest.mark.slow
 def test_a_corrupted_or_half_written_checkpoint_is_skipped_for_the_last_good_one(tiny, tmp_path):
     overrides = tiny("cct-digits", **{"run.checkpoint_every": 2, "run.keep_checkpoints": 3})
     train("cct-digits", tmp_path / "run", overrides=overrides)
@@ -96,18 +100,22 @@ def test_a_corrupted_or_half_written_checkpoint_is_skipped_for_the_last_good_one
     assert found is not None and found[0] != newest and found[0].name < newest.name
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     overrides = tiny("cct-digits", **{"optim.lr": 1e6, "optim.grad_clip": None, "run.checkpoint_every": 1,
                                       "schedule.steps": 20})
-    with pytest.raises(RunError, match=r"loss became (nan|inf) at step \d+.*last good checkpoint is .*step-"):
+    with pytest.raises(RunError, match=r"loss became (nan|inf) at step \d+.*last good checkpoint is .*step-") as raised:
         train("cct-digits", tmp_path / "run", overrides=overrides)
+    failed = int(re.search(r"at step (\d+)", str(raised.value)).group(1))
     found = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    assert found is not None
+    # A checkpoint every step: the last good one is the step before, and the message names it.
+    assert found is not None and found[1]["step"] == failed - 1 and str(found[0]) in str(raised.value)
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(found[0] / "model.safetensors")).values())
 
 
+@pytest.mark.slow
 def test_a_run_directory_holding_another_run_is_refused_without_resume(tiny, tmp_path):
     train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits"))
     with pytest.raises(RunError, match="already holds a run; pass --resume"):
@@ -118,6 +126,7 @@ def test_a_run_directory_holding_another_run_is_refused_without_resume(tiny, tmp
         train("cct-digits", tmp_path / "empty", overrides=tiny("cct-digits"), resume=True)
 
 
+@pytest.mark.slow
 def test_resuming_a_completed_run_returns_it_without_training(tiny, tmp_path):
     first = train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits"))
     again = train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits"), resume=True)

@@ -108,6 +108,7 @@ def _group_lrs(checkpoint) -> list[float]:
     return [group["lr"] for group in json.loads((checkpoint / "state.json").read_text())["optimizer"]["param_groups"]]
 
 
+@pytest.mark.slow
 def test_the_schedule_scales_every_group_and_a_resumed_run_is_exact(tiny, tmp_path):
     overrides = tiny("vit-digits", **{"model.num_layers": 2, "optim.layer_decay": DECAY, "optim.lr": LR,
                                       "schedule.warmup_steps": 2, "run.checkpoint_every": 3, "eval.every": 3,

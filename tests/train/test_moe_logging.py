@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
@@ -12,11 +11,15 @@ from formerkit.data import build_data
 from formerkit.train import load_recipe, train
 from formerkit.train.objectives import ExpertUsage, make_objective
 
-# char-lm shrunk as in conftest.py; lr 1e-12 leaves the weights as initialized, so the passes can be redone by hand.
-BASE = {"run.progress": False, "run.log_every": 2, "schedule.warmup_steps": 0, "schedule.steps": 4,
-        "schedule.batch_size": 4, "schedule.grad_accum": 2, "eval.every": 4, "eval.batches": 1,
-        "data.max_bytes": 60_000, "data.seq_len": 32, "model.num_layers": 2, "model.width": 32,
-        "model.num_heads": 2, "optim.lr": 1e-12}
+from ..conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow  # every test trains a run
+
+# conftest's tiny char-lm, 2 layers, 2 micro-batches a step; lr 1e-12 leaves the weights as initialized, so the
+# passes can be redone by hand.
+BASE = tiny_overrides("char-lm", **{"run.log_every": 2, "schedule.warmup_steps": 0, "schedule.steps": 4,
+                                    "schedule.grad_accum": 2, "eval.every": 4, "eval.batches": 1,
+                                    "data.max_bytes": 60_000, "model.num_layers": 2, "optim.lr": 1e-12})
 MOE = {"model.num_experts": 4, "model.experts_per_token": 2, "model.aux_loss_weight": 0.1}
 FIELDS = {"moe_load_max", "moe_load_entropy", "moe_aux_loss"}
 
@@ -59,11 +62,7 @@ def test_a_dense_model_logs_no_expert_fields(tmp_path):
     assert records and not any(key.startswith(("moe_", "valid_moe_")) for r in records for key in r)
 
 
-def test_the_progress_bar_shows_the_expert_load(tmp_path):
-    from rich.console import Console
-
-    output = io.StringIO()
-    console = Console(file=output, width=160, force_terminal=False)
+def test_the_progress_bar_shows_the_expert_load(tmp_path, console):
     result = train("char-lm", tmp_path / "run", overrides={**BASE, **MOE, "run.progress": True}, console=console)
     assert result.summary["status"] == "completed"
-    assert "expert load" in output.getvalue()
+    assert "expert load" in console.file.getvalue()

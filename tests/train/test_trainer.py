@@ -15,6 +15,7 @@ from formerkit.train.trainer import build_optimizer, lr_factor
 
 @pytest.mark.parametrize("recipe", ["cct-digits", "vit-digits", "seq2seq-reverse", "char-lm", "mlm-stdlib",
                                     "timeseries-forecast"])
+@pytest.mark.slow
 def test_each_shipped_objective_trains_and_leaves_a_complete_run_directory(recipe, tiny, tmp_path):
     result = train(recipe, tmp_path / "run", overrides=tiny(recipe))
     run = tmp_path / "run"
@@ -38,6 +39,7 @@ def test_each_shipped_objective_trains_and_leaves_a_complete_run_directory(recip
     assert formerkit.ModelConfig.from_file(run / "model.yaml") == loaded.config
 
 
+@pytest.mark.slow
 def test_bf16_autocast_runs_train_in_bfloat16_matmuls_with_finite_losses(tiny, tmp_path):
     seen = []
     hook = torch.nn.modules.module.register_module_forward_hook(
@@ -50,6 +52,7 @@ def test_bf16_autocast_runs_train_in_bfloat16_matmuls_with_finite_losses(tiny, t
     assert result.summary["status"] == "completed" and math.isfinite(result.summary["test_loss"])
 
 
+@pytest.mark.slow
 def test_mae_pretraining_then_finetuning_starts_from_the_pretrained_encoder(tiny, tmp_path):
     result = train("mae-digits", tmp_path / "run", overrides=tiny("mae-digits"))
     assert result.summary["objective"] == "classification"
@@ -68,6 +71,7 @@ def test_mae_pretraining_then_finetuning_starts_from_the_pretrained_encoder(tiny
     assert set(pretrained) == set(stage1)
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_bitwise_identical_runs(tiny, tmp_path):
     first = train("cct-digits", tmp_path / "a", overrides=tiny("cct-digits"))
     second = train("cct-digits", tmp_path / "b", overrides=tiny("cct-digits"))
@@ -101,6 +105,7 @@ def test_weight_decay_skips_norms_biases_embeddings_and_positions():
         assert (pid in decayed) == expect_decay, name
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(tiny, tmp_path):
     whole = train("cct-digits", tmp_path / "a", overrides=tiny("cct-digits", **{"model.dropout": 0.0,
                                                                                  "model.drop_path": 0.0,
@@ -116,6 +121,7 @@ def test_gradient_accumulation_equals_the_full_batch(tiny, tmp_path):
             assert torch.allclose(a, b, atol=1e-4), name
 
 
+@pytest.mark.slow
 def test_ema_weights_are_what_gets_saved(tiny, tmp_path):
     result = train("cct-digits", tmp_path / "run", overrides=tiny("cct-digits", **{"optim.ema_decay": 0.5}))
     checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
@@ -130,6 +136,7 @@ def test_ema_weights_are_what_gets_saved(tiny, tmp_path):
     assert result.summary["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_when_the_metric_stalls(tiny, tmp_path):
     overrides = tiny("seq2seq-reverse", **{"schedule.steps": 40, "eval.every": 1, "eval.metric": "valid_loss",
                                            "eval.patience": 2, "optim.lr": 1e-9})
@@ -149,6 +156,7 @@ def test_every_shipped_recipe_is_valid_and_listed():
         assert TrainConfig.from_dict(recipe.to_dict()) == recipe
 
 
+@pytest.mark.slow
 def test_char_lm_long_trains_with_local_attention_blocks_experts_and_packed_rows(tmp_path, tiny, monkeypatch):
     from formerkit.nn.attention import Attention
 
@@ -164,6 +172,7 @@ def test_char_lm_long_trains_with_local_attention_blocks_experts_and_packed_rows
         "valid_loss"])
 
 
+@pytest.mark.slow
 def test_soft_causal_mask_fades_in_over_the_training_steps(tmp_path, tiny, monkeypatch):
     from formerkit.models.transformer import Transformer
 
@@ -184,6 +193,7 @@ def test_soft_causal_mask_fades_in_over_the_training_steps(tmp_path, tiny, monke
         train("vit-digits", tmp_path / "long", overrides={**overrides, "model.attention.soft_causal_steps": 50})
 
 
+@pytest.mark.slow
 def test_an_interrupted_first_stage_does_not_start_the_second(tmp_path, tiny, monkeypatch):
     from formerkit.train import trainer
 
