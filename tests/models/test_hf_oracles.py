@@ -1,10 +1,11 @@
 """Hugging Face ``transformers`` models as numerical oracles for formerkit's presets.
 
 Each test builds a small random-weight Hugging Face model from a config object (nothing is downloaded), saves it to a
-temporary directory and reads it with ``formerkit.from_hf``, whose weight mapping (formerkit/interop/hf.py) is the
-documented correspondence between the two layouts: it checks that every weight is used exactly once with the right
-shape and that nothing is left over. The test then checks that the model read is the matching preset itself (the same
-ModelConfig, sizes overridden) and that both compute the same outputs in float32 (max |difference| <= 1e-4).
+temporary directory and reads it with ``formerkit.from_hf``, whose weight mapping (one module per family in
+formerkit/interop/) is the documented correspondence between the two layouts: it checks that every weight is used
+exactly once with the right shape and that nothing is left over. The test then checks that the model read is the
+matching preset itself (the same ModelConfig, sizes overridden) and that both compute the same outputs in float32
+(max |difference| <= 1e-4).
 
 Before saving, every oracle parameter is redrawn at random (the ``randomize`` fixture) so that a missing bias, a norm
 without its affine part or an attention pattern that is nearly uniform cannot hide a difference.
