@@ -318,31 +318,9 @@ class Transformer(nn.Module):
         offset, num_keys = (cache.start, cache.end) if cache is not None else (0, length)
         if cache is not None:
             key_keep = cache.key_keep()
+        combined = self._combined_mask(stack.causal, key_keep, mask)
+        bias, bias_at = self._position_bias(length, position_ids, cache, device)
         attention = self.config.attention
-        parts: list[Mask] = []
-        if stack.causal and not (mask is not None and mask.defines_order):
-            strength = self.soft_causal_strength if attention.soft_causal_steps is not None else 1.0
-            parts.append(CausalMask() if strength >= 1.0 else SoftCausalMask(strength))
-        if key_keep is not None:
-            parts.append(KeyPaddingMask(key_keep))
-        if mask is not None:
-            parts.append(mask)
-        combined = None
-        for part in parts:
-            combined = part if combined is None else combined & part
-        bias = bias_at = None
-        if self.positions.uses_bias:
-            positions = (position_ids if position_ids is not None
-                         else torch.arange(length, device=device).unsqueeze(0))
-            keys = cache.key_positions() if cache is not None else positions
-            bias = self.positions.attention_bias(positions, keys)
-
-            def bias_at(query_index: Tensor, key_index: Tensor) -> Tensor:
-                # Position ids read at the given positions (clamped; positions outside the sequence are masked).
-                last = keys.shape[1] - 1
-                return self.positions.attention_bias(keys[:, query_index.clamp(0, last)],
-                                                     keys[:, key_index.clamp(0, last)])
-
         masks: dict[str, PreparedMask] = {}
         if "full" in kinds:
             masks["full"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias,
@@ -367,12 +345,54 @@ class Transformer(nn.Module):
             structural = combined is None or all(isinstance(part, (CausalMask, KeyPaddingMask))
                                                  for part in mask_parts(combined))
             if cache is None and structural and bias is None:
-                masks["linear"] = PreparedMask(is_causal=any(isinstance(part, CausalMask) for part in parts),
-                                               key_keep=key_keep)
+                masks["linear"] = self._linear_form(combined)
             else:
                 masks["linear"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias,
                                                          device=device)
         return masks
+
+    def _combined_mask(self, causal: bool, key_keep: Tensor | None, mask: Mask | None) -> Mask | None:
+        """A causal stack's causal mask (faded in while training with attention.soft_causal_steps; left out when
+        ``mask`` fixes the order itself), the key padding, and the caller's ``mask``, combined."""
+        parts: list[Mask] = []
+        if causal and not (mask is not None and mask.defines_order):
+            steps = self.config.attention.soft_causal_steps
+            strength = self.soft_causal_strength if steps is not None else 1.0
+            parts.append(CausalMask() if strength >= 1.0 else SoftCausalMask(strength))
+        if key_keep is not None:
+            parts.append(KeyPaddingMask(key_keep))
+        if mask is not None:
+            parts.append(mask)
+        combined = None
+        for part in parts:
+            combined = part if combined is None else combined & part
+        return combined
+
+    def _position_bias(self, length: int, position_ids: Tensor | None, cache: KVCache | None, device):
+        """Positions that add to the scores (ALiBi): the bias of this pass's queries over every key, and the same as
+        a function of query and key positions (for blockwise and rolling-cache masks). (None, None) otherwise."""
+        if not self.positions.uses_bias:
+            return None, None
+        positions = position_ids if position_ids is not None else torch.arange(length, device=device).unsqueeze(0)
+        keys = cache.key_positions() if cache is not None else positions
+
+        def bias_at(query_index: Tensor, key_index: Tensor) -> Tensor:
+            # Position ids read at the given positions (clamped; positions outside the sequence are masked).
+            last = keys.shape[1] - 1
+            return self.positions.attention_bias(keys[:, query_index.clamp(0, last)], keys[:, key_index.clamp(0, last)])
+
+        return self.positions.attention_bias(positions, keys), bias_at
+
+    @staticmethod
+    def _linear_form(combined: Mask | None) -> PreparedMask:
+        """A mask of causal and key-padding parts only, as linear attention's linear-time form reads it: a causal
+        flag and one keep-mask of the keys (every padding part's, the caller's own included)."""
+        parts = () if combined is None else mask_parts(combined)
+        keeps = [part.keep for part in parts if isinstance(part, KeyPaddingMask)]
+        key_keep = None
+        for keep in keeps:
+            key_keep = keep if key_keep is None else key_keep & keep
+        return PreparedMask(is_causal=any(isinstance(part, CausalMask) for part in parts), key_keep=key_keep)
 
     def _static_masks(self, kinds: set[str], slots: StaticSlots, position_ids: Tensor) -> dict[str, PreparedMask]:
         """``attention_masks`` for the compiled decode step: one query per row over the slots filled so far, every

@@ -711,3 +711,16 @@ def test_prepare_names_the_stack_a_two_stack_model_needs():
     model = formerkit.build_model(make_config("encoder_decoder"))
     with pytest.raises(formerkit.InputError, match="side: expected encoder or decoder"):
         model.prepare(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_linear_attention_reads_a_callers_causal_and_padding_masks_in_its_linear_form():
+    """An encoder's linear-attention layers take a caller's CausalMask & KeyPaddingMask in their linear-time form
+    (running sums) and must compute what the quadratic form computes under the same mask given as a dense tensor."""
+    model = randomize(formerkit.build_model(make_config("encoder", "learned", **{"attention.kind": "linear"}))).eval()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 5:] = False
+    structured = model(ids, mask=formerkit.CausalMask() & formerkit.KeyPaddingMask(keep))
+    dense = torch.ones(7, 7, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    torch.testing.assert_close(structured, model(ids, mask=formerkit.TensorMask(dense)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(structured, model(ids))  # the masks matter
