@@ -254,7 +254,7 @@ def _coerce(path: str, value: Any, annotation: Any, choices: tuple[Any, ...] | N
         raise TypeError(f"{path}: unsupported annotation {annotation!r}")
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        if aliases.get(value) in choices:
+        if value in aliases and aliases[value] in choices:
             close = [aliases[value]]
         hint = f"did you mean {close[0]!r}?" if close else ""
         raise ConfigError(path, value, "one of " + ", ".join(repr(c) for c in choices), hint=hint)

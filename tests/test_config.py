@@ -133,3 +133,10 @@ def test_yaml_numbers_with_an_exponent_but_no_point_are_numbers(tmp_path):
     path.write_text("width: 32\nattention: {num_heads: 4, dropout: 1e-1}\nmax_seq_len: 8\n"
                     "stem: {kind: tokens, vocab_size: 11}\n")
     assert ModelConfig.from_file(path).attention.dropout == 0.1
+
+
+def test_an_unknown_choice_of_an_optional_field_is_a_config_error_not_a_key_error():
+    # pooling accepts None; an unknown name must not be looked up as if it were another library's alias of None.
+    with pytest.raises(ConfigError, match="head.pooling") as error:
+        ModelConfig(head={"kind": "classification", "num_classes": 3, "pooling": "max"})
+    assert "'max'" in str(error.value) and "'mean'" in str(error.value)
