@@ -93,8 +93,11 @@ def _part_setting(config, part: str) -> str:
         experts = (f", {feedforward.num_experts} experts ({feedforward.experts_per_token} per token)"
                    if feedforward.mixture else "")
         return f"{feedforward.activation}, {config.width} -> {hidden} -> {config.width}{experts}"
-    if part.endswith(" norms and scales") or part.endswith(" final norm"):
-        return f"{config.norm.kind}, {config.norm.placement}-norm"
+    if part.endswith(" final norm"):
+        return config.norm.kind
+    if part.endswith(" norms and scales"):
+        scale = f", layer scale {config.layer_scale}" if config.layer_scale else ""
+        return f"{config.norm.kind}, {config.norm.placement}-norm{scale}"
     if part == "head":
         detail = {"classification": f"{head.num_classes} classes", "lm": "next token"}.get(head.kind, "")
         pooling = f", {head.pooling} pooling" if head.pooling else ""
