@@ -253,7 +253,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     names = args.names.split(",") if args.names else None
     result = compare(args.targets, names=names, split=args.split, batch_sizes=tuple(args.batch_sizes),
-                     repeats=args.repeats)
+                     repeats=args.repeats, seconds=args.seconds)
     paths = write_comparison(result, args.out)
     print(markdown_table(result), end="")
     print(f"wrote {paths['markdown']}, {paths['plot']} and {paths['json']}")
@@ -480,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--split", default=None, help="held-out split (default: test, else valid)")
     compare.add_argument("--batch-sizes", type=_int_list, default=[1, 64],
                          help="batch sizes to time, comma-separated (default 1,64)")
-    compare.add_argument("--repeats", type=int, default=20, help="timed passes per variant and batch size")
+    compare.add_argument("--repeats", type=int, default=None, help="timed passes per variant and batch size "
+                         "(default: as many as fit in --seconds)")
+    compare.add_argument("--seconds", type=float, default=10.0, help="time budget for the timing (default 10)")
     compare.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     compare.set_defaults(run=cmd_compare)
 

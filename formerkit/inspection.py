@@ -168,7 +168,7 @@ def plot_inspection(inspection: Inspection, out_dir: str | Path) -> list[Path]:
             if head >= heads:
                 continue
             if inspection.image is not None:
-                axis.imshow(_gray(inspection.image), cmap="gray")
+                axis.imshow(_displayed(inspection.image), cmap="gray")
                 overlay = _upsample(inspection.summary_attention[layer, head], inspection.image.shape[-2:])
                 axis.imshow(overlay, cmap="inferno", alpha=0.6)
             else:
@@ -182,10 +182,10 @@ def plot_inspection(inspection: Inspection, out_dir: str | Path) -> list[Path]:
         paths.append(path)
     if inspection.rollout is not None:
         figure, (left, right) = plt.subplots(1, 2, figsize=(6.4, 3.2))
-        left.imshow(_gray(inspection.image), cmap="gray")
+        left.imshow(_displayed(inspection.image), cmap="gray")
         label, probability = inspection.prediction
         left.set_title(f"predicted {label} ({probability:.0%})", fontsize=9)
-        right.imshow(_gray(inspection.image), cmap="gray")
+        right.imshow(_displayed(inspection.image), cmap="gray")
         right.imshow(_upsample(inspection.rollout, inspection.image.shape[-2:]), cmap="inferno", alpha=0.6)
         right.set_title("attention rollout", fontsize=9)
         for axis in (left, right):
@@ -202,9 +202,9 @@ def plot_inspection(inspection: Inspection, out_dir: str | Path) -> list[Path]:
         axis.imshow(grid, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
         for row, options in enumerate(inspection.top_next):
             for column, (token, probability) in enumerate(options):
-                axis.text(column, row, f"{token!r} {probability:.2f}"[:16], ha="center", va="center", fontsize=7)
-        axis.set_yticks(range(positions), [repr(token)[:12] for token in inspection.tokens], fontsize=7)
-        axis.set_xticks(range(k), [f"#{rank + 1}" for rank in range(k)], fontsize=7)
+                axis.text(column, row, f"{token!r} {probability:.2f}"[:16], ha="center", va="center", fontsize=9)
+        axis.set_yticks(range(positions), [repr(token)[:12] for token in inspection.tokens], fontsize=9)
+        axis.set_xticks(range(k), [f"#{rank + 1}" for rank in range(k)], fontsize=9)
         axis.set_title("most likely next tokens after each token", fontsize=9)
         figure.tight_layout()
         path = out / "next_tokens.png"
@@ -214,8 +214,11 @@ def plot_inspection(inspection: Inspection, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def _gray(image: Tensor):
-    return image.mean(dim=0).clamp(0, 1).numpy()
+def _displayed(image: Tensor):
+    """The image as matplotlib shows it: [H, W] for one channel, [H, W, 3] in colour (values in [0, 1])."""
+    image = image.clamp(0, 1)
+    return (image[0] if image.shape[0] == 1 else image.permute(1, 2, 0) if image.shape[0] == 3
+            else image.mean(dim=0)).numpy()
 
 
 def _upsample(grid: Tensor, size) -> object:
@@ -223,12 +226,15 @@ def _upsample(grid: Tensor, size) -> object:
 
 
 def _label_tokens(axis, tokens: list[str] | None) -> None:
-    if tokens is None or len(tokens) > 48:
+    """Token labels on both axes, at most 16 per axis (every k-th token) so that each is readable."""
+    if tokens is None:
         return
-    labels = [repr(token)[1:-1][:8] for token in tokens]
+    step = -(-len(tokens) // 16)
+    ticks = list(range(0, len(tokens), step))
+    labels = [repr(tokens[i])[1:-1][:6] for i in ticks]
     axis.axis("on")
-    axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-    axis.set_yticks(range(len(labels)), labels, fontsize=6)
+    axis.set_xticks(ticks, labels, rotation=90, fontsize=9)
+    axis.set_yticks(ticks, labels, fontsize=9)
 
 
 def inspect_example(model, bundle, split: str, index: int) -> Inspection:

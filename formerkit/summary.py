@@ -32,6 +32,8 @@ class Summary:
     forward_flops: int
     activation_bytes: int
     notes: list[str] = field(default_factory=list)
+    # part -> how many blocks (layers) hold its parameters; parts outside the stacks (embedding, head) are absent.
+    blocks: dict[str, int] = field(default_factory=dict)
 
     @property
     def units(self) -> int:
@@ -128,9 +130,13 @@ def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, na
     with torch.device("meta"):
         model = build_model(config)
     counts: dict[str, int] = {}
+    blocks: dict[str, set[str]] = {}
     for parameter_name, parameter in model.named_parameters():
         part = _part_of(parameter_name)
         counts[part] = counts.get(part, 0) + parameter.numel()
+        block = re.match(r"^\w+\.blocks\.(\d+)\.", parameter_name)
+        if block:
+            blocks.setdefault(part, set()).add(block.group(1))
     notes = []
     if config.head.tie_embeddings:
         notes.append("the head's weight is tied to the token embedding and counted once, under embedding")
@@ -156,4 +162,5 @@ def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, na
     return Summary(config=config, name=name or "model", parts=list(counts.items()),
                    total_parameters=sum(counts.values()), batch=batch, seq_len=None if image else seq_len,
                    unit="image" if image else "token", forward_flops=int(flops),
-                   activation_bytes=activation_bytes, notes=notes)
+                   activation_bytes=activation_bytes, notes=notes,
+                   blocks={part: len(indices) for part, indices in blocks.items()})

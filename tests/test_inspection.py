@@ -153,7 +153,7 @@ def test_the_report_of_a_classifier_run_is_one_offline_page_with_its_sections(tm
     assert capsys.readouterr().out.strip() == str(path)
     page = path.read_text()
     assert _sections(page) == {"summary", "model", "curves", "confusion", "hardest", "attention", "recipe"}
-    images = re.findall(r'<img src="([^"]+)"', page)
+    images = re.findall(r'<img[^>]* src="([^"]+)"', page)
     # curves (loss, metrics), the confusion matrix, 12 hardest examples, one attention layer and the rollout
     assert len(images) == 2 + 1 + 12 + 2 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from anywhere

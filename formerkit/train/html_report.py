@@ -25,14 +25,17 @@ from formerkit.runs import generate_text, load_run_model, load_run_tokenizer
 from formerkit.summary import summarize
 from formerkit.train.report import plot_run
 
-__all__ = ["confusion_matrix", "write_report"]
+__all__ = ["confusion_matrix", "image_pixels", "model_section", "write_report"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 1px solid #eee; text-align: left; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; white-space: pre-wrap; }
-img { max-width: 100%; } .grid img { width: 23%; margin: 0.5%; }
+img { max-width: 100%; } .grid { display: flex; flex-wrap: wrap; gap: 12px; }
+.grid figure { margin: 0; text-align: center; font-size: 0.9em; } img.pixels { image-rendering: pixelated; }
+.prompt { background: #dbeafe; color: #1e3a8a; font-weight: bold; } .empty { color: #a00; font-style: italic; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; } tr.total td { font-weight: bold; }
 """
 
 
@@ -64,6 +67,64 @@ def _section(anchor: str, title: str, body: str) -> str:
     return f'<h2 id="{anchor}">{html.escape(title)}</h2>\n{body}\n'
 
 
+def _part_setting(config, part: str) -> str:
+    """What a part of ``summarize``'s table is made of, in a few words (from the model's config)."""
+    stem, attention, feedforward, head = config.stem, config.attention, config.feedforward, config.head
+    if part == "embedding":
+        if stem.kind == "tokens":
+            return f"token table, {stem.vocab_size:,} tokens x width {config.width}"
+        if stem.kind in ("patches", "conv"):
+            image = f"{stem.in_channels}x{stem.image_size[0]}x{stem.image_size[1]} image"
+            if stem.kind == "patches":
+                return f"{image} in {stem.patch_size}x{stem.patch_size} patches -> width {config.width}"
+            return (f"{image}, {stem.conv_layers} conv layer(s) (kernel {stem.conv_kernel}, {stem.conv_channels} "
+                    f"channels) -> width {config.width}")
+        return f"linear from {stem.input_dim} features -> width {config.width}"
+    if part == "positions":
+        return f"{config.position.kind} positions" + (f", up to {config.max_seq_len}" if config.max_seq_len else "")
+    if part.endswith(" cross-attention"):
+        return f"{attention.num_heads} heads over the encoder's output"
+    if part.endswith(" attention"):
+        window = f", window {attention.sliding_window}" if attention.sliding_window else ""
+        kv = f", {attention.num_kv_heads} key/value heads" if attention.num_kv_heads else ""
+        return f"{attention.kind}, {attention.num_heads} heads{kv}{window}"
+    if part.endswith(" feed-forward"):
+        hidden = feedforward.hidden_size or int(feedforward.ratio * config.width)
+        experts = (f", {feedforward.num_experts} experts ({feedforward.experts_per_token} per token)"
+                   if feedforward.mixture else "")
+        return f"{feedforward.activation}, {config.width} -> {hidden} -> {config.width}{experts}"
+    if part.endswith(" final norm"):
+        return config.norm.kind
+    if part.endswith(" norms and scales"):
+        scale = f", layer scale {config.layer_scale}" if config.layer_scale else ""
+        return f"{config.norm.kind}, {config.norm.placement}-norm{scale}"
+    if part == "head":
+        detail = {"classification": f"{head.num_classes} classes", "lm": "next token"}.get(head.kind, "")
+        pooling = f", {head.pooling} pooling" if head.pooling else ""
+        return f"{head.kind}" + (f" ({detail}{pooling})" if detail else pooling)
+    return ""
+
+
+def model_section(config) -> str:
+    """The model as a table of its parts (``formerkit.summary``'s parameter counts, the blocks that hold them and
+    what each part is), its cost, and the full config folded away."""
+    summary = summarize(config)
+    rows = []
+    for part, count in summary.parts:
+        share = count / summary.total_parameters if summary.total_parameters else 0.0
+        rows.append(f"<tr><td>{html.escape(part)}</td><td>{html.escape(_part_setting(config, part))}</td>"
+                    f"<td class='n'>{summary.blocks.get(part, '')}</td><td class='n'>{count:,}</td>"
+                    f"<td class='n'>{share:.1%}</td></tr>")
+    rows.append(f"<tr class='total'><td>total</td><td>{html.escape(config.arch)}, width {config.width}</td><td></td>"
+                f"<td class='n'>{summary.total_parameters:,}</td><td class='n'>100.0%</td></tr>")
+    table = ("<table class='parts'><tr><th>part</th><th>setting</th><th class='n'>layers</th>"
+             "<th class='n'>parameters</th><th class='n'>share</th></tr>" + "".join(rows) + "</table>")
+    cost = "".join(f"<li>{html.escape(line)}</li>" for line in summary.format().splitlines()[-4 - len(summary.notes):]
+                   if line)
+    full = html.escape(json.dumps(config.to_dict(), indent=1))
+    return f"{table}<ul>{cost}</ul><details><summary>full model config</summary><pre>{full}</pre></details>"
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples: int = 200) -> Path:
     """Writes the report (default ``RUN_DIR/report.html``) and returns its path. ``samples``: the length in tokens
     of each language-model sample."""
@@ -79,8 +140,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
     model, recipe, extra = load_run_model(run_dir)
     parts = [_section("summary", "Summary", _table([(k.replace("_", " "), v) for k, v in summary.items()
                                                     if not isinstance(v, (dict, list))]))]
-    parts.append(_section("model", "Model", f"<pre>{html.escape(str(summarize(model)))}</pre>"
-                          f"<pre>{html.escape(json.dumps(model.config.to_dict(), indent=1))}</pre>"))
+    parts.append(_section("model", "Model", model_section(model.config)))
     curves = plot_run(run_dir)
     parts.append(_section("curves", "Loss and metrics", "".join(_png(path) for path in curves) or
                           "<p>No training records.</p>"))
@@ -92,10 +152,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
         attention = _attention_maps(lambda: inspect_example(model, bundle, split, 0))
     elif kind == "causal_lm":
         tokenizer = load_run_tokenizer(run_dir)
-        section, greedy = _samples(model, tokenizer, samples)
+        section, greedy = _samples(model, tokenizer, samples, _prompt(build_data(recipe.data), tokenizer))
         parts.append(section)
-        # The attention of the model's own greedy text (in its domain, whatever the corpus), a line or so.
-        attention = _attention_maps(lambda: inspect_text(model, tokenizer.encode(greedy[:48] or "\n"),
+        # The attention over the prompt and the model's greedy continuation: a line or so, within its context.
+        window = tokenizer.encode(greedy or "\n")[:min(48, model.config.max_seq_len or 48)]
+        attention = _attention_maps(lambda: inspect_text(model, window,
                                                          decode=lambda token: tokenizer.decode([token])))
     else:
         attention = "<p>Attention maps are drawn for classifiers and language models.</p>"
@@ -137,18 +198,23 @@ def _classification(model, bundle) -> tuple[str, str | None]:
     classes = bundle.preprocessing.get("classes") or [str(i) for i in range(int(labels.max()) + 1)]
     count = len(classes)
     matrix = confusion_matrix(labels, predictions, count)
-    figure, axis = plt.subplots(figsize=(0.45 * count + 2.5, 0.45 * count + 2))
+    side = min(12.0, max(4.5, 0.55 * count + 2.5))  # inches: a readable cell for up to ~20 classes
+    font = max(7, min(12, int(72 * 0.55 * (side - 2.5) / max(count, 1) * 0.6)))  # a number fits its cell
+    figure, axis = plt.subplots(figsize=(side, side * 0.9))
     axis.imshow(matrix.numpy(), cmap="Blues")
+    dark = matrix.max().item() / 2
     for (row, column), value in zip(torch.cartesian_prod(torch.arange(count), torch.arange(count)).tolist(),
                                     matrix.flatten().tolist()):
         if value:
-            axis.text(column, row, str(value), ha="center", va="center", fontsize=7)
-    axis.set_xticks(range(count), classes, fontsize=7)
-    axis.set_yticks(range(count), classes, fontsize=7)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
+            axis.text(column, row, str(value), ha="center", va="center", fontsize=font,
+                      color="white" if value > dark else "black")
+    ticks = list(range(0, count, max(1, -(-count // 30))))  # at most 30 labels per axis
+    axis.set_xticks(ticks, [classes[i] for i in ticks], fontsize=max(font, 9), rotation=90 if count > 10 else 0)
+    axis.set_yticks(ticks, [classes[i] for i in ticks], fontsize=max(font, 9))
+    axis.set_xlabel("predicted", fontsize=11)
+    axis.set_ylabel("true", fontsize=11)
     accuracy = float((predictions == labels).float().mean())
-    axis.set_title(f"{len(labels)} held-out examples, accuracy {accuracy:.2%}", fontsize=9)
+    axis.set_title(f"{len(labels)} held-out examples, accuracy {accuracy:.2%}", fontsize=12)
     figure.tight_layout()
     confusion = _png(figure)
     plt.close(figure)
@@ -158,32 +224,62 @@ def _classification(model, bundle) -> tuple[str, str | None]:
     pictures = ""
     if inputs.dim() == 4:
         pre = bundle.preprocessing
-        tiles = []
-        for index in hardest:
-            figure, axis = plt.subplots(figsize=(2, 2))
-            axis.imshow(denormalize_images(inputs[index], pre["mean"], pre["std"]).mean(0).numpy(), cmap="gray")
-            axis.set_title(f"#{index}: {classes[int(labels[index])]} → {classes[int(predictions[index])]}",
-                           fontsize=8)
-            axis.axis("off")
-            figure.tight_layout()
-            tiles.append(_png(figure))
-            plt.close(figure)
+        tiles = [f"<figure>{_pixels_png(image_pixels(inputs[index], pre['mean'], pre['std']))}<figcaption>"
+                 f"#{index}: {html.escape(classes[int(labels[index])])} &rarr; "
+                 f"{html.escape(classes[int(predictions[index])])}</figcaption></figure>" for index in hardest]
         pictures = '<div class="grid">' + "".join(tiles) + "</div>"
     return (_section("confusion", "Confusion matrix", confusion)
             + _section("hardest", "Hardest held-out examples", pictures + _table(rows))), name
 
 
-def _samples(model, tokenizer, length: int) -> tuple[str, str]:
-    """Samples from a start of line at a few temperatures (seeded); returns the section and the greedy text."""
+def _prompt(bundle, tokenizer) -> str:
+    """The start of the first held-out line of 20 or more characters (its first 40), else a newline."""
+    name = "test" if bundle.test is not None else "valid" if bundle.valid is not None else None
+    split = bundle.split(name) if name is not None else None
+    tokens = getattr(split, "tokens", None)
+    if tokens is None:
+        return "\n"
+    lines = tokenizer.decode(tokens[:4000].tolist()).splitlines()
+    return next((line.strip()[:40] for line in lines[1:] if len(line.strip()) >= 20), "\n")
+
+
+def _samples(model, tokenizer, length: int, prompt: str) -> tuple[str, str]:
+    """Continuations of ``prompt`` at a few temperatures (seeded); returns the section and the greedy text."""
     blocks, greedy = [], ""
-    start = tokenizer.encode("\n")[:1]
+    ids = tokenizer.encode(prompt)
+    shown = html.escape(prompt if prompt.strip() else repr(prompt))
     for temperature in (0.0, 0.8, 1.2):
-        text = "".join(generate_text(model, tokenizer, start, max_new_tokens=length, temperature=temperature,
-                                     seed=0))
+        text = "".join(generate_text(model, tokenizer, ids, max_new_tokens=length, temperature=temperature, seed=0))
         greedy = greedy or text
         label = "greedy" if temperature == 0 else f"temperature {temperature}"
-        blocks.append(f"<h3>{label}</h3><pre>{html.escape(text)}</pre>")
-    return _section("samples", "Samples", "".join(blocks)), greedy
+        continuation = (html.escape(text) if text.strip() else
+                        f"<span class='empty'>(empty: {len(text)} whitespace characters)</span>" if text else
+                        "<span class='empty'>(empty: the model ended the text at once)</span>")
+        blocks.append(f"<h3>{label}</h3><pre><span class='prompt'>{shown}</span>{continuation}</pre>")
+    legend = ("<p><span class='prompt'>highlighted</span>: the prompt (the start of a held-out line); then the "
+              f"model's continuation, {length} tokens.</p>")
+    return _section("samples", "Samples", legend + "".join(blocks)), prompt + greedy
+
+
+def image_pixels(image: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """A normalized model input [C, H, W] as the uint8 pixels it was made from: [H, W] for one channel, [H, W, 3]
+    for colour (channels last, as image files and matplotlib hold them)."""
+    pixels = (denormalize_images(image.float(), mean, std) * 255).round().to(torch.uint8)
+    return pixels[0] if pixels.shape[0] == 1 else pixels.permute(1, 2, 0)
+
+
+def _pixels_png(pixels: torch.Tensor, side: int = 144) -> str:
+    """An <img> of uint8 pixels [H, W] or [H, W, 3], enlarged with square pixels to about ``side`` pixels."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(pixels.contiguous().numpy())
+    factor = max(1, side // max(image.size))
+    image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f'<img class="pixels" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
 def _attention_maps(inspect) -> str:

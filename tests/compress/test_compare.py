@@ -10,7 +10,7 @@ import torch
 
 from formerkit.checkpoint import load, save
 from formerkit.cli import main
-from formerkit.compress.compare import Variant, compare, pareto_front
+from formerkit.compress.compare import Variant, compare, latency_warnings, markdown_table, non_dominated, pareto_front
 from formerkit.errors import FormerkitError
 from formerkit.runs import evaluate_run, load_run_model
 
@@ -94,3 +94,77 @@ def test_compare_refuses_bad_arguments_before_loading(tiny_classifier_run, kwarg
 def test_compare_refuses_a_directory_that_is_no_model(tmp_path):
     with pytest.raises(FormerkitError, match="neither a run directory"):
         compare([tmp_path])
+
+
+# ----- the Pareto front against its definition, the latency spread and its warning -----
+
+
+def _brute_force_front(points):
+    """On the front: no other point is <= on every axis and < on one (written out, point by point)."""
+    front = []
+    for i, mine in enumerate(points):
+        beaten = False
+        for j, other in enumerate(points):
+            if j != i and all(o <= m for o, m in zip(other, mine)) and any(o < m for o, m in zip(other, mine)):
+                beaten = True
+        front.append(not beaten)
+    return front
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_front_equals_the_brute_force_definition_with_many_ties(seed):
+    generator = torch.Generator().manual_seed(seed)
+    # values from {0, 1, 2, 3}: many equal points and equal coordinates
+    points = [tuple(float(x) for x in row) for row in torch.randint(0, 4, (12, 3), generator=generator).tolist()]
+    assert non_dominated(points) == _brute_force_front(points)
+    variants = [_variant(f"v{i}", q, latency, size) for i, (q, latency, size) in enumerate(points)]
+    for higher, sign in ((True, -1), (False, 1)):
+        assert pareto_front(variants, higher) == _brute_force_front([(sign * q, lat, s) for q, lat, s in points])
+        assert pareto_front(variants, higher, axes=("latency",)) == _brute_force_front(
+            [(sign * q, lat) for q, lat, _ in points])
+        assert pareto_front(variants, higher, axes=("size",)) == _brute_force_front(
+            [(sign * q, s) for q, _, s in points])
+
+
+def test_a_variant_beaten_on_quality_and_latency_is_off_the_latency_panels_front():
+    # The bug: "small" is on the three-axis front (nothing is smaller) but "fast" beats it on quality and latency;
+    # the latency panel drew its front line through "small".
+    variants = [_variant("base", 0.95, 10.0, 10.0), _variant("small", 0.90, 8.0, 2.0),
+                _variant("fast", 0.93, 5.0, 6.0)]
+    assert pareto_front(variants, higher_is_better=True) == [True, True, True]
+    assert pareto_front(variants, higher_is_better=True, axes=("latency",)) == [True, False, True]
+    assert pareto_front(variants, higher_is_better=True, axes=("size",)) == [True, True, True]
+
+
+def _timed(name, spread):
+    variant = _variant(name, 0.9, spread[2], 1.0)
+    variant.latency_spread_ms = {64: spread}
+    return variant
+
+
+@pytest.mark.parametrize("iqr, warned", [(2.0, True), (1.0, False), (0.5, False), (1.01, True)])
+def test_the_latency_warning_appears_exactly_when_the_spread_exceeds_the_difference(iqr, warned):
+    # medians 10 and 11 (difference 1); "b" has the interquartile range under test, "a" a narrow one
+    a = _timed("a", [9.9, 9.95, 10.0, 10.05, 10.1])
+    b = _timed("b", [10.0, 11.0 - iqr / 2, 11.0, 11.0 + iqr / 2, 13.0])
+    far = _timed("far", [29.0, 29.5, 30.0, 30.5, 31.0])
+    warnings = latency_warnings([a, b, far])
+    assert bool(warnings) == warned
+    if warned:
+        assert len(warnings) == 1 and warnings[0].startswith("batch 64:") and "a/b" in warnings[0]
+        assert "far" not in warnings[0]
+    result = {"metric": "test_accuracy", "higher_is_better": True, "batch_sizes": [64], "repeats": {64: 5},
+              "threads": 1, "torch": torch.__version__, "variants": [a, b, far], "warnings": warnings}
+    table = markdown_table(result)
+    assert ("WARNING: batch 64:" in table) == warned
+    assert f"| {11.0:.2f} [{11.0 - iqr / 2:.2f}–{11.0 + iqr / 2:.2f}] |" in table
+
+
+@pytest.mark.slow
+def test_the_number_of_timed_passes_follows_the_time_budget(tiny_classifier_run):
+    budget = compare([tiny_classifier_run, tiny_classifier_run], batch_sizes=(1, 4), seconds=0.2, warmup=1)
+    assert set(budget["repeats"]) == {1, 4} and all(n >= 5 for n in budget["repeats"].values())
+    fixed = compare([tiny_classifier_run], batch_sizes=(2,), repeats=7)
+    assert fixed["repeats"] == {2: 7}
+    spread = fixed["variants"][0].latency_spread_ms[2]
+    assert spread == sorted(spread) and spread[2] == fixed["variants"][0].latency_ms[2]
