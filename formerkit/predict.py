@@ -18,6 +18,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,8 @@ class Predictor:
             raise InputError(f"{', '.join(options)}: options of generation; this run's task is {self.task!r}")
         if self.task == "forecast":
             return self.forecast(inputs)
-        single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, (str, Path)) and Path(inputs)
-                                                                  .is_dir())
         answers = self.classify(inputs)
-        return answers[0] if single else answers
+        return answers if _is_batch(inputs) else answers[0]
 
     # ----- image classifiers -----
 
@@ -189,9 +188,16 @@ def _each_prompt(inputs) -> list[str]:
     return list(inputs)
 
 
+def _is_batch(inputs) -> bool:
+    """Whether ``inputs`` holds several images: a list, a folder, or an array [N, C, H, W]."""
+    if isinstance(inputs, (str, Path)):
+        return Path(inputs).is_dir()
+    return isinstance(inputs, (list, tuple)) or getattr(inputs, "ndim", 0) == 4
+
+
 def _each_image(inputs) -> Iterator[tuple[str | None, Any]]:
     """(name, PIL image or array) of every image in ``inputs``; paths are opened (folders give their images)."""
-    for item in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+    for item in inputs if _is_batch(inputs) and not isinstance(inputs, (str, Path)) else [inputs]:
         if not isinstance(item, (str, Path)):
             yield None, item
             continue
@@ -273,16 +279,44 @@ def _forecast_table(columns: list[str], forecast: Tensor) -> str:
 
 
 def _write_forecast_csv(source: Path, out: Path, columns: list[str], forecast: Tensor) -> None:
-    """The input CSV with one row per forecast step appended: the forecast columns filled, the others empty."""
+    """The input CSV with one row per forecast step appended: the forecast columns filled; a column of time stamps or
+    integers that step evenly over its last rows continued; any other column empty."""
     text = source.read_text(encoding="utf-8-sig")
-    header = next(row for row in csv.reader(io.StringIO(text)) if row)
-    indices = [[cell.strip() for cell in header].index(column) for column in columns]
+    rows = [row for row in csv.reader(io.StringIO(text)) if row]
+    header = [cell.strip() for cell in rows[0]]
+    indices = [header.index(column) for column in columns]
+    others = {index: _continue_column([row[index] for row in rows[-3:]], len(forecast))
+              for index in range(len(header)) if index not in indices and len(rows) >= 4}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    for row in forecast.tolist():
-        cells = [""] * len(header)
+    for step, row in enumerate(forecast.tolist()):
+        cells = [others[index][step] if others.get(index) else "" for index in range(len(header))]
         for index, value in zip(indices, row):
             cells[index] = repr(value)
         writer.writerow(cells)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + ("" if text.endswith("\n") else "\n") + buffer.getvalue())
+
+
+def _continue_column(cells: list[str], count: int) -> list[str] | None:
+    """The next ``count`` cells of a column whose last cells are evenly spaced integers or ISO time stamps (written as
+    the column writes them); None for any other column."""
+    cells = [cell.strip() for cell in cells]
+    if all(cell.lstrip("-").isdigit() for cell in cells):
+        values = [int(cell) for cell in cells]
+        step = values[-1] - values[-2]
+        if step > 0 and all(b - a == step for a, b in zip(values, values[1:])):
+            return [str(values[-1] + step * (k + 1)) for k in range(count)]
+        return None
+    try:
+        stamps = [datetime.fromisoformat(cell) for cell in cells]
+    except ValueError:
+        return None
+    step = stamps[-1] - stamps[-2]
+    if step <= timedelta(0) or any(b - a != step for a, b in zip(stamps, stamps[1:])):
+        return None
+    for write in (lambda t: t.isoformat(timespec="minutes"), lambda t: t.isoformat(sep=" ", timespec="minutes"),
+                  lambda t: t.isoformat(), lambda t: t.isoformat(sep=" "), lambda t: t.date().isoformat()):
+        if write(stamps[-1]) == cells[-1]:
+            return [write(stamps[-1] + step * (k + 1)) for k in range(count)]
+    return None

@@ -90,6 +90,10 @@ def test_digits_arrays_in_raw_units_are_scaled_and_normalized_as_in_training(tra
         assert list(answer["probabilities"].values()) == pytest.approx(row.tolist(), abs=1e-6)
     assert_same_answer(predictor(raw[0]), answers[0])  # one array answers alone
     assert_same_answer(predictor(torch.tensor(raw[1])), answers[1])
+    batch = predictor(torch.tensor(raw).unsqueeze(1))  # an array [N, C, H, W] answers per image
+    assert len(batch) == 4
+    for answer, reference in zip(batch, answers):
+        assert_same_answer(answer, reference)
 
 
 def test_bad_image_inputs_get_one_clear_message(folder_run, tmp_path):
@@ -200,7 +204,8 @@ def test_a_forecast_equals_the_model_on_the_test_splits_first_window_in_the_seri
     written = out.read_text().splitlines()
     assert written[:1 + boundary] == lines[:1 + boundary] and len(written) == 1 + boundary + horizon
     appended = list(csv.reader(io.StringIO("\n".join(written[1 + boundary:]))))
-    assert [row[0] for row in appended] == [""] * horizon
+    # The time stamps go on, one hour apart, as the demo series itself goes on.
+    assert [row[0] for row in appended] == [line.split(",")[0] for line in lines[1 + boundary:1 + boundary + horizon]]
     assert torch.equal(torch.tensor([[float(row[1]), float(row[2])] for row in appended], dtype=torch.float64),
                        forecast)
     assert json.loads(answers.read_text()) == {"input": str(history), "columns": ["load", "temperature"],
@@ -236,3 +241,18 @@ def test_runs_without_a_prediction_path_are_refused_by_name(trained_run):
     with pytest.raises(CheckpointError, match=r"predict takes image classifiers, language models and forecasters; "
                                               r"this run trained 'seq2seq'"):
         formerkit.load_run(run)
+
+
+def test_the_forecast_csv_continues_even_integer_steps_and_leaves_other_columns_empty(trained_run, tmp_path):
+    run = trained_run("timeseries-forecast")
+    predictor = formerkit.load_run(run)
+    source = tmp_path / "series.csv"
+    lines = ["step,when,note,temperature,load"] + [
+        f"{10 + 5 * i},2024-03-0{1 + i % 2} 10:00,x,{math.sin(i):.3f},{50 + math.cos(i):.3f}" for i in range(40)]
+    source.write_text("\n".join(lines) + "\n")
+    forecast = predictor(source)
+    assert main(["predict", str(run), str(source), "--out", str(tmp_path / "out.csv")]) == 0
+    appended = list(csv.reader(io.StringIO((tmp_path / "out.csv").read_text())))[41:]
+    assert [row[0] for row in appended] == [str(10 + 5 * (40 + k)) for k in range(8)]
+    assert all(row[1] == "" and row[2] == "" for row in appended)  # time stamps that go back and forth; text
+    assert [[float(row[4]), float(row[3])] for row in appended] == forecast.tolist()  # columns by name
