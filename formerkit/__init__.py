@@ -6,6 +6,8 @@
     small = formerkit.build_model(config)
     formerkit.save(small, "out/small"); same = formerkit.load("out/small")
     gpt2 = formerkit.from_hf("path/to/hf-gpt2")           # a local Hugging Face checkpoint directory
+    predictor = formerkit.load_run("runs/digits")         # a trained run, its tokenizer and preprocessing
+    predictor("seven.png")                                # raw input -> label and probabilities (see formerkit.predict)
 """
 
 from formerkit.checkpoint import load, load_config, load_extra, save
@@ -51,11 +53,21 @@ from formerkit.nn.masks import (
 from formerkit.summary import Summary, count_parameters, summarize
 from formerkit.version import __version__
 
+
+def load_run(target):
+    """A trained run (or a model directory a run saved) with its tokenizer and preprocessing, called with raw inputs:
+    image files, PIL images or arrays -> labels and probabilities; text -> generated text; a CSV or recent values ->
+    forecasts. See ``formerkit.predict.Predictor`` (``formerkit.load`` loads the bare model)."""
+    from formerkit.predict import Predictor  # imported when called: it brings the training and data modules
+
+    return Predictor(target)
+
+
 __all__ = [
     "AttentionConfig", "CausalMask", "CheckpointError", "ConfigError", "DocumentMask", "FeedForwardConfig",
     "FormerkitError", "HeadConfig", "InputError", "InteropError", "KeyPaddingMask", "MAEOutput", "Mask",
     "MaskedAutoencoder", "ModelConfig", "ModelOutput", "NormConfig", "PositionConfig", "PrefixLMMask",
     "SlidingWindowMask", "StemConfig", "Summary", "TensorMask", "Transformer", "UnknownFieldError", "__version__",
     "build_model", "count_parameters", "create_model", "finetune_model", "from_hf", "list_models", "load",
-    "load_config", "load_extra", "model_config", "register_model", "save", "summarize", "to_hf",
+    "load_config", "load_run", "load_extra", "model_config", "register_model", "save", "summarize", "to_hf",
 ]

@@ -169,6 +169,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from formerkit.predict import predict_command
+
+    options = {key: getattr(args, key) for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+               if getattr(args, key) is not None}
+    print(predict_command(args.target, args.inputs, json_path=args.json, out=args.out, **options))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from formerkit.inspection import inspect_run
 
@@ -413,6 +422,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compile", action="store_true",
                           help="compile the decode step with torch.compile (faster per token, slower to start)")
     generate.set_defaults(run=cmd_generate)
+
+    predict = commands.add_parser("predict", help="predictions of a run for raw inputs: images (labels and "
+                                                  "probabilities), prompts (generated text) or a CSV (forecasts)")
+    predict.add_argument("target", help="a run directory or a model directory saved by a run")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files or folders (image classifiers), prompts (language models) or one CSV file "
+                              "(forecasters), preprocessed as in training")
+    predict.add_argument("--json", metavar="FILE", help="also write the answers as JSON")
+    predict.add_argument("--out", metavar="FILE", help="forecasters: write the CSV with the forecast rows appended")
+    predict.add_argument("--max-new-tokens", type=int, default=None, help="language models (default 200)")
+    predict.add_argument("--temperature", type=float, default=None,
+                         help="language models: 0 picks the most likely token (default 0.8)")
+    predict.add_argument("--top-k", type=int, default=None, help="language models: the k most likely tokens only")
+    predict.add_argument("--top-p", type=float, default=None, help="language models: nucleus sampling")
+    predict.add_argument("--stop", default=None, help="language models: a text of one token that ends the text")
+    predict.add_argument("--seed", type=int, default=None, help="language models (default 0)")
+    predict.set_defaults(run=cmd_predict)
 
     convert = commands.add_parser("convert", help="convert a Hugging Face checkpoint directory to formerkit or back "
                                                   "(local files only)")

@@ -1,5 +1,7 @@
 """The run-directory API: a finished run (or a model directory a run saved) resolved, its model, recipe and tokenizer
-loaded, its metrics on its held-out data, and text sampled from language models.
+loaded, its metrics on its held-out data, text sampled from language models, and raw inputs (images, prompts, recent
+values of a series) preprocessed as the run's training preprocessed its data (``image_input``, ``prompt_ids``,
+``series_input``; ``formerkit.predict`` maps raw inputs to predictions with them).
 
 The tools that take a run (serve, export, compare, prune, quantize, distill, inspection, the HTML report) go through
 this module, so where a run keeps its model is known in one place.
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 
 from formerkit.checkpoint import load, load_extra
 from formerkit.data import build_data, load_tokenizer
+from formerkit.data.files import image_to_tensor, read_image
+from formerkit.data.images import normalize_images
 from formerkit.errors import CheckpointError, InputError
 from formerkit.models.early_exit import check_exit_model, check_threshold, early_exit
 from formerkit.nn.tome import TokenMerging
@@ -24,8 +28,9 @@ from formerkit.train.config import TrainConfig
 from formerkit.train.objectives import make_objective
 from formerkit.train.trainer import evaluate_split
 
-__all__ = ["evaluate_run", "generate_run", "generate_text", "load_run_model", "load_run_tokenizer", "model_dir",
-           "sample_run"]
+__all__ = ["check_language_model", "denormalize_forecast", "evaluate_run", "generate_run", "generate_text",
+           "image_input", "image_pixels", "load_run_model", "load_run_tokenizer", "model_dir", "prompt_ids",
+           "sample_run", "series_input", "stop_ids"]
 
 
 def model_dir(target: str | Path) -> Path:
@@ -159,18 +164,105 @@ def generate_run(target: str | Path, prompt: str, *, max_new_tokens: int = 200, 
     with it and the key/value cache (see ``generate_text``). ``stop`` is a text of one token that ends the
     generation; ``compile`` compiles the decode step (see ``formerkit.generation.generate``)."""
     model, recipe, extra = load_run_model(target)
-    if model.config.head.kind != "lm" or model.config.arch != "decoder":
-        raise CheckpointError(f"{target}: generation needs a decoder language model, this run trained "
-                              f"{recipe.objective.kind!r}")
+    check_language_model(model, recipe, target)
     tokenizer = load_run_tokenizer(target)
-    ids = tokenizer.encode(prompt) or [tokenizer.encode("\n")[0]]
-    stop_tokens = None
-    if stop:
-        stop_tokens = tokenizer.encode(stop)
-        if len(stop_tokens) != 1:
-            raise InputError(f"--stop: {stop!r} is {len(stop_tokens)} tokens for this tokenizer; it must be one")
-    yield from generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, compile=compile)
+    yield from generate_text(model, tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             stop_tokens=stop_ids(tokenizer, stop), compile=compile)
 
 
 sample_run = generate_run  # the name issue 3's command used
+
+
+def check_language_model(model, recipe, target) -> None:
+    """Refuses (CheckpointError) a run whose model is not a decoder language model."""
+    if model.config.head.kind != "lm" or model.config.arch != "decoder":
+        raise CheckpointError(f"{target}: generation needs a decoder language model, this run trained "
+                              f"{recipe.objective.kind!r}")
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids a prompt is generated from: its encoding, or a newline's for an empty prompt."""
+    return tokenizer.encode(prompt) or [tokenizer.encode("\n")[0]]
+
+
+def stop_ids(tokenizer, stop: str | None, *, name: str = "--stop") -> list[int] | None:
+    """The one token of a stop text (None without one); InputError naming ``name`` when it is not one token."""
+    if not stop:
+        return None
+    ids = tokenizer.encode(stop)
+    if len(ids) != 1:
+        raise InputError(f"{name}: {stop!r} is {len(ids)} tokens for this tokenizer; it must be one")
+    return ids
+
+
+# ----- raw inputs preprocessed as in training (``preprocessing`` is the record a run saved in its model's extra)
+
+
+def image_pixels(picture, preprocessing: dict) -> Tensor:
+    """A PIL image as the model's image folders were read for training: grayscale or RGB as the model takes it,
+    resized to the training size (Pillow, bilinear), 0-255 taken as [0, 1]: a float tensor [C, H, W]."""
+    channels = preprocessing["in_channels"]
+    picture, _ = read_image(picture, tuple(preprocessing["image_size"]), gray=channels == 1)
+    return image_to_tensor(picture.convert("RGB") if channels == 3 else picture, channels).float() * (1 / 255)
+
+
+def image_input(image, preprocessing: dict, *, name: str = "image") -> Tensor:
+    """The model's input [C, H, W] for one image: a PIL image (see ``image_pixels``), or an array (tensor, NumPy
+    array or nested list) [C, H, W] or [H, W] in the data source's raw units, which is scaled, resized (bilinear)
+    and normalized as in training. InputError, naming ``name``, for an image the model cannot take."""
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
+        values = image_pixels(image, preprocessing)
+    else:
+        try:
+            values = torch.as_tensor(image, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise InputError(f"{name}: expected an image or a nested list of numbers [C][H][W] or [H][W] ({error})") \
+                from None
+        if values.dim() == 2:
+            values = values.unsqueeze(0)
+        if values.dim() != 3:
+            raise InputError(f"{name}: expected [C][H][W] or [H][W], got {values.dim()} dimensions")
+        values = values * preprocessing["scale"]
+    channels = preprocessing["in_channels"]
+    if values.shape[0] != channels:
+        raise InputError(f"{name}: the model takes {channels} channel(s), got {values.shape[0]}")
+    if min(values.shape[1:]) < 2 or max(values.shape[1:]) > 4096:
+        raise InputError(f"{name}: {list(values.shape[1:])} pixels; expected sides between 2 and 4096")
+    if not torch.isfinite(values).all():
+        raise InputError(f"{name}: values must be finite numbers")
+    size = tuple(preprocessing["image_size"])
+    if tuple(values.shape[1:]) != size:
+        values = torch.nn.functional.interpolate(values[None], size=size, mode="bilinear", align_corners=False)[0]
+    return normalize_images(values[None], preprocessing["mean"], preprocessing["std"])[0]
+
+
+def series_input(values, preprocessing: dict, *, name: str = "values") -> Tensor:
+    """The model's input [window, columns] for a forecast: the last ``window`` rows of ``values`` (a tensor, NumPy
+    array or nested list [steps, columns], or [steps] for one column, in the series' own units), normalized with the
+    training part's mean and standard deviation. InputError, naming ``name``, for values the model cannot take."""
+    columns, window = preprocessing["columns"], preprocessing["window"]
+    try:
+        series = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"{name}: expected numbers [steps][columns] ({error})") from None
+    if series.dim() == 1 and len(columns) == 1:
+        series = series.unsqueeze(1)
+    if series.dim() != 2 or series.shape[1] != len(columns):
+        raise InputError(f"{name}: expected [steps][{len(columns)}] values (columns {', '.join(columns)}), got shape "
+                         f"{list(series.shape)}")
+    if len(series) < window:
+        raise InputError(f"{name}: the model forecasts from the last {window} steps, got {len(series)}")
+    if not torch.isfinite(series).all():
+        raise InputError(f"{name}: values must be finite numbers")
+    mean = torch.tensor(preprocessing["mean"], dtype=torch.float64)
+    std = torch.tensor(preprocessing["std"], dtype=torch.float64)
+    return ((series[-window:] - mean) / std).float()
+
+
+def denormalize_forecast(output: Tensor, preprocessing: dict) -> Tensor:
+    """A forecaster's output [batch, horizon * columns] as forecasts [batch, horizon, columns] in the series' units."""
+    columns = len(preprocessing["columns"])
+    forecast = output.double().reshape(len(output), preprocessing["horizon"], columns)
+    std = torch.tensor(preprocessing["std"], dtype=torch.float64)
+    return forecast * std + torch.tensor(preprocessing["mean"], dtype=torch.float64)

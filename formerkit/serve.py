@@ -3,7 +3,9 @@
 Endpoints: ``GET /health``; ``GET /v1/model`` (config, parameters, task); ``POST /v1/generate`` (language models;
 ``"stream": true`` answers with server-sent events, one per new piece of text); ``POST /v1/classify`` (image
 classifiers: a base64 PNG or a nested list [C][H][W] / [H][W] in the data source's raw units, which the server scales,
-resizes and normalizes as in training); ``/openapi.json``.
+resizes and normalizes as in training); ``POST /v1/forecast`` (forecasters: the recent values of the series,
+[steps][columns] or [steps] for one column, in the series' own units; answers the next ``horizon`` steps in the same
+units); ``/openapi.json``.
 
 Concurrent requests are batched: each waits at most ``wait_ms`` for others to join it, up to ``max_batch``, then
 the batch runs in one forward pass (generation: prompts of different lengths left-padded, the padding masked, each
@@ -29,9 +31,21 @@ import torch
 from formerkit.bench.common import parameter_count
 from formerkit.data import load_tokenizer
 from formerkit.errors import CheckpointError, InputError
-from formerkit.runs import generate_text, load_run_model, model_dir
+from formerkit.runs import (
+    denormalize_forecast,
+    generate_text,
+    image_input,
+    load_run_model,
+    model_dir,
+    prompt_ids,
+    series_input,
+    stop_ids,
+)
 
 __all__ = ["ServeError", "create_app", "serve"]
+
+
+ROUTES = {"causal_lm": "/v1/generate", "classification": "/v1/classify", "forecast": "/v1/forecast"}
 
 
 class ServeError(Exception):
@@ -44,7 +58,7 @@ class ServeError(Exception):
 
 @dataclass
 class _Job:
-    kind: str  # "generate" or "classify"
+    kind: str  # "generate", "classify" or "forecast"
     key: tuple  # requests with equal keys may share a batch
     payload: Any
     future: asyncio.Future = field(default=None)  # type: ignore[assignment]
@@ -68,9 +82,9 @@ class ModelService:
             if not path.exists():
                 raise CheckpointError(f"{path}: missing; a language model is served with the tokenizer of its run")
             self.tokenizer = load_tokenizer(path)
-        elif self.task != "classification":
-            raise CheckpointError(f"{target}: serve answers language models (generate) and classifiers (classify); "
-                                  f"this run trained {self.task!r}")
+        elif self.task not in ROUTES:
+            raise CheckpointError(f"{target}: serve answers language models (generate), classifiers (classify) and "
+                                  f"forecasters (forecast); this run trained {self.task!r}")
         self.preprocessing = self.extra.get("preprocessing") or {}
         if self.task == "classification" and self.preprocessing.get("kind") != "image":
             raise CheckpointError(f"{target}: classify takes images; this classifier's data is "
@@ -92,16 +106,22 @@ class ModelService:
             info["classes"] = self.preprocessing.get("classes")
             info["image_size"] = self.preprocessing.get("image_size")
             info["in_channels"] = self.preprocessing.get("in_channels")
+        elif self.task == "forecast":
+            for key in ("columns", "window", "horizon"):
+                info[key] = self.preprocessing[key]
         else:
             info["context"] = self.config.max_seq_len
         return info
 
     # ----- requests -> jobs -----
 
+    def check_task(self, task: str) -> None:
+        if self.task != task:
+            raise ServeError(400, f"this model is a {self.task} model: use {ROUTES[self.task]}")
+
     def generation_job(self, body: dict) -> _Job:
-        if self.task != "causal_lm":
-            raise ServeError(400, f"this model is a {self.task} model: use /v1/classify")
-        ids = self.tokenizer.encode(body["prompt"]) or [self.tokenizer.encode("\n")[0]]
+        self.check_task("causal_lm")
+        ids = prompt_ids(self.tokenizer, body["prompt"])
         context = self.config.max_seq_len
         count = body["max_new_tokens"]
         if count > self.max_new_tokens_limit:
@@ -109,63 +129,40 @@ class ModelService:
         if context is not None and len(ids) + count > context + 1:
             raise ServeError(400, f"prompt: {len(ids)} tokens + max_new_tokens {count} exceed the model's context "
                                   f"of {context} tokens (+1); shorten the prompt or ask for fewer tokens")
-        stop_ids = None
-        if body.get("stop"):
-            stop_ids = self.tokenizer.encode(body["stop"])
-            if len(stop_ids) != 1:
-                raise ServeError(400, f"stop: {body['stop']!r} is {len(stop_ids)} tokens for this tokenizer; it "
-                                      "must be one")
-        key = (body["temperature"], body.get("top_k"), body.get("top_p"), tuple(stop_ids or ()))
+        try:
+            stop = stop_ids(self.tokenizer, body.get("stop"), name="stop")
+        except InputError as error:
+            raise ServeError(400, str(error)) from None
+        key = (body["temperature"], body.get("top_k"), body.get("top_p"), tuple(stop or ()))
         if body.get("seed") is not None and body["temperature"] > 0:
             key += (object(),)  # a seeded sample is reproducible only alone: it shares no batch
-        return _Job("generate", key, {"ids": ids, "count": count, "stop": stop_ids, "seed": body.get("seed")})
+        return _Job("generate", key, {"ids": ids, "count": count, "stop": stop, "seed": body.get("seed")})
 
     def classification_job(self, body: dict) -> _Job:
-        if self.task != "classification":
-            raise ServeError(400, f"this model is a {self.task} model: use /v1/generate")
+        self.check_task("classification")
         return _Job("classify", ("classify",), self.prepare_image(body["image"]))
+
+    def forecast_job(self, body: dict) -> _Job:
+        self.check_task("forecast")
+        try:
+            return _Job("forecast", ("forecast",), series_input(body["values"], self.preprocessing))
+        except InputError as error:
+            raise ServeError(400, str(error)) from None
 
     def prepare_image(self, image) -> torch.Tensor:
         """Raw image (base64 PNG or nested list in the data source's units) -> the model's input [C, H, W]."""
-        pre = self.preprocessing
-        channels = pre["in_channels"]
         if isinstance(image, str):
             try:
                 from PIL import Image
 
-                picture = Image.open(io.BytesIO(base64.b64decode(image, validate=True)))
-                picture = picture.convert("L" if channels == 1 else "RGB")
+                image = Image.open(io.BytesIO(base64.b64decode(image, validate=True)))
+                image.load()
             except (binascii.Error, ValueError, OSError) as error:
                 raise ServeError(400, f"image: not a base64-encoded PNG ({error})") from None
-            import numpy as np
-
-            pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).copy())
-            pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
-            values = pixels / 255.0  # a PNG's 0-255 is taken as [0, 1]
-        else:
-            try:
-                values = torch.tensor(image, dtype=torch.float32)
-            except (TypeError, ValueError) as error:
-                raise ServeError(400, f"image: expected a nested list of numbers [C][H][W] or [H][W] ({error})") \
-                    from None
-            if values.dim() == 2:
-                values = values.unsqueeze(0)
-            if values.dim() != 3:
-                raise ServeError(400, f"image: expected [C][H][W] or [H][W], got {values.dim()} dimensions")
-            values = values * pre["scale"]
-        if values.shape[0] != channels:
-            raise ServeError(400, f"image: the model takes {channels} channel(s), got {values.shape[0]}")
-        if min(values.shape[1:]) < 2 or max(values.shape[1:]) > 4096:
-            raise ServeError(400, f"image: {list(values.shape[1:])} pixels; expected sides between 2 and 4096")
-        if not torch.isfinite(values).all():
-            raise ServeError(400, "image: values must be finite numbers")
-        size = tuple(pre["image_size"])
-        if tuple(values.shape[1:]) != size:
-            values = torch.nn.functional.interpolate(values[None], size=size, mode="bilinear",
-                                                     align_corners=False)[0]
-        mean = torch.tensor(pre["mean"]).view(-1, 1, 1)
-        std = torch.tensor(pre["std"]).view(-1, 1, 1)
-        return (values - mean) / std
+        try:
+            return image_input(image, self.preprocessing)
+        except InputError as error:
+            raise ServeError(400, str(error)) from None
 
     # ----- batching -----
 
@@ -215,6 +212,11 @@ class ModelService:
 
     def _run(self, batch: list[_Job]) -> list[dict]:
         with torch.inference_mode():
+            if batch[0].kind == "forecast":
+                output = self.model(torch.stack([job.payload for job in batch])).float()
+                forecasts = denormalize_forecast(output, self.preprocessing)
+                return [{"forecast": forecast.tolist(), "columns": self.preprocessing["columns"]}
+                        for forecast in forecasts]
             if batch[0].kind == "classify":
                 logits = self.model(torch.stack([job.payload for job in batch])).float()
                 probabilities = logits.softmax(dim=-1)
@@ -327,6 +329,14 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
         label: int | str
         probabilities: list[float]
 
+    class ForecastRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        values: list
+
+    class ForecastResponse(BaseModel):
+        forecast: list[list[float]]
+        columns: list[str]
+
     app = FastAPI(title="formerkit", description=f"A formerkit {service.task} model")
 
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
@@ -374,6 +384,10 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
     @app.post("/v1/classify", response_model=ClassifyResponse)
     async def classify(request: ClassifyRequest):
         return await service.submit(service.classification_job(request.model_dump()))
+
+    @app.post("/v1/forecast", response_model=ForecastResponse)
+    async def forecast(request: ForecastRequest):
+        return await service.submit(service.forecast_job(request.model_dump()))
 
     return app
 

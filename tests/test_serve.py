@@ -164,6 +164,41 @@ def test_classify_takes_raw_lists_and_pngs_and_preprocesses_as_in_training(image
     assert "[C][H][W]" in bad[2].json()["error"] and "/v1/classify" in bad[3].json()["error"]
 
 
+def test_forecast_takes_recent_values_and_answers_as_the_predictor_does(trained_run, lm_run):
+    from formerkit.data.files import demo_series_csv
+
+    run = trained_run("timeseries-forecast")
+    service = ModelService(run, max_batch=4, wait_ms=50)
+    app = create_app(service)
+    rows = [line.split(",") for line in demo_series_csv().splitlines()[1:]]
+    series = [[float(row[1]), float(row[2])] for row in rows]
+    recent = [series[end - 40:end] for end in (100, 500, 900)]  # more than the window (32): the last 32 count
+    info, *answers = _call(app, [("GET", "/v1/model", None)]
+                           + [("POST", "/v1/forecast", {"values": values}) for values in recent])
+    assert {key: info.json()[key] for key in ("task", "columns", "window", "horizon")} == {
+        "task": "forecast", "columns": ["load", "temperature"], "window": 32, "horizon": 8}
+    predictor = formerkit.load_run(run)
+    for response, values in zip(answers, recent):
+        assert response.status_code == 200 and response.json()["columns"] == ["load", "temperature"]
+        expected = predictor(values)
+        assert torch.tensor(response.json()["forecast"], dtype=torch.float64) == pytest.approx(expected, abs=1e-4)
+    bad = _call(app, [("POST", "/v1/forecast", {"values": recent[0][:10]}),
+                      ("POST", "/v1/forecast", {"values": [1.0] * 40}),
+                      ("POST", "/v1/forecast", {"values": [["a", "b"]] * 40}),
+                      ("POST", "/v1/forecast", {"series": recent[0]}),
+                      ("POST", "/v1/classify", {"image": [[0, 1], [2, 3]]})], concurrent=False)
+    assert [r.status_code for r in bad] == [400, 400, 400, 422, 400]
+    errors = [r.json()["error"] for r in bad]
+    assert errors[0] == "values: the model forecasts from the last 32 steps, got 10"
+    assert errors[1] == "values: expected [steps][2] values (columns load, temperature), got shape [40]"
+    assert errors[2].startswith("values: expected numbers [steps][columns]")
+    assert "values" in errors[3] and "series" in errors[3]
+    assert errors[4] == "this model is a forecast model: use /v1/forecast"
+    language = _call(create_app(ModelService(lm_run)), [("POST", "/v1/forecast", {"values": [[1.0]]})])[0]
+    assert language.status_code == 400 and language.json()["error"] == "this model is a causal_lm model: use " \
+                                                                          "/v1/generate"
+
+
 def test_a_failing_request_answers_500_and_the_server_goes_on(lm_run, monkeypatch):
     service = ModelService(lm_run)
     app = create_app(service)

@@ -40,7 +40,8 @@ from formerkit.data.base import ArraySplit, DataBundle, DataError
 from formerkit.data.images import image_bundle
 from formerkit.data.text import build_text_bundle
 
-__all__ = ["DEMO_SERIES", "IMAGE_SUFFIXES", "TEXT_SUFFIXES", "build", "demo_series_csv", "write_demo_series_csv"]
+__all__ = ["DEMO_SERIES", "IMAGE_SUFFIXES", "TEXT_SUFFIXES", "build", "demo_series_csv", "image_to_tensor",
+           "read_image", "write_demo_series_csv"]
 
 # The file types a text folder contributes (anything else in the folder is ignored).
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
@@ -162,6 +163,17 @@ def jsonl_bundle(config) -> DataBundle:
 _GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
+def read_image(image, size: tuple[int, int], *, gray: bool = False):
+    """(``image`` as image folders are read for training, whether it was grayscale): a PIL image made grayscale (mode
+    L) when it is grayscale or ``gray`` asks for it, RGB otherwise (alpha dropped), resized to ``size`` (height,
+    width) with Pillow's bilinear filter."""
+    from PIL import Image
+
+    is_gray = image.mode in _GRAYSCALE_MODES
+    image = image.convert("L" if is_gray or gray else "RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return image, is_gray
+
+
 def image_folder_bundle(config) -> DataBundle:
     """data.path/<class name>/<images>: classes in folder-name order, images resized to data.image_size (bilinear).
 
@@ -191,15 +203,14 @@ def image_folder_bundle(config) -> DataBundle:
             try:
                 with Image.open(file) as image:
                     image.load()
-                    is_gray = image.mode in _GRAYSCALE_MODES
-                    image = image.convert("L" if is_gray else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+                    image, is_gray = read_image(image, (size, size))
             except Exception as error:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError...)
                 raise DataError(f"{file}: cannot read this image ({type(error).__name__}: {error})") from error
             gray = gray and is_gray
             images.append(image)
             labels.append(label)
     channels = 1 if gray else 3
-    pixels = torch.stack([_to_tensor(image if gray else image.convert("RGB"), channels) for image in images])
+    pixels = torch.stack([image_to_tensor(image if gray else image.convert("RGB"), channels) for image in images])
     labels_t = torch.tensor(labels, dtype=torch.long)
     fraction = config.valid_fraction or DEFAULT_TEST_FRACTION
     test_mask = stratified_test_mask(labels_t, fraction)
@@ -209,7 +220,7 @@ def image_folder_bundle(config) -> DataBundle:
                         scale=1 / 255, classes=[d.name for d in class_dirs], source=f"image folder {path}")
 
 
-def _to_tensor(image, channels: int) -> torch.Tensor:
+def image_to_tensor(image, channels: int) -> torch.Tensor:
     """A PIL image (mode L or RGB) as a uint8 tensor [C, H, W]."""
     width, height = image.size
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
