@@ -20,8 +20,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _shows_default(action: argparse.Action) -> bool:
-    return (bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
-            and action.default not in ("", []))
+    default = action.default
+    return (bool(action.option_strings) and default is not None and default is not False
+            and default != argparse.SUPPRESS and default not in ("", []))
 
 
 class Parser(argparse.ArgumentParser):

@@ -193,7 +193,8 @@ class _Log:
 def _check_same_recipe(run_dir: Path, config: TrainConfig) -> None:
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.exists():
-        raise RunError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml)")
+        raise RunError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml); leave out --resume to start "
+                       "one there")
     saved, wanted = TrainConfig.from_file(recipe_file).to_dict(), config.to_dict()
     if saved != wanted:
         changed = sorted(k for k in wanted if wanted[k] != saved[k])
@@ -371,9 +372,9 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     dtype = resolve_precision(run.precision, dist.device)
     autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype is not None else nullcontext
     log = _Log(run_dir / "metrics.jsonl", dist.is_main, start_step if resume else None)
-    if dist.is_main and console is not None and bundle.description:
+    if bundle.description:
         # What was read, and how (packed rows say how full they are and how many documents were cut into pieces).
-        console.print(f"data: {bundle.description}", highlight=False)
+        say(f"data: {bundle.description}", highlight=False)
     if dist.is_main and not resume and initialize_from is not None and console is not None:
         console.print(f"initialized {len(copied)} tensors from {initialize_from}")
     say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
