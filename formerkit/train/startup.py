@@ -101,9 +101,9 @@ def example_prompt(bundle, limit: int = 16) -> str | None:
         import torch
 
         example = bundle.train.take(torch.tensor([0]))
-        ids = next(iter(example.values()))[0].flatten().tolist()
+        ids = example["tokens"][0].tolist()  # a window of the stream, or a packed row (its first documents)
         text = bundle.tokenizer.decode([i for i in ids[:256] if i >= 0])
-    except Exception:  # a split without windows (packed rows of another layout): no prompt rather than a bad one
+    except Exception:  # a split of another layout (no token rows): no prompt rather than a bad one
         return None
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
     word, space, _ = line.partition(" ")

@@ -14,6 +14,7 @@ from formerkit.cli import main
 from formerkit.data import build_data
 from formerkit.train import load_recipe, train
 from formerkit.train.config import DataConfig, ScheduleConfig
+from formerkit.train.progress import line_every, progress
 from formerkit.train.startup import token_warning, tokens_per_example
 from formerkit.train.trainer import lr_factor
 
@@ -238,3 +239,22 @@ def test_inspect_with_text_on_an_image_run_says_it_is_an_image_model(trained_run
     error = capsys.readouterr().err
     assert error.startswith(f"formerkit inspect: error: inspect: {run} is an image model (conv stem on 1x8x8 images)")
     assert "pass --image-index N" in error and "tokenizer" not in error
+
+
+def test_a_terminal_gets_the_bar_and_a_log_gets_a_plain_line_about_every_twentieth_of_the_run():
+    import io
+
+    from rich.console import Console
+
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    log = Console(file=io.StringIO(), force_terminal=False, width=80)
+    assert type(progress(terminal, True, 600, 0, "run", 10)).__name__ == "_Progress"
+    lines = progress(log, True, 600, 0, "run", 10)
+    assert type(lines).__name__ == "_Lines" and line_every(600, 10) == 30  # a multiple of log_every: 20 lines
+    assert line_every(6, 1) == 1 and line_every(1000, 7) == 49
+    with lines:
+        for step in range(10, 601, 10):
+            lines.advance(step, 1.5, 1234.0, "examples")
+    printed = log.file.getvalue().splitlines()
+    assert printed[0] == "run step 30/600  loss 1.5000  1,234 examples/s" and len(printed) == 20
+    assert type(progress(log, False, 600, 0, "run", 10)).__name__ == "_NoProgress"
