@@ -330,9 +330,8 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         model_config.to_yaml(run_dir / "model.yaml")
     dist.barrier()
     schedule = config.schedule
-    warmup = schedule.warmup_steps
-    if warmup > schedule.steps:
-        warmup = schedule.steps // 10
+    warmup = schedule.warmup
+    if not isinstance(schedule.warmup_steps, float) and schedule.warmup_steps > schedule.steps:
         say(f"note: schedule.warmup_steps ({schedule.warmup_steps}) is longer than the run (schedule.steps="
             f"{schedule.steps}); warming up over {warmup} steps (a tenth of the run) instead", highlight=False)
     if schedule.batch_size % (schedule.grad_accum * dist.world_size):

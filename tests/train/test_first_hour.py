@@ -147,18 +147,25 @@ def test_the_start_prints_parameters_tokens_and_the_measured_time_per_step(tiny,
 # ----- 4. warm-up longer than the run
 
 
-def test_a_warm_up_longer_than_the_run_is_valid_and_a_negative_one_is_not():
-    assert ScheduleConfig(steps=30, warmup_steps=50).warmup_steps == 50
-    with pytest.raises(Exception, match=r"schedule.warmup_steps: expected an integer >= 0, got -1"):
-        ScheduleConfig(steps=30, warmup_steps=-1)
+def test_a_warm_up_longer_than_the_run_is_valid_a_fraction_scales_and_a_negative_one_is_refused():
+    assert ScheduleConfig(steps=30, warmup_steps=50).warmup == 3  # a tenth of the run
+    assert ScheduleConfig(steps=30, warmup_steps=30).warmup == 30
+    assert ScheduleConfig(steps=600, warmup_steps=0.1).warmup == 60
+    assert ScheduleConfig(steps=30, warmup_steps=0.1).warmup == 3
+    expected = "an integer >= 0 (steps) or a fraction in (0, 1) of schedule.steps"
+    for bad in (-1, 1.5, 0.0):
+        with pytest.raises(Exception, match=re.escape(f"schedule.warmup_steps: expected {expected}, got {bad}")):
+            ScheduleConfig(steps=30, warmup_steps=bad)
 
 
 @pytest.mark.slow
-def test_a_warm_up_longer_than_the_run_shrinks_to_a_tenth_of_it_with_a_note(tiny, tmp_path, console):
-    overrides = tiny("cct-digits", **{"schedule.steps": 20, "schedule.warmup_steps": 50, "eval.every": 20})
+@pytest.mark.parametrize("warmup", [50, 0.1])
+def test_a_warm_up_longer_than_the_run_or_a_fraction_warms_up_over_a_tenth_of_it(warmup, tiny, tmp_path, console):
+    overrides = tiny("cct-digits", **{"schedule.steps": 20, "schedule.warmup_steps": warmup, "eval.every": 20})
     train("cct-digits", tmp_path / "run", overrides=overrides, console=console)
-    assert ("note: schedule.warmup_steps (50) is longer than the run (schedule.steps=20); warming up over 2 steps "
-            "(a tenth of the run) instead") in console.file.getvalue()
+    note = ("note: schedule.warmup_steps (50) is longer than the run (schedule.steps=20); warming up over 2 steps "
+            "(a tenth of the run) instead")
+    assert (note in console.file.getvalue()) == (warmup == 50)  # a fraction asked for it: no note
     lr, ratio = load_recipe("cct-digits").optim.lr, load_recipe("cct-digits").schedule.min_lr_ratio
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["lr"] for r in records if r["kind"] == "train"]
