@@ -259,6 +259,11 @@ def inspect_run(target: str | Path, *, text: str | None = None, image_index: int
         raise InputError("inspect: give either a text or an image index")
     model, recipe, extra = load_run_model(target)
     out = Path(out) if out is not None else Path(target) / "inspect"
+    stem = getattr(getattr(model, "config", None), "stem", None)
+    if text is not None and stem is not None and stem.kind in ("patches", "conv"):
+        raise InputError(f"inspect: {target} is an image model ({stem.kind} stem on {stem.in_channels}x"
+                         f"{stem.image_size[0]}x{stem.image_size[1]} images), so it reads no text; pass --image-index "
+                         f"N to look at image N of its --split instead of --text")
     if text is not None:
         try:
             tokenizer = load_run_tokenizer(target)

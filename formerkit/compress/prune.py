@@ -290,7 +290,7 @@ def prune_run(target: str | Path, out: str | Path, *, heads: float = 0.0, ffn: f
     every = max(1, min(recipe.eval.every, finetune_steps))
     tuned = pruned_recipe.with_overrides({
         "name": f"{recipe.name}-pruned", "schedule.steps": finetune_steps,
-        "schedule.warmup_steps": min(schedule.warmup_steps, finetune_steps // 10),
+        "schedule.warmup_steps": min(schedule.warmup, finetune_steps // 10),
         "eval.every": every, "run.checkpoint_every": max(1, min(recipe.run.checkpoint_every, finetune_steps))})
     train_stage(tuned, out, console=console, initialize_from=target_dir, initialize_head=True)
     if tokenizer.exists():

@@ -193,10 +193,11 @@ def image_folder_bundle(config) -> DataBundle:
     if not class_dirs:
         raise DataError(f"data.path {str(path)!r}: no class folders; expected {path}/<class name>/<images>")
     size = config.image_size
-    images, labels, gray = [], [], True
+    images, labels, gray, skipped = [], [], True, []
     for label, folder in enumerate(class_dirs):
-        files = sorted(p for p in folder.rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _is_hidden(p, folder))
+        found = sorted(p for p in folder.rglob("*") if p.is_file() and not _is_hidden(p, folder))
+        files = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+        skipped += [p.relative_to(path) for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not files:
             raise DataError(f"{folder}: class folder {folder.name!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         for file in files:
@@ -216,8 +217,19 @@ def image_folder_bundle(config) -> DataBundle:
     test_mask = stratified_test_mask(labels_t, fraction)
     if not test_mask.any():
         raise DataError(f"data.path {str(path)!r}: too few images for a test split (every class has one image)")
-    return image_bundle(pixels[~test_mask], labels_t[~test_mask], pixels[test_mask], labels_t[test_mask], config,
-                        scale=1 / 255, classes=[d.name for d in class_dirs], source=f"image folder {path}")
+    bundle = image_bundle(pixels[~test_mask], labels_t[~test_mask], pixels[test_mask], labels_t[test_mask], config,
+                          scale=1 / 255, classes=[d.name for d in class_dirs], source=f"image folder {path}")
+    if skipped:
+        bundle.description += f"; {skipped_note(skipped, IMAGE_SUFFIXES)}"
+    return bundle
+
+
+def skipped_note(skipped: list[Path], suffixes: tuple[str, ...], shown: int = 3) -> str:
+    """'skipped 5 files that are not images (.png, ...): a/x.txt, b/y.csv, b/z.json and 2 more'."""
+    names = ", ".join(str(name) for name in skipped[:shown])
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    kind = "file that is" if len(skipped) == 1 else "files that are"
+    return f"skipped {len(skipped)} {kind} not images ({', '.join(suffixes)}): {names}{more}"
 
 
 def image_to_tensor(image, channels: int) -> torch.Tensor:

@@ -218,14 +218,17 @@ class OptimConfig(ConfigSection):
 @dataclass(frozen=True)
 class ScheduleConfig(ConfigSection):
     """How long to train: optimizer steps of ``batch_size`` examples (split into ``grad_accum`` micro-batches);
-    linear warm-up to optim.lr, then cosine decay to ``min_lr_ratio * lr``."""
+    linear warm-up to optim.lr, then cosine decay to ``min_lr_ratio * lr``. A warm-up longer than the run (a short
+    run of a long recipe, ``--set schedule.steps=30``) becomes a tenth of the run, with a printed note; a fraction
+    (``warmup_steps: 0.1``) scales with the run."""
 
     _prefix = "schedule"
 
     steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
-    warmup_steps: int = 100
+    # Steps of linear warm-up, or a fraction in (0, 1) of schedule.steps (0.1: the first tenth of the run).
+    warmup_steps: int | float = 100
     min_lr_ratio: float = 0.1
 
     def _validate(self) -> None:
@@ -234,10 +237,19 @@ class ScheduleConfig(ConfigSection):
                 self._fail(name, "an integer >= 1")
         if self.batch_size % self.grad_accum:
             self._fail("grad_accum", f"a divisor of schedule.batch_size ({self.batch_size})")
-        if not 0 <= self.warmup_steps <= self.steps:
-            self._fail("warmup_steps", f"an integer in [0, schedule.steps={self.steps}]")
+        # Longer than the run: training warms up over a tenth of it (with a note).
+        if self.warmup_steps < 0 or isinstance(self.warmup_steps, float) and not 0 < self.warmup_steps < 1:
+            self._fail("warmup_steps", "an integer >= 0 (steps) or a fraction in (0, 1) of schedule.steps")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             self._fail("min_lr_ratio", "a fraction in [0, 1]")
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: warmup_steps, a fraction of the run in steps (rounded), or, when longer than the run, a
+        tenth of it."""
+        if isinstance(self.warmup_steps, float):
+            return round(self.warmup_steps * self.steps)
+        return self.warmup_steps if self.warmup_steps <= self.steps else self.steps // 10
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_run", "print_summary"]
+__all__ = ["next_commands", "plot_run", "print_summary"]
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -59,14 +59,27 @@ def _plot(plt, path: Path, series: dict[str, list[tuple[float, float]]], ylabel:
     return path
 
 
-def print_summary(console, run_dir: Path, summary: dict[str, Any]) -> None:
+def next_commands(run_dir: Path, objective: str, prompt: str | None = None) -> list[str]:
+    """The commands worth running after a run; a language model's sample starts from ``prompt`` (the start of the
+    run's own data) or, without one, from nothing."""
+    import shlex
+
+    run = shlex.quote(str(run_dir))
+    commands = [f"formerkit eval {run}", f"formerkit summary {shlex.quote(str(run_dir / 'model'))}"]
+    if objective == "causal_lm":
+        commands.append(f"formerkit generate {run}" + (f" --prompt {shlex.quote(prompt)}" if prompt else ""))
+    commands.append(f"formerkit report {run}")
+    return commands
+
+
+def print_summary(console, run_dir: Path, summary: dict[str, Any], prompt: str | None = None) -> None:
     from rich.table import Table
 
     table = Table(title=f"{summary['name']}: {summary['status']}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     for key, value in summary.items():
-        if key in ("name", "status", "previous_stage"):
+        if key in ("name", "status", "previous_stage") or (key == "recipe" and value == summary["name"]):
             continue
         if isinstance(value, float):
             if "accuracy" in key or "exact_match" in key:
@@ -79,7 +92,8 @@ def print_summary(console, run_dir: Path, summary: dict[str, Any]) -> None:
             value = f"{value:,}"
         table.add_row(key.replace("_", " "), str(value))
     console.print(table)
-    console.print(f"run directory: {run_dir}")
-    console.print("next: formerkit eval " + str(run_dir) + "   |   formerkit summary " + str(run_dir / "model")
-                  + ("   |   formerkit sample " + str(run_dir) + ' --prompt "def "' if summary["objective"] in
-                     ("causal_lm",) else ""))
+    console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+    console.print("next:", highlight=False)
+    for command in next_commands(run_dir, summary["objective"], prompt):
+        # One command a line, never wrapped (soft_wrap: a long line stays one line, to copy or to read in a log).
+        console.print(f"  {command}", highlight=False, soft_wrap=True, markup=False)

@@ -28,7 +28,9 @@ from formerkit.models.transformer import Transformer, TransformerStack, build_mo
 from formerkit.train import distributed
 from formerkit.train.config import TrainConfig, load_recipe
 from formerkit.train.objectives import ExpertUsage, Objective, make_objective
+from formerkit.train.progress import progress as make_progress
 from formerkit.train.report import plot_run, print_summary
+from formerkit.train.startup import StepTimer, example_prompt, run_title, token_warning, tokens_per_example
 from formerkit.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["RunError", "TrainResult", "build_optimizer", "evaluate_split", "layer_ids", "lr_factor",
@@ -191,7 +193,8 @@ class _Log:
 def _check_same_recipe(run_dir: Path, config: TrainConfig) -> None:
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.exists():
-        raise RunError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml)")
+        raise RunError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml); leave out --resume to start "
+                       "one there")
     saved, wanted = TrainConfig.from_file(recipe_file).to_dict(), config.to_dict()
     if saved != wanted:
         changed = sorted(k for k in wanted if wanted[k] != saved[k])
@@ -199,13 +202,19 @@ def _check_same_recipe(run_dir: Path, config: TrainConfig) -> None:
                        f"{', '.join(changed)}); resume with the same recipe and --set values")
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Whether anything was trained in ``run_dir``: a checkpoint or a saved model. A directory a failed start left
+    (recipe.yaml, model.yaml, no checkpoint) holds no run."""
+    checkpoints = run_dir / "checkpoints"
+    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (run_dir / "model").exists()
+
+
 def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> None:
-    """A new run: refuses a directory that holds one already, then records the recipe."""
-    recipe_file = run_dir / "recipe.yaml"
-    if recipe_file.exists() or (run_dir / "checkpoints").exists():
+    """A new run: refuses a directory that holds one already (a checkpoint), then records the recipe."""
+    if _has_checkpoint(run_dir):
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.to_yaml(recipe_file)
+    config.to_yaml(run_dir / "recipe.yaml")
 
 
 def _training_usage(objective: Objective, dist) -> dict[str, float]:
@@ -285,20 +294,30 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         dist.teardown()
         raise RunError("optim.ema_decay is not supported with run.strategy fsdp; set optim.ema_decay null or use "
                        "run.strategy ddp")
+    def say(text: str, **style) -> None:  # rank 0's notes, one line each however long (logs stay greppable)
+        if dist.is_main and console is not None:
+            console.print(text, soft_wrap=True, **style)
+
+
+    if resume and (run_dir / "recipe.yaml").exists() and not _has_checkpoint(run_dir):
+        # A start that failed before its first checkpoint (bad data, a wrong --set): nothing to resume, and the
+        # corrected recipe may differ from the one it recorded.
+        say(f"{run_dir}: no checkpoint yet (nothing was trained); starting a new run", highlight=False)
+        resume = False
     if resume:
         _check_same_recipe(run_dir, config)
     if (run_dir / "summary.json").exists() and resume:
         summary = json.loads((run_dir / "summary.json").read_text())
         if summary.get("status") == "completed":
             return TrainResult(run_dir, summary, load(run_dir / "model"))
-    if dist.is_main and not resume:
+    if not resume and _has_checkpoint(run_dir):  # refused before the data is read
         _prepare_run_dir(run_dir, config)
-    dist.barrier()
 
     run = config.run
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
+    # The data and the model are checked before anything is written: a failed start leaves no run behind.
     bundle = build_data(config.data)
     objective = make_objective(config.objective, bundle)
     if wrap_objective is not None:
@@ -306,9 +325,15 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     model_config = config.model.resolve({**bundle.model_fields, **objective.model_fields()})
     objective.check_model(model_config)
     if dist.is_main and not resume:
+        _prepare_run_dir(run_dir, config)
         # The recipe names a preset and overrides; this is the whole model they resolve to, with the data's fields.
         model_config.to_yaml(run_dir / "model.yaml")
+    dist.barrier()
     schedule = config.schedule
+    warmup = schedule.warmup
+    if not isinstance(schedule.warmup_steps, float) and schedule.warmup_steps > schedule.steps:
+        say(f"note: schedule.warmup_steps ({schedule.warmup_steps}) is longer than the run (schedule.steps="
+            f"{schedule.steps}); warming up over {warmup} steps (a tenth of the run) instead", highlight=False)
     if schedule.batch_size % (schedule.grad_accum * dist.world_size):
         raise RunError(f"schedule.batch_size ({schedule.batch_size}) must split evenly into grad_accum "
                        f"({schedule.grad_accum}) x processes ({dist.world_size})")
@@ -325,7 +350,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     parallel = dist.wrap(trained)
     optimizer = build_optimizer(trained, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, schedule.warmup_steps, schedule.steps, schedule.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, warmup, schedule.steps, schedule.min_lr_ratio))
     ema = None
     if config.optim.ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -342,14 +367,21 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         load_checkpoint(checkpoint, state, model=trained, optimizer=optimizer, scheduler=scheduler, ema=ema)
         start_step, best, stale = state["step"], state.get("best"), state.get("stale", 0)
         elapsed_before = state.get("elapsed", 0.0)
+        say(f"resuming {run_dir} at step {start_step} of {schedule.steps} from {checkpoint}", highlight=False)
     dtype = resolve_precision(run.precision, dist.device)
     autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype is not None else nullcontext
     log = _Log(run_dir / "metrics.jsonl", dist.is_main, start_step if resume else None)
-    if dist.is_main and console is not None and bundle.description:
+    if bundle.description:
         # What was read, and how (packed rows say how full they are and how many documents were cut into pieces).
-        console.print(f"data: {bundle.description}", highlight=False)
+        say(f"data: {bundle.description}", highlight=False)
     if dist.is_main and not resume and initialize_from is not None and console is not None:
         console.print(f"initialized {len(copied)} tensors from {initialize_from}")
+    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{tokens_per_example(model_config, config.data):,} tokens per example", highlight=False)
+    warning = token_warning(config, model_config) if dist.is_main and console is not None else None
+    if warning:
+        say(warning, style="yellow", highlight=False)
+    title = run_title(config, run_dir)
 
     eval_model = lambda: ema.module if ema is not None else trained  # noqa: E731
     eval_split = config.eval.split if getattr(bundle, config.eval.split) is not None else None
@@ -357,7 +389,9 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     higher = watch is not None and not watch.endswith("loss")
     step, status, units, window_start = start_step, "completed", 0, time.perf_counter()
     started = time.perf_counter()
-    progress = _progress(console, dist.is_main and run.progress, schedule.steps, start_step, config.name)
+    progress = make_progress(console, dist.is_main and run.progress, schedule.steps, start_step, title,
+                             run.log_every)
+    timer = StepTimer(start_step, schedule.steps, say)
 
     def checkpoint_now():
         # distributed: every rank calls it (FSDP gathers the sharded state collectively); rank 0 writes.
@@ -404,6 +438,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
             if ema is not None:
                 ema.update_parameters(trained)
             step += 1
+            timer.tick(step)
 
             if step % run.log_every == 0 or step == schedule.steps:
                 now = time.perf_counter()
@@ -447,8 +482,9 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     wall = elapsed_before + time.perf_counter() - started
     final_model = eval_model()
     core = objective.unwrap_model(final_model)
-    summary: dict[str, Any] = {"name": config.name, "status": status, "objective": config.objective.kind,
-                               "steps": step, "parameters": sum(p.numel() for p in core.parameters()),
+    summary: dict[str, Any] = {"name": title, "recipe": config.name, "status": status,
+                               "objective": config.objective.kind, "steps": step,
+                               "parameters": sum(p.numel() for p in core.parameters()),
                                "wall_time_s": round(wall, 2)}
     train_rates = [r[f"{bundle.unit}_per_s"] for r in log.records if r["kind"] == "train"]
     if train_rates:
@@ -470,59 +506,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_run(run_dir)
         if console is not None:
-            print_summary(console, run_dir, summary)
+            print_summary(console, run_dir, summary, prompt=example_prompt(bundle))
     dist.barrier()
     dist.teardown()
     return TrainResult(run_dir, summary, core)
-
-
-class _Progress:
-    """A rich progress bar with loss, throughput and ETA, and evaluation lines printed above it."""
-
-    def __init__(self, console, total: int, start: int, name: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.console = console
-        self.bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
-                            transient=False)
-        self.task = self.bar.add_task(name, total=total, completed=start, status="")
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
-
-    def advance(self, step, loss, rate, unit, load_max=None):
-        fields = {}
-        if loss is not None:
-            fields["status"] = f"loss {loss:.4f}  {rate:,.0f} {unit}/s"
-            if load_max is not None:  # mixture of experts: how unevenly the experts were loaded (1 = evenly)
-                fields["status"] += f"  expert load {load_max:.2f}"
-        self.bar.update(self.task, completed=step, **fields)
-
-    def note(self, step, metrics):
-        text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.bar.console.print(f"step {step}: {text}")
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    def advance(self, *args):
-        return None
-
-    def note(self, *args):
-        return None
-
-
-def _progress(console, enabled: bool, total: int, start: int, name: str):
-    if not enabled or console is None:
-        return _NoProgress()
-    return _Progress(console, total, start, name)
