@@ -70,9 +70,44 @@ def _meta_arange(*args, dtype=None, device=None, **kwargs) -> torch.Tensor:
     return torch.empty(length, dtype=dtype, device="meta", requires_grad=kwargs.get("requires_grad", False))
 
 
+# Operations whose meta kernels are Python code that imports torch._dynamo (a second or more): the tables of fixed
+# positions (rotary, sinusoidal, ALiBi) use them. On small tensors a meta build runs them on zero-filled CPU stand-ins
+# and keeps the result's shape and dtype (PyTorch's own rules, no copy of them); the values are meaningless on the
+# meta device anyway.
+_PROXIED = {"div", "__truediv__", "__rtruediv__", "__rdiv__", "exp", "pow", "__pow__", "__rpow__", "mul", "__mul__",
+            "__rmul__", "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "neg", "__neg__", "cat", "cos",
+            "sin", "float", "double", "to", "repeat", "repeat_interleave", "expand", "abs", "__abs__", "log", "log2",
+            "sqrt", "rsqrt", "reciprocal", "clamp", "where", "stack", "outer", "meshgrid", "tril", "triu",
+            "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__and__", "__or__", "__invert__"}
+_PROXY_LIMIT = 2**22  # elements: larger tables go to the meta kernels
+
+
+def _meta_tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_meta else []
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _meta_tensors(item)]
+    return []
+
+
+def _replace(value, convert):
+    if isinstance(value, torch.Tensor):
+        return convert(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_replace(item, convert) for item in value)
+    return value
+
+
+def _on_cpu(func, args: tuple, kwargs: dict):
+    stand_in = _replace(args, lambda tensor: torch.zeros(tensor.shape, dtype=tensor.dtype, device="cpu"))
+    with torch.device("cpu"):
+        result = func(*stand_in, **kwargs)
+    return _replace(result, lambda tensor: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
+
+
 class _SkipRandomInit(TorchFunctionMode):
     """Inside a torch.device("meta") context: the random initializations do nothing, torch.arange sizes its result
-    without computing it. Everything else runs as usual."""
+    without computing it, the operations above run on CPU stand-ins of small tensors. The rest runs as usual."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -83,6 +118,10 @@ class _SkipRandomInit(TorchFunctionMode):
         if (func is torch.arange and kwargs.get("device") in (None, "meta") and "out" not in kwargs
                 and not any(isinstance(value, torch.Tensor) for value in args) and 1 <= len(args) <= 3):
             return _meta_arange(*args, **kwargs)
+        if name in _PROXIED and "out" not in kwargs and kwargs.get("device") in (None, "meta"):
+            tensors = _meta_tensors(args)
+            if tensors and sum(tensor.numel() for tensor in tensors) <= _PROXY_LIMIT:
+                return _on_cpu(func, args, kwargs)
         return func(*args, **kwargs)
 
 
