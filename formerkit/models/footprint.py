@@ -75,10 +75,8 @@ def _meta_arange(*args, dtype=None, device=None, **kwargs) -> torch.Tensor:
 # and keeps the result's shape and dtype (PyTorch's own rules, no copy of them); the values are meaningless on the
 # meta device anyway.
 _PROXIED = {"div", "__truediv__", "__rtruediv__", "__rdiv__", "exp", "pow", "__pow__", "__rpow__", "mul", "__mul__",
-            "__rmul__", "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "neg", "__neg__", "cat", "cos",
-            "sin", "float", "double", "to", "repeat", "repeat_interleave", "expand", "abs", "__abs__", "log", "log2",
-            "sqrt", "rsqrt", "reciprocal", "clamp", "where", "stack", "outer", "meshgrid", "tril", "triu",
-            "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__and__", "__or__", "__invert__"}
+            "__rmul__", "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "neg", "__neg__", "cat", "stack",
+            "cos", "sin", "log", "sqrt", "repeat", "repeat_interleave", "outer", "meshgrid", "where", "clamp"}
 _PROXY_LIMIT = 2**22  # elements: larger tables go to the meta kernels
 
 
