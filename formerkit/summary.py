@@ -7,13 +7,13 @@ autograd keeps for the backward pass.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from formerkit.config import ModelConfig
+from formerkit.models.footprint import meta_build, part_of
 from formerkit.models.transformer import build_model
 
 __all__ = ["Summary", "count_parameters", "saved_activation_bytes", "summarize"]
@@ -69,26 +69,6 @@ def _human(value: float) -> str:
     return f"{value:,.0f} FLOP"
 
 
-_PART_PATTERNS = [
-    (r"^(stem|embedding_norm)\.", "embedding"),
-    (r"^positions\.", "positions"),
-    (r"^(encoder|decoder)\.blocks\.\d+\.attention\.", r"\1 attention"),
-    (r"^(encoder|decoder)\.blocks\.\d+\.cross_attention\.", r"\1 cross-attention"),
-    (r"^(encoder|decoder)\.blocks\.\d+\.feedforward\.", r"\1 feed-forward"),
-    (r"^(encoder|decoder)\.blocks\.\d+\.\w+_residual\.", r"\1 norms and scales"),
-    (r"^(encoder|decoder)\.final_norm\.", r"\1 final norm"),
-    (r"^head\.", "head"),
-]
-
-
-def _part_of(name: str) -> str:
-    for pattern, label in _PART_PATTERNS:
-        match = re.match(pattern, name)
-        if match:
-            return match.expand(label)
-    return name.split(".")[0]
-
-
 def _example_inputs(config: ModelConfig, batch: int, seq_len: int) -> tuple[torch.Tensor, dict]:
     stem = config.stem
     if stem.kind in ("patches", "conv"):
@@ -120,19 +100,19 @@ def saved_activation_bytes(model: torch.nn.Module, *args, **kwargs) -> int:
 
 def count_parameters(config: ModelConfig) -> int:
     """The parameter count of the model a config describes (built on the meta device: no memory, no init cost)."""
-    with torch.device("meta"):
+    with meta_build():
         return build_model(config).num_parameters()
 
 
 def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, name: str | None = None) -> Summary:
     """Summarizes a model (or a config, which is built on the meta device without allocating weights)."""
     config = model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.config
-    with torch.device("meta"):
+    with meta_build():
         model = build_model(config)
     counts: dict[str, int] = {}
     blocks: dict[str, set[str]] = {}
     for parameter_name, parameter in model.named_parameters():
-        part = _part_of(parameter_name)
+        part = part_of(parameter_name)
         counts[part] = counts.get(part, 0) + parameter.numel()
         block = re.match(r"^\w+\.blocks\.(\d+)\.", parameter_name)
         if block:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
 from formerkit.generation import generate, stream
+from formerkit.models.footprint import available_memory, check_fits, meta_build, part_bytes, rough_parameter_bytes
 from formerkit.models.inputs import (
     check_cache,
     check_call,
@@ -163,6 +164,14 @@ class Transformer(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise InputError(f"Transformer: expected a formerkit.ModelConfig, got {type(config).__name__}")
+        device = torch.get_default_device()
+        if device.type != "meta":  # refuse what cannot fit before allocating any of it
+            available = available_memory(device)
+            # The exact count (a meta-device build) only for a model whose largest matrices alone take a quarter.
+            if available is not None and 4 * rough_parameter_bytes(config) > available:
+                with meta_build():
+                    shapes = Transformer(config)
+                check_fits(config, part_bytes(shapes.named_parameters()), device, available=available)
         self.config = config
         self.stem = build_stem(config)
         self.positions = build_positions(config)

@@ -146,7 +146,7 @@ class ConvTokenizer(_ImageStem):
     def __init__(self, width: int, image_size: tuple[int, int], in_channels: int = 3, *, conv_layers: int = 1,
                  conv_kernel: int = 3, conv_channels: int = 64, conv_bias: bool = False, pool_kernel: int = 3,
                  pool_stride: int = 2, class_token: bool = False, register_tokens: int = 0,
-                 distill_token: bool = False):
+                 distill_token: bool = False, grid_size: tuple[int, int]):
         super().__init__(width, image_size, in_channels, class_token, register_tokens, distill_token)
         channels = [in_channels] + [conv_channels] * (conv_layers - 1) + [width]
         layers: list[nn.Module] = []
@@ -156,11 +156,7 @@ class ConvTokenizer(_ImageStem):
             if pool_kernel:
                 layers.append(nn.MaxPool2d(pool_kernel, stride=pool_stride, padding=pool_kernel // 2))
         self.layers = nn.Sequential(*layers)
-        # The feature map's size, found by running the layers on a shape-only (meta) image.
-        with torch.no_grad():
-            device = self.layers[0].weight.device
-            probe = self.layers(torch.zeros(1, in_channels, *self.image_size, device=device))
-        self.grid_size = tuple(probe.shape[-2:])
+        self.grid_size = grid_size  # the feature map's size: StemConfig.grid_size computes it
 
     def forward(self, images: Tensor) -> Tensor:
         return self.add_class_token(self.layers(images).flatten(2).transpose(1, 2))
@@ -213,5 +209,5 @@ def build_stem(config) -> nn.Module:
                              conv_kernel=stem.conv_kernel, conv_channels=stem.conv_channels,
                              conv_bias=stem.conv_bias, pool_kernel=stem.pool_kernel, pool_stride=stem.pool_stride,
                              class_token=stem.class_token, register_tokens=stem.register_tokens,
-                             distill_token=stem.distill_token)
+                             distill_token=stem.distill_token, grid_size=stem.grid_size)
     return LinearStem(config.width, stem.input_dim, config.max_seq_len, stem.patch_size, stem.class_token)

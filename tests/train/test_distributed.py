@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +53,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(out: Path, overrides: dict, *extra: str, gate: list[str] | None = None) -> list[str]:
-    """2 processes of ``formerkit.cli train cct-digits``, or of conftest's ``gated_train`` script ``gate``."""
+def _torchrun(out: Path, overrides: dict, *extra: str, gate: list[str] | None = None,
+              launch: tuple[str, ...] = ("--standalone", "--nproc_per_node", "2")) -> list[str]:
+    """torchrun (by default 2 processes on this machine, else as ``launch`` says) of ``formerkit.cli train
+    cct-digits``, or of conftest's ``gated_train`` script ``gate``."""
     program = gate if gate is not None else ["-m", "formerkit.cli"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program,
+    return [sys.executable, "-m", "torch.distributed.run", *launch, *program,
             "train", "cct-digits", "--out", str(out), *_sets(overrides), *extra]
 
 
@@ -108,6 +111,12 @@ def ddp_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The DDP runs' recipe trained by one process on the whole batch."""
+    return train("cct-digits", tmp_path_factory.mktemp("single") / "run", overrides=DDP)
+
+
 @pytest.mark.slow
 def test_nproc_launches_torchrun_and_rank_0_alone_writes_the_run_directory(ddp_run):
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"):
@@ -125,13 +134,58 @@ def test_nproc_launches_torchrun_and_rank_0_alone_writes_the_run_directory(ddp_r
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_follows_the_single_process_loss_curve(ddp_run, tmp_path):
-    single = train("cct-digits", tmp_path / "single", overrides=DDP)
-    expected = [r["loss"] for r in _records(tmp_path / "single")]
-    losses = [r["loss"] for r in _records(ddp_run)]
+def test_ddp_on_two_processes_follows_the_single_process_loss_curve(ddp_run, single_run):
+    _same_run(ddp_run, single_run)
+
+
+def _same_run(run: Path, single) -> None:
+    """``run`` has ``single``'s losses, step by step, and its weights (``single``: train()'s result)."""
+    expected = [r["loss"] for r in _records(single.run_dir)]
+    losses = [r["loss"] for r in _records(run)]
     assert len(losses) == len(expected) == DDP["schedule.steps"]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(losses, expected)), (losses, expected)
-    _same_model(ddp_run / "model", single.model, atol=1e-5)
+    _same_model(run / "model", single.model, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_two_machines_rendezvous_and_follow_the_single_process_loss_curve(rendezvous, single_run, tmp_path):
+    # The README's multi-machine launches on loopback: two torchrun launchers of one process each (the "machines"),
+    # meeting at one endpoint; each has its own --out directory, as on machines without a shared disk.
+    port = _free_port()
+
+    def launch(node: int) -> tuple[str, ...]:
+        if rendezvous == "c10d":
+            meet = ("--rdzv-backend", "c10d", "--rdzv-id", "formerkit-test", "--rdzv-endpoint", f"127.0.0.1:{port}")
+        else:
+            meet = ("--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port))
+        return ("--nnodes", "2", "--nproc-per-node", "1", *meet)
+
+    outs = [tmp_path / f"machine{node}" / "run" for node in (0, 1)]
+    nodes = [subprocess.Popen(_torchrun(out, DDP, launch=launch(node)), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for node, out in enumerate(outs)]
+    try:
+        outputs = [node.communicate(timeout=LAUNCH_TIMEOUT)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+    # The machine of rank 0 alone holds the run directory: c10d's rendezvous picks it, the static one takes
+    # --node-rank 0's.
+    written = [out for out in outs if out.exists()]
+    assert len(written) == 1, [sorted(p.name for p in out.parent.rglob("*")) for out in outs]
+    if rendezvous == "static":
+        assert written == outs[:1]
+    assert _summary(written[0])["status"] == "completed"
+    _same_run(written[0], single_run)
 
 
 @pytest.mark.slow
