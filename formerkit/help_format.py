@@ -1,10 +1,10 @@
-"""The ``formerkit`` command's help: every option shows its default."""
+"""The ``formerkit`` command's help (every option shows its default) and its shared argument types."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["HelpFormatter", "Parser"]
+__all__ = ["HelpFormatter", "Parser", "int_list"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,3 +36,14 @@ class Parser(argparse.ArgumentParser):
         if not action.help and _shows_default(action):
             action.help = "(default: %(default)s)"  # argparse prints no help line for an option without help
         return super()._add_action(action)
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers (``--seq-lens 1024,4096``), as argparse types take it."""
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1024,4096, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values

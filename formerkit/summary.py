@@ -7,6 +7,7 @@ autograd keeps for the backward pass.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch

@@ -1,0 +1,149 @@
+"""The ``formerkit bench`` commands (attention, lm, vision): argument parsing and printing around
+``formerkit.bench``'s measurements, kept out of ``formerkit.cli`` so that stays a short list of commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from formerkit.bench.common import PRECISIONS
+from formerkit.bench.lm import LIBRARIES as LM_LIBRARIES
+from formerkit.bench.vision import LIBRARIES as VISION_LIBRARIES
+from formerkit.help_format import int_list
+
+__all__ = ["add_bench_commands"]
+
+
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    from formerkit.bench.attention import attention_benchmark, format_table, plot
+
+    records = attention_benchmark(args.seq_lens, kinds=args.kinds, window=args.window, heads=args.heads,
+                                  head_dim=args.head_dim, repeats=args.repeats,
+                                  dtype=getattr(torch, args.dtype), memory=not args.no_memory,
+                                  progress=lambda text: print(f"measuring {text}...", file=sys.stderr, flush=True))
+    print(f"One attention layer ({args.heads} heads x {args.head_dim}, batch 1, {args.dtype}, causal, window "
+          f"{args.window}), {torch.get_num_threads()} threads; median of {args.repeats} runs.\n")
+    print(format_table(records))
+    plot(records, args.plot)
+    print(f"\nplot: {args.plot}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text("".join(json.dumps(record) + "\n" for record in records))
+        print(f"records: {args.json}")
+    return 0
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads; Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def _bench_peers(args: argparse.Namespace, kind: str) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = (lambda text: print(f"measuring {text}...", file=sys.stderr, flush=True)) if not args.quiet else None
+    if kind == "lm":
+        from formerkit.bench.lm import LMSpec, format_lm, lm_benchmark
+
+        spec = LMSpec(layers=args.layers, heads=args.heads, width=args.width, context=args.context,
+                      vocab=args.vocab, batch=args.batch, new_tokens=args.new_tokens)
+        records, notes = lm_benchmark(spec, libraries=args.libraries, precisions=args.precisions,
+                                      rounds=args.rounds, decode=not args.no_decode, memory=not args.no_memory,
+                                      progress=progress)
+        table = format_lm(records)
+    else:
+        from formerkit.bench.vision import format_vision, vision_benchmark
+
+        records, notes = vision_benchmark(libraries=args.libraries, precisions=args.precisions,
+                                          rounds=args.rounds, memory=not args.no_memory, progress=progress)
+        table = format_vision(records)
+    command = "formerkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"formerkit bench {kind}"
+    text = "\n".join([f"Machine: {_machine()}", f"Command: `{command}`", "", table, "", *notes])
+    print(text)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text + "\n")
+        print(f"\ntable: {args.markdown}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        print(f"records: {args.json}")
+    return 0
+
+
+def cmd_bench_lm(args: argparse.Namespace) -> int:
+    return _bench_peers(args, "lm")
+
+
+def cmd_bench_vision(args: argparse.Namespace) -> int:
+    return _bench_peers(args, "vision")
+
+
+def add_bench_commands(commands) -> None:
+    """Adds ``bench attention|lm|vision`` to the ``formerkit`` command's subparsers."""
+    bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    attention = benches.add_parser("attention", help="time and memory of full, sliding-window and linear attention "
+                                                     "as the sequence grows")
+    attention.add_argument("--seq-lens", type=int_list, default=[1024, 4096, 16384], metavar="N,N,...",
+                           help="sequence lengths (default 1024,4096,16384)")
+    attention.add_argument("--kinds", type=lambda text: text.split(","), default=["full", "window", "linear"],
+                           metavar="KIND,...", help="full, window, linear (default: all three)")
+    attention.add_argument("--window", type=int, default=256, help="the sliding window (default 256)")
+    attention.add_argument("--heads", type=int, default=6)
+    attention.add_argument("--head-dim", type=int, default=64)
+    attention.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    attention.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    attention.add_argument("--plot", default="bench/attention.png", help="where to write the plot (PNG)")
+    attention.add_argument("--json", metavar="PATH", help="also write one JSON record per measurement (JSON lines)")
+    attention.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    attention.set_defaults(run=cmd_bench_attention)
+
+
+    def comma_list(choices):
+        def parse(text: str) -> list[str]:
+            items = [item for item in text.split(",") if item]
+            unknown = [item for item in items if item not in choices]
+            if unknown or not items:
+                raise argparse.ArgumentTypeError(f"expected some of {','.join(choices)}, got {text!r}")
+            return items
+        return parse
+
+    for name, libraries, help_text in (
+            ("lm", LM_LIBRARIES, "a GPT-2-layout decoder against transformers, x-transformers and a nanoGPT-style "
+                                 "model: training, inference and decoding speed, peak memory"),
+            ("vision", VISION_LIBRARIES, "CCT-7/3x1 (32x32) and ViT-tiny (224x224) against vit-pytorch and timm: "
+                                         "training and inference speed, peak memory")):
+        peer = benches.add_parser(name, help=help_text)
+        peer.add_argument("--libraries", type=comma_list(libraries), default=list(libraries),
+                          metavar="LIB,...", help=f"which of {','.join(libraries)} (default: all installed)")
+        peer.add_argument("--precisions", type=comma_list(PRECISIONS), default=list(PRECISIONS),
+                          metavar="P,...", help=f"which of {','.join(PRECISIONS)} (default both)")
+        peer.add_argument("--rounds", type=int, default=5, help="timed rounds, contenders taking turns (median)")
+        peer.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        peer.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+        peer.add_argument("--json", metavar="PATH", help="also write the records as a JSON list")
+        peer.add_argument("--markdown", metavar="PATH", help="also write the machine, command and table (Markdown)")
+        peer.add_argument("--quiet", action="store_true", help="no progress lines")
+        if name == "lm":
+            peer.add_argument("--layers", type=int, default=6)
+            peer.add_argument("--heads", type=int, default=6)
+            peer.add_argument("--width", type=int, default=384)
+            peer.add_argument("--context", type=int, default=256)
+            peer.add_argument("--vocab", type=int, default=65)
+            peer.add_argument("--batch", type=int, default=8)
+            peer.add_argument("--new-tokens", type=int, default=200, help="batch-1 greedy decode length")
+            peer.add_argument("--no-decode", action="store_true", help="skip the decoding measurement")
+        peer.set_defaults(run=cmd_bench_lm if name == "lm" else cmd_bench_vision)
