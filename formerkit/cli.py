@@ -367,8 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config field, e.g. --set num_layers=4 --set attention.num_kv_heads=2")
     summary.set_defaults(run=cmd_summary)
 
-    recipes = commands.add_parser("recipes", help="list the shipped training recipes, print one to copy "
-                                                  "(formerkit recipes NAME > my.yaml), or every recipe key (--keys)")
+    recipes = commands.add_parser(
+        "recipes", help="list the shipped training recipes, print one to copy (formerkit recipes NAME > my.yaml), or "
+                        "every recipe key (--keys)",
+        description="Without arguments, the shipped recipes one line each. With NAME, that recipe's YAML to copy and "
+                    "edit: formerkit recipes text-folder > my.yaml, set data.path in it, then formerkit train my.yaml "
+                    "--out runs/mine. For your own data start from text-folder, jsonl-lm, image-folder or "
+                    "csv-forecast.")
     recipes.add_argument("name", nargs="?", help="print this recipe's YAML exactly as shipped, to copy and edit")
     recipes.add_argument("--keys", action="store_true",
                          help="print every recipe key with what it accepts, its default and what it does "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -85,3 +86,30 @@ def test_the_key_reference_has_one_row_for_every_recipe_key_and_every_model_key(
 def test_docs_recipe_keys_is_the_generated_reference():
     assert DOCS.read_text() == keys_reference(), (
         f"docs/recipe-keys.md is out of date with the recipe schema; regenerate it with: {REGENERATE}")
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readmes_own_data_section_copies_shipped_recipes_and_sets_keys_they_accept():
+    from formerkit.schema import load_yaml
+
+    text = README.read_text()
+    start = text.index("## Your own data")
+    section = text[start:text.index("\n## ", start)]
+    recipe, checked = None, []
+    pair = r"--set\s+'?([\w.]+)=([^\s`']+)'?\s*"
+    for match in re.finditer(rf"formerkit recipes ([\w-]+) >|((?:{pair})+)", section):
+        if match.group(1):
+            recipe = match.group(1)
+            assert recipe in list_recipes()
+            continue
+        # The keys set together exist in the recipe the section last copied, and their values are ones it accepts
+        # (model keys included); "--set section.key=value" is the form itself.
+        overrides = {key: load_yaml(value) for key, value in re.findall(pair, match.group(2)) if key != "section.key"}
+        load_recipe(recipe).with_overrides(overrides).model.resolve()
+        checked += overrides
+    assert {"data.path", "data.text_field", "data.image_size", "model.stem.conv_layers", "data.columns",
+            "data.tokenizer", "data.vocab_size"} <= set(checked)
+    for name in ("text-folder", "jsonl-lm", "image-folder", "csv-forecast"):
+        assert f"formerkit recipes {name} >" in section
