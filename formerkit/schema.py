@@ -371,7 +371,7 @@ def _field_comments(cls: type) -> dict[str, str]:
         text = line.strip()
         if not text:
             block, shared = [], None
-        elif not line.startswith("    ") or line.startswith("     ") and not text.startswith("#"):
+        elif not line.startswith("    ") or line.startswith("     "):
             continue  # not a line of the class body itself (a method's body, a continuation line)
         elif text.startswith("#"):
             block.append(text.lstrip("#").strip())

@@ -136,3 +136,17 @@ def test_an_own_data_recipe_copied_from_formerkit_recipes_trains_and_evaluates(n
         assert (config.stem.input_dim, config.head.output_dim, config.max_seq_len) == (2, 8 * 2, 32)
     else:
         assert config.max_seq_len == 32
+
+
+@pytest.mark.parametrize(("name", "placeholder", "what"), [
+    ("text-folder", "my-texts", "text file or folder of text files"), ("jsonl-lm", "my-data.jsonl", "JSON-lines file"),
+    ("image-folder", "my-images", "folder of class folders"), ("csv-forecast", "my-series.csv", "CSV file")])
+def test_an_own_data_recipe_trained_before_data_path_is_set_says_which_key_to_set(name, placeholder, what, tmp_path,
+                                                                                  monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where no file has the placeholder's name
+    assert load_recipe(name).data.path == placeholder
+    assert main(["train", name, "--out", str(tmp_path / "run")]) == 2
+    source = load_recipe(name).data.source
+    assert (f"data.path '{placeholder}' does not exist (data.source='{source}'); set data.path to your {what}, in the "
+            f"recipe or with --set data.path=...") in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
