@@ -83,15 +83,11 @@ def _console():
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from formerkit.train.config import list_recipes, load_recipe
+    from formerkit.train.catalog import keys_reference, recipe_listing, recipe_text
 
-    rows = []
-    for name in list_recipes():
-        recipe = load_recipe(name)
-        model = recipe.model.preset or "custom config"
-        rows.append([name, recipe.objective.kind, recipe.data.source, model, recipe.description])
-    _print_table("formerkit recipes", [("name", "left"), ("objective", "left"), ("data", "left"), ("model", "left"),
-                                       ("description", "left")], rows)
+    if args.keys and args.name:
+        raise FormerkitError(f"recipes: give a recipe NAME or --keys, not both (got {args.name!r} and --keys)")
+    print(keys_reference() if args.keys else recipe_text(args.name) if args.name else recipe_listing(), end="")
     return 0
 
 
@@ -288,7 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config field, e.g. --set num_layers=4 --set attention.num_kv_heads=2")
     summary.set_defaults(run=cmd_summary)
 
-    recipes = commands.add_parser("recipes", help="list the training recipes shipped with formerkit")
+    recipes = commands.add_parser(
+        "recipes", help="list the shipped training recipes, print one to copy (formerkit recipes NAME > my.yaml), or "
+                        "every recipe key (--keys)",
+        description="Without arguments, the shipped recipes one line each. With NAME, that recipe's YAML to copy and "
+                    "edit: formerkit recipes text-folder > my.yaml, set data.path in it, then formerkit train my.yaml "
+                    "--out runs/mine. For your own data start from text-folder, jsonl-lm, image-folder or "
+                    "csv-forecast.")
+    recipes.add_argument("name", nargs="?", help="print this recipe's YAML exactly as shipped, to copy and edit")
+    recipes.add_argument("--keys", action="store_true",
+                         help="print every recipe key with what it accepts, its default and what it does "
+                              "(Markdown; the same as docs/recipe-keys.md)")
     recipes.set_defaults(run=cmd_recipes)
 
     train = commands.add_parser("train", help="train a recipe (a shipped name or a YAML file) into a run directory")

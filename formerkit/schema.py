@@ -22,7 +22,7 @@ from typing import Any
 
 from formerkit.errors import ConfigError, UnknownFieldError
 
-__all__ = ["ConfigSection", "choice", "is_section", "load_yaml"]
+__all__ = ["ConfigSection", "FieldInfo", "choice", "describe_type", "field_infos", "is_section", "load_yaml"]
 
 
 def choice(default: Any, choices: tuple[Any, ...]) -> Any:
@@ -261,9 +261,14 @@ def _coerce(path: str, value: Any, annotation: Any, choices: tuple[Any, ...] | N
     return value
 
 
+def describe_type(annotation: Any, choices: tuple[Any, ...] | None = None) -> str:
+    """What a field accepts, in the words of the error messages: "an integer or null", "one of 'a', 'b'"."""
+    return _describe(annotation, choices)
+
+
 def _describe(annotation: Any, choices: tuple[Any, ...] | None) -> str:
     if choices:
-        return "one of " + ", ".join(repr(c) for c in choices)
+        return "one of " + ", ".join("null" if c is None else repr(c) for c in choices)
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -271,8 +276,11 @@ def _describe(annotation: Any, choices: tuple[Any, ...] | None) -> str:
     if origin is tuple:
         args = typing.get_args(annotation)
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0], None)}s"
+            plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+            return f"a list of {plural.get(args[0], _describe(args[0], None))}"
         return f"a list of {len(args)} values"
+    if origin is dict:
+        return "a mapping of keys to values"
     return names.get(annotation, str(annotation))
 
 
@@ -309,3 +317,74 @@ def _resolve_key(cls: type[ConfigSection], key: str) -> list[str]:
     if suggestion and suggestion not in every:
         suggestion = next(f"{s}.{suggestion}" for s, names in sections.items() if suggestion in names)
     raise UnknownFieldError(key, top, suggestion)
+
+
+# ----- the reference: every field with its type, default and the comment above it -----
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldInfo:
+    """One field of a section, for a reference: ``section`` is set when the field is a nested section."""
+
+    name: str
+    accepts: str
+    default: Any
+    choices: tuple[Any, ...] | None
+    doc: str
+    section: type[ConfigSection] | None
+
+
+def field_infos(cls: type[ConfigSection]) -> list[FieldInfo]:
+    """The fields of ``cls`` in order, each documented by the comment block written above it in the class body.
+
+    A field without a comment of its own shares the block above the field before it when that block names it
+    (``experts_per_token``) or is a heading (one line without a final period: ``# conv``, ``# csv: window length,
+    horizon, columns``), as long as no blank line comes between.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = _field_comments(cls)
+    infos = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, ConfigSection):
+            default = default.to_dict()
+        elif isinstance(default, tuple):
+            default = list(default)
+        choices = f.metadata.get("choices")
+        section = hints[f.name] if is_section(hints[f.name]) else None
+        infos.append(FieldInfo(f.name, _describe(hints[f.name], choices), default, choices, docs.get(f.name, ""),
+                               section))
+    return infos
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field name: the comment block above it (joined into one line)} from the class body's source."""
+    import inspect
+    import textwrap
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    docs: dict[str, str] = {}
+    block: list[str] = []  # the comment lines just read
+    shared: tuple[str, bool] | None = None  # (the last block, whether it is a heading) for uncommented fields below
+    for line in lines[1:]:
+        text = line.strip()
+        if not text:
+            block, shared = [], None
+        elif not line.startswith("    ") or line.startswith("     "):
+            continue  # not a line of the class body itself (a method's body, a continuation line)
+        elif text.startswith("#"):
+            block.append(text.lstrip("#").strip())
+        else:
+            name = re.match(r"(\w+)\s*:", text)
+            if name and name.group(1) in names:
+                if block:
+                    doc = " ".join(block)
+                    shared = (doc, len(block) == 1 and not doc.endswith("."))
+                    docs[name.group(1)] = doc
+                elif shared and (shared[1] or re.search(rf"\b{name.group(1)}\b", shared[0])):
+                    docs[name.group(1)] = shared[0]
+                else:
+                    shared = None
+            block = []
+    return docs

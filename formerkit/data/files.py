@@ -60,12 +60,18 @@ def build(config) -> DataBundle:
     return builders[config.source](config)
 
 
+# What data.path names for each source, for the message when it does not exist.
+_WHAT_PATH = {"text": "text file or folder of text files", "jsonl": "JSON-lines file",
+              "image_folder": "folder of class folders", "csv": "CSV file"}
+
+
 def _existing_path(config) -> Path:
     if not config.path:
         raise DataError(f"data.path is required for data.source={config.source!r}")
     path = Path(config.path).expanduser()
     if not path.exists():
-        raise DataError(f"data.path {str(path)!r} does not exist (data.source={config.source!r})")
+        raise DataError(f"data.path {str(path)!r} does not exist (data.source={config.source!r}); set data.path to "
+                        f"your {_WHAT_PATH[config.source]}, in the recipe or with --set data.path=...")
     return path
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "list_recipes",
     "load_recipe",
+    "shipped_recipe",
 ]
 
 DATA_SOURCES = ("stdlib", "text", "jsonl", "digits", "image_folder", "synthetic", "csv")
@@ -46,8 +47,11 @@ class ModelSpec(ConfigSection):
 
     _prefix = "model"
 
+    # A preset name (formerkit models), e.g. char_gpt, cct_2_3x2_32, vit_tiny_patch16_224
     preset: str | None = None
+    # Model keys changed from the preset's, dotted (attention.num_heads: 4); see "Model keys"
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Instead of a preset: a whole model config (nested sections: attention: {num_heads: 4})
     config: dict[str, Any] | None = None
 
     def _validate(self) -> None:
@@ -69,6 +73,9 @@ class DataConfig(ConfigSection):
 
     _prefix = "data"
 
+    # stdlib: Python's own source; text: a .txt file or a folder of them; jsonl: one JSON object a line; digits:
+    # scikit-learn's 8x8 digits; image_folder: one sub-folder of images per class; synthetic: copy/reverse/sort
+    # sequences; csv: a numeric time series (one row a time step)
     source: str = choice("stdlib", DATA_SOURCES)
     # text, jsonl, image_folder, csv: a file or folder of the user's
     path: str | None = None
@@ -144,7 +151,10 @@ class DataConfig(ConfigSection):
 class ObjectiveConfig(ConfigSection):
     _prefix = "objective"
 
+    # What the model learns: next tokens, masked tokens, a class per example, an output sequence per input sequence,
+    # the hidden image patches (masked autoencoder), the next data.horizon steps of a series
     kind: str = choice("causal_lm", OBJECTIVES)
+    # classification, seq2seq, LM: the weight moved from the true class to all classes alike (0 = off)
     label_smoothing: float = 0.0
     # masked_lm: the fraction of tokens chosen for prediction (BERT: 15%, of which 80% masked, 10% random, 10% kept)
     mask_prob: float = 0.15
@@ -182,8 +192,11 @@ class OptimConfig(ConfigSection):
 
     _prefix = "optim"
 
+    # The peak learning rate (reached after schedule.warmup_steps)
     lr: float = 1e-3
+    # AdamW's decoupled weight decay (none on norms, biases, embeddings and position tables)
     weight_decay: float = 0.05
+    # AdamW's moment decays and its epsilon
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     # Clip the global gradient norm to this (None = no clipping).
@@ -262,6 +275,7 @@ class EvalConfig(ConfigSection):
     split: str = choice("valid", ("valid", "test"))
     # Evaluate on at most this many batches (None = the whole split).
     batches: int | None = None
+    # Examples per evaluation batch (memory only: the metrics do not depend on it)
     batch_size: int = 256
     # Stop when `metric` (e.g. valid_loss, valid_accuracy) has not improved for `patience` evaluations (None = never).
     metric: str | None = None
@@ -283,11 +297,14 @@ class EvalConfig(ConfigSection):
 class RunConfig(ConfigSection):
     _prefix = "run"
 
+    # Seeds the model's initialization, the data order, augmentation and dropout
     seed: int = 0
     # bf16: autocast matmuls to bfloat16; fp32: full precision; auto: bf16 where the hardware has native bf16 math
     # (CUDA with bf16, CPUs with AMX or AVX-512 BF16), fp32 otherwise.
     precision: str = choice("fp32", ("auto", "bf16", "fp32"))
+    # Write a train record to metrics.jsonl every this many steps
     log_every: int = 10
+    # Save a checkpoint (to resume from) every this many steps (and at the end)
     checkpoint_every: int = 500
     # Keep this many most recent checkpoints.
     keep_checkpoints: int = 2
@@ -309,7 +326,9 @@ class RunConfig(ConfigSection):
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigSection):
+    # The run's name (the default run directory is runs/<name>)
     name: str = "run"
+    # One line shown by formerkit recipes
     description: str = ""
     model: ModelSpec = field(default_factory=lambda: ModelSpec(preset="char_gpt"))
     data: DataConfig = field(default_factory=DataConfig)
@@ -396,12 +415,18 @@ def load_recipe(name_or_path: str | Path) -> TrainConfig:
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or Path(text).is_file():
         return TrainConfig.from_file(text)
+    with resources.as_file(shipped_recipe(text, "or a path to a YAML file")) as path:
+        return TrainConfig.from_file(path)
+
+
+def shipped_recipe(name: str, alternative: str = "") -> Any:
+    """The shipped recipe file called ``name`` (an importlib.resources Traversable); an unknown name is a
+    ConfigError listing the recipes (and ``alternative``, another accepted kind of value) with a "did you mean"."""
     recipes = list_recipes()
-    if text not in recipes:
+    if name not in recipes:
         import difflib
 
-        close = difflib.get_close_matches(text, recipes, n=1, cutoff=0.4)
-        raise ConfigError("recipe", text, "a recipe name (" + ", ".join(recipes) + ") or a path to a YAML file",
-                          hint=f"did you mean {close[0]!r}?" if close else "")
-    with resources.as_file(resources.files("formerkit") / "recipes" / f"{text}.yaml") as path:
-        return TrainConfig.from_file(path)
+        close = difflib.get_close_matches(name, recipes, n=1, cutoff=0.4)
+        expected = " ".join(part for part in (f"a recipe name ({', '.join(recipes)})", alternative) if part)
+        raise ConfigError("recipe", name, expected, hint=f"did you mean {close[0]!r}?" if close else "")
+    return resources.files("formerkit") / "recipes" / f"{name}.yaml"
