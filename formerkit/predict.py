@@ -6,9 +6,11 @@
     predictor(["a.png", "b.png"])                       # one answer per input (a folder counts as its images)
     formerkit.load_run("runs/char-lm")("def ", max_new_tokens=40, seed=0)     # the generated continuation
     formerkit.load_run("runs/forecast")("series.csv")   # the next `horizon` steps [horizon, columns], in its units
+    formerkit.load_run("runs/reviews")("great film")    # {"input": "great film", "label": ..., "probabilities": ...}
 
 Image classifiers take image files, folders of them, PIL images and arrays ([C, H, W] or [H, W] in the data source's
-raw units); language models take prompts (text); forecasters take a CSV file or the recent values ([steps, columns]).
+raw units); text classifiers take texts (tokenized and cut or padded as in training); language models take prompts
+(text); forecasters take a CSV file or the recent values ([steps, columns]).
 ``formerkit predict`` is the command over ``Predictor`` (``predict_command``).
 """
 
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from formerkit.data.files import IMAGE_SUFFIXES, read_numeric_csv
+from formerkit.data.text import encode_padded
 from formerkit.errors import CheckpointError, InputError
 from formerkit.runs import (
     check_language_model,
@@ -47,7 +50,8 @@ BATCH = 64  # images per forward pass
 class Predictor:
     """A run's model with its tokenizer and preprocessing; call it with raw inputs (see the module's docstring).
 
-    ``task`` is ``"classify"`` (image classifiers), ``"generate"`` (language models) or ``"forecast"``.
+    ``task`` is ``"classify"`` (image classifiers), ``"classify_text"`` (text classifiers), ``"generate"``
+    (language models) or ``"forecast"``.
     """
 
     def __init__(self, target: str | Path):
@@ -61,12 +65,14 @@ class Predictor:
             self.task, self.tokenizer = "generate", load_run_tokenizer(target)
         elif kind == "classification" and self.preprocessing.get("kind") == "image":
             self.task = "classify"
+        elif kind == "classification" and self.preprocessing.get("kind") == "text":
+            self.task, self.tokenizer = "classify_text", load_run_tokenizer(target)
         elif kind == "forecast":
             self.task = "forecast"
         else:
             data = f" on {self.preprocessing.get('kind') or 'non-image'} data" if kind == "classification" else ""
-            raise CheckpointError(f"{target}: predict takes image classifiers, language models and forecasters; this "
-                                  f"run trained {kind!r}{data}")
+            raise CheckpointError(f"{target}: predict takes image and text classifiers, language models and "
+                                  f"forecasters; this run trained {kind!r}{data}")
 
     def __repr__(self) -> str:
         return f"Predictor({str(self.target)!r}, task={self.task!r})"
@@ -79,11 +85,15 @@ class Predictor:
         if self.task == "generate":
             if isinstance(inputs, str):
                 return self.generate(inputs, **options)
-            return [self.generate(prompt, **options) for prompt in _each_prompt(inputs)]
+            return [self.generate(prompt, **options) for prompt in _each_text(inputs)]
         if options:
             raise InputError(f"{', '.join(options)}: options of generation; this run's task is {self.task!r}")
         if self.task == "forecast":
             return self.forecast(inputs)
+        if self.task == "classify_text":
+            texts = [inputs] if isinstance(inputs, str) else _each_text(inputs, "text", "a text classifier")
+            answers = self.classify_text(texts)
+            return answers[0] if isinstance(inputs, str) else answers
         answers = self.classify(inputs)
         return answers if _is_batch(inputs) else answers[0]
 
@@ -104,9 +114,34 @@ class Predictor:
         """[{"input": the path (None for an in-memory image), "label": the most probable class, "probabilities":
         {class: probability}}] for the images of ``inputs``."""
         names, batch = self.image_inputs(inputs)
+        return self._answers(names, batch)
+
+    # ----- text classifiers -----
+
+    def text_inputs(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """(token ids [N, seq_len], attention mask [N, seq_len]) of texts, encoded with the run's tokenizer exactly
+        as its training encoded the data (``formerkit.data.text.encode_padded``)."""
+        if self.task != "classify_text":
+            raise InputError(f"texts: this run's task is {self.task!r}, not text classification")
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"text: expected a non-blank text, got {text!r}")
+        return encode_padded(self.tokenizer, texts, self.preprocessing["seq_len"])
+
+    def classify_text(self, texts: list[str]) -> list[dict[str, Any]]:
+        """[{"input": the text, "label": the most probable class, "probabilities": {class: probability}}]."""
+        if not texts:
+            raise InputError("inputs: expected at least one text, got none")
+        ids, mask = self.text_inputs(texts)
+        return self._answers(list(texts), ids, mask)
+
+    def _answers(self, names: list, batch: Tensor, mask: Tensor | None = None) -> list[dict[str, Any]]:
+        """The answers of a classifier for its inputs ``batch`` (and their attention mask, for texts)."""
         with torch.inference_mode():
-            probabilities = torch.cat([self.model(batch[start:start + BATCH]).float().softmax(-1)
-                                       for start in range(0, len(batch), BATCH)])
+            probabilities = torch.cat([
+                self.model(batch[start:start + BATCH],
+                           attention_mask=None if mask is None else mask[start:start + BATCH]).float().softmax(-1)
+                for start in range(0, len(batch), BATCH)])
         classes = self.preprocessing.get("classes") or [str(index) for index in range(probabilities.shape[1])]
         return [{"input": name, "label": classes[int(row.argmax())],
                  "probabilities": {label: float(p) for label, p in zip(classes, row)}}
@@ -182,9 +217,9 @@ def _existing(path: str | Path, expected: str) -> Path:
     return path
 
 
-def _each_prompt(inputs) -> list[str]:
-    if not isinstance(inputs, (list, tuple)) or not all(isinstance(prompt, str) for prompt in inputs):
-        raise InputError(f"prompt: a language model takes text or a list of texts, got {type(inputs).__name__}")
+def _each_text(inputs, name: str = "prompt", model: str = "a language model") -> list[str]:
+    if not isinstance(inputs, (list, tuple)) or not all(isinstance(text, str) for text in inputs):
+        raise InputError(f"{name}: {model} takes text or a list of texts, got {type(inputs).__name__}")
     return list(inputs)
 
 
@@ -235,11 +270,12 @@ def predict_command(target: str | Path, inputs: list[str], *, json_path: str | N
     predictor = Predictor(target)
     if predictor.task != "forecast" and out is not None:
         raise InputError(f"--out: writes a forecast CSV; this run's task is {predictor.task!r} (use --json)")
-    if predictor.task == "classify":
+    if predictor.task in ("classify", "classify_text"):
         if options:
+            what = "images" if predictor.task == "classify" else "texts"
             raise InputError(f"{', '.join('--' + key.replace('_', '-') for key in options)}: options of language "
-                             "models; this run classifies images")
-        answers: Any = predictor.classify(inputs)
+                             f"models; this run classifies {what}")
+        answers: Any = predictor.classify(inputs) if predictor.task == "classify" else predictor.classify_text(inputs)
         text = _classification_table(answers)
     elif predictor.task == "generate":
         answers = [{"input": prompt, "text": predictor.generate(prompt, **options)} for prompt in inputs]

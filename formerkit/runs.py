@@ -68,9 +68,11 @@ class _AdaptiveClassifier(nn.Module):
         self.merge_tokens, self.exit_threshold = merge_tokens, exit_threshold
         self.layers_used = self.samples = 0
 
-    def forward(self, inputs: Tensor) -> Tensor:
+    def forward(self, inputs: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         if self.exit_threshold is None:
-            return self.model(inputs, merge_tokens=self.merge_tokens)
+            return self.model(inputs, merge_tokens=self.merge_tokens, attention_mask=attention_mask)
+        if attention_mask is not None:
+            raise InputError("exit_threshold: early exit takes inputs without padding (images), not padded texts")
         logits, layers_used = early_exit(self.model, inputs, self.exit_threshold)
         self.layers_used += int(layers_used.sum())
         self.samples += len(layers_used)

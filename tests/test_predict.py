@@ -238,8 +238,8 @@ def test_bad_forecast_inputs_get_one_clear_message(trained_run, tmp_path, capsys
 
 def test_runs_without_a_prediction_path_are_refused_by_name(trained_run):
     run = trained_run("seq2seq-reverse")
-    with pytest.raises(CheckpointError, match=r"predict takes image classifiers, language models and forecasters; "
-                                              r"this run trained 'seq2seq'"):
+    with pytest.raises(CheckpointError, match=r"predict takes image and text classifiers, language models and "
+                                              r"forecasters; this run trained 'seq2seq'"):
         formerkit.load_run(run)
 
 

@@ -10,7 +10,8 @@ How each source splits its data (deterministically, so a run and its resumption 
   file (or a folder holding only one) is cut into about ``max(100, 2k)`` chunks of similar size,
   at paragraph ends (blank lines) when the file has that many paragraphs and at line ends otherwise, and every k-th
   chunk is held out: the validation text is a set of contiguous passages spread over the whole file.
-- ``jsonl``: each line's ``data.text_field`` is a document; every k-th document is held out for validation.
+- ``jsonl``: each line's ``data.text_field`` is a document; every k-th document is held out for validation. With
+  ``data.label_field`` (text classification) a stratified **test** split, as for image folders.
 - ``image_folder``: a stratified **test** split of data.valid_fraction of each class's images (20% when
   data.valid_fraction is 0), evenly spaced over the class's sorted file names; there is no separate validation split.
 - ``csv``: a chronological **test** split: the last data.valid_fraction of the time steps (20% when it is 0).
@@ -38,7 +39,7 @@ import torch
 
 from formerkit.data.base import ArraySplit, DataBundle, DataError
 from formerkit.data.images import image_bundle
-from formerkit.data.text import build_text_bundle
+from formerkit.data.text import build_text_bundle, encode_padded, make_tokenizer
 
 __all__ = ["DEMO_SERIES", "IMAGE_SUFFIXES", "TEXT_SUFFIXES", "build", "demo_series_csv", "image_to_tensor",
            "read_image", "write_demo_series_csv"]
@@ -134,12 +135,8 @@ def split_single_text(data: bytes, valid_fraction: float) -> list[bytes]:
 # --- jsonl
 
 
-def jsonl_bundle(config) -> DataBundle:
-    path = _existing_path(config)
-    if not path.is_file():
-        raise DataError(f"data.path {str(path)!r}: expected a JSON-lines file, found a folder (data.source='jsonl')")
-    field = config.text_field
-    documents, total = [], 0
+def _jsonl_records(path: Path):
+    """(line number, object) of each non-blank line of a JSON-lines file; DataError naming the line otherwise."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -150,18 +147,86 @@ def jsonl_bundle(config) -> DataBundle:
                 raise DataError(f"{path}, line {number}: not a JSON object ({error})") from error
             if not isinstance(record, dict):
                 raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            if field not in record:
-                raise DataError(f"{path}, line {number}: no field {field!r} (data.text_field); the object has "
-                                f"{sorted(record)[:10]}")
-            if not isinstance(record[field], str):
-                raise DataError(f"{path}, line {number}: field {field!r} holds {type(record[field]).__name__}, "
-                                f"expected a string")
-            document = record[field].encode("utf-8")
-            documents.append(document)
-            total += len(document)
-            if config.max_bytes is not None and total >= config.max_bytes:
-                break
+            yield number, record
+
+
+def _field(path: Path, number: int, record: dict, field: str, key: str, types: tuple[type, ...], expected: str):
+    """``record[field]``; DataError naming the file, line, field and recipe key when it is missing or not of
+    ``types``."""
+    if field not in record:
+        raise DataError(f"{path}, line {number}: no field {field!r} ({key}); the object has {sorted(record)[:10]}")
+    value = record[field]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise DataError(f"{path}, line {number}: field {field!r} ({key}) holds {type(value).__name__}, "
+                        f"expected {expected}")
+    return value
+
+
+def jsonl_bundle(config) -> DataBundle:
+    path = _existing_path(config)
+    if not path.is_file():
+        raise DataError(f"data.path {str(path)!r}: expected a JSON-lines file, found a folder (data.source='jsonl')")
+    if config.label_field is not None:
+        return jsonl_classification_bundle(path, config)
+    documents, total = [], 0
+    for number, record in _jsonl_records(path):
+        document = _field(path, number, record, config.text_field, "data.text_field", (str,), "a string")
+        documents.append(document.encode("utf-8"))
+        total += len(documents[-1])
+        if config.max_bytes is not None and total >= config.max_bytes:
+            break
     return build_text_bundle(documents, config, source=f"jsonl {path}")
+
+
+def jsonl_classification_bundle(path: Path, config) -> DataBundle:
+    """Each line's data.text_field is a text, its data.label_field the class (strings, or integers; the classes are
+    the distinct values in sorted order). A stratified data.valid_fraction of each class (20% when it is 0) is the
+    test split (``stratified_test_mask``). Texts are tokenized, cut to data.seq_len tokens and padded with id 0; the
+    ``attention_mask`` is False at padding."""
+    texts, values, total = [], [], 0
+    for number, record in _jsonl_records(path):
+        text = _field(path, number, record, config.text_field, "data.text_field", (str,), "a string")
+        label = _field(path, number, record, config.label_field, "data.label_field", (str, int),
+                       "a string or an integer (the class)")
+        if not text.strip():
+            raise DataError(f"{path}, line {number}: field {config.text_field!r} (data.text_field) is blank")
+        if values and isinstance(label, str) != isinstance(values[0], str):
+            raise DataError(f"{path}, line {number}: field {config.label_field!r} (data.label_field) holds "
+                            f"{label!r}, but earlier lines hold {type(values[0]).__name__}s; use one type")
+        texts.append(text)
+        values.append(label)
+        total += len(text.encode("utf-8"))
+        if config.max_bytes is not None and total >= config.max_bytes:
+            break
+    if not texts:
+        raise DataError(f"{path}: no records (expected one JSON object a line)")
+    distinct = sorted(set(values))
+    if len(distinct) < 2:
+        raise DataError(f"{path}: every record has the class {distinct[0]!r} (data.label_field "
+                        f"{config.label_field!r}); a classifier needs at least two classes")
+    labels = torch.tensor([distinct.index(value) for value in values], dtype=torch.long)
+    test_mask = stratified_test_mask(labels, config.valid_fraction or DEFAULT_TEST_FRACTION)
+    if not test_mask.any():
+        raise DataError(f"{path}: too few records for a test split (every class has one record)")
+    train_texts = [text for text, held in zip(texts, test_mask.tolist()) if not held]
+    tokenizer = make_tokenizer(config, [text.encode("utf-8") for text in train_texts])
+    ids, mask = encode_padded(tokenizer, texts, config.seq_len)
+    classes = [str(value) for value in distinct]
+
+    def split(chosen: torch.Tensor) -> ArraySplit:
+        return ArraySplit({"inputs": ids[chosen], "attention_mask": mask[chosen], "labels": labels[chosen]})
+
+    cut = int((mask.sum(dim=1) == config.seq_len).sum())
+    return DataBundle(
+        train=split(~test_mask), valid=None, test=split(test_mask),
+        model_fields={"vocab_size": tokenizer.vocab_size, "max_seq_len": config.seq_len, "num_classes": len(classes)},
+        preprocessing={"kind": "text", "tokenizer": tokenizer.describe(), "seq_len": config.seq_len,
+                       "classes": classes},
+        tokenizer=tokenizer, unit="examples",
+        description=f"jsonl {path}: {len(train_texts)} training and {int(test_mask.sum())} test texts, "
+                    f"{len(classes)} classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); "
+                    f"{cut} texts fill data.seq_len={config.seq_len} tokens (longer ones are cut)",
+    )
 
 
 # --- images

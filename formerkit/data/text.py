@@ -13,7 +13,7 @@ from formerkit.data.base import DataBundle, DataError, TokenSplit
 from formerkit.data.packing import PackedSplit, pack_documents
 from formerkit.data.tokenizers import ByteTokenizer, Tokenizer
 
-__all__ = ["build_text_bundle", "stdlib_files"]
+__all__ = ["build_text_bundle", "encode_padded", "make_tokenizer", "stdlib_files"]
 
 # Folders of the standard library that hold its test suites (excluded: they are data for CPython's tests, not
 # representative code, and some are huge generated files).
@@ -61,6 +61,19 @@ def _encode_each(tokenizer: Tokenizer, documents: list[bytes]) -> list[torch.Ten
         return [torch.frombuffer(bytearray(doc), dtype=torch.uint8) for doc in documents]
     return [torch.tensor(tokenizer.encode(doc.decode("utf-8", errors="replace")), dtype=torch.long)
             for doc in documents]
+
+
+def encode_padded(tokenizer: Tokenizer, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, seq_len], attention_mask [N, seq_len]) of texts for a classifier: each text's first ``seq_len`` token
+    ids, padded on the right with id 0; the mask is True at the text's tokens and False at padding. Training and
+    ``formerkit predict`` both encode texts here."""
+    ids = torch.zeros(len(texts), seq_len, dtype=torch.long)
+    mask = torch.zeros(len(texts), seq_len, dtype=torch.bool)
+    for row, text in enumerate(texts):
+        tokens = tokenizer.encode(text)[:seq_len]
+        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, :len(tokens)] = True
+    return ids, mask
 
 
 def build_text_bundle(documents: list[bytes], config, *, source: str) -> DataBundle:

@@ -81,6 +81,9 @@ class DataConfig(ConfigSection):
     path: str | None = None
     # jsonl: the field holding the text
     text_field: str = "text"
+    # jsonl with objective.kind classification: the field holding each line's class (strings or integers; classes in
+    # sorted order); a stratified data.valid_fraction of each class (20% when 0) is the test split
+    label_field: str | None = None
     # text sources: byte, char or bpe (trained on the training split with the `tokenizers` library)
     tokenizer: str = choice("byte", ("byte", "char", "bpe"))
     # bpe: the vocabulary size to train
@@ -113,7 +116,7 @@ class DataConfig(ConfigSection):
     columns: tuple[str, ...] | None = None
 
     _APPLIES = {
-        "path": ("text", "jsonl", "image_folder", "csv"), "text_field": ("jsonl",),
+        "path": ("text", "jsonl", "image_folder", "csv"), "text_field": ("jsonl",), "label_field": ("jsonl",),
         "tokenizer": ("stdlib", "text", "jsonl"), "vocab_size": ("stdlib", "text", "jsonl"),
         "seq_len": ("stdlib", "text", "jsonl", "synthetic"), "pack": ("stdlib", "text", "jsonl"),
         "valid_fraction": ("stdlib", "text", "jsonl", "digits", "image_folder", "csv"),
@@ -345,6 +348,13 @@ class TrainConfig(ConfigSection):
         if self.data.pack and self.objective.kind not in PACKING_OBJECTIVES:
             raise ConfigError("data.pack", True, f"false with objective.kind {self.objective.kind!r}",
                               hint=f"packed rows serve the language-model objectives {PACKING_OBJECTIVES}")
+        if self.data.label_field is not None and self.objective.kind != "classification":
+            raise ConfigError("data.label_field", self.data.label_field,
+                              f"null with objective.kind {self.objective.kind!r}",
+                              hint="a label field trains a text classifier: set objective.kind: classification")
+        if self.data.source == "jsonl" and self.objective.kind == "classification" and self.data.label_field is None:
+            raise ConfigError("data.label_field", None, "the field holding each line's class for objective.kind "
+                              "classification on data.source 'jsonl'", hint="e.g. --set data.label_field=label")
         if self.then is not None:
             self.next_stage()  # validate the second stage now, before any training
 

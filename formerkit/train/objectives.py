@@ -277,7 +277,15 @@ class MaskedLM(Objective):
         return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1), **usage.metrics()}
 
 
+def _mask_kwargs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's ``attention_mask`` for a batch of padded texts (False at padding: neither attended to nor pooled);
+    nothing for batches without padding (images, series)."""
+    return {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+
+
 class Classification(Objective):
+    """One class per example: images, or padded texts (with an ``attention_mask``)."""
+
     kind = "classification"
     primary_metric = "accuracy"
     higher_is_better = True
@@ -290,14 +298,14 @@ class Classification(Objective):
     def loss(self, model, batch, generator):
         if self.config.exit_loss_weight:
             return self.loss_with_exits(model, batch)
-        logits, aux_loss = self.run(model, batch["inputs"])
+        logits, aux_loss = self.run(model, batch["inputs"], **_mask_kwargs(batch))
         return self.with_aux(_cross_entropy(logits, batch["labels"], self.config.label_smoothing), aux_loss)
 
     def loss_with_exits(self, model, batch) -> Tensor:
         """Deep supervision for early exit (objective.exit_loss_weight): the final loss plus the weight times the
         mean loss of the exits after every earlier layer, each the model's final norm and head on that layer's state
         (formerkit.models.early_exit.exit_logits), so the shared head learns to read every depth."""
-        output = model(batch["inputs"], output_hidden_states=True)
+        output = model(batch["inputs"], output_hidden_states=True, **_mask_kwargs(batch))
         if self.has_experts(model) and self.training_usage is not None:
             self.training_usage.add(output)
         labels, smoothing = batch["labels"], self.config.label_smoothing
@@ -305,7 +313,8 @@ class Classification(Objective):
         intermediate = output.hidden_states[1:-1]  # the stack's input and last layer's output are not exits
         if intermediate:
             core = getattr(model, "module", model)  # the formerkit model inside a DDP wrapper
-            exits = torch.stack([_cross_entropy(exit_logits(core, state), labels, smoothing)
+            keep = batch.get("attention_mask")
+            exits = torch.stack([_cross_entropy(exit_logits(core, state, keep), labels, smoothing)
                                  for state in intermediate])
             loss = loss + self.config.exit_loss_weight * exits.mean()
         return self.with_aux(loss, output.aux_loss)
@@ -314,7 +323,7 @@ class Classification(Objective):
     def evaluate(self, model, batches):
         total, correct, count, usage = 0.0, 0, 0, ExpertUsage()
         for batch in batches:
-            logits = self.run(model, batch["inputs"], usage=usage)[0].float()
+            logits = self.run(model, batch["inputs"], usage=usage, **_mask_kwargs(batch))[0].float()
             total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
             count += len(batch["labels"])

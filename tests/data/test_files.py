@@ -159,7 +159,7 @@ def test_jsonl_documents_are_the_text_field_of_each_line(tmp_path):
 @pytest.mark.parametrize("bad_line, message", [
     ("{not json", "not a JSON object"),
     ('{"other": "field"}', "no field 'text'"),
-    ('{"text": 42}', "field 'text' holds int, expected a string"),
+    ('{"text": 42}', r"field 'text' \(data\.text_field\) holds int, expected a string"),
     ('["a", "list"]', "expected a JSON object"),
 ])
 def test_jsonl_bad_line_names_the_file_and_line_number(tmp_path, bad_line, message):
