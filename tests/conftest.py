@@ -92,6 +92,8 @@ TINY = {
                     "model.num_layers": 1, "model.width": 32, "model.num_heads": 2, "eval.batches": 2},
     "jsonl-lm": {"schedule.steps": 6, "schedule.batch_size": 4, "eval.every": 3, "data.seq_len": 32,
                  "model.num_layers": 1, "model.width": 32, "model.num_heads": 2, "eval.batches": 2},
+    "jsonl-classify": {"schedule.steps": 6, "schedule.batch_size": 8, "eval.every": 3, "data.seq_len": 32,
+                       "model.config.width": 32, "model.config.num_layers": 1, "model.config.attention.num_heads": 2},
     "image-folder": {"schedule.steps": 6, "schedule.batch_size": 8, "eval.every": 3, "model.num_layers": 1,
                      "model.width": 32, "model.num_heads": 2, "model.conv_channels": 16},
     "csv-forecast": {"schedule.steps": 6, "schedule.batch_size": 16, "eval.every": 3, "data.window": 32,

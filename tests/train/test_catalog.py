@@ -110,6 +110,6 @@ def test_the_readmes_own_data_section_copies_shipped_recipes_and_sets_keys_they_
         load_recipe(recipe).with_overrides(overrides).model.resolve()
         checked += overrides
     assert {"data.path", "data.text_field", "data.image_size", "model.stem.conv_layers", "data.columns",
-            "data.tokenizer", "data.vocab_size"} <= set(checked)
-    for name in ("text-folder", "jsonl-lm", "image-folder", "csv-forecast"):
+            "data.tokenizer", "data.vocab_size", "data.label_field"} <= set(checked)
+    for name in ("text-folder", "jsonl-lm", "jsonl-classify", "image-folder", "csv-forecast"):
         assert f"formerkit recipes {name} >" in section

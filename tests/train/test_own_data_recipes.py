@@ -140,6 +140,7 @@ def test_an_own_data_recipe_copied_from_formerkit_recipes_trains_and_evaluates(n
 
 @pytest.mark.parametrize(("name", "placeholder", "what"), [
     ("text-folder", "my-texts", "text file or folder of text files"), ("jsonl-lm", "my-data.jsonl", "JSON-lines file"),
+    ("jsonl-classify", "my-data.jsonl", "JSON-lines file"),
     ("image-folder", "my-images", "folder of class folders"), ("csv-forecast", "my-series.csv", "CSV file")])
 def test_an_own_data_recipe_trained_before_data_path_is_set_says_which_key_to_set(name, placeholder, what, tmp_path,
                                                                                   monkeypatch, capsys):
