@@ -1,25 +1,16 @@
-"""The model config: one validated dataclass that describes a whole Transformer.
-
-``ModelConfig`` holds the core's shape (``arch``, ``width``, ``num_layers``) and one small section per part: attention,
-feed-forward, norms, positions, stem (what turns inputs into vectors) and head (what turns vectors into outputs). Every
-value is checked when the config is constructed; an error names the field, the value given and what is allowed.
-
-Configs are frozen. Derive a new one with ``config.replace(...)``, which accepts top-level fields, whole sections as
-dicts, dotted paths (``"attention.num_heads"``) and unambiguous field names of a section (``num_classes=10``).
-"""
+"""The sections of the model config: attention, feed-forward, norms, positions, stem and head, each a frozen
+dataclass validated on construction (see ``formerkit.config``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from formerkit.errors import ConfigError
-from formerkit.schema import ConfigSection, choice, load_yaml  # noqa: F401 - load_yaml: also read from here
+from formerkit.schema import ConfigSection, choice
 
 __all__ = [
     "AttentionConfig",
     "FeedForwardConfig",
     "HeadConfig",
-    "ModelConfig",
     "NormConfig",
     "PositionConfig",
     "StemConfig",
@@ -43,14 +34,14 @@ POOLINGS = ("cls", "mean", "sequence", "last", "none")
 ARCHS = ("encoder", "decoder", "encoder_decoder")
 
 
-class _ModelSection(ConfigSection):
+class ModelSection(ConfigSection):
     """A section of the model config, whose choice errors know other libraries' names."""
 
     _aliases = _ALIASES
 
 
 @dataclass(frozen=True)
-class AttentionConfig(_ModelSection):
+class AttentionConfig(ModelSection):
     """Multi-head attention: heads, grouped-query heads, biases, QK-norm, dropout, local windows."""
 
     _prefix = "attention"
@@ -132,7 +123,7 @@ class AttentionConfig(_ModelSection):
 
 
 @dataclass(frozen=True)
-class FeedForwardConfig(_ModelSection):
+class FeedForwardConfig(ModelSection):
     """The position-wise feed-forward part: a plain MLP or a gated one (Shazeer, 2020, "GLU Variants")."""
 
     _prefix = "feedforward"
@@ -195,7 +186,7 @@ class FeedForwardConfig(_ModelSection):
 
 
 @dataclass(frozen=True)
-class NormConfig(_ModelSection):
+class NormConfig(ModelSection):
     """Normalization: which norm, where it sits around each sub-layer, and whether the stack ends with one."""
 
     _prefix = "norm"
@@ -220,7 +211,7 @@ class NormConfig(_ModelSection):
 
 
 @dataclass(frozen=True)
-class PositionConfig(_ModelSection):
+class PositionConfig(ModelSection):
     """How the model knows where a token is."""
 
     _prefix = "position"
@@ -237,7 +228,7 @@ class PositionConfig(_ModelSection):
 
 
 @dataclass(frozen=True)
-class StemConfig(_ModelSection):
+class StemConfig(ModelSection):
     """What turns raw inputs (token ids, images, numeric sequences) into a sequence of vectors."""
 
     _prefix = "stem"
@@ -351,7 +342,7 @@ class StemConfig(_ModelSection):
 
 
 @dataclass(frozen=True)
-class HeadConfig(_ModelSection):
+class HeadConfig(ModelSection):
     """What turns the final vectors into outputs."""
 
     _prefix = "head"
@@ -388,206 +379,4 @@ class HeadConfig(_ModelSection):
             self._fail("tie_embeddings", "false unless head.kind is 'lm' or 'masked_lm'")
         if not 0.0 <= self.dropout < 1.0:
             self._fail("dropout", "a probability in [0, 1)")
-
-
-@dataclass(frozen=True)
-class ModelConfig(_ModelSection):
-    """The whole model. ``formerkit.build_model(config)`` turns it into a ``torch.nn.Module``."""
-
-    # encoder: bidirectional; decoder: causal; encoder_decoder: a bidirectional encoder read by a causal decoder
-    # through cross-attention.
-    arch: str = choice("decoder", ARCHS)
-    width: int = 512
-    num_layers: int = 6
-    # encoder_decoder only: decoder depth (default num_layers).
-    num_decoder_layers: int | None = None
-    # Weight sharing across depth: this many distinct blocks, cycled over num_layers (1 = one block applied
-    # num_layers times, as in ALBERT and looped Transformers). null means every layer has its own weights.
-    num_unique_layers: int | None = None
-    # The longest token sequence (tokens and linear stems); image stems derive their length from the image.
-    max_seq_len: int | None = 1024
-    # Dropout on embeddings and on each residual branch.
-    dropout: float = 0.0
-    # Stochastic depth (Huang et al., 2016): the drop rate of the last layer, rising linearly from 0 at the first.
-    drop_path: float = 0.0
-    # LayerScale (Touvron et al., 2021, "CaiT"): a learned per-channel scale on each residual branch, initialized here.
-    layer_scale: float | None = None
-    init_std: float = 0.02
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    feedforward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
-    norm: NormConfig = field(default_factory=NormConfig)
-    position: PositionConfig = field(default_factory=PositionConfig)
-    stem: StemConfig = field(default_factory=lambda: StemConfig(vocab_size=256))
-    head: HeadConfig = field(default_factory=HeadConfig)
-
-    def _validate(self) -> None:
-        attention, stem, head = self.attention, self.stem, self.head
-        if self.width < 1:
-            self._fail("width", "an integer >= 1")
-        if self.num_layers < 1:
-            self._fail("num_layers", "an integer >= 1")
-        if self.num_decoder_layers is not None:
-            if self.arch != "encoder_decoder":
-                self._fail("num_decoder_layers", "null unless arch is 'encoder_decoder'")
-            if self.num_decoder_layers < 1:
-                self._fail("num_decoder_layers", "an integer >= 1")
-        if self.num_unique_layers is not None:
-            depths = {self.num_layers, self.decoder_layers}
-            if self.num_unique_layers < 1 or any(d % self.num_unique_layers for d in depths):
-                self._fail("num_unique_layers", f"a divisor of the depth ({' and '.join(map(str, sorted(depths)))})")
-        for name in ("dropout", "drop_path"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                self._fail(name, "a probability in [0, 1)")
-        if self.layer_scale is not None and self.layer_scale <= 0:
-            self._fail("layer_scale", "a number > 0 or null")
-        if self.init_std <= 0:
-            self._fail("init_std", "a number > 0")
-        if attention.head_dim is None and self.width % attention.num_heads:
-            raise ConfigError("attention.num_heads", attention.num_heads, f"a divisor of width ({self.width})",
-                              hint="or set attention.head_dim explicitly")
-        if self.position.kind == "rope" and self.head_dim % 2:
-            raise ConfigError("attention.head_dim", self.head_dim, "an even head width for rope positions")
-        if attention.sliding_window_layers is not None:
-            for index in attention.sliding_window_layers:
-                if not 0 <= index < max(self.num_layers, self.decoder_layers):
-                    raise ConfigError("attention.sliding_window_layers", attention.sliding_window_layers,
-                                      f"layer indices in [0, {max(self.num_layers, self.decoder_layers)})")
-        if attention.kind_layers is not None:
-            for index in attention.kind_layers:
-                if not 0 <= index < max(self.num_layers, self.decoder_layers):
-                    raise ConfigError("attention.kind_layers", attention.kind_layers,
-                                      f"layer indices in [0, {max(self.num_layers, self.decoder_layers)})")
-        if attention.kind == "linear" and self.position.kind == "alibi":
-            raise ConfigError("position.kind", "alibi", "a position scheme without score biases with linear attention",
-                              hint="linear attention never forms the scores ALiBi adds to; use rope or learned")
-        if attention.gaussian_mixture and stem.kind not in ("patches", "conv"):
-            raise ConfigError("attention.gaussian_mixture", attention.gaussian_mixture,
-                              "0 unless the stem makes a 2-D grid of image tokens (patches or conv)",
-                              hint=f"stem.kind is {stem.kind!r}")
-        if attention.gaussian_mixture and attention.kind == "linear" and attention.kind_layers is None:
-            raise ConfigError("attention.gaussian_mixture", attention.gaussian_mixture,
-                              "0 when every layer uses linear attention (it scales scores that linear attention "
-                              "never forms)")
-        if attention.soft_causal_steps is not None and (self.arch != "decoder" or self.head.kind == "lm"):
-            raise ConfigError("attention.soft_causal_steps", attention.soft_causal_steps,
-                              "null unless the model is a decoder with a head other than 'lm'",
-                              hint="it fades in a decoder's causal mask (iLLaMA's image classifiers); a language "
-                                   "model that saw later tokens would learn to copy its targets")
-        if self.feedforward.moe_layers is not None:
-            # A shared block is a mixture at every depth it is applied, so with sharing the indices name shared blocks.
-            blocks = self.num_unique_layers or max(self.num_layers, self.decoder_layers)
-            what = "indices of the num_unique_layers shared blocks" if self.num_unique_layers else "layer indices"
-            for index in self.feedforward.moe_layers:
-                if not 0 <= index < blocks:
-                    raise ConfigError("feedforward.moe_layers", self.feedforward.moe_layers, f"{what} in [0, {blocks})")
-        for name, values in (("attention.layer_heads", attention.layer_heads),
-                             ("feedforward.layer_hidden_sizes", self.feedforward.layer_hidden_sizes)):
-            if values is not None:
-                self._check_per_layer(name, values)
-        # Stems and sequence lengths.
-        if stem.kind in ("tokens", "linear"):
-            if self.max_seq_len is None or self.max_seq_len < 1:
-                self._fail("max_seq_len", f"an integer >= 1 for a {stem.kind} stem")
-        if self.position.kind == "sincos2d" and self.width % 4:
-            raise ConfigError("width", self.width, "a multiple of 4 for sincos2d positions (sin and cos per axis)")
-        if stem.register_tokens and self.position.kind in ("rope", "alibi"):
-            raise ConfigError("stem.register_tokens", stem.register_tokens, "0 with rope or alibi positions",
-                              hint="register tokens carry no position; use learned, sinusoidal, sincos2d or none")
-        if self.arch == "encoder_decoder" and stem.kind != "tokens":
-            raise ConfigError("stem.kind", stem.kind, "'tokens' for arch 'encoder_decoder'")
-        if self.position.kind == "sincos2d" and stem.kind not in ("patches", "conv"):
-            raise ConfigError("position.kind", "sincos2d", "an image stem (patches or conv) for a 2-D position table",
-                              hint=f"stem.kind is {stem.kind!r}")
-        # Heads.
-        if head.kind == "lm" and (stem.kind != "tokens" or self.arch == "encoder"):
-            raise ConfigError("head.kind", "lm", "a tokens stem with arch 'decoder' or 'encoder_decoder'",
-                              hint="an encoder over tokens predicts masked tokens: use head.kind 'masked_lm'")
-        if head.kind == "masked_lm" and (stem.kind != "tokens" or self.arch != "encoder"):
-            raise ConfigError("head.kind", "masked_lm", "a tokens stem with arch 'encoder'")
-        if stem.distill_token and head.kind != "classification":
-            raise ConfigError("stem.distill_token", True, "false unless head.kind is 'classification'",
-                              hint="the distillation token feeds a second classification head")
-        if head.tie_embeddings and stem.kind != "tokens":
-            raise ConfigError("head.tie_embeddings", True, "a tokens stem, whose embedding the head can share")
-        if self.head_pooling == "cls" and stem.kind != "tokens" and not stem.class_token:
-            raise ConfigError("head.pooling", "cls", "a stem with stem.class_token true (or a tokens stem)")
-        if self.head_pooling == "last" and self.arch == "encoder":
-            raise ConfigError("head.pooling", "last", "cls, mean or sequence for an encoder",
-                              hint="'last' pools the last token, which sees the whole input only in a decoder")
-
-    def _check_per_layer(self, name: str, values: tuple[int, ...]) -> None:
-        """Per-layer sizes (a pruned model): one per layer of one stack, each layer its own block."""
-        hint = "per-layer sizes come from structured pruning (formerkit prune), which keeps the model plain"
-        if self.arch == "encoder_decoder":
-            raise ConfigError(name, values, "null for arch 'encoder_decoder'", hint=hint)
-        if self.num_unique_layers is not None:
-            raise ConfigError(name, values, "null with num_unique_layers (a shared block has one size)", hint=hint)
-        if len(values) != self.num_layers:
-            raise ConfigError(name, values, f"{self.num_layers} values, one per layer (num_layers)")
-        if name == "feedforward.layer_hidden_sizes":
-            if self.feedforward.mixture:
-                raise ConfigError(name, values, "null with mixture-of-experts feed-forward layers", hint=hint)
-            if any(size < 1 for size in values):
-                raise ConfigError(name, values, "hidden sizes >= 1")
-            return
-        attention = self.attention
-        if attention.kv_heads != attention.num_heads:
-            raise ConfigError(name, values, "null with grouped-query attention (num_kv_heads < num_heads)", hint=hint)
-        if self.position.kind == "alibi":
-            raise ConfigError(name, values, "null with alibi positions (one slope per head, shared by all layers)",
-                              hint=hint)
-        if attention.gaussian_mixture:
-            raise ConfigError(name, values, "null with attention.gaussian_mixture", hint=hint)
-
-    def layer_num_heads(self, index: int) -> int:
-        """Attention (query) heads of layer ``index``."""
-        heads = self.attention.layer_heads
-        return self.attention.num_heads if heads is None else heads[index]
-
-    def layer_kv_heads(self, index: int) -> int:
-        """Key/value heads of layer ``index``: per-layer head counts (pruned models) exist only without grouped-query
-        attention, so there they are the layer's query heads."""
-        heads = self.attention.layer_heads
-        return self.attention.kv_heads if heads is None else heads[index]
-
-    def layer_feedforward_size(self, index: int) -> int:
-        """Hidden size of layer ``index``'s feed-forward part."""
-        sizes = self.feedforward.layer_hidden_sizes
-        return self.feedforward_size if sizes is None else sizes[index]
-
-    # ----- derived values -----
-
-    @property
-    def head_dim(self) -> int:
-        return self.attention.head_dim or self.width // self.attention.num_heads
-
-    @property
-    def decoder_layers(self) -> int:
-        return self.num_decoder_layers or self.num_layers
-
-    @property
-    def feedforward_size(self) -> int:
-        return self.feedforward.hidden_size or int(self.feedforward.ratio * self.width)
-
-    @property
-    def head_pooling(self) -> str:
-        """The pooling the head uses, with the default filled in."""
-        if self.head.pooling is not None:
-            return self.head.pooling
-        if self.head.kind in ("lm", "masked_lm", "none"):
-            return "none"
-        if self.stem.kind == "tokens" or self.stem.class_token:
-            return "last" if self.arch == "decoder" and not self.stem.class_token else "cls"
-        return "mean"
-
-    @property
-    def num_positions(self) -> int:
-        """How many positions the position table covers: max_seq_len, or the image stem's token count."""
-        if self.stem.kind in ("patches", "conv"):
-            rows, cols = self.stem.grid_size
-            return rows * cols + self.stem.num_positioned_prefix_tokens
-        tokens = self.max_seq_len
-        if self.stem.kind == "linear" and self.stem.patch_size:
-            tokens = tokens // self.stem.patch_size
-        return tokens + int(self.stem.class_token)
 
