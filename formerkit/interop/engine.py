@@ -300,9 +300,26 @@ class Registry:
                       hint="formerkit converts these families only")
         return family
 
-    def family_for(self, config: ModelConfig) -> Family | None:
-        """The family ``to_hf`` writes a model of ``config`` as, if any."""
-        return next((family for family in self.families if family.writes(config)), None)
+    def family_for(self, config: ModelConfig) -> tuple[Family, dict[str, Any]] | None:
+        """The family ``to_hf`` writes a model of ``config`` as, with the config.json it writes, if any.
+
+        Several families may lay out models of one shape (decoders with rotary positions: LLaMA, GPT-NeoX, Phi,
+        ...); each candidate's config.json must read back as ``config``, and the first that does is taken. When
+        none does, the first candidate's refusal, which names every field it cannot hold, is raised."""
+        first_error = None
+        for family in self.families:
+            if not family.writes(config):
+                continue
+            data = family.write_config(config)
+            try:
+                check_round_trip(family, config, data)
+            except InteropError as error:
+                first_error = first_error or error
+                continue
+            return family, data
+        if first_error is not None:
+            raise first_error
+        return None
 
 
 # ----- checks -----

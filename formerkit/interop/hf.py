@@ -28,7 +28,7 @@ from formerkit.checkpoint import load, save
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InteropError
 from formerkit.interop.bert import Bert
-from formerkit.interop.engine import Family, Registry, assign, check_round_trip, hf_state
+from formerkit.interop.engine import Family, Registry, assign, hf_state
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
 from formerkit.interop.gpt2 import GPT2
 from formerkit.interop.llama import Llama
@@ -41,11 +41,12 @@ __all__ = ["convert", "from_hf", "to_hf"]
 FAMILIES = Registry(GPT2(), Llama(), Bert(), ViT())
 
 
-def _family_for(config: ModelConfig) -> Family:
-    """The family whose checkpoints can hold a model of ``config``, or a refusal naming what no family writes."""
-    family = FAMILIES.family_for(config)
-    if family is not None:
-        return family
+def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
+    """The family whose checkpoints hold a model of ``config`` exactly and the config.json it writes, or a refusal
+    naming what no family writes."""
+    found = FAMILIES.family_for(config)
+    if found is not None:
+        return found
     arch, stem, position = config.arch, config.stem.kind, config.position.kind
     if arch == "decoder" and stem == "tokens":
         raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2) for a "
@@ -102,10 +103,8 @@ def _write_hf(model: torch.nn.Module, directory: str | Path) -> tuple[str, str]:
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not isinstance(config, ModelConfig):
         raise InteropError(f"to_hf: expected a formerkit model with a .config ModelConfig, got {type(model).__name__}")
-    family = _family_for(config)
-    data = family.write_config(config)
+    family, data = _family_for(config)
     architecture = data["architectures"][0]
-    check_round_trip(family, config, data)
     rules = family.rules(config, "" if config.head.kind == "none" else family.prefix)
     write_hf_files(Path(directory), hf_state(model, rules, architecture), data)
     return data["model_type"], architecture
