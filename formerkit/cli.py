@@ -211,8 +211,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
               "weights_only=True); only use it on files you trust", file=sys.stderr)
     direction, source = ("from_hf", args.from_hf) if args.from_hf else ("to_hf", args.to_hf)
     result = convert(source, args.out, direction=direction, trust_pickle=args.trust_pickle)
+    tokenizer = f"{result['tokenizer']} tokenizer" if result["tokenizer"] else "no tokenizer"
     print(f"{result['source']} -> {result['out']}: {result['architecture']} ({result['family']}), "
-          f"{result['parameters']:,} parameters")
+          f"{result['parameters']:,} parameters, {tokenizer}")
     return 0
 
 
@@ -324,10 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", aliases=["sample"],
                                    help="generate text from a language-model run, printed as it comes")
-    generate.add_argument("target", help="a run directory or a model directory saved by a run")
+    generate.add_argument("target", help="a run directory, a model directory saved by a run, or a checkpoint "
+                                         "converted with convert --from-hf")
     generate.add_argument("--prompt", default="", help="text to continue")
-    generate.add_argument("--max-new-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
+    generate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="default 200, or a converted checkpoint's generation_config.json")
+    generate.add_argument("--temperature", type=float, default=None,
+                          help="0 picks the most likely token (greedy); default 0.8, or a converted checkpoint's "
+                               "generation_config.json (greedy unless it samples)")
     generate.add_argument("--top-k", type=int, default=None, help="draw among the k most likely tokens only")
     generate.add_argument("--top-p", type=float, default=None,
                           help="draw among the most likely tokens holding this much probability (nucleus)")
@@ -359,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(local files only)")
     which = convert.add_mutually_exclusive_group(required=True)
     which.add_argument("--from-hf", metavar="DIR", help="a Hugging Face directory (config.json + model.safetensors)")
-    which.add_argument("--to-hf", metavar="DIR", help="a formerkit model directory (formerkit.save / a run's model/)")
+    which.add_argument("--to-hf", metavar="DIR", help="a formerkit run directory or model directory (formerkit.save)")
     convert.add_argument("--out", required=True, help="the new directory to write")
     convert.add_argument("--trust-pickle", action="store_true",
                          help="allow reading a pickled pytorch_model.bin (refused by default)")

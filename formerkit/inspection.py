@@ -257,7 +257,7 @@ def inspect_run(target: str | Path, *, text: str | None = None, image_index: int
     ``split``) for a run or model directory, with the PNGs written to ``out`` (default: ``<target>/inspect``)."""
     if (text is None) == (image_index is None):
         raise InputError("inspect: give either a text or an image index")
-    model, recipe, extra = load_run_model(target)
+    model, recipe, extra = load_run_model(target, imported=text is not None)
     out = Path(out) if out is not None else Path(target) / "inspect"
     stem = getattr(getattr(model, "config", None), "stem", None)
     if text is not None and stem is not None and stem.kind in ("patches", "conv"):

@@ -34,10 +34,12 @@ from formerkit.runs import (
     check_language_model,
     denormalize_forecast,
     generate_text,
+    generation_defaults,
     image_input,
     load_run_model,
     load_run_tokenizer,
     prompt_ids,
+    run_objective,
     series_input,
     stop_ids,
 )
@@ -56,12 +58,15 @@ class Predictor:
 
     def __init__(self, target: str | Path):
         self.target = target
-        self.model, self.recipe, self.extra = load_run_model(target)
+        self.model, self.recipe, self.extra = load_run_model(target, imported=True)
         self.preprocessing = self.extra.get("preprocessing") or {}
-        kind = self.recipe.objective.kind
+        kind = run_objective(self.recipe, self.extra)
         self.tokenizer = None
+        if self.recipe is None and kind != "causal_lm":
+            raise CheckpointError(f"{target}: predict takes converted checkpoints that are decoder language models; "
+                                  "this one is not")
         if kind == "causal_lm":
-            check_language_model(self.model, self.recipe, target)
+            check_language_model(self.model, kind, target)
             self.task, self.tokenizer = "generate", load_run_tokenizer(target)
         elif kind == "classification" and self.preprocessing.get("kind") == "image":
             self.task = "classify"
@@ -149,28 +154,37 @@ class Predictor:
 
     # ----- language models -----
 
-    def generate(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = 0, stop: str | None = None) -> str:
-        """The continuation of ``prompt`` (``formerkit.runs.generate_text`` with the run's tokenizer)."""
+    def generate(self, prompt: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
+                 stop: str | None = None) -> str:
+        """The continuation of ``prompt`` (``formerkit.runs.generate_text`` with the run's tokenizer; settings left
+        at None take the model's defaults, ``formerkit.runs.generation_defaults``)."""
         return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, seed=seed, stop=stop))
 
-    def stream(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = 0, stop: str | None = None) -> Iterator[str]:
-        """The continuation of ``prompt``, one piece per new token."""
+    def stream(self, prompt: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
+               stop: str | None = None) -> Iterator[str]:
+        """The continuation of ``prompt``, one piece per new token; it ends at ``stop`` (a text of one token) and at
+        the end-of-sequence tokens of a converted checkpoint."""
         if self.task != "generate":
             raise InputError(f"prompt: this run's task is {self.task!r}, not generation")
+        defaults = generation_defaults(self.extra, self.tokenizer)
+        max_new_tokens = defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+        temperature = defaults["temperature"] if temperature is None else temperature
+        if top_k is None and top_p is None:
+            top_k, top_p = defaults["top_k"], defaults["top_p"]
         if not isinstance(prompt, str):
             raise InputError(f"prompt: expected text, got {type(prompt).__name__}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
         if temperature < 0:
             raise InputError(f"temperature: expected a number >= 0 (0 is greedy), got {temperature!r}")
-        stop_tokens = stop_ids(self.tokenizer, stop, name="stop")
+        stop_tokens = list(stop_ids(self.tokenizer, stop, name="stop") or []) + list(defaults["stop_tokens"] or [])
         with torch.inference_mode():
             yield from generate_text(self.model, self.tokenizer, prompt_ids(self.tokenizer, prompt),
                                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, seed=seed, stop_tokens=stop_tokens)
+                                     top_p=top_p, seed=seed, stop_tokens=stop_tokens or None)
 
     # ----- forecasters -----
 

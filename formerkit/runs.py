@@ -29,8 +29,8 @@ from formerkit.train.objectives import make_objective
 from formerkit.train.trainer import evaluate_split
 
 __all__ = ["check_language_model", "denormalize_forecast", "evaluate_run", "generate_run", "generate_text",
-           "image_input", "image_pixels", "load_run_model", "load_run_tokenizer", "model_dir", "prompt_ids",
-           "sample_run", "series_input", "stop_ids"]
+           "generation_defaults", "image_input", "image_pixels", "load_run_model", "load_run_tokenizer", "model_dir",
+           "prompt_ids", "run_objective", "sample_run", "series_input", "stop_ids"]
 
 
 def model_dir(target: str | Path) -> Path:
@@ -44,13 +44,28 @@ def model_dir(target: str | Path) -> Path:
     raise CheckpointError(f"{target}: neither a run directory (with model/) nor a saved model (with config.json)")
 
 
-def load_run_model(target: str | Path):
-    """(model, recipe TrainConfig, extra) of a run directory or of a model directory a run saved."""
+def load_run_model(target: str | Path, *, imported: bool = False):
+    """(model, recipe TrainConfig, extra) of a run directory or of a model directory a run saved.
+
+    With ``imported``, a model converted from another format (``formerkit convert --from-hf``) loads too, with
+    ``None`` for its recipe: the tools that need only the model and its tokenizer (generate, serve, predict,
+    inspect) take it; the task is ``run_objective``'s.
+    """
     directory = model_dir(target)
     extra = load_extra(directory)
     if "recipe" not in extra:
-        raise CheckpointError(f"{directory}: this model was not saved by a training run, so its data is unknown")
+        if imported and "imported" in extra:
+            return load(directory).eval(), None, extra
+        what = ("was converted from another format, so it has no training data to evaluate on" if "imported" in extra
+                else "was not saved by a training run, so its data is unknown")
+        raise CheckpointError(f"{directory}: this model {what}")
     return load(directory).eval(), TrainConfig.from_dict(extra["recipe"]), extra
+
+
+def run_objective(recipe, extra: dict[str, Any]) -> str | None:
+    """The task of a loaded run: its recipe's objective, or for an imported model the one recorded at conversion
+    ("causal_lm" for a decoder language model, None for the others)."""
+    return recipe.objective.kind if recipe is not None else extra.get("objective")
 
 
 class _AdaptiveClassifier(nn.Module):
@@ -114,11 +129,42 @@ def evaluate_run(target: str | Path, splits: list[str] | None = None, *, merge_t
 
 
 def load_run_tokenizer(target: str | Path):
-    """The tokenizer a run saved beside its model (run or model directory)."""
+    """The tokenizer a run saved beside its model (run or model directory), or the one a converted checkpoint
+    brought (its tokenizer.json and tokenizer_config.json, as an ``hf`` tokenizer)."""
     path = model_dir(target) / "tokenizer.json"
     if not path.exists():
-        raise CheckpointError(f"{path}: missing; the run saved no tokenizer, so text cannot be encoded")
+        raise CheckpointError(f"{path}: missing; the run saved no tokenizer (or the converted checkpoint had none), "
+                              "so text cannot be encoded")
     return load_tokenizer(path)
+
+
+# formerkit generate's own defaults, for models whose extra records no generation config.
+DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE = 200, 0.8
+
+
+def generation_defaults(extra: dict[str, Any], tokenizer=None) -> dict[str, Any]:
+    """The sampling settings a model generates with when the caller gives none: an imported checkpoint's
+    generation_config.json read as transformers reads it (greedy unless ``do_sample``; its temperature, top_k, top_p,
+    max_new_tokens), else formerkit's (temperature 0.8, 200 new tokens); and ``stop_tokens``, the end-of-sequence ids
+    of the generation config or, without one, of the tokenizer (an imported tokenizer's eos_token)."""
+    generation = extra.get("generation")
+    defaults: dict[str, Any] = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": DEFAULT_TEMPERATURE,
+                                "top_k": None, "top_p": None, "stop_tokens": None}
+    if isinstance(generation, dict):
+        sample = bool(generation.get("do_sample", False))
+        defaults["temperature"] = float(generation.get("temperature", 1.0) or 0.0) if sample else 0.0
+        top_k, top_p = generation.get("top_k", 50), generation.get("top_p", 1.0)
+        defaults["top_k"] = int(top_k) if sample and top_k else None
+        defaults["top_p"] = float(top_p) if sample and top_p is not None and top_p < 1.0 else None
+        if isinstance(generation.get("max_new_tokens"), int):
+            defaults["max_new_tokens"] = generation["max_new_tokens"]
+        eos = generation.get("eos_token_id")
+        if eos is not None:
+            defaults["stop_tokens"] = [int(token) for token in (eos if isinstance(eos, list) else [eos])]
+    if defaults["stop_tokens"] is None and tokenizer is not None and hasattr(tokenizer, "special_id"):
+        eos = tokenizer.special_id("eos_token")
+        defaults["stop_tokens"] = None if eos is None else [eos]
+    return defaults
 
 
 def generate_text(model, tokenizer, ids: list[int], *, max_new_tokens: int, temperature: float,
@@ -145,7 +191,7 @@ def generate_text(model, tokenizer, ids: list[int], *, max_new_tokens: int, temp
                 seed=None if seed is None else seed + segment, stop_tokens=stop_tokens, compile=compile)):
             next_id = int(token[0])
             ids.append(next_id)
-            stopped = stop_tokens is not None and next_id == stop_tokens[0]
+            stopped = stop_tokens is not None and next_id in stop_tokens
             if decoder is not None:
                 # The last token flushes the decoder: a trailing incomplete character shows as a replacement mark.
                 last = stopped or (remaining == 0 and index + 1 == count)
@@ -159,28 +205,37 @@ def generate_text(model, tokenizer, ids: list[int], *, max_new_tokens: int, temp
         segment += 1
 
 
-def generate_run(target: str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop: str | None = None, compile: bool = False) -> Iterator[str]:
-    """Streams text generated by a language-model run (or a model directory a run saved), using the tokenizer saved
-    with it and the key/value cache (see ``generate_text``). ``stop`` is a text of one token that ends the
-    generation; ``compile`` compiles the decode step (see ``formerkit.generation.generate``)."""
-    model, recipe, extra = load_run_model(target)
-    check_language_model(model, recipe, target)
+def generate_run(target: str | Path, prompt: str, *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, stop: str | None = None, compile: bool = False) -> Iterator[str]:
+    """Streams text generated by a language-model run (or a model directory a run saved, or a checkpoint converted
+    with ``formerkit convert --from-hf``), using the tokenizer saved with it and the key/value cache (see
+    ``generate_text``). Settings left at None take the model's defaults (``generation_defaults``: an imported
+    checkpoint's generation config, else 200 new tokens at temperature 0.8); generation ends at the end-of-sequence
+    tokens a converted checkpoint names, and at ``stop``, a text of one token. ``compile`` compiles the decode step
+    (see ``formerkit.generation.generate``)."""
+    model, recipe, extra = load_run_model(target, imported=True)
+    check_language_model(model, run_objective(recipe, extra), target)
     tokenizer = load_run_tokenizer(target)
-    yield from generate_text(model, tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                             stop_tokens=stop_ids(tokenizer, stop), compile=compile)
+    defaults = generation_defaults(extra, tokenizer)
+    if top_k is None and top_p is None:  # a caller's top_k or top_p replaces both defaults
+        top_k, top_p = defaults["top_k"], defaults["top_p"]
+    stops = list(stop_ids(tokenizer, stop) or []) + list(defaults["stop_tokens"] or [])
+    yield from generate_text(model, tokenizer, prompt_ids(tokenizer, prompt),
+                             max_new_tokens=defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
+                             temperature=defaults["temperature"] if temperature is None else temperature,
+                             top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stops or None, compile=compile)
 
 
 sample_run = generate_run  # the name issue 3's command used
 
 
-def check_language_model(model, recipe, target) -> None:
-    """Refuses (CheckpointError) a run whose model is not a decoder language model."""
+def check_language_model(model, objective: str | None, target) -> None:
+    """Refuses (CheckpointError) a run whose model is not a decoder language model (``objective``: the run's
+    task, see ``run_objective``)."""
     if model.config.head.kind != "lm" or model.config.arch != "decoder":
-        raise CheckpointError(f"{target}: generation needs a decoder language model, this run trained "
-                              f"{recipe.objective.kind!r}")
+        trained = f"this run trained {objective!r}" if objective else "this model is not one"
+        raise CheckpointError(f"{target}: generation needs a decoder language model, {trained}")
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

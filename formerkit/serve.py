@@ -34,10 +34,12 @@ from formerkit.errors import CheckpointError, InputError
 from formerkit.runs import (
     denormalize_forecast,
     generate_text,
+    generation_defaults,
     image_input,
     load_run_model,
     model_dir,
     prompt_ids,
+    run_objective,
     series_input,
     stop_ids,
 )
@@ -73,15 +75,17 @@ class ModelService:
             raise InputError(f"serve: max_batch must be an integer >= 1, got {max_batch!r}")
         if not 0 <= wait_ms <= 1000:
             raise InputError(f"serve: wait_ms must lie in [0, 1000], got {wait_ms!r}")
-        self.model, self.recipe, self.extra = load_run_model(target)
+        self.model, self.recipe, self.extra = load_run_model(target, imported=True)
         self.config = self.model.config
-        self.task = self.recipe.objective.kind
-        self.tokenizer = None
+        self.task = run_objective(self.recipe, self.extra)
+        self.tokenizer, self.eos_ids = None, ()
         if self.task == "causal_lm":
             path = model_dir(target) / "tokenizer.json"
             if not path.exists():
                 raise CheckpointError(f"{path}: missing; a language model is served with the tokenizer of its run")
             self.tokenizer = load_tokenizer(path)
+            # A converted checkpoint's end-of-sequence tokens end every generation.
+            self.eos_ids = tuple(generation_defaults(self.extra, self.tokenizer)["stop_tokens"] or ())
         elif self.task not in ROUTES:
             raise CheckpointError(f"{target}: serve answers language models (generate), classifiers (classify) and "
                                   f"forecasters (forecast); this run trained {self.task!r}")
@@ -133,7 +137,7 @@ class ModelService:
             stop = stop_ids(self.tokenizer, body.get("stop"), name="stop")
         except InputError as error:
             raise ServeError(400, str(error)) from None
-        key = (body["temperature"], body.get("top_k"), body.get("top_p"), tuple(stop or ()))
+        key = (body["temperature"], body.get("top_k"), body.get("top_p"), tuple(stop or ()) + self.eos_ids)
         if body.get("seed") is not None and body["temperature"] > 0:
             key += (object(),)  # a seeded sample is reproducible only alone: it shares no batch
         return _Job("generate", key, {"ids": ids, "count": count, "stop": stop, "seed": body.get("seed")})
@@ -246,8 +250,9 @@ class ModelService:
         results = []
         for row, job in enumerate(batch):
             new = out[row, longest:longest + job.payload["count"]].tolist()
-            if stop_tokens and stop_tokens[0] in new:
-                new = new[: new.index(stop_tokens[0]) + 1]
+            ends = [index for index, token in enumerate(new) if token in (stop_tokens or ())]
+            if ends:
+                new = new[: ends[0] + 1]
             results.append({"text": self.tokenizer.decode(new), "num_tokens": len(new)})
         return results
 

@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level and character-level built in, BPE through the ``tokenizers`` library.
+"""Tokenizers: byte-level and character-level built in; BPE trained, and any Hugging Face ``tokenizer.json`` with its
+config, through the ``tokenizers`` library.
 
 Every tokenizer saves to one JSON file (``tokenizer.json`` beside a saved model) and loads back with
 ``load_tokenizer``; ``describe()`` is the small JSON record kept in the model's preprocessing.
@@ -12,8 +13,8 @@ from typing import Any
 
 from formerkit.data.base import DataError
 
-__all__ = ["BPETokenizer", "ByteTokenizer", "CharTokenizer", "Tokenizer", "load_tokenizer", "register_tokenizer",
-           "save_tokenizer"]
+__all__ = ["SPECIAL_TOKEN_NAMES", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer",
+           "load_tokenizer", "register_tokenizer", "save_tokenizer"]
 
 
 class Tokenizer:
@@ -130,12 +131,103 @@ def _hf_tokenizers():
     try:
         import tokenizers
     except ImportError as error:
-        raise DataError("the bpe tokenizer needs the `tokenizers` library: pip install 'formerkit[train]'") from error
+        raise DataError("this tokenizer needs the `tokenizers` library: pip install 'formerkit[train]'") from error
     return tokenizers
 
 
+# The special tokens a Hugging Face tokenizer_config.json names, and the ones generation uses.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken record {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' ``clean_up_tokenization_spaces``: the spaces a word-level decoder leaves before punctuation and
+    English contractions removed (applied only when the tokenizer's config asks for it)."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
+
+
 @register_tokenizer
-class BPETokenizer(Tokenizer):
+class HFTokenizer(Tokenizer):
+    """A tokenizer of the Hugging Face ``tokenizers`` library (any ``tokenizer.json``: BPE, WordPiece, Unigram, ...)
+    with what its ``tokenizer_config.json`` adds: the special tokens, the chat template, decoding options.
+
+    ``encode`` gives the ids ``transformers.AutoTokenizer`` gives, special tokens included (a BOS its post-processor
+    adds); ``decode`` leaves the special tokens out, as text generation shows them. ``config`` is the checkpoint's
+    tokenizer_config.json (with its chat template), kept whole so it is written back unchanged; the chat template is
+    stored, never rendered here.
+    """
+
+    kind = "hf"
+
+    def __init__(self, tokenizer, config: dict[str, Any] | None = None):
+        self._tokenizer = tokenizer
+        self.config = dict(config or {})
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer``."""
+        return self._tokenizer
+
+    @property
+    def chat_template(self) -> str | dict | list | None:
+        return self.config.get("chat_template")
+
+    def special_token(self, name: str) -> str | None:
+        """The text of a special token named in the config (``bos_token``, ``eos_token``, ...), or None."""
+        return _token_text(self.config.get(name))
+
+    def special_id(self, name: str) -> int | None:
+        """The id of a special token named in the config, or None (no such token, or not in the vocabulary)."""
+        text = self.special_token(name)
+        return None if text is None else self._tokenizer.token_to_id(text)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        return _clean_up_spaces(text) if self.config.get("clean_up_tokenization_spaces") else text
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"kind": self.kind, "tokenizer": self._tokenizer.to_str()}
+        if self.config:
+            data["config"] = self.config
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        hf = _hf_tokenizers()
+        text, config = data.get("tokenizer"), data.get("config", {})
+        if not isinstance(text, str):
+            raise DataError(f"{cls.kind} tokenizer: expected 'tokenizer' to hold the tokenizers library's JSON string")
+        if not isinstance(config, dict):
+            raise DataError(f"{cls.kind} tokenizer: expected 'config' to be a mapping, got {type(config).__name__}")
+        try:
+            tokenizer = hf.Tokenizer.from_str(text)
+        except Exception as error:  # the library raises its own exception types for malformed JSON
+            raise DataError(f"{cls.kind} tokenizer: cannot rebuild it from the saved JSON ({error})") from error
+        return cls(tokenizer, config)
+
+    def describe(self) -> dict[str, Any]:
+        record = super().describe()
+        for name in ("bos_token", "eos_token", "pad_token"):
+            if self.special_id(name) is not None:
+                record[name.replace("_token", "_id")] = self.special_id(name)
+        return record
+
+
+@register_tokenizer
+class BPETokenizer(HFTokenizer):
     """Byte-level BPE (as in GPT-2) trained with the Hugging Face ``tokenizers`` library.
 
     The 256 byte symbols are always in the vocabulary, so every text encodes and decodes back exactly; merges learned
@@ -143,10 +235,6 @@ class BPETokenizer(Tokenizer):
     """
 
     kind = "bpe"
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
@@ -161,22 +249,5 @@ class BPETokenizer(Tokenizer):
         tokenizer.train_from_iterator(texts, trainer)
         return cls(tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "tokenizer": self._tokenizer.to_str()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BPETokenizer:
-        hf = _hf_tokenizers()
-        text = data.get("tokenizer")
-        if not isinstance(text, str):
-            raise DataError("bpe tokenizer: expected 'tokenizer' to hold the tokenizers library's JSON string")
-        try:
-            return cls(hf.Tokenizer.from_str(text))
-        except Exception as error:  # the library raises its own exception types for malformed JSON
-            raise DataError(f"bpe tokenizer: cannot rebuild it from the saved JSON ({error})") from error
+    def describe(self) -> dict[str, Any]:
+        return Tokenizer.describe(self)

@@ -24,18 +24,26 @@ from typing import Any
 
 import torch
 
-from formerkit.checkpoint import load, save
+from formerkit.checkpoint import load, load_extra, save
 from formerkit.config import ModelConfig
+from formerkit.data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer
 from formerkit.errors import ConfigError, InteropError
 from formerkit.interop.bert import Bert
 from formerkit.interop.engine import Family, Registry, assign, hf_state
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
 from formerkit.interop.gpt2 import GPT2
 from formerkit.interop.llama import Llama
+from formerkit.interop.tokenizers import (
+    generation_config_for,
+    read_generation_config,
+    read_hf_tokenizer,
+    write_generation_config,
+    write_hf_tokenizer,
+)
 from formerkit.interop.vit import ViT
 from formerkit.models.transformer import build_model
 
-__all__ = ["convert", "from_hf", "to_hf"]
+__all__ = ["convert", "from_hf", "imported_record", "to_hf"]
 
 # The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config.
 FAMILIES = Registry(GPT2(), Llama(), Bert(), ViT())
@@ -98,19 +106,34 @@ def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Mo
 # ----- to Hugging Face -----
 
 
-def _write_hf(model: torch.nn.Module, directory: str | Path) -> tuple[str, str]:
-    """Writes ``model`` as a Hugging Face checkpoint; returns its model_type and architecture."""
+def _is_causal_lm(config: ModelConfig) -> bool:
+    return config.arch == "decoder" and config.head.kind == "lm"
+
+
+def _write_hf(model: torch.nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None,
+              generation_config: dict[str, Any] | None = None) -> tuple[str, str]:
+    """Writes ``model`` (with its tokenizer and generation config) as a Hugging Face checkpoint; returns its
+    model_type and architecture."""
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not isinstance(config, ModelConfig):
         raise InteropError(f"to_hf: expected a formerkit model with a .config ModelConfig, got {type(model).__name__}")
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        raise InteropError(f"to_hf: tokenizer: expected a formerkit tokenizer (formerkit.data.tokenizers), got "
+                           f"{type(tokenizer).__name__}")
     family, data = _family_for(config)
     architecture = data["architectures"][0]
     rules = family.rules(config, "" if config.head.kind == "none" else family.prefix)
-    write_hf_files(Path(directory), hf_state(model, rules, architecture), data)
+    directory = Path(directory)
+    write_hf_files(directory, hf_state(model, rules, architecture), data)
+    if tokenizer is not None:
+        write_hf_tokenizer(tokenizer, directory, max_length=config.max_seq_len)
+    if _is_causal_lm(config) and (tokenizer is not None or generation_config is not None):
+        write_generation_config(generation_config_for(tokenizer, generation_config), directory)
     return data["model_type"], architecture
 
 
-def to_hf(model: torch.nn.Module, directory: str | Path) -> Path:
+def to_hf(model: torch.nn.Module, directory: str | Path, *, tokenizer: Tokenizer | None = None,
+          generation_config: dict[str, Any] | None = None) -> Path:
     """Writes a formerkit model as a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors``);
     returns the directory.
 
@@ -120,21 +143,41 @@ def to_hf(model: torch.nn.Module, directory: str | Path) -> Path:
     LlamaForCausalLM, BertForMaskedLM, BertForSequenceClassification, BertModel, ViTForImageClassification,
     ViTModel, ...), which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
 
+    With a ``tokenizer`` (any formerkit tokenizer: byte, char, bpe, or one imported from Hugging Face) it also writes
+    ``tokenizer.json`` and ``tokenizer_config.json``, which ``transformers.AutoTokenizer`` reads with the same ids, and
+    for a decoder language model ``generation_config.json``: ``generation_config`` if given (an imported model's),
+    else formerkit generate's defaults with the tokenizer's special ids. ``transformers.pipeline("text-generation",
+    model=directory)`` then works on the directory.
+
     Before writing anything, the config.json is read back and compared with the model's config; anything the
     Hugging Face class cannot hold (qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
-    pooler, ...) is an ``InteropError`` naming the formerkit field. Other files in ``directory`` (a tokenizer) are left
-    alone; one holding other weight files is refused.
+    pooler, ...) is an ``InteropError`` naming the formerkit field. Other files in ``directory`` are left alone
+    (a tokenizer, unless one is given); one holding other weight files is refused.
     """
-    _write_hf(model, directory)
+    _write_hf(model, directory, tokenizer, generation_config)
     return Path(directory)
+
+
+def imported_record(directory: str | Path, model_type: str, architecture: str) -> dict[str, Any]:
+    """What a converted checkpoint keeps in its saved model's extra about where it came from."""
+    return {"format": "huggingface", "model_type": model_type, "architecture": architecture,
+            "source": str(Path(directory).resolve())}
 
 
 def convert(source: str | Path, out: str | Path, *, direction: str, trust_pickle: bool = False) -> dict[str, Any]:
     """Converts a checkpoint directory: ``direction="from_hf"`` reads a Hugging Face one and saves it with
     ``formerkit.save``; ``"to_hf"`` loads a formerkit one with ``formerkit.load`` and writes it with ``to_hf``.
 
+    The text side travels with the weights both ways. From Hugging Face: ``tokenizer.json`` with
+    ``tokenizer_config.json`` (special tokens, chat template) becomes the saved model's ``tokenizer.json`` (an ``hf``
+    tokenizer, see ``formerkit.interop.tokenizers``) and ``generation_config.json`` is kept in its extra
+    (``"generation"``), so ``formerkit generate``, ``serve``, ``predict``, ``inspect`` and ``report`` take text and
+    stop at the checkpoint's end-of-sequence tokens. To Hugging Face: the saved model's tokenizer (a run's byte, char
+    or bpe tokenizer, or an imported one) and generation config are written beside the weights.
+
     ``out`` must not exist or be empty (nothing is overwritten). ``trust_pickle`` applies to ``from_hf`` only.
-    Returns a summary: direction, family (the Hugging Face model_type), architecture, parameters, source and out.
+    Returns a summary: direction, family (the Hugging Face model_type), architecture, parameters, source, out and
+    tokenizer (its kind, or None).
     """
     if direction not in ("from_hf", "to_hf"):
         raise InteropError(f"convert: direction: expected 'from_hf' or 'to_hf', got {direction!r}")
@@ -143,10 +186,26 @@ def convert(source: str | Path, out: str | Path, *, direction: str, trust_pickle
         raise InteropError(f"convert: {out} already exists and is not empty; give a new or empty output directory "
                            "(nothing was written)")
     if direction == "from_hf":
+        # The tokenizer files are read first: a slow-only tokenizer is refused before anything is written.
+        tokenizer, generation = read_hf_tokenizer(source), read_generation_config(source)
         model, model_type, architecture = _read_hf(source, trust_pickle)
-        save(model, out)
+        extra: dict[str, Any] = {"imported": imported_record(source, model_type, architecture)}
+        if _is_causal_lm(model.config):
+            extra["objective"] = "causal_lm"
+        if generation is not None:
+            extra["generation"] = generation
+        if tokenizer is not None:
+            extra["preprocessing"] = {"kind": "text", "tokenizer": tokenizer.describe()}
+        save(model, out, extra=extra)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, out / "tokenizer.json")
     else:
+        if (Path(source) / "model" / "config.json").is_file():  # a run directory: its saved model
+            source = Path(source) / "model"
         model = load(source)
-        model_type, architecture = _write_hf(model, out)
+        path = Path(source) / "tokenizer.json"
+        tokenizer = load_tokenizer(path) if path.is_file() else None
+        model_type, architecture = _write_hf(model, out, tokenizer, load_extra(source).get("generation"))
     return {"direction": direction, "family": model_type, "architecture": architecture,
-            "parameters": sum(p.numel() for p in model.parameters()), "source": str(source), "out": str(out)}
+            "parameters": sum(p.numel() for p in model.parameters()), "source": str(source), "out": str(out),
+            "tokenizer": None if tokenizer is None else tokenizer.kind}

@@ -17,11 +17,19 @@ from typing import Any
 
 import torch
 
+from formerkit.checkpoint import load_extra
 from formerkit.data import build_data
 from formerkit.data.images import denormalize_images
 from formerkit.errors import CheckpointError, FormerkitError
 from formerkit.inspection import inspect_example, inspect_text, plot_inspection
-from formerkit.runs import generate_text, load_run_model, load_run_tokenizer
+from formerkit.runs import (
+    generate_text,
+    generation_defaults,
+    load_run_model,
+    load_run_tokenizer,
+    prompt_ids,
+    run_objective,
+)
 from formerkit.summary import summarize
 from formerkit.train.report import plot_run
 
@@ -135,7 +143,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
-        raise CheckpointError(f"{run_dir}: no summary.json; report needs a run directory written by formerkit train")
+        if (run_dir / "config.json").exists() and "imported" in load_extra(run_dir):
+            return _imported_report(run_dir, out, samples)
+        raise CheckpointError(f"{run_dir}: no summary.json; report needs a run directory written by formerkit train "
+                              "(or a checkpoint converted with formerkit convert --from-hf)")
     summary = json.loads(summary_path.read_text())
     model, recipe, extra = load_run_model(run_dir)
     parts = [_section("summary", "Summary", _table([(k.replace("_", " "), v) for k, v in summary.items()
@@ -162,13 +173,35 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
         attention = "<p>Attention maps are drawn for classifiers and language models.</p>"
     parts.append(_section("attention", "Attention maps", attention))
     parts.append(_section("recipe", "Recipe", f"<pre>{html.escape(json.dumps(extra['recipe'], indent=1))}</pre>"))
-    title = html.escape(f"{summary.get('name', run_dir.name)} — {run_dir.name}")
+    return _write_page(parts, f"{summary.get('name', run_dir.name)} — {run_dir.name}", out, run_dir)
+
+
+def _write_page(parts: list[str], title: str, out, directory: Path) -> Path:
+    title = html.escape(title)
     document = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
                 f"<style>{_STYLE}</style></head><body><h1>{title}</h1>\n" + "".join(parts) + "</body></html>\n")
-    path = Path(out) if out is not None else run_dir / "report.html"
+    path = Path(out) if out is not None else directory / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(document)
     return path
+
+
+def _imported_report(directory: Path, out, samples: int) -> Path:
+    """The page of a converted checkpoint: where it came from, the model, and for a language model samples from an
+    empty prompt (its tokenizer's BOS, if it adds one) and the attention over the greedy text. No training, no data:
+    no curves and no held-out metrics."""
+    model, _, extra = load_run_model(directory, imported=True)
+    record = extra["imported"]
+    parts = [_section("summary", "Summary", _table([(key.replace("_", " "), value) for key, value in record.items()])),
+             _section("model", "Model", model_section(model.config))]
+    if run_objective(None, extra) == "causal_lm" and (directory / "tokenizer.json").exists():
+        tokenizer = load_run_tokenizer(directory)
+        section, greedy = _samples(model, tokenizer, samples, "", generation_defaults(extra, tokenizer)["stop_tokens"])
+        parts.append(section)
+        window = tokenizer.encode(greedy or "\n")[:min(48, model.config.max_seq_len or 48)]
+        parts.append(_section("attention", "Attention maps", _attention_maps(
+            lambda: inspect_text(model, window, decode=lambda token: tokenizer.decode([token])))))
+    return _write_page(parts, f"{record['model_type']} — {directory.name}", out, directory)
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, classes: int) -> torch.Tensor:
@@ -243,13 +276,15 @@ def _prompt(bundle, tokenizer) -> str:
     return next((line.strip()[:40] for line in lines[1:] if len(line.strip()) >= 20), "\n")
 
 
-def _samples(model, tokenizer, length: int, prompt: str) -> tuple[str, str]:
-    """Continuations of ``prompt`` at a few temperatures (seeded); returns the section and the greedy text."""
+def _samples(model, tokenizer, length: int, prompt: str, stop_tokens: list[int] | None = None) -> tuple[str, str]:
+    """Continuations of ``prompt`` at a few temperatures (seeded), each ending at ``stop_tokens``; returns the
+    section and the greedy text."""
     blocks, greedy = [], ""
-    ids = tokenizer.encode(prompt)
+    ids = prompt_ids(tokenizer, prompt)
     shown = html.escape(prompt if prompt.strip() else repr(prompt))
     for temperature in (0.0, 0.8, 1.2):
-        text = "".join(generate_text(model, tokenizer, ids, max_new_tokens=length, temperature=temperature, seed=0))
+        text = "".join(generate_text(model, tokenizer, ids, max_new_tokens=length, temperature=temperature, seed=0,
+                                     stop_tokens=stop_tokens))
         greedy = greedy or text
         label = "greedy" if temperature == 0 else f"temperature {temperature}"
         continuation = (html.escape(text) if text.strip() else
