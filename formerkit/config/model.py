@@ -209,6 +209,23 @@ class ModelConfig(ModelSection):
             return "last" if self.arch == "decoder" and not self.stem.class_token else "cls"
         return "mean"
 
+    @classmethod
+    def from_file(cls, path) -> ModelConfig:
+        """Reads a config from a .json, .yaml or .yml file, or from a saved model's config.json (``formerkit.save``
+        writes the config under "model", beside the weights record and the tool's version)."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        if path.suffix == ".json" and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                data = None  # the base reader names the error
+            if isinstance(data, dict) and "formerkit" in data and isinstance(data.get("model"), dict):
+                return cls.from_dict(data["model"])
+        return super().from_file(path)
+
     @property
     def num_positions(self) -> int:
         """How many positions the position table covers: max_seq_len, or the image stem's token count."""

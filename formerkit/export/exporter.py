@@ -5,6 +5,12 @@ branches on tensor values are refused instead of being frozen at the example's v
 tracer did), then translated by onnxscript at opset 18. Token models take ``input_ids`` [batch, sequence] (and
 ``attention_mask``, 1 for a real token), image models ``pixel_values`` [batch, channels, height, width], numeric
 sequence models ``inputs`` [batch, steps, input_dim]; every model gives ``logits``. Batch and sequence stay dynamic.
+
+The sequence axis has a limit, the model's ``max_seq_len`` (its position table or rotary cache ends there). An ONNX
+graph has no operator that refuses an input with a message, and onnxruntime fed a longer sequence fails deep inside
+with an index error that names no limit. So the limit is written where runners look: in the ONNX file's metadata
+(``formerkit.max_seq_len``, read with ``session.get_modelmeta().custom_metadata_map``), in the JSON sidecar
+(``max_seq_len``), and ``run_onnx`` checks it before calling onnxruntime.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from formerkit.checkpoint import load, load_extra
-from formerkit.errors import ExportError
+from formerkit.errors import ExportError, InputError
 from formerkit.runs import model_dir
 
-__all__ = ["FORMATS", "export", "export_run"]
+__all__ = ["FORMATS", "MAX_SEQ_LEN_KEY", "export", "export_run", "run_onnx"]
 
 FORMATS = ("onnx", "torch-export")
 OPSET = 18
 _SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
+# The ONNX metadata key holding the longest sequence the graph takes.
+MAX_SEQ_LEN_KEY = "formerkit.max_seq_len"
 
 
 class _LogitsOnly(nn.Module):
@@ -132,7 +140,8 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", *, example:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if format == "onnx":
-                _export_onnx(wrapper, tuple(args), path, input_names, tuple(dynamic))
+                _export_onnx(wrapper, tuple(args), path, input_names, tuple(dynamic),
+                             config.max_seq_len if "sequence" in axes.values() else None)
             else:
                 program = torch.export.export(wrapper, tuple(args), dynamic_shapes=tuple(dynamic))
                 torch.export.save(program, path)
@@ -151,7 +160,8 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx", *, example:
             "head": head, "max_seq_len": config.max_seq_len}
 
 
-def _export_onnx(wrapper: nn.Module, args: tuple, path: Path, input_names: list[str], dynamic: tuple) -> None:
+def _export_onnx(wrapper: nn.Module, args: tuple, path: Path, input_names: list[str], dynamic: tuple,
+                 max_seq_len: int | None) -> None:
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter's translator)
     except ImportError:
@@ -171,8 +181,14 @@ def _export_onnx(wrapper: nn.Module, args: tuple, path: Path, input_names: list[
     program.save(str(path))
     import onnx
 
+    graph = onnx.load(str(path), load_external_data=False)
+    if max_seq_len is not None:  # the limit the graph cannot check itself, where runners can read it
+        onnx.helper.set_model_props(graph, {MAX_SEQ_LEN_KEY: str(max_seq_len)})
+        graph.doc_string = (f"formerkit model: the sequence axis (axis 1 of {input_names[0]}) takes at most "
+                            f"{max_seq_len} tokens; longer inputs fail inside onnxruntime with an index error")
+        onnx.save(graph, str(path))
     # A safety net: an axis the graph fixed (a size-dependent Python branch) would make other shapes fail at run time.
-    for value in onnx.load(str(path), load_external_data=False).graph.input:
+    for value in graph.graph.input:
         dims = value.type.tensor_type.shape.dim
         fixed = [index for index in dynamic[input_names.index(value.name)] if dims[index].HasField("dim_value")]
         if fixed:
@@ -180,6 +196,26 @@ def _export_onnx(wrapper: nn.Module, args: tuple, path: Path, input_names: list[
             raise ExportError(f"onnx: expected input {value.name!r} to keep axes {fixed} dynamic, got them fixed to "
                               f"{[dims[index].dim_value for index in fixed]} by the graph; a part of this model "
                               "depends on that size")
+
+
+def run_onnx(path: str | Path, inputs: dict[str, Any], session=None):
+    """Runs an exported ONNX file with onnxruntime on ``inputs`` (name -> array) and returns its logits, after
+    checking the sequence length against the limit the file records (``formerkit.max_seq_len``): a longer input is
+    an ``InputError`` naming the limit instead of onnxruntime's index error. ``session``: an
+    ``onnxruntime.InferenceSession`` of ``path`` to reuse."""
+    import numpy as np
+
+    if session is None:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path))
+    limit = session.get_modelmeta().custom_metadata_map.get(MAX_SEQ_LEN_KEY)
+    feed = {name: np.asarray(value) for name, value in inputs.items()}
+    for name, value in feed.items():
+        if limit is not None and value.ndim >= 2 and value.shape[1] > int(limit):
+            raise InputError(f"{name}: {value.shape[1]} tokens, but {Path(path).name} takes at most {limit} (the "
+                             f"model's max_seq_len); cut the input to its last {limit} tokens")
+    return session.run(["logits"], feed)[0]
 
 
 def _describe(config) -> str:
@@ -207,6 +243,10 @@ def export_run(target: str | Path, format: str = "onnx", out: str | Path | None 
     info["objective"] = extra.get("objective")
     tokenizer = directory / "tokenizer.json"
     info["tokenizer"] = str(tokenizer.resolve()) if tokenizer.exists() else None
+    if info["max_seq_len"] is not None and "sequence" in info["dynamic_axes"].get(info["inputs"][0], {}).values():
+        info["limits"] = (f"the sequence axis takes at most {info['max_seq_len']} tokens (max_seq_len); onnxruntime "
+                          "fails on longer inputs with an index error, so cut them first (formerkit.export.run_onnx "
+                          "checks)")
     sidecar = path.with_name(path.name + ".json")
     sidecar.write_text(json.dumps(info, indent=2) + "\n")
     return path, sidecar
