@@ -192,12 +192,17 @@ def generate_text(model, tokenizer, ids: list[int], *, max_new_tokens: int, temp
             next_id = int(token[0])
             ids.append(next_id)
             stopped = stop_tokens is not None and next_id in stop_tokens
+            # The last token flushes what is held back: a trailing incomplete character shows as a replacement mark.
+            last = stopped or (remaining == 0 and index + 1 == count)
             if decoder is not None:
-                # The last token flushes the decoder: a trailing incomplete character shows as a replacement mark.
-                last = stopped or (remaining == 0 and index + 1 == count)
                 yield decoder.decode(bytes([next_id]), final=last)
             else:
                 text = tokenizer.decode(ids)
+                if text.endswith("\ufffd") and not last:
+                    # A byte-level BPE token may end inside a character: hold its piece back until the character
+                    # is complete, so the pieces add up to the decoded text (what transformers' pipeline shows).
+                    yield ""
+                    continue
                 yield text[len(shown):]
                 shown = text
             if stopped:

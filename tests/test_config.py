@@ -37,6 +37,12 @@ def test_every_preset_round_trips_through_dict_json_and_yaml(name, tmp_path):
     assert ModelConfig.from_file(tmp_path / "c.json").to_json() == config.to_json()
 
 
+def test_from_file_reads_a_saved_models_config_json(tmp_path):
+    config = formerkit.model_config("char_gpt").replace(num_layers=1, width=32)
+    formerkit.save(formerkit.build_model(config), tmp_path / "model", extra={"note": 1})
+    assert ModelConfig.from_file(tmp_path / "model" / "config.json") == config
+
+
 def test_partial_dict_fills_defaults_and_int_image_size_becomes_a_pair():
     config = ModelConfig.from_dict({"arch": "encoder", "width": 64, "attention": {"num_heads": 4},
                                     "stem": {"kind": "patches", "image_size": 32, "patch_size": 8},

@@ -340,8 +340,9 @@ def _semantics(config: ModelConfig) -> dict[str, Any]:
                  "head.pooling": config.head_pooling})
     # A mixture of experts differs by feedforward.num_experts (0 and null are both dense); its other fields follow it.
     flat["feedforward.num_experts"] = config.feedforward.num_experts or None
+    # Stochastic depth (drop_path) acts in training only: a model's outputs are the same with any rate.
     ignored = ["feedforward.ratio", "feedforward.experts_per_token", "feedforward.capacity_factor",
-               "feedforward.aux_loss_weight", "feedforward.moe_layers"]
+               "feedforward.aux_loss_weight", "feedforward.moe_layers", "drop_path"]
     if config.position.kind != "rope":
         ignored.append("position.rope_base")
     if config.norm.kind == "rmsnorm":

@@ -151,7 +151,9 @@ def to_hf(model: torch.nn.Module, directory: str | Path, *, tokenizer: Tokenizer
 
     Before writing anything, the config.json is read back and compared with the model's config; anything the
     Hugging Face class cannot hold (qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
-    pooler, ...) is an ``InteropError`` naming the formerkit field. Other files in ``directory`` are left alone
+    pooler, ...) is an ``InteropError`` naming the formerkit field. Stochastic depth (``drop_path``), which acts in
+    training only, is not written: no Hugging Face class of these families has it, and the outputs are the same.
+    Other files in ``directory`` are left alone
     (a tokenizer, unless one is given); one holding other weight files is refused.
     """
     _write_hf(model, directory, tokenizer, generation_config)

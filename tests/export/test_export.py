@@ -187,3 +187,26 @@ def test_a_pruned_decoder_exports_to_onnx(tmp_path):
     export(pruned, tmp_path / "pruned.onnx")
     cases = _token_cases()
     _assert_matches_on_real_tokens(pruned, cases, _run_onnx_alone(tmp_path / "pruned.onnx", cases, tmp_path))
+
+
+def test_onnx_files_record_their_length_limit_and_run_onnx_refuses_longer_inputs_by_name(tmp_path):
+    import onnxruntime
+
+    from formerkit.errors import InputError
+    from formerkit.export import MAX_SEQ_LEN_KEY, export_run, run_onnx
+
+    model = _decoder("rope", max_seq_len=16)
+    formerkit.save(model, tmp_path / "run" / "model", extra={"objective": "causal_lm"})
+    path, sidecar = export_run(tmp_path / "run")
+    info = json.loads(sidecar.read_text())
+    assert info["max_seq_len"] == 16 and "at most 16 tokens" in info["limits"]
+    session = onnxruntime.InferenceSession(str(path))
+    assert session.get_modelmeta().custom_metadata_map[MAX_SEQ_LEN_KEY] == "16"
+    ids = np.random.default_rng(0).integers(0, 50, (2, 16))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    expected = model(torch.as_tensor(ids)).detach().numpy()
+    np.testing.assert_allclose(run_onnx(path, feed, session=session), expected, atol=1e-4, rtol=0)
+    longer = {name: np.concatenate([value, value[:, :1]], axis=1) for name, value in feed.items()}
+    with pytest.raises(InputError, match=r"input_ids: 17 tokens, but model\.onnx takes at most 16 \(the model's "
+                                         r"max_seq_len\)"):
+        run_onnx(path, longer, session=session)
