@@ -372,7 +372,8 @@ def test_convert_goes_both_ways_and_reports_what_it_did(checkpoints, tmp_path):
     summary = convert(directory, tmp_path / "fk", direction="from_hf")
     parameters = formerkit.load(tmp_path / "fk").num_parameters()
     assert summary == {"direction": "from_hf", "family": "llama", "architecture": "LlamaForCausalLM",
-                       "parameters": parameters, "source": str(directory), "out": str(tmp_path / "fk")}
+                       "parameters": parameters, "source": str(directory), "out": str(tmp_path / "fk"),
+                       "tokenizer": None}
     summary = convert(tmp_path / "fk", tmp_path / "hf", direction="to_hf")
     assert summary["direction"] == "to_hf" and summary["architecture"] == "LlamaForCausalLM"
     assert summary["parameters"] == parameters

@@ -200,6 +200,33 @@ def test_generate_on_a_converted_checkpoint_stops_at_its_eos_as_transformers_doe
     assert capsys.readouterr().out == text + "\n"
 
 
+def test_serve_on_a_converted_checkpoint_stops_at_its_eos(bpe_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    import asyncio
+
+    import httpx
+
+    from formerkit.serve import ModelService, create_app
+
+    hf_model = _llama(tmp_path / "hf", bpe_dir, None)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    free = _hf_greedy(hf_model, hf_tokenizer, "Hello", 12, None)
+    eos = free[4]
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    convert(tmp_path / "hf", tmp_path / "fk", direction="from_hf")
+    expected = free[:free.index(eos) + 1]
+
+    async def call():
+        transport = httpx.ASGITransport(app=create_app(ModelService(tmp_path / "fk")))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 12,
+                                                           "temperature": 0})
+
+    answer = asyncio.run(call()).json()
+    assert answer["num_tokens"] == len(expected)
+    assert answer["text"] == hf_tokenizer.decode(expected, skip_special_tokens=True)
+
+
 def test_inspect_report_and_predict_take_text_on_a_converted_checkpoint(bpe_dir, tmp_path):
     from formerkit.inspection import inspect_run
     from formerkit.train.html_report import write_report
