@@ -14,7 +14,7 @@ from typing import Any
 from formerkit.data.base import DataError
 
 __all__ = ["SPECIAL_TOKEN_NAMES", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer",
-           "load_tokenizer", "register_tokenizer", "save_tokenizer"]
+           "load_tokenizer", "register_tokenizer", "save_tokenizer", "special_token_text", "tokenizers_library"]
 
 
 class Tokenizer:
@@ -127,7 +127,8 @@ class CharTokenizer(Tokenizer):
         return {"kind": self.kind, "vocab_size": self.vocab_size, "unknown_id": self.unknown_id}
 
 
-def _hf_tokenizers():
+def tokenizers_library():
+    """The Hugging Face ``tokenizers`` module, or a DataError saying how to install it."""
     try:
         import tokenizers
     except ImportError as error:
@@ -139,7 +140,7 @@ def _hf_tokenizers():
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def _token_text(value: Any) -> str | None:
+def special_token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string, or an AddedToken record {"content": ...}."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -184,7 +185,7 @@ class HFTokenizer(Tokenizer):
 
     def special_token(self, name: str) -> str | None:
         """The text of a special token named in the config (``bos_token``, ``eos_token``, ...), or None."""
-        return _token_text(self.config.get(name))
+        return special_token_text(self.config.get(name))
 
     def special_id(self, name: str) -> int | None:
         """The id of a special token named in the config, or None (no such token, or not in the vocabulary)."""
@@ -206,7 +207,7 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        hf = _hf_tokenizers()
+        hf = tokenizers_library()
         text, config = data.get("tokenizer"), data.get("config", {})
         if not isinstance(text, str):
             raise DataError(f"{cls.kind} tokenizer: expected 'tokenizer' to hold the tokenizers library's JSON string")
@@ -238,7 +239,7 @@ class BPETokenizer(HFTokenizer):
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
-        hf = _hf_tokenizers()
+        hf = tokenizers_library()
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         tokenizer = hf.Tokenizer(models.BPE())

@@ -23,8 +23,8 @@ from formerkit.data.tokenizers import (
     CharTokenizer,
     HFTokenizer,
     Tokenizer,
-    _hf_tokenizers,
-    _token_text,
+    special_token_text,
+    tokenizers_library,
 )
 from formerkit.errors import InteropError
 
@@ -36,9 +36,6 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_FILE = "generation_config.json"
 # Files of tokenizers transformers builds in Python ("slow" tokenizers), which formerkit does not read.
 _SLOW_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json", "merges.txt")
-# The sampling settings of generation_config.json that formerkit's generation takes as its defaults.
-GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "eos_token_id", "bos_token_id",
-                   "pad_token_id")
 
 
 def _read_json(path: Path) -> Any:
@@ -77,7 +74,7 @@ def _apply_config(tokenizer, config: dict[str, Any]) -> None:
     with no post-processor) replaces the post-processor by one adding exactly those tokens."""
     from tokenizers import AddedToken, processors
 
-    missing = [text for text in (_token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES)
+    missing = [text for text in (special_token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES)
                if text is not None and tokenizer.token_to_id(text) is None]
     if missing:
         tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in missing])
@@ -85,7 +82,7 @@ def _apply_config(tokenizer, config: dict[str, Any]) -> None:
         return
     single, specials = "$A:0", []
     for name, flag in (("bos_token", "add_bos_token"), ("eos_token", "add_eos_token")):
-        text = _token_text(config.get(name))
+        text = special_token_text(config.get(name))
         if config.get(flag) and text is not None:
             single = f"{text}:0 {single}" if name == "bos_token" else f"{single} {text}:0"
             specials.append((text, tokenizer.token_to_id(text)))
@@ -112,7 +109,7 @@ def read_hf_tokenizer(directory: str | Path) -> HFTokenizer | None:
                 f"AutoTokenizer.from_pretrained(dir).save_pretrained(dir) (it needs the sentencepiece package for a "
                 f".model file), then convert again")
         return None
-    tokenizers = _hf_tokenizers()
+    tokenizers = tokenizers_library()
     try:
         tokenizer = tokenizers.Tokenizer.from_file(str(path))
     except Exception as error:  # the library raises its own exception types
@@ -151,7 +148,7 @@ def _byte_symbols() -> list[str]:
 
 
 def _byte_backend():
-    tokenizers = _hf_tokenizers()
+    tokenizers = tokenizers_library()
     from tokenizers import decoders, models, pre_tokenizers
 
     symbols = _byte_symbols()
@@ -165,7 +162,7 @@ def _byte_backend():
 
 
 def _char_backend(tokenizer: CharTokenizer):
-    tokenizers = _hf_tokenizers()
+    tokenizers = tokenizers_library()
     from tokenizers import decoders, models
 
     # The unknown token decodes to U+FFFD, as formerkit's does, unless that character is itself in the vocabulary.

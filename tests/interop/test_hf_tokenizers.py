@@ -298,18 +298,33 @@ def text_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(RECIPE_RUNS))
-def test_pipeline_on_an_exported_recipe_run_generates_formerkit_text(case, trained_run, text_folder, tmp_path):
-    from formerkit.runs import generate_run
+def test_pipeline_on_an_exported_recipe_run_generates_formerkit_text(case, trained_run, text_folder, randomize,
+                                                                     tmp_path):
+    from formerkit.runs import generate_run, load_run_model, load_run_tokenizer
 
     recipe, extra = RECIPE_RUNS[case]
     if recipe == "text-folder":
         extra = dict(extra, **{"data.path": str(text_folder)})
     run = trained_run(recipe, **extra)
-    result = convert(run, tmp_path / "hf", direction="to_hf")
-    assert result["architecture"] == "LlamaForCausalLM"
-    for prompt in ("Document 3: ", "def f(x):\n"):
-        ours = "".join(generate_run(run, prompt, max_new_tokens=12, temperature=0))
-        assert _pipeline_text(tmp_path / "hf", prompt, 12) == ours
+    # The trained tiny run, and a copy with random weights (a 6-step run mostly repeats one token).
+    model, _, saved = load_run_model(run)
+    formerkit.save(randomize(model, seed=5), tmp_path / "random", extra=saved)
+    shutil.copy(run / "model" / "tokenizer.json", tmp_path / "random" / "tokenizer.json")
+    tokenizer = load_run_tokenizer(run)
+    for source in (run, tmp_path / "random"):
+        out = tmp_path / f"hf-{source.name}"
+        result = convert(source, out, direction="to_hf")
+        assert result["architecture"] == "LlamaForCausalLM" and result["tokenizer"] == tokenizer.kind
+        ids = transformers.AutoTokenizer.from_pretrained(out)(CORPUS[1])["input_ids"]
+        assert ids == tokenizer.encode(CORPUS[1])
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        ours = formerkit.load(source if source.name == "random" else source / "model").eval()
+        with torch.no_grad():
+            difference = (theirs(torch.tensor([ids])).logits - ours(torch.tensor([ids]))).abs().max()
+        assert difference < 1e-4
+        for prompt in ("Document 3: ", "def f(x):\n"):
+            ours_text = "".join(generate_run(source, prompt, max_new_tokens=12, temperature=0))
+            assert _pipeline_text(out, prompt, 12) == ours_text
 
 
 def test_vit_digits_converts_to_vit_and_cct_digits_is_refused_naming_its_stem(trained_run, tmp_path):
