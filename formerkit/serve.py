@@ -87,8 +87,10 @@ class ModelService:
             # A converted checkpoint's end-of-sequence tokens end every generation.
             self.eos_ids = tuple(generation_defaults(self.extra, self.tokenizer)["stop_tokens"] or ())
         elif self.task not in ROUTES:
+            what = f"this run trained {self.task!r}" if self.recipe is not None else (
+                "this converted checkpoint is not a decoder language model")
             raise CheckpointError(f"{target}: serve answers language models (generate), classifiers (classify) and "
-                                  f"forecasters (forecast); this run trained {self.task!r}")
+                                  f"forecasters (forecast); {what}")
         self.preprocessing = self.extra.get("preprocessing") or {}
         if self.task == "classification" and self.preprocessing.get("kind") != "image":
             raise CheckpointError(f"{target}: classify takes images; this classifier's data is "

@@ -99,6 +99,9 @@ def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Mo
     exactly: an unknown model_type, a RoPE scaling scheme, a config value it does not implement, a missing weight, or
     an unexpected one (buffers such as GPT-2's ``attn.bias`` and LLaMA's ``rotary_emb.inv_freq`` are not weights and
     are ignored).
+
+    The model comes alone; its tokenizer is ``formerkit.interop.read_hf_tokenizer(directory)`` and its generation
+    config ``read_generation_config(directory)``. ``convert`` (``formerkit convert --from-hf``) saves all three.
     """
     return _read_hf(directory, trust_pickle)[0]
 
