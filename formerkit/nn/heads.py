@@ -57,14 +57,23 @@ class Pooling(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Next-token logits: one linear map to the vocabulary (its weight may be the token embedding's)."""
+    """Next-token logits: one linear map to the vocabulary (its weight may be the token embedding's), optionally with
+    a bias, with the input scaled by 1/sqrt(width) (T5's tied head) and the logits soft-capped (Gemma 2)."""
 
-    def __init__(self, width: int, vocab_size: int):
+    def __init__(self, width: int, vocab_size: int, *, bias: bool = False, scale_input: bool = False,
+                 logit_softcap: float | None = None):
         super().__init__()
-        self.projection = nn.Linear(width, vocab_size, bias=False)
+        self.projection = nn.Linear(width, vocab_size, bias=bias)
+        self.input_scale = width ** -0.5 if scale_input else None
+        self.logit_softcap = logit_softcap
 
     def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        return self.projection(hidden)
+        if self.input_scale is not None:
+            hidden = hidden * self.input_scale
+        logits = self.projection(hidden)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
 
 class MaskedLMHead(nn.Module):
@@ -147,7 +156,8 @@ def build_head(config) -> nn.Module:
     prefix = stem.num_prefix_tokens
     pooling = config.head_pooling
     if head.kind == "lm":
-        return LMHead(config.width, stem.vocab_size)
+        return LMHead(config.width, stem.vocab_size, bias=config.head.bias, scale_input=config.head.scale_input,
+                      logit_softcap=config.head.logit_softcap)
     if head.kind == "masked_lm":
         return MaskedLMHead(config.width, stem.vocab_size, config.norm.kind, config.norm.eps)
     if head.kind == "classification":
