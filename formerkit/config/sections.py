@@ -31,6 +31,7 @@ POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "sincos2d", "none")
 STEM_KINDS = ("tokens", "patches", "conv", "linear")
 HEAD_KINDS = ("lm", "masked_lm", "classification", "regression", "none")
 POOLINGS = ("cls", "mean", "sequence", "last", "none")
+POOLER_ACTIVATIONS = ("tanh", "relu")
 ARCHS = ("encoder", "decoder", "encoder_decoder")
 
 
@@ -357,9 +358,15 @@ class HeadConfig(ModelSection):
     pooling: str | None = choice(None, (None, *POOLINGS))
     # BERT's pooler: a dense layer with tanh on the pooled vector.
     pooler: bool = False
+    # The pooler's activation: tanh (BERT, RoBERTa's classification head, ViT) or relu (DistilBERT's pre_classifier).
+    pooler_activation: str = choice("tanh", POOLER_ACTIVATIONS)
     # Share the LM head's weight with the token embedding (Press & Wolf, 2017).
     tie_embeddings: bool = False
     dropout: float = 0.0
+    # Classification with stem.distill_token: a second head reads the distillation token and the logits are the mean
+    # of both (DeiT, Touvron et al., 2021); false: only the class token's head predicts, the distillation token is
+    # carried through the layers unread (Hugging Face's DeiTForImageClassification).
+    distill_head: bool = True
 
     def _validate(self) -> None:
         kind = self.kind
@@ -375,6 +382,9 @@ class HeadConfig(ModelSection):
             self._fail("pooling", f"null for a head of kind {kind!r}, which predicts at every position")
         if kind == "classification" and self.pooling == "none":
             self._fail("pooling", "cls, mean, sequence or last for a classification head")
+        if self.pooler_activation != "tanh" and not self.pooler:
+            self._fail("pooler_activation", "'tanh' (the default) when head.pooler is false",
+                       hint="the activation belongs to the pooler; set head.pooler: true")
         if self.tie_embeddings and kind not in ("lm", "masked_lm"):
             self._fail("tie_embeddings", "false unless head.kind is 'lm' or 'masked_lm'")
         if not 0.0 <= self.dropout < 1.0:
