@@ -356,7 +356,7 @@ class HeadConfig(ModelSection):
     # How a sequence becomes one vector: cls (first token), mean (of real input tokens), sequence (CCT's learned
     # attention pooling), last (last real token, for decoders), none (keep every position).
     pooling: str | None = choice(None, (None, *POOLINGS))
-    # BERT's pooler: a dense layer with tanh on the pooled vector.
+    # BERT's pooler: a dense layer with an activation (head.pooler_activation) on the pooled vector.
     pooler: bool = False
     # The pooler's activation: tanh (BERT, RoBERTa's classification head, ViT) or relu (DistilBERT's pre_classifier).
     pooler_activation: str = choice("tanh", POOLER_ACTIVATIONS)
@@ -364,8 +364,8 @@ class HeadConfig(ModelSection):
     tie_embeddings: bool = False
     dropout: float = 0.0
     # Classification with stem.distill_token: a second head reads the distillation token and the logits are the mean
-    # of both (DeiT, Touvron et al., 2021); false: only the class token's head predicts, the distillation token is
-    # carried through the layers unread (Hugging Face's DeiTForImageClassification).
+    # of both (DeiT, Touvron et al., 2021); false: only the class token's head predicts, the distillation token
+    # still attends and is attended to in every layer (Hugging Face's DeiTForImageClassification).
     distill_head: bool = True
 
     def _validate(self) -> None:
