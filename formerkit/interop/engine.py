@@ -411,7 +411,8 @@ def assign(model: torch.nn.Module, family: Family, architecture: str, base: str,
     remaining = {name: tensor for name, tensor in tensors.items() if not family.buffers.search(name)}
     for name, value in family.fixed(config, base).items():
         if name in remaining:
-            if not torch.equal(remaining[name].float(), value):
+            # Compared in the file's dtype: a half-precision file holds the table rounded.
+            if not torch.equal(remaining[name], value.to(remaining[name].dtype)):
                 raise InteropError(f"{directory / origins[name]}: {name} differs from the table {CONFIG_FILE} "
                                    "implies, which formerkit computes itself; refusing to replace it silently")
             del remaining[name]

@@ -144,24 +144,29 @@ def to_hf(model: torch.nn.Module, directory: str | Path, *, model_type: str | No
     return Path(directory)
 
 
-def convert(source: str | Path, out: str | Path, *, direction: str, trust_pickle: bool = False) -> dict[str, Any]:
+def convert(source: str | Path, out: str | Path, *, direction: str, trust_pickle: bool = False,
+            model_type: str | None = None) -> dict[str, Any]:
     """Converts a checkpoint directory: ``direction="from_hf"`` reads a Hugging Face one and saves it with
     ``formerkit.save``; ``"to_hf"`` loads a formerkit one with ``formerkit.load`` and writes it with ``to_hf``.
 
-    ``out`` must not exist or be empty (nothing is overwritten). ``trust_pickle`` applies to ``from_hf`` only.
+    ``out`` must not exist or be empty (nothing is overwritten). ``trust_pickle`` applies to ``from_hf`` only,
+    ``model_type`` (the family to write, see ``to_hf``) to ``to_hf`` only.
     Returns a summary: direction, family (the Hugging Face model_type), architecture, parameters, source and out.
     """
     if direction not in ("from_hf", "to_hf"):
         raise InteropError(f"convert: direction: expected 'from_hf' or 'to_hf', got {direction!r}")
+    if model_type is not None and direction != "to_hf":
+        raise InteropError(f"convert: model_type: applies to direction 'to_hf' only (a checkpoint's config.json "
+                           f"names its own), got {model_type!r}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"convert: {out} already exists and is not empty; give a new or empty output directory "
                            "(nothing was written)")
     if direction == "from_hf":
-        model, model_type, architecture = _read_hf(source, trust_pickle)
+        model, family, architecture = _read_hf(source, trust_pickle)
         save(model, out)
     else:
         model = load(source)
-        model_type, architecture = _write_hf(model, out)
-    return {"direction": direction, "family": model_type, "architecture": architecture,
+        family, architecture = _write_hf(model, out, model_type)
+    return {"direction": direction, "family": family, "architecture": architecture,
             "parameters": sum(p.numel() for p in model.parameters()), "source": str(source), "out": str(out)}

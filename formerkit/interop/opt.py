@@ -57,7 +57,9 @@ class OPT(Family):
                     hint="a narrower embedding projected in and out (project_in, project_out, OPT-350m) has no "
                          "formerkit equivalent")
         hf.expect("layer_norm_elementwise_affine", True, "formerkit's LayerNorms always learn a weight and bias")
-        hf.expect("layerdrop", 0.0, "formerkit has no LayerDrop (skipping whole layers while training)")
+        if hf.number("layerdrop", 0.0) != 0.0:
+            hf.fail("layerdrop", "0.0", hf.value("layerdrop"),
+                    hint="formerkit has no LayerDrop (skipping whole layers while training)")
         pre = hf.flag("do_layer_norm_before", True)
         # A final LayerNorm follows the last layer only with pre-norm, unless the file's config removed it.
         final = pre and not hf.flag("_remove_final_layer_norm", False)

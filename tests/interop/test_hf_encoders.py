@@ -210,6 +210,22 @@ def test_to_hf_picks_the_family_that_holds_what_the_older_one_cannot(preset, ove
     _compare(parity, _ours(fk, inputs), _theirs(hf_model, inputs), inputs, preset)
 
 
+@torch.no_grad()
+def test_the_convert_command_writes_the_family_asked_for(checkpoints, parity, tmp_path, capsys):
+    from formerkit.cli import main
+    from formerkit.interop import convert
+
+    hf_model, directory = checkpoints("roberta-sequence-classification")
+    assert main(["convert", "--from-hf", str(directory), "--out", str(tmp_path / "fk")]) == 0
+    assert main(["convert", "--to-hf", str(tmp_path / "fk"), "--out", str(tmp_path / "hf"), "--model-type",
+                 "roberta"]) == 0
+    assert "RobertaForSequenceClassification (roberta)" in capsys.readouterr().out
+    inputs = _inputs(parity, hf_model)
+    _compare(parity, _theirs(parity.load_hf(tmp_path / "hf"), inputs), _theirs(hf_model, inputs), inputs, "convert")
+    with pytest.raises(InteropError, match=r"convert: model_type: applies to direction 'to_hf' only"):
+        convert(directory, tmp_path / "again", direction="from_hf", model_type="roberta")
+
+
 # ----- refusals -----
 
 
