@@ -116,7 +116,7 @@ class Bert(Family):
         return self.encoder_rules(config, base) + self.head_rules(config, base)
 
     def encoder_rules(self, config: ModelConfig, base: str) -> list[Rule]:
-        """The embeddings, the layers and the pooler: what BERT and RoBERTa name alike."""
+        """The embeddings and the layers: what BERT and RoBERTa name alike."""
         embeddings, rows = f"{base}embeddings", config.attention.num_heads * config.head_dim
         positions = (Rule("positions.weight", (f"{embeddings}.position_embeddings.weight",), "offset",
                           (self.position_offset,)) if self.position_offset
@@ -134,14 +134,12 @@ class Bert(Family):
             rules += pair(f"{ours}.feedforward.fc_in", f"{theirs}.intermediate.dense")
             rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.output.dense")
             rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.output.LayerNorm")
-        if config.head.pooler and config.head.kind == "none":
-            rules += pair("head.pooler", f"{base}pooler.dense")
         return rules
 
     def head_rules(self, config: ModelConfig, base: str) -> list[Rule]:
-        head, rules = config.head, []
-        if head.pooler and head.kind != "none":
-            rules += pair("head.pooler", f"{base}pooler.dense")
+        """The pooler and the task head."""
+        head = config.head
+        rules = pair("head.pooler", f"{base}pooler.dense") if head.pooler else []
         if head.kind == "masked_lm":
             predictions = "cls.predictions"
             rules += pair("head.dense", f"{predictions}.transform.dense")

@@ -11,8 +11,11 @@ hidden states (both tokens included) and its pooler's output on the class token.
 
 from __future__ import annotations
 
+from typing import Any
+
 from formerkit.config import ModelConfig
 from formerkit.interop.engine import Rule, pair
+from formerkit.interop.files import Fields
 from formerkit.interop.vit import ViT
 
 __all__ = ["DeiT"]
@@ -32,7 +35,7 @@ class DeiT(ViT):
     def writes(self, config: ModelConfig) -> bool:
         return super().writes(config) and config.stem.distill_token
 
-    def read_head(self, hf, architecture, has_pooler, width):
+    def read_head(self, hf: Fields, architecture: str, has_pooler: bool, width: int) -> dict[str, Any]:
         head = super().read_head(hf, architecture, has_pooler, width)
         if architecture == "DeiTForImageClassification":
             head["distill_head"] = False

@@ -58,6 +58,8 @@ class Roberta(Bert):
 
     def head_rules(self, config: ModelConfig, base: str) -> list[Rule]:
         head, rules = config.head, []
+        if head.kind == "none" and head.pooler:
+            rules += pair("head.pooler", f"{base}pooler.dense")
         if head.kind == "masked_lm":
             rules += pair("head.dense", "lm_head.dense")
             rules += pair("head.norm", "lm_head.layer_norm")

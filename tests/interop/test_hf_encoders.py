@@ -143,7 +143,8 @@ def _compare(parity, ours, theirs, inputs, what):
 def test_from_hf_computes_what_transformers_computes(case, checkpoints, parity):
     hf_model, directory = checkpoints(case)
     fk = formerkit.from_hf(directory)
-    paddings = ["right", "left"] if hf_model.config.model_type == "opt" else ["right"]
+    # OPT and RoBERTa number positions by real tokens, as formerkit does, so left padding must match too.
+    paddings = ["right", "left"] if hf_model.config.model_type in ("opt", "roberta") else ["right"]
     for padding in paddings:
         inputs = _inputs(parity, hf_model, padding)
         _compare(parity, _ours(fk, inputs), _theirs(hf_model, inputs), inputs, f"{case} ({padding} padding)")
@@ -159,6 +160,13 @@ def test_to_hf_of_from_hf_loads_in_transformers_with_the_original_outputs(case, 
                                                                  [type(hf_model).__name__])
     inputs = _inputs(parity, hf_model)
     _compare(parity, _theirs(parity.load_hf(tmp_path), inputs), _theirs(hf_model, inputs), inputs, case)
+    # RoBERTa's and OPT's rows in front of position 0 (read by padding only) are written as zeros.
+    leading = {"roberta": ROBERTA_PAD + 1, "opt": 2}.get(written["model_type"])
+    if leading:
+        table = next(tensor for name, tensor in load_file(tmp_path / "model.safetensors").items()
+                     if name.endswith(("position_embeddings.weight", "embed_positions.weight")))
+        assert table.shape[0] == formerkit.from_hf(directory).positions.weight.shape[0] + leading
+        assert not table[:leading].any()
 
 
 @pytest.mark.parametrize("case", ["opt-causal-lm", "opt-post-norm-no-bias-untied"])
