@@ -90,14 +90,17 @@ class _PooledHead(nn.Module):
         super().__init__()
         self.pooling = Pooling(pooling, width, num_prefix_tokens) if pooling != "none" else None
         self.pooler = nn.Linear(width, width) if pooler else None
-        self.pooler_activation = torch.tanh if pooler_activation == "tanh" else torch.relu
+        self.pooler_activation = pooler_activation
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.projection = nn.Linear(width, outputs) if outputs else None
 
     def pool(self, hidden: Tensor, token_mask: Tensor | None, token_sizes: Tensor | None = None) -> Tensor:
         """The pooled representation, after the pooler if there is one (``token_sizes``: see ``Pooling``)."""
         pooled = hidden if self.pooling is None else self.pooling(hidden, token_mask, token_sizes)
-        return self.pooler_activation(self.pooler(pooled)) if self.pooler is not None else pooled
+        if self.pooler is None:
+            return pooled
+        pooled = self.pooler(pooled)
+        return torch.relu(pooled) if self.pooler_activation == "relu" else torch.tanh(pooled)
 
     def forward(self, hidden: Tensor, token_mask: Tensor | None = None, token_sizes: Tensor | None = None) -> Tensor:
         return self.projection(self.dropout(self.pool(hidden, token_mask, token_sizes)))
