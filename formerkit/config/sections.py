@@ -251,9 +251,9 @@ class StemConfig(ModelSection):
     class_token: bool = False
     # patches and conv: extra learned tokens without positions (Darcet et al., "Vision Transformers Need Registers")
     register_tokens: int = 0
-    # patches and conv, classification: DeiT's distillation token (Touvron et al., 2021), after the class token, read
-    # by a second classification head that learns from a teacher (formerkit distill); the two heads' logits are
-    # averaged at inference.
+    # patches and conv, classification (or no head): DeiT's distillation token (Touvron et al., 2021), after the class
+    # token, read by a second classification head that learns from a teacher (formerkit distill); the two heads'
+    # logits are averaged at inference (head.distill_head: false keeps the token without its head).
     distill_token: bool = False
     # conv
     conv_layers: int = 1
