@@ -71,8 +71,9 @@ class Rule:
     """One formerkit parameter and the Hugging Face tensor(s) holding the same numbers.
 
     ``layout`` says how: "same" (copied), "transposed" (GPT-2's Conv1D, [in, out]), "stacked" (several tensors
-    concatenated along dim 0, ``sizes`` rows each: fused q/k/v, fused gate/up) or "batched" (the Hugging Face tensor
-    has a leading dimension of 1: ViT's position table).
+    concatenated along dim 0, ``sizes`` rows each: fused q/k/v, fused gate/up), "batched" (the Hugging Face tensor
+    has a leading dimension of 1: ViT's position table) or "offset" (the Hugging Face table has ``sizes[0]`` rows in
+    front that formerkit's positions never index: RoBERTa's and OPT's position tables; they are written as zeros).
     """
 
     ours: str
@@ -89,6 +90,8 @@ class Rule:
             return [(rows, *shape[1:]) for rows in self.sizes]
         if self.layout == "batched":
             return [(1, *shape)]
+        if self.layout == "offset":
+            return [(shape[0] + self.sizes[0], *shape[1:])]
         return [shape]
 
     def to_ours(self, parts: list[Tensor]) -> Tensor:
@@ -98,6 +101,8 @@ class Rule:
             return torch.cat(parts, dim=0)
         if self.layout == "batched":
             return parts[0].squeeze(0)
+        if self.layout == "offset":
+            return parts[0][self.sizes[0]:]
         return parts[0]
 
     def to_theirs(self, tensor: Tensor) -> dict[str, Tensor]:
@@ -107,6 +112,8 @@ class Rule:
             parts = list(tensor.split(list(self.sizes), dim=0))
         elif self.layout == "batched":
             parts = [tensor.unsqueeze(0)]
+        elif self.layout == "offset":
+            parts = [torch.cat([tensor.new_zeros(self.sizes[0], *tensor.shape[1:]), tensor])]
         else:
             parts = [tensor]
         return dict(zip(self.theirs, parts))
@@ -247,6 +254,11 @@ class Family:
         """Tensors a file may hold as copies of tied ones (name -> the tensor it must equal); dropped once checked."""
         return {}
 
+    def fixed(self, config: ModelConfig, base: str) -> dict[str, Tensor]:
+        """Tensors a file stores that formerkit computes instead of learning (DistilBERT's sinusoidal position table):
+        on reading each must equal formerkit's value and is dropped; on writing each is written."""
+        return {}
+
     def unused(self, architecture: str, base: str) -> set[str]:
         """Weights a file of ``architecture`` may hold that the architecture itself never uses (transformers drops
         them on loading too); dropped with a warning naming them."""
@@ -300,25 +312,39 @@ class Registry:
                       hint="formerkit converts these families only")
         return family
 
-    def family_for(self, config: ModelConfig) -> tuple[Family, dict[str, Any]] | None:
+    def family_for(self, config: ModelConfig, model_type: str | None = None) -> tuple[Family, dict[str, Any]] | None:
         """The family ``to_hf`` writes a model of ``config`` as, with the config.json it writes, if any.
 
         Several families may lay out models of one shape (decoders with rotary positions: LLaMA, GPT-NeoX, Phi,
-        ...); each candidate's config.json must read back as ``config``, and the first that does is taken. When
-        none does, the first candidate's refusal, which names every field it cannot hold, is raised."""
-        first_error = None
+        ...; encoders over tokens: BERT, RoBERTa); each candidate's config.json must read back as ``config``, and the
+        first that does is taken. ``model_type`` asks for one family's checkpoint only (RoBERTa rather than BERT).
+        When none does, the candidates' refusals, each naming every field that family cannot hold, are raised
+        together."""
+        if model_type is not None and model_type not in self.by_model_type:
+            raise InteropError(f"to_hf: model_type: expected one of {', '.join(map(repr, self.by_model_type))} or "
+                               f"None, got {model_type!r}")
+        errors: list[str] = []
         for family in self.families:
+            if model_type is not None and family is not self.by_model_type[model_type]:
+                continue
             if not family.writes(config):
                 continue
-            data = family.write_config(config)
             try:
+                data = family.write_config(config)
+                if model_type is not None and data["model_type"] != model_type:
+                    raise InteropError(f"to_hf: model_type: {model_type!r} cannot hold this model; it would be "
+                                       f"written as {data['model_type']!r}")
                 check_round_trip(family, config, data)
             except InteropError as error:
-                first_error = first_error or error
+                errors.append(str(error).removeprefix("to_hf: "))
                 continue
             return family, data
-        if first_error is not None:
-            raise first_error
+        if errors:
+            raise InteropError("to_hf: " + "; nor: ".join(errors))
+        if model_type is not None:
+            raise InteropError(f"to_hf: model_type: a {model_type!r} checkpoint cannot hold a model with "
+                               f"arch={config.arch!r}, stem.kind={config.stem.kind!r}, "
+                               f"position.kind={config.position.kind!r}")
         return None
 
 
@@ -352,6 +378,10 @@ def _semantics(config: ModelConfig) -> dict[str, Any]:
         ignored.append("head.dropout")
     if config.head.kind in ("lm", "masked_lm"):  # these heads never build a pooler
         ignored.append("head.pooler")
+    if not config.head.pooler or config.head.kind in ("lm", "masked_lm"):
+        ignored.append("head.pooler_activation")
+    if not (config.stem.distill_token and config.head.kind == "classification"):
+        ignored.append("head.distill_head")
     for name in ignored:
         flat.pop(name)
     return flat
@@ -379,6 +409,13 @@ def assign(model: torch.nn.Module, family: Family, architecture: str, base: str,
     params = dict(model.named_parameters())  # a tied weight appears once
     check_coverage(rules, params, architecture)
     remaining = {name: tensor for name, tensor in tensors.items() if not family.buffers.search(name)}
+    for name, value in family.fixed(config, base).items():
+        if name in remaining:
+            # Compared in the file's dtype: a half-precision file holds the table rounded.
+            if not torch.equal(remaining[name], value.to(remaining[name].dtype)):
+                raise InteropError(f"{directory / origins[name]}: {name} differs from the table {CONFIG_FILE} "
+                                   "implies, which formerkit computes itself; refusing to replace it silently")
+            del remaining[name]
     for copy, original in family.tied_copies(config, base).items():
         if copy in remaining:
             if original not in remaining or not torch.equal(remaining[copy], remaining[original]):
