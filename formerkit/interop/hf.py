@@ -6,7 +6,9 @@ sharded ``model.safetensors.index.json`` and its shards) into a formerkit ``Tran
 loads with no missing or unexpected weights and the same outputs. ``convert`` is the function behind the command line.
 
 Families: GPT-2 (``gpt2``), LLaMA (``llama``) with its close relatives Mistral (``mistral``: sliding-window attention)
-and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), BERT (``bert``) and ViT (``vit``). Each
+and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), the parallel-block decoders GPT-NeoX
+and Pythia (``gpt_neox``), Phi-1/1.5/2 (``phi``), GPT-J (``gptj``) and Falcon (``falcon``), BERT (``bert``) and ViT
+(``vit``). Each
 family is one module of this package defining a ``Family`` (``formerkit.interop.engine``): the Hugging Face config
 read into a ModelConfig, a ModelConfig written back as one, and one table of weight rules that serves both directions.
 ``FAMILIES`` below lists them: adding a family is adding its module, its entry there and its name in the refusals
@@ -29,16 +31,21 @@ from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InteropError
 from formerkit.interop.bert import Bert
 from formerkit.interop.engine import Family, Registry, assign, hf_state
+from formerkit.interop.falcon import Falcon
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
 from formerkit.interop.gpt2 import GPT2
+from formerkit.interop.gpt_neox import GPTNeoX
+from formerkit.interop.gptj import GPTJ
 from formerkit.interop.llama import Llama
+from formerkit.interop.phi import Phi
 from formerkit.interop.vit import ViT
 from formerkit.models.transformer import build_model
 
 __all__ = ["convert", "from_hf", "to_hf"]
 
-# The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config.
-FAMILIES = Registry(GPT2(), Llama(), Bert(), ViT())
+# The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config and whose
+# config.json reads back as it: LLaMA before the parallel-block decoders, so a LLaMA-layout model is written as one.
+FAMILIES = Registry(GPT2(), Llama(), GPTNeoX(), Phi(), GPTJ(), Falcon(), Bert(), ViT())
 
 
 def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
@@ -49,11 +56,11 @@ def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
         return found
     arch, stem, position = config.arch, config.stem.kind, config.position.kind
     if arch == "decoder" and stem == "tokens":
-        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2) for a "
-                           f"decoder over tokens, got {position!r}")
+        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2, "
+                           f"GPT-NeoX, Phi, GPT-J, Falcon) for a decoder over tokens, got {position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
-                       "supported: a decoder over tokens (GPT-2, LLaMA), an encoder over tokens (BERT), an encoder "
-                       "over patches (ViT)")
+                       "supported: a decoder over tokens (GPT-2, LLaMA, GPT-NeoX, Phi, GPT-J, Falcon), an encoder "
+                       "over tokens (BERT), an encoder over patches (ViT)")
 
 
 # ----- from Hugging Face -----
@@ -81,10 +88,10 @@ def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Mo
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
     The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
-    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, bert, vit) and its
-    ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold
-    one). A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is
-    read with ``torch.load(weights_only=True)`` and a warning says so.
+    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, gpt_neox, phi, gptj,
+    falcon, bert, vit) and its ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the
+    pooler, if the weights hold one). A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true
+    (pickle can run code); then it is read with ``torch.load(weights_only=True)`` and a warning says so.
 
     The model comes back in eval mode, like transformers' ``from_pretrained``, with float32 weights whatever the
     checkpoint's dtype. Raises ``InteropError`` naming the field or tensor for anything formerkit would not reproduce
@@ -115,13 +122,17 @@ def to_hf(model: torch.nn.Module, directory: str | Path) -> Path:
     returns the directory.
 
     The family follows from the config: a decoder over tokens with learned positions is GPT-2, with RoPE LLaMA
-    (Mistral for sliding windows on every layer, Qwen2 for query/key/value-only biases or windows on some layers); an
-    encoder over tokens is BERT, over patches ViT. The head picks the architecture written (GPT2LMHeadModel,
-    LlamaForCausalLM, BertForMaskedLM, BertForSequenceClassification, BertModel, ViTForImageClassification,
-    ViTModel, ...), which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
+    (Mistral for sliding windows on every layer, Qwen2 for query/key/value-only biases or windows on some layers), or,
+    for the LayerNorm decoders LLaMA cannot hold (parallel attention and MLP, partial rotary), the first of GPT-NeoX
+    (biases, a norm per branch or sequential blocks), Phi (one shared norm, biases everywhere and on the LM head),
+    GPT-J (one shared norm, no attention biases, an LM head bias) and Falcon (no biases or biases everywhere, grouped
+    or multi-query attention) that holds the model exactly; an encoder over tokens is BERT, over patches ViT. The head
+    picks the architecture written (GPT2LMHeadModel, LlamaForCausalLM, GPTNeoXForCausalLM, BertForMaskedLM,
+    BertForSequenceClassification, BertModel, ViTForImageClassification, ViTModel, ...), which transformers' Auto
+    classes load with no missing or unexpected weights and the same outputs.
 
     Before writing anything, the config.json is read back and compared with the model's config; anything the
-    Hugging Face class cannot hold (qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
+    Hugging Face class cannot hold (RMSNorm qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
     pooler, ...) is an ``InteropError`` naming the formerkit field. Other files in ``directory`` (a tokenizer) are left
     alone; one holding other weight files is refused.
     """
