@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
 
@@ -141,6 +142,40 @@ def test_a_base_model_gives_the_final_hidden_states(parity, tmp_path):
     hidden = ours(inputs["input_ids"], attention_mask=inputs["attention_mask"])
     parity.assert_logits(hidden, theirs(**inputs).last_hidden_state, inputs, "last_hidden_state")
     parity.assert_round_trip(ours, tmp_path / "out", inputs, hidden, output=lambda out: out.last_hidden_state)
+
+
+@pytest.mark.parametrize("case, changes", [
+    ("gpt_neox-parallel-untied", {"rotary_pct": 0.25, "rotary_emb_base": 5000.0}),
+    ("phi-qk-layernorm-gqa-untied", {"partial_rotary_factor": 0.5, "rope_theta": 20000.0}),
+    ("falcon-new-architecture-gqa", {"rope_theta": 30000.0}),
+], ids=["gpt_neox", "phi", "falcon"])
+@torch.no_grad()
+def test_transformers_4_config_spellings_read_the_same(case, changes, checkpoints, parity, tmp_path):
+    """transformers 4.x writes the rotary base and fraction as fields of their own (Pythia's files: rotary_pct,
+    rotary_emb_base), 5.x into rope_parameters."""
+    theirs, _ = checkpoints(case)
+    ours = formerkit.from_hf(_edited(checkpoints, case, tmp_path, changes, drop=("rope_parameters",)))
+    inputs = parity.tokens(VOCAB, 12, padding="right")
+    parity.assert_logits(ours(inputs["input_ids"], attention_mask=inputs["attention_mask"]),
+                         _their_logits(theirs, inputs), inputs)
+
+
+@pytest.mark.parametrize("case, buffers", [
+    ("gpt_neox-parallel-untied", ["gpt_neox.layers.0.attention.bias", "gpt_neox.layers.0.attention.masked_bias",
+                                  "gpt_neox.layers.1.attention.rotary_emb.inv_freq"]),
+    ("gptj-partial-untied", ["transformer.h.0.attn.bias", "transformer.h.1.attn.masked_bias"]),
+], ids=["gpt_neox", "gptj"])
+def test_buffers_older_files_store_are_ignored(case, buffers, checkpoints, tmp_path):
+    """Older GPT-NeoX (Pythia) and GPT-J files hold causal-mask tables and rotary frequencies besides the weights."""
+    _, directory = checkpoints(case)
+    directory = shutil.copytree(directory, tmp_path / case)
+    tensors = load_file(directory / "model.safetensors")
+    save_file({**tensors, **{name: torch.ones(4) for name in buffers}}, directory / "model.safetensors",
+              metadata={"format": "pt"})
+    ours, reference = formerkit.from_hf(directory), formerkit.from_hf(checkpoints(case)[1])
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), reference(ids))
 
 
 # ----- the weight layouts, against the formulas they stand for -----
