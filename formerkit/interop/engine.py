@@ -401,6 +401,9 @@ def _semantics(config: ModelConfig) -> dict[str, Any]:
                  "attention.sliding_window_layers": windowed_layers(config),
                  "feedforward.hidden_size": config.feedforward_size, "norm.final": config.norm.has_final,
                  "head.pooling": config.head_pooling})
+    if config.position.kind == "rope":
+        # Fractions that rotate the same channels are one model (GPT-J stores a channel count, not a fraction).
+        flat["position.rotary_fraction"] = f"{config.rotary_dim} of {config.head_dim} channels"
     # A mixture of experts differs by feedforward.num_experts (0 and null are both dense); its other fields follow it.
     flat["feedforward.num_experts"] = config.feedforward.num_experts or None
     ignored = ["feedforward.ratio", "feedforward.experts_per_token", "feedforward.capacity_factor",

@@ -24,6 +24,7 @@ import formerkit  # noqa: E402
 from formerkit import InteropError  # noqa: E402
 from formerkit.config import ModelConfig  # noqa: E402
 from formerkit.interop.engine import Rule, grouped_qkv_order, interleaved_rotary_order  # noqa: E402
+from formerkit.interop.gptj import fraction_for  # noqa: E402
 from formerkit.models.transformer import build_model  # noqa: E402
 from formerkit.nn.positions import RotaryPositions, apply_rotary  # noqa: E402
 
@@ -133,11 +134,15 @@ def test_to_hf_of_from_hf_reloads_with_the_original_logits(case, checkpoints, pa
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == CASES[case][3]
 
 
+@pytest.mark.parametrize("case, architecture", [
+    ("gpt_neox-parallel-untied", "GPTNeoXModel"), ("gptj-partial-untied", "GPTJModel"),
+    ("phi-qk-layernorm-gqa-untied", "PhiModel"), ("falcon-new-architecture-gqa", "FalconModel"),
+], ids=lambda value: value if value in CASES else None)
 @torch.no_grad()
-def test_a_base_model_gives_the_final_hidden_states(parity, tmp_path):
-    fields = CASES["falcon-new-architecture-gqa"][2]
-    theirs = parity.save("FalconModel", "FalconConfig", fields, tmp_path / "falcon")
-    ours = formerkit.from_hf(tmp_path / "falcon")
+def test_a_base_model_gives_the_final_hidden_states(case, architecture, parity, tmp_path):
+    _, config_class, fields, _ = CASES[case]
+    theirs = parity.save(architecture, config_class, fields, tmp_path / "hf")
+    ours = formerkit.from_hf(tmp_path / "hf")
     inputs = parity.tokens(VOCAB, 12, padding="right")
     hidden = ours(inputs["input_ids"], attention_mask=inputs["attention_mask"])
     parity.assert_logits(hidden, theirs(**inputs).last_hidden_state, inputs, "last_hidden_state")
@@ -215,8 +220,14 @@ def test_grouped_qkv_order_splits_a_fused_projection_as_falcon_and_gpt_neox_do(k
         assert torch.equal(reordered, fused.reshape(-1))
 
 
+def test_a_gptj_rotary_dim_reads_as_a_fraction_rotating_exactly_that_many_channels():
+    # 30 / 44 * 44 is 29.999...: the fraction is nudged up to the next float, so int(head_dim * fraction) is 30.
+    assert [(head_dim, rotary_dim) for head_dim in range(2, 130, 2) for rotary_dim in range(2, head_dim + 1, 2)
+            if int(head_dim * fraction_for(rotary_dim, head_dim)) != rotary_dim] == []
+
+
 def test_a_permuted_rule_serves_both_directions():
-    order = grouped_qkv_order(2, 1, 2) + []
+    order = grouped_qkv_order(2, 1, 2)
     rule = Rule("qkv.weight", ("a.weight", "b.weight"), "permuted", (8, 4), tuple(order))
     parts = [torch.randn(8, 5), torch.randn(4, 5)]
     ours = rule.to_ours(parts)
@@ -284,8 +295,9 @@ def test_to_hf_refuses_a_parallel_model_no_family_holds_by_field(changes, field,
 @pytest.mark.parametrize("changes, model_type", [
     (dict(parallel_residual="separate_norms"), "gpt_neox"),
     (dict(parallel_residual="shared_norm", head={"bias": True}), "phi"),
+    # 0.3 of 16 channels rotates 4 (int(4.8)): GPT-J's rotary_dim 4, the same model.
     (dict(parallel_residual="shared_norm", attention={"qkv_bias": False, "out_bias": False}, head={"bias": True},
-          position={"rotary_fraction": 0.25}), "gptj"),
+          position={"rotary_fraction": 0.3}), "gptj"),
     (dict(parallel_residual="shared_norm", attention={"num_kv_heads": 2, "qkv_bias": False, "out_bias": False},
           feedforward={"bias": False}, position={"rotary_fraction": 1.0}), "falcon"),
 ], ids=["separate-norms", "shared-norm-biases", "shared-norm-interleaved", "shared-norm-gqa-no-bias"])
