@@ -105,7 +105,7 @@ class Falcon(Family):
         # norm or sequential blocks, with one key/value head (multi_query) or one per query head.
         grouped = 1 < kv_heads < heads
         new = config.parallel_residual == "separate_norms" or (config.parallel_residual == "shared_norm" and grouped)
-        data = {
+        return {
             **self.header(config, architecture, "falcon"),
             "vocab_size": config.stem.vocab_size, "hidden_size": config.width,
             "num_hidden_layers": config.num_layers, "num_attention_heads": heads,
@@ -121,7 +121,6 @@ class Falcon(Family):
             "hidden_dropout": config.dropout, "attention_dropout": attention.dropout,
             "tie_word_embeddings": config.head.tie_embeddings,
         }
-        return data
 
     def rules(self, config: ModelConfig, base: str) -> list[Rule]:
         attention, head_dim = config.attention, config.head_dim

@@ -31,7 +31,7 @@ class GPTNeoX(Family):
     model_types = ("gpt_neox",)
     prefix = "gpt_neox."
     # Older files store each layer's causal-mask tables and rotary frequencies.
-    buffers = re.compile(r"(^|\.)attention\.(bias|masked_bias|rotary_emb\.inv_freq)$|(^|\.)rotary_emb\.inv_freq$")
+    buffers = re.compile(r"(^|\.)attention\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"GPTNeoXForCausalLM": "lm", "GPTNeoXModel": "none"}
