@@ -1,7 +1,7 @@
 """The conversion engine shared by every Hugging Face family: weight rules, the family interface and its registry,
 and the checks that make a conversion exact.
 
-A family (one module each: ``gpt2``, ``llama``, ``bert``, ``vit``) is a ``Family``: the Hugging Face config read into a
+A family (one module each, such as ``gpt2`` or ``llama``) is a ``Family``: the Hugging Face config read into a
 ModelConfig, a ModelConfig written back as one, and one table of ``Rule``s that serves both directions. The engine
 knows no family; ``formerkit.interop.hf`` lists them in a ``Registry``.
 
