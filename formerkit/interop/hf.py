@@ -6,8 +6,8 @@ sharded ``model.safetensors.index.json`` and its shards) into a formerkit ``Tran
 loads with no missing or unexpected weights and the same outputs. ``convert`` is the function behind the command line.
 
 Families: GPT-2 (``gpt2``), LLaMA (``llama``) with its close relatives Mistral (``mistral``: sliding-window attention)
-and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), OPT (``opt``), BERT (``bert``),
-RoBERTa (``roberta``), DistilBERT (``distilbert``), ViT (``vit``) and DeiT (``deit``). Each
+Families: the ``FAMILIES`` registry below, one line each with the ``model_type`` values it reads (the README's table
+lists them with what each refuses). Each
 family is one module of this package defining a ``Family`` (``formerkit.interop.engine``): the Hugging Face config
 read into a ModelConfig, a ModelConfig written back as one, and one table of weight rules that serves both directions.
 ``FAMILIES`` below lists them: adding a family is adding its module, its entry there and its name in the refusals
@@ -32,10 +32,14 @@ from formerkit.interop.bert import Bert
 from formerkit.interop.deit import DeiT
 from formerkit.interop.distilbert import DistilBert
 from formerkit.interop.engine import Family, Registry, assign, hf_state
+from formerkit.interop.falcon import Falcon
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
 from formerkit.interop.gpt2 import GPT2
+from formerkit.interop.gpt_neox import GPTNeoX
+from formerkit.interop.gptj import GPTJ
 from formerkit.interop.llama import Llama
 from formerkit.interop.opt import OPT
+from formerkit.interop.phi import Phi
 from formerkit.interop.roberta import Roberta
 from formerkit.interop.vit import ViT
 from formerkit.models.transformer import build_model
@@ -43,11 +47,25 @@ from formerkit.models.transformer import build_model
 __all__ = ["convert", "from_hf", "to_hf"]
 
 # The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config and whose
-# config.json reads back as it: GPT-2 before OPT, BERT before RoBERTa and DistilBERT, ViT before DeiT, so that a
-# model the older family holds is written as before; the later one takes what only it holds (OPT: no biases,
-# post-norm, no final norm; RoBERTa: a masked-LM head under a non-GELU MLP; DistilBERT: no token types, a ReLU
+# config.json reads back as it: GPT-2 before OPT, LLaMA before the parallel-block decoders, BERT before RoBERTa and
+# DistilBERT, ViT before DeiT, so that a model the older family holds is written as before; the later one takes what
+# only it holds (OPT: no biases, post-norm, no final norm; GPT-NeoX, Phi, GPT-J, Falcon: parallel blocks, partial
+# rotary, LayerNorm decoders; RoBERTa: a masked-LM head under a non-GELU MLP; DistilBERT: no token types, a ReLU
 # pooler; DeiT: the distillation token). ``to_hf(..., model_type=)`` asks for one family.
-FAMILIES = Registry(GPT2(), Llama(), OPT(), Bert(), Roberta(), DistilBert(), ViT(), DeiT())
+FAMILIES = Registry(
+    GPT2(),  # gpt2
+    Llama(),  # llama, mistral, qwen2
+    OPT(),  # opt
+    GPTNeoX(),  # gpt_neox (Pythia)
+    Phi(),  # phi
+    GPTJ(),  # gptj
+    Falcon(),  # falcon
+    Bert(),  # bert
+    Roberta(),  # roberta
+    DistilBert(),  # distilbert
+    ViT(),  # vit
+    DeiT(),  # deit
+)
 
 
 def _family_for(config: ModelConfig, model_type: str | None = None) -> tuple[Family, dict[str, Any]]:
@@ -58,11 +76,11 @@ def _family_for(config: ModelConfig, model_type: str | None = None) -> tuple[Fam
         return found
     arch, stem, position = config.arch, config.stem.kind, config.position.kind
     if arch == "decoder" and stem == "tokens":
-        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2, OPT) or 'rope' (LLaMA, Mistral, Qwen2) "
-                           f"for a decoder over tokens, got {position!r}")
+        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2, OPT) or 'rope' (LLaMA, Mistral, Qwen2, "
+                           f"GPT-NeoX, Phi, GPT-J, Falcon) for a decoder over tokens, got {position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
-                       "supported: a decoder over tokens (GPT-2, OPT, LLaMA), an encoder over tokens (BERT, RoBERTa, "
-                       "DistilBERT), an encoder over patches (ViT, DeiT)")
+                       "supported: a decoder over tokens (GPT-2, OPT, LLaMA, GPT-NeoX, Phi, GPT-J, Falcon), an encoder "
+                       "over tokens (BERT, RoBERTa, DistilBERT), an encoder over patches (ViT, DeiT)")
 
 
 # ----- from Hugging Face -----
@@ -90,11 +108,12 @@ def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Mo
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
     The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
-    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, opt, bert, roberta,
-    distilbert, vit, deit) and its ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel:
-    the pooler, if the weights hold one; DeiTForImageClassificationWithTeacher: the class and distillation heads).
-    A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is
-    read with ``torch.load(weights_only=True)`` and a warning says so.
+    shards). ``config.json``'s ``model_type`` picks the family (see ``FAMILIES``: gpt2, llama, mistral, qwen2, opt,
+    gpt_neox, phi, gptj, falcon, bert, roberta, distilbert, vit, deit, ...) and its ``architectures`` the head (e.g.
+    BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold one;
+    DeiTForImageClassificationWithTeacher: the class and distillation heads). A pickled ``pytorch_model.bin`` is
+    refused unless ``trust_pickle`` is true (pickle can run code); then it is read with
+    ``torch.load(weights_only=True)`` and a warning says so.
 
     The model comes back in eval mode, like transformers' ``from_pretrained``, with float32 weights whatever the
     checkpoint's dtype. Raises ``InteropError`` naming the field or tensor for anything formerkit would not reproduce
@@ -125,18 +144,20 @@ def to_hf(model: torch.nn.Module, directory: str | Path, *, model_type: str | No
     """Writes a formerkit model as a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors``);
     returns the directory.
 
-    The family follows from the config: a decoder over tokens with learned positions is GPT-2 (OPT when GPT-2
-    cannot hold it: no biases, post-norm, no final norm), with RoPE LLaMA (Mistral for sliding windows on every
-    layer, Qwen2 for query/key/value-only biases or windows on some layers); an encoder over tokens is BERT
-    (DistilBERT without token types, RoBERTa for a masked-LM head over a non-GELU MLP), over patches ViT (DeiT with a
-    distillation token). ``model_type`` ("roberta", "opt", ...) asks for that family instead, when its checkpoints
-    hold the model (RoBERTa and OPT hold what BERT and GPT-2 do). The head picks the architecture written
-    (GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM, BertForMaskedLM, RobertaForSequenceClassification,
-    DistilBertModel, ViTForImageClassification, DeiTForImageClassificationWithTeacher, ...), which transformers' Auto
+    The family follows from the config: the first family of ``FAMILIES`` whose config.json reads back as the model's
+    config. A decoder over tokens with learned positions is GPT-2 (OPT when GPT-2 cannot hold it: no biases,
+    post-norm, no final norm), with RoPE LLaMA (Mistral for sliding windows on every layer, Qwen2 for
+    query/key/value-only biases or windows on some layers), or, for the LayerNorm decoders LLaMA cannot hold
+    (parallel attention and MLP, partial rotary), the first of GPT-NeoX, Phi, GPT-J and Falcon that holds the model;
+    an encoder over tokens is BERT (DistilBERT without token types, RoBERTa for a masked-LM head over a non-GELU MLP),
+    over patches ViT (DeiT with a distillation token). ``model_type`` ("roberta", "opt", ...) asks for that family
+    instead, when its checkpoints hold the model. The head picks the architecture written (GPT2LMHeadModel,
+    LlamaForCausalLM, GPTNeoXForCausalLM, BertForMaskedLM, RobertaForSequenceClassification, DistilBertModel,
+    ViTForImageClassification, DeiTForImageClassificationWithTeacher, ...), which transformers' Auto
     classes load with no missing or unexpected weights and the same outputs.
 
     Before writing anything, the config.json is read back and compared with the model's config; anything the
-    Hugging Face class cannot hold (qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
+    Hugging Face class cannot hold (RMSNorm qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
     pooler, ...) is an ``InteropError`` naming the formerkit field. Other files in ``directory`` (a tokenizer) are left
     alone; one holding other weight files is refused.
     """
