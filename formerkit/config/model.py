@@ -42,6 +42,10 @@ class ModelConfig(ModelSection):
     # LayerScale (Touvron et al., 2021, "CaiT"): a learned per-channel scale on each residual branch, initialized here.
     layer_scale: float | None = None
     init_std: float = 0.02
+    # Attention and feed-forward both read the block's input and add to the stream, x + attn(norm(x)) + ff(norm'(x)),
+    # instead of one after the other (Wang and Komatsuzaki, GPT-J; GPT-NeoX; PaLM): separate_norms gives each branch
+    # its own norm (GPT-NeoX), shared_norm feeds both from one (GPT-J, Phi-2, Falcon). null: sequential.
+    parallel_residual: str | None = choice(None, (None, "separate_norms", "shared_norm"))
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     feedforward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     norm: NormConfig = field(default_factory=NormConfig)
@@ -86,6 +90,24 @@ class ModelConfig(ModelSection):
                 if not 0 <= index < max(self.num_layers, self.decoder_layers):
                     raise ConfigError("attention.kind_layers", attention.kind_layers,
                                       f"layer indices in [0, {max(self.num_layers, self.decoder_layers)})")
+        position = self.position
+        if position.kind == "rope" and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise ConfigError("position.rotary_fraction", position.rotary_fraction,
+                              f"a fraction of head_dim ({self.head_dim}) that rotates an even number >= 2 of "
+                              f"channels (int(head_dim * rotary_fraction) is {self.rotary_dim})")
+        if position.rope_local_base is not None and attention.sliding_window is None:
+            raise ConfigError("position.rope_local_base", position.rope_local_base,
+                              "null unless attention.sliding_window is set", hint="it is the base of the window layers")
+        if self.parallel_residual is not None:
+            if self.norm.placement != "pre":
+                raise ConfigError("parallel_residual", self.parallel_residual, "null unless norm.placement is 'pre'",
+                                  hint="parallel branches both read the normed input of the block")
+            if self.arch == "encoder_decoder":
+                raise ConfigError("parallel_residual", self.parallel_residual, "null for arch 'encoder_decoder'",
+                                  hint="a decoder block with cross-attention has three branches in sequence")
+        if attention.kind == "linear" and position.kind == "relative":
+            raise ConfigError("position.kind", "relative", "a position scheme without score biases with linear "
+                              "attention", hint="linear attention never forms the scores a relative bias adds to")
         if attention.kind == "linear" and self.position.kind == "alibi":
             raise ConfigError("position.kind", "alibi", "a position scheme without score biases with linear attention",
                               hint="linear attention never forms the scores ALiBi adds to; use rope or learned")
@@ -119,8 +141,8 @@ class ModelConfig(ModelSection):
                 self._fail("max_seq_len", f"an integer >= 1 for a {stem.kind} stem")
         if self.position.kind == "sincos2d" and self.width % 4:
             raise ConfigError("width", self.width, "a multiple of 4 for sincos2d positions (sin and cos per axis)")
-        if stem.register_tokens and self.position.kind in ("rope", "alibi"):
-            raise ConfigError("stem.register_tokens", stem.register_tokens, "0 with rope or alibi positions",
+        if stem.register_tokens and self.position.kind in ("rope", "alibi", "relative"):
+            raise ConfigError("stem.register_tokens", stem.register_tokens, "0 with rope, alibi or relative positions",
                               hint="register tokens carry no position; use learned, sinusoidal, sincos2d or none")
         if self.arch == "encoder_decoder" and stem.kind != "tokens":
             raise ConfigError("stem.kind", stem.kind, "'tokens' for arch 'encoder_decoder'")
@@ -133,9 +155,13 @@ class ModelConfig(ModelSection):
                               hint="an encoder over tokens predicts masked tokens: use head.kind 'masked_lm'")
         if head.kind == "masked_lm" and (stem.kind != "tokens" or self.arch != "encoder"):
             raise ConfigError("head.kind", "masked_lm", "a tokens stem with arch 'encoder'")
-        if stem.distill_token and head.kind != "classification":
-            raise ConfigError("stem.distill_token", True, "false unless head.kind is 'classification'",
-                              hint="the distillation token feeds a second classification head")
+        if stem.distill_token and head.kind not in ("classification", "none"):
+            raise ConfigError("stem.distill_token", True, "false unless head.kind is 'classification' or 'none'",
+                              hint="the distillation token feeds a second classification head (or, with no head, "
+                                   "is part of the hidden states, as in DeiTModel)")
+        if not head.distill_head and not (stem.distill_token and head.kind == "classification"):
+            raise ConfigError("head.distill_head", False, "true unless stem.distill_token is true and head.kind is "
+                              "'classification'", hint="it turns off the head that reads the distillation token")
         if head.tie_embeddings and stem.kind != "tokens":
             raise ConfigError("head.tie_embeddings", True, "a tokens stem, whose embedding the head can share")
         if self.head_pooling == "cls" and stem.kind != "tokens" and not stem.class_token:
@@ -189,6 +215,11 @@ class ModelConfig(ModelSection):
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim or self.width // self.attention.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The channels of each head that rotary positions rotate."""
+        return int(self.head_dim * self.position.rotary_fraction)
 
     @property
     def decoder_layers(self) -> int:

@@ -27,10 +27,12 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "g
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
-POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "sincos2d", "none")
+POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "sincos2d", "none")
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 STEM_KINDS = ("tokens", "patches", "conv", "linear")
 HEAD_KINDS = ("lm", "masked_lm", "classification", "regression", "none")
 POOLINGS = ("cls", "mean", "sequence", "last", "none")
+POOLER_ACTIVATIONS = ("tanh", "relu")
 ARCHS = ("encoder", "decoder", "encoder_decoder")
 
 
@@ -76,6 +78,12 @@ class AttentionConfig(ModelSection):
     soft_causal_steps: int | None = None
     # Heads of each layer (a structurally pruned model; each head keeps head_dim). null: num_heads in every layer.
     layer_heads: tuple[int, ...] | None = None
+    # The multiplier of the query-key dot products; null: 1/sqrt(head_dim). T5 uses 1.0 (its initialization carries
+    # the scale); Gemma 2 and 3 use query_pre_attn_scalar^-1/2.
+    scale: float | None = None
+    # Soft-capping of the scores before the mask and softmax, softcap * tanh(scores / softcap) (Gemma 2): bounds the
+    # logits without clipping their gradient. null: none.
+    softcap: float | None = None
 
     def _validate(self) -> None:
         if self.num_heads < 1:
@@ -116,6 +124,12 @@ class AttentionConfig(ModelSection):
             self._fail("soft_causal_steps", "an integer >= 1 or null")
         if self.layer_heads is not None and any(h < 1 or h > self.num_heads for h in self.layer_heads):
             self._fail("layer_heads", f"head counts in [1, attention.num_heads={self.num_heads}], one per layer")
+        for name in ("scale", "softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                self._fail(name, "a number > 0 or null")
+        if self.softcap is not None and self.kind == "linear" and self.kind_layers is None:
+            self._fail("softcap", "null when every layer uses linear attention",
+                       hint="linear attention never forms the scores soft-capping bounds")
 
     @property
     def kv_heads(self) -> int:
@@ -200,10 +214,14 @@ class NormConfig(ModelSection):
     bias: bool = True
     # A norm after the last block; null means "yes for pre and sandwich, no for post".
     final: bool | None = None
+    # Added to every norm's learned scale, which then starts at 0: the norm multiplies by (weight_offset + weight).
+    # Gemma's RMSNorms store their scales this way (weight_offset 1.0), so weight decay pulls them toward 1.
+    weight_offset: float = 0.0
 
     def _validate(self) -> None:
         if self.eps <= 0:
             self._fail("eps", "a number > 0")
+        self._check_applies("kind", {"weight_offset": ("rmsnorm",)})
 
     @property
     def has_final(self) -> bool:
@@ -218,13 +236,72 @@ class PositionConfig(ModelSection):
 
     # learned: a trained table added to the input; sinusoidal: the fixed table of Vaswani et al.; rope: rotary
     # embeddings on queries and keys (Su et al., "RoFormer"); alibi: linear distance biases (Press et al., "Train Short,
-    # Test Long"); sincos2d: fixed 2-D sine-cosine table over a patch grid (MAE); none.
+    # Test Long"); relative: T5's learned bias per head and bucket of relative distance; sincos2d: fixed 2-D
+    # sine-cosine table over a patch grid (MAE); none.
     kind: str = choice("learned", POSITION_KINDS)
     rope_base: float = 10000.0
+    # rope: the fraction of each head's channels that are rotated (the first ones); the others pass unrotated
+    # (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor, GPT-J's rotary_dim / head_dim).
+    rotary_fraction: float = 1.0
+    # rope: stretching the rotation frequencies for longer contexts: linear (position interpolation, Chen et al.,
+    # 2023), dynamic (NTK-aware base growth once the input outgrows rope_original_max_len), yarn (Peng et al., 2023,
+    # "YaRN"), llama3 (Llama 3.1's interpolation of the low frequencies only). null: plain RoPE.
+    rope_scaling: str | None = choice(None, (None, *ROPE_SCALINGS))
+    # rope_scaling: how much longer the context gets.
+    rope_factor: float = 1.0
+    # dynamic, yarn, llama3: the context length of pre-training, before the extension.
+    rope_original_max_len: int | None = None
+    # llama3: wavelengths longer than rope_original_max_len / rope_low_freq_factor are interpolated by rope_factor,
+    # those shorter than rope_original_max_len / rope_high_freq_factor kept, the ones between blended smoothly.
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    # yarn: the rotations per context that bound the ramp from extrapolated (fast) to interpolated (slow) channels,
+    # and the scale of the cos/sin tables (null: YaRN's 0.1 ln(rope_factor) + 1).
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float | None = None
+    # rope: the base of the sliding-window layers, when it differs from rope_base (Gemma 3: 10,000 in its local
+    # layers, 1,000,000 in its global ones); rope_scaling applies to the other layers only. null: rope_base.
+    rope_local_base: float | None = None
+    # relative: buckets of relative distance (half exact distances, half logarithmic up to relative_max_distance;
+    # Raffel et al., 2020, "T5"). Decoders give later keys no buckets of their own.
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
 
     def _validate(self) -> None:
         if self.rope_base <= 1.0:
             self._fail("rope_base", "a number > 1")
+        scaling_fields = ("rope_factor", "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor",
+                          "rope_beta_fast", "rope_beta_slow", "rope_attention_factor")
+        rope = ("rotary_fraction", "rope_scaling", "rope_local_base", *scaling_fields)
+        self._check_applies("kind", {**{name: ("rope",) for name in rope},
+                                     "relative_buckets": ("relative",), "relative_max_distance": ("relative",)})
+        # Scaling fields do nothing without a scaling scheme, and each scheme reads only its own.
+        self._check_applies("rope_scaling", {
+            "rope_factor": ROPE_SCALINGS, "rope_original_max_len": ("dynamic", "yarn", "llama3"),
+            "rope_low_freq_factor": ("llama3",), "rope_high_freq_factor": ("llama3",), "rope_beta_fast": ("yarn",),
+            "rope_beta_slow": ("yarn",), "rope_attention_factor": ("yarn",)})
+        if not 0.0 < self.rotary_fraction <= 1.0:
+            self._fail("rotary_fraction", "a fraction in (0, 1]")
+        if self.rope_scaling is not None:
+            if self.rope_factor <= 0 or (self.rope_scaling != "linear" and self.rope_factor < 1):
+                self._fail("rope_factor", "a number > 0" if self.rope_scaling == "linear" else "a number >= 1")
+            needs_original = self.rope_scaling in ("dynamic", "yarn", "llama3")
+            if needs_original and (self.rope_original_max_len is None or self.rope_original_max_len < 1):
+                self._fail("rope_original_max_len", f"an integer >= 1 with rope_scaling {self.rope_scaling!r}")
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                self._fail("rope_high_freq_factor", f"a number > position.rope_low_freq_factor "
+                           f"({self.rope_low_freq_factor})")
+            if self.rope_beta_fast <= self.rope_beta_slow:
+                self._fail("rope_beta_fast", f"a number > position.rope_beta_slow ({self.rope_beta_slow})")
+            if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
+                self._fail("rope_attention_factor", "a number > 0 or null")
+        if self.rope_local_base is not None and self.rope_local_base <= 1.0:
+            self._fail("rope_local_base", "a number > 1 or null")
+        if self.relative_buckets < 2:
+            self._fail("relative_buckets", "an integer >= 2")
+        if self.relative_max_distance < 1:
+            self._fail("relative_max_distance", "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -241,6 +318,9 @@ class StemConfig(ModelSection):
     num_token_types: int = 0
     # A norm right after the embeddings (BERT).
     embedding_norm: bool = False
+    # tokens: multiply the token embeddings by sqrt(width) (Vaswani et al.; Gemma; BART's scale_embedding), so they
+    # start at the scale of the residual stream.
+    scale_embeddings: bool = False
     # patches and conv: input images are [batch, in_channels, height, width]
     image_size: tuple[int, int] | None = None
     in_channels: int = 3
@@ -250,9 +330,9 @@ class StemConfig(ModelSection):
     class_token: bool = False
     # patches and conv: extra learned tokens without positions (Darcet et al., "Vision Transformers Need Registers")
     register_tokens: int = 0
-    # patches and conv, classification: DeiT's distillation token (Touvron et al., 2021), after the class token, read
-    # by a second classification head that learns from a teacher (formerkit distill); the two heads' logits are
-    # averaged at inference.
+    # patches and conv, classification (or no head): DeiT's distillation token (Touvron et al., 2021), after the class
+    # token, read by a second classification head that learns from a teacher (formerkit distill); the two heads'
+    # logits are averaged at inference (head.distill_head: false keeps the token without its head).
     distill_token: bool = False
     # conv
     conv_layers: int = 1
@@ -269,7 +349,8 @@ class StemConfig(ModelSection):
         if isinstance(self.image_size, tuple) and min(self.image_size) < 1:
             self._fail("image_size", "positive sizes")
         self._check_applies("kind", {
-            "vocab_size": ("tokens",), "num_token_types": ("tokens",), "image_size": ("patches", "conv"),
+            "vocab_size": ("tokens",), "num_token_types": ("tokens",), "scale_embeddings": ("tokens",),
+            "image_size": ("patches", "conv"),
             "in_channels": ("patches", "conv"), "patch_size": ("patches", "linear"),
             "class_token": ("patches", "conv", "linear"), "register_tokens": ("patches", "conv"),
             "distill_token": ("patches", "conv"),
@@ -355,11 +436,24 @@ class HeadConfig(ModelSection):
     # How a sequence becomes one vector: cls (first token), mean (of real input tokens), sequence (CCT's learned
     # attention pooling), last (last real token, for decoders), none (keep every position).
     pooling: str | None = choice(None, (None, *POOLINGS))
-    # BERT's pooler: a dense layer with tanh on the pooled vector.
+    # BERT's pooler: a dense layer with an activation (head.pooler_activation) on the pooled vector.
     pooler: bool = False
+    # The pooler's activation: tanh (BERT, RoBERTa's classification head, ViT) or relu (DistilBERT's pre_classifier).
+    pooler_activation: str = choice("tanh", POOLER_ACTIVATIONS)
     # Share the LM head's weight with the token embedding (Press & Wolf, 2017).
     tie_embeddings: bool = False
     dropout: float = 0.0
+    # lm: a learned bias on the logits (GPT-J, Phi-2; BART's final_logits_bias).
+    bias: bool = False
+    # lm: multiply the final hidden states by 1/sqrt(width) before the projection (T5 with tied embeddings, whose
+    # shared table has the embedding's scale).
+    scale_input: bool = False
+    # lm: soft-capping of the logits, logit_softcap * tanh(logits / logit_softcap) (Gemma 2). null: none.
+    logit_softcap: float | None = None
+    # Classification with stem.distill_token: a second head reads the distillation token and the logits are the mean
+    # of both (DeiT, Touvron et al., 2021); false: only the class token's head predicts, the distillation token
+    # still attends and is attended to in every layer (Hugging Face's DeiTForImageClassification).
+    distill_head: bool = True
 
     def _validate(self) -> None:
         kind = self.kind
@@ -375,8 +469,14 @@ class HeadConfig(ModelSection):
             self._fail("pooling", f"null for a head of kind {kind!r}, which predicts at every position")
         if kind == "classification" and self.pooling == "none":
             self._fail("pooling", "cls, mean, sequence or last for a classification head")
+        if self.pooler_activation != "tanh" and not self.pooler:
+            self._fail("pooler_activation", "'tanh' (the default) when head.pooler is false",
+                       hint="the activation belongs to the pooler; set head.pooler: true")
         if self.tie_embeddings and kind not in ("lm", "masked_lm"):
             self._fail("tie_embeddings", "false unless head.kind is 'lm' or 'masked_lm'")
         if not 0.0 <= self.dropout < 1.0:
             self._fail("dropout", "a probability in [0, 1)")
+        self._check_applies("kind", {"bias": ("lm",), "scale_input": ("lm",), "logit_softcap": ("lm",)})
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            self._fail("logit_softcap", "a number > 0 or null")
 

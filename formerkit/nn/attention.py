@@ -33,9 +33,11 @@ class Attention(nn.Module):
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool = True,
                  out_bias: bool = True, qk_norm: bool = False, norm_kind: str = "layernorm", norm_eps: float = 1e-5,
                  dropout: float = 0.0, cross: bool = False, gaussian_mixture: int = 0,
-                 grid: tuple[int, int] | None = None, prefix_tokens: int = 0):
+                 grid: tuple[int, int] | None = None, prefix_tokens: int = 0, scale: float | None = None):
         super().__init__()
         self.num_heads = num_heads
+        # The multiplier of the scores; None: 1/sqrt(head_dim), SDPA's default.
+        self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dropout = dropout
@@ -108,9 +110,10 @@ class Attention(nn.Module):
 
     def _softmax(self, q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask, kind: str, need_weights: bool,
                  static: bool) -> tuple[Tensor, Tensor | None]:
-        scale = None
+        scale = self.scale
         if kind == "l2":
-            q, k, v, scale = _l2_as_dot_products(q, k, v)
+            q, k, v, l2_scale = _l2_as_dot_products(q, k, v)
+            scale = l2_scale if scale is None else scale
         attn_mask = mask.value
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)

@@ -51,11 +51,13 @@ class Residual(nn.Module):
     sandwich: x + drop(scale(norm_out(f(norm(x)))))
     """
 
-    def __init__(self, config):
+    def __init__(self, config, *, own_norm: bool = True):
         super().__init__()
         norm = config.norm
         self.placement = norm.placement
-        self.norm = build_norm(norm.kind, config.width, norm.eps, norm.bias)
+        # Without a norm of its own (a parallel block's feed-forward reading the attention's normed input) the block
+        # gives the branch its input.
+        self.norm = build_norm(norm.kind, config.width, norm.eps, norm.bias) if own_norm else None
         sandwich = norm.placement == "sandwich"
         self.norm_out = build_norm(norm.kind, config.width, norm.eps, norm.bias) if sandwich else None
         # Absent parts are None rather than identity modules: decoding calls merge once per token per layer.
@@ -99,7 +101,7 @@ class TransformerBlock(nn.Module):
                              norm_eps=config.norm.eps, dropout=attn.dropout, cross=cross,
                              gaussian_mixture=0 if cross else attn.gaussian_mixture,
                              grid=config.stem.grid_size if image else None,
-                             prefix_tokens=config.stem.num_prefix_tokens if image else 0)
+                             prefix_tokens=config.stem.num_prefix_tokens if image else 0, scale=attn.scale)
 
         self.attention = make_attention(False)
         self.attention_residual = Residual(config)
@@ -107,13 +109,17 @@ class TransformerBlock(nn.Module):
         self.cross_attention_residual = Residual(config) if cross_attention else None
         self.mixture = config.feedforward.is_mixture_block(index)
         self.feedforward: nn.Module = build_moe(config) if self.mixture else build_feedforward(config, index)
-        self.feedforward_residual = Residual(config)
+        self.parallel = config.parallel_residual is not None
+        self.feedforward_residual = Residual(config, own_norm=config.parallel_residual != "shared_norm")
 
     def forward(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:
         """One layer: returns the new residual stream and, with ``context.need_weights``, the self-attention
         probabilities. ``context`` (see ``LayerContext``) carries the depth's mask, attention kind, cache rows and
         stochastic depth: a block shared across depths runs each with that depth's context. Token merging (ToMe)
-        merges tokens between attention and the feed-forward sub-layer, where the paper merges them."""
+        merges tokens between attention and the feed-forward sub-layer, where the paper merges them (after both
+        branches in a parallel block)."""
+        if self.parallel:
+            return self._parallel(x, context)
         residual = self.attention_residual
         attention_input = residual.branch_input(x)
         out, weights = self.attention(attention_input, context)
@@ -125,9 +131,23 @@ class TransformerBlock(nn.Module):
             out, _ = self.cross_attention(residual.branch_input(x), context)
             x = residual.merge(x, out, context.drop_path)
         residual = self.feedforward_residual
+        x = residual.merge(x, self._feedforward(residual.branch_input(x), context), context.drop_path)
+        return x, weights
+
+    def _feedforward(self, x: Tensor, context: LayerContext) -> Tensor:
         if self.mixture:  # padding stays out of the routing; the mixture's last_routing then reports this pass
-            out = self.feedforward(residual.branch_input(x), context.token_keep)
-        else:
-            out = self.feedforward(residual.branch_input(x))
-        x = residual.merge(x, out, context.drop_path)
+            return self.feedforward(x, context.token_keep)
+        return self.feedforward(x)
+
+    def _parallel(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:
+        """x + attention(norm(x)) + feedforward(norm'(x)), norm' being norm itself with a shared norm (GPT-J)."""
+        attention_input = self.attention_residual.branch_input(x)
+        residual = self.feedforward_residual
+        feedforward_input = attention_input if residual.norm is None else residual.branch_input(x)
+        out, weights = self.attention(attention_input, context)
+        feedforward_out = self._feedforward(feedforward_input, context)
+        x = residual.merge(self.attention_residual.merge(x, out, context.drop_path), feedforward_out,
+                           context.drop_path)
+        if context.merging is not None:
+            x = context.merging.merge(x, context.index, self.attention, attention_input)
         return x, weights

@@ -114,17 +114,26 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates channel pairs (i, i + d/2) of ``x`` [batch, heads, tokens, head_dim] by each position's angles."""
-    return x * cos + rotate_half(x) * sin
+    """Rotates channel pairs (i, i + r/2) of ``x`` [batch, heads, tokens, head_dim] by each position's angles, where
+    r is the tables' width: with partial rotary (r < head_dim) the channels from r on pass unrotated."""
+    rotated = cos.shape[-1]
+    if rotated == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x, rest = x[..., :rotated], x[..., rotated:]
+    return torch.cat([x * cos + rotate_half(x) * sin, rest], dim=-1)
 
 
 class RotaryPositions(PositionScheme):
     """Rotary position embeddings (Su et al., "RoFormer"), in the half-split channel layout of GPT-NeoX and Hugging
-    Face LLaMA: channel i pairs with channel i + head_dim/2, rotated by angle p / base^(2i/head_dim)."""
+    Face LLaMA: channel i pairs with channel i + r/2, rotated by angle p / base^(2i/r), where r = ``rotary_dim``
+    (by default head_dim; fewer with partial rotary, as in GPT-NeoX and Phi, which leave the other channels as they
+    are). RoFormer's interleaved pairs (2i, 2i + 1), as in GPT-J, are the same rotation after a fixed permutation of
+    the query and key channels, which a converter applies to the projection weights."""
 
-    def __init__(self, num_positions: int, head_dim: int, base: float = 10000.0):
+    def __init__(self, num_positions: int, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None):
         super().__init__()
-        frequency = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        rotary_dim = rotary_dim or head_dim
+        frequency = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
         angles = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1) * frequency
         angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
@@ -181,7 +190,7 @@ def build_positions(config) -> PositionScheme:
     if kind == "sincos2d":
         return SinCos2DPositions(config.stem.grid_size, config.width, config.stem.num_positioned_prefix_tokens)
     if kind == "rope":
-        return RotaryPositions(config.num_positions, config.head_dim, config.position.rope_base)
+        return RotaryPositions(config.num_positions, config.head_dim, config.position.rope_base, config.rotary_dim)
     if kind == "alibi":
         return ALiBiPositions(config.attention.num_heads)
     return NoPositions()

@@ -314,7 +314,7 @@ def test_pipeline_on_an_exported_recipe_run_generates_formerkit_text(case, train
     for source in (run, tmp_path / "random"):
         out = tmp_path / f"hf-{source.name}"
         result = convert(source, out, direction="to_hf")
-        assert result["architecture"] == "LlamaForCausalLM" and result["tokenizer"] == tokenizer.kind
+        assert result["architecture"] == "GPTNeoXForCausalLM" and result["tokenizer"] == tokenizer.kind
         ids = transformers.AutoTokenizer.from_pretrained(out)(CORPUS[1])["input_ids"]
         assert ids == tokenizer.encode(CORPUS[1])
         theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

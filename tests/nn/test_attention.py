@@ -430,3 +430,20 @@ def test_single_query_attention_matches_the_written_out_softmax(kv_heads, mask_k
                 scores = scores + mask[b, h]
             expected[b, h] = scores.softmax(-1) @ v[b, kv]
     assert torch.allclose(single_query_attention(q, k, v, mask), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_an_explicit_score_scale_replaces_one_over_sqrt_head_dim(scale, need_weights):
+    """T5 (scale 1) and Gemma (query_pre_attn_scalar^-1/2): the reference with 1/sqrt(d) is the one with the queries
+    multiplied by scale * sqrt(d)."""
+    module = make_attention(scale=scale)
+    x = inputs()
+    out, _ = module(x, LayerContext(PreparedMask(None, True), need_weights=need_weights))
+    plain = make_attention()
+    with torch.no_grad():
+        rows = NUM_HEADS * HEAD_DIM
+        plain.qkv.weight[:rows] *= scale * math.sqrt(HEAD_DIM)
+        plain.qkv.bias[:rows] *= scale * math.sqrt(HEAD_DIM)
+    expected, _ = reference_attention(plain, x, causal=True)
+    assert_close(out, expected)

@@ -351,3 +351,24 @@ def test_image_encoder_is_patch_permutation_equivariant_only_without_positions(k
         torch.testing.assert_close(permuted, original[:, permutation], rtol=1e-9, atol=1e-9)
     else:
         assert (permuted - original[:, permutation]).abs().max() > 1e-2 * original.abs().max()
+
+
+def test_partial_rotary_rotates_the_first_channels_by_their_own_frequencies_and_passes_the_rest():
+    """GPT-NeoX/Phi partial rotary: channels [0, r) rotate as a head of width r would (frequencies base^(-2i/r)), the
+    channels from r on are untouched."""
+    torch.manual_seed(3)
+    scheme = RotaryPositions(32, 10, 500.0, rotary_dim=4)
+    x = torch.randn(2, 3, 6, 10)
+    cos, sin = scheme.rotary(None, 6)
+    assert cos.shape == (1, 1, 6, 4)
+    out = apply_rotary(x, cos, sin).double()
+    expected = rotate_by_hand(x[..., :4], [list(range(6))] * 2, 500.0)
+    torch.testing.assert_close(out[..., :4], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[..., 4:], x[..., 4:].double())
+
+
+def test_rotary_fraction_reaches_the_model_through_the_config():
+    config = formerkit.ModelConfig(width=32, num_layers=1, attention={"num_heads": 2},
+                                   position={"kind": "rope", "rotary_fraction": 0.25}, stem={"vocab_size": 11})
+    assert config.rotary_dim == 4
+    assert build_positions(config).rotary(None, 3)[0].shape[-1] == 4
