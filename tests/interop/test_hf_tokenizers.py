@@ -281,9 +281,11 @@ def test_to_hf_takes_a_tokenizer_from_python(tmp_path, randomize):
 
 # ----- shipped recipes -----
 
-# The recipe runs' tokenizers: char-lm's bytes; text-folder's char and bpe options.
+# The shipped language-model recipes that export (char-lm-long's experts do not): char-lm's bytes, jsonl-lm's, and
+# text-folder's char and bpe options.
 RECIPE_RUNS = {
     "char-lm-byte": ("char-lm", {}),
+    "jsonl-lm-byte": ("jsonl-lm", {}),
     "text-folder-char": ("text-folder", {"data.tokenizer": "char"}),
     "text-folder-bpe": ("text-folder", {"data.tokenizer": "bpe", "data.vocab_size": 300}),
 }
@@ -291,9 +293,12 @@ RECIPE_RUNS = {
 
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory):
+    """A folder of 24 text files and a JSON-lines file of the same 24 documents."""
     folder = tmp_path_factory.mktemp("texts")
-    for index in range(24):
-        (folder / f"{index}.txt").write_text(f"Document {index}: {CORPUS[index % 4]}\n" * 12)
+    documents = [f"Document {index}: {CORPUS[index % 4]}\n" * 12 for index in range(24)]
+    for index, document in enumerate(documents):
+        (folder / f"{index}.txt").write_text(document)
+    (folder.parent / "texts.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
     return folder
 
 
@@ -303,8 +308,9 @@ def test_pipeline_on_an_exported_recipe_run_generates_formerkit_text(case, train
     from formerkit.runs import generate_run, load_run_model, load_run_tokenizer
 
     recipe, extra = RECIPE_RUNS[case]
-    if recipe == "text-folder":
-        extra = dict(extra, **{"data.path": str(text_folder)})
+    if recipe in ("text-folder", "jsonl-lm"):
+        path = text_folder if recipe == "text-folder" else text_folder.parent / "texts.jsonl"
+        extra = dict(extra, **{"data.path": str(path)})
     run = trained_run(recipe, **extra)
     # The trained tiny run, and a copy with random weights (a 6-step run mostly repeats one token).
     model, _, saved = load_run_model(run)
