@@ -98,6 +98,23 @@ def test_an_hf_tokenizer_encodes_and_decodes_as_autotokenizer(case, tmp_path):
     assert saved.chat_template == TEMPLATE
 
 
+@pytest.mark.parametrize("cls, options", [
+    ("GPT2Tokenizer", {}), ("GPT2Tokenizer", {"add_bos_token": True, "bos_token": "<s>"}), ("Qwen2Tokenizer", {}),
+    ("LlamaTokenizer", {}), ("LlamaTokenizer", {"add_bos_token": True}),
+])
+def test_tokenizers_of_transformers_own_classes_encode_as_autotokenizer(cls, options, tmp_path):
+    """transformers 5 rebuilds some classes' pipelines from the vocabulary (GPT-2's, Qwen2's regex, LLaMA's
+    metaspace); a tokenizer.json such a class wrote reads back the same here."""
+    model = json.loads(_bpe(None).to_str())["model"]
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in model["merges"]]
+    getattr(transformers, cls)(vocab=dict(model["vocab"]), merges=merges, **options).save_pretrained(tmp_path)
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), read_hf_tokenizer(tmp_path)
+    for text in TEXTS:
+        expected = theirs(text)["input_ids"]
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == theirs.decode(expected, skip_special_tokens=True), text
+
+
 @pytest.mark.parametrize("tokenizer", [ByteTokenizer(), CharTokenizer.train(CORPUS)], ids=["byte", "char"])
 def test_formerkit_tokenizers_are_written_so_autotokenizer_gives_their_ids(tokenizer, tmp_path):
     write_hf_tokenizer(tokenizer, tmp_path)
