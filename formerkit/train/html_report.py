@@ -196,7 +196,8 @@ def _imported_report(directory: Path, out, samples: int) -> Path:
              _section("model", "Model", model_section(model.config))]
     if run_objective(None, extra) == "causal_lm" and (directory / "tokenizer.json").exists():
         tokenizer = load_run_tokenizer(directory)
-        section, greedy = _samples(model, tokenizer, samples, "", generation_defaults(extra, tokenizer)["stop_tokens"])
+        section, greedy = _samples(model, tokenizer, samples, "", generation_defaults(extra, tokenizer)["stop_tokens"],
+                                   source="empty: the text starts from nothing, or the tokenizer's BOS")
         parts.append(section)
         window = tokenizer.encode(greedy or "\n")[:min(48, model.config.max_seq_len or 48)]
         parts.append(_section("attention", "Attention maps", _attention_maps(
@@ -276,7 +277,8 @@ def _prompt(bundle, tokenizer) -> str:
     return next((line.strip()[:40] for line in lines[1:] if len(line.strip()) >= 20), "\n")
 
 
-def _samples(model, tokenizer, length: int, prompt: str, stop_tokens: list[int] | None = None) -> tuple[str, str]:
+def _samples(model, tokenizer, length: int, prompt: str, stop_tokens: list[int] | None = None,
+             source: str = "the start of a held-out line") -> tuple[str, str]:
     """Continuations of ``prompt`` at a few temperatures (seeded), each ending at ``stop_tokens``; returns the
     section and the greedy text."""
     blocks, greedy = [], ""
@@ -291,7 +293,7 @@ def _samples(model, tokenizer, length: int, prompt: str, stop_tokens: list[int] 
                         f"<span class='empty'>(empty: {len(text)} whitespace characters)</span>" if text else
                         "<span class='empty'>(empty: the model ended the text at once)</span>")
         blocks.append(f"<h3>{label}</h3><pre><span class='prompt'>{shown}</span>{continuation}</pre>")
-    legend = ("<p><span class='prompt'>highlighted</span>: the prompt (the start of a held-out line); then the "
+    legend = (f"<p><span class='prompt'>highlighted</span>: the prompt ({source}); then the "
               f"model's continuation, {length} tokens.</p>")
     return _section("samples", "Samples", legend + "".join(blocks)), prompt + greedy
 
