@@ -350,10 +350,15 @@ def test_pipeline_on_an_exported_recipe_run_generates_formerkit_text(case, train
             assert _pipeline_text(out, prompt, 12) == ours_text
 
 
-def test_vit_digits_converts_to_vit_and_cct_digits_is_refused_naming_its_stem(trained_run, tmp_path):
+def test_vit_digits_with_its_class_token_converts_to_vit_and_what_no_family_holds_is_refused_by_field(trained_run,
+                                                                                                     tmp_path):
     from formerkit.runs import load_run_model
 
-    run = trained_run("vit-digits")
+    # vit-digits averages its patch tokens; ViTForImageClassification reads the class token.
+    with pytest.raises(InteropError, match=r"head\.pooling is 'mean' \(a ViTForImageClassification checkpoint holds "
+                                           r"'cls'\)"):
+        convert(trained_run("vit-digits"), tmp_path / "mean", direction="to_hf")
+    run = trained_run("vit-digits", **{"model.pooling": "cls"})
     result = convert(run, tmp_path / "vit", direction="to_hf")
     assert result["architecture"] == "ViTForImageClassification"
     model, _, _ = load_run_model(run)
@@ -361,6 +366,6 @@ def test_vit_digits_converts_to_vit_and_cct_digits_is_refused_naming_its_stem(tr
     theirs = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "vit").eval()
     with torch.no_grad():
         difference = (theirs(pixel_values=images).logits - model(images)).abs().max()
-    assert difference < 1e-4
+    assert difference < 1e-4  # drop_path 0.1 (training only) is not written
     with pytest.raises(InteropError, match=r"stem\.kind='conv'"):
         convert(trained_run("cct-digits"), tmp_path / "cct", direction="to_hf")
