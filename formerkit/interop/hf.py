@@ -6,11 +6,12 @@ sharded ``model.safetensors.index.json`` and its shards) into a formerkit ``Tran
 loads with no missing or unexpected weights and the same outputs. ``convert`` is the function behind the command line.
 
 Families: GPT-2 (``gpt2``), LLaMA (``llama``) with its close relatives Mistral (``mistral``: sliding-window attention)
-and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), BERT (``bert``) and ViT (``vit``). Each
-family is one module of this package defining a ``Family`` (``formerkit.interop.engine``): the Hugging Face config
-read into a ModelConfig, a ModelConfig written back as one, and one table of weight rules that serves both directions.
-``FAMILIES`` below lists them: adding a family is adding its module, its entry there and its name in the refusals
-of ``_family_for``.
+and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers) and Qwen3 (``qwen3``: query/key norms),
+Phi-3 (``phi3``: fused projections, partial rotary), BERT (``bert``) and ViT (``vit``); the LLaMA family also reads RoPE
+scaling (linear, dynamic, yarn, llama3). Each family is one module of this package defining a ``Family``
+(``formerkit.interop.engine``): the Hugging Face config read into a ModelConfig, a ModelConfig written back as one, and
+one table of weight rules that serves both directions. ``FAMILIES`` below lists them: adding a family is adding its
+module, its entry there and its name in the refusals of ``_family_for``.
 
 Faithfulness comes first. A config value formerkit does not reproduce, a missing weight or an unexpected one is an
 ``InteropError`` naming the field or the tensor, never a silent approximation. ``to_hf`` checks its own work the same
@@ -32,13 +33,14 @@ from formerkit.interop.engine import Family, Registry, assign, hf_state
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
 from formerkit.interop.gpt2 import GPT2
 from formerkit.interop.llama import Llama
+from formerkit.interop.phi3 import Phi3
 from formerkit.interop.vit import ViT
 from formerkit.models.transformer import build_model
 
 __all__ = ["convert", "from_hf", "to_hf"]
 
 # The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config.
-FAMILIES = Registry(GPT2(), Llama(), Bert(), ViT())
+FAMILIES = Registry(GPT2(), Llama(), Phi3(), Bert(), ViT())
 
 
 def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
@@ -49,8 +51,8 @@ def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
         return found
     arch, stem, position = config.arch, config.stem.kind, config.position.kind
     if arch == "decoder" and stem == "tokens":
-        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2) for a "
-                           f"decoder over tokens, got {position!r}")
+        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2, Qwen3, "
+                           f"Phi-3) for a decoder over tokens, got {position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
                        "supported: a decoder over tokens (GPT-2, LLaMA), an encoder over tokens (BERT), an encoder "
                        "over patches (ViT)")
@@ -80,17 +82,17 @@ def _read_hf(directory: str | Path, trust_pickle: bool) -> tuple[torch.nn.Module
 def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
-    The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
-    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, bert, vit) and its
+    The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its shards).
+    ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, qwen3, phi3, bert, vit) and its
     ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold
     one). A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is
     read with ``torch.load(weights_only=True)`` and a warning says so.
 
     The model comes back in eval mode, like transformers' ``from_pretrained``, with float32 weights whatever the
     checkpoint's dtype. Raises ``InteropError`` naming the field or tensor for anything formerkit would not reproduce
-    exactly: an unknown model_type, a RoPE scaling scheme, a config value it does not implement, a missing weight, or
-    an unexpected one (buffers such as GPT-2's ``attn.bias`` and LLaMA's ``rotary_emb.inv_freq`` are not weights and
-    are ignored).
+    exactly: an unknown model_type, a RoPE scaling scheme other than linear, dynamic, yarn and llama3 (longrope, or
+    per-layer-type settings), a config value it does not implement, a missing weight, or an unexpected one (buffers
+    such as GPT-2's ``attn.bias`` and LLaMA's ``rotary_emb.inv_freq`` are not weights and are ignored).
     """
     return _read_hf(directory, trust_pickle)[0]
 
@@ -114,14 +116,16 @@ def to_hf(model: torch.nn.Module, directory: str | Path) -> Path:
     """Writes a formerkit model as a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors``);
     returns the directory.
 
-    The family follows from the config: a decoder over tokens with learned positions is GPT-2, with RoPE LLaMA
-    (Mistral for sliding windows on every layer, Qwen2 for query/key/value-only biases or windows on some layers); an
-    encoder over tokens is BERT, over patches ViT. The head picks the architecture written (GPT2LMHeadModel,
-    LlamaForCausalLM, BertForMaskedLM, BertForSequenceClassification, BertModel, ViTForImageClassification,
-    ViTModel, ...), which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
+    The family follows from the config: a decoder over tokens with learned positions is GPT-2, with RoPE LLaMA (Mistral
+    for sliding windows on every layer, Qwen2 for query/key/value-only biases or windows on some layers, Qwen3 for
+    query/key norms; RoPE scaling written as rope_parameters), or Phi-3 for partial rotary; an encoder over tokens is
+    BERT, over patches ViT. The head picks the architecture written (GPT2LMHeadModel, LlamaForCausalLM,
+    Qwen3ForCausalLM, Phi3ForCausalLM, BertForMaskedLM, BertForSequenceClassification, BertModel,
+    ViTForImageClassification, ViTModel, ...), which transformers' Auto classes load with no missing or unexpected
+    weights and the same outputs.
 
-    Before writing anything, the config.json is read back and compared with the model's config; anything the
-    Hugging Face class cannot hold (qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
+    Before writing anything, the config.json is read back and compared with the model's config; anything the Hugging
+    Face class cannot hold (qk_norm over LayerNorm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
     pooler, ...) is an ``InteropError`` naming the formerkit field. Other files in ``directory`` (a tokenizer) are left
     alone; one holding other weight files is refused.
     """

@@ -24,7 +24,10 @@ __all__ = [
     "alibi_slopes",
     "apply_rotary",
     "build_positions",
+    "dynamic_frequencies",
+    "rope_frequencies",
     "sinusoidal_table",
+    "yarn_attention_factor",
 ]
 
 
@@ -123,26 +126,113 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x * cos + rotate_half(x) * sin, rest], dim=-1)
 
 
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's scale of the cos/sin tables (Peng et al., 2023, "YaRN", eq. 22: sqrt(1/t) = 0.1 ln(s) + 1), which
+    multiplies every attention logit by its square: longer contexts spread attention, this sharpens it back."""
+    return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope_frequencies(rotary_dim: int, base: float = 10000.0, scaling: str | None = None, *, factor: float = 1.0,
+                     original_max_len: int | None = None, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> Tensor:
+    """The rotation frequency of each channel pair i < r/2 (float64), theta_i = base^(-2i/r), stretched by a RoPE
+    scaling scheme for contexts longer than the pre-training one:
+
+    - linear (Chen et al., 2023, "Extending Context Window ... via Positional Interpolation"): theta_i / factor, i.e.
+      positions divided by the factor;
+    - llama3 (Llama 3.1's published rule): with wavelength w_i = 2 pi / theta_i and L the original length, keep
+      theta_i where w_i < L / high_freq_factor, divide it by factor where w_i > L / low_freq_factor, and in between
+      blend (1 - s) theta_i / factor + s theta_i with s = (L / w_i - low_freq_factor) / (high - low);
+    - yarn (Peng et al., 2023, "YaRN", "NTK-by-parts"): pair i is interpolated (theta_i / factor) or kept by a
+      linear ramp over i between the pairs that turn beta_fast and beta_slow times over L, the bounds rounded
+      outwards (floor, ceil) and clipped to [0, r - 1] as in the YaRN reference code;
+    - dynamic: these are the frequencies up to the original length; ``dynamic_frequencies`` grows the base beyond.
+    """
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    frequency = 1.0 / base ** exponents
+    if scaling == "linear":
+        return frequency / factor
+    if scaling == "llama3":
+        wavelength = 2 * math.pi / frequency
+        smooth = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * frequency / factor + smooth * frequency
+        long = wavelength > original_max_len / low_freq_factor
+        short = wavelength < original_max_len / high_freq_factor
+        return torch.where(long, frequency / factor, torch.where(short, frequency, blended))
+    if scaling == "yarn":
+        def pair_turning(rotations: float) -> float:
+            # The (fractional) pair index whose wavelength fits ``rotations`` times into the original length:
+            # L / (2 pi base^(2i/r)) = rotations, solved for i.
+            return rotary_dim * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(pair_turning(beta_fast)), 0)
+        high = min(math.ceil(pair_turning(beta_slow)), rotary_dim - 1)
+        span = high - low if high != low else 0.001  # one pair: a step, not a division by zero
+        interpolated = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / span).clamp(0, 1)
+        return frequency / factor * interpolated + frequency * (1 - interpolated)
+    return frequency
+
+
+def dynamic_frequencies(rotary_dim: int, base: float, factor: float, original_max_len: int, seen: Tensor) -> Tensor:
+    """Dynamic NTK scaling (bloc97 and emozilla, 2023; as transformers computes it): once a call sees ``seen`` =
+    max position + 1 > L positions, the base grows to base * (factor * seen / L - (factor - 1))^(r / (r - 2)),
+    which stretches the slowest pair by about seen / L while leaving the fastest almost unchanged. ``seen`` is a
+    0-d tensor, so no Python branch depends on it (the compiled decode step traces this). float32, as transformers."""
+    seen = torch.clamp(seen.to(torch.float32), min=float(original_max_len))
+    grown = base * (factor * seen / original_max_len - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=seen.device) / rotary_dim
+    return 1.0 / grown ** exponents
+
+
 class RotaryPositions(PositionScheme):
     """Rotary position embeddings (Su et al., "RoFormer"), in the half-split channel layout of GPT-NeoX and Hugging
     Face LLaMA: channel i pairs with channel i + r/2, rotated by angle p / base^(2i/r), where r = ``rotary_dim``
     (by default head_dim; fewer with partial rotary, as in GPT-NeoX and Phi, which leave the other channels as they
     are). RoFormer's interleaved pairs (2i, 2i + 1), as in GPT-J, are the same rotation after a fixed permutation of
-    the query and key channels, which a converter applies to the projection weights."""
+    the query and key channels, which a converter applies to the projection weights.
 
-    def __init__(self, num_positions: int, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None):
+    ``scaling`` stretches the frequencies for longer contexts (see ``rope_frequencies``; yarn also scales the cos/sin
+    tables by ``attention_factor``, by default YaRN's 0.1 ln(factor) + 1). With "dynamic" the frequencies depend on
+    the positions a call sees, so its tables are computed per call from that call's max position + 1 (over the whole
+    batch, as transformers does): stateless, where transformers caches the grown frequencies across calls and keeps
+    them until a call is shorter than the original length again. Both agree whenever the positions seen only grow
+    from a call shorter than the original length, as in one prefill and its decode steps; with a KV cache the cached
+    keys keep the rotation of the call that computed them, as in transformers."""
+
+    def __init__(self, num_positions: int, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None, *,
+                 scaling: str | None = None, factor: float = 1.0, original_max_len: int | None = None,
+                 low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, beta_fast: float = 32.0,
+                 beta_slow: float = 1.0, attention_factor: float | None = None):
         super().__init__()
         rotary_dim = rotary_dim or head_dim
-        frequency = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+        self.rotary_dim, self.base, self.scaling = rotary_dim, base, scaling
+        self.factor, self.original_max_len = factor, original_max_len
+        frequency = rope_frequencies(rotary_dim, base, scaling, factor=factor, original_max_len=original_max_len,
+                                     low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+                                     beta_fast=beta_fast, beta_slow=beta_slow)
+        scale = 1.0
+        if scaling == "yarn":
+            scale = attention_factor if attention_factor is not None else yarn_attention_factor(factor)
         angles = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1) * frequency
         angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("cos", (angles.cos() * scale).float(), persistent=False)
+        self.register_buffer("sin", (angles.sin() * scale).float(), persistent=False)
 
     def rotary(self, position_ids: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
+        if self.scaling == "dynamic":
+            return self._dynamic_tables(position_ids, length)
         if position_ids is None:
             return self.cos[:length].view(1, 1, length, -1), self.sin[:length].view(1, 1, length, -1)
         return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+    def _dynamic_tables(self, position_ids: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
+        device = self.cos.device
+        positions = torch.arange(length, device=device).unsqueeze(0) if position_ids is None else position_ids
+        frequency = dynamic_frequencies(self.rotary_dim, self.base, self.factor, self.original_max_len,
+                                        positions.max() + 1)
+        angles = positions.to(torch.float32).unsqueeze(-1) * frequency
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+        return angles.cos(), angles.sin()
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -190,7 +280,13 @@ def build_positions(config) -> PositionScheme:
     if kind == "sincos2d":
         return SinCos2DPositions(config.stem.grid_size, config.width, config.stem.num_positioned_prefix_tokens)
     if kind == "rope":
-        return RotaryPositions(config.num_positions, config.head_dim, config.position.rope_base, config.rotary_dim)
+        position = config.position
+        return RotaryPositions(config.num_positions, config.head_dim, position.rope_base, config.rotary_dim,
+                               scaling=position.rope_scaling, factor=position.rope_factor,
+                               original_max_len=position.rope_original_max_len,
+                               low_freq_factor=position.rope_low_freq_factor,
+                               high_freq_factor=position.rope_high_freq_factor, beta_fast=position.rope_beta_fast,
+                               beta_slow=position.rope_beta_slow, attention_factor=position.rope_attention_factor)
     if kind == "alibi":
         return ALiBiPositions(config.attention.num_heads)
     return NoPositions()
