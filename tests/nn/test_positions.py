@@ -22,6 +22,7 @@ from formerkit.nn.positions import (
     alibi_slopes,
     apply_rotary,
     build_positions,
+    rope_frequencies,
     sinusoidal_table,
 )
 
@@ -372,3 +373,133 @@ def test_rotary_fraction_reaches_the_model_through_the_config():
                                    position={"kind": "rope", "rotary_fraction": 0.25}, stem={"vocab_size": 11})
     assert config.rotary_dim == 4
     assert build_positions(config).rotary(None, 3)[0].shape[-1] == 4
+
+
+# ----- RoPE scaling -----
+
+
+def plain_frequencies_ref(rotary_dim, base):
+    return [1.0 / base ** (2 * i / rotary_dim) for i in range(rotary_dim // 2)]
+
+
+def angles_of(scheme, positions):
+    """The angle of every pair at each position, read back from the cos/sin tables (cos = scale * cos(angle))."""
+    cos, sin = scheme.rotary(torch.tensor([positions]), len(positions))
+    half = cos.shape[-1] // 2
+    return torch.atan2(sin[0, 0, :, :half].double(), cos[0, 0, :, :half].double()), cos, sin
+
+
+def test_linear_scaling_divides_every_frequency_by_the_factor():
+    """Position interpolation (Chen et al., 2023): position p is rotated as plain RoPE rotates p / factor."""
+    scheme = RotaryPositions(16, 12, 300.0, scaling="linear", factor=2.5)
+    expected = [[p / 2.5 * f for f in plain_frequencies_ref(12, 300.0)] for p in range(16)]
+    cos, sin = scheme.rotary(None, 16)
+    half = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(cos[0, 0].double(), torch.cat([half.cos(), half.cos()], -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin[0, 0].double(), torch.cat([half.sin(), half.sin()], -1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("base, original, factor, low, high", [(500000.0, 8192, 8.0, 1.0, 4.0),
+                                                                 (10000.0, 64, 32.0, 2.0, 8.0)])
+def test_llama3_scaling_follows_llama_3_1s_published_rule(base, original, factor, low, high):
+    """Llama 3.1's rule (Meta's reference ``apply_scaling``), one frequency at a time: short wavelengths kept, long
+    ones divided by the factor, the ones between blended by how many times they fit into the original context."""
+    expected = []
+    for frequency in plain_frequencies_ref(64, base):
+        wavelength = 2 * math.pi / frequency
+        if wavelength < original / high:
+            expected.append(frequency)
+        elif wavelength > original / low:
+            expected.append(frequency / factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            expected.append((1 - smooth) * frequency / factor + smooth * frequency)
+    got = rope_frequencies(64, base, "llama3", factor=factor, original_max_len=original, low_freq_factor=low,
+                           high_freq_factor=high)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    # Both ends and the blend are exercised.
+    kept = sum(abs(g - f) < 1e-15 for g, f in zip(got.tolist(), plain_frequencies_ref(64, base)))
+    divided = sum(abs(g - f / factor) < 1e-15 for g, f in zip(got.tolist(), plain_frequencies_ref(64, base)))
+    assert 0 < kept and 0 < divided and kept + divided < 32
+
+
+@pytest.mark.parametrize("beta_fast, beta_slow", [(32.0, 1.0), (8.0, 2.0)])
+def test_yarn_ramps_from_kept_to_interpolated_pairs_between_the_beta_rotations(beta_fast, beta_slow):
+    """YaRN's "NTK-by-parts" (Peng et al., 2023): a pair whose wavelength fits more than beta_fast times into the
+    original length L is kept, one fitting fewer than beta_slow times is interpolated (theta / s), and between them
+    the mix is linear in the pair index, from the index where L / wavelength = beta_fast (rounded down) to the one
+    where it is beta_slow (rounded up), as in the YaRN reference code."""
+    dim, base, original, factor = 32, 10000.0, 512, 4.0
+
+    def pair_where(rotations):  # L / (2 pi base^(2d/dim)) = rotations, solved for d
+        return dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+    low, high = max(math.floor(pair_where(beta_fast)), 0), min(math.ceil(pair_where(beta_slow)), dim - 1)
+    expected = []
+    for d, frequency in enumerate(plain_frequencies_ref(dim, base)):
+        interpolated = min(max((d - low) / (high - low), 0.0), 1.0)
+        expected.append(interpolated * frequency / factor + (1 - interpolated) * frequency)
+    got = rope_frequencies(dim, base, "yarn", factor=factor, original_max_len=original, beta_fast=beta_fast,
+                           beta_slow=beta_slow)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    rotations = [original * f / (2 * math.pi) for f in plain_frequencies_ref(dim, base)]
+    for d, (r, g, f) in enumerate(zip(rotations, got.tolist(), plain_frequencies_ref(dim, base))):
+        if r > beta_fast and d <= low:
+            assert g == pytest.approx(f, rel=1e-12)
+        if r < beta_slow and d >= high:
+            assert g == pytest.approx(f / factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("attention_factor, scale", [(None, 0.1 * math.log(4.0) + 1), (1.7, 1.7)])
+def test_yarn_scales_the_cos_sin_tables_by_its_attention_factor(attention_factor, scale):
+    """YaRN's temperature (eq. 22: sqrt(1/t) = 0.1 ln s + 1) multiplies both tables, so q.k scales by its square."""
+    scheme = RotaryPositions(16, 8, 1000.0, scaling="yarn", factor=4.0, original_max_len=8,
+                             attention_factor=attention_factor)
+    cos, sin = scheme.rotary(None, 16)
+    torch.testing.assert_close((cos ** 2 + sin ** 2), torch.full_like(cos, scale ** 2), rtol=1e-6, atol=0)
+
+
+def test_dynamic_scaling_grows_the_base_with_the_longest_position_of_the_call():
+    """Dynamic NTK: up to L positions plain RoPE; beyond, plain RoPE with the base
+    base * (s * n / L - (s - 1))^(r / (r - 2)), n = max position + 1 of the call, for every position of the call."""
+    dim, base, factor, original = 8, 1000.0, 2.0, 6
+    scheme = RotaryPositions(4, dim, base, scaling="dynamic", factor=factor, original_max_len=original)
+
+    def expected_angles(positions, seen):
+        grown = base * (factor * max(seen, original) / original - (factor - 1)) ** (dim / (dim - 2))
+        angles = torch.tensor([[p * f for f in plain_frequencies_ref(dim, grown)] for p in positions],
+                              dtype=torch.float64)
+        return torch.atan2(angles.sin(), angles.cos())  # in (-pi, pi], as read back
+
+    for positions in ([0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 19], [5]):
+        angles, _, _ = angles_of(scheme, positions)
+        torch.testing.assert_close(angles, expected_angles(positions, max(positions) + 1), rtol=1e-5, atol=1e-5)
+    # Stateless: a short call after a long one is plain RoPE again.
+    short, _, _ = angles_of(scheme, [0, 1, 2])
+    torch.testing.assert_close(short, expected_angles([0, 1, 2], 3), rtol=1e-5, atol=1e-5)
+    # The whole batch decides n, as in transformers: a short row beside a long one gets the long row's base.
+    cos, _ = scheme.rotary(torch.tensor([[0, 1, 2], [8, 9, 10]]), 3)
+    torch.testing.assert_close(cos[0, 0, :, : dim // 2].double(), expected_angles([0, 1, 2], 11).cos(), rtol=0,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling, fields", [("linear", {}), ("llama3", {"rope_original_max_len": 8}),
+                                             ("yarn", {"rope_original_max_len": 8}),
+                                             ("dynamic", {"rope_original_max_len": 8})])
+def test_scaling_composes_with_partial_rotary_over_the_rotated_channels(scaling, fields):
+    """The frequencies are those of a head of rotary_dim channels, whatever head_dim is."""
+    config = formerkit.ModelConfig(width=64, num_layers=1, attention={"num_heads": 2}, max_seq_len=16,
+                                   position={"kind": "rope", "rotary_fraction": 0.25, "rope_scaling": scaling,
+                                             "rope_factor": 3.0, "rope_base": 700.0, **fields},
+                                   stem={"vocab_size": 11})
+    scheme = build_positions(config)
+    positions = list(range(12))
+    angles, cos, _ = angles_of(scheme, positions)
+    assert cos.shape[-1] == 8
+    if scaling == "dynamic":
+        grown = 700.0 * (3.0 * 12 / 8 - 2.0) ** (8 / 6)
+        frequency = torch.tensor(plain_frequencies_ref(8, grown), dtype=torch.float64)
+    else:
+        frequency = rope_frequencies(8, 700.0, scaling, factor=3.0, original_max_len=8)
+    expected = torch.tensor(positions, dtype=torch.float64).unsqueeze(1) * frequency
+    torch.testing.assert_close(angles, torch.atan2(expected.sin(), expected.cos()), rtol=0, atol=1e-5)
