@@ -95,6 +95,15 @@ class ModelConfig(ModelSection):
             raise ConfigError("position.rotary_fraction", position.rotary_fraction,
                               f"a fraction of head_dim ({self.head_dim}) that rotates an even number >= 2 of "
                               f"channels (int(head_dim * rotary_fraction) is {self.rotary_dim})")
+        if position.rope_scaling == "dynamic" and self.rotary_dim < 4:
+            raise ConfigError("position.rope_scaling", position.rope_scaling, "a scheme other than 'dynamic' when "
+                              f"only {self.rotary_dim} channels rotate", hint="dynamic's base grows by a power "
+                              "r / (r - 2) of the rotated channels r")
+        if position.rope_scaling == "longrope":
+            for name in ("rope_short_factors", "rope_long_factors"):
+                if len(getattr(position, name)) != self.rotary_dim // 2:
+                    raise ConfigError(f"position.{name}", getattr(position, name),
+                                      f"{self.rotary_dim // 2} factors, one per rotated channel pair")
         if position.rope_local_base is not None and attention.sliding_window is None:
             raise ConfigError("position.rope_local_base", position.rope_local_base,
                               "null unless attention.sliding_window is set", hint="it is the base of the window layers")

@@ -28,7 +28,7 @@ GATED_ACTIVATIONS = ("swiglu", "geglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "sincos2d", "none")
-ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3", "longrope")
 STEM_KINDS = ("tokens", "patches", "conv", "linear")
 HEAD_KINDS = ("lm", "masked_lm", "classification", "regression", "none")
 POOLINGS = ("cls", "mean", "sequence", "last", "none")
@@ -244,11 +244,12 @@ class PositionConfig(ModelSection):
     rotary_fraction: float = 1.0
     # rope: stretching the rotation frequencies for longer contexts: linear (position interpolation, Chen et al.,
     # 2023), dynamic (NTK-aware base growth once the input outgrows rope_original_max_len), yarn (Peng et al., 2023,
-    # "YaRN"), llama3 (Llama 3.1's interpolation of the low frequencies only). null: plain RoPE.
+    # "YaRN"), llama3 (Llama 3.1's interpolation of the low frequencies only), longrope (Ding et al., 2024,
+    # "LongRoPE"; Phi-3: a factor per channel pair, short or long by the input's length). null: plain RoPE.
     rope_scaling: str | None = choice(None, (None, *ROPE_SCALINGS))
     # rope_scaling: how much longer the context gets.
     rope_factor: float = 1.0
-    # dynamic, yarn, llama3: the context length of pre-training, before the extension.
+    # dynamic, yarn, llama3, longrope: the context length of pre-training, before the extension.
     rope_original_max_len: int | None = None
     # llama3: wavelengths longer than rope_original_max_len / rope_low_freq_factor are interpolated by rope_factor,
     # those shorter than rope_original_max_len / rope_high_freq_factor kept, the ones between blended smoothly.
@@ -259,6 +260,11 @@ class PositionConfig(ModelSection):
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
     rope_attention_factor: float | None = None
+    # longrope: each channel pair's frequency is divided by its factor: the short ones while a call's positions stay
+    # within rope_original_max_len, the long ones beyond (one per pair: rotary_dim / 2 each). Its tables are scaled by
+    # rope_attention_factor (null: sqrt(1 + ln(rope_factor) / ln(rope_original_max_len)), LongRoPE's).
+    rope_short_factors: tuple[float, ...] | None = None
+    rope_long_factors: tuple[float, ...] | None = None
     # rope: the base of the sliding-window layers, when it differs from rope_base (Gemma 3: 10,000 in its local
     # layers, 1,000,000 in its global ones); rope_scaling applies to the other layers only. null: rope_base.
     rope_local_base: float | None = None
@@ -271,21 +277,23 @@ class PositionConfig(ModelSection):
         if self.rope_base <= 1.0:
             self._fail("rope_base", "a number > 1")
         scaling_fields = ("rope_factor", "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor",
-                          "rope_beta_fast", "rope_beta_slow", "rope_attention_factor")
+                          "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_short_factors",
+                          "rope_long_factors")
         rope = ("rotary_fraction", "rope_scaling", "rope_local_base", *scaling_fields)
         self._check_applies("kind", {**{name: ("rope",) for name in rope},
                                      "relative_buckets": ("relative",), "relative_max_distance": ("relative",)})
         # Scaling fields do nothing without a scaling scheme, and each scheme reads only its own.
         self._check_applies("rope_scaling", {
-            "rope_factor": ROPE_SCALINGS, "rope_original_max_len": ("dynamic", "yarn", "llama3"),
+            "rope_factor": ROPE_SCALINGS, "rope_original_max_len": ("dynamic", "yarn", "llama3", "longrope"),
             "rope_low_freq_factor": ("llama3",), "rope_high_freq_factor": ("llama3",), "rope_beta_fast": ("yarn",),
-            "rope_beta_slow": ("yarn",), "rope_attention_factor": ("yarn",)})
+            "rope_beta_slow": ("yarn",), "rope_attention_factor": ("yarn", "longrope"),
+            "rope_short_factors": ("longrope",), "rope_long_factors": ("longrope",)})
         if not 0.0 < self.rotary_fraction <= 1.0:
             self._fail("rotary_fraction", "a fraction in (0, 1]")
         if self.rope_scaling is not None:
             if self.rope_factor <= 0 or (self.rope_scaling != "linear" and self.rope_factor < 1):
                 self._fail("rope_factor", "a number > 0" if self.rope_scaling == "linear" else "a number >= 1")
-            needs_original = self.rope_scaling in ("dynamic", "yarn", "llama3")
+            needs_original = self.rope_scaling in ("dynamic", "yarn", "llama3", "longrope")
             if needs_original and (self.rope_original_max_len is None or self.rope_original_max_len < 1):
                 self._fail("rope_original_max_len", f"an integer >= 1 with rope_scaling {self.rope_scaling!r}")
             if self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -295,6 +303,10 @@ class PositionConfig(ModelSection):
                 self._fail("rope_beta_fast", f"a number > position.rope_beta_slow ({self.rope_beta_slow})")
             if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
                 self._fail("rope_attention_factor", "a number > 0 or null")
+            for name in ("rope_short_factors", "rope_long_factors"):
+                factors = getattr(self, name)
+                if self.rope_scaling == "longrope" and (not factors or min(factors) <= 0):
+                    self._fail(name, "a list of numbers > 0 with rope_scaling 'longrope', one per rotated channel pair")
         if self.rope_local_base is not None and self.rope_local_base <= 1.0:
             self._fail("rope_local_base", "a number > 1 or null")
         if self.relative_buckets < 2:

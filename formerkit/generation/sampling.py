@@ -78,6 +78,17 @@ def _decode_step(model, tokens: Tensor, cache: KVCache, source: Tensor) -> Tenso
     return model(tokens.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
 
 
+def _recompute(model, cache: KVCache, prompt: Tensor, prompt_keep: Tensor | None, history: list[Tensor],
+               compile: bool) -> tuple[KVCache, Tensor]:
+    """A fresh cache holding the prompt and every token chosen so far (the last one not yet fed), all computed in
+    one pass, and the last token's logits."""
+    fresh = KVCache.for_model(model, cache.batch_size, cache.max_length, rolling=not compile)
+    chosen = torch.stack(history, dim=1)
+    keep = None if prompt_keep is None else torch.cat([prompt_keep, torch.ones_like(chosen, dtype=prompt_keep.dtype)],
+                                                       dim=1)
+    return fresh, _prefill(model, fresh, torch.cat([prompt, chosen], dim=1), keep, None, None)
+
+
 def _prefill(model, cache: KVCache, prompt: Tensor, prompt_keep: Tensor | None, source: Tensor | None,
              source_keep: Tensor | None) -> Tensor:
     """Runs the prompt through the model into the cache; returns the last token's logits [batch, vocab]. With rolling
@@ -233,6 +244,12 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
             finished = finished | torch.isin(token, stops)
         return token, finished
 
+    # LongRoPE (Phi-3): once the sequence outgrows the original length, its long factors rotate every position; the
+    # keys cached under the short ones are then computed again, in one pass over the whole sequence, at the step that
+    # first feeds a token past that length (counting padding), as transformers' Phi-3 generation does.
+    switch = (config.position.rope_original_max_len
+              if config.position.rope_scaling == "longrope" and config.arch == "decoder" else None)
+    history: list[Tensor] = []
     inference = torch.inference_mode if between_steps else contextlib.nullcontext
     try:
         with inference():
@@ -247,7 +264,13 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
                 return
             with inference():
                 logits = best = None
-                if step is not None:
+                if switch is not None:
+                    history.append(token)
+                    if cache.length == switch:
+                        cache, logits = _recompute(model, cache, prompt, prompt_keep, history, compile)
+                        if step is not None:
+                            step, slots = bind_compiled_step(model, cache)
+                if logits is None and step is not None:
                     try:
                         logits, best = step(token.view(-1, 1))
                     except Exception as error:  # no C++ compiler, an unsupported platform...: decode without it

@@ -34,6 +34,7 @@ __all__ = [
     "GATED_ACTIVATIONS",
     "GATED_ACTIVATION_NAMES",
     "QKV_NAMES",
+    "ROPE_TYPES",
     "Family",
     "Registry",
     "Rule",
@@ -193,16 +194,25 @@ def _rope_number(hf: Fields, spec: dict, where: str, name: str, default: Any = N
     return float(value)
 
 
-def rope_position(hf: Fields, max_seq_len: int) -> tuple[dict[str, Any], int]:
+# The rope_type values formerkit reproduces in any LLaMA-style class. LongRoPE is left to the classes whose
+# generation recomputes the cache when its long factors take over, as formerkit's does (Phi-3): LLaMA's keeps the
+# keys rotated by the short factors, which formerkit does not reproduce.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def rope_position(hf: Fields, max_seq_len: int, *, kinds: tuple[str, ...] = ROPE_TYPES,
+                  aliases: dict[str, str] | None = None, original_default: Any = None) -> tuple[dict[str, Any], int]:
     """formerkit's position section of a rotary checkpoint, and the model's max_seq_len, read as transformers 5
     reads them: ``rope_scaling`` (4.x) if set, else ``rope_parameters`` (5.x), with ``rope_theta`` and
-    ``partial_rotary_factor`` beside them. Scaling schemes: linear, dynamic, yarn and llama3 (``rope_frequencies``);
-    longrope and per-layer-type settings are refused by field.
+    ``partial_rotary_factor`` beside them. Scaling schemes: linear, dynamic, yarn and llama3 (``rope_frequencies``)
+    by default, or ``kinds`` (those of a class that reads others, such as Phi-3's longrope; ``aliases``: its other
+    names for them); per-layer-type settings are refused by field.
 
-    ``max_seq_len`` is the config's max_position_embeddings. llama3 and yarn take the original length from
-    ``original_max_position_embeddings`` (top-level first, as transformers does, then the scaling dict's, else
-    max_position_embeddings). dynamic treats max_position_embeddings itself as the original length and has no limit
-    of its own; formerkit's model then allows factor times that many positions."""
+    ``max_seq_len`` is the config's max_position_embeddings. llama3, yarn and longrope take the original length from
+    ``original_max_position_embeddings``: top-level first, as transformers does, then the scaling dict's, else
+    max_position_embeddings; a config class declaring the top-level field (Phi-3) passes its default as
+    ``original_default``, which then wins over the dict's. dynamic treats max_position_embeddings itself as the
+    original length and has no limit of its own; formerkit's model then allows factor times that many positions."""
     scaling = hf.value("rope_scaling", None)
     where, spec = ("rope_scaling", scaling) if scaling else ("rope_parameters", hf.value("rope_parameters", None))
     spec = spec or {}
@@ -211,9 +221,10 @@ def rope_position(hf: Fields, max_seq_len: int) -> tuple[dict[str, Any], int]:
                 hint="per-layer-type RoPE settings are not supported")
     kind = spec.get("rope_type", spec.get("type", "default"))
     field = f"{where}.rope_type" if "rope_type" in spec or "type" not in spec else f"{where}.type"
-    if kind not in ("default", "linear", "dynamic", "yarn", "llama3"):
-        hf.fail(field, "one of 'default', 'linear', 'dynamic', 'yarn', 'llama3'", kind,
-                hint="formerkit implements these RoPE scaling schemes only")
+    kind = (aliases or {}).get(kind, kind)
+    if kind not in kinds:
+        hf.fail(field, "one of " + ", ".join(map(repr, kinds)), kind,
+                hint="the RoPE scaling schemes formerkit reproduces for this model class")
     theta = _rope_number(hf, spec, where, "rope_theta", hf.number("rope_theta", 10000.0))
     fraction = spec.get("partial_rotary_factor", hf.value("partial_rotary_factor", 1.0))
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
@@ -224,20 +235,31 @@ def rope_position(hf: Fields, max_seq_len: int) -> tuple[dict[str, Any], int]:
     if kind == "default":
         return position, max_seq_len
     position["rope_scaling"] = kind
-    if kind == "yarn" and spec.get("factor") is None:  # transformers' fallback: the ratio of the two lengths
-        original = hf.integer("original_max_position_embeddings", spec.get("original_max_position_embeddings"))
-        position["rope_factor"] = max_seq_len / original
+    if kind in ("llama3", "yarn", "longrope"):
+        top = "original_max_position_embeddings" in hf.data or original_default is not None
+        original = hf.value("original_max_position_embeddings", original_default) if top else spec.get(
+            "original_max_position_embeddings", max_seq_len)
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            hf.fail("original_max_position_embeddings" if top else f"{where}.original_max_position_embeddings",
+                    "an integer >= 1", original)
+        position["rope_original_max_len"] = original
+    if kind in ("yarn", "longrope") and spec.get("factor") is None:
+        # transformers' fallback: the ratio of the two lengths
+        position["rope_factor"] = max_seq_len / position["rope_original_max_len"]
     else:
         position["rope_factor"] = _rope_number(hf, spec, where, "factor")
     if kind == "dynamic":
         position["rope_original_max_len"] = max_seq_len
         return position, int(max_seq_len * position["rope_factor"])
-    if kind in ("llama3", "yarn"):
-        original = hf.value("original_max_position_embeddings", spec.get("original_max_position_embeddings",
-                                                                          max_seq_len))
-        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
-            hf.fail(f"{where}.original_max_position_embeddings", "an integer >= 1", original)
-        position["rope_original_max_len"] = original
+    if kind == "longrope":
+        for name in ("short_factor", "long_factor"):
+            factors = spec.get(name)
+            if not isinstance(factors, list) or not all(
+                    isinstance(value, (int, float)) and not isinstance(value, bool) for value in factors):
+                hf.fail(f"{where}.{name}", "a list of numbers, one per rotated channel pair", factors)
+            position[f"rope_{name}s"] = tuple(float(value) for value in factors)
+        if spec.get("attention_factor") is not None:
+            position["rope_attention_factor"] = _rope_number(hf, spec, where, "attention_factor")
     if kind == "llama3":
         position["rope_low_freq_factor"] = _rope_number(hf, spec, where, "low_freq_factor")
         position["rope_high_freq_factor"] = _rope_number(hf, spec, where, "high_freq_factor")
@@ -274,7 +296,7 @@ def rope_fields(config: ModelConfig) -> dict[str, Any]:
         parameters["factor"] = position.rope_factor
         if position.rope_scaling == "dynamic":
             data["max_position_embeddings"] = position.rope_original_max_len
-        elif position.rope_scaling in ("llama3", "yarn"):
+        elif position.rope_scaling != "linear":
             parameters["original_max_position_embeddings"] = position.rope_original_max_len
         if position.rope_scaling == "llama3":
             parameters.update(low_freq_factor=position.rope_low_freq_factor,
@@ -283,6 +305,13 @@ def rope_fields(config: ModelConfig) -> dict[str, Any]:
             parameters.update(beta_fast=position.rope_beta_fast, beta_slow=position.rope_beta_slow)
             if position.rope_attention_factor is not None:
                 parameters["attention_factor"] = position.rope_attention_factor
+        if position.rope_scaling == "longrope":
+            parameters.update(short_factor=list(position.rope_short_factors),
+                              long_factor=list(position.rope_long_factors))
+            if position.rope_attention_factor is not None:
+                parameters["attention_factor"] = position.rope_attention_factor
+            # Phi-3's config class reads the original length from the top level only.
+            data["original_max_position_embeddings"] = position.rope_original_max_len
         data["rope_scaling"] = dict(parameters)
     data["rope_parameters"] = parameters
     return data

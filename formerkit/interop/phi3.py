@@ -4,7 +4,8 @@ Phi-3 (Abdin et al., 2024, "Phi-3 Technical Report") is a LLaMA-style decoder (R
 attention, no biases) whose checkpoints fuse the query, key and value projections into one ``qkv_proj`` stacked
 [q | k | v] and the MLP's gate and up projections into one ``gate_up_proj`` stacked [gate | up]: formerkit's own
 ``qkv`` and ``fc_in`` layouts, so the tensors are copied as they are. It may rotate only the first
-``partial_rotary_factor`` of each head's channels and limit every layer to a ``sliding_window``.
+``partial_rotary_factor`` of each head's channels, limit every layer to a ``sliding_window``, and extend its context
+with LongRoPE (Phi-3 128k: ``rope_scaling`` with short and long factors per channel pair).
 """
 
 from __future__ import annotations
@@ -42,21 +43,15 @@ class Phi3(Family):
         return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "rope"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
-        # Phi-3's config class reads only plain RoPE and LongRoPE (its "su" and "yarn" are LongRoPE, Phi-3 128k).
-        for where in ("rope_scaling", "rope_parameters"):
-            spec = hf.value(where, None)
-            if isinstance(spec, dict) and spec.get("rope_type", spec.get("type", "default")) != "default":
-                field = "rope_type" if "rope_type" in spec else "type"
-                hf.fail(f"{where}.{field}", "'default'", spec[field],
-                        hint="Phi-3's long-context scaling (longrope: short and long factors per channel) is not "
-                             "implemented in formerkit")
-            if spec:
-                break
         width, heads, layers = hf.integer("hidden_size"), hf.integer("num_attention_heads"), hf.integer(
             "num_hidden_layers")
         kv_heads = hf.integer("num_key_value_heads", None, nullable=True) or heads
         head_dim = hf.integer("head_dim", None, nullable=True) or width // heads
-        position, max_seq_len = rope_position(hf, hf.integer("max_position_embeddings", 4096))
+        # Phi-3's config class reads plain RoPE and LongRoPE only (its "su" and "yarn" are LongRoPE, Phi-3 128k), and
+        # the original length from its own top-level field (default 4096) whatever the scaling dict says.
+        position, max_seq_len = rope_position(hf, hf.integer("max_position_embeddings", 4096),
+                                              kinds=("default", "longrope"),
+                                              aliases={"su": "longrope", "yarn": "longrope"}, original_default=4096)
         window = hf.integer("sliding_window", None, nullable=True)
         if window is not None and window > max_seq_len:  # a window longer than any input limits nothing
             window = None

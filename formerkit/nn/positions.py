@@ -25,6 +25,7 @@ __all__ = [
     "apply_rotary",
     "build_positions",
     "dynamic_frequencies",
+    "longrope_attention_factor",
     "rope_frequencies",
     "sinusoidal_table",
     "yarn_attention_factor",
@@ -132,9 +133,15 @@ def yarn_attention_factor(factor: float) -> float:
     return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
+def longrope_attention_factor(factor: float, original_max_len: int) -> float:
+    """LongRoPE's scale of the cos/sin tables (Phi-3's default): sqrt(1 + ln(factor) / ln(original length))."""
+    return math.sqrt(1 + math.log(factor) / math.log(original_max_len)) if factor > 1 else 1.0
+
+
 def rope_frequencies(rotary_dim: int, base: float = 10000.0, scaling: str | None = None, *, factor: float = 1.0,
                      original_max_len: int | None = None, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
-                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> Tensor:
+                     beta_fast: float = 32.0, beta_slow: float = 1.0,
+                     pair_factors: tuple[float, ...] | None = None) -> Tensor:
     """The rotation frequency of each channel pair i < r/2 (float64), theta_i = base^(-2i/r), stretched by a RoPE
     scaling scheme for contexts longer than the pre-training one:
 
@@ -146,12 +153,16 @@ def rope_frequencies(rotary_dim: int, base: float = 10000.0, scaling: str | None
     - yarn (Peng et al., 2023, "YaRN", "NTK-by-parts"): pair i is interpolated (theta_i / factor) or kept by a
       linear ramp over i between the pairs that turn beta_fast and beta_slow times over L, the bounds rounded
       outwards (floor, ceil) and clipped to [0, r - 1] as in the YaRN reference code;
+    - longrope (Ding et al., 2024, "LongRoPE"): theta_i / pair_factors[i], one searched factor per pair (the short
+      or the long set, which ``RotaryPositions`` picks per call);
     - dynamic: these are the frequencies up to the original length; ``dynamic_frequencies`` grows the base beyond.
     """
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
     frequency = 1.0 / base ** exponents
     if scaling == "linear":
         return frequency / factor
+    if scaling == "longrope":
+        return frequency / torch.tensor(pair_factors, dtype=torch.float64)
     if scaling == "llama3":
         wavelength = 2 * math.pi / frequency
         smooth = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
@@ -197,33 +208,57 @@ class RotaryPositions(PositionScheme):
     batch, as transformers does): stateless, where transformers caches the grown frequencies across calls and keeps
     them until a call is shorter than the original length again. Both agree whenever the positions seen only grow
     from a call shorter than the original length, as in one prefill and its decode steps; with a KV cache the cached
-    keys keep the rotation of the call that computed them, as in transformers."""
+    keys keep the rotation of the call that computed them, as in transformers. "longrope" picks, per call and by the
+    same max position + 1, its short factors (within the original length) or its long ones (beyond), as transformers
+    does; both tables are scaled by ``attention_factor`` (by default LongRoPE's, see ``longrope_attention_factor``)."""
 
     def __init__(self, num_positions: int, head_dim: int, base: float = 10000.0, rotary_dim: int | None = None, *,
                  scaling: str | None = None, factor: float = 1.0, original_max_len: int | None = None,
                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, beta_fast: float = 32.0,
-                 beta_slow: float = 1.0, attention_factor: float | None = None):
+                 beta_slow: float = 1.0, attention_factor: float | None = None,
+                 short_factors: tuple[float, ...] | None = None, long_factors: tuple[float, ...] | None = None):
         super().__init__()
         rotary_dim = rotary_dim or head_dim
         self.rotary_dim, self.base, self.scaling = rotary_dim, base, scaling
         self.factor, self.original_max_len = factor, original_max_len
-        frequency = rope_frequencies(rotary_dim, base, scaling, factor=factor, original_max_len=original_max_len,
-                                     low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
-                                     beta_fast=beta_fast, beta_slow=beta_slow)
         scale = 1.0
         if scaling == "yarn":
             scale = attention_factor if attention_factor is not None else yarn_attention_factor(factor)
+        elif scaling == "longrope":
+            scale = (attention_factor if attention_factor is not None
+                     else longrope_attention_factor(factor, original_max_len))
+        frequency = rope_frequencies(rotary_dim, base, scaling, factor=factor, original_max_len=original_max_len,
+                                     low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+                                     beta_fast=beta_fast, beta_slow=beta_slow, pair_factors=short_factors)
+        self._register_tables("", num_positions, frequency, scale)
+        if scaling == "longrope":
+            self._register_tables("long_", num_positions, rope_frequencies(
+                rotary_dim, base, scaling, pair_factors=long_factors), scale)
+
+    def _register_tables(self, prefix: str, num_positions: int, frequency: Tensor, scale: float) -> None:
         angles = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1) * frequency
         angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", (angles.cos() * scale).float(), persistent=False)
-        self.register_buffer("sin", (angles.sin() * scale).float(), persistent=False)
+        self.register_buffer(f"{prefix}cos", (angles.cos() * scale).float(), persistent=False)
+        self.register_buffer(f"{prefix}sin", (angles.sin() * scale).float(), persistent=False)
 
     def rotary(self, position_ids: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
         if self.scaling == "dynamic":
             return self._dynamic_tables(position_ids, length)
+        if self.scaling == "longrope":
+            return self._longrope_tables(position_ids, length)
         if position_ids is None:
             return self.cos[:length].view(1, 1, length, -1), self.sin[:length].view(1, 1, length, -1)
         return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+    def _longrope_tables(self, position_ids: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
+        if position_ids is None:
+            cos, sin = (self.long_cos, self.long_sin) if length > self.original_max_len else (self.cos, self.sin)
+            return cos[:length].view(1, 1, length, -1), sin[:length].view(1, 1, length, -1)
+        # A tensor condition, not a Python branch: the compiled decode step traces this.
+        long = (position_ids.max() + 1 > self.original_max_len).view(1, 1, 1, 1)
+        cos = torch.where(long, self.long_cos[position_ids].unsqueeze(1), self.cos[position_ids].unsqueeze(1))
+        sin = torch.where(long, self.long_sin[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1))
+        return cos, sin
 
     def _dynamic_tables(self, position_ids: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
         device = self.cos.device
@@ -286,7 +321,8 @@ def build_positions(config) -> PositionScheme:
                                original_max_len=position.rope_original_max_len,
                                low_freq_factor=position.rope_low_freq_factor,
                                high_freq_factor=position.rope_high_freq_factor, beta_fast=position.rope_beta_fast,
-                               beta_slow=position.rope_beta_slow, attention_factor=position.rope_attention_factor)
+                               beta_slow=position.rope_beta_slow, attention_factor=position.rope_attention_factor,
+                               short_factors=position.rope_short_factors, long_factors=position.rope_long_factors)
     if kind == "alibi":
         return ALiBiPositions(config.attention.num_heads)
     return NoPositions()

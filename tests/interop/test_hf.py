@@ -239,9 +239,9 @@ def _edit_config(directory, changes: dict, drop: tuple[str, ...] = ()) -> None:
 @pytest.mark.parametrize("case, changes, drop, field", [
     ("gpt2", {"model_type": "gpt_neox"}, (), "model_type"),
     # transformers 4.x spelling, then 5.x's.
-    ("llama-gqa-untied", {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}},
+    ("llama-gqa-untied", {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
      ("rope_parameters",), "rope_scaling.rope_type"),
-    ("llama-gqa-untied", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0}}, (),
+    ("llama-gqa-untied", {"rope_parameters": {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 4.0}}, (),
      "rope_parameters.rope_type"),
     ("llama-gqa-untied", {"hidden_act": "gelu_pytorch_tanh"}, (), "hidden_act"),
     ("llama-gqa-untied", {"architectures": ["LlamaForSequenceClassification"]}, (), "architectures"),

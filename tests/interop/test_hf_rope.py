@@ -61,6 +61,12 @@ CASES = {
     # Phi-3: fused qkv_proj and gate_up_proj, half the channels rotated, a sliding window on every layer.
     "phi3-partial-rotary-window": ("Phi3ForCausalLM", "Phi3Config", _sizes(
         partial_rotary_factor=0.5, sliding_window=6, rope_theta=15000.0, pad_token_id=None), 16),
+    # Phi-3 128k's LongRoPE, 4.x spelling: a factor per rotated pair (12 of 16 channels rotate), short within the
+    # original 8 positions, long beyond; no factor, so the table scale comes from 32 / 8.
+    "phi3-longrope-partial": ("Phi3ForCausalLM", "Phi3Config", _sizes(
+        partial_rotary_factor=0.75, original_max_position_embeddings=8, pad_token_id=None,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+                      "long_factor": [1.2, 1.9, 3.1, 4.4, 6.5, 9.0]}), 20),
     "phi3-tied-mha": ("Phi3ForCausalLM", "Phi3Config", _sizes(num_key_value_heads=4, tie_word_embeddings=True,
                                                               pad_token_id=None), 16),
 }
@@ -113,7 +119,7 @@ def test_to_hf_round_trip_gives_the_same_logits(case, models, parity, tmp_path):
     written = json.loads((tmp_path / "config.json").read_text())
     original = json.loads((directory / "config.json").read_text())
     # A Mistral without a window and a Phi-3 rotating every channel are LLaMAs; the other cases keep their class.
-    plain = case in ("mistral-dynamic", "phi3-tied-mha")
+    plain = case in ("mistral-dynamic", "phi3-tied-mha")  # phi3-longrope-partial rotates 12 of 16: Phi-3
     assert written["model_type"] == ("llama" if plain else original["model_type"])
     assert written["rope_parameters"]["rope_type"] == original["rope_parameters"]["rope_type"]
 
@@ -132,12 +138,14 @@ def test_scaling_reads_into_the_position_config(models):
 
 
 @pytest.mark.slow
-def test_the_compiled_decode_step_follows_dynamic_scaling(models):
-    """The dynamic frequencies are computed from the step's positions inside the step, so the step compiled ahead
-    of time (whose shapes are fixed) regrows them at every token as the eager one does (~40 s of compiling)."""
+@pytest.mark.parametrize("case", ["mistral-dynamic", "phi3-longrope-partial"])
+def test_the_compiled_decode_step_follows_length_dependent_scaling(case, models):
+    """Dynamic frequencies and LongRoPE's choice of factors are computed from the step's positions inside the step,
+    so the step compiled ahead of time (whose shapes are fixed) follows them at every token as the eager one does;
+    LongRoPE's recomputed cache is bound to the compiled step again (~40 s of compiling each)."""
     from formerkit.generation.compiled_step import CompiledDecoder
 
-    _, ours, _ = models("mistral-dynamic")
+    _, ours, _ = models(case)
     prompts = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
     eager = ours.generate(prompts, 20, temperature=0)
     compiled = ours.generate(prompts, 20, temperature=0, compile=True)
@@ -168,14 +176,11 @@ def _edit_config(directory, changes: dict, drop: tuple[str, ...] = ()) -> None:
     path.write_text(json.dumps({**data, **changes}))
 
 
-LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
-            "original_max_position_embeddings": 8}
-
-
 @pytest.mark.parametrize("case, changes, drop, field", [
-    ("llama3-factor-8", {"rope_parameters": LONGROPE}, (), "rope_parameters.rope_type"),
-    ("llama3-factor-8", {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
-     ("rope_parameters",), "rope_scaling.type"),
+    ("llama3-factor-8", {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}}, (),
+     "rope_parameters.rope_type"),
+    ("llama3-factor-8", {"rope_scaling": {"type": "proportional", "factor": 2.0}}, ("rope_parameters",),
+     "rope_scaling.type"),
     ("llama3-factor-8", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
                                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}}},
      (), "rope_parameters"),
@@ -184,9 +189,16 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0
     ("llama3-factor-8", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
                                              "high_freq_factor": 4.0}}, (), "rope_parameters.low_freq_factor"),
     ("llama3-factor-8", {"partial_rotary_factor": 0.5}, (), "partial_rotary_factor"),
-    ("phi3-tied-mha", {"rope_parameters": LONGROPE}, (), "rope_parameters.rope_type"),
-    ("phi3-tied-mha", {"rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
-     ("rope_parameters",), "rope_scaling.type"),
+    # LLaMA's generation keeps keys rotated by LongRoPE's short factors once the long ones take over (Phi-3's
+    # recomputes them, as formerkit does): refused.
+    ("llama3-factor-8", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0,
+                                             "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                             "original_max_position_embeddings": 8}}, (), "rope_parameters.rope_type"),
+    # Phi-3's config class reads plain RoPE and LongRoPE only.
+    ("phi3-tied-mha", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, (),
+     "rope_parameters.rope_type"),
+    ("phi3-longrope-partial", {"rope_scaling": {"type": "su", "short_factor": [1.0] * 6, "long_factor": "x"}},
+     ("rope_parameters",), "rope_scaling.long_factor"),
     ("phi3-tied-mha", {"embd_pdrop": 0.1}, (), "embd_pdrop"),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_config_values_formerkit_does_not_reproduce_are_refused_by_name(case, changes, drop, field, models,
@@ -197,4 +209,14 @@ def test_config_values_formerkit_does_not_reproduce_are_refused_by_name(case, ch
     shutil.copytree(directory, tmp_path / "copy")
     _edit_config(tmp_path / "copy", changes, drop)
     with pytest.raises(InteropError, match=rf"config\.json: {re.escape(field)}: expected"):
+        formerkit.from_hf(tmp_path / "copy")
+
+
+def test_longrope_factors_of_the_wrong_length_are_refused_by_name(models, tmp_path):
+    import shutil
+
+    shutil.copytree(models("phi3-longrope-partial")[2], tmp_path / "copy")
+    _edit_config(tmp_path / "copy", {"rope_scaling": {"type": "su", "short_factor": [1.0] * 8,
+                                                      "long_factor": [2.0] * 6}}, ("rope_parameters",))
+    with pytest.raises(InteropError, match=r"position\.rope_short_factors.*6 factors"):
         formerkit.from_hf(tmp_path / "copy")
