@@ -255,14 +255,14 @@ class PositionConfig(ModelSection):
     # those shorter than rope_original_max_len / rope_high_freq_factor kept, the ones between blended smoothly.
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
-    # yarn: the rotations per context that bound the ramp from extrapolated (fast) to interpolated (slow) channels,
-    # and the scale of the cos/sin tables (null: YaRN's 0.1 ln(rope_factor) + 1).
+    # yarn: rope_beta_fast and rope_beta_slow, the rotations per original context that bound the ramp from kept
+    # (fast) to interpolated (slow) channel pairs; yarn, longrope: rope_attention_factor, the scale of the cos/sin
+    # tables (null: YaRN's 0.1 ln(rope_factor) + 1; LongRoPE's sqrt(1 + ln(rope_factor) / ln(rope_original_max_len))).
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
     rope_attention_factor: float | None = None
-    # longrope: each channel pair's frequency is divided by its factor: the short ones while a call's positions stay
-    # within rope_original_max_len, the long ones beyond (one per pair: rotary_dim / 2 each). Its tables are scaled by
-    # rope_attention_factor (null: sqrt(1 + ln(rope_factor) / ln(rope_original_max_len)), LongRoPE's).
+    # longrope: each channel pair's frequency is divided by its factor, from rope_short_factors while a call's
+    # positions stay within rope_original_max_len, from rope_long_factors beyond (rotary_dim / 2 factors each).
     rope_short_factors: tuple[float, ...] | None = None
     rope_long_factors: tuple[float, ...] | None = None
     # rope: the base of the sliding-window layers, when it differs from rope_base (Gemma 3: 10,000 in its local
