@@ -26,7 +26,7 @@ from formerkit.nn.positions import (
     sinusoidal_table,
 )
 
-from ..conftest import image_config, token_config
+from ..conftest import image_config, randomize_weights, token_config
 
 # ----- sinusoidal -----
 
@@ -503,3 +503,54 @@ def test_scaling_composes_with_partial_rotary_over_the_rotated_channels(scaling,
         frequency = rope_frequencies(8, 700.0, scaling, factor=3.0, original_max_len=8)
     expected = torch.tensor(positions, dtype=torch.float64).unsqueeze(1) * frequency
     torch.testing.assert_close(angles, torch.atan2(expected.sin(), expected.cos()), rtol=0, atol=1e-5)
+
+
+SHORT, LONG = (1.0, 1.5, 2.0, 4.0), (2.0, 3.0, 5.0, 11.0)
+
+
+def longrope_scheme(**overrides):
+    fields = dict(scaling="longrope", factor=4.0, original_max_len=6, short_factors=SHORT, long_factors=LONG)
+    return RotaryPositions(24, 8, 100.0, **{**fields, **overrides})
+
+
+@pytest.mark.parametrize("positions, factors", [([0, 1, 2, 3, 4, 5], SHORT), ([4, 5, 6], LONG), ([0, 1, 9], LONG),
+                                                ([2], SHORT)])
+def test_longrope_divides_each_pair_by_its_short_or_long_factor_by_the_calls_length(positions, factors):
+    """LongRoPE (Ding et al., 2024), as Phi-3 uses it: theta_i = base^(-2i/r) / factor_i, with the short factors
+    while the call's max position + 1 is within the original length and the long ones beyond, for every position
+    of the call; both tables scaled by sqrt(1 + ln(factor) / ln(original length))."""
+    scheme = longrope_scheme()
+    angles, cos, sin = angles_of(scheme, positions)
+    expected = torch.tensor([[p * f / s for f, s in zip(plain_frequencies_ref(8, 100.0), factors)]
+                             for p in positions], dtype=torch.float64)
+    torch.testing.assert_close(angles, torch.atan2(expected.sin(), expected.cos()), rtol=0, atol=1e-5)
+    scale = math.sqrt(1 + math.log(4.0) / math.log(6))
+    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, scale ** 2), rtol=1e-6, atol=0)
+
+
+def test_longrope_without_position_ids_picks_the_factors_by_the_input_length():
+    scheme = longrope_scheme(attention_factor=1.0)
+    for length, factors in ((6, SHORT), (7, LONG)):
+        cos, sin = scheme.rotary(None, length)
+        expected = torch.tensor([[p * f / s for f, s in zip(plain_frequencies_ref(8, 100.0), factors)]
+                                 for p in range(length)], dtype=torch.float64)
+        torch.testing.assert_close(cos[0, 0, :, :4].double(), expected.cos(), rtol=0, atol=1e-6)
+
+
+def test_longrope_generation_equals_recomputing_the_whole_sequence_at_every_step():
+    """Once the sequence outgrows the original length every position is rotated by the long factors: generate
+    recomputes the cached keys at that step, so cached decoding picks what a full pass per token picks."""
+    torch.manual_seed(0)
+    model = formerkit.build_model(formerkit.ModelConfig(
+        arch="decoder", width=32, num_layers=2, max_seq_len=32, attention={"num_heads": 2},
+        feedforward={"activation": "swiglu"}, norm={"kind": "rmsnorm"}, stem={"vocab_size": 29}, head={"kind": "lm"},
+        position={"kind": "rope", "rotary_fraction": 0.5, "rope_scaling": "longrope", "rope_factor": 4.0,
+                  "rope_original_max_len": 8, "rope_short_factors": [1.0, 1.5, 2.0, 3.0],
+                  "rope_long_factors": [2.0, 4.0, 8.0, 16.0]})).eval()
+    randomize_weights(model, seed=3, std="fan_in")  # O(1) activations: a wrong rotation changes the picks
+    prompt = torch.randint(0, 29, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sequence = prompt
+        for _ in range(10):
+            sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(model.generate(prompt, 10, temperature=0), sequence)
