@@ -348,7 +348,7 @@ def test_a_pickled_checkpoint_loads_with_trust_pickle_and_a_warning(checkpoints,
 @pytest.mark.parametrize("preset, overrides, field", [
     ("cct_2_3x2_32", {}, "stem.kind"),
     ("gpt2", {"position.kind": "alibi"}, "position.kind"),
-    ("llama_tiny", {"attention.qk_norm": True}, "attention.qk_norm"),
+    ("gpt2", {"attention.qk_norm": True}, "attention.qk_norm"),  # (a LLaMA layout with it is a Qwen3)
     ("llama_tiny", {"feedforward.activation": "gelu"}, "feedforward.activation"),
     ("gpt2", {"drop_path": 0.1}, "drop_path"),
     ("gpt2", {"num_unique_layers": 1}, "num_unique_layers"),

@@ -154,17 +154,26 @@ def test_the_compiled_decode_step_follows_length_dependent_scaling(case, models)
     assert torch.equal(compiled, eager)
 
 
-def test_a_plain_llama_layout_still_writes_as_llama(tmp_path):
-    model = formerkit.build_model(formerkit.ModelConfig(
-        arch="decoder", width=32, num_layers=1, max_seq_len=16, attention={"num_heads": 2, "qkv_bias": False,
-                                                                           "out_bias": False},
-        feedforward={"activation": "swiglu", "bias": False}, norm={"kind": "rmsnorm"},
-        position={"kind": "rope", "rope_scaling": "yarn", "rope_factor": 2.0, "rope_original_max_len": 8},
-        stem={"vocab_size": 11}, head={"kind": "lm"}))
-    formerkit.to_hf(model, tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
-    assert written["architectures"] == ["LlamaForCausalLM"]
-    assert written["rope_parameters"]["rope_type"] == "yarn"
+@pytest.mark.parametrize("overrides, model_type", [
+    ({}, "llama"), ({"attention.qk_norm": True}, "qwen3"), ({"position.rotary_fraction": 0.5}, "phi3"),
+    ({"position.rope_scaling": "llama3", "position.rope_factor": 8.0, "position.rope_original_max_len": 8}, "llama"),
+    ({"position.rope_scaling": "yarn", "position.rope_factor": 3.0, "position.rope_original_max_len": 8,
+      "position.rope_beta_fast": 16.0, "attention.qk_norm": True}, "qwen3"),
+    ({"position.rope_scaling": "linear", "position.rope_factor": 0.5}, "llama"),
+    ({"position.rope_scaling": "dynamic", "position.rope_factor": 2.0, "position.rope_original_max_len": 16,
+      "max_seq_len": 32}, "llama"),
+])
+@torch.no_grad()
+def test_a_formerkit_model_writes_as_the_class_that_holds_it(overrides, model_type, parity, tmp_path):
+    """to_hf picks the class by the config: plain LLaMA layout -> llama, query/key norms -> qwen3, partial rotary ->
+    phi3; scaling is written as rope_parameters that transformers reads back with the same logits."""
+    model = formerkit.create_model("llama_tiny", vocab_size=VOCAB, width=WIDTH, num_layers=LAYERS, num_heads=HEADS,
+                                   **{"max_seq_len": 32, **overrides})
+    parity.randomize(model, seed=5)
+    inputs = parity.tokens(VOCAB, 24, batch=3, padding="right")
+    parity.assert_round_trip(model.eval(), tmp_path, inputs, model(inputs["input_ids"],
+                                                                   attention_mask=inputs["attention_mask"]))
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
 
 
 # ----- refusals -----
