@@ -265,7 +265,7 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
             with inference():
                 logits = best = None
                 if switch is not None:
-                    history.append(token)
+                    history.append(token.clone())  # a compiled step may reuse its output buffer
                     if cache.length == switch:
                         cache, logits = _recompute(model, cache, prompt, prompt_keep, history, compile)
                         if step is not None:

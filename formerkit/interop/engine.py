@@ -190,7 +190,9 @@ def rope_base(hf: Fields) -> float:
 def _rope_number(hf: Fields, spec: dict, where: str, name: str, default: Any = None) -> float:
     value = spec.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hf.fail(f"{where}.{name}", "a number", spec.get(name, "nothing (the field is missing)"))
+        if name in spec:
+            hf.fail(f"{where}.{name}", "a number", value)
+        hf.fail(f"{where}.{name}", "a number")  # says the field is missing
     return float(value)
 
 

@@ -11,6 +11,7 @@ transformers. Refusals are pinned by the field their message names.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -49,6 +50,11 @@ CASES = {
     "qwen2-yarn": ("Qwen2ForCausalLM", "Qwen2Config", _sizes(
         rope_parameters={"rope_type": "yarn", "rope_theta": 20000.0, "factor": 4.0, "beta_fast": 8.0,
                          "beta_slow": 2.0, "original_max_position_embeddings": 8}), 24),
+    # YaRN as DeepSeek spells its table scale: (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1), read into
+    # formerkit's attention factor; no beta_fast/beta_slow (32 and 1).
+    "llama-yarn-mscale": ("LlamaForCausalLM", "LlamaConfig", _sizes(
+        rope_parameters={"rope_type": "yarn", "rope_theta": 30000.0, "factor": 3.0, "mscale": 1.5,
+                         "mscale_all_dim": 0.5, "original_max_position_embeddings": 8}), 20),
     # Qwen3: query/key RMSNorm per head, head_dim 24 (width / heads is 16), GQA, untied.
     "qwen3-qk-norm-head-dim": ("Qwen3ForCausalLM", "Qwen3Config", _sizes(
         head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 40000.0}), 16),
@@ -132,6 +138,9 @@ def test_scaling_reads_into_the_position_config(models):
     assert (dynamic.position.rope_original_max_len, dynamic.max_seq_len) == (8, 32)
     yarn = models("qwen2-yarn")[1].config.position
     assert (yarn.rope_beta_fast, yarn.rope_beta_slow, yarn.rope_attention_factor) == (8.0, 2.0, None)
+    mscale = models("llama-yarn-mscale")[1].config.position
+    expected = (0.15 * math.log(3.0) + 1) / (0.05 * math.log(3.0) + 1)
+    assert mscale.rope_attention_factor == pytest.approx(expected, rel=1e-12)
     qwen3 = models("qwen3-qk-norm-head-dim")[1].config
     assert qwen3.attention.qk_norm and qwen3.head_dim == 24 and not qwen3.attention.qkv_bias
     assert models("phi3-partial-rotary-window")[1].config.rotary_dim == 8
