@@ -216,9 +216,10 @@ def _rope_type(spec: Any) -> Any:
 def rope_base(hf: Fields, *, partial: bool = False) -> float:
     """RoPE's base (``rope_theta``), after checking that no scaling scheme is asked for. transformers 4.x writes
     ``rope_theta`` and ``rope_scaling``; 5.x writes both into ``rope_parameters``. A family that reads partial rotary
-    (``rotary_fraction``) passes ``partial``; the others refuse a partial_rotary_factor other than 1."""
-    why = ("formerkit implements plain RoPE; a scaled variant (linear, dynamic, yarn, longrope, llama3) changes the "
-           "rotation angles")
+    (``rotary_fraction``) passes ``partial``; the others refuse a partial_rotary_factor other than 1. (Families whose
+    scaled checkpoints formerkit reproduces read them with ``rope_position`` instead.)"""
+    why = ("formerkit reads plain RoPE for this family; a scaled variant (linear, dynamic, yarn, longrope, llama3) "
+           "changes the rotation angles")
     theta: Any = hf.number("rope_theta", 10000.0)
     scaling = hf.value("rope_scaling", None)
     if scaling is not None and _rope_type(scaling) != "default":
