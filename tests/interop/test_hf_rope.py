@@ -115,6 +115,15 @@ def test_greedy_generation_is_token_identical_to_transformers(case, models, pari
     parity.assert_greedy(theirs, ours, VOCAB, 20, prompt_length=7)
 
 
+@pytest.mark.parametrize("case", ["mistral-dynamic", "phi3-longrope-partial", "qwen2-yarn"])
+def test_greedy_generation_after_prompts_longer_than_the_original_length(case, models, parity):
+    """Prompts of 12 tokens (left-padded to fewer in two rows) already pass the original 8 positions in the
+    prefill. A fresh transformers model: one that has generated keeps dynamic frequencies grown by its last call
+    (formerkit computes them per call; see RotaryPositions)."""
+    _, ours, directory = models(case)
+    parity.assert_greedy(parity.load_hf(directory), ours, VOCAB, 12, prompt_length=12)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @torch.no_grad()
 def test_to_hf_round_trip_gives_the_same_logits(case, models, parity, tmp_path):
