@@ -23,8 +23,8 @@ _ALIASES = {"rotary": "rope", "absolute": "learned", "sincos": "sinusoidal", "la
             "swish": "silu", "relu2": "squared_relu", "prenorm": "pre", "postnorm": "post"}
 
 ATTENTION_KINDS = ("softmax", "linear", "l2")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu", "geglu_tanh")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "sincos2d", "none")
@@ -126,6 +126,9 @@ class AttentionConfig(ModelSection):
         for name in ("scale", "softcap"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 self._fail(name, "a number > 0 or null")
+        if self.softcap is not None and self.kind == "l2":
+            self._fail("softcap", "null with attention.kind 'l2'",
+                       hint="L2 attention drops each query's own |q|^2 from its scores, which a cap would not ignore")
         if self.softcap is not None and self.kind == "linear" and self.kind_layers is None:
             self._fail("softcap", "null when every layer uses linear attention",
                        hint="linear attention never forms the scores soft-capping bounds")
@@ -141,6 +144,8 @@ class FeedForwardConfig(ModelSection):
 
     _prefix = "feedforward"
 
+    # swiglu, geglu and geglu_tanh are gated, act(gate) * up (Shazeer, 2020), with SiLU, GELU or GELU's tanh
+    # approximation (Gemma's GeGLU) on the gate.
     activation: str = choice("gelu", ACTIVATIONS)
     # Hidden width; by default int(ratio * width).
     hidden_size: int | None = None
@@ -213,8 +218,9 @@ class NormConfig(ModelSection):
     bias: bool = True
     # A norm after the last block; null means "yes for pre and sandwich, no for post".
     final: bool | None = None
-    # Added to every norm's learned scale, which then starts at 0: the norm multiplies by (weight_offset + weight).
-    # Gemma's RMSNorms store their scales this way (weight_offset 1.0), so weight decay pulls them toward 1.
+    # Added to every norm's learned scale, which then starts at 1 - weight_offset (so every norm starts as a unit
+    # scale): the norm multiplies by (weight_offset + weight). Gemma's RMSNorms store their scales this way
+    # (weight_offset 1.0, weights starting at 0), so weight decay pulls them toward 1.
     weight_offset: float = 0.0
 
     def _validate(self) -> None:
