@@ -310,8 +310,8 @@ class Registry:
         for family in self.families:
             if not family.writes(config):
                 continue
-            data = family.write_config(config)
-            try:
+            try:  # a candidate that cannot write the config at all is passed over like one that misreads it
+                data = family.write_config(config)
                 check_round_trip(family, config, data)
             except InteropError as error:
                 first_error = first_error or error

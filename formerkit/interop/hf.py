@@ -6,7 +6,9 @@ sharded ``model.safetensors.index.json`` and its shards) into a formerkit ``Tran
 loads with no missing or unexpected weights and the same outputs. ``convert`` is the function behind the command line.
 
 Families: GPT-2 (``gpt2``), LLaMA (``llama``) with its close relatives Mistral (``mistral``: sliding-window attention)
-and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), BERT (``bert``) and ViT (``vit``). Each
+and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), Gemma (``gemma``, ``gemma2``,
+``gemma3_text``: offset norm scales, scaled embeddings, GeGLU; sandwich norms, soft-capping and alternating windows
+from Gemma 2; QK-norm and a local RoPE base from Gemma 3), BERT (``bert``) and ViT (``vit``). Each
 family is one module of this package defining a ``Family`` (``formerkit.interop.engine``): the Hugging Face config
 read into a ModelConfig, a ModelConfig written back as one, and one table of weight rules that serves both directions.
 ``FAMILIES`` below lists them: adding a family is adding its module, its entry there and its name in the refusals
@@ -30,6 +32,7 @@ from formerkit.errors import ConfigError, InteropError
 from formerkit.interop.bert import Bert
 from formerkit.interop.engine import Family, Registry, assign, hf_state
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
+from formerkit.interop.gemma import Gemma
 from formerkit.interop.gpt2 import GPT2
 from formerkit.interop.llama import Llama
 from formerkit.interop.vit import ViT
@@ -37,8 +40,10 @@ from formerkit.models.transformer import build_model
 
 __all__ = ["convert", "from_hf", "to_hf"]
 
-# The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config.
-FAMILIES = Registry(GPT2(), Llama(), Bert(), ViT())
+# The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config (and whose
+# config.json reads back as it): Gemma, a candidate only for Gemma's own parts, before LLaMA, so that its refusal is
+# the one a Gemma-like model sees.
+FAMILIES = Registry(GPT2(), Gemma(), Llama(), Bert(), ViT())
 
 
 def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
@@ -49,11 +54,11 @@ def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
         return found
     arch, stem, position = config.arch, config.stem.kind, config.position.kind
     if arch == "decoder" and stem == "tokens":
-        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2) for a "
-                           f"decoder over tokens, got {position!r}")
+        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2, Gemma) "
+                           f"for a decoder over tokens, got {position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
-                       "supported: a decoder over tokens (GPT-2, LLaMA), an encoder over tokens (BERT), an encoder "
-                       "over patches (ViT)")
+                       "supported: a decoder over tokens (GPT-2, LLaMA, Gemma), an encoder over tokens (BERT), an "
+                       "encoder over patches (ViT)")
 
 
 # ----- from Hugging Face -----
@@ -81,7 +86,8 @@ def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Mo
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
     The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
-    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, bert, vit) and its
+    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, gemma, gemma2,
+    gemma3_text, bert, vit; a multimodal gemma3 is refused with a pointer to its text model) and its
     ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold
     one). A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is
     read with ``torch.load(weights_only=True)`` and a warning says so.
@@ -115,10 +121,12 @@ def to_hf(model: torch.nn.Module, directory: str | Path) -> Path:
     returns the directory.
 
     The family follows from the config: a decoder over tokens with learned positions is GPT-2, with RoPE LLaMA
-    (Mistral for sliding windows on every layer, Qwen2 for query/key/value-only biases or windows on some layers); an
-    encoder over tokens is BERT, over patches ViT. The head picks the architecture written (GPT2LMHeadModel,
-    LlamaForCausalLM, BertForMaskedLM, BertForSequenceClassification, BertModel, ViTForImageClassification,
-    ViTModel, ...), which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
+    (Mistral for sliding windows on every layer, Qwen2 for query/key/value-only biases or windows on some layers),
+    with Gemma's offset norm scales and scaled embeddings Gemma (Gemma 2 for sandwich norms, Gemma 3's text model
+    with QK-norm as well); an encoder over tokens is BERT, over patches ViT. The head picks the architecture written
+    (GPT2LMHeadModel, LlamaForCausalLM, Gemma2ForCausalLM, BertForMaskedLM, BertForSequenceClassification, BertModel,
+    ViTForImageClassification, ViTModel, ...), which transformers' Auto classes load with no missing or unexpected
+    weights and the same outputs.
 
     Before writing anything, the config.json is read back and compared with the model's config; anything the
     Hugging Face class cannot hold (qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
