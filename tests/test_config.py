@@ -140,3 +140,10 @@ def test_an_unknown_choice_of_an_optional_field_is_a_config_error_not_a_key_erro
     with pytest.raises(ConfigError, match="head.pooling") as error:
         ModelConfig(head={"kind": "classification", "num_classes": 3, "pooling": "max"})
     assert "'max'" in str(error.value) and "'mean'" in str(error.value)
+
+
+def test_attention_softcap_is_refused_with_l2_attention():
+    # L2 attention's scores drop each query's own |q|^2, which a cap (not shift-invariant) would not ignore.
+    with pytest.raises(ConfigError, match="attention.softcap: expected null with attention.kind 'l2'"):
+        AttentionConfig(kind="l2", softcap=5.0)
+    assert AttentionConfig(kind="linear", kind_layers=(0,), softcap=5.0).softcap == 5.0  # the softmax layers cap

@@ -103,7 +103,7 @@ def test_base_models_give_transformers_final_hidden_states(case, checkpoints, pa
                          "final hidden states")
 
 
-@pytest.mark.parametrize("case", ["gemma-mqa-tied", "gemma2-softcaps-windows-untied", "gemma3-local-rope"])
+@pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_is_token_identical_to_transformers(case, checkpoints, parity):
     directory, theirs = checkpoints[case]
     parity.assert_greedy(theirs, formerkit.from_hf(directory), VOCAB, 20)
