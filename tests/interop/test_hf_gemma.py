@@ -192,3 +192,17 @@ def test_older_config_spellings_read_as_transformers_reads_them(checkpoints, par
     assert (config.position.rope_base, config.position.rope_local_base) == (50000.0, 100.0)
     legacy = _edited(checkpoints, "gemma-mqa-tied", tmp_path / "legacy", {"hidden_act": "gelu"})
     assert formerkit.from_hf(legacy).config.feedforward.activation == "geglu_tanh"
+
+
+@pytest.mark.parametrize("case, field", [
+    ("gemma2-softcaps-windows-untied", "attention.softcap"), ("gemma2-softcaps-windows-untied", "head.logit_softcap"),
+    ("gemma2-softcaps-windows-untied", "attention.scale"), ("gemma3-local-rope", "position.rope_local_base")])
+@torch.no_grad()
+def test_the_cases_bind_each_part_the_parity_checks(case, field, checkpoints, parity):
+    """The parity cases would not notice a part the tiny model leaves idle: without each soft-cap, with the default
+    score scale, or with the global RoPE base on every layer, the same weights give other logits."""
+    ours = formerkit.from_hf(checkpoints[case][0])
+    other = formerkit.build_model(ours.config.replace(**{field: None}))
+    other.load_state_dict(ours.state_dict())
+    inputs = parity.tokens(VOCAB, SEQ, padding=None)
+    assert (other(inputs["input_ids"]) - ours(inputs["input_ids"])).abs().max() > 1e-2
