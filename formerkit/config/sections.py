@@ -82,7 +82,8 @@ class AttentionConfig(ModelSection):
     # the scale); Gemma 2 and 3 use query_pre_attn_scalar^-1/2.
     scale: float | None = None
     # Soft-capping of the scores before the mask and softmax, softcap * tanh(scores / softcap) (Gemma 2): bounds the
-    # logits without clipping their gradient. null: none.
+    # logits without clipping their gradient. Fused attention kernels cannot apply it: capped layers compute their
+    # scores explicitly (as transformers' eager attention does). null: none.
     softcap: float | None = None
 
     def _validate(self) -> None:

@@ -158,7 +158,8 @@ def _groups(blocks: int, per_block: int):
 
 def _local_with_autograd(q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, dropout: float,
                          scale: float, softcap: float | None = None) -> Tensor:
-    """All blocks in one SDPA call, through autograd (the path with attention dropout)."""
+    """All blocks in one SDPA call (written out with soft-capped scores), through autograd (the path with attention
+    dropout or a soft-cap)."""
     batch, heads, length, _ = q.shape
     blocks = _num_blocks(length, blocked)
     queries = _group_queries(q, 0, blocks, blocked.block)
