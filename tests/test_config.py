@@ -178,3 +178,10 @@ def test_checkpoint_family_fields_accept_what_the_families_use():
                    attention={"num_heads": 4, "softcap": 50.0, "scale": 0.25}, head={"logit_softcap": 30.0})
     assert config.rotary_dim == 4
     assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_attention_softcap_is_refused_with_l2_attention():
+    # L2 attention's scores drop each query's own |q|^2, which a cap (not shift-invariant) would not ignore.
+    with pytest.raises(ConfigError, match="attention.softcap: expected null with attention.kind 'l2'"):
+        AttentionConfig(kind="l2", softcap=5.0)
+    assert AttentionConfig(kind="linear", kind_layers=(0,), softcap=5.0).softcap == 5.0  # the softmax layers cap

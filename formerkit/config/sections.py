@@ -23,8 +23,8 @@ _ALIASES = {"rotary": "rope", "absolute": "learned", "sincos": "sinusoidal", "la
             "swish": "silu", "relu2": "squared_relu", "prenorm": "pre", "postnorm": "post"}
 
 ATTENTION_KINDS = ("softmax", "linear", "l2")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu", "geglu_tanh")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "sincos2d", "none")
@@ -82,7 +82,8 @@ class AttentionConfig(ModelSection):
     # the scale); Gemma 2 and 3 use query_pre_attn_scalar^-1/2.
     scale: float | None = None
     # Soft-capping of the scores before the mask and softmax, softcap * tanh(scores / softcap) (Gemma 2): bounds the
-    # logits without clipping their gradient. null: none.
+    # logits without clipping their gradient. Fused attention kernels cannot apply it: capped layers compute their
+    # scores explicitly (as transformers' eager attention does). null: none.
     softcap: float | None = None
 
     def _validate(self) -> None:
@@ -127,6 +128,9 @@ class AttentionConfig(ModelSection):
         for name in ("scale", "softcap"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 self._fail(name, "a number > 0 or null")
+        if self.softcap is not None and self.kind == "l2":
+            self._fail("softcap", "null with attention.kind 'l2'",
+                       hint="L2 attention drops each query's own |q|^2 from its scores, which a cap would not ignore")
         if self.softcap is not None and self.kind == "linear" and self.kind_layers is None:
             self._fail("softcap", "null when every layer uses linear attention",
                        hint="linear attention never forms the scores soft-capping bounds")
@@ -142,6 +146,8 @@ class FeedForwardConfig(ModelSection):
 
     _prefix = "feedforward"
 
+    # swiglu, geglu and geglu_tanh are gated, act(gate) * up (Shazeer, 2020), with SiLU, GELU or GELU's tanh
+    # approximation (Gemma's GeGLU) on the gate.
     activation: str = choice("gelu", ACTIVATIONS)
     # Hidden width; by default int(ratio * width).
     hidden_size: int | None = None
@@ -214,8 +220,9 @@ class NormConfig(ModelSection):
     bias: bool = True
     # A norm after the last block; null means "yes for pre and sandwich, no for post".
     final: bool | None = None
-    # Added to every norm's learned scale, which then starts at 0: the norm multiplies by (weight_offset + weight).
-    # Gemma's RMSNorms store their scales this way (weight_offset 1.0), so weight decay pulls them toward 1.
+    # Added to every norm's learned scale, which then starts at 1 - weight_offset (so every norm starts as a unit
+    # scale): the norm multiplies by (weight_offset + weight). Gemma's RMSNorms store their scales this way
+    # (weight_offset 1.0, weights starting at 0), so weight decay pulls them toward 1.
     weight_offset: float = 0.0
 
     def _validate(self) -> None:

@@ -34,6 +34,7 @@ from formerkit.interop.distilbert import DistilBert
 from formerkit.interop.engine import Family, Registry, assign, hf_state
 from formerkit.interop.falcon import Falcon
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
+from formerkit.interop.gemma import Gemma
 from formerkit.interop.gpt2 import GPT2
 from formerkit.interop.gpt_neox import GPTNeoX
 from formerkit.interop.gptj import GPTJ
@@ -51,9 +52,9 @@ __all__ = ["convert", "from_hf", "to_hf"]
 # config.json reads back as it: GPT-2 before OPT, LLaMA before Phi-3 (partial rotary, LongRoPE) and the parallel-block
 # decoders, BERT before RoBERTa and DistilBERT, ViT before DeiT, so that a model the older family holds is written as
 # before; the later one takes what only it holds (OPT: no biases, post-norm, no final norm; GPT-NeoX, Phi, GPT-J,
-# Falcon: parallel blocks, partial rotary, LayerNorm decoders; RoBERTa: a masked-LM head under a non-GELU MLP;
-# DistilBERT: no token types, a ReLU pooler; DeiT: the distillation token). ``to_hf(..., model_type=)`` asks for one
-# family.
+# Falcon: parallel blocks, partial rotary, LayerNorm decoders; Gemma: offset norm scales and scaled embeddings;
+# RoBERTa: a masked-LM head under a non-GELU MLP; DistilBERT: no token types, a ReLU pooler; DeiT: the distillation
+# token). ``to_hf(..., model_type=)`` asks for one family.
 FAMILIES = Registry(
     GPT2(),  # gpt2
     Llama(),  # llama, mistral, qwen2, qwen3
@@ -63,6 +64,7 @@ FAMILIES = Registry(
     Phi(),  # phi
     GPTJ(),  # gptj
     Falcon(),  # falcon
+    Gemma(),  # gemma, gemma2, gemma3_text (a multimodal gemma3 is refused, pointing to its text model)
     Bert(),  # bert
     Roberta(),  # roberta
     DistilBert(),  # distilbert
@@ -80,10 +82,11 @@ def _family_for(config: ModelConfig, model_type: str | None = None) -> tuple[Fam
     arch, stem, position = config.arch, config.stem.kind, config.position.kind
     if arch == "decoder" and stem == "tokens":
         raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2, OPT) or 'rope' (LLaMA, Mistral, Qwen2, "
-                           f"Qwen3, Phi-3, GPT-NeoX, Phi, GPT-J, Falcon) for a decoder over tokens, got {position!r}")
+                           f"Qwen3, Phi-3, GPT-NeoX, Phi, GPT-J, Falcon, Gemma) for a decoder over tokens, got "
+                           f"{position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
-                       "supported: a decoder over tokens (GPT-2, OPT, LLaMA, GPT-NeoX, Phi, GPT-J, Falcon), an encoder "
-                       "over tokens (BERT, RoBERTa, DistilBERT), an encoder over patches (ViT, DeiT)")
+                       "supported: a decoder over tokens (GPT-2, OPT, LLaMA, GPT-NeoX, Phi, GPT-J, Falcon, Gemma), an "
+                       "encoder over tokens (BERT, RoBERTa, DistilBERT), an encoder over patches (ViT, DeiT)")
 
 
 # ----- from Hugging Face -----
@@ -110,13 +113,13 @@ def _read_hf(directory: str | Path, trust_pickle: bool) -> tuple[torch.nn.Module
 def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
-    The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its shards).
-    ``config.json``'s ``model_type`` picks the family (see ``FAMILIES``: gpt2, llama, mistral, qwen2, qwen3, phi3, opt,
-    gpt_neox, phi, gptj, falcon, bert, roberta, distilbert, vit, deit, ...) and its ``architectures`` the head (e.g.
-    BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold one;
-    DeiTForImageClassificationWithTeacher: the class and distillation heads). A pickled ``pytorch_model.bin`` is refused
-    unless ``trust_pickle`` is true (pickle can run code); then it is read with ``torch.load(weights_only=True)`` and a
-    warning says so.
+    The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
+    shards). ``config.json``'s ``model_type`` picks the family (see ``FAMILIES``: gpt2, llama, mistral, qwen2, qwen3,
+    phi3, opt, gpt_neox, phi, gptj, falcon, gemma, gemma2, gemma3_text, bert, roberta, distilbert, vit, deit, ...) and
+    its ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights
+    hold one; DeiTForImageClassificationWithTeacher: the class and distillation heads). A pickled
+    ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is read with
+    ``torch.load(weights_only=True)`` and a warning says so.
 
     The model comes back in eval mode, like transformers' ``from_pretrained``, with float32 weights whatever the
     checkpoint's dtype. Raises ``InteropError`` naming the field or tensor for anything formerkit would not reproduce
@@ -152,7 +155,9 @@ def to_hf(model: torch.nn.Module, directory: str | Path, *, model_type: str | No
     post-norm, no final norm), with RoPE LLaMA (Mistral for sliding windows on every layer, Qwen2 for
     query/key/value-only biases or windows on some layers, Qwen3 for query/key norms; RoPE scaling written as
     rope_parameters), Phi-3 for partial rotary or LongRoPE, or, for the LayerNorm decoders LLaMA cannot hold
-    (parallel attention and MLP, partial rotary), the first of GPT-NeoX, Phi, GPT-J and Falcon that holds the model;
+    (parallel attention and MLP, partial rotary), the first of GPT-NeoX, Phi, GPT-J and Falcon that holds the model,
+    and with Gemma's offset norm scales and scaled embeddings Gemma (Gemma 2 for sandwich norms, Gemma 3's text
+    model with QK-norm as well);
     an encoder over tokens is BERT (DistilBERT without token types, RoBERTa for a masked-LM head over a non-GELU MLP),
     over patches ViT (DeiT with a distillation token). ``model_type`` ("roberta", "opt", ...) asks for that family
     instead, when its checkpoints hold the model. The head picks the architecture written (GPT2LMHeadModel,

@@ -48,7 +48,7 @@ from formerkit.nn.masks import (
 )
 from formerkit.nn.moe import Routing
 from formerkit.nn.norms import build_norm
-from formerkit.nn.positions import build_positions
+from formerkit.nn.positions import RotaryPositions, build_positions
 from formerkit.nn.stems import build_stem
 from formerkit.nn.tome import TokenMerging
 
@@ -119,17 +119,23 @@ class TransformerStack(nn.Module):
         self.mask_kinds = tuple("linear" if kind == "linear" else "window" if windowed else "full"
                                 for kind, windowed in zip(self.kinds, self.windowed))
         norm = config.norm
-        self.final_norm = build_norm(norm.kind, config.width, norm.eps, norm.bias) if norm.has_final else None
+        self.final_norm = (build_norm(norm.kind, config.width, norm.eps, norm.bias, norm.weight_offset)
+                           if norm.has_final else None)
 
     def block_at(self, index: int) -> TransformerBlock:
         """The block that runs at depth ``index`` (blocks repeat when weights are shared)."""
         return self.blocks[index % len(self.blocks)]
 
-    def contexts(self, masks: dict[str, PreparedMask], **shared) -> tuple[LayerContext, ...]:
+    def contexts(self, masks: dict[str, PreparedMask], *, rotary: tuple[Tensor, Tensor] | None = None,
+                 local_rotary: tuple[Tensor, Tensor] | None = None, **shared) -> tuple[LayerContext, ...]:
         """One ``LayerContext`` per depth: the mask of the depth's kind from ``masks`` ("full", "window", "linear"),
-        its attention kind, index and (while training) stochastic depth, and the ``shared`` fields of the pass."""
+        its attention kind, index and (while training) stochastic depth, its rotary tables (``local_rotary`` for
+        the sliding-window depths when given: position.rope_local_base, else ``rotary``), and the ``shared``
+        fields of the pass."""
         return tuple(LayerContext(mask=masks[self.mask_kinds[index]], kind=self.kinds[index], index=index,
-                                  drop_path=self.drop_paths[index] if self.training else None, **shared)
+                                  drop_path=self.drop_paths[index] if self.training else None,
+                                  rotary=local_rotary if local_rotary is not None and self.windowed[index] else rotary,
+                                  **shared)
                      for index in range(self.num_layers))
 
     def forward(self, prepared: StackInput, *, output_hidden_states: bool = False,
@@ -175,8 +181,14 @@ class Transformer(nn.Module):
         self.config = config
         self.stem = build_stem(config)
         self.positions = build_positions(config)
+        # Gemma 3: the sliding-window layers rotate by tables of their own base (position.rope_local_base), plain
+        # RoPE without the global layers' scaling. Fixed tables (buffers, not weights).
+        position = config.position
+        self.local_positions = (RotaryPositions(config.num_positions, config.head_dim, position.rope_local_base,
+                                                config.rotary_dim)
+                                if position.kind == "rope" and position.rope_local_base is not None else None)
         norm = config.norm
-        self.embedding_norm = (build_norm(norm.kind, config.width, norm.eps, norm.bias)
+        self.embedding_norm = (build_norm(norm.kind, config.width, norm.eps, norm.bias, norm.weight_offset)
                                if config.stem.embedding_norm else None)
         self.embedding_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         if config.arch == "decoder":
@@ -306,9 +318,11 @@ class Transformer(nn.Module):
                                                  length, memory.shape[1], device=device)
         else:
             memory_mask = None
-        return stack.contexts(masks, rotary=self.positions.rotary(position_ids, length), cache=cache, memory=memory,
-                              memory_mask=memory_mask, token_keep=token_keep, need_weights=need_weights,
-                              merging=merging)
+        local_rotary = (None if self.local_positions is None or not any(stack.windowed)
+                        else self.local_positions.rotary(position_ids, length))
+        return stack.contexts(masks, rotary=self.positions.rotary(position_ids, length), local_rotary=local_rotary,
+                              cache=cache, memory=memory, memory_mask=memory_mask, token_keep=token_keep,
+                              need_weights=need_weights, merging=merging)
 
     def attention_masks(self, stack: TransformerStack, *, length: int, key_keep: Tensor | None,
                         position_ids: Tensor | None, mask: Mask | None, cache: KVCache | StaticSlots | None,

@@ -472,3 +472,46 @@ def test_a_failing_compile_falls_back_to_plain_decoding_with_a_warning(monkeypat
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         out = model.generate(ids, 6, attention_mask=mask, temperature=0, compile=True)
     assert torch.equal(out, model.generate(ids, 6, attention_mask=mask, temperature=0))
+
+
+# ----- Gemma's parts: soft-capped scores, a local RoPE base for the window layers -----
+
+GEMMA_PARTS = {"norm.kind": "rmsnorm", "norm.weight_offset": 1.0, "norm.placement": "sandwich",
+               "stem.scale_embeddings": True, "attention.qk_norm": True, "attention.softcap": 1.0,
+               "attention.scale": 0.4, "feedforward.activation": "geglu_tanh", "head.logit_softcap": 2.0,
+               "position.rope_local_base": 30.0}
+
+
+@pytest.mark.parametrize("windows", [{"attention.sliding_window": 3, "attention.sliding_window_layers": [0]},
+                                     {"attention.sliding_window": 4}])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_gemma_parts_cache_and_fixed_shape_step_equal_recompute_far_beyond_the_window(windows, monkeypatch):
+    """Every path a soft-capped layer takes while decoding (the multi-token prefill, single tokens over full and
+    rolling buffers, the fixed-shape step's single-query form) caps its scores, and the window layers keep their own
+    rotary tables."""
+    model = make_model(position="rope", **GEMMA_PARTS, **windows)
+    ids, mask = left_padded([20, 13, 6], 20, seed=8)
+    assert check_steps(model, ids, mask, [7, 5] + [1] * 8) <= TOL
+    prompts, prompt_mask = left_padded([9, 5, 2], 9, seed=9)
+    expected = naive_greedy(model, prompts, prompt_mask, 10)
+    assert torch.equal(model.generate(prompts, 10, attention_mask=prompt_mask, temperature=0), expected)
+    calls = _eager_static_decoder(monkeypatch)
+    assert torch.equal(model.generate(prompts, 10, attention_mask=prompt_mask, temperature=0, compile=True),
+                       expected)
+    assert len(calls) == 9
+    # The cap and the local base bind: without them the logits differ.
+    for name, value in (("attention.softcap", None), ("position.rope_local_base", None)):
+        other = make_model(position="rope", **{**GEMMA_PARTS, **windows, name: value})
+        assert (other(ids, attention_mask=mask) - model(ids, attention_mask=mask)).abs().max() > 1e-3, name
+
+
+@pytest.mark.slow
+def test_compiled_generation_with_gemma_parts_equals_eager():
+    from formerkit.generation import compiled_step
+
+    model = make_model(position="rope", **GEMMA_PARTS, **{"attention.sliding_window": 3,
+                                                          "attention.sliding_window_layers": [0]})
+    ids, mask = left_padded([6, 3], 6, seed=2)
+    assert torch.equal(model.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
+                       model.generate(ids, 8, attention_mask=mask, temperature=0))
+    assert compiled_step.CompiledDecoder.for_model(model).ahead_error is None
