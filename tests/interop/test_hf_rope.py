@@ -1,5 +1,5 @@
-"""RoPE scaling (linear, dynamic, yarn, llama3) in LLaMA, Mistral and Qwen2 checkpoints, and the Qwen3 and Phi-3
-families, against transformers itself.
+"""RoPE scaling (linear, dynamic, yarn, llama3) in LLaMA, Mistral, Qwen2 and Qwen3 checkpoints, Qwen3's query/key
+norms, and Phi-3 (fused projections, partial rotary, LongRoPE), against transformers itself.
 
 Each case is a tiny random transformers model (GQA, odd head sizes, non-default theta, eps and scaling factors) whose
 original context is short (8 positions) so that the scaling changes the angles of the 16-24 token inputs and of the
@@ -66,7 +66,7 @@ CASES = {
                          "original_max_position_embeddings": 8}), 20),
     # Phi-3: fused qkv_proj and gate_up_proj, half the channels rotated, a sliding window on every layer.
     "phi3-partial-rotary-window": ("Phi3ForCausalLM", "Phi3Config", _sizes(
-        partial_rotary_factor=0.5, sliding_window=6, rope_theta=15000.0, pad_token_id=None), 16),
+        partial_rotary_factor=0.5, sliding_window=6, rope_theta=15000.0, rms_norm_eps=3e-6, pad_token_id=None), 16),
     # Phi-3 128k's LongRoPE, 4.x spelling: a factor per rotated pair (12 of 16 channels rotate), short within the
     # original 8 positions, long beyond; no factor, so the table scale comes from 32 / 8.
     "phi3-longrope-partial": ("Phi3ForCausalLM", "Phi3Config", _sizes(
