@@ -6,7 +6,8 @@ offsets from 1 (norm.weight_offset), token embeddings times sqrt(width) (stem.sc
 (feedforward.activation geglu_tanh) and a head tied to the embedding. Gemma 2 adds a norm after each sub-layer as well
 as before (norm.placement sandwich), soft-capped attention scores and logits (attention.softcap,
 head.logit_softcap), the score scale query_pre_attn_scalar^-1/2 (attention.scale) and sliding windows on every other
-layer. Gemma 3 adds QK-norm and a RoPE base of their own for the window layers (position.rope_local_base).
+layer. Gemma 3 adds QK-norm and a RoPE base of their own for the window layers (position.rope_local_base), and in
+its larger models a linear scaling of the global layers' RoPE (position.rope_scaling).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ _LATER_ACTIVATIONS = {"gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu", "silu"
 _GEMMA_ACTIVATION_NAMES = {"geglu_tanh": "gelu_pytorch_tanh", "swiglu": "silu"}
 _LATER_ACTIVATION_NAMES = {"geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu", "swiglu": "silu"}
 _LAYER_TYPES = ("full_attention", "sliding_attention")
-_PLAIN_ROPE = ("formerkit reads Gemma with plain RoPE on every layer; a scaled variant (Gemma 3's linear factor on "
-               "its global layers) changes the rotation angles")
+_PLAIN_ROPE = ("formerkit reads Gemma with plain RoPE, but for Gemma 3's linear scaling of its global layers; another "
+               "scaled variant changes the rotation angles")
 
 
 class Gemma(Family):
@@ -106,10 +107,13 @@ class Gemma(Family):
             activation = hf.choice("hidden_act", _GEMMA_ACTIVATIONS, "gelu_pytorch_tanh",
                                    "the activation of the MLP's gate")
             scale = attention_softcap = logit_softcap = window = windowed = None
+        scaling: dict[str, Any] = {}
         if model_type == "gemma3_text":
-            base, local_base = self._gemma3_rope(hf)
-            if local_base == base or window is None:
-                local_base = None  # no layer reads it (or it is the global base)
+            base, local_base, factor = self._gemma3_rope(hf)
+            if factor is not None:  # the global layers' tables; the window layers keep their own, unscaled
+                scaling = {"rope_scaling": "linear", "rope_factor": factor}
+            if window is None or (local_base == base and not scaling):
+                local_base = None  # no layer reads it (or it is the global table)
         else:
             base, local_base = rope_base(hf), None
         head: dict[str, Any] = {"kind": "none"}
@@ -127,7 +131,7 @@ class Gemma(Family):
             feedforward={"activation": activation, "hidden_size": hf.integer("intermediate_size"), "bias": False},
             norm={"kind": "rmsnorm", "placement": "sandwich" if later else "pre",
                   "eps": hf.number("rms_norm_eps", 1e-6), "weight_offset": 1.0},
-            position={"kind": "rope", "rope_base": base, "rope_local_base": local_base},
+            position={"kind": "rope", "rope_base": base, "rope_local_base": local_base, **scaling},
             stem={"kind": "tokens", "vocab_size": hf.integer("vocab_size"), "scale_embeddings": True},
             head=head,
         )
@@ -152,34 +156,46 @@ class Gemma(Family):
         return window, None if len(windowed) == layers else tuple(windowed)
 
     @staticmethod
-    def _gemma3_rope(hf: Fields) -> tuple[float, float]:
-        """Gemma 3's RoPE bases (global, local): transformers 4.x writes rope_theta, rope_local_base_freq and
-        rope_scaling; 5.x a rope_parameters mapping per layer type. Scaling is refused."""
-        scaling = hf.value("rope_scaling", None)
-        if scaling is not None and (not isinstance(scaling, dict)
-                                    or scaling.get("rope_type", scaling.get("type", "default")) != "default"):
-            hf.fail("rope_scaling", "null or a rope_type of 'default'", scaling, hint=_PLAIN_ROPE)
+    def _gemma3_rope(hf: Fields) -> tuple[float, float, float | None]:
+        """Gemma 3's RoPE bases (global, local) and the linear scaling factor of its global layers (position
+        interpolation, 8 in the 4B to 27B models; None: unscaled): transformers 4.x writes rope_theta,
+        rope_local_base_freq and rope_scaling; 5.x a rope_parameters mapping per layer type, which rope_scaling, when
+        present, updates for the global layers (as transformers merges them). Other scalings are refused."""
         base = hf.number("rope_theta", 1_000_000.0)
         local = hf.number("rope_local_base_freq", 10_000.0)
         parameters = hf.value("rope_parameters", None)
-        if parameters is None:
-            return base, local
-        if not isinstance(parameters, dict) or not set(parameters) <= set(_LAYER_TYPES) or not all(
-                isinstance(value, dict) for value in parameters.values()):
-            hf.fail("rope_parameters", "a mapping of 'full_attention' and 'sliding_attention' to their RoPE "
-                    "settings", parameters)
-        bases = {"full_attention": base, "sliding_attention": local}
-        for kind, settings in parameters.items():
-            if settings.get("rope_type", "default") != "default":
-                hf.fail(f"rope_parameters.{kind}.rope_type", "'default'", settings.get("rope_type"), hint=_PLAIN_ROPE)
-            if settings.get("partial_rotary_factor", 1.0) != 1.0:
-                hf.fail(f"rope_parameters.{kind}.partial_rotary_factor", "1.0 (every channel rotated)",
-                        settings["partial_rotary_factor"])
-            theta = settings.get("rope_theta", bases[kind])
+        settings: dict[str, tuple[dict, str]] = {}
+        if parameters is not None:
+            if not isinstance(parameters, dict) or not set(parameters) <= set(_LAYER_TYPES) or not all(
+                    isinstance(value, dict) for value in parameters.values()):
+                hf.fail("rope_parameters", "a mapping of 'full_attention' and 'sliding_attention' to their RoPE "
+                        "settings", parameters)
+            settings = {kind: (value, f"rope_parameters.{kind}") for kind, value in parameters.items()}
+        scaling = hf.value("rope_scaling", None)
+        if scaling is not None:
+            if not isinstance(scaling, dict):
+                hf.fail("rope_scaling", "null or a mapping with rope_type and factor", scaling)
+            settings["full_attention"] = ({**settings.get("full_attention", ({}, ""))[0], **scaling}, "rope_scaling")
+        bases, factor = {"full_attention": base, "sliding_attention": local}, None
+        for kind, (values, where) in settings.items():
+            rope_type = values.get("rope_type", values.get("type", "default"))
+            allowed = ("default", "linear") if kind == "full_attention" else ("default",)
+            if rope_type not in allowed:
+                name = "type" if "rope_type" not in values and "type" in values else "rope_type"
+                hf.fail(f"{where}.{name}", " or ".join(map(repr, allowed)), rope_type, hint=_PLAIN_ROPE)
+            if rope_type == "linear":
+                factor = values.get("factor")
+                if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+                    hf.fail(f"{where}.factor", "a number", factor)
+                factor = float(factor)
+            if values.get("partial_rotary_factor", 1.0) != 1.0:
+                hf.fail(f"{where}.partial_rotary_factor", "1.0 (every channel rotated)",
+                        values["partial_rotary_factor"])
+            theta = values.get("rope_theta", bases[kind])
             if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-                hf.fail(f"rope_parameters.{kind}.rope_theta", "a number", theta)
+                hf.fail(f"{where}.rope_theta", "a number", theta)
             bases[kind] = float(theta)
-        return bases["full_attention"], bases["sliding_attention"]
+        return bases["full_attention"], bases["sliding_attention"], factor
 
     # ----- writing -----
 
@@ -208,9 +224,12 @@ class Gemma(Family):
         if model_type == "gemma3_text":
             local = position.rope_local_base or base
             # transformers 4.x reads rope_theta and rope_local_base_freq, 5.x rope_parameters.
+            full: dict[str, Any] = {"rope_type": "default", "rope_theta": base}
+            if position.rope_scaling == "linear":
+                full.update(rope_type="linear", factor=position.rope_factor)
+                data.update(rope_scaling={"rope_type": "linear", "factor": position.rope_factor})
             data.update(rope_theta=base, rope_local_base_freq=local, rope_parameters={
-                "full_attention": {"rope_type": "default", "rope_theta": base},
-                "sliding_attention": {"rope_type": "default", "rope_theta": local}})
+                "full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}})
         else:
             data.update(rope_theta=base, rope_parameters={"rope_type": "default", "rope_theta": base})
         if later:

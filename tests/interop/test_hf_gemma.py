@@ -50,6 +50,14 @@ CASES = {
         "Gemma3ForCausalLM", "Gemma3TextConfig",
         _sizes(num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=5, rope_parameters=_GEMMA3_ROPE,
                layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # Gemma 3's linear scaling (factor 8) on its global layer only; the window layers share the base but not the
+    # scaling, so they keep a table of their own.
+    "gemma3-linear-global": (
+        "Gemma3ForCausalLM", "Gemma3TextConfig",
+        _sizes(num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=5,
+               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5000.0},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}},
+               layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     "gemma3-logit-softcap-untied": (
         "Gemma3ForCausalLM", "Gemma3TextConfig",
         _sizes(query_pre_attn_scalar=24, sliding_window=5, rope_parameters=_GEMMA3_ROPE,
@@ -159,8 +167,10 @@ def _edited(checkpoints, case, tmp_path, changes=None, drop=()):
 
 @pytest.mark.parametrize("case, changes, field", [
     ("gemma3-local-rope", {"rope_parameters": {**_GEMMA3_ROPE, "full_attention": {
-        "rope_type": "linear", "factor": 8.0, "rope_theta": 50000.0}}}, "rope_parameters.full_attention.rope_type"),
-    ("gemma3-local-rope", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "rope_scaling"),
+        "rope_type": "dynamic", "factor": 8.0, "rope_theta": 50000.0}}}, "rope_parameters.full_attention.rope_type"),
+    ("gemma3-local-rope", {"rope_parameters": {**_GEMMA3_ROPE, "sliding_attention": {
+        "rope_type": "linear", "factor": 8.0, "rope_theta": 100.0}}}, "rope_parameters.sliding_attention.rope_type"),
+    ("gemma3-local-rope", {"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_scaling.rope_type"),
     ("gemma-mqa-tied", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
      "rope_parameters.rope_type"),
     ("gemma3-local-rope", {"attn_logit_softcapping": 5.0}, "attn_logit_softcapping"),
@@ -190,6 +200,12 @@ def test_older_config_spellings_read_as_transformers_reads_them(checkpoints, par
     config = formerkit.from_hf(directory).config
     assert config.attention.sliding_window_layers == (0, 2)
     assert (config.position.rope_base, config.position.rope_local_base) == (50000.0, 100.0)
+    # 4.x's rope_scaling: the global layers' linear factor, the window layers on rope_local_base_freq unscaled.
+    scaled = _edited(checkpoints, "gemma3-linear-global", tmp_path / "scaled",
+                     {"rope_theta": 5000.0, "rope_local_base_freq": 5000.0, "sliding_window_pattern": 2,
+                      "rope_scaling": {"type": "linear", "factor": 8.0}}, drop=("rope_parameters", "layer_types"))
+    position = formerkit.from_hf(scaled).config.position
+    assert (position.rope_scaling, position.rope_factor, position.rope_local_base) == ("linear", 8.0, 5000.0)
     legacy = _edited(checkpoints, "gemma-mqa-tied", tmp_path / "legacy", {"hidden_act": "gelu"})
     assert formerkit.from_hf(legacy).config.feedforward.activation == "geglu_tanh"
 
