@@ -71,8 +71,9 @@ class Rule:
     """One formerkit parameter and the Hugging Face tensor(s) holding the same numbers.
 
     ``layout`` says how: "same" (copied), "transposed" (GPT-2's Conv1D, [in, out]), "stacked" (several tensors
-    concatenated along dim 0, ``sizes`` rows each: fused q/k/v, fused gate/up) or "batched" (the Hugging Face tensor
-    has a leading dimension of 1: ViT's position table).
+    concatenated along dim 0, ``sizes`` rows each: fused q/k/v, fused gate/up), "batched" (the Hugging Face tensor
+    has a leading dimension of 1: ViT's position table) or "offset" (the Hugging Face table has ``sizes[0]`` unused
+    rows first: BART's position table; they are written as zeros).
     """
 
     ours: str
@@ -89,6 +90,8 @@ class Rule:
             return [(rows, *shape[1:]) for rows in self.sizes]
         if self.layout == "batched":
             return [(1, *shape)]
+        if self.layout == "offset":
+            return [(shape[0] + self.sizes[0], *shape[1:])]
         return [shape]
 
     def to_ours(self, parts: list[Tensor]) -> Tensor:
@@ -98,6 +101,8 @@ class Rule:
             return torch.cat(parts, dim=0)
         if self.layout == "batched":
             return parts[0].squeeze(0)
+        if self.layout == "offset":
+            return parts[0][self.sizes[0]:]
         return parts[0]
 
     def to_theirs(self, tensor: Tensor) -> dict[str, Tensor]:
@@ -107,6 +112,8 @@ class Rule:
             parts = list(tensor.split(list(self.sizes), dim=0))
         elif self.layout == "batched":
             parts = [tensor.unsqueeze(0)]
+        elif self.layout == "offset":
+            parts = [torch.cat([tensor.new_zeros(self.sizes[0], *tensor.shape[1:]), tensor])]
         else:
             parts = [tensor]
         return dict(zip(self.theirs, parts))
@@ -310,8 +317,8 @@ class Registry:
         for family in self.families:
             if not family.writes(config):
                 continue
-            data = family.write_config(config)
             try:
+                data = family.write_config(config)
                 check_round_trip(family, config, data)
             except InteropError as error:
                 first_error = first_error or error

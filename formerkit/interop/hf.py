@@ -6,7 +6,8 @@ sharded ``model.safetensors.index.json`` and its shards) into a formerkit ``Tran
 loads with no missing or unexpected weights and the same outputs. ``convert`` is the function behind the command line.
 
 Families: GPT-2 (``gpt2``), LLaMA (``llama``) with its close relatives Mistral (``mistral``: sliding-window attention)
-and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), BERT (``bert``) and ViT (``vit``). Each
+and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), BERT (``bert``), ViT (``vit``), and the
+encoder-decoders T5 (``t5``) and BART (``bart``). Each
 family is one module of this package defining a ``Family`` (``formerkit.interop.engine``): the Hugging Face config
 read into a ModelConfig, a ModelConfig written back as one, and one table of weight rules that serves both directions.
 ``FAMILIES`` below lists them: adding a family is adding its module, its entry there and its name in the refusals
@@ -27,18 +28,20 @@ import torch
 from formerkit.checkpoint import load, save
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InteropError
+from formerkit.interop.bart import Bart
 from formerkit.interop.bert import Bert
 from formerkit.interop.engine import Family, Registry, assign, hf_state
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
 from formerkit.interop.gpt2 import GPT2
 from formerkit.interop.llama import Llama
+from formerkit.interop.t5 import T5
 from formerkit.interop.vit import ViT
 from formerkit.models.transformer import build_model
 
 __all__ = ["convert", "from_hf", "to_hf"]
 
 # The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config.
-FAMILIES = Registry(GPT2(), Llama(), Bert(), ViT())
+FAMILIES = Registry(GPT2(), Llama(), Bert(), ViT(), T5(), Bart())
 
 
 def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
@@ -51,9 +54,12 @@ def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
     if arch == "decoder" and stem == "tokens":
         raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2) for a "
                            f"decoder over tokens, got {position!r}")
+    if arch == "encoder_decoder" and stem == "tokens":
+        raise InteropError(f"to_hf: position.kind: expected 'relative' (T5) or 'learned' (BART) for an "
+                           f"encoder_decoder, got {position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
-                       "supported: a decoder over tokens (GPT-2, LLaMA), an encoder over tokens (BERT), an encoder "
-                       "over patches (ViT)")
+                       "supported: a decoder over tokens (GPT-2, LLaMA), an encoder over tokens (BERT, T5's "
+                       "encoder), an encoder over patches (ViT), an encoder_decoder over tokens (T5, BART)")
 
 
 # ----- from Hugging Face -----
@@ -81,10 +87,11 @@ def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Mo
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
     The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
-    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, bert, vit) and its
-    ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold
-    one). A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is
-    read with ``torch.load(weights_only=True)`` and a warning says so.
+    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, bert, vit, t5, bart) and
+    its ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights
+    hold one); t5 and bart are read as encoder-decoders (T5EncoderModel as an encoder) whose ``generate`` starts from
+    the checkpoint's decoder_start_token_id. A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is
+    true (pickle can run code); then it is read with ``torch.load(weights_only=True)`` and a warning says so.
 
     The model comes back in eval mode, like transformers' ``from_pretrained``, with float32 weights whatever the
     checkpoint's dtype. Raises ``InteropError`` naming the field or tensor for anything formerkit would not reproduce
@@ -116,7 +123,8 @@ def to_hf(model: torch.nn.Module, directory: str | Path) -> Path:
 
     The family follows from the config: a decoder over tokens with learned positions is GPT-2, with RoPE LLaMA
     (Mistral for sliding windows on every layer, Qwen2 for query/key/value-only biases or windows on some layers); an
-    encoder over tokens is BERT, over patches ViT. The head picks the architecture written (GPT2LMHeadModel,
+    encoder over tokens is BERT, over patches ViT; an encoder_decoder with relative positions is T5 (an encoder with
+    them T5EncoderModel), with learned positions BART. The head picks the architecture written (GPT2LMHeadModel,
     LlamaForCausalLM, BertForMaskedLM, BertForSequenceClassification, BertModel, ViTForImageClassification,
     ViTModel, ...), which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
 
