@@ -44,7 +44,10 @@ class Bart(Family):
             hf.refuse("decoder_ffn_dim", f"encoder_ffn_dim ({hidden})",
                       hint="formerkit's encoder and decoder have one feed-forward width")
         layers, decoder_layers = hf.integer("encoder_layers", 12), hf.integer("decoder_layers", 12)
-        head = ({"kind": "lm", "tie_embeddings": hf.flag("tie_word_embeddings", True), "bias": True}
+        # transformers 5 unties the encoder's and the decoder's token tables from each other too: three tables, where
+        # formerkit's stacks read one.
+        hf.expect("tie_word_embeddings", True, "formerkit's encoder and decoder share one token embedding")
+        head = ({"kind": "lm", "tie_embeddings": True, "bias": True}
                 if architecture == "BartForConditionalGeneration" else {"kind": "none"})
         return ModelConfig(
             arch="encoder_decoder", width=width, num_layers=layers,
@@ -66,6 +69,9 @@ class Bart(Family):
     def write_config(self, config: ModelConfig) -> dict[str, Any]:
         architecture = self.architecture_for(config, "bart")
         head = config.head
+        if head.kind == "lm" and not head.tie_embeddings:
+            raise InteropError("to_hf: head.tie_embeddings: expected true for a BartForConditionalGeneration (untied, "
+                               "transformers gives its encoder and decoder token tables of their own), got false")
         if head.kind == "lm" and not head.bias:
             raise InteropError("to_hf: head.bias: expected true for a BartForConditionalGeneration (its "
                                "final_logits_bias), got false")
@@ -84,7 +90,7 @@ class Bart(Family):
             "is_decoder": False, "decoder_start_token_id": config.decoder_start_token_id,
             # generate's defaults for BART force the end token at the length limit; formerkit's generate does not.
             "forced_eos_token_id": None,
-            "tie_word_embeddings": head.tie_embeddings if head.kind == "lm" else True,
+            "tie_word_embeddings": True,
         }
 
     def rules(self, config: ModelConfig, base: str) -> list[Rule]:
@@ -115,14 +121,12 @@ class Bart(Family):
         if config.head.kind == "lm":
             # final_logits_bias is a [1, vocab] buffer that transformers saves with the weights.
             rules.append(Rule("head.projection.bias", ("final_logits_bias",), "batched"))
-            if not config.head.tie_embeddings:
-                rules.append(Rule("head.projection.weight", ("lm_head.weight",)))
         return rules
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         shared = f"{base}shared.weight"
         copies = {f"{base}encoder.embed_tokens.weight": shared, f"{base}decoder.embed_tokens.weight": shared}
-        if config.head.kind == "lm" and config.head.tie_embeddings:
+        if config.head.kind == "lm":
             copies["lm_head.weight"] = shared
         return copies
 

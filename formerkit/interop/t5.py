@@ -31,12 +31,14 @@ class T5(Family):
         return {"T5ForConditionalGeneration": "lm", "T5Model": "none", "T5EncoderModel": "none"}
 
     def architecture_for(self, config: ModelConfig, model_type: str) -> str:
-        if config.arch == "encoder":
-            if config.head.kind != "none":
-                raise InteropError(f"to_hf: head.kind: expected 'none' for a T5EncoderModel, got "
-                                   f"{config.head.kind!r}")
+        # The encoder alone is T5EncoderModel; an encoder-decoder is T5Model without a head, else with its LM head.
+        expected = {"encoder": ("none", "T5EncoderModel")}.get(config.arch, ("lm or none", None))
+        if config.arch == "encoder_decoder" and config.head.kind in ("lm", "none"):
+            return "T5ForConditionalGeneration" if config.head.kind == "lm" else "T5Model"
+        if config.arch == "encoder" and config.head.kind == "none":
             return "T5EncoderModel"
-        return "T5ForConditionalGeneration" if config.head.kind == "lm" else super().architecture_for(config, "t5")
+        raise InteropError(f"to_hf: head.kind: expected {expected[0]!r} for a T5 checkpoint of arch {config.arch!r}, "
+                           f"got {config.head.kind!r}")
 
     def writes(self, config: ModelConfig) -> bool:
         return (config.arch in ("encoder", "encoder_decoder") and config.stem.kind == "tokens"

@@ -102,7 +102,8 @@ def build_optimizer(model: nn.Module, config) -> torch.optim.AdamW:
     no_decay_types = (nn.Embedding, nn.LayerNorm)
     no_decay: set[int] = set()
     for module in model.modules():
-        if isinstance(module, no_decay_types) or type(module).__name__ in ("RMSNorm", "LearnedPositions", "RelativePositions"):
+        if isinstance(module, no_decay_types) or type(module).__name__ in ("RMSNorm", "LearnedPositions",
+                                                                           "RelativePositions"):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
     layers, top = layer_ids(model) if config.layer_decay is not None else ({}, 0)
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {(top, True): [], (top, False): []}

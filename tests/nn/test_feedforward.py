@@ -3,6 +3,8 @@ through the plain forward, and what it keeps for the backward pass."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from formerkit.nn.feedforward import MLP, GatedMLP
 from formerkit.summary import saved_activation_bytes
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu")
+GATED = ("swiglu", "geglu", "geglu_tanh")
 
 
 def _gradients(module, x, upstream):
@@ -17,8 +20,8 @@ def _gradients(module, x, upstream):
     return out, torch.autograd.grad(out, [x, *module.parameters()], upstream)
 
 
-@pytest.mark.parametrize("cls", [MLP, GatedMLP])
-@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("cls, name", [(cls, name) for cls in (MLP, GatedMLP) for name in ACTIVATIONS]
+                         + [(GatedMLP, name) for name in GATED])
 def test_recomputed_activation_gives_autograds_gradients(cls, name):
     torch.manual_seed(0)
     module = cls(8, 12, name).double()
@@ -91,3 +94,14 @@ def test_recompute_with_a_frozen_output_projection_gives_the_input_gradient(cls)
         grads.append(torch.autograd.grad(module(x).sum(), [x, *module.fc_in.parameters()]))
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_geglu_tanh_gates_with_the_tanh_approximation_of_gelu():
+    # T5 v1.1's gated-gelu (gelu_new): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) times the linear half.
+    torch.manual_seed(1)
+    module = GatedMLP(6, 10, "geglu_tanh").double().eval()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    gate, up = module.fc_in(x).chunk(2, dim=-1)
+    tanh_gelu = 0.5 * gate * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate ** 3)))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), module.fc_out(tanh_gelu * up), rtol=1e-12, atol=1e-12)
