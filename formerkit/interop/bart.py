@@ -34,6 +34,9 @@ class Bart(Family):
         hf.expect("is_decoder", False, "formerkit reads BART as an encoder-decoder")
         # stem.scale_embeddings is being added to formerkit's core; until then a scaled embedding is refused.
         hf.expect("scale_embedding", False, "formerkit does not yet scale token embeddings by sqrt(d_model)")
+        for name in ("encoder_layerdrop", "decoder_layerdrop"):
+            hf.expect(name, 0.0, "formerkit has no LayerDrop (Fan et al.); its drop_path drops per example, not "
+                      "whole layers per batch")
         width = hf.integer("d_model", 1024)
         heads = hf.integer("encoder_attention_heads", 16)
         if hf.integer("decoder_attention_heads", 16) != heads:
