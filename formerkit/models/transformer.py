@@ -323,9 +323,8 @@ class Transformer(nn.Module):
         else:
             memory_mask = None
         return stack.contexts(masks, rotary=self.positions_of(stack).rotary(position_ids, length), cache=cache,
-                              memory=memory,
-                              memory_mask=memory_mask, token_keep=token_keep, need_weights=need_weights,
-                              merging=merging)
+                              memory=memory, memory_mask=memory_mask, token_keep=token_keep,
+                              need_weights=need_weights, merging=merging)
 
     def attention_masks(self, stack: TransformerStack, *, length: int, key_keep: Tensor | None,
                         position_ids: Tensor | None, mask: Mask | None, cache: KVCache | StaticSlots | None,
