@@ -381,6 +381,16 @@ def test_encoder_decoder_relative_tables_are_per_stack_bidirectional_then_causal
         assert (model.encode(source) - encoded).abs().max() > 1e-3
 
 
+def test_training_reaches_both_relative_tables_of_an_encoder_decoder():
+    config = token_config("encoder_decoder", vocab_size=20, num_layers=1, max_seq_len=16,
+                          position={"kind": "relative", "relative_buckets": 8, "separate_decoder": True})
+    model = formerkit.build_model(config).train()
+    ids = torch.randint(0, 20, (2, 10), generator=torch.Generator().manual_seed(16))
+    model(ids, decoder_input_ids=ids).square().mean().backward()
+    assert model.positions.weight.grad.abs().sum() > 0
+    assert model.decoder_positions.weight.grad.abs().sum() > 0
+
+
 # ----- build_positions -----
 
 
