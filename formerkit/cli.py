@@ -210,7 +210,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print("formerkit convert: warning: --trust-pickle reads a pickled .bin checkpoint (with torch.load's "
               "weights_only=True); only use it on files you trust", file=sys.stderr)
     direction, source = ("from_hf", args.from_hf) if args.from_hf else ("to_hf", args.to_hf)
-    result = convert(source, args.out, direction=direction, trust_pickle=args.trust_pickle)
+    result = convert(source, args.out, direction=direction, trust_pickle=args.trust_pickle,
+                     model_type=args.model_type)
     print(f"{result['source']} -> {result['out']}: {result['architecture']} ({result['family']}), "
           f"{result['parameters']:,} parameters")
     return 0
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="the new directory to write")
     convert.add_argument("--trust-pickle", action="store_true",
                          help="allow reading a pickled pytorch_model.bin (refused by default)")
+    convert.add_argument("--model-type", metavar="TYPE", default=None,
+                         help="--to-hf: the Hugging Face family to write (e.g. roberta rather than bert, opt rather "
+                              "than gpt2); default: the first that holds the model")
     convert.set_defaults(run=cmd_convert)
 
     export = commands.add_parser("export", help="export a run's model to ONNX or a torch.export program (+ a JSON "

@@ -140,3 +140,32 @@ def test_an_unknown_choice_of_an_optional_field_is_a_config_error_not_a_key_erro
     with pytest.raises(ConfigError, match="head.pooling") as error:
         ModelConfig(head={"kind": "classification", "num_classes": 3, "pooling": "max"})
     assert "'max'" in str(error.value) and "'mean'" in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"position": {"kind": "learned", "rotary_fraction": 0.5}}, "position.rotary_fraction"),
+    ({"position": {"kind": "rope", "rotary_fraction": 0.1}}, "position.rotary_fraction"),  # 0 channels of 8
+    ({"position": {"kind": "rope", "rope_factor": 4.0}}, "position.rope_factor"),  # no scaling scheme
+    ({"position": {"kind": "rope", "rope_scaling": "llama3", "rope_factor": 8.0}}, "position.rope_original_max_len"),
+    ({"position": {"kind": "rope", "rope_scaling": "linear", "rope_factor": 2.0, "rope_beta_fast": 8.0}},
+     "position.rope_beta_fast"),  # a yarn field under linear scaling
+    ({"position": {"kind": "rope", "rope_local_base": 1e4}}, "position.rope_local_base"),  # no window
+    ({"position": {"kind": "alibi", "relative_buckets": 8}}, "position.relative_buckets"),
+    ({"norm": {"kind": "layernorm", "weight_offset": 1.0}}, "norm.weight_offset"),
+    ({"attention": {"num_heads": 4, "softcap": 0.0}}, "attention.softcap"),
+    ({"head": {"kind": "none", "logit_softcap": 30.0}}, "head.logit_softcap"),
+    ({"parallel_residual": "shared_norm", "norm": {"placement": "post"}}, "parallel_residual"),
+])
+def test_checkpoint_family_fields_are_refused_where_they_would_do_nothing_or_cannot_hold(overrides, field):
+    with pytest.raises(ConfigError) as error:
+        small(**overrides)
+    assert error.value.field == field
+
+
+def test_checkpoint_family_fields_accept_what_the_families_use():
+    config = small(position={"kind": "rope", "rotary_fraction": 0.5, "rope_scaling": "yarn", "rope_factor": 4.0,
+                             "rope_original_max_len": 8, "rope_beta_fast": 16.0},
+                   parallel_residual="separate_norms", norm={"kind": "rmsnorm", "weight_offset": 1.0},
+                   attention={"num_heads": 4, "softcap": 50.0, "scale": 0.25}, head={"logit_softcap": 30.0})
+    assert config.rotary_dim == 4
+    assert ModelConfig.from_dict(config.to_dict()) == config

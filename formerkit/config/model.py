@@ -173,9 +173,13 @@ class ModelConfig(ModelSection):
                               hint="an encoder over tokens predicts masked tokens: use head.kind 'masked_lm'")
         if head.kind == "masked_lm" and (stem.kind != "tokens" or self.arch != "encoder"):
             raise ConfigError("head.kind", "masked_lm", "a tokens stem with arch 'encoder'")
-        if stem.distill_token and head.kind != "classification":
-            raise ConfigError("stem.distill_token", True, "false unless head.kind is 'classification'",
-                              hint="the distillation token feeds a second classification head")
+        if stem.distill_token and head.kind not in ("classification", "none"):
+            raise ConfigError("stem.distill_token", True, "false unless head.kind is 'classification' or 'none'",
+                              hint="the distillation token feeds a second classification head (or, with no head, "
+                                   "is part of the hidden states, as in DeiTModel)")
+        if not head.distill_head and not (stem.distill_token and head.kind == "classification"):
+            raise ConfigError("head.distill_head", False, "true unless stem.distill_token is true and head.kind is "
+                              "'classification'", hint="it turns off the head that reads the distillation token")
         if head.tie_embeddings and stem.kind != "tokens":
             raise ConfigError("head.tie_embeddings", True, "a tokens stem, whose embedding the head can share")
         if self.head_pooling == "cls" and stem.kind != "tokens" and not stem.class_token:

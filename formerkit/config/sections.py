@@ -32,6 +32,7 @@ ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
 STEM_KINDS = ("tokens", "patches", "conv", "linear")
 HEAD_KINDS = ("lm", "masked_lm", "classification", "regression", "none")
 POOLINGS = ("cls", "mean", "sequence", "last", "none")
+POOLER_ACTIVATIONS = ("tanh", "relu")
 ARCHS = ("encoder", "decoder", "encoder_decoder")
 
 
@@ -338,9 +339,9 @@ class StemConfig(ModelSection):
     class_token: bool = False
     # patches and conv: extra learned tokens without positions (Darcet et al., "Vision Transformers Need Registers")
     register_tokens: int = 0
-    # patches and conv, classification: DeiT's distillation token (Touvron et al., 2021), after the class token, read
-    # by a second classification head that learns from a teacher (formerkit distill); the two heads' logits are
-    # averaged at inference.
+    # patches and conv, classification (or no head): DeiT's distillation token (Touvron et al., 2021), after the class
+    # token, read by a second classification head that learns from a teacher (formerkit distill); the two heads'
+    # logits are averaged at inference (head.distill_head: false keeps the token without its head).
     distill_token: bool = False
     # conv
     conv_layers: int = 1
@@ -447,8 +448,10 @@ class HeadConfig(ModelSection):
     # How a sequence becomes one vector: cls (first token), mean (of real input tokens), sequence (CCT's learned
     # attention pooling), last (last real token, for decoders), none (keep every position).
     pooling: str | None = choice(None, (None, *POOLINGS))
-    # BERT's pooler: a dense layer with tanh on the pooled vector.
+    # BERT's pooler: a dense layer with an activation (head.pooler_activation) on the pooled vector.
     pooler: bool = False
+    # The pooler's activation: tanh (BERT, RoBERTa's classification head, ViT) or relu (DistilBERT's pre_classifier).
+    pooler_activation: str = choice("tanh", POOLER_ACTIVATIONS)
     # Share the LM head's weight with the token embedding (Press & Wolf, 2017).
     tie_embeddings: bool = False
     dropout: float = 0.0
@@ -459,6 +462,10 @@ class HeadConfig(ModelSection):
     scale_input: bool = False
     # lm: soft-capping of the logits, logit_softcap * tanh(logits / logit_softcap) (Gemma 2). null: none.
     logit_softcap: float | None = None
+    # Classification with stem.distill_token: a second head reads the distillation token and the logits are the mean
+    # of both (DeiT, Touvron et al., 2021); false: only the class token's head predicts, the distillation token
+    # still attends and is attended to in every layer (Hugging Face's DeiTForImageClassification).
+    distill_head: bool = True
 
     def _validate(self) -> None:
         kind = self.kind
@@ -474,6 +481,9 @@ class HeadConfig(ModelSection):
             self._fail("pooling", f"null for a head of kind {kind!r}, which predicts at every position")
         if kind == "classification" and self.pooling == "none":
             self._fail("pooling", "cls, mean, sequence or last for a classification head")
+        if self.pooler_activation != "tanh" and not self.pooler:
+            self._fail("pooler_activation", "'tanh' (the default) when head.pooler is false",
+                       hint="the activation belongs to the pooler; set head.pooler: true")
         if self.tie_embeddings and kind not in ("lm", "masked_lm"):
             self._fail("tie_embeddings", "false unless head.kind is 'lm' or 'masked_lm'")
         if not 0.0 <= self.dropout < 1.0:

@@ -1,4 +1,5 @@
-"""BERT checkpoints (``bert``: BertModel, BertForMaskedLM, BertForSequenceClassification) in and out."""
+"""BERT checkpoints (``bert``: BertModel, BertForMaskedLM, BertForSequenceClassification) in and out; RoBERTa
+(``formerkit.interop.roberta``) shares this code where its layout is BERT's."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class Bert(Family):
     model_types = ("bert",)
     prefix = "bert."
     buffers = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
+    # BERT's masked-LM transform applies hidden_act, which formerkit's head holds only when it is exact GELU.
+    transform_uses_hidden_act = True
+    # Rows of the position table in front of position 0 (RoBERTa's padding offset); BERT has none.
+    position_offset = 0
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"BertForMaskedLM": "masked_lm", "BertModel": "none", "BertForSequenceClassification": "classification"}
@@ -48,7 +53,7 @@ class Bert(Family):
         dropout = hf.number("hidden_dropout_prob", 0.1)
         kind = self.architectures("bert")[architecture]
         if kind == "masked_lm":
-            if activation != "gelu":
+            if self.transform_uses_hidden_act and activation != "gelu":
                 hf.fail("hidden_act", "'gelu' for a BertForMaskedLM", hf.value("hidden_act"),
                         hint="formerkit's masked-LM head transform uses exact GELU")
             head = {"kind": "masked_lm", "tie_embeddings": hf.flag("tie_word_embeddings", True)}
@@ -60,7 +65,7 @@ class Bert(Family):
             head = {"kind": "none", "pooler": has_pooler, "pooling": "cls" if has_pooler else None}
         return ModelConfig(
             arch="encoder", width=width, num_layers=hf.integer("num_hidden_layers"),
-            max_seq_len=hf.integer("max_position_embeddings", 512), dropout=dropout,
+            max_seq_len=self.max_seq_len(hf), dropout=dropout,
             init_std=hf.number("initializer_range", 0.02),
             attention={"num_heads": hf.integer("num_attention_heads"),
                        "dropout": hf.number("attention_probs_dropout_prob", 0.1)},
@@ -73,24 +78,33 @@ class Bert(Family):
             head=head,
         )
 
+    def max_seq_len(self, hf: Fields) -> int:
+        rows = hf.integer("max_position_embeddings", 512)
+        if rows <= self.position_offset:
+            hf.fail("max_position_embeddings", f"an integer > {self.position_offset} (the position table's rows "
+                    "before position 0, then one per position)", rows)
+        return rows - self.position_offset
+
     def write_config(self, config: ModelConfig) -> dict[str, Any]:
-        architecture = self.architecture_for(config, "bert")
+        model_type = self.model_types[0]
+        architecture = self.architecture_for(config, model_type)
         head = config.head
-        if head.kind == "masked_lm" and config.feedforward.activation != "gelu":
+        if self.transform_uses_hidden_act and head.kind == "masked_lm" and config.feedforward.activation != "gelu":
             raise InteropError(f"to_hf: feedforward.activation: expected 'gelu' for a BertForMaskedLM, got "
                                f"{config.feedforward.activation!r} (its head transform shares the MLP's activation)")
         if config.stem.num_token_types < 1:
-            raise InteropError("to_hf: stem.num_token_types: expected an integer >= 1 for a BERT checkpoint (it "
-                               "always has a token-type table), got 0")
+            raise InteropError(f"to_hf: stem.num_token_types: expected an integer >= 1 for a {architecture} "
+                               "checkpoint (it always has a token-type table), got 0")
         data = {
-            **self.header(config, architecture, "bert"),
+            **self.header(config, architecture, model_type),
             "vocab_size": config.stem.vocab_size, "hidden_size": config.width,
             "num_hidden_layers": config.num_layers, "num_attention_heads": config.attention.num_heads,
             "intermediate_size": config.feedforward_size,
             "hidden_act": hf_name(ACTIVATION_NAMES, config.feedforward.activation, "feedforward.activation",
                                   architecture),
             "hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.attention.dropout,
-            "max_position_embeddings": config.max_seq_len, "type_vocab_size": config.stem.num_token_types,
+            "max_position_embeddings": config.max_seq_len + self.position_offset,
+            "type_vocab_size": config.stem.num_token_types,
             "layer_norm_eps": config.norm.eps, "position_embedding_type": "absolute", "is_decoder": False,
             "add_cross_attention": False, "tie_word_embeddings": head.tie_embeddings,
         }
@@ -99,10 +113,16 @@ class Bert(Family):
         return data
 
     def rules(self, config: ModelConfig, base: str) -> list[Rule]:
+        return self.encoder_rules(config, base) + self.head_rules(config, base)
+
+    def encoder_rules(self, config: ModelConfig, base: str) -> list[Rule]:
+        """The embeddings and the layers: what BERT and RoBERTa name alike."""
         embeddings, rows = f"{base}embeddings", config.attention.num_heads * config.head_dim
+        positions = (Rule("positions.weight", (f"{embeddings}.position_embeddings.weight",), "offset",
+                          (self.position_offset,)) if self.position_offset
+                     else Rule("positions.weight", (f"{embeddings}.position_embeddings.weight",)))
         rules = [Rule("stem.tokens.weight", (f"{embeddings}.word_embeddings.weight",)),
-                 Rule("stem.token_types.weight", (f"{embeddings}.token_type_embeddings.weight",)),
-                 Rule("positions.weight", (f"{embeddings}.position_embeddings.weight",))]
+                 Rule("stem.token_types.weight", (f"{embeddings}.token_type_embeddings.weight",)), positions]
         rules += pair("embedding_norm", f"{embeddings}.LayerNorm")
         for i in range(config.num_layers):
             # Post-norm: attention.output.LayerNorm follows the attention residual, output.LayerNorm the MLP's.
@@ -114,9 +134,12 @@ class Bert(Family):
             rules += pair(f"{ours}.feedforward.fc_in", f"{theirs}.intermediate.dense")
             rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.output.dense")
             rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.output.LayerNorm")
+        return rules
+
+    def head_rules(self, config: ModelConfig, base: str) -> list[Rule]:
+        """The pooler and the task head."""
         head = config.head
-        if head.pooler:
-            rules += pair("head.pooler", f"{base}pooler.dense")
+        rules = pair("head.pooler", f"{base}pooler.dense") if head.pooler else []
         if head.kind == "masked_lm":
             predictions = "cls.predictions"
             rules += pair("head.dense", f"{predictions}.transform.dense")

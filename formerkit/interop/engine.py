@@ -1,14 +1,16 @@
 """The conversion engine shared by every Hugging Face family: weight rules, the family interface and its registry,
 and the checks that make a conversion exact.
 
-A family (one module each: ``gpt2``, ``llama``, ``bert``, ``vit``) is a ``Family``: the Hugging Face config read into a
+A family (one module each, such as ``gpt2`` or ``llama``) is a ``Family``: the Hugging Face config read into a
 ModelConfig, a ModelConfig written back as one, and one table of ``Rule``s that serves both directions. The engine
 knows no family; ``formerkit.interop.hf`` lists them in a ``Registry``.
 
 Two layout facts the rules encode: formerkit fuses the query, key and value projections into one ``qkv`` Linear stacked
 [q | k | v] along the output dimension (with grouped-query attention k and v have ``num_kv_heads * head_dim`` rows
 each), and a gated MLP's gate and up projections into one ``fc_in`` stacked [gate | up]. GPT-2's ``Conv1D`` stores its
-weights [in, out], the transpose of ``nn.Linear``'s [out, in].
+weights [in, out], the transpose of ``nn.Linear``'s [out, in]. Checkpoints that order those rows otherwise (GPT-NeoX's
+and Falcon's fused projections interleave q, k and v per head; GPT-J's rotary pairs interleave channels) are read and
+written through a fixed row permutation (the "permuted" layout).
 """
 
 from __future__ import annotations
@@ -40,11 +42,15 @@ __all__ = [
     "check_coverage",
     "check_round_trip",
     "feedforward_hidden_size",
+    "grouped_qkv_order",
     "hf_name",
     "hf_state",
+    "interleaved_rotary_order",
     "label_fields",
     "pair",
+    "permuted",
     "rope_base",
+    "rotary_fraction",
     "stack",
     "untied_lm_head",
     "windowed_layers",
@@ -72,21 +78,24 @@ class Rule:
 
     ``layout`` says how: "same" (copied), "transposed" (GPT-2's Conv1D, [in, out]), "stacked" (several tensors
     concatenated along dim 0, ``sizes`` rows each: fused q/k/v, fused gate/up), "batched" (the Hugging Face tensor
-    has a leading dimension of 1: ViT's position table) or "offset" (the Hugging Face table has ``sizes[0]`` unused
-    rows first: BART's position table; they are written as zeros).
+    has a leading dimension of 1: ViT's position table), "offset" (the Hugging Face table has ``sizes[0]`` rows in
+    front that formerkit's positions never index: RoBERTa's and OPT's position tables; they are written as zeros) or
+    "permuted" (stacked, then the rows taken in ``order``: row i of ours is row ``order[i]`` of the concatenation, and
+    writing applies the inverse permutation).
     """
 
     ours: str
     theirs: tuple[str, ...]
     layout: str = "same"
     sizes: tuple[int, ...] = ()
+    order: tuple[int, ...] = ()
 
     def their_shapes(self, shape: torch.Size) -> list[tuple[int, ...]]:
         """The shapes the Hugging Face tensors have for a formerkit parameter of ``shape``."""
         shape = tuple(shape)
         if self.layout == "transposed":
             return [shape[::-1]]
-        if self.layout == "stacked":
+        if self.layout in ("stacked", "permuted"):
             return [(rows, *shape[1:]) for rows in self.sizes]
         if self.layout == "batched":
             return [(1, *shape)]
@@ -99,6 +108,8 @@ class Rule:
             return parts[0].t()
         if self.layout == "stacked":
             return torch.cat(parts, dim=0)
+        if self.layout == "permuted":
+            return torch.cat(parts, dim=0)[list(self.order)]
         if self.layout == "batched":
             return parts[0].squeeze(0)
         if self.layout == "offset":
@@ -110,6 +121,10 @@ class Rule:
             parts = [tensor.t()]
         elif self.layout == "stacked":
             parts = list(tensor.split(list(self.sizes), dim=0))
+        elif self.layout == "permuted":
+            inverse = torch.empty(len(self.order), dtype=torch.long)
+            inverse[list(self.order)] = torch.arange(len(self.order))
+            parts = list(tensor[inverse].split(list(self.sizes), dim=0))
         elif self.layout == "batched":
             parts = [tensor.unsqueeze(0)]
         elif self.layout == "offset":
@@ -131,6 +146,37 @@ def stack(ours: str, theirs: list[str], sizes: tuple[int, ...], *, bias: bool) -
     if bias:
         rules.append(Rule(f"{ours}.bias", tuple(f"{name}.bias" for name in theirs), "stacked", sizes))
     return rules
+
+
+def permuted(ours: str, theirs: list[str], sizes: tuple[int, ...], order: list[int], *, bias: bool) -> list[Rule]:
+    """A formerkit Linear whose output rows are those of the Hugging Face Linear(s) ``theirs`` (stacked) in another
+    order: row i of ours is row ``order[i]`` of theirs. Its bias, if any, is reordered the same way."""
+    rules = [Rule(f"{ours}.weight", tuple(f"{name}.weight" for name in theirs), "permuted", sizes, tuple(order))]
+    if bias:
+        rules.append(Rule(f"{ours}.bias", tuple(f"{name}.bias" for name in theirs), "permuted", sizes, tuple(order)))
+    return rules
+
+
+def grouped_qkv_order(kv_heads: int, group: int, head_dim: int) -> list[int]:
+    """The row order taking a fused projection laid out per key/value head, [kv_heads, group + 2, head_dim] (each
+    group's ``group`` query heads, then its key head, then its value head: Falcon's new decoder architecture; GPT-NeoX
+    and Falcon without multi-query are the case group 1, [heads, 3, head_dim]), to formerkit's [q | k | v]."""
+    def row(kv_head: int, slot: int, channel: int) -> int:
+        return (kv_head * (group + 2) + slot) * head_dim + channel
+
+    queries = [row(kv, q, c) for kv in range(kv_heads) for q in range(group) for c in range(head_dim)]
+    keys = [row(kv, group, c) for kv in range(kv_heads) for c in range(head_dim)]
+    values = [row(kv, group + 1, c) for kv in range(kv_heads) for c in range(head_dim)]
+    return queries + keys + values
+
+
+def interleaved_rotary_order(heads: int, head_dim: int, rotary_dim: int) -> list[int]:
+    """The row order taking query or key projections whose rotary pairs are interleaved, (2i, 2i + 1) (RoFormer,
+    GPT-J), to formerkit's half-split pairs (i, i + rotary_dim/2): per head, the even channels of the first
+    ``rotary_dim``, then their odd channels, then the unrotated rest. Both rotate pair i by the same angle, and a
+    permutation applied to queries and keys alike leaves their dot products unchanged."""
+    per_head = [*range(0, rotary_dim, 2), *range(1, rotary_dim, 2), *range(rotary_dim, head_dim)]
+    return [head * head_dim + channel for head in range(heads) for channel in per_head]
 
 
 def untied_lm_head(config: ModelConfig) -> list[Rule]:
@@ -163,9 +209,10 @@ def _rope_type(spec: Any) -> Any:
     return spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, dict) else spec
 
 
-def rope_base(hf: Fields) -> float:
+def rope_base(hf: Fields, *, partial: bool = False) -> float:
     """RoPE's base (``rope_theta``), after checking that no scaling scheme is asked for. transformers 4.x writes
-    ``rope_theta`` and ``rope_scaling``; 5.x writes both into ``rope_parameters``."""
+    ``rope_theta`` and ``rope_scaling``; 5.x writes both into ``rope_parameters``. A family that reads partial rotary
+    (``rotary_fraction``) passes ``partial``; the others refuse a partial_rotary_factor other than 1."""
     why = ("formerkit implements plain RoPE; a scaled variant (linear, dynamic, yarn, longrope, llama3) changes the "
            "rotation angles")
     theta: Any = hf.number("rope_theta", 10000.0)
@@ -179,15 +226,30 @@ def rope_base(hf: Fields) -> float:
                     hint="per-layer-type RoPE settings are not supported")
         if _rope_type(parameters) != "default":
             hf.fail("rope_parameters.rope_type", "'default'", _rope_type(parameters), hint=why)
-        if parameters.get("partial_rotary_factor", 1.0) != 1.0:
+        if not partial and parameters.get("partial_rotary_factor", 1.0) != 1.0:
             hf.fail("rope_parameters.partial_rotary_factor", "1.0 (every channel rotated)",
                     parameters["partial_rotary_factor"])
         theta = parameters.get("rope_theta", theta)
         if isinstance(theta, bool) or not isinstance(theta, (int, float)):
             hf.fail("rope_parameters.rope_theta", "a number", theta)
-    if hf.value("partial_rotary_factor", 1.0) != 1.0:
+    if not partial and hf.value("partial_rotary_factor", 1.0) != 1.0:
         hf.fail("partial_rotary_factor", "1.0 (every channel rotated)", hf.value("partial_rotary_factor"))
     return float(theta)
+
+
+def rotary_fraction(hf: Fields, name: str, default: float) -> float:
+    """The fraction of each head's channels RoPE rotates: ``rope_parameters.partial_rotary_factor`` (transformers
+    5.x) or the family's own field ``name`` (4.x: GPT-NeoX's rotary_pct, Phi's partial_rotary_factor)."""
+    parameters = hf.value("rope_parameters", None)
+    if isinstance(parameters, dict) and "partial_rotary_factor" in parameters:
+        value = parameters["partial_rotary_factor"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            hf.fail("rope_parameters.partial_rotary_factor", "a fraction in (0, 1]", value)
+        return float(value)
+    value = hf.number(name, default)
+    if not 0 < value <= 1:
+        hf.fail(name, "a fraction in (0, 1]", value)
+    return value
 
 
 def label_fields(count: int) -> dict[str, Any]:
@@ -254,6 +316,11 @@ class Family:
         """Tensors a file may hold as copies of tied ones (name -> the tensor it must equal); dropped once checked."""
         return {}
 
+    def fixed(self, config: ModelConfig, base: str) -> dict[str, Tensor]:
+        """Tensors a file stores that formerkit computes instead of learning (DistilBERT's sinusoidal position table):
+        on reading each must equal formerkit's value and is dropped; on writing each is written."""
+        return {}
+
     def unused(self, architecture: str, base: str) -> set[str]:
         """Weights a file of ``architecture`` may hold that the architecture itself never uses (transformers drops
         them on loading too); dropped with a warning naming them."""
@@ -307,25 +374,41 @@ class Registry:
                       hint="formerkit converts these families only")
         return family
 
-    def family_for(self, config: ModelConfig) -> tuple[Family, dict[str, Any]] | None:
+    def family_for(self, config: ModelConfig, model_type: str | None = None) -> tuple[Family, dict[str, Any]] | None:
         """The family ``to_hf`` writes a model of ``config`` as, with the config.json it writes, if any.
 
         Several families may lay out models of one shape (decoders with rotary positions: LLaMA, GPT-NeoX, Phi,
-        ...); each candidate's config.json must read back as ``config``, and the first that does is taken. When
-        none does, the first candidate's refusal, which names every field it cannot hold, is raised."""
-        first_error = None
+        ...; encoders over tokens: BERT, RoBERTa); each candidate's config.json must read back as ``config``, and the
+        first that does is taken. ``model_type`` asks for one family's checkpoint only (RoBERTa rather than BERT).
+        When none does, the refusal of the candidate that comes closest is raised: the one whose config.json differs
+        in the fewest fields (it names them all), the first in order among equals. A candidate that stops at one
+        field it cannot spell (an activation it has no name for) counts as one difference, after a complete list of
+        one."""
+        if model_type is not None and model_type not in self.by_model_type:
+            raise InteropError(f"to_hf: model_type: expected one of {', '.join(map(repr, self.by_model_type))} or "
+                               f"None, got {model_type!r}")
+        refusals: list[InteropError] = []
         for family in self.families:
+            if model_type is not None and family is not self.by_model_type[model_type]:
+                continue
             if not family.writes(config):
                 continue
             try:
                 data = family.write_config(config)
+                if model_type is not None and data["model_type"] != model_type:
+                    raise InteropError(f"to_hf: model_type: {model_type!r} cannot hold this model; it would be "
+                                       f"written as {data['model_type']!r}")
                 check_round_trip(family, config, data)
             except InteropError as error:
-                first_error = first_error or error
+                refusals.append(error)
                 continue
             return family, data
-        if first_error is not None:
-            raise first_error
+        if refusals:
+            raise min(refusals, key=lambda error: (getattr(error, "differences", 1), not hasattr(error, "differences")))
+        if model_type is not None:
+            raise InteropError(f"to_hf: model_type: a {model_type!r} checkpoint cannot hold a model with "
+                               f"arch={config.arch!r}, stem.kind={config.stem.kind!r}, "
+                               f"position.kind={config.position.kind!r}")
         return None
 
 
@@ -345,6 +428,9 @@ def _semantics(config: ModelConfig) -> dict[str, Any]:
                  "attention.sliding_window_layers": windowed_layers(config),
                  "feedforward.hidden_size": config.feedforward_size, "norm.final": config.norm.has_final,
                  "head.pooling": config.head_pooling})
+    if config.position.kind == "rope":
+        # Fractions that rotate the same channels are one model (GPT-J stores a channel count, not a fraction).
+        flat["position.rotary_fraction"] = f"{config.rotary_dim} of {config.head_dim} channels"
     # A mixture of experts differs by feedforward.num_experts (0 and null are both dense); its other fields follow it.
     flat["feedforward.num_experts"] = config.feedforward.num_experts or None
     ignored = ["feedforward.ratio", "feedforward.experts_per_token", "feedforward.capacity_factor",
@@ -359,6 +445,10 @@ def _semantics(config: ModelConfig) -> dict[str, Any]:
         ignored.append("head.dropout")
     if config.head.kind in ("lm", "masked_lm"):  # these heads never build a pooler
         ignored.append("head.pooler")
+    if not config.head.pooler or config.head.kind in ("lm", "masked_lm"):
+        ignored.append("head.pooler_activation")
+    if not (config.stem.distill_token and config.head.kind == "classification"):
+        ignored.append("head.distill_head")
     for name in ignored:
         flat.pop(name)
     return flat
@@ -373,7 +463,9 @@ def check_round_trip(family: Family, config: ModelConfig, data: dict[str, Any]) 
     differences = [f"{name} is {ours.get(name)!r} (a {architecture} checkpoint holds {theirs.get(name)!r})"
                    for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
     if differences:
-        raise InteropError(f"to_hf: this model has no exact {architecture} equivalent: " + "; ".join(differences))
+        error = InteropError(f"to_hf: this model has no exact {architecture} equivalent: " + "; ".join(differences))
+        error.differences = len(differences)  # how far off this family is (``Registry.family_for`` compares)
+        raise error
 
 
 
@@ -386,6 +478,13 @@ def assign(model: torch.nn.Module, family: Family, architecture: str, base: str,
     params = dict(model.named_parameters())  # a tied weight appears once
     check_coverage(rules, params, architecture)
     remaining = {name: tensor for name, tensor in tensors.items() if not family.buffers.search(name)}
+    for name, value in family.fixed(config, base).items():
+        if name in remaining:
+            # Compared in the file's dtype: a half-precision file holds the table rounded.
+            if not torch.equal(remaining[name], value.to(remaining[name].dtype)):
+                raise InteropError(f"{directory / origins[name]}: {name} differs from the table {CONFIG_FILE} "
+                                   "implies, which formerkit computes itself; refusing to replace it silently")
+            del remaining[name]
     for copy, original in family.tied_copies(config, base).items():
         if copy in remaining:
             if original not in remaining or not torch.equal(remaining[copy], remaining[original]):

@@ -5,9 +5,8 @@ sharded ``model.safetensors.index.json`` and its shards) into a formerkit ``Tran
 ``to_hf(model, directory)`` writes a formerkit model as such a directory, which ``transformers``' ``from_pretrained``
 loads with no missing or unexpected weights and the same outputs. ``convert`` is the function behind the command line.
 
-Families: GPT-2 (``gpt2``), LLaMA (``llama``) with its close relatives Mistral (``mistral``: sliding-window attention)
-and Qwen2 (``qwen2``: query/key/value biases, sliding windows on chosen layers), BERT (``bert``), ViT (``vit``), and the
-encoder-decoders T5 (``t5``) and BART (``bart``). Each
+Families: the ``FAMILIES`` registry below, one line each with the ``model_type`` values it reads (the README's table
+lists them with what each refuses). Each
 family is one module of this package defining a ``Family`` (``formerkit.interop.engine``): the Hugging Face config
 read into a ModelConfig, a ModelConfig written back as one, and one table of weight rules that serves both directions.
 ``FAMILIES`` below lists them: adding a family is adding its module, its entry there and its name in the refusals
@@ -30,36 +29,66 @@ from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InteropError
 from formerkit.interop.bart import Bart
 from formerkit.interop.bert import Bert
+from formerkit.interop.deit import DeiT
+from formerkit.interop.distilbert import DistilBert
 from formerkit.interop.engine import Family, Registry, assign, hf_state
+from formerkit.interop.falcon import Falcon
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
 from formerkit.interop.gpt2 import GPT2
+from formerkit.interop.gpt_neox import GPTNeoX
+from formerkit.interop.gptj import GPTJ
 from formerkit.interop.llama import Llama
+from formerkit.interop.opt import OPT
+from formerkit.interop.phi import Phi
+from formerkit.interop.roberta import Roberta
 from formerkit.interop.t5 import T5
 from formerkit.interop.vit import ViT
 from formerkit.models.transformer import build_model
 
 __all__ = ["convert", "from_hf", "to_hf"]
 
-# The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config.
-FAMILIES = Registry(GPT2(), Llama(), Bert(), ViT(), T5(), Bart())
+# The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config and whose
+# config.json reads back as it: GPT-2 before OPT, LLaMA before the parallel-block decoders, BERT before RoBERTa and
+# DistilBERT, ViT before DeiT, so that a model the older family holds is written as before; the later one takes what
+# only it holds (OPT: no biases, post-norm, no final norm; GPT-NeoX, Phi, GPT-J, Falcon: parallel blocks, partial
+# rotary, LayerNorm decoders; RoBERTa: a masked-LM head under a non-GELU MLP; DistilBERT: no token types, a ReLU
+# pooler; DeiT: the distillation token; T5: relative positions, in an encoder-decoder or an encoder alone; BART: an
+# encoder-decoder with learned positions). ``to_hf(..., model_type=)`` asks for one family.
+FAMILIES = Registry(
+    GPT2(),  # gpt2
+    Llama(),  # llama, mistral, qwen2
+    OPT(),  # opt
+    GPTNeoX(),  # gpt_neox (Pythia)
+    Phi(),  # phi
+    GPTJ(),  # gptj
+    Falcon(),  # falcon
+    Bert(),  # bert
+    Roberta(),  # roberta
+    DistilBert(),  # distilbert
+    ViT(),  # vit
+    DeiT(),  # deit
+    T5(),  # t5
+    Bart(),  # bart
+)
 
 
-def _family_for(config: ModelConfig) -> tuple[Family, dict[str, Any]]:
+def _family_for(config: ModelConfig, model_type: str | None = None) -> tuple[Family, dict[str, Any]]:
     """The family whose checkpoints hold a model of ``config`` exactly and the config.json it writes, or a refusal
     naming what no family writes."""
-    found = FAMILIES.family_for(config)
+    found = FAMILIES.family_for(config, model_type)
     if found is not None:
         return found
     arch, stem, position = config.arch, config.stem.kind, config.position.kind
     if arch == "decoder" and stem == "tokens":
-        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2) or 'rope' (LLaMA, Mistral, Qwen2) for a "
-                           f"decoder over tokens, got {position!r}")
+        raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2, OPT) or 'rope' (LLaMA, Mistral, Qwen2, "
+                           f"GPT-NeoX, Phi, GPT-J, Falcon) for a decoder over tokens, got {position!r}")
     if arch == "encoder_decoder" and stem == "tokens":
         raise InteropError(f"to_hf: position.kind: expected 'relative' (T5) or 'learned' (BART) for an "
                            f"encoder_decoder, got {position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
-                       "supported: a decoder over tokens (GPT-2, LLaMA), an encoder over tokens (BERT, T5's "
-                       "encoder), an encoder over patches (ViT), an encoder_decoder over tokens (T5, BART)")
+                       "supported: a decoder over tokens (GPT-2, OPT, LLaMA, GPT-NeoX, Phi, GPT-J, Falcon), an encoder "
+                       "over tokens (BERT, RoBERTa, DistilBERT, T5's encoder), an encoder over patches (ViT, DeiT), an "
+                       "encoder_decoder over tokens (T5, BART)")
 
 
 # ----- from Hugging Face -----
@@ -87,11 +116,13 @@ def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Mo
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
     The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
-    shards). ``config.json``'s ``model_type`` picks the family (gpt2, llama, mistral, qwen2, bert, vit, t5, bart) and
-    its ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights
-    hold one); t5 and bart are read as encoder-decoders (T5EncoderModel as an encoder) whose ``generate`` starts from
-    the checkpoint's decoder_start_token_id. A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is
-    true (pickle can run code); then it is read with ``torch.load(weights_only=True)`` and a warning says so.
+    shards). ``config.json``'s ``model_type`` picks the family (see ``FAMILIES``: gpt2, llama, mistral, qwen2, opt,
+    gpt_neox, phi, gptj, falcon, bert, roberta, distilbert, vit, deit, t5, bart, ...) and its ``architectures`` the
+    head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold one;
+    DeiTForImageClassificationWithTeacher: the class and distillation heads; T5EncoderModel: T5's encoder alone). An
+    encoder-decoder (t5, bart) keeps the checkpoint's decoder_start_token_id, which ``generate`` starts the target
+    from. A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is
+    read with ``torch.load(weights_only=True)`` and a warning says so.
 
     The model comes back in eval mode, like transformers' ``from_pretrained``, with float32 weights whatever the
     checkpoint's dtype. Raises ``InteropError`` naming the field or tensor for anything formerkit would not reproduce
@@ -105,56 +136,68 @@ def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Mo
 # ----- to Hugging Face -----
 
 
-def _write_hf(model: torch.nn.Module, directory: str | Path) -> tuple[str, str]:
+def _write_hf(model: torch.nn.Module, directory: str | Path, model_type: str | None = None) -> tuple[str, str]:
     """Writes ``model`` as a Hugging Face checkpoint; returns its model_type and architecture."""
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not isinstance(config, ModelConfig):
         raise InteropError(f"to_hf: expected a formerkit model with a .config ModelConfig, got {type(model).__name__}")
-    family, data = _family_for(config)
+    family, data = _family_for(config, model_type)
     architecture = data["architectures"][0]
-    rules = family.rules(config, "" if config.head.kind == "none" else family.prefix)
-    write_hf_files(Path(directory), hf_state(model, rules, architecture), data)
+    base = "" if config.head.kind == "none" else family.prefix
+    state = {**hf_state(model, family.rules(config, base), architecture), **family.fixed(config, base)}
+    write_hf_files(Path(directory), state, data)
     return data["model_type"], architecture
 
 
-def to_hf(model: torch.nn.Module, directory: str | Path) -> Path:
+def to_hf(model: torch.nn.Module, directory: str | Path, *, model_type: str | None = None) -> Path:
     """Writes a formerkit model as a Hugging Face checkpoint directory (``config.json`` + ``model.safetensors``);
     returns the directory.
 
-    The family follows from the config: a decoder over tokens with learned positions is GPT-2, with RoPE LLaMA
-    (Mistral for sliding windows on every layer, Qwen2 for query/key/value-only biases or windows on some layers); an
-    encoder over tokens is BERT, over patches ViT; an encoder_decoder with relative positions is T5 (an encoder with
-    them T5EncoderModel), with learned positions BART. The head picks the architecture written (GPT2LMHeadModel,
-    LlamaForCausalLM, BertForMaskedLM, BertForSequenceClassification, BertModel, ViTForImageClassification,
-    ViTModel, ...), which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
+    The family follows from the config: the first family of ``FAMILIES`` whose config.json reads back as the model's
+    config. A decoder over tokens with learned positions is GPT-2 (OPT when GPT-2 cannot hold it: no biases,
+    post-norm, no final norm), with RoPE LLaMA (Mistral for sliding windows on every layer, Qwen2 for
+    query/key/value-only biases or windows on some layers), or, for the LayerNorm decoders LLaMA cannot hold
+    (parallel attention and MLP, partial rotary), the first of GPT-NeoX, Phi, GPT-J and Falcon that holds the model;
+    an encoder over tokens is BERT (DistilBERT without token types, RoBERTa for a masked-LM head over a non-GELU MLP),
+    over patches ViT (DeiT with a distillation token); an encoder_decoder with relative positions is T5 (an encoder
+    with them T5EncoderModel), with learned positions BART. ``model_type`` ("roberta", "opt", ...) asks for that family
+    instead, when its checkpoints hold the model. The head picks the architecture written (GPT2LMHeadModel,
+    LlamaForCausalLM, GPTNeoXForCausalLM, BertForMaskedLM, RobertaForSequenceClassification, DistilBertModel,
+    ViTForImageClassification, DeiTForImageClassificationWithTeacher, T5ForConditionalGeneration, BartModel, ...),
+    which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
 
     Before writing anything, the config.json is read back and compared with the model's config; anything the
-    Hugging Face class cannot hold (qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
+    Hugging Face class cannot hold (RMSNorm qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
     pooler, ...) is an ``InteropError`` naming the formerkit field. Other files in ``directory`` (a tokenizer) are left
     alone; one holding other weight files is refused.
     """
-    _write_hf(model, directory)
+    _write_hf(model, directory, model_type)
     return Path(directory)
 
 
-def convert(source: str | Path, out: str | Path, *, direction: str, trust_pickle: bool = False) -> dict[str, Any]:
+def convert(source: str | Path, out: str | Path, *, direction: str, trust_pickle: bool = False,
+            model_type: str | None = None) -> dict[str, Any]:
     """Converts a checkpoint directory: ``direction="from_hf"`` reads a Hugging Face one and saves it with
     ``formerkit.save``; ``"to_hf"`` loads a formerkit one with ``formerkit.load`` and writes it with ``to_hf``.
 
-    ``out`` must not exist or be empty (nothing is overwritten). ``trust_pickle`` applies to ``from_hf`` only.
+    ``out`` must not exist or be empty (nothing is overwritten). ``trust_pickle`` applies to ``from_hf`` only,
+    ``model_type`` (the family to write, see ``to_hf``) to ``to_hf`` only.
     Returns a summary: direction, family (the Hugging Face model_type), architecture, parameters, source and out.
     """
     if direction not in ("from_hf", "to_hf"):
         raise InteropError(f"convert: direction: expected 'from_hf' or 'to_hf', got {direction!r}")
+    if model_type is not None and direction != "to_hf":
+        raise InteropError(f"convert: model_type: applies to direction 'to_hf' only (a checkpoint's config.json "
+                           f"names its own), got {model_type!r}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"convert: {out} already exists and is not empty; give a new or empty output directory "
                            "(nothing was written)")
     if direction == "from_hf":
-        model, model_type, architecture = _read_hf(source, trust_pickle)
+        model, family, architecture = _read_hf(source, trust_pickle)
         save(model, out)
     else:
         model = load(source)
-        model_type, architecture = _write_hf(model, out)
-    return {"direction": direction, "family": model_type, "architecture": architecture,
+        family, architecture = _write_hf(model, out, model_type)
+    return {"direction": direction, "family": family, "architecture": architecture,
             "parameters": sum(p.numel() for p in model.parameters()), "source": str(source), "out": str(out)}

@@ -1,4 +1,5 @@
-"""ViT checkpoints (``vit``: ViTModel, ViTForImageClassification) in and out."""
+"""ViT checkpoints (``vit``: ViTModel, ViTForImageClassification) in and out; DeiT (``formerkit.interop.deit``)
+shares this code."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class ViT(Family):
 
     model_types = ("vit",)
     prefix = "vit."
+    # DeiT's embeddings add a distillation token after the class token.
+    distill_token = False
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"ViTForImageClassification": "classification", "ViTModel": "none"}
@@ -49,14 +52,6 @@ class ViT(Family):
         patch = self._sides(hf, "patch_size", 16)
         if patch[0] != patch[1]:
             hf.fail("patch_size", "square patches", hf.value("patch_size"), hint="formerkit's patch_size is one side")
-        if architecture == "ViTForImageClassification":
-            head = {"kind": "classification", "num_classes": hf.num_labels(), "pooling": "cls"}
-        else:
-            if has_pooler:
-                hf.expect("pooler_act", "tanh", "formerkit's pooler is a dense layer with tanh")
-                if hf.integer("pooler_output_size", None, nullable=True) not in (None, width):
-                    hf.fail("pooler_output_size", f"null or hidden_size ({width})", hf.value("pooler_output_size"))
-            head = {"kind": "none", "pooler": has_pooler, "pooling": "cls" if has_pooler else None}
         return ModelConfig(
             arch="encoder", width=width, num_layers=hf.integer("num_hidden_layers"), max_seq_len=None,
             dropout=hf.number("hidden_dropout_prob", 0.0), init_std=hf.number("initializer_range", 0.02),
@@ -67,16 +62,30 @@ class ViT(Family):
             norm={"kind": "layernorm", "placement": "pre", "eps": hf.number("layer_norm_eps", 1e-12)},
             position={"kind": "learned"},
             stem={"kind": "patches", "image_size": list(self._sides(hf, "image_size", 224)), "patch_size": patch[0],
-                  "in_channels": hf.integer("num_channels", 3), "class_token": True},
-            head=head,
+                  "in_channels": hf.integer("num_channels", 3), "class_token": True,
+                  "distill_token": self.distill_token},
+            head=self.read_head(hf, architecture, has_pooler, width),
         )
 
+    def read_head(self, hf: Fields, architecture: str, has_pooler: bool, width: int) -> dict[str, Any]:
+        """The head section: a classifier on the class token, or the base model with its pooler if it has one."""
+        if self.architectures(hf.model_type)[architecture] == "classification":
+            return {"kind": "classification", "num_classes": hf.num_labels(), "pooling": "cls"}
+        head = {"kind": "none", "pooler": has_pooler, "pooling": "cls" if has_pooler else None}
+        if has_pooler:
+            head["pooler_activation"] = hf.choice("pooler_act", {"tanh": "tanh", "relu": "relu"}, "tanh",
+                                                  "formerkit's pooler is a dense layer with tanh or relu")
+            if hf.integer("pooler_output_size", None, nullable=True) not in (None, width):
+                hf.fail("pooler_output_size", f"null or hidden_size ({width})", hf.value("pooler_output_size"))
+        return head
+
     def write_config(self, config: ModelConfig) -> dict[str, Any]:
-        architecture = self.architecture_for(config, "vit")
+        model_type = self.model_types[0]
+        architecture = self.architecture_for(config, model_type)
         stem, head = config.stem, config.head
         height, width = stem.image_size
         data = {
-            **self.header(config, architecture, "vit"),
+            **self.header(config, architecture, model_type),
             "hidden_size": config.width, "num_hidden_layers": config.num_layers,
             "num_attention_heads": config.attention.num_heads, "intermediate_size": config.feedforward_size,
             "hidden_act": hf_name(ACTIVATION_NAMES, config.feedforward.activation, "feedforward.activation",
@@ -84,7 +93,7 @@ class ViT(Family):
             "hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.attention.dropout,
             "layer_norm_eps": config.norm.eps, "image_size": height if height == width else [height, width],
             "patch_size": stem.patch_size, "num_channels": stem.in_channels, "qkv_bias": config.attention.qkv_bias,
-            "encoder_stride": stem.patch_size, "pooler_act": "tanh", "pooler_output_size": config.width,
+            "encoder_stride": stem.patch_size, "pooler_act": head.pooler_activation, "pooler_output_size": config.width,
         }
         if head.kind == "classification":
             data.update(label_fields(head.num_classes))
@@ -95,6 +104,8 @@ class ViT(Family):
         # The position table is [1, tokens, width] in transformers; its first row belongs to the class token in both.
         rules = [Rule("stem.class_token", (f"{embeddings}.cls_token",)),
                  Rule("positions.weight", (f"{embeddings}.position_embeddings",), "batched")]
+        if config.stem.distill_token:
+            rules.append(Rule("stem.distill_token", (f"{embeddings}.distillation_token",)))
         rules += pair("stem.projection", f"{embeddings}.patch_embeddings.projection")
         for i in range(config.num_layers):
             # Pre-norm: layernorm_before feeds attention, layernorm_after the MLP.
@@ -109,6 +120,7 @@ class ViT(Family):
         rules += pair("encoder.final_norm", f"{base}layernorm")
         if config.head.pooler:
             rules += pair("head.pooler", f"{base}pooler.dense")
-        if config.head.kind == "classification":
-            rules += pair("head.projection", "classifier")
-        return rules
+        return rules + self.head_rules(config)
+
+    def head_rules(self, config: ModelConfig) -> list[Rule]:
+        return pair("head.projection", "classifier") if config.head.kind == "classification" else []

@@ -91,19 +91,25 @@ class MaskedLMHead(nn.Module):
 
 
 class _PooledHead(nn.Module):
-    """Pooling, optional BERT pooler (dense + tanh), dropout, then a linear map to ``outputs`` numbers."""
+    """Pooling, optional BERT pooler (dense + tanh, or DistilBERT's dense + ReLU), dropout, then a linear map to
+    ``outputs`` numbers."""
 
-    def __init__(self, width: int, outputs: int, pooling: str, num_prefix_tokens: int, pooler: bool, dropout: float):
+    def __init__(self, width: int, outputs: int, pooling: str, num_prefix_tokens: int, pooler: bool, dropout: float,
+                 pooler_activation: str = "tanh"):
         super().__init__()
         self.pooling = Pooling(pooling, width, num_prefix_tokens) if pooling != "none" else None
         self.pooler = nn.Linear(width, width) if pooler else None
+        self.pooler_activation = pooler_activation
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.projection = nn.Linear(width, outputs) if outputs else None
 
     def pool(self, hidden: Tensor, token_mask: Tensor | None, token_sizes: Tensor | None = None) -> Tensor:
         """The pooled representation, after the pooler if there is one (``token_sizes``: see ``Pooling``)."""
         pooled = hidden if self.pooling is None else self.pooling(hidden, token_mask, token_sizes)
-        return torch.tanh(self.pooler(pooled)) if self.pooler is not None else pooled
+        if self.pooler is None:
+            return pooled
+        pooled = self.pooler(pooled)
+        return torch.relu(pooled) if self.pooler_activation == "relu" else torch.tanh(pooled)
 
     def forward(self, hidden: Tensor, token_mask: Tensor | None = None, token_sizes: Tensor | None = None) -> Tensor:
         return self.projection(self.dropout(self.pool(hidden, token_mask, token_sizes)))
@@ -114,8 +120,8 @@ class ClassificationHead(_PooledHead):
     second linear map reads that token, and the logits are the mean of the two heads' (``parts`` gives both)."""
 
     def __init__(self, width: int, outputs: int, pooling: str, num_prefix_tokens: int, pooler: bool, dropout: float,
-                 distill_index: int | None = None):
-        super().__init__(width, outputs, pooling, num_prefix_tokens, pooler, dropout)
+                 distill_index: int | None = None, pooler_activation: str = "tanh"):
+        super().__init__(width, outputs, pooling, num_prefix_tokens, pooler, dropout, pooler_activation)
         self.distill_index = distill_index
         self.distill_projection = nn.Linear(width, outputs) if distill_index is not None else None
 
@@ -144,8 +150,8 @@ class IdentityHead(_PooledHead):
     """No task head: the model returns its final hidden states. A BERT-style pooler, if configured, is still built
     and its output is reported in ModelOutput.pooled."""
 
-    def __init__(self, width: int, pooling: str, num_prefix_tokens: int, pooler: bool):
-        super().__init__(width, 0, pooling if pooler else "none", num_prefix_tokens, pooler, 0.0)
+    def __init__(self, width: int, pooling: str, num_prefix_tokens: int, pooler: bool, pooler_activation: str = "tanh"):
+        super().__init__(width, 0, pooling if pooler else "none", num_prefix_tokens, pooler, 0.0, pooler_activation)
 
     def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
         return hidden
@@ -161,8 +167,11 @@ def build_head(config) -> nn.Module:
     if head.kind == "masked_lm":
         return MaskedLMHead(config.width, stem.vocab_size, config.norm.kind, config.norm.eps)
     if head.kind == "classification":
+        distill_index = int(stem.class_token) if stem.distill_token and head.distill_head else None
         return ClassificationHead(config.width, head.num_classes, pooling, prefix, head.pooler, head.dropout,
-                                  int(stem.class_token) if stem.distill_token else None)
+                                  distill_index, head.pooler_activation)
     if head.kind == "regression":
-        return RegressionHead(config.width, head.output_dim, pooling, prefix, head.pooler, head.dropout)
-    return IdentityHead(config.width, "cls" if head.pooler and pooling == "none" else pooling, prefix, head.pooler)
+        return RegressionHead(config.width, head.output_dim, pooling, prefix, head.pooler, head.dropout,
+                              head.pooler_activation)
+    return IdentityHead(config.width, "cls" if head.pooler and pooling == "none" else pooling, prefix, head.pooler,
+                        head.pooler_activation)

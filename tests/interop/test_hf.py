@@ -237,7 +237,7 @@ def _edit_config(directory, changes: dict, drop: tuple[str, ...] = ()) -> None:
 
 
 @pytest.mark.parametrize("case, changes, drop, field", [
-    ("gpt2", {"model_type": "gpt_neox"}, (), "model_type"),
+    ("gpt2", {"model_type": "mamba"}, (), "model_type"),
     # transformers 4.x spelling, then 5.x's.
     ("llama-gqa-untied", {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
      ("rope_parameters",), "rope_scaling"),
