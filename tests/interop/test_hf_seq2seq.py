@@ -235,3 +235,16 @@ def test_to_hf_refuses_an_encoder_decoder_without_an_exact_equivalent_by_field(c
     with pytest.raises(InteropError, match=rf"to_hf: .*{re.escape(field)}"):
         formerkit.to_hf(formerkit.build_model(config), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("buckets, max_distance", [(32, 128), (8, 20), (16, 40)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_buckets_equal_transformers_t5_buckets(buckets, max_distance, bidirectional):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    from formerkit.nn.positions import relative_buckets
+
+    distance = torch.arange(-600, 601)
+    expected = T5Attention._relative_position_bucket(distance, bidirectional=bidirectional, num_buckets=buckets,
+                                                     max_distance=max_distance)
+    assert torch.equal(relative_buckets(distance, buckets, max_distance, bidirectional), expected)
