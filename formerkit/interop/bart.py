@@ -32,8 +32,6 @@ class Bart(Family):
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         hf.expect("is_decoder", False, "formerkit reads BART as an encoder-decoder")
-        # stem.scale_embeddings is being added to formerkit's core; until then a scaled embedding is refused.
-        hf.expect("scale_embedding", False, "formerkit does not yet scale token embeddings by sqrt(d_model)")
         for name in ("encoder_layerdrop", "decoder_layerdrop"):
             hf.expect(name, 0.0, "formerkit has no LayerDrop (Fan et al.); its drop_path drops per example, not "
                       "whole layers per batch")
@@ -65,7 +63,7 @@ class Bart(Family):
             norm={"kind": "layernorm", "placement": "post", "eps": 1e-5},
             position={"kind": "learned", "separate_decoder": True},
             stem={"kind": "tokens", "vocab_size": hf.integer("vocab_size", 50265), "embedding_norm": True,
-                  "separate_decoder_norm": True},
+                  "separate_decoder_norm": True, "scale_embeddings": hf.flag("scale_embedding", False)},
             head=head,
         )
 
@@ -89,7 +87,8 @@ class Bart(Family):
             "activation_function": hf_name(ACTIVATION_NAMES, config.feedforward.activation, "feedforward.activation",
                                            architecture),
             "dropout": config.dropout, "attention_dropout": config.attention.dropout,
-            "activation_dropout": config.feedforward.dropout, "scale_embedding": False, "is_encoder_decoder": True,
+            "activation_dropout": config.feedforward.dropout, "scale_embedding": config.stem.scale_embeddings,
+            "is_encoder_decoder": True,
             "is_decoder": False, "decoder_start_token_id": config.decoder_start_token_id,
             # generate's defaults for BART force the end token at the length limit; formerkit's generate does not.
             "forced_eos_token_id": None,
