@@ -280,6 +280,9 @@ class PositionConfig(ModelSection):
     # Raffel et al., 2020, "T5"). Decoders give later keys no buckets of their own.
     relative_buckets: int = 32
     relative_max_distance: int = 128
+    # encoder_decoder: the decoder has positions of its own instead of reading the encoder's (BART's two learned
+    # tables; T5's relative bias, one table per stack, needed there since the buckets differ).
+    separate_decoder: bool = False
 
     def _validate(self) -> None:
         if self.rope_base <= 1.0:
@@ -289,7 +292,8 @@ class PositionConfig(ModelSection):
                           "rope_long_factors")
         rope = ("rotary_fraction", "rope_scaling", "rope_local_base", *scaling_fields)
         self._check_applies("kind", {**{name: ("rope",) for name in rope},
-                                     "relative_buckets": ("relative",), "relative_max_distance": ("relative",)})
+                                     "relative_buckets": ("relative",), "relative_max_distance": ("relative",),
+                                     "separate_decoder": ("learned", "relative")})
         # Scaling fields do nothing without a scaling scheme, and each scheme reads only its own.
         self._check_applies("rope_scaling", {
             "rope_factor": ROPE_SCALINGS, "rope_original_max_len": ("dynamic", "yarn", "llama3", "longrope"),
@@ -337,6 +341,9 @@ class StemConfig(ModelSection):
     num_token_types: int = 0
     # A norm right after the embeddings (BERT).
     embedding_norm: bool = False
+    # encoder_decoder with embedding_norm: the decoder's embeddings get a norm of their own (BART's
+    # layernorm_embedding in each stack) instead of sharing the encoder's.
+    separate_decoder_norm: bool = False
     # tokens: multiply the token embeddings by sqrt(width) (Vaswani et al.; Gemma; BART's scale_embedding), so they
     # start at the scale of the residual stream.
     scale_embeddings: bool = False
@@ -378,6 +385,9 @@ class StemConfig(ModelSection):
         })
         if kind == "tokens" and (self.vocab_size is None or self.vocab_size < 1):
             self._fail("vocab_size", "an integer >= 1 for a tokens stem")
+        if self.separate_decoder_norm and not self.embedding_norm:
+            self._fail("separate_decoder_norm", "false when stem.embedding_norm is false",
+                       hint="there is no embedding norm to separate")
         if self.num_token_types < 0:
             self._fail("num_token_types", "an integer >= 0")
         if kind in ("patches", "conv"):

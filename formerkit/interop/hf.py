@@ -5,7 +5,6 @@ sharded ``model.safetensors.index.json`` and its shards) into a formerkit ``Tran
 ``to_hf(model, directory)`` writes a formerkit model as such a directory, which ``transformers``' ``from_pretrained``
 loads with no missing or unexpected weights and the same outputs. ``convert`` is the function behind the command line.
 
-Families: GPT-2 (``gpt2``), LLaMA (``llama``) with its close relatives Mistral (``mistral``: sliding-window attention)
 Families: the ``FAMILIES`` registry below, one line each with the ``model_type`` values it reads (the README's table
 lists them with what each refuses). Each
 family is one module of this package defining a ``Family`` (``formerkit.interop.engine``): the Hugging Face config
@@ -28,6 +27,7 @@ import torch
 from formerkit.checkpoint import load, save
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InteropError
+from formerkit.interop.bart import Bart
 from formerkit.interop.bert import Bert
 from formerkit.interop.deit import DeiT
 from formerkit.interop.distilbert import DistilBert
@@ -43,6 +43,7 @@ from formerkit.interop.opt import OPT
 from formerkit.interop.phi import Phi
 from formerkit.interop.phi3 import Phi3
 from formerkit.interop.roberta import Roberta
+from formerkit.interop.t5 import T5
 from formerkit.interop.vit import ViT
 from formerkit.models.transformer import build_model
 
@@ -52,9 +53,10 @@ __all__ = ["convert", "from_hf", "to_hf"]
 # config.json reads back as it: GPT-2 before OPT, LLaMA before Phi-3 (partial rotary, LongRoPE) and the parallel-block
 # decoders, BERT before RoBERTa and DistilBERT, ViT before DeiT, so that a model the older family holds is written as
 # before; the later one takes what only it holds (OPT: no biases, post-norm, no final norm; GPT-NeoX, Phi, GPT-J,
-# Falcon: parallel blocks, partial rotary, LayerNorm decoders; Gemma: offset norm scales and scaled embeddings;
-# RoBERTa: a masked-LM head under a non-GELU MLP; DistilBERT: no token types, a ReLU pooler; DeiT: the distillation
-# token). ``to_hf(..., model_type=)`` asks for one family.
+# Falcon: parallel blocks, partial rotary, LayerNorm decoders; Gemma: offset norm scales and scaled embeddings; RoBERTa:
+# a masked-LM head under a non-GELU MLP; DistilBERT: no token types, a ReLU pooler; DeiT: the distillation token; T5:
+# relative positions, in an encoder-decoder or an encoder alone; BART: an encoder-decoder with learned positions).
+# ``to_hf(..., model_type=)`` asks for one family.
 FAMILIES = Registry(
     GPT2(),  # gpt2
     Llama(),  # llama, mistral, qwen2, qwen3
@@ -70,6 +72,8 @@ FAMILIES = Registry(
     DistilBert(),  # distilbert
     ViT(),  # vit
     DeiT(),  # deit
+    T5(),  # t5
+    Bart(),  # bart
 )
 
 
@@ -84,9 +88,13 @@ def _family_for(config: ModelConfig, model_type: str | None = None) -> tuple[Fam
         raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2, OPT) or 'rope' (LLaMA, Mistral, Qwen2, "
                            f"Qwen3, Phi-3, GPT-NeoX, Phi, GPT-J, Falcon, Gemma) for a decoder over tokens, got "
                            f"{position!r}")
+    if arch == "encoder_decoder" and stem == "tokens":
+        raise InteropError(f"to_hf: position.kind: expected 'relative' (T5) or 'learned' (BART) for an "
+                           f"encoder_decoder, got {position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
                        "supported: a decoder over tokens (GPT-2, OPT, LLaMA, GPT-NeoX, Phi, GPT-J, Falcon, Gemma), an "
-                       "encoder over tokens (BERT, RoBERTa, DistilBERT), an encoder over patches (ViT, DeiT)")
+                       "encoder over tokens (BERT, RoBERTa, DistilBERT, T5's encoder), an encoder over patches (ViT, "
+                       "DeiT), an encoder_decoder over tokens (T5, BART)")
 
 
 # ----- from Hugging Face -----
@@ -113,13 +121,14 @@ def _read_hf(directory: str | Path, trust_pickle: bool) -> tuple[torch.nn.Module
 def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
-    The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
-    shards). ``config.json``'s ``model_type`` picks the family (see ``FAMILIES``: gpt2, llama, mistral, qwen2, qwen3,
-    phi3, opt, gpt_neox, phi, gptj, falcon, gemma, gemma2, gemma3_text, bert, roberta, distilbert, vit, deit, ...) and
-    its ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights
-    hold one; DeiTForImageClassificationWithTeacher: the class and distillation heads). A pickled
-    ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is read with
-    ``torch.load(weights_only=True)`` and a warning says so.
+    The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its shards).
+    ``config.json``'s ``model_type`` picks the family (see ``FAMILIES``: gpt2, llama, mistral, qwen2, qwen3, phi3, opt,
+    gpt_neox, phi, gptj, falcon, gemma, gemma2, gemma3_text, bert, roberta, distilbert, vit, deit, t5, bart, ...) and
+    its ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold
+    one; DeiTForImageClassificationWithTeacher: the class and distillation heads; T5EncoderModel: T5's encoder alone).
+    An encoder-decoder (t5, bart) keeps the checkpoint's decoder_start_token_id, which ``generate`` starts the target
+    from. A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is
+    read with ``torch.load(weights_only=True)`` and a warning says so.
 
     The model comes back in eval mode, like transformers' ``from_pretrained``, with float32 weights whatever the
     checkpoint's dtype. Raises ``InteropError`` naming the field or tensor for anything formerkit would not reproduce
@@ -159,11 +168,12 @@ def to_hf(model: torch.nn.Module, directory: str | Path, *, model_type: str | No
     and with Gemma's offset norm scales and scaled embeddings Gemma (Gemma 2 for sandwich norms, Gemma 3's text
     model with QK-norm as well);
     an encoder over tokens is BERT (DistilBERT without token types, RoBERTa for a masked-LM head over a non-GELU MLP),
-    over patches ViT (DeiT with a distillation token). ``model_type`` ("roberta", "opt", ...) asks for that family
+    over patches ViT (DeiT with a distillation token); an encoder_decoder with relative positions is T5 (an encoder
+    with them T5EncoderModel), with learned positions BART. ``model_type`` ("roberta", "opt", ...) asks for that family
     instead, when its checkpoints hold the model. The head picks the architecture written (GPT2LMHeadModel,
     LlamaForCausalLM, GPTNeoXForCausalLM, BertForMaskedLM, RobertaForSequenceClassification, DistilBertModel,
-    ViTForImageClassification, DeiTForImageClassificationWithTeacher, ...), which transformers' Auto
-    classes load with no missing or unexpected weights and the same outputs.
+    ViTForImageClassification, DeiTForImageClassificationWithTeacher, T5ForConditionalGeneration, BartModel, ...),
+    which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
 
     Before writing anything, the config.json is read back and compared with the model's config; anything the Hugging
     Face class cannot hold (qk_norm outside a LLaMA layout, LayerScale, shared layers, ALiBi, a conv stem, a BERT

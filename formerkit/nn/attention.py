@@ -133,7 +133,10 @@ class Attention(nn.Module):
             out = self._blockwise(q, k, v, mask.blocked, dropout, scale)
         elif static and q.shape[2] == 1:
             out = single_query_attention(q, k, v, attn_mask, scale=scale, softcap=softcap)
-        elif q.device.type == "meta" and torch.is_grad_enabled() and softcap is None:
+        # The fused kernel takes no gradient for its mask: a learned score bias (T5's relative positions) goes to
+        # SDPA, whose math path real runs take too.
+        elif (q.device.type == "meta" and torch.is_grad_enabled() and softcap is None
+              and not (attn_mask is not None and attn_mask.requires_grad)):
             out = _meta_fused_attention(q, k, v, attn_mask, dropout, mask.is_causal, scale)
         else:  # with a softcap, grouped_sdpa computes the scores explicitly
             out = grouped_sdpa(q, k, v, attn_mask, dropout, mask.is_causal, scale, softcap)

@@ -2,7 +2,8 @@
 
 Every scheme answers three questions, so the rest of the model never asks which one it has:
 ``encode_input`` adds absolute positions to the embeddings (learned, sinusoidal, 2-D sine-cosine), ``rotary`` gives the
-cos/sin tables that rotate queries and keys (RoPE), and ``attention_bias`` gives an additive score bias (ALiBi).
+cos/sin tables that rotate queries and keys (RoPE), and ``attention_bias`` gives an additive score bias (ALiBi, T5's
+relative buckets).
 ``position_ids`` is a [batch, tokens] tensor of positions, or None for 0, 1, 2, ... in every row.
 """
 
@@ -18,6 +19,7 @@ __all__ = [
     "LearnedPositions",
     "NoPositions",
     "PositionScheme",
+    "RelativePositions",
     "RotaryPositions",
     "SinCos2DPositions",
     "SinusoidalPositions",
@@ -26,6 +28,7 @@ __all__ = [
     "build_positions",
     "dynamic_frequencies",
     "longrope_attention_factor",
+    "relative_buckets",
     "rope_frequencies",
     "sinusoidal_table",
     "yarn_attention_factor",
@@ -305,9 +308,65 @@ class ALiBiPositions(PositionScheme):
         return -slopes * distance.to(self.slopes.dtype)
 
 
-def build_positions(config) -> PositionScheme:
-    """The position scheme a ModelConfig asks for."""
+def relative_buckets(distance: Tensor, num_buckets: int, max_distance: int, bidirectional: bool) -> Tensor:
+    """T5's bucket of each relative distance ``distance`` = key position - query position (Raffel et al., 2020).
+
+    Bidirectional (an encoder), half the buckets are for keys before the query and half for keys after it; causal (a
+    decoder), every bucket is for keys at or before the query and later keys share bucket 0 (the mask hides them).
+    Within a direction the first half of its buckets hold the distances 0, 1, ... exactly; the rest cover distances
+    up to ``max_distance`` in logarithmically growing steps, and every farther distance falls into the last bucket.
+    """
+    if bidirectional:
+        num_buckets //= 2
+        offset = (distance > 0).long() * num_buckets
+        distance = distance.abs()
+    else:
+        offset = torch.zeros_like(distance)
+        distance = (-distance).clamp(min=0)
+    exact = num_buckets // 2
+    # The same float32 arithmetic as the published implementation, so buckets agree at their boundaries too.
+    far = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                   * (num_buckets - exact)).long()
+    far = far.clamp(max=num_buckets - 1)
+    return offset + torch.where(distance < exact, distance, far)
+
+
+class RelativePositions(PositionScheme):
+    """T5's relative position bias: score(q, k) gets a learned per-head number for the bucket of the distance
+    position(k) - position(q) (``relative_buckets``). One table [buckets, heads] serves every layer of a stack; T5
+    keeps it in the first layer, formerkit with the stack's other positions. ``bidirectional`` for an encoder, causal
+    buckets for a decoder."""
+
+    def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(num_buckets, num_heads))
+
+    @property
+    def uses_bias(self) -> bool:
+        return True
+
+    def attention_bias(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """[batch|1, heads, ..., queries, keys] from positions [batch|1, ..., queries] and [batch|1, ..., keys]."""
+        distance = key_positions.unsqueeze(-2) - query_positions.unsqueeze(-1)
+        buckets = relative_buckets(distance, self.num_buckets, self.max_distance, self.bidirectional)
+        return self.weight[buckets].movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"buckets={self.num_buckets}, heads={self.weight.shape[1]}, max_distance={self.max_distance}, "
+                f"bidirectional={self.bidirectional}")
+
+
+def build_positions(config, *, causal: bool | None = None) -> PositionScheme:
+    """The position scheme a ModelConfig asks for; ``causal`` says which stack reads it (relative buckets are
+    bidirectional in an encoder, causal in a decoder; by default the model's only stack, or an encoder_decoder's
+    encoder)."""
     kind = config.position.kind
+    if kind == "relative":
+        position = config.position
+        causal = config.arch == "decoder" if causal is None else causal
+        return RelativePositions(config.attention.num_heads, position.relative_buckets,
+                                 position.relative_max_distance, bidirectional=not causal)
     if kind == "learned":
         return LearnedPositions(config.num_positions, config.width)
     if kind == "sinusoidal":

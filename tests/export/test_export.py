@@ -74,7 +74,7 @@ def _assert_matches_on_real_tokens(model, cases, outputs) -> None:
         np.testing.assert_allclose(output[real], expected[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("position", ["rope", "learned", "relative"])
 @pytest.mark.slow
 def test_decoder_lm_onnx_runs_in_onnxruntime_alone_with_dynamic_batch_and_length(position, tmp_path):
     model = _decoder(position)

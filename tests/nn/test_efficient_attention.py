@@ -171,7 +171,7 @@ def test_blocked_mask_memory_grows_with_length_times_window_not_length_squared()
     assert prepared.blocked.value.numel() * 20 < length * length
 
 
-@pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned", "relative"])
 @pytest.mark.parametrize("arch", ["decoder", "encoder"])
 def test_model_with_window_uses_blocks_on_long_inputs_and_equals_the_dense_computation(
         randomize, monkeypatch, position, arch):

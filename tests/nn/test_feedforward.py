@@ -3,6 +3,8 @@ through the plain forward, and what it keeps for the backward pass."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,8 +20,8 @@ def _gradients(module, x, upstream):
     return out, torch.autograd.grad(out, [x, *module.parameters()], upstream)
 
 
-@pytest.mark.parametrize("cls", [MLP, GatedMLP])
-@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("cls, name", [(cls, name) for cls in (MLP, GatedMLP) for name in ACTIVATIONS]
+                         + [(GatedMLP, name) for name in GATED])
 def test_recomputed_activation_gives_autograds_gradients(cls, name):
     torch.manual_seed(0)
     module = cls(8, 12, name).double()
@@ -98,7 +100,6 @@ def test_recompute_with_a_frozen_output_projection_gives_the_input_gradient(cls)
 def test_gated_activations_compute_their_gate_function_times_up(name):
     """fc_out(act(gate) * up) written out; geglu_tanh is Gemma's GeGLU, GELU's tanh approximation
     0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) on the gate."""
-    import math
 
     gates = {"swiglu": lambda x: x * torch.sigmoid(x), "geglu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
              "geglu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))}
@@ -122,3 +123,4 @@ def test_recomputed_gated_activation_gives_autograds_gradients(name):
     assert torch.equal(out, reference_out)
     for got, expected in zip(recomputed, reference):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+

@@ -16,12 +16,14 @@ from formerkit.nn.positions import (
     ALiBiPositions,
     LearnedPositions,
     NoPositions,
+    RelativePositions,
     RotaryPositions,
     SinCos2DPositions,
     SinusoidalPositions,
     alibi_slopes,
     apply_rotary,
     build_positions,
+    relative_buckets,
     rope_frequencies,
     sinusoidal_table,
 )
@@ -273,13 +275,132 @@ def test_sincos2d_table_encodes_row_then_column_with_zero_prefix_tokens(grid, wi
     torch.testing.assert_close(scheme.encode_input(hidden, None), hidden + expected.float())
 
 
+# ----- T5's relative buckets -----
+
+
+def t5_bucket(distance: int, buckets: int, max_distance: int, bidirectional: bool) -> int:
+    """T5's rule for one distance (key position - query position), in plain Python: with both directions, keys after
+    the query take the upper half of the buckets; within a direction, half of its buckets are exact distances and the
+    rest grow logarithmically up to max_distance, the last bucket holding everything farther."""
+    first = 0
+    if bidirectional:
+        buckets //= 2
+        if distance > 0:
+            first = buckets
+        distance = abs(distance)
+    else:
+        distance = max(-distance, 0)  # later keys (masked in a decoder) share bucket 0
+    exact = buckets // 2
+    if distance < exact:
+        return first + distance
+    steps = math.log(distance / exact) / math.log(max_distance / exact) * (buckets - exact)
+    return first + min(exact + int(steps), buckets - 1)
+
+
+@pytest.mark.parametrize("buckets, max_distance", [(8, 20), (32, 128), (6, 9)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_buckets_follow_t5s_rule(buckets, max_distance, bidirectional):
+    distances = torch.arange(-300, 301)
+    got = relative_buckets(distances, buckets, max_distance, bidirectional)
+    expected = [t5_bucket(d, buckets, max_distance, bidirectional) for d in distances.tolist()]
+    assert got.tolist() == expected
+
+
+def test_relative_buckets_8_over_20_written_out():
+    # Both directions: 4 buckets each, 2 exact (0, 1), then log steps 2 * 10^(k / 2) up to 20, capped at 3.
+    # (Expected values from the rule by hand: distance 2..6 -> 2, 7..20 and beyond -> 3.)
+    forward = relative_buckets(torch.arange(0, 25), 8, 20, True).tolist()
+    assert forward == [0, 5] + [6] * 5 + [7] * 18
+    backward = relative_buckets(-torch.arange(0, 25), 8, 20, True).tolist()
+    assert backward == [0, 1] + [2] * 5 + [3] * 18
+    # Causal: 8 buckets backward, 4 exact, then 4 + floor(4 * ln(d / 4) / ln 5), capped at 7; later keys bucket 0.
+    causal = relative_buckets(-torch.arange(0, 25), 8, 20, False).tolist()
+    expected = [d if d < 4 else min(4 + int(4 * math.log(d / 4) / math.log(5)), 7) for d in range(25)]
+    assert causal == expected
+    assert relative_buckets(torch.arange(1, 5), 8, 20, False).tolist() == [0, 0, 0, 0]
+
+
+def test_relative_bias_reads_each_heads_entry_for_the_bucket_of_each_pair():
+    torch.manual_seed(13)
+    scheme = RelativePositions(num_heads=3, num_buckets=8, max_distance=20, bidirectional=True)
+    with torch.no_grad():
+        scheme.weight.normal_()
+    positions = torch.tensor([[0, 1, 2, 9, 15], [0, 3, 4, 5, 5]])
+    bias = scheme.attention_bias(positions, positions)
+    assert bias.shape == (2, 3, 5, 5)
+    for b in range(2):
+        for h in range(3):
+            for q in range(5):
+                for k in range(5):
+                    bucket = t5_bucket(positions[b, k].item() - positions[b, q].item(), 8, 20, True)
+                    assert bias[b, h, q, k] == scheme.weight[bucket, h]
+
+
+def test_relative_bias_reaches_the_attention_scores_of_every_layer():
+    # The probabilities a model reports equal softmax(q k^T * scale + table[bucket(k - q)]) recomputed by hand, in
+    # both layers of the stack (one table shared by the stack, as in T5).
+    config = token_config("encoder", vocab_size=20, num_layers=2, max_seq_len=16, init_std=0.2,
+                          attention={"scale": 1.0}, position={"kind": "relative", "relative_buckets": 8,
+                                                              "relative_max_distance": 20})
+    torch.manual_seed(14)
+    model = formerkit.build_model(config).double().eval()
+    with torch.no_grad():
+        model.positions.weight.normal_()
+    ids = torch.randint(0, 20, (1, 16))
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, output_hidden_states=True)
+        distance = torch.arange(16).view(1, -1) - torch.arange(16).view(-1, 1)
+        bias = model.positions.weight[relative_buckets(distance, 8, 20, True)].permute(2, 0, 1)
+        for index, block in enumerate(model.encoder.blocks):
+            hidden = out.hidden_states[index]  # the layer's input
+            q, k, _ = block.attention.project(block.attention_residual.branch_input(hidden))
+            expected = (q @ k.transpose(-1, -2) + bias).softmax(-1)
+            torch.testing.assert_close(out.attentions[index], expected)
+    # Without the table's contribution the probabilities differ.
+    with torch.no_grad():
+        model.positions.weight.zero_()
+    assert (model(ids, output_attentions=True).attentions[0] - out.attentions[0]).abs().max() > 1e-2
+
+
+def test_encoder_decoder_relative_tables_are_per_stack_bidirectional_then_causal():
+    config = token_config("encoder_decoder", vocab_size=20, num_layers=1, max_seq_len=16, init_std=0.2,
+                          position={"kind": "relative", "relative_buckets": 8, "relative_max_distance": 20,
+                                    "separate_decoder": True})
+    torch.manual_seed(15)
+    model = formerkit.build_model(config).double().eval()
+    assert model.positions.bidirectional and not model.decoder_positions.bidirectional
+    assert not any("cross_attention" in name and "position" in name for name, _ in model.named_parameters())
+    source, target = torch.randint(0, 20, (2, 9)), torch.randint(0, 20, (2, 7))
+    with torch.no_grad():
+        encoded, logits = model.encode(source), model(source, decoder_input_ids=target)
+        model.decoder_positions.weight.add_(0.5 * torch.randn_like(model.decoder_positions.weight))
+        # The decoder's table moves the decoder only.
+        torch.testing.assert_close(model.encode(source), encoded, rtol=0, atol=0)
+        assert (model(source, decoder_input_ids=target) - logits).abs().max() > 1e-3
+        logits = model(source, decoder_input_ids=target)
+        model.positions.weight.add_(0.5 * torch.randn_like(model.positions.weight))
+        assert (model.encode(source) - encoded).abs().max() > 1e-3
+
+
+def test_training_reaches_both_relative_tables_of_an_encoder_decoder():
+    config = token_config("encoder_decoder", vocab_size=20, num_layers=1, max_seq_len=16,
+                          position={"kind": "relative", "relative_buckets": 8, "separate_decoder": True})
+    model = formerkit.build_model(config).train()
+    ids = torch.randint(0, 20, (2, 10), generator=torch.Generator().manual_seed(16))
+    model(ids, decoder_input_ids=ids).square().mean().backward()
+    assert model.positions.weight.grad.abs().sum() > 0
+    assert model.decoder_positions.weight.grad.abs().sum() > 0
+
+
 # ----- build_positions -----
 
 
 @pytest.mark.parametrize("kind, cls", [("learned", LearnedPositions), ("sinusoidal", SinusoidalPositions),
-                                       ("rope", RotaryPositions), ("alibi", ALiBiPositions), ("none", NoPositions)])
+                                       ("rope", RotaryPositions), ("alibi", ALiBiPositions),
+                                       ("relative", RelativePositions), ("none", NoPositions)])
 def test_build_positions_makes_the_configured_scheme(kind, cls):
-    config = token_config(vocab_size=20, num_layers=1, position={"kind": kind, "rope_base": 777.0})
+    extra = {"rope_base": 777.0} if kind == "rope" else {}
+    config = token_config(vocab_size=20, num_layers=1, position={"kind": kind, **extra})
     scheme = build_positions(config)
     assert type(scheme) is cls
     if kind == "rope":
@@ -292,7 +413,7 @@ def test_build_positions_makes_the_configured_scheme(kind, cls):
 
 # ----- positions reach a full model -----
 
-KINDS = ["learned", "sinusoidal", "rope", "alibi", "none"]
+KINDS = ["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
 
 
 def small_model(arch, kind, **extra):
