@@ -47,7 +47,7 @@ from formerkit.nn.masks import (
     with_bias,
 )
 from formerkit.nn.moe import Routing
-from formerkit.nn.norms import build_norm
+from formerkit.nn.norms import model_norm
 from formerkit.nn.positions import RotaryPositions, build_positions
 from formerkit.nn.stems import build_stem
 from formerkit.nn.tome import TokenMerging
@@ -119,8 +119,7 @@ class TransformerStack(nn.Module):
         self.mask_kinds = tuple("linear" if kind == "linear" else "window" if windowed else "full"
                                 for kind, windowed in zip(self.kinds, self.windowed))
         norm = config.norm
-        self.final_norm = (build_norm(norm.kind, config.width, norm.eps, norm.bias, norm.weight_offset)
-                           if norm.has_final else None)
+        self.final_norm = model_norm(norm, config.width) if norm.has_final else None
 
     def block_at(self, index: int) -> TransformerBlock:
         """The block that runs at depth ``index`` (blocks repeat when weights are shared)."""
@@ -190,10 +189,8 @@ class Transformer(nn.Module):
         # encoder_decoder with position.separate_decoder / stem.separate_decoder_norm: the decoder's own (BART, T5).
         self.decoder_positions = build_positions(config, causal=True) if config.position.separate_decoder else None
         norm = config.norm
-        self.embedding_norm = (build_norm(norm.kind, config.width, norm.eps, norm.bias, norm.weight_offset)
-                               if config.stem.embedding_norm else None)
-        self.decoder_embedding_norm = (build_norm(norm.kind, config.width, norm.eps, norm.bias, norm.weight_offset)
-                                       if config.stem.separate_decoder_norm else None)
+        self.embedding_norm = model_norm(norm, config.width) if config.stem.embedding_norm else None
+        self.decoder_embedding_norm = model_norm(norm, config.width) if config.stem.separate_decoder_norm else None
         self.embedding_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         if config.arch == "decoder":
             self.decoder = TransformerStack(config, config.num_layers, causal=True)

@@ -9,7 +9,7 @@ from formerkit.nn.attention import Attention
 from formerkit.nn.context import LayerContext
 from formerkit.nn.feedforward import build_feedforward
 from formerkit.nn.moe import build_moe
-from formerkit.nn.norms import build_norm
+from formerkit.nn.norms import model_norm
 
 __all__ = ["DropPath", "LayerScale", "Residual", "TransformerBlock"]
 
@@ -57,10 +57,9 @@ class Residual(nn.Module):
         self.placement = norm.placement
         # Without a norm of its own (a parallel block's feed-forward reading the attention's normed input) the block
         # gives the branch its input.
-        self.norm = build_norm(norm.kind, config.width, norm.eps, norm.bias, norm.weight_offset) if own_norm else None
+        self.norm = model_norm(norm, config.width) if own_norm else None
         sandwich = norm.placement == "sandwich"
-        self.norm_out = (build_norm(norm.kind, config.width, norm.eps, norm.bias, norm.weight_offset) if sandwich
-                         else None)
+        self.norm_out = model_norm(norm, config.width) if sandwich else None
         # Absent parts are None rather than identity modules: decoding calls merge once per token per layer.
         self.scale = LayerScale(config.width, config.layer_scale) if config.layer_scale else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout else None

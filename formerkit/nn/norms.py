@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "build_norm"]
+__all__ = ["RMSNorm", "build_norm", "model_norm"]
 
 
 class RMSNorm(nn.Module):
@@ -43,3 +43,8 @@ def build_norm(kind: str, width: int, eps: float, bias: bool = True, weight_offs
     if kind == "rmsnorm":
         return RMSNorm(width, eps, weight_offset)
     return nn.LayerNorm(width, eps=eps, bias=bias)
+
+
+def model_norm(norm, width: int) -> nn.Module:
+    """The norm a model's ``NormConfig`` section ``norm`` describes, over ``width`` channels."""
+    return build_norm(norm.kind, width, norm.eps, norm.bias, norm.weight_offset)
