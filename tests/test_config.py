@@ -156,6 +156,15 @@ def test_an_unknown_choice_of_an_optional_field_is_a_config_error_not_a_key_erro
     ({"position": {"kind": "rope", "rope_scaling": "linear", "rope_factor": 2.0, "rope_beta_fast": 8.0}},
      "position.rope_beta_fast"),  # a yarn field under linear scaling
     ({"position": {"kind": "rope", "rope_local_base": 1e4}}, "position.rope_local_base"),  # no window
+    ({"position": {"kind": "rope", "rope_scaling": "yarn", "rope_factor": 2.0, "rope_original_max_len": 8,
+                   "rope_short_factors": [1.0] * 4}}, "position.rope_short_factors"),  # a longrope field under yarn
+    ({"position": {"kind": "rope", "rope_scaling": "longrope", "rope_factor": 2.0, "rope_original_max_len": 8,
+                   "rope_short_factors": [1.0] * 4}}, "position.rope_long_factors"),  # missing
+    ({"position": {"kind": "rope", "rope_scaling": "longrope", "rope_factor": 2.0, "rope_original_max_len": 8,
+                   "rope_short_factors": [1.0] * 3, "rope_long_factors": [2.0] * 4}},
+     "position.rope_short_factors"),  # one per rotated pair: 4
+    ({"position": {"kind": "rope", "rope_scaling": "dynamic", "rope_factor": 2.0, "rope_original_max_len": 8,
+                   "rotary_fraction": 0.25}}, "position.rope_scaling"),  # base ** (r / (r - 2)) with r = 2
     ({"position": {"kind": "alibi", "relative_buckets": 8}}, "position.relative_buckets"),
     ({"norm": {"kind": "layernorm", "weight_offset": 1.0}}, "norm.weight_offset"),
     ({"attention": {"num_heads": 4, "softcap": 0.0}}, "attention.softcap"),
@@ -175,3 +184,10 @@ def test_checkpoint_family_fields_accept_what_the_families_use():
                    attention={"num_heads": 4, "softcap": 50.0, "scale": 0.25}, head={"logit_softcap": 30.0})
     assert config.rotary_dim == 4
     assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_attention_softcap_is_refused_with_l2_attention():
+    # L2 attention's scores drop each query's own |q|^2, which a cap (not shift-invariant) would not ignore.
+    with pytest.raises(ConfigError, match="attention.softcap: expected null with attention.kind 'l2'"):
+        AttentionConfig(kind="l2", softcap=5.0)
+    assert AttentionConfig(kind="linear", kind_layers=(0,), softcap=5.0).softcap == 5.0  # the softmax layers cap

@@ -43,3 +43,17 @@ def test_image_models_report_per_image():
     # ViT-B/16 at 224: about 17.6 GMACs, i.e. about 35 GFLOPs per image.
     assert 34e9 < summary.flops_per_unit < 36e9
     assert "per image" in summary.format()
+
+
+def test_models_with_score_biases_and_per_stack_positions_are_summarized():
+    # ALiBi and T5's relative bias add to the scores through the mask, which a shape-only (meta) run builds too; a
+    # T5-like encoder-decoder's two relative tables count as positions.
+    alibi = formerkit.ModelConfig(width=32, num_layers=1, max_seq_len=16, attention={"num_heads": 4},
+                                  position={"kind": "alibi"}, stem={"kind": "tokens", "vocab_size": 20})
+    assert formerkit.summarize(alibi, batch=1, seq_len=8).total_parameters > 0
+    t5 = formerkit.ModelConfig(arch="encoder_decoder", width=32, num_layers=1, max_seq_len=16,
+                               attention={"num_heads": 4},
+                               position={"kind": "relative", "relative_buckets": 8, "separate_decoder": True},
+                               stem={"kind": "tokens", "vocab_size": 20})
+    summary = formerkit.summarize(t5, batch=1, seq_len=8)
+    assert dict(summary.parts)["positions"] == 2 * 8 * 4

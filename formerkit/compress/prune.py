@@ -63,6 +63,8 @@ def check_prunable(config, *, heads: bool, ffn: bool, layers: bool) -> None:
             reasons.append("grouped-query attention (num_kv_heads < num_heads): heads share keys and values")
         if config.position.kind == "alibi":
             reasons.append("alibi positions (one slope per head, shared by every layer)")
+        if config.position.kind == "relative":
+            reasons.append("relative positions (one bias per head, shared by every layer)")
         if attention.gaussian_mixture:
             reasons.append("attention.gaussian_mixture (parameters per head)")
     if (ffn or layers) and config.feedforward.mixture:

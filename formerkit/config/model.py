@@ -46,6 +46,9 @@ class ModelConfig(ModelSection):
     # instead of one after the other (Wang and Komatsuzaki, GPT-J; GPT-NeoX; PaLM): separate_norms gives each branch
     # its own norm (GPT-NeoX), shared_norm feeds both from one (GPT-J, Phi-2, Falcon). null: sequential.
     parallel_residual: str | None = choice(None, (None, "separate_norms", "shared_norm"))
+    # encoder_decoder: the token the decoder's target begins with (T5: its pad token; BART: its end token), which
+    # generate starts from unless given another. null: generate needs one.
+    decoder_start_token_id: int | None = None
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     feedforward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     norm: NormConfig = field(default_factory=NormConfig)
@@ -95,6 +98,15 @@ class ModelConfig(ModelSection):
             raise ConfigError("position.rotary_fraction", position.rotary_fraction,
                               f"a fraction of head_dim ({self.head_dim}) that rotates an even number >= 2 of "
                               f"channels (int(head_dim * rotary_fraction) is {self.rotary_dim})")
+        if position.rope_scaling == "dynamic" and self.rotary_dim < 4:
+            raise ConfigError("position.rope_scaling", position.rope_scaling, "a scheme other than 'dynamic' when "
+                              f"only {self.rotary_dim} channels rotate", hint="dynamic's base grows by a power "
+                              "r / (r - 2) of the rotated channels r")
+        if position.rope_scaling == "longrope":
+            for name in ("rope_short_factors", "rope_long_factors"):
+                if len(getattr(position, name)) != self.rotary_dim // 2:
+                    raise ConfigError(f"position.{name}", getattr(position, name),
+                                      f"{self.rotary_dim // 2} factors, one per rotated channel pair")
         if position.rope_local_base is not None and attention.sliding_window is None:
             raise ConfigError("position.rope_local_base", position.rope_local_base,
                               "null unless attention.sliding_window is set", hint="it is the base of the window layers")
@@ -105,6 +117,21 @@ class ModelConfig(ModelSection):
             if self.arch == "encoder_decoder":
                 raise ConfigError("parallel_residual", self.parallel_residual, "null for arch 'encoder_decoder'",
                                   hint="a decoder block with cross-attention has three branches in sequence")
+        if position.separate_decoder and self.arch != "encoder_decoder":
+            raise ConfigError("position.separate_decoder", True, "false unless arch is 'encoder_decoder'",
+                              hint="only an encoder_decoder has a second stack to give positions of its own")
+        if position.kind == "relative" and self.arch == "encoder_decoder" and not position.separate_decoder:
+            raise ConfigError("position.separate_decoder", False, "true for relative positions in an "
+                              "encoder_decoder", hint="the encoder's buckets look both ways, the decoder's back only, "
+                              "so each stack has its own table (as in T5)")
+        if stem.separate_decoder_norm and self.arch != "encoder_decoder":
+            raise ConfigError("stem.separate_decoder_norm", True, "false unless arch is 'encoder_decoder'")
+        if self.decoder_start_token_id is not None:
+            if self.arch != "encoder_decoder":
+                self._fail("decoder_start_token_id", "null unless arch is 'encoder_decoder'")
+            vocab = stem.vocab_size or 0
+            if not 0 <= self.decoder_start_token_id < vocab:
+                self._fail("decoder_start_token_id", f"a token id in [0, {vocab}) (stem.vocab_size)")
         if attention.kind == "linear" and position.kind == "relative":
             raise ConfigError("position.kind", "relative", "a position scheme without score biases with linear "
                               "attention", hint="linear attention never forms the scores a relative bias adds to")
@@ -190,6 +217,9 @@ class ModelConfig(ModelSection):
             raise ConfigError(name, values, "null with grouped-query attention (num_kv_heads < num_heads)", hint=hint)
         if self.position.kind == "alibi":
             raise ConfigError(name, values, "null with alibi positions (one slope per head, shared by all layers)",
+                              hint=hint)
+        if self.position.kind == "relative":
+            raise ConfigError(name, values, "null with relative positions (one bias per head, shared by all layers)",
                               hint=hint)
         if attention.gaussian_mixture:
             raise ConfigError(name, values, "null with attention.gaussian_mixture", hint=hint)

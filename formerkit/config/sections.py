@@ -23,12 +23,12 @@ _ALIASES = {"rotary": "rope", "absolute": "learned", "sincos": "sinusoidal", "la
             "swish": "silu", "relu2": "squared_relu", "prenorm": "pre", "postnorm": "post"}
 
 ATTENTION_KINDS = ("softmax", "linear", "l2")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu", "swiglu", "geglu", "geglu_tanh")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "sincos2d", "none")
-ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3", "longrope")
 STEM_KINDS = ("tokens", "patches", "conv", "linear")
 HEAD_KINDS = ("lm", "masked_lm", "classification", "regression", "none")
 POOLINGS = ("cls", "mean", "sequence", "last", "none")
@@ -82,7 +82,8 @@ class AttentionConfig(ModelSection):
     # the scale); Gemma 2 and 3 use query_pre_attn_scalar^-1/2.
     scale: float | None = None
     # Soft-capping of the scores before the mask and softmax, softcap * tanh(scores / softcap) (Gemma 2): bounds the
-    # logits without clipping their gradient. null: none.
+    # logits without clipping their gradient. Fused attention kernels cannot apply it: capped layers compute their
+    # scores explicitly (as transformers' eager attention does). null: none.
     softcap: float | None = None
 
     def _validate(self) -> None:
@@ -127,6 +128,9 @@ class AttentionConfig(ModelSection):
         for name in ("scale", "softcap"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 self._fail(name, "a number > 0 or null")
+        if self.softcap is not None and self.kind == "l2":
+            self._fail("softcap", "null with attention.kind 'l2'",
+                       hint="L2 attention drops each query's own |q|^2 from its scores, which a cap would not ignore")
         if self.softcap is not None and self.kind == "linear" and self.kind_layers is None:
             self._fail("softcap", "null when every layer uses linear attention",
                        hint="linear attention never forms the scores soft-capping bounds")
@@ -142,6 +146,8 @@ class FeedForwardConfig(ModelSection):
 
     _prefix = "feedforward"
 
+    # swiglu, geglu and geglu_tanh are gated, act(gate) * up (Shazeer, 2020), with SiLU, GELU or GELU's tanh
+    # approximation (Gemma's GeGLU) on the gate.
     activation: str = choice("gelu", ACTIVATIONS)
     # Hidden width; by default int(ratio * width).
     hidden_size: int | None = None
@@ -214,8 +220,9 @@ class NormConfig(ModelSection):
     bias: bool = True
     # A norm after the last block; null means "yes for pre and sandwich, no for post".
     final: bool | None = None
-    # Added to every norm's learned scale, which then starts at 0: the norm multiplies by (weight_offset + weight).
-    # Gemma's RMSNorms store their scales this way (weight_offset 1.0), so weight decay pulls them toward 1.
+    # Added to every norm's learned scale, which then starts at 1 - weight_offset (so every norm starts as a unit
+    # scale): the norm multiplies by (weight_offset + weight). Gemma's RMSNorms store their scales this way
+    # (weight_offset 1.0, weights starting at 0), so weight decay pulls them toward 1.
     weight_offset: float = 0.0
 
     def _validate(self) -> None:
@@ -245,21 +252,27 @@ class PositionConfig(ModelSection):
     rotary_fraction: float = 1.0
     # rope: stretching the rotation frequencies for longer contexts: linear (position interpolation, Chen et al.,
     # 2023), dynamic (NTK-aware base growth once the input outgrows rope_original_max_len), yarn (Peng et al., 2023,
-    # "YaRN"), llama3 (Llama 3.1's interpolation of the low frequencies only). null: plain RoPE.
+    # "YaRN"), llama3 (Llama 3.1's interpolation of the low frequencies only), longrope (Ding et al., 2024,
+    # "LongRoPE"; Phi-3: a factor per channel pair, short or long by the input's length). null: plain RoPE.
     rope_scaling: str | None = choice(None, (None, *ROPE_SCALINGS))
     # rope_scaling: how much longer the context gets.
     rope_factor: float = 1.0
-    # dynamic, yarn, llama3: the context length of pre-training, before the extension.
+    # dynamic, yarn, llama3, longrope: the context length of pre-training, before the extension.
     rope_original_max_len: int | None = None
     # llama3: wavelengths longer than rope_original_max_len / rope_low_freq_factor are interpolated by rope_factor,
     # those shorter than rope_original_max_len / rope_high_freq_factor kept, the ones between blended smoothly.
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
-    # yarn: the rotations per context that bound the ramp from extrapolated (fast) to interpolated (slow) channels,
-    # and the scale of the cos/sin tables (null: YaRN's 0.1 ln(rope_factor) + 1).
+    # yarn: rope_beta_fast and rope_beta_slow, the rotations per original context that bound the ramp from kept
+    # (fast) to interpolated (slow) channel pairs; yarn, longrope: rope_attention_factor, the scale of the cos/sin
+    # tables (null: YaRN's 0.1 ln(rope_factor) + 1; LongRoPE's sqrt(1 + ln(rope_factor) / ln(rope_original_max_len))).
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
     rope_attention_factor: float | None = None
+    # longrope: each channel pair's frequency is divided by its factor, from rope_short_factors while a call's
+    # positions stay within rope_original_max_len, from rope_long_factors beyond (rotary_dim / 2 factors each).
+    rope_short_factors: tuple[float, ...] | None = None
+    rope_long_factors: tuple[float, ...] | None = None
     # rope: the base of the sliding-window layers, when it differs from rope_base (Gemma 3: 10,000 in its local
     # layers, 1,000,000 in its global ones); rope_scaling applies to the other layers only. null: rope_base.
     rope_local_base: float | None = None
@@ -267,26 +280,32 @@ class PositionConfig(ModelSection):
     # Raffel et al., 2020, "T5"). Decoders give later keys no buckets of their own.
     relative_buckets: int = 32
     relative_max_distance: int = 128
+    # encoder_decoder: the decoder has positions of its own instead of reading the encoder's (BART's two learned
+    # tables; T5's relative bias, one table per stack, needed there since the buckets differ).
+    separate_decoder: bool = False
 
     def _validate(self) -> None:
         if self.rope_base <= 1.0:
             self._fail("rope_base", "a number > 1")
         scaling_fields = ("rope_factor", "rope_original_max_len", "rope_low_freq_factor", "rope_high_freq_factor",
-                          "rope_beta_fast", "rope_beta_slow", "rope_attention_factor")
+                          "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_short_factors",
+                          "rope_long_factors")
         rope = ("rotary_fraction", "rope_scaling", "rope_local_base", *scaling_fields)
         self._check_applies("kind", {**{name: ("rope",) for name in rope},
-                                     "relative_buckets": ("relative",), "relative_max_distance": ("relative",)})
+                                     "relative_buckets": ("relative",), "relative_max_distance": ("relative",),
+                                     "separate_decoder": ("learned", "relative")})
         # Scaling fields do nothing without a scaling scheme, and each scheme reads only its own.
         self._check_applies("rope_scaling", {
-            "rope_factor": ROPE_SCALINGS, "rope_original_max_len": ("dynamic", "yarn", "llama3"),
+            "rope_factor": ROPE_SCALINGS, "rope_original_max_len": ("dynamic", "yarn", "llama3", "longrope"),
             "rope_low_freq_factor": ("llama3",), "rope_high_freq_factor": ("llama3",), "rope_beta_fast": ("yarn",),
-            "rope_beta_slow": ("yarn",), "rope_attention_factor": ("yarn",)})
+            "rope_beta_slow": ("yarn",), "rope_attention_factor": ("yarn", "longrope"),
+            "rope_short_factors": ("longrope",), "rope_long_factors": ("longrope",)})
         if not 0.0 < self.rotary_fraction <= 1.0:
             self._fail("rotary_fraction", "a fraction in (0, 1]")
         if self.rope_scaling is not None:
             if self.rope_factor <= 0 or (self.rope_scaling != "linear" and self.rope_factor < 1):
                 self._fail("rope_factor", "a number > 0" if self.rope_scaling == "linear" else "a number >= 1")
-            needs_original = self.rope_scaling in ("dynamic", "yarn", "llama3")
+            needs_original = self.rope_scaling in ("dynamic", "yarn", "llama3", "longrope")
             if needs_original and (self.rope_original_max_len is None or self.rope_original_max_len < 1):
                 self._fail("rope_original_max_len", f"an integer >= 1 with rope_scaling {self.rope_scaling!r}")
             if self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -296,6 +315,10 @@ class PositionConfig(ModelSection):
                 self._fail("rope_beta_fast", f"a number > position.rope_beta_slow ({self.rope_beta_slow})")
             if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
                 self._fail("rope_attention_factor", "a number > 0 or null")
+            for name in ("rope_short_factors", "rope_long_factors"):
+                factors = getattr(self, name)
+                if self.rope_scaling == "longrope" and (not factors or min(factors) <= 0):
+                    self._fail(name, "a list of numbers > 0 with rope_scaling 'longrope', one per rotated channel pair")
         if self.rope_local_base is not None and self.rope_local_base <= 1.0:
             self._fail("rope_local_base", "a number > 1 or null")
         if self.relative_buckets < 2:
@@ -318,6 +341,9 @@ class StemConfig(ModelSection):
     num_token_types: int = 0
     # A norm right after the embeddings (BERT).
     embedding_norm: bool = False
+    # encoder_decoder with embedding_norm: the decoder's embeddings get a norm of their own (BART's
+    # layernorm_embedding in each stack) instead of sharing the encoder's.
+    separate_decoder_norm: bool = False
     # tokens: multiply the token embeddings by sqrt(width) (Vaswani et al.; Gemma; BART's scale_embedding), so they
     # start at the scale of the residual stream.
     scale_embeddings: bool = False
@@ -359,6 +385,9 @@ class StemConfig(ModelSection):
         })
         if kind == "tokens" and (self.vocab_size is None or self.vocab_size < 1):
             self._fail("vocab_size", "an integer >= 1 for a tokens stem")
+        if self.separate_decoder_norm and not self.embedding_norm:
+            self._fail("separate_decoder_norm", "false when stem.embedding_norm is false",
+                       hint="there is no embedding norm to separate")
         if self.num_token_types < 0:
             self._fail("num_token_types", "an integer >= 0")
         if kind in ("patches", "conv"):

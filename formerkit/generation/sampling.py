@@ -78,6 +78,17 @@ def _decode_step(model, tokens: Tensor, cache: KVCache, source: Tensor) -> Tenso
     return model(tokens.unsqueeze(1), cache=cache, logits_to_keep=1)[:, -1]
 
 
+def _recompute(model, cache: KVCache, prompt: Tensor, prompt_keep: Tensor | None, history: list[Tensor],
+               compile: bool) -> tuple[KVCache, Tensor]:
+    """A fresh cache holding the prompt and every token chosen so far (the last one not yet fed), all computed in
+    one pass, and the last token's logits."""
+    fresh = KVCache.for_model(model, cache.batch_size, cache.max_length, rolling=not compile)
+    chosen = torch.stack(history, dim=1)
+    keep = None if prompt_keep is None else torch.cat([prompt_keep, torch.ones_like(chosen, dtype=prompt_keep.dtype)],
+                                                       dim=1)
+    return fresh, _prefill(model, fresh, torch.cat([prompt, chosen], dim=1), keep, None, None)
+
+
 def _prefill(model, cache: KVCache, prompt: Tensor, prompt_keep: Tensor | None, source: Tensor | None,
              source_keep: Tensor | None) -> Tensor:
     """Runs the prompt through the model into the cache; returns the last token's logits [batch, vocab]. With rolling
@@ -196,7 +207,7 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
     if config.arch == "encoder_decoder":
         source_keep = _check_source_mask(attention_mask, tuple(source.shape))
         if decoder_input_ids is None:
-            decoder_input_ids = _start_tokens(decoder_start_token_id, source.shape[0], vocab)
+            decoder_input_ids = _start_tokens(_start_token(config, decoder_start_token_id), source.shape[0], vocab)
         prompt, _ = _as_ids(decoder_input_ids, "decoder_input_ids")
         prompt = prompt.to(device)
         if prompt.shape[0] != source.shape[0]:
@@ -233,6 +244,12 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
             finished = finished | torch.isin(token, stops)
         return token, finished
 
+    # LongRoPE (Phi-3): once the sequence outgrows the original length, its long factors rotate every position; the
+    # keys cached under the short ones are then computed again, in one pass over the whole sequence, at the step that
+    # first feeds a token past that length (counting padding), as transformers' Phi-3 generation does.
+    switch = (config.position.rope_original_max_len
+              if config.position.rope_scaling == "longrope" and config.arch == "decoder" else None)
+    history: list[Tensor] = []
     inference = torch.inference_mode if between_steps else contextlib.nullcontext
     try:
         with inference():
@@ -247,7 +264,13 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
                 return
             with inference():
                 logits = best = None
-                if step is not None:
+                if switch is not None:
+                    history.append(token.clone())  # a compiled step may reuse its output buffer
+                    if cache.length == switch:
+                        cache, logits = _recompute(model, cache, prompt, prompt_keep, history, compile)
+                        if step is not None:
+                            step, slots = bind_compiled_step(model, cache)
+                if logits is None and step is not None:
                     try:
                         logits, best = step(token.view(-1, 1))
                     except Exception as error:  # no C++ compiler, an unsupported platform...: decode without it
@@ -267,10 +290,16 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
             model.train()
 
 
+def _start_token(config, given: int | None) -> int | None:
+    """The decoder's start token: the one given, else the model's own (config.decoder_start_token_id)."""
+    return given if given is not None else config.decoder_start_token_id
+
+
 def _start_tokens(start: int | None, batch: int, vocab_size: int) -> Tensor:
     if start is None:
         raise InputError("decoder_start_token_id: an encoder_decoder model starts the target from a start token; "
-                         "pass decoder_start_token_id=... or decoder_input_ids=...")
+                         "pass decoder_start_token_id=... or decoder_input_ids=..., or set the model's "
+                         "config.decoder_start_token_id")
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < vocab_size:
         raise InputError(f"decoder_start_token_id: expected a token id in [0, {vocab_size}), got {start!r}")
     return torch.full((batch, 1), start, dtype=torch.long)
@@ -298,7 +327,8 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | 
         stop token). Generation ends early when every row has stopped.
     seed: seeds a private random generator, so sampling is reproducible and leaves the global RNG alone.
     decoder_input_ids / decoder_start_token_id: encoder_decoder only, the target prompt (default: the start token
-        alone). The result is then the target prompt followed by the new tokens.
+        alone; by default the model's config.decoder_start_token_id). The result is then the target prompt followed
+        by the new tokens.
     compile: run each decode step compiled (fixed shapes, weights frozen into the compiled code): ahead of time by
         AOTInductor, or by ``torch.compile`` where that cannot. The first call compiles (tens of seconds); later
         calls with the same batch size reuse it, until a parameter changes. If compiling fails, decoding goes on
@@ -312,8 +342,8 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | 
                             decoder_start_token_id=decoder_start_token_id, compile=compile, between_steps=False))
         new_tokens = torch.stack(steps, dim=1) if steps else None
     if prompt is None:
-        prompt = _start_tokens(decoder_start_token_id, _as_ids(input_ids, "input_ids")[0].shape[0],
-                               model.config.stem.vocab_size)
+        prompt = _start_tokens(_start_token(model.config, decoder_start_token_id),
+                               _as_ids(input_ids, "input_ids")[0].shape[0], model.config.stem.vocab_size)
     prompt, single = _as_ids(prompt, "input_ids")
     prompt = prompt.to(next(model.parameters()).device)
     # The new tokens were made in inference mode; the result is an ordinary tensor.

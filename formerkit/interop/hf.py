@@ -5,7 +5,6 @@ sharded ``model.safetensors.index.json`` and its shards) into a formerkit ``Tran
 ``to_hf(model, directory)`` writes a formerkit model as such a directory, which ``transformers``' ``from_pretrained``
 loads with no missing or unexpected weights and the same outputs. ``convert`` is the function behind the command line.
 
-Families: GPT-2 (``gpt2``), LLaMA (``llama``) with its close relatives Mistral (``mistral``: sliding-window attention)
 Families: the ``FAMILIES`` registry below, one line each with the ``model_type`` values it reads (the README's table
 lists them with what each refuses). Each
 family is one module of this package defining a ``Family`` (``formerkit.interop.engine``): the Hugging Face config
@@ -29,19 +28,23 @@ from formerkit.checkpoint import load, load_extra, save
 from formerkit.config import ModelConfig
 from formerkit.data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer
 from formerkit.errors import ConfigError, InteropError
+from formerkit.interop.bart import Bart
 from formerkit.interop.bert import Bert
 from formerkit.interop.deit import DeiT
 from formerkit.interop.distilbert import DistilBert
 from formerkit.interop.engine import Family, Registry, assign, hf_state
 from formerkit.interop.falcon import Falcon
 from formerkit.interop.files import WeightFiles, read_hf_config, write_hf_files
+from formerkit.interop.gemma import Gemma
 from formerkit.interop.gpt2 import GPT2
 from formerkit.interop.gpt_neox import GPTNeoX
 from formerkit.interop.gptj import GPTJ
 from formerkit.interop.llama import Llama
 from formerkit.interop.opt import OPT
 from formerkit.interop.phi import Phi
+from formerkit.interop.phi3 import Phi3
 from formerkit.interop.roberta import Roberta
+from formerkit.interop.t5 import T5
 from formerkit.interop.tokenizers import (
     generation_config_for,
     read_generation_config,
@@ -55,24 +58,30 @@ from formerkit.models.transformer import build_model
 __all__ = ["convert", "from_hf", "imported_record", "to_hf"]
 
 # The families formerkit converts. Writing takes the first whose ``writes`` holds for the model's config and whose
-# config.json reads back as it: GPT-2 before OPT, LLaMA before the parallel-block decoders, BERT before RoBERTa and
-# DistilBERT, ViT before DeiT, so that a model the older family holds is written as before; the later one takes what
-# only it holds (OPT: no biases, post-norm, no final norm; GPT-NeoX, Phi, GPT-J, Falcon: parallel blocks, partial
-# rotary, LayerNorm decoders; RoBERTa: a masked-LM head under a non-GELU MLP; DistilBERT: no token types, a ReLU
-# pooler; DeiT: the distillation token). ``to_hf(..., model_type=)`` asks for one family.
+# config.json reads back as it: GPT-2 before OPT, LLaMA before Phi-3 (partial rotary, LongRoPE) and the parallel-block
+# decoders, BERT before RoBERTa and DistilBERT, ViT before DeiT, so that a model the older family holds is written as
+# before; the later one takes what only it holds (OPT: no biases, post-norm, no final norm; GPT-NeoX, Phi, GPT-J,
+# Falcon: parallel blocks, partial rotary, LayerNorm decoders; Gemma: offset norm scales and scaled embeddings; RoBERTa:
+# a masked-LM head under a non-GELU MLP; DistilBERT: no token types, a ReLU pooler; DeiT: the distillation token; T5:
+# relative positions, in an encoder-decoder or an encoder alone; BART: an encoder-decoder with learned positions).
+# ``to_hf(..., model_type=)`` asks for one family.
 FAMILIES = Registry(
     GPT2(),  # gpt2
-    Llama(),  # llama, mistral, qwen2
+    Llama(),  # llama, mistral, qwen2, qwen3
+    Phi3(),  # phi3
     OPT(),  # opt
     GPTNeoX(),  # gpt_neox (Pythia)
     Phi(),  # phi
     GPTJ(),  # gptj
     Falcon(),  # falcon
+    Gemma(),  # gemma, gemma2, gemma3_text (a multimodal gemma3 is refused, pointing to its text model)
     Bert(),  # bert
     Roberta(),  # roberta
     DistilBert(),  # distilbert
     ViT(),  # vit
     DeiT(),  # deit
+    T5(),  # t5
+    Bart(),  # bart
 )
 
 
@@ -85,10 +94,15 @@ def _family_for(config: ModelConfig, model_type: str | None = None) -> tuple[Fam
     arch, stem, position = config.arch, config.stem.kind, config.position.kind
     if arch == "decoder" and stem == "tokens":
         raise InteropError(f"to_hf: position.kind: expected 'learned' (GPT-2, OPT) or 'rope' (LLaMA, Mistral, Qwen2, "
-                           f"GPT-NeoX, Phi, GPT-J, Falcon) for a decoder over tokens, got {position!r}")
+                           f"Qwen3, Phi-3, GPT-NeoX, Phi, GPT-J, Falcon, Gemma) for a decoder over tokens, got "
+                           f"{position!r}")
+    if arch == "encoder_decoder" and stem == "tokens":
+        raise InteropError(f"to_hf: position.kind: expected 'relative' (T5) or 'learned' (BART) for an "
+                           f"encoder_decoder, got {position!r}")
     raise InteropError(f"to_hf: no Hugging Face family formerkit writes has arch={arch!r} with stem.kind={stem!r}; "
-                       "supported: a decoder over tokens (GPT-2, OPT, LLaMA, GPT-NeoX, Phi, GPT-J, Falcon), an encoder "
-                       "over tokens (BERT, RoBERTa, DistilBERT), an encoder over patches (ViT, DeiT)")
+                       "supported: a decoder over tokens (GPT-2, OPT, LLaMA, GPT-NeoX, Phi, GPT-J, Falcon, Gemma), an "
+                       "encoder over tokens (BERT, RoBERTa, DistilBERT, T5's encoder), an encoder over patches (ViT, "
+                       "DeiT), an encoder_decoder over tokens (T5, BART)")
 
 
 # ----- from Hugging Face -----
@@ -115,19 +129,20 @@ def _read_hf(directory: str | Path, trust_pickle: bool) -> tuple[torch.nn.Module
 def from_hf(directory: str | Path, *, trust_pickle: bool = False) -> torch.nn.Module:
     """Reads a local Hugging Face checkpoint directory into a formerkit Transformer with the same outputs.
 
-    The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its
-    shards). ``config.json``'s ``model_type`` picks the family (see ``FAMILIES``: gpt2, llama, mistral, qwen2, opt,
-    gpt_neox, phi, gptj, falcon, bert, roberta, distilbert, vit, deit, ...) and its ``architectures`` the head (e.g.
-    BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold one;
-    DeiTForImageClassificationWithTeacher: the class and distillation heads). A pickled ``pytorch_model.bin`` is
-    refused unless ``trust_pickle`` is true (pickle can run code); then it is read with
-    ``torch.load(weights_only=True)`` and a warning says so.
+    The directory holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` with its shards).
+    ``config.json``'s ``model_type`` picks the family (see ``FAMILIES``: gpt2, llama, mistral, qwen2, qwen3, phi3, opt,
+    gpt_neox, phi, gptj, falcon, gemma, gemma2, gemma3_text, bert, roberta, distilbert, vit, deit, t5, bart, ...) and
+    its ``architectures`` the head (e.g. BertForMaskedLM: the masked-LM head; BertModel: the pooler, if the weights hold
+    one; DeiTForImageClassificationWithTeacher: the class and distillation heads; T5EncoderModel: T5's encoder alone).
+    An encoder-decoder (t5, bart) keeps the checkpoint's decoder_start_token_id, which ``generate`` starts the target
+    from. A pickled ``pytorch_model.bin`` is refused unless ``trust_pickle`` is true (pickle can run code); then it is
+    read with ``torch.load(weights_only=True)`` and a warning says so.
 
     The model comes back in eval mode, like transformers' ``from_pretrained``, with float32 weights whatever the
     checkpoint's dtype. Raises ``InteropError`` naming the field or tensor for anything formerkit would not reproduce
-    exactly: an unknown model_type, a RoPE scaling scheme, a config value it does not implement, a missing weight, or
-    an unexpected one (buffers such as GPT-2's ``attn.bias`` and LLaMA's ``rotary_emb.inv_freq`` are not weights and
-    are ignored).
+    exactly: an unknown model_type, a RoPE scaling scheme other than linear, dynamic, yarn and llama3 (and Phi-3's
+    longrope), per-layer-type RoPE settings, a config value it does not implement, a missing weight, or an unexpected
+    one (buffers such as GPT-2's ``attn.bias`` and LLaMA's ``rotary_emb.inv_freq`` are not weights and are ignored).
 
     The model comes alone; its tokenizer is ``formerkit.interop.read_hf_tokenizer(directory)`` and its generation
     config ``read_generation_config(directory)``. ``convert`` (``formerkit convert --from-hf``) saves all three.
@@ -173,14 +188,18 @@ def to_hf(model: torch.nn.Module, directory: str | Path, *, model_type: str | No
     The family follows from the config: the first family of ``FAMILIES`` whose config.json reads back as the model's
     config. A decoder over tokens with learned positions is GPT-2 (OPT when GPT-2 cannot hold it: no biases,
     post-norm, no final norm), with RoPE LLaMA (Mistral for sliding windows on every layer, Qwen2 for
-    query/key/value-only biases or windows on some layers), or, for the LayerNorm decoders LLaMA cannot hold
-    (parallel attention and MLP, partial rotary), the first of GPT-NeoX, Phi, GPT-J and Falcon that holds the model;
+    query/key/value-only biases or windows on some layers, Qwen3 for query/key norms; RoPE scaling written as
+    rope_parameters), Phi-3 for partial rotary or LongRoPE, or, for the LayerNorm decoders LLaMA cannot hold
+    (parallel attention and MLP, partial rotary), the first of GPT-NeoX, Phi, GPT-J and Falcon that holds the model,
+    and with Gemma's offset norm scales and scaled embeddings Gemma (Gemma 2 for sandwich norms, Gemma 3's text
+    model with QK-norm as well);
     an encoder over tokens is BERT (DistilBERT without token types, RoBERTa for a masked-LM head over a non-GELU MLP),
-    over patches ViT (DeiT with a distillation token). ``model_type`` ("roberta", "opt", ...) asks for that family
+    over patches ViT (DeiT with a distillation token); an encoder_decoder with relative positions is T5 (an encoder
+    with them T5EncoderModel), with learned positions BART. ``model_type`` ("roberta", "opt", ...) asks for that family
     instead, when its checkpoints hold the model. The head picks the architecture written (GPT2LMHeadModel,
     LlamaForCausalLM, GPTNeoXForCausalLM, BertForMaskedLM, RobertaForSequenceClassification, DistilBertModel,
-    ViTForImageClassification, DeiTForImageClassificationWithTeacher, ...), which transformers' Auto
-    classes load with no missing or unexpected weights and the same outputs.
+    ViTForImageClassification, DeiTForImageClassificationWithTeacher, T5ForConditionalGeneration, BartModel, ...),
+    which transformers' Auto classes load with no missing or unexpected weights and the same outputs.
 
     With a ``tokenizer`` (any formerkit tokenizer: byte, char, bpe, or one imported from Hugging Face) it also writes
     ``tokenizer.json`` and ``tokenizer_config.json``, which ``transformers.AutoTokenizer`` reads with the same ids, and
@@ -188,12 +207,12 @@ def to_hf(model: torch.nn.Module, directory: str | Path, *, model_type: str | No
     else formerkit generate's defaults with the tokenizer's special ids. ``transformers.pipeline("text-generation",
     model=directory)`` then works on the directory.
 
-    Before writing anything, the config.json is read back and compared with the model's config; anything the
-    Hugging Face class cannot hold (RMSNorm qk_norm, LayerScale, shared layers, ALiBi, a conv stem, a BERT without its
-    pooler, ...) is an ``InteropError`` naming the formerkit field. Stochastic depth (``drop_path``), which acts in
-    training only, is not written: no Hugging Face class of these families has it, and the outputs are the same.
-    Other files in ``directory`` are left alone (a tokenizer, unless one is given); one holding other weight files
-    is refused.
+    Before writing anything, the config.json is read back and compared with the model's config; anything the Hugging
+    Face class cannot hold (qk_norm outside a LLaMA layout, LayerScale, shared layers, ALiBi, a conv stem, a BERT
+    without its pooler, ...) is an ``InteropError`` naming the formerkit field. Stochastic depth (``drop_path``),
+    which acts in training only, is not written: no Hugging Face class of these families has it, and the outputs are
+    the same. Other files in ``directory`` are left alone (a tokenizer, unless one is given); one holding other
+    weight files is refused.
     """
     _write_hf(model, directory, model_type, tokenizer, generation_config)
     return Path(directory)

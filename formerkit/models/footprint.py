@@ -25,8 +25,8 @@ from formerkit.errors import ConfigError
 __all__ = ["available_memory", "check_fits", "meta_build", "part_bytes", "part_of", "rough_parameter_bytes"]
 
 _PART_PATTERNS = [
-    (r"^(stem|embedding_norm)\.", "embedding"),
-    (r"^positions\.", "positions"),
+    (r"^(stem|embedding_norm|decoder_embedding_norm)\.", "embedding"),
+    (r"^(decoder_)?positions\.", "positions"),
     (r"^(encoder|decoder)\.blocks\.\d+\.attention\.", r"\1 attention"),
     (r"^(encoder|decoder)\.blocks\.\d+\.cross_attention\.", r"\1 cross-attention"),
     (r"^(encoder|decoder)\.blocks\.\d+\.feedforward\.", r"\1 feed-forward"),

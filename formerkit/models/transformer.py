@@ -47,8 +47,8 @@ from formerkit.nn.masks import (
     with_bias,
 )
 from formerkit.nn.moe import Routing
-from formerkit.nn.norms import build_norm
-from formerkit.nn.positions import build_positions
+from formerkit.nn.norms import model_norm
+from formerkit.nn.positions import RotaryPositions, build_positions
 from formerkit.nn.stems import build_stem
 from formerkit.nn.tome import TokenMerging
 
@@ -119,17 +119,22 @@ class TransformerStack(nn.Module):
         self.mask_kinds = tuple("linear" if kind == "linear" else "window" if windowed else "full"
                                 for kind, windowed in zip(self.kinds, self.windowed))
         norm = config.norm
-        self.final_norm = build_norm(norm.kind, config.width, norm.eps, norm.bias) if norm.has_final else None
+        self.final_norm = model_norm(norm, config.width) if norm.has_final else None
 
     def block_at(self, index: int) -> TransformerBlock:
         """The block that runs at depth ``index`` (blocks repeat when weights are shared)."""
         return self.blocks[index % len(self.blocks)]
 
-    def contexts(self, masks: dict[str, PreparedMask], **shared) -> tuple[LayerContext, ...]:
+    def contexts(self, masks: dict[str, PreparedMask], *, rotary: tuple[Tensor, Tensor] | None = None,
+                 local_rotary: tuple[Tensor, Tensor] | None = None, **shared) -> tuple[LayerContext, ...]:
         """One ``LayerContext`` per depth: the mask of the depth's kind from ``masks`` ("full", "window", "linear"),
-        its attention kind, index and (while training) stochastic depth, and the ``shared`` fields of the pass."""
+        its attention kind, index and (while training) stochastic depth, its rotary tables (``local_rotary`` for
+        the sliding-window depths when given: position.rope_local_base, else ``rotary``), and the ``shared``
+        fields of the pass."""
         return tuple(LayerContext(mask=masks[self.mask_kinds[index]], kind=self.kinds[index], index=index,
-                                  drop_path=self.drop_paths[index] if self.training else None, **shared)
+                                  drop_path=self.drop_paths[index] if self.training else None,
+                                  rotary=local_rotary if local_rotary is not None and self.windowed[index] else rotary,
+                                  **shared)
                      for index in range(self.num_layers))
 
     def forward(self, prepared: StackInput, *, output_hidden_states: bool = False,
@@ -175,9 +180,17 @@ class Transformer(nn.Module):
         self.config = config
         self.stem = build_stem(config)
         self.positions = build_positions(config)
+        # Gemma 3: the sliding-window layers rotate by tables of their own base (position.rope_local_base), plain
+        # RoPE without the global layers' scaling. Fixed tables (buffers, not weights).
+        position = config.position
+        self.local_positions = (RotaryPositions(config.num_positions, config.head_dim, position.rope_local_base,
+                                                config.rotary_dim)
+                                if position.kind == "rope" and position.rope_local_base is not None else None)
+        # encoder_decoder with position.separate_decoder / stem.separate_decoder_norm: the decoder's own (BART, T5).
+        self.decoder_positions = build_positions(config, causal=True) if config.position.separate_decoder else None
         norm = config.norm
-        self.embedding_norm = (build_norm(norm.kind, config.width, norm.eps, norm.bias)
-                               if config.stem.embedding_norm else None)
+        self.embedding_norm = model_norm(norm, config.width) if config.stem.embedding_norm else None
+        self.decoder_embedding_norm = model_norm(norm, config.width) if config.stem.separate_decoder_norm else None
         self.embedding_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         if config.arch == "decoder":
             self.decoder = TransformerStack(config, config.num_layers, causal=True)
@@ -212,7 +225,8 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
         for name, parameter in self.named_parameters():
-            if name in ("positions.weight", "stem.class_token", "stem.distill_token", "stem.registers"):
+            if name in ("positions.weight", "decoder_positions.weight", "stem.class_token", "stem.distill_token",
+                        "stem.registers"):
                 nn.init.normal_(parameter, std=std)
 
     # ----- the forward path: prepare, then the stack's layers, then the head -----
@@ -227,6 +241,12 @@ class Transformer(nn.Module):
             raise InputError(f"side: expected {'encoder or decoder' if arch == 'encoder_decoder' else 'None'} for "
                              f"arch {arch!r}, got {side!r}")
         return getattr(self, side)
+
+    def positions_of(self, stack: TransformerStack):
+        """The position scheme the layers of ``stack`` read: the decoder's own when it has one."""
+        if stack.causal and self.decoder_positions is not None:
+            return self.decoder_positions
+        return self.positions
 
     def prepare(self, inputs: Tensor, *, side: str | None = None, attention_mask: Tensor | None = None,
                 mask: Mask | Tensor | None = None, position_ids: Tensor | None = None,
@@ -246,7 +266,7 @@ class Transformer(nn.Module):
         if isinstance(cache, StaticSlots):
             # The compiled decode step: one token per row after the cached ones, fixed shapes, inputs made by generate.
             position_ids = cache.begin()
-            hidden, _ = self.embed(inputs, position_ids=position_ids)
+            hidden, _ = self.embed(inputs, position_ids=position_ids, side=side)
             layers = self.layer_contexts(stack, hidden, position_ids=position_ids, cache=cache)
             return StackInput(hidden, layers, None, position_ids)
         target_side = self.config.arch == "encoder_decoder" and side == "decoder"
@@ -260,21 +280,26 @@ class Transformer(nn.Module):
         if cache is None:
             mask = check_mask(self, mask, inputs.shape[0], length)
             hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids,
-                                              token_type_ids=token_type_ids)
+                                              token_type_ids=token_type_ids, side=side)
         else:
             check_cache(cache, inputs, length, position_ids)
             mask = check_mask(self, mask, inputs.shape[0], length, cache.length + length, cache.length)
             position_ids = cache.begin(keep, length)
-            hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids)
+            hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids, side=side)
         layers = self.layer_contexts(stack, hidden, token_keep=keep, position_ids=position_ids, mask=mask,
                                      cache=cache, memory=memory, memory_keep=memory_keep, need_weights=need_weights,
                                      merging=merging)
         return StackInput(hidden, layers, keep, position_ids)
 
     def embed(self, inputs: Tensor, *, keep: Tensor | None = None, position_ids: Tensor | None = None,
-              token_type_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+              token_type_ids: Tensor | None = None, side: str | None = None) -> tuple[Tensor, Tensor | None]:
         """Stem, absolute positions, registers, embedding norm and dropout. Returns the hidden states and the
-        position ids the attention layers should use (None means 0, 1, 2, ...)."""
+        position ids the attention layers should use (None means 0, 1, 2, ...). ``side`` as in ``get_stack``: an
+        encoder_decoder's decoder may have positions and an embedding norm of its own."""
+        decoder = side == "decoder" and self.config.arch == "encoder_decoder"
+        positions = self.decoder_positions if decoder and self.decoder_positions is not None else self.positions
+        embedding_norm = (self.decoder_embedding_norm if decoder and self.decoder_embedding_norm is not None
+                          else self.embedding_norm)
         if self.config.stem.kind == "tokens":
             hidden = self.stem(inputs, token_type_ids)
             if position_ids is None and keep is not None:
@@ -282,10 +307,10 @@ class Transformer(nn.Module):
                 position_ids = (keep.long().cumsum(dim=1) - 1).clamp(min=0)
         else:
             hidden = self.stem(inputs)
-        hidden = self.positions.encode_input(hidden, position_ids)
+        hidden = positions.encode_input(hidden, position_ids)
         hidden = self.stem.add_registers(hidden)
-        if self.embedding_norm is not None:
-            hidden = self.embedding_norm(hidden)
+        if embedding_norm is not None:
+            hidden = embedding_norm(hidden)
         return self.embedding_dropout(hidden), position_ids
 
     def layer_contexts(self, stack: TransformerStack, hidden: Tensor, *, token_keep: Tensor | None = None,
@@ -306,9 +331,12 @@ class Transformer(nn.Module):
                                                  length, memory.shape[1], device=device)
         else:
             memory_mask = None
-        return stack.contexts(masks, rotary=self.positions.rotary(position_ids, length), cache=cache, memory=memory,
-                              memory_mask=memory_mask, token_keep=token_keep, need_weights=need_weights,
-                              merging=merging)
+        local_rotary = (None if self.local_positions is None or not any(stack.windowed)
+                        else self.local_positions.rotary(position_ids, length))
+        return stack.contexts(masks, rotary=self.positions_of(stack).rotary(position_ids, length),
+                              local_rotary=local_rotary, cache=cache, memory=memory, memory_mask=memory_mask,
+                              token_keep=token_keep,
+                              need_weights=need_weights, merging=merging)
 
     def attention_masks(self, stack: TransformerStack, *, length: int, key_keep: Tensor | None,
                         position_ids: Tensor | None, mask: Mask | None, cache: KVCache | StaticSlots | None,
@@ -323,12 +351,12 @@ class Transformer(nn.Module):
         tokens and attend to every cached key, whose padding and positions the cache records."""
         kinds = set(stack.mask_kinds)
         if isinstance(cache, StaticSlots):
-            return self._static_masks(kinds, cache, position_ids)
+            return self._static_masks(kinds, cache, position_ids, self.positions_of(stack))
         offset, num_keys = (cache.start, cache.end) if cache is not None else (0, length)
         if cache is not None:
             key_keep = cache.key_keep()
         combined = self._combined_mask(stack.causal, key_keep, mask)
-        bias, bias_at = self._position_bias(length, position_ids, cache, device)
+        bias, bias_at = self._position_bias(self.positions_of(stack), length, position_ids, cache, device)
         attention = self.config.attention
         masks: dict[str, PreparedMask] = {}
         if "full" in kinds:
@@ -377,10 +405,12 @@ class Transformer(nn.Module):
             combined = part if combined is None else combined & part
         return combined
 
-    def _position_bias(self, length: int, position_ids: Tensor | None, cache: KVCache | None, device):
-        """Positions that add to the scores (ALiBi): the bias of this pass's queries over every key, and the same as
-        a function of query and key positions (for blockwise and rolling-cache masks). (None, None) otherwise."""
-        if not self.positions.uses_bias:
+    @staticmethod
+    def _position_bias(scheme, length: int, position_ids: Tensor | None, cache: KVCache | None, device):
+        """Positions that add to the scores (ALiBi, relative buckets) by ``scheme``: the bias of this pass's queries
+        over every key, and the same as a function of query and key positions (for blockwise and rolling-cache
+        masks). (None, None) otherwise."""
+        if not scheme.uses_bias:
             return None, None
         positions = position_ids if position_ids is not None else torch.arange(length, device=device).unsqueeze(0)
         keys = cache.key_positions() if cache is not None else positions
@@ -388,9 +418,9 @@ class Transformer(nn.Module):
         def bias_at(query_index: Tensor, key_index: Tensor) -> Tensor:
             # Position ids read at the given positions (clamped; positions outside the sequence are masked).
             last = keys.shape[1] - 1
-            return self.positions.attention_bias(keys[:, query_index.clamp(0, last)], keys[:, key_index.clamp(0, last)])
+            return scheme.attention_bias(keys[:, query_index.clamp(0, last)], keys[:, key_index.clamp(0, last)])
 
-        return self.positions.attention_bias(positions, keys), bias_at
+        return scheme.attention_bias(positions, keys), bias_at
 
     @staticmethod
     def _linear_form(combined: Mask | None) -> PreparedMask:
@@ -403,14 +433,14 @@ class Transformer(nn.Module):
             key_keep = keep if key_keep is None else key_keep & keep
         return PreparedMask(is_causal=any(isinstance(part, CausalMask) for part in parts), key_keep=key_keep)
 
-    def _static_masks(self, kinds: set[str], slots: StaticSlots, position_ids: Tensor) -> dict[str, PreparedMask]:
+    def _static_masks(self, kinds: set[str], slots: StaticSlots, position_ids: Tensor,
+                      scheme) -> dict[str, PreparedMask]:
         """``attention_masks`` for the compiled decode step: one query per row over the slots filled so far, every
         shape fixed but the filled length. The query comes after every key, so only padding (and the window) mask."""
         key_keep = slots.key_keep()
         batch, filled = key_keep.shape
         allowed = key_keep.view(batch, 1, 1, filled)
-        bias = (self.positions.attention_bias(position_ids, slots.key_positions()) if self.positions.uses_bias
-                else None)
+        bias = scheme.attention_bias(position_ids, slots.key_positions()) if scheme.uses_bias else None
         masks = {"full": PreparedMask(value=with_bias(allowed, bias))}
         if "window" in kinds:
             # The window over slots (SlidingWindowMask counts slots, padding included), this token's slot the query.

@@ -22,6 +22,7 @@ from formerkit.nn.positions import (
     ALiBiPositions,
     LearnedPositions,
     NoPositions,
+    RelativePositions,
     RotaryPositions,
     SinCos2DPositions,
     SinusoidalPositions,
@@ -33,7 +34,7 @@ __all__ = [
     "ALiBiPositions", "AllOf", "Attention", "CausalMask", "ClassificationHead", "ConvTokenizer", "DocumentMask",
     "DropPath", "GatedMLP", "KeyPaddingMask", "LMHead", "LayerContext", "LayerScale", "LearnedPositions", "LinearStem",
     "MLP", "Mask", "MaskedLMHead", "MoEFeedForward", "NoPositions", "PatchEmbedding", "Pooling", "PrefixLMMask",
-    "RMSNorm", "RegressionHead", "Residual", "RotaryPositions", "Routing", "SinCos2DPositions", "SinusoidalPositions",
-    "SlidingWindowMask", "StackInput", "TensorMask", "TokenEmbedding", "TokenMerging", "TransformerBlock",
-    "attention_weights", "bipartite_soft_matching",
+    "RMSNorm", "RegressionHead", "RelativePositions", "Residual", "RotaryPositions", "Routing", "SinCos2DPositions",
+    "SinusoidalPositions", "SlidingWindowMask", "StackInput", "TensorMask", "TokenEmbedding", "TokenMerging",
+    "TransformerBlock", "attention_weights", "bipartite_soft_matching",
 ]

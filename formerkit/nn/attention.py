@@ -32,12 +32,16 @@ __all__ = ["Attention", "GaussianMixtureMask", "attention_weights"]
 class Attention(nn.Module):
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool = True,
                  out_bias: bool = True, qk_norm: bool = False, norm_kind: str = "layernorm", norm_eps: float = 1e-5,
-                 dropout: float = 0.0, cross: bool = False, gaussian_mixture: int = 0,
-                 grid: tuple[int, int] | None = None, prefix_tokens: int = 0, scale: float | None = None):
+                 norm_weight_offset: float = 0.0, dropout: float = 0.0, cross: bool = False, gaussian_mixture: int = 0,
+                 grid: tuple[int, int] | None = None, prefix_tokens: int = 0, scale: float | None = None,
+                 softcap: float | None = None):
         super().__init__()
         self.num_heads = num_heads
         # The multiplier of the scores; None: 1/sqrt(head_dim), SDPA's default.
         self.scale = scale
+        # Soft-capping of the scores, softcap * tanh(scores / softcap), before the mask (Gemma 2). SDPA cannot apply
+        # it, so softmax layers with a cap compute their scores explicitly on every path (see ``_softmax``).
+        self.softcap = softcap
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dropout = dropout
@@ -48,8 +52,8 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(width, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
         self.out = nn.Linear(num_heads * head_dim, width, bias=out_bias)
-        self.q_norm = build_norm(norm_kind, head_dim, norm_eps) if qk_norm else None
-        self.k_norm = build_norm(norm_kind, head_dim, norm_eps) if qk_norm else None
+        self.q_norm = build_norm(norm_kind, head_dim, norm_eps, weight_offset=norm_weight_offset) if qk_norm else None
+        self.k_norm = build_norm(norm_kind, head_dim, norm_eps, weight_offset=norm_weight_offset) if qk_norm else None
         self.gaussian = (GaussianMixtureMask(num_heads, gaussian_mixture, grid, prefix_tokens)
                          if gaussian_mixture else None)
 
@@ -110,7 +114,7 @@ class Attention(nn.Module):
 
     def _softmax(self, q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask, kind: str, need_weights: bool,
                  static: bool) -> tuple[Tensor, Tensor | None]:
-        scale = self.scale
+        scale, softcap = self.scale, self.softcap
         if kind == "l2":
             q, k, v, l2_scale = _l2_as_dot_products(q, k, v)
             scale = l2_scale if scale is None else scale
@@ -124,15 +128,18 @@ class Attention(nn.Module):
         weights = None
         if need_weights or multiplier is not None:
             out, weights = attention_weights(q, k, v, attn_mask, mask.is_causal, dropout, scale=scale,
-                                             multiplier=multiplier)
+                                             multiplier=multiplier, softcap=softcap)
         elif mask.blocked is not None:
             out = self._blockwise(q, k, v, mask.blocked, dropout, scale)
         elif static and q.shape[2] == 1:
-            out = single_query_attention(q, k, v, attn_mask, scale=scale)
-        elif q.device.type == "meta" and torch.is_grad_enabled():
+            out = single_query_attention(q, k, v, attn_mask, scale=scale, softcap=softcap)
+        # The fused kernel takes no gradient for its mask: a learned score bias (T5's relative positions) goes to
+        # SDPA, whose math path real runs take too.
+        elif (q.device.type == "meta" and torch.is_grad_enabled() and softcap is None
+              and not (attn_mask is not None and attn_mask.requires_grad)):
             out = _meta_fused_attention(q, k, v, attn_mask, dropout, mask.is_causal, scale)
-        else:
-            out = grouped_sdpa(q, k, v, attn_mask, dropout, mask.is_causal, scale)
+        else:  # with a softcap, grouped_sdpa computes the scores explicitly
+            out = grouped_sdpa(q, k, v, attn_mask, dropout, mask.is_causal, scale, softcap)
         if mask.empty_rows is not None:
             out = out.masked_fill(mask.empty_rows, 0.0)
             if weights is not None:
@@ -143,7 +150,7 @@ class Attention(nn.Module):
 
     def _blockwise(self, q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, dropout: float,
                    scale: float | None) -> Tensor:
-        return blockwise_attention(q, k, v, blocked, dropout, scale)
+        return blockwise_attention(q, k, v, blocked, dropout, scale, self.softcap)
 
     def _linear(self, q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask) -> Tensor:
         """Linear attention: the linear-time form under a causal mask and/or key padding, else the quadratic form
@@ -195,10 +202,11 @@ def _meta_fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
 
 
 def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-                           scale: float | None = None) -> Tensor:
+                           scale: float | None = None, softcap: float | None = None) -> Tensor:
     """Attention of one query per row [batch, heads, 1, head_dim] over keys [batch, kv_heads, keys, head_dim] as
     element-wise products and sums (no matrix-multiply calls): inside a compiled decode step these fuse into a few
-    small kernels, where a single-query SDPA call costs more than the arithmetic. Masks as in SDPA."""
+    small kernels, where a single-query SDPA call costs more than the arithmetic. Masks as in SDPA; ``softcap``
+    caps the scores before the mask, softcap * tanh(scores / softcap)."""
     batch, heads, _, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -206,6 +214,8 @@ def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | 
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     scores = (query * k.unsqueeze(2)).sum(-1) * scale  # [batch, kv_heads, group, keys]
     scores = scores.reshape(batch, heads, 1, keys)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     # The softmax's division comes after the weighted sum (one division per output, not one per key and output).
@@ -216,14 +226,17 @@ def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | 
 
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                      dropout: float = 0.0, *, scale: float | None = None,
-                      multiplier: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """softmax(multiplier * (q k^T * scale) + mask) v written out (scale 1/sqrt(d) by default; ``multiplier``
-    [heads, queries, keys] scales the scores, as the Gaussian-mixture mask does), returning the probabilities too."""
+                      dropout: float = 0.0, *, scale: float | None = None, multiplier: Tensor | None = None,
+                      softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(cap(multiplier * (q k^T * scale)) + mask) v written out (scale 1/sqrt(d) by default; ``multiplier``
+    [heads, queries, keys] scales the scores, as the Gaussian-mixture mask does; cap(s) = softcap * tanh(s / softcap)
+    with a ``softcap``, else s), returning the probabilities too."""
     k, v = repeat_kv(q, k, v)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if multiplier is not None:
         scores = scores * multiplier
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
         length, keys = scores.shape[-2:]
         attn_mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(keys - length)

@@ -9,7 +9,7 @@ from formerkit.nn.attention import Attention
 from formerkit.nn.context import LayerContext
 from formerkit.nn.feedforward import build_feedforward
 from formerkit.nn.moe import build_moe
-from formerkit.nn.norms import build_norm
+from formerkit.nn.norms import model_norm
 
 __all__ = ["DropPath", "LayerScale", "Residual", "TransformerBlock"]
 
@@ -57,9 +57,9 @@ class Residual(nn.Module):
         self.placement = norm.placement
         # Without a norm of its own (a parallel block's feed-forward reading the attention's normed input) the block
         # gives the branch its input.
-        self.norm = build_norm(norm.kind, config.width, norm.eps, norm.bias) if own_norm else None
+        self.norm = model_norm(norm, config.width) if own_norm else None
         sandwich = norm.placement == "sandwich"
-        self.norm_out = build_norm(norm.kind, config.width, norm.eps, norm.bias) if sandwich else None
+        self.norm_out = model_norm(norm, config.width) if sandwich else None
         # Absent parts are None rather than identity modules: decoding calls merge once per token per layer.
         self.scale = LayerScale(config.width, config.layer_scale) if config.layer_scale else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout else None
@@ -98,10 +98,12 @@ class TransformerBlock(nn.Module):
         def make_attention(cross: bool) -> Attention:
             return Attention(config.width, heads, kv_heads, config.head_dim, qkv_bias=attn.qkv_bias,
                              out_bias=attn.out_bias, qk_norm=attn.qk_norm, norm_kind=config.norm.kind,
-                             norm_eps=config.norm.eps, dropout=attn.dropout, cross=cross,
+                             norm_eps=config.norm.eps, norm_weight_offset=config.norm.weight_offset,
+                             dropout=attn.dropout, cross=cross,
                              gaussian_mixture=0 if cross else attn.gaussian_mixture,
                              grid=config.stem.grid_size if image else None,
-                             prefix_tokens=config.stem.num_prefix_tokens if image else 0, scale=attn.scale)
+                             prefix_tokens=config.stem.num_prefix_tokens if image else 0, scale=attn.scale,
+                             softcap=attn.softcap)
 
         self.attention = make_attention(False)
         self.attention_residual = Residual(config)

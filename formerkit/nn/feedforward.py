@@ -25,6 +25,7 @@ def activation(name: str):
         "silu": F.silu,
         "swiglu": F.silu,
         "geglu": F.gelu,
+        "geglu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # Gemma's GeGLU
     }[name]
 
 
@@ -37,6 +38,7 @@ _DERIVATIVES = {
     "silu": lambda g, h: torch.ops.aten.silu_backward(g, h),
     "swiglu": lambda g, h: torch.ops.aten.silu_backward(g, h),
     "geglu": lambda g, h: torch.ops.aten.gelu_backward(g, h),
+    "geglu_tanh": lambda g, h: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
 }
 
 

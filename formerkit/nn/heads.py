@@ -79,11 +79,12 @@ class LMHead(nn.Module):
 class MaskedLMHead(nn.Module):
     """BERT's masked-LM head: dense -> GELU -> LayerNorm -> linear to the vocabulary with a bias."""
 
-    def __init__(self, width: int, vocab_size: int, norm_kind: str, norm_eps: float, act: str = "gelu"):
+    def __init__(self, width: int, vocab_size: int, norm_kind: str, norm_eps: float, act: str = "gelu",
+                 norm_weight_offset: float = 0.0):
         super().__init__()
         self.dense = nn.Linear(width, width)
         self.act = activation(act)
-        self.norm = build_norm(norm_kind, width, norm_eps)
+        self.norm = build_norm(norm_kind, width, norm_eps, weight_offset=norm_weight_offset)
         self.projection = nn.Linear(width, vocab_size, bias=True)
 
     def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
@@ -165,7 +166,8 @@ def build_head(config) -> nn.Module:
         return LMHead(config.width, stem.vocab_size, bias=config.head.bias, scale_input=config.head.scale_input,
                       logit_softcap=config.head.logit_softcap)
     if head.kind == "masked_lm":
-        return MaskedLMHead(config.width, stem.vocab_size, config.norm.kind, config.norm.eps)
+        return MaskedLMHead(config.width, stem.vocab_size, config.norm.kind, config.norm.eps,
+                            norm_weight_offset=config.norm.weight_offset)
     if head.kind == "classification":
         distill_index = int(stem.class_token) if stem.distill_token and head.distill_head else None
         return ClassificationHead(config.width, head.num_classes, pooling, prefix, head.pooler, head.dropout,

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from formerkit.nn.masks import BlockedMask
 
-__all__ = ["blockwise_attention", "grouped_sdpa", "repeat_kv"]
+__all__ = ["blockwise_attention", "grouped_sdpa", "repeat_kv", "softcapped_attention"]
 
 # SDPA's enable_gqa arrived in torch 2.5; older versions repeat the key/value heads instead.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -40,8 +40,12 @@ def repeat_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout: float = 0.0,
-                 is_causal: bool = False, scale: float | None = None) -> Tensor:
-    """SDPA with grouped key/value heads (repeated on torch versions whose SDPA cannot share them)."""
+                 is_causal: bool = False, scale: float | None = None, softcap: float | None = None) -> Tensor:
+    """SDPA with grouped key/value heads (repeated on torch versions whose SDPA cannot share them). With a
+    ``softcap`` the scores are capped before the mask, softcap * tanh(scores / softcap) (Gemma 2), which SDPA cannot
+    do: the attention is then written out (``softcapped_attention``)."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, attn_mask, dropout, is_causal, scale, softcap)
     extra = {} if scale is None else {"scale": scale}
     if k.shape[1] != q.shape[1]:
         if _SDPA_HAS_GQA:
@@ -52,21 +56,39 @@ def grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = Non
                                           **extra)
 
 
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, is_causal: bool,
+                         scale: float | None, softcap: float) -> Tensor:
+    """softmax(softcap * tanh(q k^T * scale / softcap) + mask) v written out (Gemma 2's capped scores; masks as in
+    SDPA). Half-precision scores are normalized in float32, as fused kernels do."""
+    k, v = repeat_kv(q, k, v)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        length, keys = scores.shape[-2:]
+        attn_mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(keys - length)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    wide = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    weights = scores.softmax(dim=-1, dtype=wide).to(q.dtype)
+    return (F.dropout(weights, dropout) if dropout else weights) @ v
+
+
 def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, dropout: float = 0.0,
-                        scale: float | None = None) -> Tensor:
+                        scale: float | None = None, softcap: float | None = None) -> Tensor:
     """Local attention: q [batch, heads, tokens, dim], k/v [batch, kv_heads, tokens, dim]; each block of queries
     against the keys of its window, the global queries (if any) against every key. With attention dropout (training)
-    the blocks go through autograd as a whole, as dropout's random mask must be the one backward sees."""
+    the blocks go through autograd as a whole, as dropout's random mask must be the one backward sees; so do
+    soft-capped scores (``softcap``), whose derivative the recomputing backward does not know."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if dropout:
-        out = _local_with_autograd(q, k, v, blocked, dropout, scale)
+    if dropout or softcap is not None:
+        out = _local_with_autograd(q, k, v, blocked, dropout, scale, softcap)
     else:
         out = _LocalAttention.apply(q, k, v, blocked, scale)
     glob = blocked.global_tokens
     if glob:
         rows = blocked.global_rows
         value = rows.value if rows.value.dtype == torch.bool else rows.value.to(q.dtype)
-        first = grouped_sdpa(q[:, :, :glob], k, v, value, dropout, False, scale)
+        first = grouped_sdpa(q[:, :, :glob], k, v, value, dropout, False, scale, softcap)
         if rows.empty_rows is not None:
             first = first.masked_fill(rows.empty_rows, 0.0)
         out = torch.cat([first, out[:, :, glob:]], dim=2)
@@ -135,15 +157,16 @@ def _groups(blocks: int, per_block: int):
 
 
 def _local_with_autograd(q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, dropout: float,
-                         scale: float) -> Tensor:
-    """All blocks in one SDPA call, through autograd (the path with attention dropout)."""
+                         scale: float, softcap: float | None = None) -> Tensor:
+    """All blocks in one SDPA call (written out with soft-capped scores), through autograd (the path with attention
+    dropout or a soft-cap)."""
     batch, heads, length, _ = q.shape
     blocks = _num_blocks(length, blocked)
     queries = _group_queries(q, 0, blocks, blocked.block)
     keys, values = _WindowKeys(k, blocked)(0, blocks), _WindowKeys(v, blocked)(0, blocks)
     out = grouped_sdpa(*(x.transpose(1, 2).reshape(batch * blocks, x.shape[1], *x.shape[3:])
                          for x in (queries, keys, values)),
-                       _as_sdpa_mask(blocked.value, q.dtype, batch, blocks), dropout, False, scale)
+                       _as_sdpa_mask(blocked.value, q.dtype, batch, blocks), dropout, False, scale, softcap)
     if blocked.empty_rows is not None:
         out = out.masked_fill(_expand_blocks(blocked.empty_rows, batch, blocks), 0.0)
     return out.view(batch, blocks, heads, blocked.block, -1).transpose(1, 2).reshape(

@@ -440,7 +440,8 @@ def _open_empty_rows(value: Tensor) -> tuple[Tensor, Tensor | None]:
     """Rows with no allowed key opened up (so softmax sees no all ``-inf`` row) and reported, or None."""
     # Exported graphs (ONNX, torch.export) keep the general path: skipping it is a data-dependent branch they
     # cannot hold, and opening no row with an all-False ``empty`` computes the same values.
-    tracing = torch.compiler.is_exporting() or torch.jit.is_tracing()
+    # Shape-only runs on the meta device (summaries) cannot read values either.
+    tracing = torch.compiler.is_exporting() or torch.jit.is_tracing() or value.device.type == "meta"
     if value.dtype == torch.bool:
         empty = ~value.any(dim=-1, keepdim=True)
         return (value | empty, empty) if tracing or bool(empty.any()) else (value, None)

@@ -5,30 +5,46 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "build_norm"]
+__all__ = ["RMSNorm", "build_norm", "model_norm"]
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich, 2019): x / rms(x) * weight, computed in float32 for stability."""
+    """Root-mean-square norm (Zhang & Sennrich, 2019): x / rms(x) * weight, computed in float32 for stability.
 
-    def __init__(self, width: int, eps: float = 1e-6):
+    With a ``weight_offset`` the scale is (weight_offset + weight), as Gemma stores it (offsets from 1, so weight decay
+    pulls the scale toward 1), and the weight starts at 1 - weight_offset: every norm starts as a unit scale. Gemma
+    also multiplies by the scale before rounding back to the input's dtype (LLaMA rounds first); the offset form
+    does as Gemma does, the plain form as LLaMA does (the same numbers in float32)."""
+
+    def __init__(self, width: int, eps: float = 1e-6, weight_offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(width))
+        self.weight_offset = weight_offset
+        self.weight = nn.Parameter(torch.full((width,), 1.0 - weight_offset))
 
     def forward(self, x: Tensor) -> Tensor:
         # At least float32 inside (half precision loses the mean of squares), never less than the input's precision.
         inner = x.to(torch.promote_types(x.dtype, torch.float32))
         if hasattr(torch.nn.functional, "rms_norm"):
-            return torch.nn.functional.rms_norm(inner, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
-        normed = inner * torch.rsqrt(inner.pow(2).mean(-1, keepdim=True) + self.eps)
+            normed = torch.nn.functional.rms_norm(inner, (x.shape[-1],), eps=self.eps)
+        else:
+            normed = inner * torch.rsqrt(inner.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:
+            return (normed * (self.weight_offset + self.weight.to(inner.dtype))).to(x.dtype)
         return normed.to(x.dtype) * self.weight
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        return f"{self.weight.shape[0]}, eps={self.eps}{offset}"
 
 
-def build_norm(kind: str, width: int, eps: float, bias: bool = True) -> nn.Module:
+def build_norm(kind: str, width: int, eps: float, bias: bool = True, weight_offset: float = 0.0) -> nn.Module:
+    """A LayerNorm or an RMSNorm (``weight_offset``: see ``RMSNorm``; the config allows it for RMSNorm only)."""
     if kind == "rmsnorm":
-        return RMSNorm(width, eps)
+        return RMSNorm(width, eps, weight_offset)
     return nn.LayerNorm(width, eps=eps, bias=bias)
+
+
+def model_norm(norm, width: int) -> nn.Module:
+    """The norm a model's ``NormConfig`` section ``norm`` describes, over ``width`` channels."""
+    return build_norm(norm.kind, width, norm.eps, norm.bias, norm.weight_offset)

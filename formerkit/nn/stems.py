@@ -6,6 +6,8 @@ A stem may put learned tokens in front of the sequence (class token, registers);
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -20,14 +22,19 @@ def _checking_values(x: Tensor) -> bool:
 
 
 class TokenEmbedding(nn.Module):
-    """Token ids [batch, tokens] -> vectors; optionally adds token-type (segment) embeddings, as BERT does."""
+    """Token ids [batch, tokens] -> vectors; optionally adds token-type (segment) embeddings, as BERT does.
+
+    ``scale_embeddings`` multiplies the token embeddings by sqrt(width) (Vaswani et al.; Gemma), the factor first
+    rounded to the embeddings' dtype as Gemma rounds it (sqrt(3072) is 55.4256... in float32, 55.5 in bfloat16)."""
 
     num_prefix_tokens = 0
 
-    def __init__(self, vocab_size: int, width: int, max_seq_len: int, num_token_types: int = 0):
+    def __init__(self, vocab_size: int, width: int, max_seq_len: int, num_token_types: int = 0,
+                 scale_embeddings: bool = False):
         super().__init__()
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
+        self.scale = math.sqrt(width) if scale_embeddings else None
         self.tokens = nn.Embedding(vocab_size, width)
         self.token_types = nn.Embedding(num_token_types, width) if num_token_types else None
 
@@ -62,6 +69,8 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         hidden = self.tokens(input_ids)
+        if self.scale is not None:
+            hidden = hidden * torch.tensor(self.scale, dtype=hidden.dtype, device=hidden.device)
         if self.token_types is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
@@ -200,7 +209,8 @@ class LinearStem(_PrefixTokens):
 def build_stem(config) -> nn.Module:
     stem = config.stem
     if stem.kind == "tokens":
-        return TokenEmbedding(stem.vocab_size, config.width, config.max_seq_len, stem.num_token_types)
+        return TokenEmbedding(stem.vocab_size, config.width, config.max_seq_len, stem.num_token_types,
+                              stem.scale_embeddings)
     if stem.kind == "patches":
         return PatchEmbedding(config.width, stem.image_size, stem.patch_size, stem.in_channels, stem.class_token,
                               stem.register_tokens, stem.distill_token)

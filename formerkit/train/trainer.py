@@ -76,7 +76,7 @@ def layer_ids(model: nn.Module) -> tuple[dict[int, int], int]:
             layers[id(parameter)] = max(layers.get(id(parameter), -1), layer)
 
     for core, core_stacks in zip(cores, stacks):
-        for name in ("stem", "positions", "embedding_norm"):
+        for name in ("stem", "positions", "embedding_norm", "decoder_positions", "decoder_embedding_norm"):
             if getattr(core, name, None) is not None:
                 assign(getattr(core, name), 0)
         offset = 0
@@ -102,7 +102,8 @@ def build_optimizer(model: nn.Module, config) -> torch.optim.AdamW:
     no_decay_types = (nn.Embedding, nn.LayerNorm)
     no_decay: set[int] = set()
     for module in model.modules():
-        if isinstance(module, no_decay_types) or type(module).__name__ in ("RMSNorm", "LearnedPositions"):
+        if isinstance(module, no_decay_types) or type(module).__name__ in ("RMSNorm", "LearnedPositions",
+                                                                           "RelativePositions"):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
     layers, top = layer_ids(model) if config.layer_decay is not None else ({}, 0)
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {(top, True): [], (top, False): []}

@@ -74,7 +74,7 @@ def _assert_matches_on_real_tokens(model, cases, outputs) -> None:
         np.testing.assert_allclose(output[real], expected[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("position", ["rope", "learned", "relative"])
 @pytest.mark.slow
 def test_decoder_lm_onnx_runs_in_onnxruntime_alone_with_dynamic_batch_and_length(position, tmp_path):
     model = _decoder(position)
@@ -83,6 +83,19 @@ def test_decoder_lm_onnx_runs_in_onnxruntime_alone_with_dynamic_batch_and_length
     assert info["dynamic_axes"]["input_ids"] == {"0": "batch", "1": "sequence"}
     cases = _token_cases()
     _assert_matches_on_real_tokens(model, cases, _run_onnx_alone(tmp_path / "lm.onnx", cases, tmp_path))
+
+
+@pytest.mark.slow
+def test_gemma_style_decoder_exports_to_onnx(tmp_path):
+    # Capped scores (written out, not SDPA), offset norms, scaled embeddings, the window layers' own rotary tables.
+    model = _decoder("rope", **{"norm.kind": "rmsnorm", "norm.weight_offset": 1.0, "norm.placement": "sandwich",
+                                "stem.scale_embeddings": True, "attention.softcap": 2.0, "attention.qk_norm": True,
+                                "attention.sliding_window": 8, "attention.sliding_window_layers": [0],
+                                "position.rope_local_base": 100.0, "feedforward.activation": "geglu_tanh",
+                                "head.logit_softcap": 5.0})
+    export(model, tmp_path / "gemma.onnx")
+    cases = _token_cases()
+    _assert_matches_on_real_tokens(model, cases, _run_onnx_alone(tmp_path / "gemma.onnx", cases, tmp_path))
 
 
 @pytest.mark.slow

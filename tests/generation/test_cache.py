@@ -21,13 +21,16 @@ VOCAB = 29
 WIDTH = 32
 MAX_LEN = 24
 TOL = 1e-5
-POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "none"]
+POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
 
 
 def make_model(arch: str = "decoder", position: str = "learned", seed: int = 0, **overrides) -> formerkit.Transformer:
+    # Relative buckets with the log-spaced ones inside MAX_LEN; an encoder_decoder's decoder has its own table.
+    relative = {"relative_buckets": 8, "relative_max_distance": 20, "separate_decoder": arch == "encoder_decoder"}
     config = ModelConfig(arch=arch, width=WIDTH, num_layers=2, max_seq_len=MAX_LEN,
                          num_decoder_layers=2 if arch == "encoder_decoder" else None,
-                         attention={"num_heads": 4}, position={"kind": position},
+                         attention={"num_heads": 4},
+                         position={"kind": position, **(relative if position == "relative" else {})},
                          stem={"kind": "tokens", "vocab_size": VOCAB}, head={"kind": "lm"})
     if overrides:
         config = config.replace(**overrides)
@@ -102,15 +105,16 @@ def test_every_step_equals_recompute_for_each_position_scheme(position):
     {"norm.placement": "post"},
     {"layer_scale": 0.5, "norm.placement": "sandwich"},
 ])
-@pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned", "relative"])
 def test_every_step_equals_recompute_with_attention_options(options, position):
     model = make_model(position=position, **options)
     ids, mask = left_padded([12, 7], 12, seed=3)
     assert check_steps(model, ids, mask, [4] + [1] * 8) <= TOL
 
 
-def test_encoder_decoder_cache_equals_recompute_with_padded_source():
-    model = make_model(arch="encoder_decoder", position="rope")
+@pytest.mark.parametrize("position", ["rope", "relative"])
+def test_encoder_decoder_cache_equals_recompute_with_padded_source(position):
+    model = make_model(arch="encoder_decoder", position=position)
     source, source_mask = left_padded([10, 6, 8], 10, seed=5)
     source_mask[2, :] = 1
     source_mask[2, -2:] = 0  # right padding on the source side is fine too
@@ -142,7 +146,7 @@ def test_a_failed_pass_leaves_the_cache_unchanged():
 # ----- rolling buffers of sliding-window layers -----
 
 
-@pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned", "relative"])
 @pytest.mark.parametrize("options", [
     {"attention.sliding_window": 3},
     {"attention.sliding_window": 4, "attention.num_kv_heads": 2, "attention.sliding_window_layers": [0]},
@@ -377,9 +381,10 @@ def test_fixed_shape_decode_step_matches_the_naive_loop(position, options, monke
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
-def test_fixed_shape_decode_step_for_encoder_decoders(monkeypatch):
+@pytest.mark.parametrize("position", ["alibi", "relative"])
+def test_fixed_shape_decode_step_for_encoder_decoders(monkeypatch, position):
     calls = _eager_static_decoder(monkeypatch)
-    model = make_model(arch="encoder_decoder", position="alibi")
+    model = make_model(arch="encoder_decoder", position=position)
     source, source_mask = left_padded([9, 4], 9, seed=11)
     expected = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1)
     got = model.generate(source, 7, attention_mask=source_mask, temperature=0, decoder_start_token_id=1,
@@ -472,3 +477,46 @@ def test_a_failing_compile_falls_back_to_plain_decoding_with_a_warning(monkeypat
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         out = model.generate(ids, 6, attention_mask=mask, temperature=0, compile=True)
     assert torch.equal(out, model.generate(ids, 6, attention_mask=mask, temperature=0))
+
+
+# ----- Gemma's parts: soft-capped scores, a local RoPE base for the window layers -----
+
+GEMMA_PARTS = {"norm.kind": "rmsnorm", "norm.weight_offset": 1.0, "norm.placement": "sandwich",
+               "stem.scale_embeddings": True, "attention.qk_norm": True, "attention.softcap": 1.0,
+               "attention.scale": 0.4, "feedforward.activation": "geglu_tanh", "head.logit_softcap": 2.0,
+               "position.rope_local_base": 30.0}
+
+
+@pytest.mark.parametrize("windows", [{"attention.sliding_window": 3, "attention.sliding_window_layers": [0]},
+                                     {"attention.sliding_window": 4}])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_gemma_parts_cache_and_fixed_shape_step_equal_recompute_far_beyond_the_window(windows, monkeypatch):
+    """Every path a soft-capped layer takes while decoding (the multi-token prefill, single tokens over full and
+    rolling buffers, the fixed-shape step's single-query form) caps its scores, and the window layers keep their own
+    rotary tables."""
+    model = make_model(position="rope", **GEMMA_PARTS, **windows)
+    ids, mask = left_padded([20, 13, 6], 20, seed=8)
+    assert check_steps(model, ids, mask, [7, 5] + [1] * 8) <= TOL
+    prompts, prompt_mask = left_padded([9, 5, 2], 9, seed=9)
+    expected = naive_greedy(model, prompts, prompt_mask, 10)
+    assert torch.equal(model.generate(prompts, 10, attention_mask=prompt_mask, temperature=0), expected)
+    calls = _eager_static_decoder(monkeypatch)
+    assert torch.equal(model.generate(prompts, 10, attention_mask=prompt_mask, temperature=0, compile=True),
+                       expected)
+    assert len(calls) == 9
+    # The cap and the local base bind: without them the logits differ.
+    for name, value in (("attention.softcap", None), ("position.rope_local_base", None)):
+        other = make_model(position="rope", **{**GEMMA_PARTS, **windows, name: value})
+        assert (other(ids, attention_mask=mask) - model(ids, attention_mask=mask)).abs().max() > 1e-3, name
+
+
+@pytest.mark.slow
+def test_compiled_generation_with_gemma_parts_equals_eager():
+    from formerkit.generation import compiled_step
+
+    model = make_model(position="rope", **GEMMA_PARTS, **{"attention.sliding_window": 3,
+                                                          "attention.sliding_window_layers": [0]})
+    ids, mask = left_padded([6, 3], 6, seed=2)
+    assert torch.equal(model.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
+                       model.generate(ids, 8, attention_mask=mask, temperature=0))
+    assert compiled_step.CompiledDecoder.for_model(model).ahead_error is None

@@ -3,8 +3,9 @@ and calls the ``parity`` fixture's checks, so every family is held to the same s
 
 - ``parity.save(architecture, config_class, fields, directory, seed)``: a random-weight transformers model saved with
   ``save_pretrained`` (nothing is downloaded); returns the model in eval mode.
-- ``parity.load_hf(directory)``: loads a written checkpoint with the Auto class its ``architectures`` calls for and
-  checks that transformers found every weight and nothing else.
+- ``parity.load_hf(directory)``: loads a written checkpoint with the Auto class its ``architectures`` calls for (an
+  encoder-decoder's encoder alone, such as T5EncoderModel, with its own class) and checks that transformers found
+  every weight and nothing else.
 - ``parity.tokens(vocab, length, batch, padding)``: token ids and an attention mask (``padding``: "right", "left" or
   None), rows of different real lengths.
 - ``parity.assert_logits(ours, theirs, inputs)``: formerkit's and transformers' outputs equal within 1e-4 at real
@@ -52,7 +53,10 @@ class Parity:
 
         architecture = json.loads((directory / "config.json").read_text())["architectures"][0]
         auto = next((name for suffix, name in AUTO.items() if architecture.endswith(suffix)), "AutoModel")
-        model, info = getattr(transformers, auto).from_pretrained(directory, output_loading_info=True)
+        # An encoder-decoder family's encoder alone (T5EncoderModel) has no Auto class: AutoModel builds the whole
+        # encoder-decoder. It loads with its own class.
+        loader = getattr(transformers, architecture if architecture.endswith("EncoderModel") else auto)
+        model, info = loader.from_pretrained(directory, output_loading_info=True)
         assert type(model).__name__ == architecture
         assert {key: value for key, value in info.items() if value} == {}, "transformers reported loading problems"
         return model.eval()
@@ -85,8 +89,10 @@ class Parity:
     def assert_greedy(self, theirs, ours, vocab: int, new_tokens: int = 20, *, prompt_length: int = 7,
                       encoder_decoder: bool = False, pad: int = 0, seed: int = 4) -> Tensor:
         """Greedy tokens after prompts of different lengths (left-padded for decoders; right-padded encoder inputs
-        for encoder-decoders), token-identical to ``transformers.generate``. No end-of-sequence token: transformers
-        then generates every token without suppressing any."""
+        for encoder-decoders), token-identical to ``transformers.generate``. No end-of-sequence token and no forced
+        first or last token (BART's defaults force its end token at the length limit): transformers then generates
+        every token greedily, as formerkit does. An encoder-decoder's target starts from the checkpoint's
+        decoder_start_token_id on both sides (formerkit reads it from its config)."""
         generator = torch.Generator().manual_seed(seed)
         prompts = torch.randint(1, vocab, (3, prompt_length), generator=generator)
         mask = torch.ones_like(prompts)
@@ -98,6 +104,8 @@ class Parity:
             mask[2, : prompt_length - 1] = 0
         prompts = prompts.masked_fill(mask == 0, pad)
         theirs.generation_config.eos_token_id = None
+        theirs.generation_config.forced_eos_token_id = None
+        theirs.generation_config.forced_bos_token_id = None
         expected = theirs.generate(prompts, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                    do_sample=False, pad_token_id=pad)
         got = ours.generate(prompts, new_tokens, attention_mask=mask, temperature=0)

@@ -239,9 +239,9 @@ def _edit_config(directory, changes: dict, drop: tuple[str, ...] = ()) -> None:
 @pytest.mark.parametrize("case, changes, drop, field", [
     ("gpt2", {"model_type": "mamba"}, (), "model_type"),
     # transformers 4.x spelling, then 5.x's.
-    ("llama-gqa-untied", {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-     ("rope_parameters",), "rope_scaling"),
-    ("llama-gqa-untied", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, (),
+    ("llama-gqa-untied", {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
+     ("rope_parameters",), "rope_scaling.rope_type"),
+    ("llama-gqa-untied", {"rope_parameters": {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 4.0}}, (),
      "rope_parameters.rope_type"),
     ("llama-gqa-untied", {"hidden_act": "gelu_pytorch_tanh"}, (), "hidden_act"),
     ("llama-gqa-untied", {"architectures": ["LlamaForSequenceClassification"]}, (), "architectures"),
@@ -348,7 +348,7 @@ def test_a_pickled_checkpoint_loads_with_trust_pickle_and_a_warning(checkpoints,
 @pytest.mark.parametrize("preset, overrides, field", [
     ("cct_2_3x2_32", {}, "stem.kind"),
     ("gpt2", {"position.kind": "alibi"}, "position.kind"),
-    ("llama_tiny", {"attention.qk_norm": True}, "attention.qk_norm"),
+    ("gpt2", {"attention.qk_norm": True}, "attention.qk_norm"),  # (a LLaMA layout with it is a Qwen3)
     ("llama_tiny", {"feedforward.activation": "gelu"}, "feedforward.activation"),
     ("gpt2", {"num_unique_layers": 1}, "num_unique_layers"),
     ("bert_base", {"head.pooler": False, "head.pooling": None}, "head.pooler"),

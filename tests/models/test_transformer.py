@@ -724,3 +724,66 @@ def test_linear_attention_reads_a_callers_causal_and_padding_masks_in_its_linear
     dense = torch.ones(7, 7, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
     torch.testing.assert_close(structured, model(ids, mask=formerkit.TensorMask(dense)), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(structured, model(ids))  # the masks matter
+
+
+# ----- an encoder-decoder's per-stack embeddings and start token -----
+
+
+def seq2seq_config(**fields) -> ModelConfig:
+    """make_config's encoder_decoder with whole sections or fields replaced."""
+    return ModelConfig.from_dict({**make_config("encoder_decoder", "learned").to_dict(), **fields})
+
+
+def test_decoder_with_positions_and_embedding_norm_of_its_own():
+    # BART: each stack adds its own learned table and normalizes with its own LayerNorm.
+    config = seq2seq_config(position={"kind": "learned", "separate_decoder": True},
+                            stem={"kind": "tokens", "vocab_size": VOCAB, "embedding_norm": True,
+                                  "separate_decoder_norm": True})
+    model = build(config).eval()
+    names = {name for name, _ in model.named_parameters()}
+    assert {"positions.weight", "decoder_positions.weight", "embedding_norm.weight",
+            "decoder_embedding_norm.weight"} <= names
+    ids = token_ids(2, 6, seed=4)
+    with torch.no_grad():
+        tokens = model.stem.tokens(ids)
+        for side, table, norm in (("encoder", model.positions.weight, model.embedding_norm),
+                                  ("decoder", model.decoder_positions.weight, model.decoder_embedding_norm)):
+            assert_close(model.embed(ids, side=side)[0], norm(tokens + table[:6]))
+        # The decoder's own parts move the decoder's output only.
+        encoded, logits = model.encode(ids), model(ids, decoder_input_ids=ids)
+        model.decoder_positions.weight.add_(torch.randn_like(model.decoder_positions.weight))
+        assert_close(model.encode(ids), encoded)
+        assert (model(ids, decoder_input_ids=ids) - logits).abs().max() > 1e-3
+
+
+def test_shared_encoder_decoder_embeddings_keep_their_parameter_names():
+    # The shipped seq2seq-reverse recipe's layout: one table and one norm for both stacks, named as before.
+    config = seq2seq_config(stem={"kind": "tokens", "vocab_size": VOCAB, "embedding_norm": True},
+                            head={"kind": "lm", "tie_embeddings": False})
+    names = [name for name, _ in build(config).named_parameters() if not name.startswith(("encoder.", "decoder."))]
+    assert names == ["stem.tokens.weight", "positions.weight", "embedding_norm.weight", "embedding_norm.bias",
+                     "head.projection.weight"]
+
+
+@pytest.mark.parametrize("fields, name", [
+    ({"arch": "decoder", "position": {"kind": "learned", "separate_decoder": True}}, "position.separate_decoder"),
+    ({"position": {"kind": "rope", "separate_decoder": True}}, "position.separate_decoder"),
+    ({"position": {"kind": "relative"}}, "position.separate_decoder"),
+    ({"stem": {"kind": "tokens", "vocab_size": VOCAB, "separate_decoder_norm": True}}, "stem.separate_decoder_norm"),
+    ({"arch": "decoder", "stem": {"kind": "tokens", "vocab_size": VOCAB, "embedding_norm": True,
+                                  "separate_decoder_norm": True}}, "stem.separate_decoder_norm"),
+    ({"decoder_start_token_id": VOCAB}, "decoder_start_token_id"),
+    ({"arch": "decoder", "decoder_start_token_id": 1}, "decoder_start_token_id"),
+])
+def test_per_stack_fields_and_start_token_are_refused_where_they_mean_nothing(fields, name):
+    with pytest.raises(formerkit.ConfigError, match=name.replace(".", r"\.")):
+        seq2seq_config(**fields)
+
+
+def test_generate_starts_the_target_from_the_configs_start_token():
+    model = build(seq2seq_config(decoder_start_token_id=5)).eval()
+    source = token_ids(2, 6, seed=6)
+    out = model.generate(source, 4, temperature=0)
+    assert out[:, 0].tolist() == [5, 5]
+    assert torch.equal(out, model.generate(source, 4, temperature=0, decoder_start_token_id=5))
+    assert model.generate(source, 4, temperature=0, decoder_start_token_id=3)[:, 0].tolist() == [3, 3]

@@ -50,11 +50,13 @@ def split_heads(projected, num_heads):
     return [projected[..., h * HEAD_DIM:(h + 1) * HEAD_DIM] for h in range(num_heads)]
 
 
-def reference_attention(module, x, *, mask=None, causal=False, memory=None, norm_kind="layernorm"):
+def reference_attention(module, x, *, mask=None, causal=False, memory=None, norm_kind="layernorm", scale=None,
+                        softcap=None):
     """Returns (output [batch, tokens, width], probabilities [batch, heads, tokens, keys]).
 
     ``mask`` is None, a bool tensor (True = may attend) or an additive float tensor, broadcastable to
-    [batch, heads, tokens, keys]."""
+    [batch, heads, tokens, keys]. ``scale`` replaces 1/sqrt(head_dim); ``softcap`` caps the scores before the mask,
+    softcap * tanh(scores / softcap) (Gemma 2)."""
     num_heads, num_kv = module.num_heads, module.num_kv_heads
     if module.cross:
         q_all = linear(x, module.q)
@@ -76,7 +78,9 @@ def reference_attention(module, x, *, mask=None, causal=False, memory=None, norm
     outs, probs = [], []
     for h in range(num_heads):
         q, k, v = qs[h], ks[h // group], vs[h // group]
-        scores = q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM)  # [batch, tokens, keys]
+        scores = q @ k.transpose(-2, -1) * (1 / math.sqrt(HEAD_DIM) if scale is None else scale)  # [b, tokens, keys]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         if causal:
             allowed = torch.tensor([[j <= i for j in range(keys)] for i in range(length)])
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -447,3 +451,48 @@ def test_an_explicit_score_scale_replaces_one_over_sqrt_head_dim(scale, need_wei
         plain.qkv.bias[:rows] *= scale * math.sqrt(HEAD_DIM)
     expected, _ = reference_attention(plain, x, causal=True)
     assert_close(out, expected)
+
+
+# ----- soft-capped scores (Gemma 2) -----
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("num_kv_heads", [NUM_HEADS, 2])
+@pytest.mark.parametrize("mask_kind", ["causal", "bool"])
+def test_softcapped_scores_match_the_written_out_cap_before_the_mask(need_weights, num_kv_heads, mask_kind):
+    """softmax(c * tanh(q k^T * scale / c) + mask) v, on the explicit-probabilities path and on the path that
+    replaces SDPA (which cannot cap)."""
+    module = make_attention(num_kv_heads=num_kv_heads, scale=0.7, softcap=1.5)
+    x = inputs()
+    if mask_kind == "causal":
+        prepared, mask, causal = PreparedMask(None, True), None, True
+    else:
+        mask = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(5)) > 0.3
+        mask[..., 0] = True
+        prepared, causal = PreparedMask(mask), False
+    out, weights = module(x, LayerContext(prepared, need_weights=need_weights))
+    expected, probabilities = reference_attention(module, x, mask=mask, causal=causal, scale=0.7, softcap=1.5)
+    assert_close(out, expected)
+    if need_weights:
+        assert_close(weights, probabilities)
+    # The cap binds: without it the output differs.
+    uncapped, _ = reference_attention(module, x, mask=mask, causal=causal, scale=0.7)
+    assert (uncapped - expected).abs().max() > 1e-2
+
+
+def test_softcapped_single_query_attention_matches_the_written_out_form():
+    from formerkit.nn.attention import single_query_attention
+
+    generator = torch.Generator().manual_seed(6)
+    q = 3 * torch.randn(2, 4, 1, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 7, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(2, 1, 1, 7, generator=generator) > 0.4
+    mask[..., 0] = True
+    expected = torch.empty(2, 4, 1, 8, dtype=torch.float64)
+    for b in range(2):
+        for h in range(4):
+            scores = q[b, h] @ k[b, h // 2].T * 0.5
+            scores = 2.0 * torch.tanh(scores / 2.0)
+            expected[b, h] = scores.masked_fill(~mask[b, 0], float("-inf")).softmax(-1) @ v[b, h // 2]
+    torch.testing.assert_close(single_query_attention(q, k, v, mask, scale=0.5, softcap=2.0), expected,
+                               rtol=1e-12, atol=1e-12)

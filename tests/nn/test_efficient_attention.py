@@ -132,6 +132,37 @@ def test_blockwise_backward_equals_autograd_through_the_same_computation(monkeyp
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("global_tokens,kv_heads", [(0, 4), (2, 2)])
+def test_softcapped_blockwise_window_equals_dense_capped_attention_and_its_gradients(global_tokens, kv_heads):
+    """Gemma 2's capped scores on the blockwise path: forward and gradients equal dense attention with the cap
+    written out (attention_weights) under the materialized window mask."""
+    length, window, cap = 150, 7, 1.5
+    generator = torch.Generator().manual_seed(8)
+    q = 2 * torch.randn(2, 4, length, 8, generator=generator, dtype=torch.float64)
+    k, v = (2 * torch.randn(2, kv_heads, length, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    keep = torch.ones(2, length, dtype=torch.bool)
+    keep[1, :12] = False
+    mask = CausalMask() & KeyPaddingMask(keep) & SlidingWindowMask(window, global_tokens)
+    blocked = prepare_blocked_mask(mask, length, window, global_tokens=global_tokens).blocked
+    dense = prepare_attention_mask(mask, length, length)
+    grad = torch.randn(2, 4, length, 8, generator=generator, dtype=torch.float64)
+    results = []
+    for path in ("blockwise", "dense"):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        if path == "blockwise":
+            out = Attention(32, 4, kv_heads, 8, softcap=cap).double()._blockwise(*inputs, blocked, 0.0, 0.3)
+        else:
+            out, _ = attention_weights(*inputs, dense.value, False, scale=0.3, softcap=cap)
+            out = out.masked_fill(dense.empty_rows, 0.0)
+        results.append((out.detach(), torch.autograd.grad(out, inputs, grad)))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    uncapped, _ = attention_weights(q, k, v, dense.value, False, scale=0.3)
+    assert (uncapped.masked_fill(dense.empty_rows, 0.0) - expected).abs().max() > 1e-2
+
+
 def test_blocked_mask_memory_grows_with_length_times_window_not_length_squared():
     window, length = 16, 4096
     prepared = prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), length, window)
@@ -140,7 +171,7 @@ def test_blocked_mask_memory_grows_with_length_times_window_not_length_squared()
     assert prepared.blocked.value.numel() * 20 < length * length
 
 
-@pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned", "relative"])
 @pytest.mark.parametrize("arch", ["decoder", "encoder"])
 def test_model_with_window_uses_blocks_on_long_inputs_and_equals_the_dense_computation(
         randomize, monkeypatch, position, arch):

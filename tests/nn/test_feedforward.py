@@ -3,6 +3,8 @@ through the plain forward, and what it keeps for the backward pass."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from formerkit.nn.feedforward import MLP, GatedMLP
 from formerkit.summary import saved_activation_bytes
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "silu")
+GATED = ("swiglu", "geglu", "geglu_tanh")
 
 
 def _gradients(module, x, upstream):
@@ -17,8 +20,8 @@ def _gradients(module, x, upstream):
     return out, torch.autograd.grad(out, [x, *module.parameters()], upstream)
 
 
-@pytest.mark.parametrize("cls", [MLP, GatedMLP])
-@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("cls, name", [(cls, name) for cls in (MLP, GatedMLP) for name in ACTIVATIONS]
+                         + [(GatedMLP, name) for name in GATED])
 def test_recomputed_activation_gives_autograds_gradients(cls, name):
     torch.manual_seed(0)
     module = cls(8, 12, name).double()
@@ -91,3 +94,33 @@ def test_recompute_with_a_frozen_output_projection_gives_the_input_gradient(cls)
         grads.append(torch.autograd.grad(module(x).sum(), [x, *module.fc_in.parameters()]))
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_gated_activations_compute_their_gate_function_times_up(name):
+    """fc_out(act(gate) * up) written out; geglu_tanh is Gemma's GeGLU, GELU's tanh approximation
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) on the gate."""
+
+    gates = {"swiglu": lambda x: x * torch.sigmoid(x), "geglu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+             "geglu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))}
+    torch.manual_seed(2)
+    module = GatedMLP(8, 12, name).double()
+    x = 2 * torch.randn(3, 5, 8, dtype=torch.float64)
+    gate, up = (x @ module.fc_in.weight.T + module.fc_in.bias).chunk(2, dim=-1)
+    expected = (gates[name](gate) * up) @ module.fc_out.weight.T + module.fc_out.bias
+    torch.testing.assert_close(module(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_recomputed_gated_activation_gives_autograds_gradients(name):
+    torch.manual_seed(0)
+    module = GatedMLP(8, 12, name).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 5, 8, dtype=torch.float64)
+    out, recomputed = _gradients(module, x, upstream)
+    module.recompute = False
+    reference_out, reference = _gradients(module, x, upstream)
+    assert torch.equal(out, reference_out)
+    for got, expected in zip(recomputed, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+

@@ -16,16 +16,19 @@ from formerkit.nn.positions import (
     ALiBiPositions,
     LearnedPositions,
     NoPositions,
+    RelativePositions,
     RotaryPositions,
     SinCos2DPositions,
     SinusoidalPositions,
     alibi_slopes,
     apply_rotary,
     build_positions,
+    relative_buckets,
+    rope_frequencies,
     sinusoidal_table,
 )
 
-from ..conftest import image_config, token_config
+from ..conftest import image_config, randomize_weights, token_config
 
 # ----- sinusoidal -----
 
@@ -272,13 +275,132 @@ def test_sincos2d_table_encodes_row_then_column_with_zero_prefix_tokens(grid, wi
     torch.testing.assert_close(scheme.encode_input(hidden, None), hidden + expected.float())
 
 
+# ----- T5's relative buckets -----
+
+
+def t5_bucket(distance: int, buckets: int, max_distance: int, bidirectional: bool) -> int:
+    """T5's rule for one distance (key position - query position), in plain Python: with both directions, keys after
+    the query take the upper half of the buckets; within a direction, half of its buckets are exact distances and the
+    rest grow logarithmically up to max_distance, the last bucket holding everything farther."""
+    first = 0
+    if bidirectional:
+        buckets //= 2
+        if distance > 0:
+            first = buckets
+        distance = abs(distance)
+    else:
+        distance = max(-distance, 0)  # later keys (masked in a decoder) share bucket 0
+    exact = buckets // 2
+    if distance < exact:
+        return first + distance
+    steps = math.log(distance / exact) / math.log(max_distance / exact) * (buckets - exact)
+    return first + min(exact + int(steps), buckets - 1)
+
+
+@pytest.mark.parametrize("buckets, max_distance", [(8, 20), (32, 128), (6, 9)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_buckets_follow_t5s_rule(buckets, max_distance, bidirectional):
+    distances = torch.arange(-300, 301)
+    got = relative_buckets(distances, buckets, max_distance, bidirectional)
+    expected = [t5_bucket(d, buckets, max_distance, bidirectional) for d in distances.tolist()]
+    assert got.tolist() == expected
+
+
+def test_relative_buckets_8_over_20_written_out():
+    # Both directions: 4 buckets each, 2 exact (0, 1), then log steps 2 * 10^(k / 2) up to 20, capped at 3.
+    # (Expected values from the rule by hand: distance 2..6 -> 2, 7..20 and beyond -> 3.)
+    forward = relative_buckets(torch.arange(0, 25), 8, 20, True).tolist()
+    assert forward == [0, 5] + [6] * 5 + [7] * 18
+    backward = relative_buckets(-torch.arange(0, 25), 8, 20, True).tolist()
+    assert backward == [0, 1] + [2] * 5 + [3] * 18
+    # Causal: 8 buckets backward, 4 exact, then 4 + floor(4 * ln(d / 4) / ln 5), capped at 7; later keys bucket 0.
+    causal = relative_buckets(-torch.arange(0, 25), 8, 20, False).tolist()
+    expected = [d if d < 4 else min(4 + int(4 * math.log(d / 4) / math.log(5)), 7) for d in range(25)]
+    assert causal == expected
+    assert relative_buckets(torch.arange(1, 5), 8, 20, False).tolist() == [0, 0, 0, 0]
+
+
+def test_relative_bias_reads_each_heads_entry_for_the_bucket_of_each_pair():
+    torch.manual_seed(13)
+    scheme = RelativePositions(num_heads=3, num_buckets=8, max_distance=20, bidirectional=True)
+    with torch.no_grad():
+        scheme.weight.normal_()
+    positions = torch.tensor([[0, 1, 2, 9, 15], [0, 3, 4, 5, 5]])
+    bias = scheme.attention_bias(positions, positions)
+    assert bias.shape == (2, 3, 5, 5)
+    for b in range(2):
+        for h in range(3):
+            for q in range(5):
+                for k in range(5):
+                    bucket = t5_bucket(positions[b, k].item() - positions[b, q].item(), 8, 20, True)
+                    assert bias[b, h, q, k] == scheme.weight[bucket, h]
+
+
+def test_relative_bias_reaches_the_attention_scores_of_every_layer():
+    # The probabilities a model reports equal softmax(q k^T * scale + table[bucket(k - q)]) recomputed by hand, in
+    # both layers of the stack (one table shared by the stack, as in T5).
+    config = token_config("encoder", vocab_size=20, num_layers=2, max_seq_len=16, init_std=0.2,
+                          attention={"scale": 1.0}, position={"kind": "relative", "relative_buckets": 8,
+                                                              "relative_max_distance": 20})
+    torch.manual_seed(14)
+    model = formerkit.build_model(config).double().eval()
+    with torch.no_grad():
+        model.positions.weight.normal_()
+    ids = torch.randint(0, 20, (1, 16))
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, output_hidden_states=True)
+        distance = torch.arange(16).view(1, -1) - torch.arange(16).view(-1, 1)
+        bias = model.positions.weight[relative_buckets(distance, 8, 20, True)].permute(2, 0, 1)
+        for index, block in enumerate(model.encoder.blocks):
+            hidden = out.hidden_states[index]  # the layer's input
+            q, k, _ = block.attention.project(block.attention_residual.branch_input(hidden))
+            expected = (q @ k.transpose(-1, -2) + bias).softmax(-1)
+            torch.testing.assert_close(out.attentions[index], expected)
+    # Without the table's contribution the probabilities differ.
+    with torch.no_grad():
+        model.positions.weight.zero_()
+    assert (model(ids, output_attentions=True).attentions[0] - out.attentions[0]).abs().max() > 1e-2
+
+
+def test_encoder_decoder_relative_tables_are_per_stack_bidirectional_then_causal():
+    config = token_config("encoder_decoder", vocab_size=20, num_layers=1, max_seq_len=16, init_std=0.2,
+                          position={"kind": "relative", "relative_buckets": 8, "relative_max_distance": 20,
+                                    "separate_decoder": True})
+    torch.manual_seed(15)
+    model = formerkit.build_model(config).double().eval()
+    assert model.positions.bidirectional and not model.decoder_positions.bidirectional
+    assert not any("cross_attention" in name and "position" in name for name, _ in model.named_parameters())
+    source, target = torch.randint(0, 20, (2, 9)), torch.randint(0, 20, (2, 7))
+    with torch.no_grad():
+        encoded, logits = model.encode(source), model(source, decoder_input_ids=target)
+        model.decoder_positions.weight.add_(0.5 * torch.randn_like(model.decoder_positions.weight))
+        # The decoder's table moves the decoder only.
+        torch.testing.assert_close(model.encode(source), encoded, rtol=0, atol=0)
+        assert (model(source, decoder_input_ids=target) - logits).abs().max() > 1e-3
+        logits = model(source, decoder_input_ids=target)
+        model.positions.weight.add_(0.5 * torch.randn_like(model.positions.weight))
+        assert (model.encode(source) - encoded).abs().max() > 1e-3
+
+
+def test_training_reaches_both_relative_tables_of_an_encoder_decoder():
+    config = token_config("encoder_decoder", vocab_size=20, num_layers=1, max_seq_len=16,
+                          position={"kind": "relative", "relative_buckets": 8, "separate_decoder": True})
+    model = formerkit.build_model(config).train()
+    ids = torch.randint(0, 20, (2, 10), generator=torch.Generator().manual_seed(16))
+    model(ids, decoder_input_ids=ids).square().mean().backward()
+    assert model.positions.weight.grad.abs().sum() > 0
+    assert model.decoder_positions.weight.grad.abs().sum() > 0
+
+
 # ----- build_positions -----
 
 
 @pytest.mark.parametrize("kind, cls", [("learned", LearnedPositions), ("sinusoidal", SinusoidalPositions),
-                                       ("rope", RotaryPositions), ("alibi", ALiBiPositions), ("none", NoPositions)])
+                                       ("rope", RotaryPositions), ("alibi", ALiBiPositions),
+                                       ("relative", RelativePositions), ("none", NoPositions)])
 def test_build_positions_makes_the_configured_scheme(kind, cls):
-    config = token_config(vocab_size=20, num_layers=1, position={"kind": kind, "rope_base": 777.0})
+    extra = {"rope_base": 777.0} if kind == "rope" else {}
+    config = token_config(vocab_size=20, num_layers=1, position={"kind": kind, **extra})
     scheme = build_positions(config)
     assert type(scheme) is cls
     if kind == "rope":
@@ -291,7 +413,7 @@ def test_build_positions_makes_the_configured_scheme(kind, cls):
 
 # ----- positions reach a full model -----
 
-KINDS = ["learned", "sinusoidal", "rope", "alibi", "none"]
+KINDS = ["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
 
 
 def small_model(arch, kind, **extra):
@@ -372,3 +494,184 @@ def test_rotary_fraction_reaches_the_model_through_the_config():
                                    position={"kind": "rope", "rotary_fraction": 0.25}, stem={"vocab_size": 11})
     assert config.rotary_dim == 4
     assert build_positions(config).rotary(None, 3)[0].shape[-1] == 4
+
+
+# ----- RoPE scaling -----
+
+
+def plain_frequencies_ref(rotary_dim, base):
+    return [1.0 / base ** (2 * i / rotary_dim) for i in range(rotary_dim // 2)]
+
+
+def angles_of(scheme, positions):
+    """The angle of every pair at each position, read back from the cos/sin tables (cos = scale * cos(angle))."""
+    cos, sin = scheme.rotary(torch.tensor([positions]), len(positions))
+    half = cos.shape[-1] // 2
+    return torch.atan2(sin[0, 0, :, :half].double(), cos[0, 0, :, :half].double()), cos, sin
+
+
+def test_linear_scaling_divides_every_frequency_by_the_factor():
+    """Position interpolation (Chen et al., 2023): position p is rotated as plain RoPE rotates p / factor."""
+    scheme = RotaryPositions(16, 12, 300.0, scaling="linear", factor=2.5)
+    expected = [[p / 2.5 * f for f in plain_frequencies_ref(12, 300.0)] for p in range(16)]
+    cos, sin = scheme.rotary(None, 16)
+    half = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(cos[0, 0].double(), torch.cat([half.cos(), half.cos()], -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin[0, 0].double(), torch.cat([half.sin(), half.sin()], -1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("base, original, factor, low, high", [(500000.0, 8192, 8.0, 1.0, 4.0),
+                                                                 (10000.0, 64, 32.0, 2.0, 8.0)])
+def test_llama3_scaling_follows_llama_3_1s_published_rule(base, original, factor, low, high):
+    """Llama 3.1's rule (Meta's reference ``apply_scaling``), one frequency at a time: short wavelengths kept, long
+    ones divided by the factor, the ones between blended by how many times they fit into the original context."""
+    expected = []
+    for frequency in plain_frequencies_ref(64, base):
+        wavelength = 2 * math.pi / frequency
+        if wavelength < original / high:
+            expected.append(frequency)
+        elif wavelength > original / low:
+            expected.append(frequency / factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            expected.append((1 - smooth) * frequency / factor + smooth * frequency)
+    got = rope_frequencies(64, base, "llama3", factor=factor, original_max_len=original, low_freq_factor=low,
+                           high_freq_factor=high)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    # Both ends and the blend are exercised.
+    kept = sum(abs(g - f) < 1e-15 for g, f in zip(got.tolist(), plain_frequencies_ref(64, base)))
+    divided = sum(abs(g - f / factor) < 1e-15 for g, f in zip(got.tolist(), plain_frequencies_ref(64, base)))
+    assert 0 < kept and 0 < divided and kept + divided < 32
+
+
+@pytest.mark.parametrize("beta_fast, beta_slow", [(32.0, 1.0), (8.0, 2.0)])
+def test_yarn_ramps_from_kept_to_interpolated_pairs_between_the_beta_rotations(beta_fast, beta_slow):
+    """YaRN's "NTK-by-parts" (Peng et al., 2023): a pair whose wavelength fits more than beta_fast times into the
+    original length L is kept, one fitting fewer than beta_slow times is interpolated (theta / s), and between them
+    the mix is linear in the pair index, from the index where L / wavelength = beta_fast (rounded down) to the one
+    where it is beta_slow (rounded up), as in the YaRN reference code."""
+    dim, base, original, factor = 32, 10000.0, 512, 4.0
+
+    def pair_where(rotations):  # L / (2 pi base^(2d/dim)) = rotations, solved for d
+        return dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+    low, high = max(math.floor(pair_where(beta_fast)), 0), min(math.ceil(pair_where(beta_slow)), dim - 1)
+    expected = []
+    for d, frequency in enumerate(plain_frequencies_ref(dim, base)):
+        interpolated = min(max((d - low) / (high - low), 0.0), 1.0)
+        expected.append(interpolated * frequency / factor + (1 - interpolated) * frequency)
+    got = rope_frequencies(dim, base, "yarn", factor=factor, original_max_len=original, beta_fast=beta_fast,
+                           beta_slow=beta_slow)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    rotations = [original * f / (2 * math.pi) for f in plain_frequencies_ref(dim, base)]
+    for d, (r, g, f) in enumerate(zip(rotations, got.tolist(), plain_frequencies_ref(dim, base))):
+        if r > beta_fast and d <= low:
+            assert g == pytest.approx(f, rel=1e-12)
+        if r < beta_slow and d >= high:
+            assert g == pytest.approx(f / factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("attention_factor, scale", [(None, 0.1 * math.log(4.0) + 1), (1.7, 1.7)])
+def test_yarn_scales_the_cos_sin_tables_by_its_attention_factor(attention_factor, scale):
+    """YaRN's temperature (eq. 22: sqrt(1/t) = 0.1 ln s + 1) multiplies both tables, so q.k scales by its square."""
+    scheme = RotaryPositions(16, 8, 1000.0, scaling="yarn", factor=4.0, original_max_len=8,
+                             attention_factor=attention_factor)
+    cos, sin = scheme.rotary(None, 16)
+    torch.testing.assert_close((cos ** 2 + sin ** 2), torch.full_like(cos, scale ** 2), rtol=1e-6, atol=0)
+
+
+def test_dynamic_scaling_grows_the_base_with_the_longest_position_of_the_call():
+    """Dynamic NTK: up to L positions plain RoPE; beyond, plain RoPE with the base
+    base * (s * n / L - (s - 1))^(r / (r - 2)), n = max position + 1 of the call, for every position of the call."""
+    dim, base, factor, original = 8, 1000.0, 2.0, 6
+    scheme = RotaryPositions(4, dim, base, scaling="dynamic", factor=factor, original_max_len=original)
+
+    def expected_angles(positions, seen):
+        grown = base * (factor * max(seen, original) / original - (factor - 1)) ** (dim / (dim - 2))
+        angles = torch.tensor([[p * f for f in plain_frequencies_ref(dim, grown)] for p in positions],
+                              dtype=torch.float64)
+        return torch.atan2(angles.sin(), angles.cos())  # in (-pi, pi], as read back
+
+    for positions in ([0, 1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8, 9], [2, 19], [5]):
+        angles, _, _ = angles_of(scheme, positions)
+        torch.testing.assert_close(angles, expected_angles(positions, max(positions) + 1), rtol=1e-5, atol=1e-5)
+    # Stateless: a short call after a long one is plain RoPE again.
+    short, _, _ = angles_of(scheme, [0, 1, 2])
+    torch.testing.assert_close(short, expected_angles([0, 1, 2], 3), rtol=1e-5, atol=1e-5)
+    # The whole batch decides n, as in transformers: a short row beside a long one gets the long row's base.
+    cos, _ = scheme.rotary(torch.tensor([[0, 1, 2], [8, 9, 10]]), 3)
+    torch.testing.assert_close(cos[0, 0, :, : dim // 2].double(), expected_angles([0, 1, 2], 11).cos(), rtol=0,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling, fields", [("linear", {}), ("llama3", {"rope_original_max_len": 8}),
+                                             ("yarn", {"rope_original_max_len": 8}),
+                                             ("dynamic", {"rope_original_max_len": 8})])
+def test_scaling_composes_with_partial_rotary_over_the_rotated_channels(scaling, fields):
+    """The frequencies are those of a head of rotary_dim channels, whatever head_dim is."""
+    config = formerkit.ModelConfig(width=64, num_layers=1, attention={"num_heads": 2}, max_seq_len=16,
+                                   position={"kind": "rope", "rotary_fraction": 0.25, "rope_scaling": scaling,
+                                             "rope_factor": 3.0, "rope_base": 700.0, **fields},
+                                   stem={"vocab_size": 11})
+    scheme = build_positions(config)
+    positions = list(range(12))
+    angles, cos, _ = angles_of(scheme, positions)
+    assert cos.shape[-1] == 8
+    if scaling == "dynamic":
+        grown = 700.0 * (3.0 * 12 / 8 - 2.0) ** (8 / 6)
+        frequency = torch.tensor(plain_frequencies_ref(8, grown), dtype=torch.float64)
+    else:
+        frequency = rope_frequencies(8, 700.0, scaling, factor=3.0, original_max_len=8)
+    expected = torch.tensor(positions, dtype=torch.float64).unsqueeze(1) * frequency
+    torch.testing.assert_close(angles, torch.atan2(expected.sin(), expected.cos()), rtol=0, atol=1e-5)
+
+
+SHORT, LONG = (1.0, 1.5, 2.0, 4.0), (2.0, 3.0, 5.0, 11.0)
+
+
+def longrope_scheme(**overrides):
+    fields = dict(scaling="longrope", factor=4.0, original_max_len=6, short_factors=SHORT, long_factors=LONG)
+    return RotaryPositions(24, 8, 100.0, **{**fields, **overrides})
+
+
+@pytest.mark.parametrize("positions, factors", [([0, 1, 2, 3, 4, 5], SHORT), ([4, 5, 6], LONG), ([0, 1, 9], LONG),
+                                                ([2], SHORT)])
+def test_longrope_divides_each_pair_by_its_short_or_long_factor_by_the_calls_length(positions, factors):
+    """LongRoPE (Ding et al., 2024), as Phi-3 uses it: theta_i = base^(-2i/r) / factor_i, with the short factors
+    while the call's max position + 1 is within the original length and the long ones beyond, for every position
+    of the call; both tables scaled by sqrt(1 + ln(factor) / ln(original length))."""
+    scheme = longrope_scheme()
+    angles, cos, sin = angles_of(scheme, positions)
+    expected = torch.tensor([[p * f / s for f, s in zip(plain_frequencies_ref(8, 100.0), factors)]
+                             for p in positions], dtype=torch.float64)
+    torch.testing.assert_close(angles, torch.atan2(expected.sin(), expected.cos()), rtol=0, atol=1e-5)
+    scale = math.sqrt(1 + math.log(4.0) / math.log(6))
+    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, scale ** 2), rtol=1e-6, atol=0)
+
+
+def test_longrope_without_position_ids_picks_the_factors_by_the_input_length():
+    scheme = longrope_scheme(attention_factor=1.0)
+    for length, factors in ((6, SHORT), (7, LONG)):
+        cos, sin = scheme.rotary(None, length)
+        expected = torch.tensor([[p * f / s for f, s in zip(plain_frequencies_ref(8, 100.0), factors)]
+                                 for p in range(length)], dtype=torch.float64)
+        torch.testing.assert_close(cos[0, 0, :, :4].double(), expected.cos(), rtol=0, atol=1e-6)
+
+
+def test_longrope_generation_equals_recomputing_the_whole_sequence_at_every_step():
+    """Once the sequence outgrows the original length every position is rotated by the long factors: generate
+    recomputes the cached keys at that step, so cached decoding picks what a full pass per token picks."""
+    torch.manual_seed(0)
+    model = formerkit.build_model(formerkit.ModelConfig(
+        arch="decoder", width=32, num_layers=2, max_seq_len=32, attention={"num_heads": 2},
+        feedforward={"activation": "swiglu"}, norm={"kind": "rmsnorm"}, stem={"vocab_size": 29}, head={"kind": "lm"},
+        position={"kind": "rope", "rotary_fraction": 0.5, "rope_scaling": "longrope", "rope_factor": 4.0,
+                  "rope_original_max_len": 8, "rope_short_factors": [1.0, 1.5, 2.0, 3.0],
+                  "rope_long_factors": [2.0, 4.0, 8.0, 16.0]})).eval()
+    randomize_weights(model, seed=3, std="fan_in")  # O(1) activations: a wrong rotation changes the picks
+    prompt = torch.randint(0, 29, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sequence = prompt
+        for _ in range(10):
+            sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(model.generate(prompt, 10, temperature=0), sequence)
