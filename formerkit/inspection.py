@@ -269,7 +269,7 @@ def inspect_run(target: str | Path, *, text: str | None = None, image_index: int
             tokenizer = load_run_tokenizer(target)
         except CheckpointError as error:  # asked for text of a run without one: a bad request here
             raise InputError(str(error)) from None
-        inspection = inspect_text(model, tokenizer.encode(text), decode=lambda token: tokenizer.decode([token]),
+        inspection = inspect_text(model, tokenizer.encode(text), decode=tokenizer.token_label,
                                   top_k=top_k)
     else:
         inspection = inspect_example(model, build_data(recipe.data), split, image_index)

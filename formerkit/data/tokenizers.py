@@ -27,6 +27,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def token_label(self, token: int) -> str:
+        """One token as a label (plots, inspection): its text, or a special token's name where decoding drops it."""
+        return self.decode([token])
+
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -198,6 +202,9 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
         return _clean_up_spaces(text) if self.config.get("clean_up_tokenization_spaces") else text
+
+    def token_label(self, token: int) -> str:
+        return self._tokenizer.decode([int(token)], skip_special_tokens=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"kind": self.kind, "tokenizer": self._tokenizer.to_str()}

@@ -168,7 +168,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
         # The attention over the prompt and the model's greedy continuation: a line or so, within its context.
         window = tokenizer.encode(greedy or "\n")[:min(48, model.config.max_seq_len or 48)]
         attention = _attention_maps(lambda: inspect_text(model, window,
-                                                         decode=lambda token: tokenizer.decode([token])))
+                                                         decode=tokenizer.token_label))
     else:
         attention = "<p>Attention maps are drawn for classifiers and language models.</p>"
     parts.append(_section("attention", "Attention maps", attention))
@@ -201,7 +201,7 @@ def _imported_report(directory: Path, out, samples: int) -> Path:
         parts.append(section)
         window = tokenizer.encode(greedy or "\n")[:min(48, model.config.max_seq_len or 48)]
         parts.append(_section("attention", "Attention maps", _attention_maps(
-            lambda: inspect_text(model, window, decode=lambda token: tokenizer.decode([token])))))
+            lambda: inspect_text(model, window, decode=tokenizer.token_label))))
     return _write_page(parts, f"{record['model_type']} — {directory.name}", out, directory)
 
 

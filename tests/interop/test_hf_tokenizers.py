@@ -96,6 +96,10 @@ def test_an_hf_tokenizer_encodes_and_decodes_as_autotokenizer(case, tmp_path):
     if case.startswith("bpe-bos"):
         assert ours.encode("x")[0] == 0, "the BOS the checkpoint adds is there"
     assert saved.chat_template == TEMPLATE
+    # Labels (inspect, report) name special tokens, which decoding drops, and are the text of the others.
+    first = ours.encode("Hello")[0]
+    expected_label = theirs.convert_ids_to_tokens(first) if first in theirs.all_special_ids else theirs.decode([first])
+    assert ours.token_label(first) == expected_label != ""
 
 
 @pytest.mark.parametrize("cls, options", [
