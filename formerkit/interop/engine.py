@@ -518,9 +518,9 @@ class Registry:
         ...; encoders over tokens: BERT, RoBERTa); each candidate's config.json must read back as ``config``, and the
         first that does is taken. ``model_type`` asks for one family's checkpoint only (RoBERTa rather than BERT).
         When none does, the refusal of the candidate that comes closest is raised: the one whose config.json differs
-        in the fewest fields (it names them all), the first in order among equals. A candidate that stops at one
-        field it cannot spell (an activation it has no name for) counts as one difference, after a complete list of
-        one."""
+        in the fewest fields (it names them all), the first in order among equals. A candidate that stopped at the
+        first field it cannot spell (an activation it has no name for) is not a complete list, so it comes after
+        the complete ones, and what it names is added to the refusal."""
         if model_type is not None and model_type not in self.by_model_type:
             raise InteropError(f"to_hf: model_type: expected one of {', '.join(map(repr, self.by_model_type))} or "
                                f"None, got {model_type!r}")
@@ -541,7 +541,13 @@ class Registry:
                 continue
             return family, data
         if refusals:
-            raise min(refusals, key=lambda error: (getattr(error, "differences", 1), not hasattr(error, "differences")))
+            closest = min(refusals, key=lambda error: (not hasattr(error, "differences"),
+                                                      getattr(error, "differences", 0)))
+            partial = [str(error).removeprefix("to_hf: ") for error in refusals
+                       if error is not closest and not hasattr(error, "differences")]
+            if not partial:
+                raise closest
+            raise InteropError(f"{closest}; and {'; and '.join(partial)}")
         if model_type is not None:
             raise InteropError(f"to_hf: model_type: a {model_type!r} checkpoint cannot hold a model with "
                                f"arch={config.arch!r}, stem.kind={config.stem.kind!r}, "
