@@ -432,10 +432,13 @@ class Family:
         """Hugging Face architecture -> formerkit head kind."""
         raise NotImplementedError
 
+    # (arch, stem.kind, position.kind) of the models ``to_hf`` may write as this family, for the default ``writes``.
+    writes_layout: tuple[str, str, str] | None = None
+
     def writes(self, config: ModelConfig) -> bool:
-        """Whether ``to_hf`` writes a model of ``config`` as this family (by its architecture, stem and positions);
-        a family that is only read keeps this default."""
-        return False
+        """Whether ``to_hf`` writes a model of ``config`` as this family (by its architecture, stem and positions:
+        ``writes_layout``, or a test of its own); a family that is only read writes nothing."""
+        return self.writes_layout == (config.arch, config.stem.kind, config.position.kind)
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         """The ModelConfig of a checkpoint; ``has_pooler``: the weights hold a pooler (BertModel, ViTModel)."""

@@ -38,14 +38,12 @@ class Falcon(Family):
     formerkit's ALiBi (slope * distance, in float32) does not reproduce."""
 
     model_types = ("falcon",)
+    writes_layout = ("decoder", "tokens", "rope")
     prefix = "transformer."
     buffers = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"FalconForCausalLM": "lm", "FalconModel": "none"}
-
-    def writes(self, config: ModelConfig) -> bool:
-        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "rope"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         hf.expect("alibi", False, "Falcon's ALiBi adds slope * key position / sqrt(head_dim) in bfloat16, which "

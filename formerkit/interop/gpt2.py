@@ -25,15 +25,13 @@ class GPT2(Family):
     """GPT-2 (Radford et al., 2019): learned positions, pre-norm LayerNorm, Conv1D projections with biases."""
 
     model_types = ("gpt2",)
+    writes_layout = ("decoder", "tokens", "learned")
     prefix = "transformer."
     # The causal-mask table GPT-2 registers per layer ("attn.bias") and, in older files, "attn.masked_bias".
     buffers = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"GPT2LMHeadModel": "lm", "GPT2Model": "none"}
-
-    def writes(self, config: ModelConfig) -> bool:
-        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "learned"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         hf.expect("scale_attn_weights", True, "formerkit always scales attention scores by 1/sqrt(head_dim)")

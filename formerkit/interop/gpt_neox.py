@@ -29,15 +29,13 @@ class GPTNeoX(Family):
     it), one fused query/key/value projection laid out per head, an untied output embedding by default."""
 
     model_types = ("gpt_neox",)
+    writes_layout = ("decoder", "tokens", "rope")
     prefix = "gpt_neox."
     # Older files store each layer's causal-mask tables and rotary frequencies.
     buffers = re.compile(r"(^|\.)attention\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"GPTNeoXForCausalLM": "lm", "GPTNeoXModel": "none"}
-
-    def writes(self, config: ModelConfig) -> bool:
-        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "rope"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         width, heads = hf.integer("hidden_size"), hf.integer("num_attention_heads")

@@ -43,14 +43,12 @@ class GPTJ(Family):
     (``interleaved_rotary_order``), so the converted model computes the same attention scores."""
 
     model_types = ("gptj",)
+    writes_layout = ("decoder", "tokens", "rope")
     prefix = "transformer."
     buffers = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"GPTJForCausalLM": "lm", "GPTJModel": "none"}
-
-    def writes(self, config: ModelConfig) -> bool:
-        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "rope"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         width, heads = hf.integer("n_embd"), hf.integer("n_head")

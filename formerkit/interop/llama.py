@@ -40,15 +40,13 @@ class Llama(Family):
     (formerkit's ``attention.qk_norm``), with a head_dim of its own (128 by default)."""
 
     model_types = tuple(_LLAMA_CLASSES)
+    writes_layout = ("decoder", "tokens", "rope")
     prefix = "model."
     buffers = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
     def architectures(self, model_type: str) -> dict[str, str]:
         name = _LLAMA_CLASSES[model_type]
         return {f"{name}ForCausalLM": "lm", f"{name}Model": "none"}
-
-    def writes(self, config: ModelConfig) -> bool:
-        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "rope"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         model_type = hf.model_type

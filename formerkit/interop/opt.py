@@ -42,13 +42,11 @@ class OPT(Family):
     """OPT: a decoder with learned positions offset by 2, pre- or post-norm LayerNorm, biases or none."""
 
     model_types = ("opt",)
+    writes_layout = ("decoder", "tokens", "learned")
     prefix = "model."
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"OPTForCausalLM": "lm", "OPTModel": "none"}
-
-    def writes(self, config: ModelConfig) -> bool:
-        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "learned"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         width = hf.integer("hidden_size")

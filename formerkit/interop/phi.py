@@ -29,14 +29,12 @@ class Phi(Family):
     attention.qk_norm with LayerNorm) and grouped-query attention."""
 
     model_types = ("phi",)
+    writes_layout = ("decoder", "tokens", "rope")
     prefix = "model."
     buffers = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"PhiForCausalLM": "lm", "PhiModel": "none"}
-
-    def writes(self, config: ModelConfig) -> bool:
-        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "rope"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         width, heads = hf.integer("hidden_size"), hf.integer("num_attention_heads")

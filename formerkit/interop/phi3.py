@@ -33,14 +33,12 @@ __all__ = ["Phi3"]
 
 class Phi3(Family):
     model_types = ("phi3",)
+    writes_layout = ("decoder", "tokens", "rope")
     prefix = "model."
     buffers = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
     def architectures(self, model_type: str) -> dict[str, str]:
         return {"Phi3ForCausalLM": "lm", "Phi3Model": "none"}
-
-    def writes(self, config: ModelConfig) -> bool:
-        return config.arch == "decoder" and config.stem.kind == "tokens" and config.position.kind == "rope"
 
     def read_config(self, hf: Fields, architecture: str, has_pooler: bool) -> ModelConfig:
         width, heads, layers = hf.integer("hidden_size"), hf.integer("num_attention_heads"), hf.integer(
