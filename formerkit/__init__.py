@@ -51,6 +51,7 @@ from formerkit.nn.masks import (
     TensorMask,
 )
 from formerkit.summary import Summary, count_parameters, summarize
+from formerkit.train.fit import FitResult, fit
 from formerkit.version import __version__
 
 
@@ -65,9 +66,9 @@ def load_run(target):
 
 __all__ = [
     "AttentionConfig", "CausalMask", "CheckpointError", "ConfigError", "DocumentMask", "FeedForwardConfig",
-    "FormerkitError", "HeadConfig", "InputError", "InteropError", "KeyPaddingMask", "MAEOutput", "Mask",
+    "FitResult", "FormerkitError", "HeadConfig", "InputError", "InteropError", "KeyPaddingMask", "MAEOutput", "Mask",
     "MaskedAutoencoder", "ModelConfig", "ModelOutput", "NormConfig", "PositionConfig", "PrefixLMMask",
     "SlidingWindowMask", "StemConfig", "Summary", "TensorMask", "Transformer", "UnknownFieldError", "__version__",
-    "build_model", "count_parameters", "create_model", "finetune_model", "from_hf", "list_models", "load",
+    "build_model", "count_parameters", "create_model", "finetune_model", "fit", "from_hf", "list_models", "load",
     "load_config", "load_run", "load_extra", "model_config", "register_model", "save", "summarize", "to_hf",
 ]

@@ -268,6 +268,10 @@ def train(recipe: TrainConfig | str | Path, out_dir: str | Path, *, resume: bool
     the first stage's weights, into ``out_dir``. ``wrap_objective`` (one-stage recipes) replaces the recipe's
     objective by ``wrap_objective(objective)``, e.g. ``formerkit.compress.distill.Distillation``.
     """
+    if not isinstance(recipe, (TrainConfig, str, Path)):
+        raise RunError(f"train: {type(recipe).__name__} is not a recipe (a TrainConfig, a shipped recipe name or a "
+                       "YAML path); to train a model on your own tensors, Dataset or DataLoader, call "
+                       "formerkit.fit(model, train_data, steps=..., batch_size=..., lr=...)")
     config = recipe if isinstance(recipe, TrainConfig) else load_recipe(recipe)
     if overrides:
         config = config.with_overrides(overrides)
@@ -345,6 +349,39 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     model = build_model(model_config)
     copied = (_load_previous_stage(model, initialize_from, initialize_head) if initialize_from is not None
               else [])
+    if bundle.description:
+        # What was read, and how (packed rows say how full they are and how many documents were cut into pieces).
+        say(f"data: {bundle.description}", highlight=False)
+    if dist.is_main and not resume and initialize_from is not None and console is not None:
+        console.print(f"initialized {len(copied)} tensors from {initialize_from}")
+    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{tokens_per_example(model_config, config.data):,} tokens per example", highlight=False)
+    warning = token_warning(config, model_config) if dist.is_main and console is not None else None
+    if warning:
+        say(warning, style="yellow", highlight=False)
+    extra = {"preprocessing": bundle.preprocessing, "objective": config.objective.kind, "recipe": config.to_dict()}
+    return run_loop(config, run_dir, model, objective, bundle, dist, resume=resume, console=console,
+                    title=run_title(config, run_dir), extra=extra, previous=previous)
+
+
+def run_loop(config: TrainConfig, run_dir: Path, model: nn.Module, objective: Objective, bundle: DataBundle,
+             dist, *, resume: bool, console=None, title: str, extra: dict[str, Any],
+             previous: dict[str, Any] | None = None, stop_after: int | None = None) -> TrainResult:
+    """The loop both entry points share (a recipe's ``train_stage`` and ``formerkit.fit``): trains ``model`` (in place)
+    on ``bundle`` with ``objective`` under ``config``'s optim, schedule, eval and run sections into ``run_dir``, from
+    its latest checkpoint when ``resume``; saves the model with ``extra`` and the summary. Only parameters with
+    ``requires_grad`` are optimized (an adapted model trains its adapters only). ``dist`` comes from
+    ``distributed.setup``; this tears it down. ``stop_after`` stops after that step as SIGINT would (a checkpoint,
+    status "interrupted"): the run continues when resumed."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RunError("no parameter of the model has requires_grad: nothing would be trained")
+    run, schedule = config.run, config.schedule
+    warmup = schedule.warmup
+
+    def say(text: str, **style) -> None:
+        if dist.is_main and console is not None:
+            console.print(text, soft_wrap=True, **style)
+
     trained = objective.wrap_model(model).to(dist.device)
     dist.seed_rank(run.seed)  # distributed: each rank its own dropout stream, after the identical initialization
     # distributed: wrap before building the optimizer and restoring a checkpoint (FSDP swaps in sharded parameters).
@@ -372,17 +409,6 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     dtype = resolve_precision(run.precision, dist.device)
     autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype is not None else nullcontext
     log = _Log(run_dir / "metrics.jsonl", dist.is_main, start_step if resume else None)
-    if bundle.description:
-        # What was read, and how (packed rows say how full they are and how many documents were cut into pieces).
-        say(f"data: {bundle.description}", highlight=False)
-    if dist.is_main and not resume and initialize_from is not None and console is not None:
-        console.print(f"initialized {len(copied)} tensors from {initialize_from}")
-    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{tokens_per_example(model_config, config.data):,} tokens per example", highlight=False)
-    warning = token_warning(config, model_config) if dist.is_main and console is not None else None
-    if warning:
-        say(warning, style="yellow", highlight=False)
-    title = run_title(config, run_dir)
 
     eval_model = lambda: ema.module if ema is not None else trained  # noqa: E731
     eval_split = config.eval.split if getattr(bundle, config.eval.split) is not None else None
@@ -472,7 +498,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
                             status, should_stop = "stopped_early", True
             if step % run.checkpoint_every == 0 or step == schedule.steps or should_stop:
                 checkpoint_now()
-            if dist.any_flag(stop.received is not None):
+            if dist.any_flag(stop.received is not None) or (stop_after is not None and step >= stop_after):
                 if step % run.checkpoint_every and step != schedule.steps and not should_stop:
                     checkpoint_now()
                 status = "interrupted"
@@ -498,7 +524,7 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         summary["previous_stage"] = previous
     core = dist.full_model(core, trained)  # distributed: FSDP gathers the weights (every rank), rank 0 saves them
     if dist.is_main:
-        extra = {"preprocessing": bundle.preprocessing, "objective": config.objective.kind, "recipe": config.to_dict()}
+        extra = dict(extra)
         if getattr(objective, "record", None) is not None:  # how the model was trained beyond its recipe
             extra["distillation"] = objective.record
         save(core, run_dir / "model", extra=extra)
