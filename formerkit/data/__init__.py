@@ -27,13 +27,16 @@ __all__ = [
 SYNTHETIC_DATA_SEED = 1234
 
 
-def build_data(config) -> DataBundle:
-    """Loads the data a recipe's ``data`` section describes. Raises DataError before any training on bad input."""
+def build_data(config, tokenizer: Tokenizer | None = None) -> DataBundle:
+    """Loads the data a recipe's ``data`` section describes. Raises DataError before any training on bad input.
+    ``tokenizer`` (text sources: the starting model's, ``model.from``) replaces the one data.tokenizer would build."""
     source = config.source
+    if tokenizer is not None and source not in ("stdlib", "text", "jsonl", "instruct"):
+        raise DataError(f"data.source {source!r} takes no tokenizer")
     if source == "stdlib":
-        return stdlib_bundle(config)
+        return stdlib_bundle(config, tokenizer)
     if source == "digits":
         return digits_bundle(config)
     if source == "synthetic":
         return synthetic_bundle(config, SYNTHETIC_DATA_SEED)
-    return files.build(config)
+    return files.build(config, tokenizer)

@@ -41,7 +41,8 @@ from formerkit.data.base import ArraySplit, DataBundle, DataError
 from formerkit.data.images import image_bundle
 from formerkit.data.text import build_text_bundle, encode_padded, make_tokenizer
 
-__all__ = ["DEMO_SERIES", "IMAGE_SUFFIXES", "TEXT_SUFFIXES", "build", "demo_series_csv", "image_to_tensor",
+__all__ = ["DEMO_SERIES", "IMAGE_SUFFIXES", "TEXT_SUFFIXES", "build", "demo_series_csv", "existing_path",
+           "image_to_tensor", "jsonl_records",
            "read_image", "write_demo_series_csv"]
 
 # The file types a text folder contributes (anything else in the folder is ignored).
@@ -53,11 +54,16 @@ DEMO_SERIES = "demo:series"
 DEFAULT_TEST_FRACTION = 0.2
 
 
-def build(config) -> DataBundle:
+def build(config, tokenizer=None) -> DataBundle:
     """The DataBundle for one of the user-file sources (``config`` is a DataConfig)."""
-    builders = {"text": text_bundle, "jsonl": jsonl_bundle, "image_folder": image_folder_bundle, "csv": csv_bundle}
+    from formerkit.data.instruct import instruct_bundle
+
+    builders = {"text": text_bundle, "jsonl": jsonl_bundle, "instruct": instruct_bundle,
+                "image_folder": image_folder_bundle, "csv": csv_bundle}
     if config.source not in builders:
         raise DataError(f"data.source {config.source!r} is not a known data source")
+    if tokenizer is not None:  # (build_data allows one for the text sources only)
+        return builders[config.source](config, tokenizer)
     return builders[config.source](config)
 
 
@@ -66,7 +72,7 @@ _WHAT_PATH = {"text": "text file or folder of text files", "jsonl": "JSON-lines 
               "image_folder": "folder of class folders", "csv": "CSV file"}
 
 
-def _existing_path(config) -> Path:
+def existing_path(config) -> Path:
     if not config.path:
         raise DataError(f"data.path is required for data.source={config.source!r}")
     path = Path(config.path).expanduser()
@@ -83,8 +89,8 @@ def _is_hidden(path: Path, root: Path) -> bool:
 # --- text
 
 
-def text_bundle(config) -> DataBundle:
-    path = _existing_path(config)
+def text_bundle(config, tokenizer=None) -> DataBundle:
+    path = existing_path(config)
     if path.is_dir():
         # Hidden folders (.git, .venv, ...) are skipped: they hold tooling, not the user's corpus.
         files = sorted(p for p in path.rglob("*")
@@ -108,7 +114,7 @@ def text_bundle(config) -> DataBundle:
             break
     if len(documents) == 1:  # one file (or a folder holding one): chunk it so a validation split exists
         documents = split_single_text(documents[0], config.valid_fraction)
-    return build_text_bundle(documents, config, source=f"text {path}")
+    return build_text_bundle(documents, config, source=f"text {path}", tokenizer=tokenizer)
 
 
 def split_single_text(data: bytes, valid_fraction: float) -> list[bytes]:
@@ -135,7 +141,7 @@ def split_single_text(data: bytes, valid_fraction: float) -> list[bytes]:
 # --- jsonl
 
 
-def _jsonl_records(path: Path):
+def jsonl_records(path: Path):
     """(line number, object) of each non-blank line of a JSON-lines file; DataError naming the line otherwise."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -162,20 +168,20 @@ def _field(path: Path, number: int, record: dict, field: str, key: str, types: t
     return value
 
 
-def jsonl_bundle(config) -> DataBundle:
-    path = _existing_path(config)
+def jsonl_bundle(config, tokenizer=None) -> DataBundle:
+    path = existing_path(config)
     if not path.is_file():
         raise DataError(f"data.path {str(path)!r}: expected a JSON-lines file, found a folder (data.source='jsonl')")
     if config.label_field is not None:
         return jsonl_classification_bundle(path, config)
     documents, total = [], 0
-    for number, record in _jsonl_records(path):
+    for number, record in jsonl_records(path):
         document = _field(path, number, record, config.text_field, "data.text_field", (str,), "a string")
         documents.append(document.encode("utf-8"))
         total += len(documents[-1])
         if config.max_bytes is not None and total >= config.max_bytes:
             break
-    return build_text_bundle(documents, config, source=f"jsonl {path}")
+    return build_text_bundle(documents, config, source=f"jsonl {path}", tokenizer=tokenizer)
 
 
 def jsonl_classification_bundle(path: Path, config) -> DataBundle:
@@ -184,7 +190,7 @@ def jsonl_classification_bundle(path: Path, config) -> DataBundle:
     test split (``stratified_test_mask``). Texts are tokenized, cut to data.seq_len tokens and padded with id 0; the
     ``attention_mask`` is False at padding."""
     texts, values, total = [], [], 0
-    for number, record in _jsonl_records(path):
+    for number, record in jsonl_records(path):
         text = _field(path, number, record, config.text_field, "data.text_field", (str,), "a string")
         label = _field(path, number, record, config.label_field, "data.label_field", (str, int),
                        "a string or an integer (the class)")
@@ -254,7 +260,7 @@ def image_folder_bundle(config) -> DataBundle:
         from PIL import Image
     except ImportError as error:
         raise DataError("data.source 'image_folder' needs Pillow: pip install 'formerkit[train]'") from error
-    path = _existing_path(config)
+    path = existing_path(config)
     if config.image_size is None:
         raise DataError("data.image_size: expected an integer (the side images are resized to) for "
                         "data.source='image_folder', got None")
@@ -340,7 +346,7 @@ def csv_bundle(config) -> DataBundle:
     if config.path == DEMO_SERIES:
         name, text = DEMO_SERIES, demo_series_csv()
     else:
-        path = _existing_path(config)
+        path = existing_path(config)
         if not path.is_file():
             raise DataError(f"data.path {str(path)!r}: expected a CSV file, found a folder (data.source='csv')")
         try:

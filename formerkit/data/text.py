@@ -76,14 +76,15 @@ def encode_padded(tokenizer: Tokenizer, texts: list[str], seq_len: int) -> tuple
     return ids, mask
 
 
-def build_text_bundle(documents: list[bytes], config, *, source: str) -> DataBundle:
+def build_text_bundle(documents: list[bytes], config, *, source: str, tokenizer: Tokenizer | None = None
+                      ) -> DataBundle:
     """Splits documents, fits the tokenizer on the training split, and cuts token streams into windows (or, with
     ``data.pack``, packs the documents into rows: see ``formerkit.data.packing``)."""
     documents = [doc for doc in documents if doc.strip()]
     if not documents:
         raise DataError(f"{source}: the corpus is empty (no non-blank text found)")
     train_docs, valid_docs = split_documents(documents, config.valid_fraction)
-    tokenizer = make_tokenizer(config, train_docs)
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer(config, train_docs)
     if config.pack:
         return _packed_bundle(tokenizer, train_docs, valid_docs, config, source)
     train = _encode(tokenizer, train_docs)
@@ -142,7 +143,7 @@ def make_tokenizer(config, train_documents: list[bytes]) -> Tokenizer:
     return cls.train(texts, vocab_size=config.vocab_size) if config.tokenizer == "bpe" else cls.train(texts)
 
 
-def stdlib_bundle(config) -> DataBundle:
+def stdlib_bundle(config, tokenizer: Tokenizer | None = None) -> DataBundle:
     documents, total = [], 0
     for path in stdlib_files():
         data = path.read_bytes()
@@ -150,4 +151,4 @@ def stdlib_bundle(config) -> DataBundle:
         total += len(data)
         if config.max_bytes is not None and total >= config.max_bytes:
             break
-    return build_text_bundle(documents, config, source="stdlib corpus")
+    return build_text_bundle(documents, config, source="stdlib corpus", tokenizer=tokenizer)

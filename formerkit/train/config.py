@@ -35,7 +35,7 @@ __all__ = [
     "shipped_recipe",
 ]
 
-DATA_SOURCES = ("stdlib", "text", "jsonl", "digits", "image_folder", "synthetic", "csv")
+DATA_SOURCES = ("stdlib", "text", "jsonl", "instruct", "digits", "image_folder", "synthetic", "csv")
 OBJECTIVES = ("causal_lm", "masked_lm", "classification", "seq2seq", "mae", "forecast")
 # The objectives that read packed rows (data.pack): they pass each row's document mask and positions to the model.
 PACKING_OBJECTIVES = ("causal_lm", "masked_lm")
@@ -77,13 +77,17 @@ class DataConfig(ConfigSection):
     # scikit-learn's 8x8 digits; image_folder: one sub-folder of images per class; synthetic: copy/reverse/sort
     # sequences; csv: a numeric time series (one row a time step)
     source: str = choice("stdlib", DATA_SOURCES)
-    # text, jsonl, image_folder, csv: a file or folder of the user's
+    # text, jsonl, instruct, image_folder, csv: a file or folder of the user's
     path: str | None = None
     # jsonl: the field holding the text
     text_field: str = "text"
     # jsonl with objective.kind classification: the field holding each line's class (strings or integers; classes in
     # sorted order); a stratified data.valid_fraction of each class (20% when 0) is the test split
     label_field: str | None = None
+    # instruct: how conversations become text: null = the tokenizer's chat template where it has one (a model
+    # converted from Hugging Face, via model.from), else the default template; default = always the default template
+    # (formerkit.data.instruct); tokenizer = the tokenizer's template, an error without one
+    chat_template: str | None = choice(None, (None, "default", "tokenizer"))
     # text sources: byte, char or bpe (trained on the training split with the `tokenizers` library)
     tokenizer: str = choice("byte", ("byte", "char", "bpe"))
     # bpe: the vocabulary size to train
@@ -116,11 +120,12 @@ class DataConfig(ConfigSection):
     columns: tuple[str, ...] | None = None
 
     _APPLIES = {
-        "path": ("text", "jsonl", "image_folder", "csv"), "text_field": ("jsonl",), "label_field": ("jsonl",),
-        "tokenizer": ("stdlib", "text", "jsonl"), "vocab_size": ("stdlib", "text", "jsonl"),
-        "seq_len": ("stdlib", "text", "jsonl", "synthetic"), "pack": ("stdlib", "text", "jsonl"),
-        "valid_fraction": ("stdlib", "text", "jsonl", "digits", "image_folder", "csv"),
-        "max_bytes": ("stdlib", "text", "jsonl"), "image_size": ("digits", "image_folder"),
+        "path": ("text", "jsonl", "instruct", "image_folder", "csv"), "text_field": ("jsonl",),
+        "label_field": ("jsonl",), "chat_template": ("instruct",),
+        "tokenizer": ("stdlib", "text", "jsonl", "instruct"), "vocab_size": ("stdlib", "text", "jsonl", "instruct"),
+        "seq_len": ("stdlib", "text", "jsonl", "instruct", "synthetic"), "pack": ("stdlib", "text", "jsonl", "instruct"),
+        "valid_fraction": ("stdlib", "text", "jsonl", "instruct", "digits", "image_folder", "csv"),
+        "max_bytes": ("stdlib", "text", "jsonl", "instruct"), "image_size": ("digits", "image_folder"),
         "augment": ("digits", "image_folder"),
         "labels_per_class": ("digits", "image_folder"), "task": ("synthetic",), "num_examples": ("synthetic",),
         "num_symbols": ("synthetic",), "min_len": ("synthetic",), "window": ("csv",), "horizon": ("csv",),
@@ -129,7 +134,7 @@ class DataConfig(ConfigSection):
 
     def _validate(self) -> None:
         self._check_applies("source", self._APPLIES)
-        if self.source in ("text", "jsonl", "image_folder", "csv") and not self.path:
+        if self.source in ("text", "jsonl", "instruct", "image_folder", "csv") and not self.path:
             self._fail("path", f"a file or folder for data.source={self.source!r}")
         if self.tokenizer == "bpe" and (self.vocab_size is None or self.vocab_size < 260):
             self._fail("vocab_size", "an integer >= 260 for a bpe tokenizer (256 bytes plus merges)")
@@ -345,6 +350,9 @@ class TrainConfig(ConfigSection):
     then: dict[str, Any] | None = None
 
     def _validate(self) -> None:
+        if self.data.source == "instruct" and self.objective.kind != "causal_lm":
+            raise ConfigError("objective.kind", self.objective.kind, "causal_lm for data.source 'instruct'",
+                              hint="instruction data trains a language model to answer")
         if self.data.pack and self.objective.kind not in PACKING_OBJECTIVES:
             raise ConfigError("data.pack", True, f"false with objective.kind {self.objective.kind!r}",
                               hint=f"packed rows serve the language-model objectives {PACKING_OBJECTIVES}")

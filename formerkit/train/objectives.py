@@ -185,8 +185,10 @@ class CausalLM(Objective):
         if not _is_packed(batch):
             return inputs, targets, {}
         ids = batch["document_ids"]
-        same_document = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
-        return inputs, targets.masked_fill(~same_document, -100), _packed_inputs(batch)
+        predicted = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)
+        if "loss_mask" in batch:  # instruction data (formerkit.data.instruct): only the responses are predicted
+            predicted &= batch["loss_mask"][:, 1:].bool()
+        return inputs, targets.masked_fill(~predicted, -100), _packed_inputs(batch)
 
     def loss(self, model, batch, generator):
         inputs, targets, kwargs = self.inputs_and_targets(batch)
