@@ -59,7 +59,17 @@ def load_run_model(target: str | Path, *, imported: bool = False):
         what = ("was converted from another format, so it has no training data to evaluate on" if "imported" in extra
                 else "was not saved by a training run, so its data is unknown")
         raise CheckpointError(f"{directory}: this model {what}")
-    return load(directory).eval(), TrainConfig.from_dict(extra["recipe"]), extra
+    return _with_adapters(load(directory), directory, extra).eval(), TrainConfig.from_dict(extra["recipe"]), extra
+
+
+def _with_adapters(model, directory: Path, extra: dict[str, Any]):
+    """A run whose adapters could not be merged saved the base and, beside it, the adapters (extra "adapters"):
+    they go back on here (formerkit.train.trainer.save_run_model)."""
+    if extra.get("adapters"):
+        from formerkit.adapt import load_adapters
+
+        load_adapters(model, directory / extra["adapters"])
+    return model
 
 
 def run_objective(recipe, extra: dict[str, Any]) -> str | None:

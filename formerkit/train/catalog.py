@@ -84,7 +84,9 @@ def _table(title: str, doc: str, infos: list[FieldInfo], *, prefix: str) -> list
         lines += [doc, ""]
     lines += ["| key | accepts | default | description |", "|---|---|---|---|"]
     for info in infos:
-        cells = [f"`{prefix}{info.name}`", _cell(info.accepts), f"`{_default(info.default)}`", _cell(info.doc)]
+        # (rstrip: the recipe key model.from is the field from_, "from" being a Python keyword)
+        cells = [f"`{prefix}{info.name.rstrip('_')}`", _cell(info.accepts), f"`{_default(info.default)}`",
+                 _cell(info.doc)]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 

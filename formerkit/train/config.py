@@ -43,10 +43,15 @@ PACKING_OBJECTIVES = ("causal_lm", "masked_lm")
 
 @dataclass(frozen=True)
 class ModelSpec(ConfigSection):
-    """A preset with overrides, or a whole model config."""
+    """A preset with overrides, a whole model config, or a model to start from (``from``: its weights)."""
 
     _prefix = "model"
 
+    # Start from a trained model: a run directory, a saved model or a Hugging Face directory (its weights, and its
+    # tokenizer, which the text sources then read with), or a preset name (a fresh model, as model.preset). Not with
+    # model.preset or model.config; model.overrides may change only what keeps the weights' shapes (dropout). See
+    # formerkit.train.start
+    from_: str | None = None
     # A preset name (formerkit models), e.g. char_gpt, cct_2_3x2_32, vit_tiny_patch16_224
     preset: str | None = None
     # Model keys changed from the preset's, dotted (attention.num_heads: 4); see "Model keys"
@@ -55,12 +60,47 @@ class ModelSpec(ConfigSection):
     config: dict[str, Any] | None = None
 
     def _validate(self) -> None:
+        if self.from_ is not None:
+            given = [name for name in ("preset", "config") if getattr(self, name) is not None]
+            if given:
+                raise ConfigError("model.from", self.from_, f"no model.{given[0]} beside it",
+                                  hint=f"model.from and model.{given[0]} each name the starting model; keep one")
+            if not isinstance(self.from_, str) or not self.from_:
+                self._fail("from_", "a run directory, a saved model, a Hugging Face directory or a preset name")
+            return
         if (self.preset is None) == (self.config is None):
-            self._fail("preset", "exactly one of model.preset and model.config")
+            self._fail("preset", "exactly one of model.preset, model.config and model.from")
+
+    def _path(self, name: str) -> str:
+        return super()._path("from" if name == "from_" else name)
+
+    @classmethod
+    def from_dict(cls, data):
+        # ``from`` is a Python keyword: the field is ``from_``, the recipe key ``from``.
+        if isinstance(data, dict) and "from" in data:
+            data = {("from_" if key == "from" else key): value for key, value in data.items()}
+        return super().from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        start = data.pop("from_")
+        return {"from": start, **data} if start is not None else data
+
+    @property
+    def start_preset(self) -> str | None:
+        """``model.from`` when it names a preset (a fresh model, as ``model.preset``), else None."""
+        from formerkit.train.start import is_preset
+
+        return self.from_ if self.from_ is not None and is_preset(self.from_) else None
 
     def resolve(self, data_fields: dict[str, Any] | None = None) -> ModelConfig:
-        """The ModelConfig: preset (or config), then the fields the data fixes, then the user's overrides."""
-        base = model_config(self.preset) if self.preset is not None else ModelConfig.from_dict(self.config)
+        """The ModelConfig: preset (or config), then the fields the data fixes, then the user's overrides. (A
+        ``model.from`` with weights resolves through formerkit.train.start instead.)"""
+        preset = self.preset if self.preset is not None else self.start_preset
+        if preset is None and self.config is None:
+            raise ConfigError("model.from", self.from_, "a preset name here",
+                              hint="a model.from with weights is loaded, not resolved (formerkit.train.start)")
+        base = model_config(preset) if preset is not None else ModelConfig.from_dict(self.config)
         fields = {k: v for k, v in (data_fields or {}).items() if k not in self.overrides}
         # One replace, validated once: a data field and an override may only make sense together (8x8 digits need
         # a smaller patch size than the preset's).
@@ -123,7 +163,8 @@ class DataConfig(ConfigSection):
         "path": ("text", "jsonl", "instruct", "image_folder", "csv"), "text_field": ("jsonl",),
         "label_field": ("jsonl",), "chat_template": ("instruct",),
         "tokenizer": ("stdlib", "text", "jsonl", "instruct"), "vocab_size": ("stdlib", "text", "jsonl", "instruct"),
-        "seq_len": ("stdlib", "text", "jsonl", "instruct", "synthetic"), "pack": ("stdlib", "text", "jsonl", "instruct"),
+        "seq_len": ("stdlib", "text", "jsonl", "instruct", "synthetic"),
+        "pack": ("stdlib", "text", "jsonl", "instruct"),
         "valid_fraction": ("stdlib", "text", "jsonl", "instruct", "digits", "image_folder", "csv"),
         "max_bytes": ("stdlib", "text", "jsonl", "instruct"), "image_size": ("digits", "image_folder"),
         "augment": ("digits", "image_folder"),
@@ -348,6 +389,12 @@ class TrainConfig(ConfigSection):
     # A second stage run after this one, starting from its weights: a partial recipe (same keys) merged over this
     # one. mae-digits uses it to fine-tune a classifier from the pretrained encoder.
     then: dict[str, Any] | None = None
+    # Adapters added to the model before training (its base frozen): the keyword arguments of formerkit.add_adapters,
+    # e.g. {method: lora, targets: [q, v], rank: 8, alpha: 16, dropout: 0.0, layers: null, name: default} plus the
+    # method's options (rslora: true). The run saves the model with the adapters merged into the weights (what
+    # generate, eval and predict load) and, in RUN/adapter, the adapters alone (formerkit.load_adapters); a method
+    # that cannot be merged saves the base and adapter only
+    adapt: dict[str, Any] | None = None
 
     def _validate(self) -> None:
         if self.data.source == "instruct" and self.objective.kind != "causal_lm":
@@ -363,6 +410,12 @@ class TrainConfig(ConfigSection):
         if self.data.source == "jsonl" and self.objective.kind == "classification" and self.data.label_field is None:
             raise ConfigError("data.label_field", None, "the field holding each line's class for objective.kind "
                               "classification on data.source 'jsonl'", hint="e.g. --set data.label_field=label")
+        if self.adapt is not None:
+            if not isinstance(self.adapt, dict):
+                raise ConfigError("adapt", self.adapt, "a mapping of formerkit.add_adapters arguments "
+                                  "({method: lora, targets: [q, v], rank: 8, ...})")
+            if not isinstance(self.adapt.get("method", "lora"), str):
+                raise ConfigError("adapt.method", self.adapt.get("method"), "a method name (lora, dora, ...)")
         if self.then is not None:
             self.next_stage()  # validate the second stage now, before any training
 
@@ -402,7 +455,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_MODEL_SPEC_FIELDS = ("preset", "overrides", "config")
+_MODEL_SPEC_FIELDS = ("from", "preset", "overrides", "config")
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

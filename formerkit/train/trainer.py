@@ -30,6 +30,7 @@ from formerkit.train.config import TrainConfig, load_recipe
 from formerkit.train.objectives import ExpertUsage, Objective, make_objective
 from formerkit.train.progress import progress as make_progress
 from formerkit.train.report import plot_run, print_summary
+from formerkit.train.start import load_start, start_model
 from formerkit.train.startup import StepTimer, example_prompt, run_title, token_warning, tokens_per_example
 from formerkit.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -260,6 +261,65 @@ def _load_previous_stage(model: nn.Module, previous: Path, keep_head: bool = Fal
     return copied
 
 
+def save_run_model(core: nn.Module, run_dir: Path, extra: dict[str, Any], say=None) -> None:
+    """Saves a run's model to ``run_dir/model``. An adapted model (``formerkit.add_adapters``, a recipe's ``adapt:``)
+    saves its adapters alone to ``run_dir/adapter`` and, in ``model/``, the weights with the adapters merged in (a
+    plain model: generate, eval, predict, export and to_hf read it as any other); adapters that cannot be merged (a
+    bottleneck adapter, prefixes) leave the base weights in ``model/``, whose extra names the adapter directory, and
+    ``formerkit.runs.load_run_model`` puts them back on when loading."""
+    adapted = _adapter_names(core)
+    if not adapted:
+        save(core, run_dir / "model", extra=extra)
+        return
+    import copy
+
+    from formerkit.adapt import merge_adapters, save_adapters
+
+    save_adapters(core, run_dir / "adapter")
+    try:
+        merged = merge_adapters(copy.deepcopy(core))
+    except FormerkitError as error:
+        if say is not None:
+            say(f"note: the adapters stay separate ({error}); {run_dir / 'model'} holds the base and "
+                f"{run_dir / 'adapter'} the adapters, put back on when the run is loaded", highlight=False)
+        _save_base(core, run_dir / "model", {**extra, "adapters": "../adapter"})
+        return
+    save(merged, run_dir / "model", extra={**extra, "merged_adapters": adapted})
+
+
+def _adapter_names(model: nn.Module) -> list[str]:
+    try:
+        from formerkit.adapt import adapter_names
+    except ImportError:  # a build without formerkit.adapt's API: no model has adapters
+        return []
+    return list(adapter_names(model))
+
+
+def _save_base(model: nn.Module, directory: Path, extra: dict[str, Any]) -> None:
+    """The base weights of an adapted model (adapter tensors left out), as a plain saved model."""
+    import copy
+
+    from formerkit.adapt import AdapterModule
+
+    base = build_model(model.config)
+    adapter_tensors = {f"{path}.{name}" if path else name
+                       for path, module in model.named_modules() if isinstance(module, AdapterModule)
+                       for name, _ in module.named_parameters()}
+    state = {name: tensor for name, tensor in model.state_dict().items() if name not in adapter_tensors}
+    # An adapter wrapping a Linear may hold it as a child ("....qkv.base.weight"): its path without the wrapper.
+    target = base.state_dict()
+    renamed = {}
+    for name, tensor in state.items():
+        if name in target:
+            renamed[name] = tensor
+        else:
+            short = name.replace(".base.", ".")
+            if short in target:
+                renamed[short] = tensor
+    base.load_state_dict(copy.deepcopy(renamed))
+    save(base, directory, extra=extra)
+
+
 def train(recipe: TrainConfig | str | Path, out_dir: str | Path, *, resume: bool = False,
           overrides: dict[str, Any] | None = None, console=None, wrap_objective=None) -> TrainResult:
     """Trains a recipe (a TrainConfig, a shipped recipe name or a YAML path) into the run directory ``out_dir``.
@@ -323,11 +383,22 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
     # The data and the model are checked before anything is written: a failed start leaves no run behind.
-    bundle = build_data(config.data)
+    # model.from with weights: the start is loaded first, so a text source reads with its tokenizer.
+    start = None
+    if config.model.from_ is not None and config.model.start_preset is None:
+        start = load_start(config.model.from_)
+    text_source = config.data.source in ("stdlib", "text", "jsonl", "instruct")
+    bundle = build_data(config.data, start.tokenizer if start is not None and text_source else None)
     objective = make_objective(config.objective, bundle)
     if wrap_objective is not None:
         objective = wrap_objective(objective)
-    model_config = config.model.resolve({**bundle.model_fields, **objective.model_fields()})
+    fields = {**bundle.model_fields, **objective.model_fields()}
+    if start is not None:
+        started, model_config, fresh = start_model(start, config.model.overrides, fields,
+                                                   vocab_size=fields.get("vocab_size"),
+                                                   seq_len=fields.get("max_seq_len"), build=build_model)
+    else:
+        model_config = config.model.resolve(fields)
     objective.check_model(model_config)
     if dist.is_main and not resume:
         _prepare_run_dir(run_dir, config)
@@ -346,9 +417,16 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
     if soft is not None and soft > schedule.steps:
         raise RunError(f"model attention.soft_causal_steps ({soft}) exceeds schedule.steps ({schedule.steps}): the "
                        "causal mask would not be fully in place when training ends")
-    model = build_model(model_config)
+    model = build_model(model_config) if start is None else started
     copied = (_load_previous_stage(model, initialize_from, initialize_head) if initialize_from is not None
               else [])
+    if start is not None:
+        say(f"model: from {start.path} ({start.kind})" + (f"; {', '.join(fresh)} start fresh" if fresh else ""),
+            highlight=False)
+    if config.adapt is not None:
+        from formerkit.adapt import add_adapters
+
+        add_adapters(model, **config.adapt)
     if bundle.description:
         # What was read, and how (packed rows say how full they are and how many documents were cut into pieces).
         say(f"data: {bundle.description}", highlight=False)
@@ -527,7 +605,7 @@ def run_loop(config: TrainConfig, run_dir: Path, model: nn.Module, objective: Ob
         extra = dict(extra)
         if getattr(objective, "record", None) is not None:  # how the model was trained beyond its recipe
             extra["distillation"] = objective.record
-        save(core, run_dir / "model", extra=extra)
+        save_run_model(core, run_dir, extra, say)
         if bundle.tokenizer is not None:
             save_tokenizer(bundle.tokenizer, run_dir / "model" / "tokenizer.json")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
