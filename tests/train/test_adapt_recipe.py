@@ -1,0 +1,116 @@
+"""A recipe with an adapt: section, and formerkit.fit on an adapted model: only the adapters train, resume is exact,
+and the saved run (the adapters merged into its model, the adapter alone beside it) generates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import formerkit
+from formerkit.adapt import adapter_names
+from formerkit.generation import generate
+from formerkit.runs import generate_run
+from formerkit.train import train
+from formerkit.train.config import TrainConfig
+
+from ..conftest import QUIET, token_config
+
+CHATS = [{"prompt": f"say {word}", "response": word} for word in ("yes", "no", "maybe", "ok", "fine", "sure")] * 3
+
+
+def base_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return formerkit.build_model(token_config(vocab_size=256, width=32, num_layers=2, max_seq_len=64, num_heads=2))
+
+
+def adapted_recipe(tmp_path, steps: int = 6, **extra) -> TrainConfig:
+    formerkit.save(base_model(), tmp_path / "base")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in CHATS))
+    recipe = {"name": "adapted", "model": {"from": str(tmp_path / "base")},
+              "data": {"source": "instruct", "path": str(data), "seq_len": 64, "pack": True, "valid_fraction": 0.2},
+              "adapt": {"method": "lora", "targets": ["q", "v", "fc_in"], "rank": 4, "alpha": 8},
+              "optim": {"lr": 0.01, "weight_decay": 0.0},
+              "schedule": {"steps": steps, "batch_size": 2, "warmup_steps": 1}, "eval": {"every": 3}}
+    return TrainConfig.from_dict(recipe).with_overrides({**QUIET, **extra})
+
+
+def test_an_adapted_recipe_trains_the_adapters_only_and_its_run_generates(tmp_path):
+    result = train(adapted_recipe(tmp_path), tmp_path / "run")
+    trained, base = result.model, base_model()
+    assert adapter_names(trained) == ["default"]
+    # the base weights are the start's, bit for bit; the LoRA B matrices (zero at the start) moved
+    state = trained.state_dict()
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    assert all(state[name].abs().sum() > 0 for name in state if name.endswith("lora_B"))
+    # the run's model is the merged one: a plain model whose logits match the adapted model's
+    saved = formerkit.load(tmp_path / "run" / "model")
+    assert not adapter_names(saved)
+    tokens = torch.randint(256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(saved(tokens), trained.eval()(tokens), atol=1e-5)
+    # the adapter alone, beside it, loads back onto the base to the same logits
+    formerkit.load_adapters(base, tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(base.eval()(tokens), trained(tokens), atol=1e-6)
+    # formerkit generate RUN: greedy text equals greedy decoding with the adapted model
+    prompt = "<|user|>\nsay yes<|end|>\n<|assistant|>\n"
+    text = "".join(generate_run(tmp_path / "run", prompt, max_new_tokens=6, temperature=0.0))
+    ids = torch.tensor([list(prompt.encode())])
+    reference = generate(trained, ids, max_new_tokens=6, temperature=0.0)[0, ids.shape[1]:]
+    assert text.encode("utf-8", "replace") == bytes(reference.tolist()).decode("utf-8", "replace").encode(
+        "utf-8", "replace")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and "valid_loss" in summary
+
+
+def test_an_adapted_recipe_resumes_exactly(tmp_path):
+    whole = train(adapted_recipe(tmp_path, steps=6), tmp_path / "whole").model
+    import signal
+
+    from formerkit.train import trainer
+
+    original = trainer.StepTimer.tick
+
+    def stop_at_three(self, step):
+        original(self, step)
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer.StepTimer, "tick", stop_at_three)
+        first = train(adapted_recipe(tmp_path, steps=6), tmp_path / "parts")
+    assert first.summary["status"] == "interrupted" and first.summary["steps"] == 3
+    resumed = train(adapted_recipe(tmp_path, steps=6), tmp_path / "parts", resume=True).model
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+def test_fit_on_an_adapted_model_changes_only_the_adapters_and_resumes_exactly(tmp_path):
+    rows = torch.randint(256, (16, 17), generator=torch.Generator().manual_seed(1))
+    options = dict(steps=6, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=100)
+
+    def adapted():
+        model = base_model()
+        torch.manual_seed(7)
+        return formerkit.add_adapters(model, method="lora", targets=("q", "v"), rank=4, alpha=8)
+
+    whole = adapted()
+    before = {name: tensor.clone() for name, tensor in whole.state_dict().items()}
+    formerkit.fit(whole, rows, out_dir=tmp_path / "whole", **options)
+    changed = {name for name, tensor in whole.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed and all("lora_" in name for name in changed)
+
+    parts = adapted()
+    formerkit.fit(parts, rows, out_dir=tmp_path / "parts", stop_after=2, **options)
+    again = adapted()
+    formerkit.fit(again, rows, out_dir=tmp_path / "parts", **options)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    # the run's saved model is the merged one
+    merged = formerkit.load(tmp_path / "whole" / "model")
+    with torch.no_grad():
+        assert torch.allclose(merged(rows[:, :-1]), whole.eval()(rows[:, :-1]), atol=1e-5)
