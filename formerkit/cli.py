@@ -67,12 +67,21 @@ def _parse_overrides(pairs: list[str]) -> dict:
 def cmd_summary(args: argparse.Namespace) -> int:
     from formerkit.summary import summarize
 
-    config = _resolve_config(args.target)
+    target = Path(args.target)
+    run_adapt = None
+    if (target / "recipe.yaml").is_file() and (target / "model").is_dir():
+        # a run: its model, and the adapters its recipe trained (adapt:), merged into that model when saved
+        from formerkit.train.config import TrainConfig
+
+        run_adapt = TrainConfig.from_file(target / "recipe.yaml").adapt
+        target = target / "model"
+    config = _resolve_config(str(target))
     if args.set:
         config = config.replace(**_parse_overrides(args.set))
     if args.seq is not None and config.stem.kind in ("tokens", "linear") and args.seq > config.max_seq_len:
         raise FormerkitError(f"--seq: {args.seq} is longer than the model's max_seq_len ({config.max_seq_len})")
-    print(summarize(config, batch=args.batch, seq_len=args.seq, name=args.target).format())
+    adapt = _parse_overrides(args.adapt) if args.adapt else run_adapt
+    print(summarize(config, batch=args.batch, seq_len=args.seq, name=args.target, adapt=adapt).format())
     return 0
 
 
@@ -284,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
     summary.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config field, e.g. --set num_layers=4 --set attention.num_kv_heads=2")
+    summary.add_argument("--adapt", action="append", default=[], metavar="KEY=VALUE",
+                         help="count the model with adapters (formerkit.add_adapters arguments, e.g. --adapt "
+                              "method=lora --adapt rank=8 --adapt targets=[q,v]): trainable vs frozen parameters and "
+                              "the training memory (a run's adapt: section applies by itself)")
     summary.set_defaults(run=cmd_summary)
 
     recipes = commands.add_parser(

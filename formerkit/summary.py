@@ -35,6 +35,20 @@ class Summary:
     notes: list[str] = field(default_factory=list)
     # part -> how many blocks (layers) hold its parameters; parts outside the stacks (embedding, head) are absent.
     blocks: dict[str, int] = field(default_factory=dict)
+    # Parameters that train (requires_grad), of total_parameters (adapters included); the rest are frozen. Adapter
+    # name -> its parameters, for an adapted model.
+    trainable_parameters: int | None = None
+    adapters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> int:
+        return self.total_parameters if self.trainable_parameters is None else self.trainable_parameters
+
+    @property
+    def training_bytes(self) -> int:
+        """Training memory in float32 with AdamW: every weight, a gradient and two moments per trainable parameter
+        (a frozen weight has neither), and the activations kept for the backward pass."""
+        return 4 * self.total_parameters + 4 * 3 * self.trainable + self.activation_bytes
 
     @property
     def units(self) -> int:
@@ -59,6 +73,13 @@ class Summary:
         lines.append(f"training FLOPs per {self.unit} (forward + backward, ~3x): {_human(3 * self.flops_per_unit)}")
         lines.append(f"activation memory for training ({shape}, float32): {self.activation_bytes / 2**20:,.1f} MiB")
         lines.append(f"weights in float32: {4 * self.total_parameters / 2**20:,.1f} MiB")
+        if self.trainable_parameters is not None:
+            share = 100.0 * self.trainable / self.total_parameters if self.total_parameters else 0.0
+            lines.append(f"trainable parameters: {self.trainable:,} ({share:.2f}%); frozen: "
+                         f"{self.total_parameters - self.trainable:,}")
+            lines += [f"adapter {name!r}: {count:,} parameters" for name, count in self.adapters.items()]
+        lines.append(f"training memory (float32, AdamW: weights, gradients and 2 moments of the trainable "
+                     f"parameters, activations): {self.training_bytes / 2**20:,.1f} MiB")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -105,11 +126,36 @@ def count_parameters(config: ModelConfig) -> int:
         return build_model(config).num_parameters()
 
 
-def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, name: str | None = None) -> Summary:
-    """Summarizes a model (or a config, which is built on the meta device without allocating weights)."""
+def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, name: str | None = None,
+              adapt: dict | None = None) -> Summary:
+    """Summarizes a model (or a config, which is built on the meta device without allocating weights).
+
+    An adapted model (``formerkit.add_adapters``), a model with frozen parameters, or ``adapt`` (the keyword
+    arguments of ``add_adapters``, as a recipe's ``adapt:`` section) adds the trainable and frozen counts, and the
+    training memory counts gradients and optimizer state for the trainable parameters only."""
     config = model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.config
     with meta_build():
         model = build_model(config)
+    frozen_model = None if isinstance(model_or_config, ModelConfig) else model_or_config
+    if frozen_model is not None and all(p.requires_grad for p in frozen_model.parameters()):
+        frozen_model = None
+    adapters: dict[str, int] = {}
+    if frozen_model is not None or adapt is not None:
+        from formerkit.adapt import add_adapters, parameter_counts
+        from formerkit.adapt.api import adapter_records
+
+        with torch.device("meta"):
+            if frozen_model is not None:
+                # the same adapters and the same trainable parameters as the model given, on the meta copy
+                for record_name, record in adapter_records(frozen_model).items():
+                    add_adapters(model, method=record["method"], targets=record["targets"], layers=record["layers"],
+                                 name=record_name, **record["options"])
+                wanted = {n for n, p in frozen_model.named_parameters() if p.requires_grad}
+                for parameter_name, parameter in model.named_parameters():
+                    parameter.requires_grad_(parameter_name in wanted)
+            if adapt is not None:
+                add_adapters(model, **adapt)
+        adapters = parameter_counts(model).adapters
     counts: dict[str, int] = {}
     blocks: dict[str, set[str]] = {}
     for parameter_name, parameter in model.named_parameters():
@@ -144,4 +190,7 @@ def summarize(model_or_config, *, batch: int = 1, seq_len: int | None = None, na
                    total_parameters=sum(counts.values()), batch=batch, seq_len=None if image else seq_len,
                    unit="image" if image else "token", forward_flops=int(flops),
                    activation_bytes=activation_bytes, notes=notes,
-                   blocks={part: len(indices) for part, indices in blocks.items()})
+                   blocks={part: len(indices) for part, indices in blocks.items()},
+                   trainable_parameters=(sum(p.numel() for p in model.parameters() if p.requires_grad)
+                                         if frozen_model is not None or adapt is not None else None),
+                   adapters=adapters)

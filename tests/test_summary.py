@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import formerkit
 
 
@@ -57,3 +59,30 @@ def test_models_with_score_biases_and_per_stack_positions_are_summarized():
                                stem={"kind": "tokens", "vocab_size": 20})
     summary = formerkit.summarize(t5, batch=1, seq_len=8)
     assert dict(summary.parts)["positions"] == 2 * 8 * 4
+
+
+def test_an_adapted_model_shows_trainable_and_frozen_parameters_and_their_training_memory():
+    """LoRA on q and v of every layer: rank x (in + out) per projection trains, the rest is frozen; the training
+    memory counts a gradient and two AdamW moments for the trainable parameters only."""
+    config = formerkit.model_config("char_gpt").replace(num_layers=2, width=32, num_heads=2, max_seq_len=16)
+    torch.manual_seed(0)
+    model = formerkit.add_adapters(formerkit.build_model(config), method="lora", targets=("q", "v"), rank=4)
+    summary = formerkit.summarize(model, seq_len=16)
+    lora = 2 * 2 * 4 * (32 + 32)  # layers x (q, v) x rank x (in + out)
+    plain = formerkit.build_model(config).num_parameters()
+    assert summary.trainable == lora and summary.total_parameters == plain + lora
+    assert summary.adapters == {"default": lora}
+    assert summary.training_bytes == 4 * (plain + lora) + 12 * lora + summary.activation_bytes
+    assert f"trainable parameters: {lora:,}" in summary.format()
+    # the same from a config and the adapt: arguments (a recipe's section), and a whole model trains everything
+    adapt = {"method": "lora", "targets": ["q", "v"], "rank": 4}
+    assert formerkit.summarize(config, seq_len=16, adapt=adapt).trainable == lora
+    whole = formerkit.summarize(config, seq_len=16)
+    assert whole.trainable == whole.total_parameters
+    assert whole.training_bytes == 16 * whole.total_parameters + whole.activation_bytes
+    # partial tuning (requires_grad set by hand): the same parameters count as trainable
+    partial = formerkit.build_model(config)
+    for name, parameter in partial.named_parameters():
+        parameter.requires_grad_(name.startswith("head") or "norm" in name)
+    expected = sum(p.numel() for p in partial.parameters() if p.requires_grad)
+    assert formerkit.summarize(partial, seq_len=16).trainable == expected
