@@ -463,6 +463,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     data = copy.deepcopy(data)
     for key, value in overrides.items():
         parts = key.split(".")
+        if key == "model.from" and value is not None and isinstance(data.get("model"), dict):
+            # --set model.from=RUN names the start: it replaces the recipe's preset or config (they would conflict)
+            data["model"].pop("preset", None)
+            data["model"].pop("config", None)
         if parts[0] == "model" and len(parts) > 1 and parts[1] not in _MODEL_SPEC_FIELDS:
             data.setdefault("model", {}).setdefault("overrides", {})[".".join(parts[1:])] = value
             continue

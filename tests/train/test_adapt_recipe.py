@@ -114,3 +114,26 @@ def test_fit_on_an_adapted_model_changes_only_the_adapters_and_resumes_exactly(t
     merged = formerkit.load(tmp_path / "whole" / "model")
     with torch.no_grad():
         assert torch.allclose(merged(rows[:, :-1]), whole.eval()(rows[:, :-1]), atol=1e-5)
+
+
+def test_the_shipped_instruct_recipe_adapts_a_char_lm_run(tmp_path, trained_run):
+    """formerkit train instruct-lm --set model.from=RUN (replacing the recipe's start) --set data.path=...: LoRA on
+    the run's weights, trained on the response tokens, and the run generates."""
+    from formerkit.train import load_recipe
+
+    run = trained_run("char-lm")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in CHATS))
+    overrides = {**QUIET, "model.from": str(run), "data.path": str(data), "data.seq_len": 32, "schedule.steps": 4,
+                 "schedule.batch_size": 2, "eval.every": 2, "eval.batches": 1}
+    recipe = load_recipe("instruct-lm").with_overrides(overrides)
+    result = train(recipe, tmp_path / "run")
+    start = formerkit.load(run / "model")
+    state = result.model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in start.state_dict().items())
+    assert adapter_names(result.model) == ["default"]
+    prompt = "<|user|>\nsay no<|end|>\n<|assistant|>\n"
+    text = "".join(generate_run(tmp_path / "run", prompt, max_new_tokens=4, temperature=0.0))
+    ids = torch.tensor([list(prompt.encode())])
+    reference = generate(result.model.eval(), ids, max_new_tokens=4, temperature=0.0)[0, ids.shape[1]:]
+    assert text == bytes(reference.tolist()).decode("utf-8", "replace")
