@@ -132,7 +132,7 @@ def test_the_shipped_instruct_recipe_adapts_a_char_lm_run(tmp_path, trained_run)
     state = result.model.state_dict()
     assert all(torch.equal(state[name], tensor) for name, tensor in start.state_dict().items())
     assert adapter_names(result.model) == ["default"]
-    prompt = "<|user|>\nsay no<|end|>\n<|assistant|>\n"
+    prompt = "<|assistant|>\n"  # (the run reads 32 tokens at most)
     text = "".join(generate_run(tmp_path / "run", prompt, max_new_tokens=4, temperature=0.0))
     ids = torch.tensor([list(prompt.encode())])
     reference = generate(result.model.eval(), ids, max_new_tokens=4, temperature=0.0)[0, ids.shape[1]:]
