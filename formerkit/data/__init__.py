@@ -37,6 +37,10 @@ def build_data(config, tokenizer: Tokenizer | None = None) -> DataBundle:
         return stdlib_bundle(config, tokenizer)
     if source == "digits":
         return digits_bundle(config)
+    if source == "instruct":
+        from formerkit.data.instruct import instruct_bundle
+
+        return instruct_bundle(config, tokenizer)
     if source == "synthetic":
         return synthetic_bundle(config, SYNTHETIC_DATA_SEED)
     return files.build(config, tokenizer)

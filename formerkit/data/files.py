@@ -56,10 +56,7 @@ DEFAULT_TEST_FRACTION = 0.2
 
 def build(config, tokenizer=None) -> DataBundle:
     """The DataBundle for one of the user-file sources (``config`` is a DataConfig)."""
-    from formerkit.data.instruct import instruct_bundle
-
-    builders = {"text": text_bundle, "jsonl": jsonl_bundle, "instruct": instruct_bundle,
-                "image_folder": image_folder_bundle, "csv": csv_bundle}
+    builders = {"text": text_bundle, "jsonl": jsonl_bundle, "image_folder": image_folder_bundle, "csv": csv_bundle}
     if config.source not in builders:
         raise DataError(f"data.source {config.source!r} is not a known data source")
     if tokenizer is not None:  # (build_data allows one for the text sources only)

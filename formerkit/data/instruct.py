@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from formerkit.data.base import DataBundle, DataError
+from formerkit.data.files import existing_path, jsonl_records
 from formerkit.data.packing import PackedRows, PackedSplit, one_document_per_row, pack_documents
 from formerkit.data.tokenizers import Tokenizer
 
@@ -88,8 +89,6 @@ def _conversation(record: dict, where: str) -> Conversation:
 
 def read_conversations(path: str | Path, max_bytes: int | None = None) -> list[Conversation]:
     """Every line of a JSON-lines file as a Conversation; DataError naming the line otherwise."""
-    from formerkit.data.files import jsonl_records
-
     path = Path(path)
     conversations, total = [], 0
     for number, record in jsonl_records(path):
@@ -223,7 +222,6 @@ def instruct_bundle(config, tokenizer: Tokenizer | None = None) -> DataBundle:
     """``data.source: instruct``: ``data.path``'s conversations, every k-th held out for validation (k = round(1 /
     data.valid_fraction)), in rows of ``data.seq_len + 1`` tokens. ``tokenizer`` is the starting model's
     (``model.from``); without one, data.tokenizer's is built on the training conversations' text."""
-    from formerkit.data.files import existing_path
     from formerkit.data.text import make_tokenizer, split_documents
 
     path = existing_path(config)

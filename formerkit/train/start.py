@@ -52,10 +52,10 @@ def load_start(source: str) -> Start:
     if (path / "model" / "config.json").is_file() or _is_formerkit_model(path):
         directory = path / "model" if (path / "model" / "config.json").is_file() else path
         tokenizer = None
-        if (directory / "tokenizer.json").is_file():
-            from formerkit.runs import load_run_tokenizer
+        if (directory / "tokenizer.json").is_file():  # the tokenizer the run saved beside its model
+            from formerkit.data.tokenizers import load_tokenizer
 
-            tokenizer = load_run_tokenizer(directory)
+            tokenizer = load_tokenizer(directory / "tokenizer.json")
         kind = "run" if directory != path else "saved model"
         return Start(load(directory), tokenizer, kind, path)
     if (path / "config.json").is_file():

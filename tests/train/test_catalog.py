@@ -62,7 +62,7 @@ def _keys(cls, prefix=""):
         if is_section(hints[f.name]):
             keys += _keys(hints[f.name], f"{prefix}{f.name}.")
         else:
-            keys.append(prefix + f.name)
+            keys.append(prefix + f.name.rstrip("_"))  # model.from is the field from_
     return keys
 
 
@@ -76,8 +76,8 @@ def test_the_key_reference_has_one_row_for_every_recipe_key_and_every_model_key(
     lines = text.splitlines()
     assert ("| `data.tokenizer` | one of 'byte', 'char', 'bpe' | `byte` | text sources: byte, char or bpe (trained on "
             "the training split with the `tokenizers` library) |") in lines
-    assert ("| `data.path` | a string or null | `null` | text, jsonl, image_folder, csv: a file or folder of the "
-            "user's |") in lines
+    assert ("| `data.path` | a string or null | `null` | text, jsonl, instruct, image_folder, csv: a file or folder "
+            "of the user's |") in lines
     assert "| `optim.betas` | a list of 2 values | `[0.9, 0.999]` | AdamW's moment decays and its epsilon |" in lines
     assert ("| `attention.num_kv_heads` | an integer or null | `null` | Grouped-query attention (Ainslie et al., "
             "2023): key/value heads shared by groups of query heads; 1 is multi-query. |") in lines
