@@ -235,3 +235,31 @@ def test_an_unknown_objective_is_refused():
 def test_train_with_a_dataloader_points_to_fit():
     with pytest.raises(RunError, match="formerkit.fit"):
         train(DataLoader(Rows(token_rows())), "unused")
+
+
+def test_regression_pairs_train_with_mean_squared_error():
+    from ..conftest import image_config
+
+    torch.manual_seed(0)
+    model = build_model(image_config(head={"kind": "regression", "output_dim": 2}, num_layers=1, width=16,
+                                     num_heads=2))
+    images = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    targets = torch.rand(12, 2, generator=torch.Generator().manual_seed(1))
+    result = formerkit.fit(model, (images, targets), eval_data=(images, targets), **SETTINGS)
+    with torch.no_grad():
+        reference = torch.nn.functional.mse_loss(model.eval()(images), targets)
+    assert result.metrics["valid_loss"] == pytest.approx(float(reference), rel=1e-5)
+    with pytest.raises(InputError, match="must hold 2 values each"):
+        formerkit.fit(model, (images, targets[:, :1]), **SETTINGS)
+    with pytest.raises(InputError, match="floating point"):
+        formerkit.fit(model, (images, targets.long()), **SETTINGS)
+
+
+def test_a_masked_lm_head_implies_the_masked_lm_objective():
+    torch.manual_seed(0)
+    model = build_model(token_config("encoder", vocab_size=VOCAB + 1, width=16, num_layers=1, num_heads=2,
+                                     max_seq_len=8, head="masked_lm"))
+    objective = formerkit.train.fit._objective_kind(model.config, None)
+    assert objective == "masked_lm"
+    result = formerkit.fit(model, token_rows(), eval_data=token_rows(8, seed=2), **SETTINGS)
+    assert set(result.metrics) >= {"valid_loss", "valid_accuracy"}
