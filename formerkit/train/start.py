@@ -98,16 +98,22 @@ def start_model(start: Start, overrides: dict[str, Any], data_fields: dict[str, 
     fields = {key: value for key, value in data_fields.items()
               if key not in ("vocab_size", "max_seq_len") and key not in overrides}
     fields = {key: value for key, value in fields.items() if _current(base, key) != value}
-    config = base.replace(**fields, **overrides) if fields or overrides else base
+    if not fields and not overrides:
+        # the start itself, whatever its layers (int8 weights from formerkit quantize included)
+        return start.model, base, []
+    config = base.replace(**fields, **overrides)
     model = build(config)
     source = start.model.state_dict()
     target = model.state_dict()
     kept = {name: tensor for name, tensor in source.items() if name in target and target[name].shape == tensor.shape}
     fresh = sorted(name for name in target if name not in kept)
-    changed = [name for name in fresh if name in source and not name.startswith("head.")]
+    # Only a head may start fresh (a new task's); anything else would silently train from random weights.
+    changed = [name for name in fresh if not name.startswith("head.")]
     if changed:
-        raise ConfigError("model.overrides", overrides, f"values that keep the shapes of {where}'s weights",
-                          hint=f"{changed[0]} changes shape")
+        raise ConfigError("model.overrides", overrides, f"values that keep the weights of {where}",
+                          hint=f"{changed[0]} would not come from the start"
+                               + (" (its int8 layers cannot be rebuilt with other values)"
+                                  if getattr(start.model, "quantization", None) else ""))
     model.load_state_dict(kept, strict=False)
     return model, config, fresh
 

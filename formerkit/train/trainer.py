@@ -296,27 +296,25 @@ def _adapter_names(model: nn.Module) -> list[str]:
 
 
 def _save_base(model: nn.Module, directory: Path, extra: dict[str, Any]) -> None:
-    """The base weights of an adapted model (adapter tensors left out), as a plain saved model."""
+    """The base of an adapted model (every adapter taken off a copy), as a plain saved model (int8 layers included).
+    Adapters of a kind this does not know how to take off are refused by name: the run's adapters are in
+    ``RUN/adapter`` all the same."""
     import copy
 
     from formerkit.adapt import AdapterModule
+    from formerkit.adapt.lora import detach_host, hosts
 
-    base = build_model(model.config)
-    adapter_tensors = {f"{path}.{name}" if path else name
-                       for path, module in model.named_modules() if isinstance(module, AdapterModule)
-                       for name, _ in module.named_parameters()}
-    state = {name: tensor for name, tensor in model.state_dict().items() if name not in adapter_tensors}
-    # An adapter wrapping a Linear may hold it as a child ("....qkv.base.weight"): its path without the wrapper.
-    target = base.state_dict()
-    renamed = {}
-    for name, tensor in state.items():
-        if name in target:
-            renamed[name] = tensor
-        else:
-            short = name.replace(".base.", ".")
-            if short in target:
-                renamed[short] = tensor
-    base.load_state_dict(copy.deepcopy(renamed))
+    base = copy.deepcopy(model)
+    for linear, _ in hosts(base).values():
+        detach_host(linear)
+    left = [path for path, module in base.named_modules() if isinstance(module, AdapterModule)]
+    if left:
+        raise RunError(f"the run's adapters are saved in {directory.parent / 'adapter'}, but {left[0]} can neither "
+                       "be merged into the weights nor taken off to save the base; load the starting model and "
+                       "formerkit.load_adapters onto it")
+    for attribute in ("adapter_records", "adapter_trainable_before"):
+        if hasattr(base, attribute):
+            delattr(base, attribute)
     save(base, directory, extra=extra)
 
 

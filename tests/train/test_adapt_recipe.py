@@ -137,3 +137,26 @@ def test_the_shipped_instruct_recipe_adapts_a_char_lm_run(tmp_path, trained_run)
     ids = torch.tensor([list(prompt.encode())])
     reference = generate(result.model.eval(), ids, max_new_tokens=4, temperature=0.0)[0, ids.shape[1]:]
     assert text == bytes(reference.tolist()).decode("utf-8", "replace")
+
+
+def test_lora_on_an_int8_base_keeps_the_adapter_separate_and_the_run_puts_it_back(tmp_path):
+    """QLoRA's idea on formerkit's int8 weights: merging would re-quantize, so the run saves the int8 base in
+    model/ and the adapter beside it; loading the run puts the adapter back on (the same logits and greedy text)."""
+    from formerkit.compress.quantize import quantize
+    from formerkit.runs import load_run_model
+
+    recipe = adapted_recipe(tmp_path).to_dict()
+    formerkit.save(quantize(base_model(), "weight-int8"), tmp_path / "int8")
+    recipe["model"] = {"from": str(tmp_path / "int8")}
+    result = train(TrainConfig.from_dict(recipe), tmp_path / "run")
+    assert formerkit.load_extra(tmp_path / "run" / "model")["adapters"] == "../adapter"
+    loaded, _, _ = load_run_model(tmp_path / "run")
+    assert adapter_names(loaded) == ["default"]
+    tokens = torch.randint(256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), result.model.eval()(tokens))
+    prompt = "<|user|>\nsay yes<|end|>\n<|assistant|>\n"
+    text = "".join(generate_run(tmp_path / "run", prompt, max_new_tokens=6, temperature=0.0))
+    ids = torch.tensor([list(prompt.encode())])
+    reference = generate(result.model, ids, max_new_tokens=6, temperature=0.0)[0, ids.shape[1]:]
+    assert text == bytes(reference.tolist()).decode("utf-8", "replace")

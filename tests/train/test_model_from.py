@@ -108,3 +108,14 @@ def test_the_shipped_instruct_recipe_starts_from_a_run_with_lora():
     recipe = load_recipe("instruct-lm")
     assert recipe.model.from_ == "runs/char-lm" and recipe.data.source == "instruct"
     assert recipe.adapt["method"] == "lora"
+
+
+def test_overrides_that_would_change_the_starts_weights_are_refused(tmp_path):
+    torch.manual_seed(0)
+    formerkit.save(formerkit.build_model(token_config(vocab_size=256, max_seq_len=16, num_heads=2)), tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"model.overrides.*keep the weights.*would not come from the start"):
+        train(text_recipe(tmp_path, str(tmp_path / "m"), **{"model.width": 64}), tmp_path / "run")
+    # dropout keeps every weight: allowed, and the run starts from the saved weights
+    result = train(text_recipe(tmp_path, str(tmp_path / "m"), **{"model.dropout": 0.1}), tmp_path / "run2")
+    assert result.model.config.dropout == 0.1
+    assert_close(result.model, formerkit.load(tmp_path / "m"))
