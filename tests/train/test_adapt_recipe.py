@@ -37,7 +37,7 @@ def adapted_recipe(tmp_path, steps: int = 6, **extra) -> TrainConfig:
     return TrainConfig.from_dict(recipe).with_overrides({**QUIET, **extra})
 
 
-def test_an_adapted_recipe_trains_the_adapters_only_and_its_run_generates(tmp_path):
+def test_an_adapted_recipe_trains_the_adapters_only_and_its_run_generates(tmp_path, capsys):
     result = train(adapted_recipe(tmp_path), tmp_path / "run")
     trained, base = result.model, base_model()
     assert adapter_names(trained) == ["default"]
@@ -65,6 +65,13 @@ def test_an_adapted_recipe_trains_the_adapters_only_and_its_run_generates(tmp_pa
         "utf-8", "replace")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and "valid_loss" in summary
+    # formerkit summary RUN: the recipe's adapters counted on the run's model (layers x projections x r x (in + out))
+    from formerkit.cli import main
+
+    capsys.readouterr()
+    assert main(["summary", str(tmp_path / "run")]) == 0
+    lora = 2 * (4 * (32 + 32) + 4 * (32 + 32) + 4 * (32 + 4 * 32))  # q, v and fc_in (out: 4 x 32) per layer
+    assert f"trainable parameters: {lora:,}" in capsys.readouterr().out
 
 
 def test_an_adapted_recipe_resumes_exactly(tmp_path):

@@ -263,3 +263,15 @@ def test_a_masked_lm_head_implies_the_masked_lm_objective():
     assert objective == "masked_lm"
     result = formerkit.fit(model, token_rows(), eval_data=token_rows(8, seed=2), **SETTINGS)
     assert set(result.metrics) >= {"valid_loss", "valid_accuracy"}
+
+
+def test_fit_on_a_finished_run_loads_its_weights_without_training(tmp_path):
+    rows = token_rows()
+    trained = lm_model()
+    formerkit.fit(trained, rows, out_dir=tmp_path / "run", eval_data=rows, **SETTINGS)
+    records = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = lm_model(seed=9)
+    result = formerkit.fit(again, rows, out_dir=tmp_path / "run", eval_data=rows, **SETTINGS)
+    assert_same(weights(again), weights(trained))
+    assert result.summary["status"] == "completed" and "valid_loss" in result.metrics
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == records  # nothing ran again
