@@ -42,7 +42,12 @@ def randomize_adapters(model, seed: int = 5):
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".adapters." in name:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+                noise = 0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                # A and B drawn afresh (independent of the global generator that drew A); magnitudes perturbed
+                if name.endswith("magnitude"):
+                    parameter.add_(noise)
+                else:
+                    parameter.copy_(noise)
     return model
 
 
@@ -243,7 +248,7 @@ def test_lora_on_an_int8_base_adds_its_term_to_the_int8_output():
     model.train()
     model(ids).sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
-    with pytest.raises(InputError, match="int8 weights.*re-quantize"):
+    with pytest.raises(InputError, match="int8 weights.*re-quantize.*float base"):
         formerkit.merge_adapters(model)
     with pytest.raises(InputError, match="dynamic-int8.*weight-int8"):
         formerkit.add_adapters(quantize(float_model, "dynamic-int8"))
@@ -351,3 +356,26 @@ def test_cross_attention_targets_of_an_encoder_decoder():
     adapted = model(ids, decoder_input_ids=ids)
     formerkit.merge_adapters(model)
     assert (model(ids, decoder_input_ids=ids) - adapted).abs().max() <= 1e-5
+
+
+def test_an_adapter_trained_on_an_int8_base_loads_onto_its_float_model_for_merging(tmp_path):
+    float_model = gated_model()
+    model = quantize(float_model, "weight-int8")
+    formerkit.add_adapters(model, targets=("q", "fc_out"), rank=2)
+    randomize_adapters(model)
+    formerkit.save_adapters(model, tmp_path / "qlora")
+    target = copy.deepcopy(float_model)
+    formerkit.load_adapters(target, tmp_path / "qlora")
+    trained = dict(model.named_parameters())
+    for name, parameter in target.named_parameters():
+        if ".adapters." in name:
+            assert torch.equal(parameter, trained[name])
+    ids = tokens()
+    adapted = target(ids)
+    formerkit.merge_adapters(target)
+    assert (target(ids) - adapted).abs().max() <= 1e-5
+    other = copy.deepcopy(float_model)
+    with torch.no_grad():
+        other.decoder.blocks[0].feedforward.fc_out.weight[3] *= 1.5  # quantizes to other int8 weights
+    with pytest.raises(CheckpointError, match=r"weights that differ: decoder\.blocks\.0\.feedforward\.fc_out"):
+        formerkit.load_adapters(other, tmp_path / "qlora")

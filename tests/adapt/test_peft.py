@@ -38,7 +38,12 @@ def randomize_adapters(model, seed: int = 7):
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".adapters." in name:
-                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+                noise = 0.2 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                # A and B drawn afresh (independent of the global generator that drew A); magnitudes perturbed
+                if name.endswith("magnitude"):
+                    parameter.add_(noise)
+                else:
+                    parameter.copy_(noise)
 
 
 def tokens():
