@@ -142,6 +142,28 @@ def test_dora_is_magnitude_times_the_normalized_adapted_weight(target):
     torch.testing.assert_close(linear(x), expected, atol=1e-6, rtol=0)
 
 
+def test_dora_with_dropout_applies_its_scale_to_the_dropped_out_input_as_peft_does():
+    model = gated_model(torch.float64)
+    formerkit.add_adapters(model, method="dora", targets=("out",), rank=2, alpha=2, dropout=0.3, layers=[0])
+    randomize_adapters(model)
+    model.train()
+    linear = model.decoder.blocks[0].attention.out
+    lora = linear.adapters["default"]["out"]
+    x = torch.randn(3, linear.in_features, dtype=torch.float64)
+    torch.manual_seed(11)
+    got = linear(x)
+    torch.manual_seed(11)
+    dropped = F.dropout(x, 0.3, training=True)
+    # W x + b + (m / n - 1) W x' + (m / n) s B A x', n = ||W + s B A|| per row, x' = dropout(x)
+    ratio = lora.magnitude / (linear.weight + lora.lora_B @ lora.lora_A).norm(dim=1)
+    expected = affine(linear, x) + (ratio - 1) * (dropped @ linear.weight.T) + ratio * (
+        (dropped @ lora.lora_A.T) @ lora.lora_B.T)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # the norm is a constant to the gradient (Liu et al. 2024, section 4.3): the magnitude still learns
+    got.sum().backward()
+    assert lora.magnitude.grad is not None and lora.lora_A.grad is not None
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_a_fresh_adapter_leaves_the_outputs_unchanged(method):
     model = gated_model()
