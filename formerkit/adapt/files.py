@@ -97,7 +97,7 @@ def _as_quantized(model: nn.Module, ours: dict, saved: dict) -> dict:
     """``ours`` (a float model's identity) as the identity of its ``weight-int8`` copy (``formerkit quantize``), for
     the layers the adapter's int8 base had quantized: an adapter trained on an int8 base (QLoRA-style) then loads
     onto the float model it was quantized from, to be merged there."""
-    from formerkit.compress.quantize import per_channel_int8
+    from formerkit.nn.int8 import per_channel_int8
 
     tensors = dict(ours["tensors"])
     for key in saved.get("tensors", {}):
