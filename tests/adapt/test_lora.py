@@ -414,3 +414,38 @@ def test_two_active_adapters_on_one_target_add_up():
     set_adapter(model, ["a", "b"])
     formerkit.merge_adapters(model)  # each update against the original weight, summed
     assert (model(ids) - both).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_gradients_equal_those_of_the_update_written_into_the_weight(method):
+    model = gated_model(torch.float64)
+    formerkit.add_adapters(model, method=method, targets=("q", "v", "fc_out"), rank=2, alpha=4, layers=[1])
+    randomize_adapters(model)
+    model.train()
+    ids = tokens()
+    model(ids).logsumexp(-1).mean().backward()
+    # The reference: a bare copy whose weights are W + s B A (DoRA: m (W + s B A) / ||W + s B A||, the norm held
+    # constant) as functions of leaf copies of the adapter tensors.
+    bare = copy.deepcopy(model)
+    formerkit.merge_adapters(bare)  # only to drop the adapters; the weights are replaced below
+    block, weights = model.decoder.blocks[1], {}
+    leaves = {}
+    for path in ("attention.qkv", "feedforward.fc_out"):
+        linear = block.get_submodule(path)
+        weight = linear.weight.detach().clone()
+        for target, lora in linear.adapters["default"].items():
+            a, b = (lora.lora_A.detach().clone().requires_grad_(), lora.lora_B.detach().clone().requires_grad_())
+            leaves[target] = (lora, a, b)
+            rows = linear.weight[lora.start:lora.stop] + 2.0 * b @ a
+            if method == "dora":
+                m = lora.magnitude.detach().clone().requires_grad_()
+                leaves[target] += (m,)
+                rows = (m / rows.norm(dim=1).detach()).unsqueeze(1) * rows
+            weight = torch.cat([weight[:lora.start], rows, weight[lora.stop:]])
+        weights[f"decoder.blocks.1.{path}.weight"] = weight
+    torch.func.functional_call(bare.train(), weights, (ids,)).logsumexp(-1).mean().backward()
+    for lora, a, b, *m in leaves.values():
+        torch.testing.assert_close(lora.lora_A.grad, a.grad, atol=1e-9, rtol=1e-6)
+        torch.testing.assert_close(lora.lora_B.grad, b.grad, atol=1e-9, rtol=1e-6)
+        if m:
+            torch.testing.assert_close(lora.magnitude.grad, m[0].grad, atol=1e-9, rtol=1e-6)
