@@ -317,6 +317,8 @@ def test_an_adapter_for_another_base_is_refused_naming_what_differs(tmp_path):
         formerkit.load_adapters(other, tmp_path / "a")
     with pytest.raises(CheckpointError, match="another base.*quantization"):
         formerkit.load_adapters(quantize(base, "weight-int8"), tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"another base.*dtypes \(float64, the adapter's base float32"):
+        formerkit.load_adapters(copy.deepcopy(base).double(), tmp_path / "a")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
