@@ -322,7 +322,7 @@ def test_an_adapter_for_another_base_is_refused_naming_what_differs(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"targets": ("q", "query")}, r"'query' is not a projection name; expected some of q, k, v, out"),
+    ({"targets": ("q", "query")}, r"'query' is not a projection name; expected some of q, k, v, qkv, out"),
     ({"targets": ("v",), "rank": 9}, r"rank 9 is larger than target 'v' at decoder\.blocks\.0\.attention\.qkv "
                                      r"\(8 rows x 16 inputs\); at most 8"),
     ({"layers": [0, 3]}, r"layers: \[3\] out of range for a stack of 3 layers"),
