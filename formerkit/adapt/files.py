@@ -46,8 +46,10 @@ def base_identity(model: nn.Module, skip: set[str]) -> dict:
         if isinstance(value, Tensor) and not key.startswith(prefixes) and key not in skip:
             tensors[key] = _digest(value)
     quantization = getattr(model, "quantization", None)
+    dtypes = sorted({str(value.dtype).removeprefix("torch.") for value in model.state_dict().values()
+                     if isinstance(value, Tensor) and value.is_floating_point()})
     return {"config_hash": config_hash(model), "quantization": None if quantization is None else quantization["mode"],
-            "tensors": tensors}
+            "dtypes": dtypes, "tensors": tensors}
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
@@ -122,6 +124,11 @@ def _check_base(model: nn.Module, saved: dict, skip: set[str], source: Path) -> 
     if saved.get("quantization") != ours["quantization"]:
         differences.append(f"the quantization ({ours['quantization'] or 'float'}, the adapter's base "
                            f"{saved.get('quantization') or 'float'})")
+    if saved.get("dtypes", ours["dtypes"]) != ours["dtypes"]:
+        differences.append(f"the floating-point dtypes ({', '.join(ours['dtypes'])}, the adapter's base "
+                           f"{', '.join(saved['dtypes'])}: convert the model with .to(dtype) first)")
+        saved = {**saved, "tensors": {}}  # every tensor differs then: the dtype says it all
+        ours = {**ours, "tensors": {}}
     theirs = saved.get("tensors", {})
     missing = sorted(set(theirs) - set(ours["tensors"]))
     extra = sorted(set(ours["tensors"]) - set(theirs))
