@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
@@ -120,6 +121,9 @@ class TransformerStack(nn.Module):
                                 for kind, windowed in zip(self.kinds, self.windowed))
         norm = config.norm
         self.final_norm = model_norm(norm, config.width) if norm.has_final else None
+        # Recompute each block's activations in the backward pass instead of keeping them (see forward); set by
+        # ``Transformer.set_activation_checkpointing``.
+        self.activation_checkpointing = False
 
     def block_at(self, index: int) -> TransformerBlock:
         """The block that runs at depth ``index`` (blocks repeat when weights are shared)."""
@@ -145,7 +149,14 @@ class TransformerStack(nn.Module):
             if output_hidden_states:
                 states.append(hidden)
             block = self.block_at(index)
-            hidden, weights = block(hidden, context)
+            # Activation checkpointing: a training pass keeps only each block's input and reruns the block in the
+            # backward pass (non-reentrant, with the dropout and stochastic-depth draws of the first run). Token
+            # merging keeps per-pass state a rerun would advance twice, so it runs plainly.
+            if (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                    and context.merging is None):
+                hidden, weights = checkpoint(block, hidden, context, use_reentrant=False)
+            else:
+                hidden, weights = block(hidden, context)
             if block.mixture:
                 routing.append(block.feedforward.last_routing)
             if output_attentions:
@@ -571,6 +582,14 @@ class Transformer(nn.Module):
     def stream(self, input_ids, max_new_tokens: int, **options):
         """Yields each step's new tokens [batch] as they are generated; see ``formerkit.generation.stream``."""
         return stream(self, input_ids, max_new_tokens, **options)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing of whole blocks while training (``run.activation_checkpointing`` in a recipe):
+        each stack keeps only its blocks' inputs and recomputes the rest during the backward pass, trading about one
+        more forward pass for the activation memory of the layers. Gradients are those of the plain model."""
+        for _, stack in self.named_children():
+            if isinstance(stack, TransformerStack):
+                stack.activation_checkpointing = bool(enabled)
 
     def num_parameters(self) -> int:
         """Parameters, counting a tied weight once."""
