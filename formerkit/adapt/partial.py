@@ -38,7 +38,8 @@ def partial_parameters(model, which: str, layers=None) -> list[nn.Parameter]:
     for root in modules:
         for module in root.modules():
             if which == "attention":
-                wanted = [getattr(module, n) for n in ("qkv", "q", "kv", "out")] if _is_attention(module) else []
+                wanted = ([getattr(module, n, None) for n in ("qkv", "q", "kv", "out")] if _is_attention(module)
+                          else [])
                 wanted = [part for part in wanted if part is not None]
                 if any(not isinstance(part, nn.Linear) for part in wanted):
                     raise InputError(f"add_adapters(method='partial'): which='attention': the projections are "
