@@ -364,3 +364,37 @@ def test_a_second_adapter_of_one_kind_on_a_block_is_refused():
     adapt(model, "adapter", layers=[0])
     with pytest.raises(InputError, match="already has a module beside its feed-forward"):
         METHODS["adapter"](model, targets=None, layers=[0], name="second")
+
+
+# ----- on a frozen int8 base; through the compiled decode step -----
+
+
+def test_adapters_and_prefixes_train_on_an_int8_base_and_partial_attention_is_refused_there():
+    from formerkit.compress.quantize import quantize
+
+    base = quantize(make_model(dtype=torch.float32), "weight-int8")
+    ids = torch.randint(1, VOCAB, (2, 7))
+    with torch.no_grad():
+        before = base(ids)
+    model = adapt(base, "adapter", bottleneck=4)
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)
+    adapt(model, "prefix", num_virtual_tokens=2)
+    model(ids).square().mean().backward()
+    with_grads = [name for name, p in model.named_parameters() if p.grad is not None]
+    assert with_grads and all("feedforward_beside" in name or "key_value_prefix" in name for name in with_grads)
+    with pytest.raises(InputError, match="which='attention': the projections are Int8"):
+        adapt(quantize(make_model(dtype=torch.float32), "weight-int8"), "partial", which="attention")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "options"), [("adapter", {"bottleneck": 4}), ("prefix", {"num_virtual_tokens": 3}),
+                                                 ("prompt", {"num_virtual_tokens": 3})])
+def test_compiled_generation_with_each_method_equals_eager_generation(method, options):
+    model = adapt(make_model(position="rope", dtype=torch.float32), method, **options)
+    if method == "adapter":
+        for index, block in enumerate(model.decoder.blocks):
+            redraw(block.feedforward_beside, seed=index)
+    ids, mask = left_padded([7, 4], 7)
+    compiled = model.generate(ids, 6, attention_mask=mask, temperature=0, compile=True)
+    assert torch.equal(compiled, model.generate(ids, 6, attention_mask=mask, temperature=0))
