@@ -10,6 +10,15 @@
     predictor("seven.png")                                # raw input -> label and probabilities (see formerkit.predict)
 """
 
+from formerkit.adapt import (
+    add_adapters,
+    load_adapters,
+    merge_adapters,
+    parameter_counts,
+    save_adapters,
+    set_adapter,
+    use_adapter,
+)
 from formerkit.checkpoint import load, load_config, load_extra, save
 from formerkit.config import (
     AttentionConfig,
@@ -68,6 +77,7 @@ __all__ = [
     "FormerkitError", "HeadConfig", "InputError", "InteropError", "KeyPaddingMask", "MAEOutput", "Mask",
     "MaskedAutoencoder", "ModelConfig", "ModelOutput", "NormConfig", "PositionConfig", "PrefixLMMask",
     "SlidingWindowMask", "StemConfig", "Summary", "TensorMask", "Transformer", "UnknownFieldError", "__version__",
-    "build_model", "count_parameters", "create_model", "finetune_model", "from_hf", "list_models", "load",
-    "load_config", "load_run", "load_extra", "model_config", "register_model", "save", "summarize", "to_hf",
+    "add_adapters", "build_model", "count_parameters", "create_model", "finetune_model", "from_hf", "list_models", "load",
+    "load_adapters", "load_config", "load_run", "load_extra", "merge_adapters", "model_config",
+    "parameter_counts", "register_model", "save", "save_adapters", "set_adapter", "summarize", "to_hf", "use_adapter",
 ]

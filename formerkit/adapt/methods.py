@@ -33,6 +33,9 @@ def register_method(name: str) -> Callable[[Callable[..., None]], Callable[..., 
 class AdapterModule(nn.Module):
     """Base of every module an adaptation method adds (LoRA around a Linear, a bottleneck adapter, learned prefixes):
     what ``merge_adapters``, ``save_adapters`` and the parameter summaries recognize as adapter weights.
-    ``adapter_name`` is the name the adapter was added under (several adapters may share one base)."""
+    ``adapter_name`` is the name the adapter was added under (several adapters may share one base). ``active`` is
+    whether it takes part in the forward pass: ``set_adapter``/``use_adapter`` switch it per name, and a switched-off
+    module must act as if it were absent (its call site or its forward checks it)."""
 
     adapter_name: str = "default"
+    active: bool = True

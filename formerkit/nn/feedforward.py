@@ -94,9 +94,11 @@ def _activate(h: Tensor, name: str, gated: bool) -> Tensor:
 
 def _recomputes(module: nn.Module, h: Tensor) -> bool:
     """Whether this call takes the recomputing path: training with gradients, no dropout between the activation
-    and fc_out, a plain Linear fc_out (not a quantized or wrapped one), eager (a compiler makes its own choice)."""
+    and fc_out, a plain Linear fc_out (not a quantized or wrapped one, nor one with forward hooks: LoRA's, see
+    formerkit.adapt.lora, which this path would skip), eager (a compiler makes its own choice)."""
     return (module.recompute and torch.is_grad_enabled() and (h.requires_grad or module.fc_out.weight.requires_grad)
             and not (module.dropout is not None and module.training) and type(module.fc_out) is nn.Linear
+            and not module.fc_out._forward_hooks and not module.fc_out._forward_pre_hooks
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 
