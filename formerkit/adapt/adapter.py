@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from formerkit.adapt.blocks import chosen_blocks, float_like
 from formerkit.adapt.methods import AdapterModule, register_method
+from formerkit.adapt.slots import BesideSlot, slot
 from formerkit.errors import InputError
 
 __all__ = ["BottleneckAdapter", "apply_adapter"]
@@ -47,8 +48,8 @@ class BottleneckAdapter(AdapterModule):
 def apply_adapter(model, *, targets=None, layers=None, name: str = "default", bottleneck: int = 64,
                   scale: float = 0.1, activation: str = "relu") -> None:
     """Adds a ``BottleneckAdapter`` beside the feed-forward of each block at ``layers`` (every block by default),
-    as the block's ``feedforward_beside``. AdaptFormer's defaults: bottleneck 64, scale 0.1, ReLU. ``targets`` is
-    not read (the adapter sits beside the whole feed-forward)."""
+    in the block's ``feedforward_beside`` (a ``BesideSlot``, under ``name``). AdaptFormer's defaults: bottleneck 64,
+    scale 0.1, ReLU. ``targets`` is not read (the adapter sits beside the whole feed-forward)."""
     if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
         raise InputError(f"add_adapters(method='adapter'): bottleneck: expected an integer >= 1, got {bottleneck!r}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -57,15 +58,12 @@ def apply_adapter(model, *, targets=None, layers=None, name: str = "default", bo
         raise InputError(f"add_adapters(method='adapter'): activation: expected one of {sorted(ACTIVATIONS)}, got "
                          f"{activation!r}")
     blocks = chosen_blocks(model, layers, "adapter")
-    taken = [block for block in blocks if block.feedforward_beside is not None]
-    if taken:
-        raise InputError("add_adapters(method='adapter'): a block already has a module beside its feed-forward "
-                         f"(adapter {getattr(taken[0].feedforward_beside, 'adapter_name', '?')!r}); one adapter of "
-                         "this kind per block")
+    if any(block.feedforward_beside is not None and name in block.feedforward_beside for block in blocks):
+        raise InputError(f"add_adapters(method='adapter'): a block already has an adapter named {name!r}")
     width = model.config.width
     for block in blocks:
         device, dtype = float_like(block)
         adapter = BottleneckAdapter(width, bottleneck, scale=float(scale), activation=activation,
                                     device=device, dtype=dtype)
         adapter.adapter_name = name
-        block.feedforward_beside = adapter
+        slot(block, "feedforward_beside", BesideSlot)[name] = adapter

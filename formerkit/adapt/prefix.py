@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from formerkit.adapt.blocks import chosen_blocks, float_like
 from formerkit.adapt.methods import AdapterModule, register_method
+from formerkit.adapt.slots import PrefixSlot, slot
 from formerkit.errors import InputError
 
 __all__ = ["KeyValuePrefix", "apply_prefix"]
@@ -61,7 +62,8 @@ def apply_prefix(model, *, targets=None, layers=None, name: str = "default", num
                  projection_hidden: int | None = None, init_std: float = 0.02) -> None:
     """Gives the self-attention of each block at ``layers`` (every block by default) ``num_virtual_tokens`` learned
     keys and values (``KeyValuePrefix``), through an MLP of ``projection_hidden`` units when given. ``targets`` is not
-    read. A block shared across depths shares its prefix."""
+    read. A block shared across depths shares its prefix. Several active prefixes on a layer are attended one after
+    another."""
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise InputError(f"add_adapters(method='prefix'): num_virtual_tokens: expected an integer >= 1, got "
                          f"{num_virtual_tokens!r}")
@@ -77,14 +79,13 @@ def apply_prefix(model, *, targets=None, layers=None, name: str = "default", num
         raise InputError("add_adapters(method='prefix'): not supported with attention.gaussian_mixture (its mask is "
                          "over the image grid)")
     blocks = chosen_blocks(model, layers, "prefix")
-    taken = [block for block in blocks if block.attention.key_value_prefix is not None]
-    if taken:
-        raise InputError(f"add_adapters(method='prefix'): a layer already has a prefix (adapter "
-                         f"{getattr(taken[0].attention.key_value_prefix, 'adapter_name', '?')!r}); one per layer")
+    if any(block.attention.key_value_prefix is not None and name in block.attention.key_value_prefix
+           for block in blocks):
+        raise InputError(f"add_adapters(method='prefix'): a layer already has a prefix named {name!r}")
     for block in blocks:
         layer = block.attention
         device, dtype = float_like(layer)
         prefix = KeyValuePrefix(num_virtual_tokens, layer.num_kv_heads, layer.head_dim, width=model.config.width,
                                 projection_hidden=projection_hidden, init_std=init_std, device=device, dtype=dtype)
         prefix.adapter_name = name
-        layer.key_value_prefix = prefix
+        slot(layer, "key_value_prefix", PrefixSlot)[name] = prefix

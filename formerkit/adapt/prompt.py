@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from formerkit.adapt.blocks import float_like, model_stacks
 from formerkit.adapt.methods import AdapterModule, register_method
+from formerkit.adapt.slots import PromptSlot, slot
 from formerkit.errors import InputError
 
 __all__ = ["InputPrompt", "apply_prompt"]
@@ -46,9 +47,10 @@ class InputPrompt(AdapterModule):
 @register_method("prompt")
 def apply_prompt(model, *, targets=None, layers=None, name: str = "default", num_virtual_tokens: int = 20,
                  init: str = "vocabulary", seed: int = 0) -> None:
-    """Puts ``num_virtual_tokens`` learned embeddings before every input (``InputPrompt``, the model's
-    ``input_prompt``). ``init``: "vocabulary" starts them as the embeddings of tokens drawn from the vocabulary (with
-    ``seed``; Lester et al. found that better than random), "random" as N(0, init_std^2). ``targets`` and ``layers``
+    """Puts ``num_virtual_tokens`` learned embeddings before every input (``InputPrompt``, in the model's
+    ``input_prompt``, a ``PromptSlot``: several active prompts go one after another). ``init``: "vocabulary" starts
+    them as the embeddings of tokens drawn from the vocabulary (with ``seed``; Lester et al. found that better than
+    random), "random" as N(0, init_std^2). ``targets`` and ``layers``
     are not read (the prompt is one, before the first layer)."""
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise InputError(f"add_adapters(method='prompt'): num_virtual_tokens: expected an integer >= 1, got "
@@ -66,9 +68,8 @@ def apply_prompt(model, *, targets=None, layers=None, name: str = "default", num
     if config.arch == "encoder_decoder":
         raise InputError("add_adapters(method='prompt'): encoder_decoder models are not supported (use "
                          "method='prefix')")
-    if model.input_prompt is not None:
-        raise InputError(f"add_adapters(method='prompt'): the model already has a prompt (adapter "
-                         f"{getattr(model.input_prompt, 'adapter_name', '?')!r})")
+    if model.input_prompt is not None and name in model.input_prompt:
+        raise InputError(f"add_adapters(method='prompt'): the model already has a prompt named {name!r}")
     if num_virtual_tokens >= config.num_positions and config.position.kind in ("learned", "sinusoidal", "rope"):
         raise InputError(f"add_adapters(method='prompt'): num_virtual_tokens {num_virtual_tokens} leaves no room in "
                          f"max_seq_len {config.num_positions}")
@@ -82,4 +83,4 @@ def apply_prompt(model, *, targets=None, layers=None, name: str = "default", num
     prompt = InputPrompt(num_virtual_tokens, config.width, init=start, init_std=config.init_std, device=device,
                          dtype=dtype)
     prompt.adapter_name = name
-    model.input_prompt = prompt
+    slot(model, "input_prompt", PromptSlot)[name] = prompt

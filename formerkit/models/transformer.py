@@ -212,7 +212,7 @@ class Transformer(nn.Module):
                                                 cross_attention=True)
         self.head = build_head(config)
         # Learned embeddings put before every input's own (prompt tuning, formerkit.adapt.prompt): a module whose
-        # call returns them [virtual tokens, width]; None in a plain model. See ``forward``.
+        # call returns them [virtual tokens, width] (or None: no prompt); None in a plain model. See ``forward``.
         self.input_prompt: nn.Module | None = None
         self.reset_parameters()
         if config.head.tie_embeddings:
@@ -292,7 +292,8 @@ class Transformer(nn.Module):
         length = self.stem.num_tokens(inputs)
         if prompt is not None:
             keep, length = self._prompt_input(prompt, inputs, keep, length, mask, position_ids, merging)
-        elif self.input_prompt is not None and (cache is None or cache.length == 0):
+        elif (self.input_prompt is not None and (cache is None or cache.length == 0)
+              and self.input_prompt() is not None):
             raise InputError("prompt tuning: only the model's forward pass (and generate) put the virtual tokens "
                              "before the input; this path (early exit, MAE, ...) does not")
         if merging is not None:

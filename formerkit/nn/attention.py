@@ -56,8 +56,9 @@ class Attention(nn.Module):
         self.k_norm = build_norm(norm_kind, head_dim, norm_eps, weight_offset=norm_weight_offset) if qk_norm else None
         self.gaussian = (GaussianMixtureMask(num_heads, gaussian_mixture, grid, prefix_tokens)
                          if gaussian_mixture else None)
-        # Self-attention only: a module giving keys and values [batch, kv_heads, n, head_dim] that every query sees
-        # before the sequence's own (prefix tuning, formerkit.adapt.prefix); None in a plain layer.
+        # Self-attention only: a module whose call (batch) gives keys and values [batch, kv_heads, n, head_dim] that
+        # every query sees before the sequence's own, or None (prefix tuning, formerkit.adapt.prefix); None in a plain
+        # layer.
         self.key_value_prefix: nn.Module | None = None
 
     def project(self, x: Tensor, memory: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,12 +123,14 @@ class Attention(nn.Module):
                  queries: int) -> tuple[Tensor, Tensor, PreparedMask]:
         """The prefix's keys and values before ``k``/``v``, and ``mask`` widened by columns every query may attend
         to: neither causality nor padding hides a prefix key (Li & Liang 2021's virtual tokens come first)."""
+        prefix = self.key_value_prefix(k.shape[0])
+        if prefix is None:
+            return k, v, mask
         if kind == "linear" or mask.blocked is not None or self.gaussian is not None:
             what = ("linear attention" if kind == "linear" else "blockwise sliding-window attention"
                     if mask.blocked is not None else "the Gaussian-mixture mask")
             raise InputError(f"prefix tuning: keys and values before the sequence are not supported with {what}")
-        prefix_k, prefix_v = self.key_value_prefix(k.shape[0])
-        prefix_k, prefix_v = prefix_k.to(k.dtype), prefix_v.to(v.dtype)
+        prefix_k, prefix_v = prefix[0].to(k.dtype), prefix[1].to(v.dtype)
         num_prefix, keys = prefix_k.shape[2], k.shape[2]
         value = mask.value
         if value is None and mask.is_causal:  # SDPA's causal flag, as an explicit mask over the widened keys

@@ -113,8 +113,8 @@ class TransformerBlock(nn.Module):
         self.feedforward: nn.Module = build_moe(config) if self.mixture else build_feedforward(config, index)
         self.parallel = config.parallel_residual is not None
         self.feedforward_residual = Residual(config, own_norm=config.parallel_residual != "shared_norm")
-        # A module beside the feed-forward: reads the branch's input, and its output adds to the branch's output
-        # (AdaptFormer's parallel adapter, formerkit.adapt.adapter); None in a plain block.
+        # A module beside the feed-forward: reads the branch's input, and its output (unless None) adds to the
+        # branch's output (AdaptFormer's parallel adapters, formerkit.adapt.adapter); None in a plain block.
         self.feedforward_beside: nn.Module | None = None
 
     def forward(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:
@@ -145,7 +145,9 @@ class TransformerBlock(nn.Module):
         else:
             out = self.feedforward(x)
         if self.feedforward_beside is not None:
-            out = out + self.feedforward_beside(x)
+            beside = self.feedforward_beside(x)
+            if beside is not None:
+                out = out + beside
         return out
 
     def _parallel(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:

@@ -67,7 +67,7 @@ def redraw(module: torch.nn.Module, seed: int) -> None:
 def check_cached_steps(model, ids, mask, chunks) -> float:
     """Feeds ``ids`` to a cache chunk by chunk; the largest difference between each chunk's last logits and a full
     recompute of the sequence so far."""
-    extra = model.input_prompt.num_virtual_tokens if model.input_prompt is not None else 0
+    extra = model.input_prompt["default"].num_virtual_tokens if model.input_prompt is not None else 0
     cache = KVCache.for_model(model, ids.shape[0], ids.shape[1] + extra)
     worst, start = 0.0, 0
     with torch.no_grad():
@@ -107,16 +107,16 @@ def test_adapter_block_output_is_the_reference_block_plus_the_bottleneck_formula
     model = adapt(make_model(parallel_residual=parallel), "adapter", layers=[1], bottleneck=3, scale=0.7,
                   activation=activation)
     block = model.decoder.blocks[1]
-    adapter = block.feedforward_beside
+    adapter = block.feedforward_beside["default"]
     redraw(adapter, seed=5)
     assert model.decoder.blocks[0].feedforward_beside is None
     x = torch.randn(2, 6, WIDTH, dtype=torch.float64)
     context = LayerContext(PreparedMask(is_causal=True))
     with torch.no_grad():
         out, _ = block(x, context)
-        block.feedforward_beside = None
+        slot, block.feedforward_beside = block.feedforward_beside, None
         reference, _ = block(x, context)
-        block.feedforward_beside = adapter
+        block.feedforward_beside = slot
         # The feed-forward's input: after attention (sequential) or the block's input (parallel), normed.
         attention_norm = block.attention_residual.norm
         stream = x if parallel else x + block.attention(attention_norm(x), context)[0]
@@ -130,7 +130,7 @@ def test_adapter_block_output_is_the_reference_block_plus_the_bottleneck_formula
 def test_only_the_adapters_are_trainable_and_get_gradients():
     model = adapt(make_model(), "adapter", bottleneck=4)
     names = trainable(model)
-    assert names == [f"decoder.blocks.{i}.feedforward_beside.{part}.{kind}" for i in (0, 1)
+    assert names == [f"decoder.blocks.{i}.feedforward_beside.default.{part}.{kind}" for i in (0, 1)
                      for part in ("down", "up") for kind in ("weight", "bias")]
     ids, mask = left_padded([9, 5], 9)
     model.train()
@@ -138,8 +138,9 @@ def test_only_the_adapters_are_trainable_and_get_gradients():
     for name, parameter in model.named_parameters():
         assert (parameter.grad is not None) == (name in names), name
     # A fresh adapter: up is zero, so up learns first and down's gradient is exactly zero.
-    assert model.decoder.blocks[0].feedforward_beside.up.weight.grad.abs().sum() > 0
-    assert model.decoder.blocks[0].feedforward_beside.down.weight.grad.abs().sum() == 0
+    adapter = model.decoder.blocks[0].feedforward_beside["default"]
+    assert adapter.up.weight.grad.abs().sum() > 0
+    assert adapter.down.weight.grad.abs().sum() == 0
 
 
 def test_adapter_layers_select_blocks_and_negative_layers_count_from_the_last():
@@ -152,7 +153,7 @@ def test_adapter_layers_select_blocks_and_negative_layers_count_from_the_last():
 def test_adapter_keeps_cached_decoding_equal_to_recompute():
     model = adapt(make_model(position="rope"), "adapter", bottleneck=4)
     for index, block in enumerate(model.decoder.blocks):
-        redraw(block.feedforward_beside, seed=index)
+        redraw(block.feedforward_beside["default"], seed=index)
     ids, mask = left_padded([10, 7, 3], 10)
     assert check_cached_steps(model, ids, mask, [4, 2] + [1] * 4) <= 1e-10
 
@@ -164,7 +165,7 @@ def test_adapter_keeps_cached_decoding_equal_to_recompute():
 def test_prefix_attention_is_attention_over_the_prefix_then_the_keys(projection_hidden):
     model = adapt(make_model(), "prefix", layers=[0], num_virtual_tokens=3, projection_hidden=projection_hidden)
     layer = model.decoder.blocks[0].attention
-    redraw(layer.key_value_prefix, seed=2)
+    redraw(layer.key_value_prefix["default"], seed=2)
     assert model.decoder.blocks[1].attention.key_value_prefix is None
     batch, length, heads, kv_heads, dim = 2, 5, 4, 2, layer.head_dim
     x = torch.randn(batch, length, WIDTH, dtype=torch.float64)
@@ -172,7 +173,7 @@ def test_prefix_attention_is_attention_over_the_prefix_then_the_keys(projection_
     mask = prepare_attention_mask(CausalMask() & KeyPaddingMask(keep), length, length)
     with torch.no_grad():
         out, _ = layer(x, LayerContext(mask))
-        prefix = layer.key_value_prefix
+        prefix = layer.key_value_prefix["default"]
         flat = prefix.prefix if projection_hidden is None else (
             torch.tanh(prefix.embedding @ prefix.projection[0].weight.T + prefix.projection[0].bias)
             @ prefix.projection[2].weight.T + prefix.projection[2].bias)
@@ -248,7 +249,7 @@ def test_prompt_equals_the_model_reading_extra_tokens_whose_embeddings_are_the_p
     position = "learned"
     head = {"kind": "lm" if arch == "decoder" else "masked_lm"}
     model = adapt(make_model(position=position, arch=arch, head=head), "prompt", num_virtual_tokens=3)
-    prompt = model.input_prompt.embedding
+    prompt = model.input_prompt["default"].embedding
     # The reference: the same weights with three more vocabulary rows, the prompt's embeddings, read first.
     config = model.config.replace(**{"stem.vocab_size": VOCAB + 3})
     reference = formerkit.build_model(config).to(torch.float64).eval()
@@ -274,13 +275,13 @@ def test_only_the_prompt_gets_gradients_and_starts_as_vocabulary_embeddings():
     model = make_model()
     table = model.stem.tokens.weight.detach().clone()
     adapt(model, "prompt", num_virtual_tokens=4, seed=3)
-    assert trainable(model) == ["input_prompt.embedding"]
+    assert trainable(model) == ["input_prompt.default.embedding"]
     # Lester et al.'s initialization: each virtual token starts as some vocabulary token's embedding.
-    start = model.input_prompt.embedding.detach()
+    start = model.input_prompt["default"].embedding.detach()
     assert all(any(torch.equal(row, entry) for entry in table) for row in start)
     ids, mask = left_padded([8, 4], 8)
     model(ids, attention_mask=mask).square().mean().backward()
-    assert [name for name, p in model.named_parameters() if p.grad is not None] == ["input_prompt.embedding"]
+    assert [name for name, p in model.named_parameters() if p.grad is not None] == ["input_prompt.default.embedding"]
 
 
 def test_prompt_refuses_calls_that_name_positions_or_tokens_it_shifts():
@@ -357,13 +358,13 @@ def test_methods_refuse_models_they_cannot_apply_to(method, overrides, message):
         adapt(make_model(**overrides), method, **({"which": "head"} if method == "partial" else {}))
 
 
-def test_a_second_adapter_of_one_kind_on_a_block_is_refused():
+def test_a_second_adapter_of_one_kind_and_name_on_a_block_is_refused():
     model = adapt(make_model(), "prefix", num_virtual_tokens=2)
-    with pytest.raises(InputError, match="already has a prefix"):
-        METHODS["prefix"](model, targets=None, layers=None, name="second")
+    with pytest.raises(InputError, match="already has a prefix named 'default'"):
+        METHODS["prefix"](model, targets=None, layers=None, name="default")
     adapt(model, "adapter", layers=[0])
-    with pytest.raises(InputError, match="already has a module beside its feed-forward"):
-        METHODS["adapter"](model, targets=None, layers=[0], name="second")
+    with pytest.raises(InputError, match="already has an adapter named 'default'"):
+        METHODS["adapter"](model, targets=None, layers=[0], name="default")
 
 
 # ----- on a frozen int8 base; through the compiled decode step -----
@@ -394,7 +395,7 @@ def test_compiled_generation_with_each_method_equals_eager_generation(method, op
     model = adapt(make_model(position="rope", dtype=torch.float32), method, **options)
     if method == "adapter":
         for index, block in enumerate(model.decoder.blocks):
-            redraw(block.feedforward_beside, seed=index)
+            redraw(block.feedforward_beside["default"], seed=index)
     ids, mask = left_padded([7, 4], 7)
     compiled = model.generate(ids, 6, attention_mask=mask, temperature=0, compile=True)
     assert torch.equal(compiled, model.generate(ids, 6, attention_mask=mask, temperature=0))
