@@ -77,7 +77,7 @@ __all__ = [
     "FormerkitError", "HeadConfig", "InputError", "InteropError", "KeyPaddingMask", "MAEOutput", "Mask",
     "MaskedAutoencoder", "ModelConfig", "ModelOutput", "NormConfig", "PositionConfig", "PrefixLMMask",
     "SlidingWindowMask", "StemConfig", "Summary", "TensorMask", "Transformer", "UnknownFieldError", "__version__",
-    "add_adapters", "build_model", "count_parameters", "create_model", "finetune_model", "from_hf", "list_models", "load",
-    "load_adapters", "load_config", "load_run", "load_extra", "merge_adapters", "model_config",
+    "add_adapters", "build_model", "count_parameters", "create_model", "finetune_model", "from_hf", "list_models",
+    "load", "load_adapters", "load_config", "load_run", "load_extra", "merge_adapters", "model_config",
     "parameter_counts", "register_model", "save", "save_adapters", "set_adapter", "summarize", "to_hf", "use_adapter",
 ]

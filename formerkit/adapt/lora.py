@@ -192,6 +192,7 @@ def _apply(model: nn.Module, *, targets, layers, name: str, rank: int, alpha: fl
         lora = LoRA(site, rank, float(alpha), dropout=float(dropout), rslora=rslora,
                     dora_weight=weight[site.start:site.stop] if dora else None, device=weight.device, dtype=dtype)
         lora.adapter_name = name
+        lora.train(linear.training)  # a model in eval mode stays so (no LoRA dropout)
         host = _host_of(linear)
         if name not in host:
             host[name] = nn.ModuleDict()

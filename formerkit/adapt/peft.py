@@ -51,9 +51,11 @@ def _their_modules(model: nn.Module, family, base: str) -> dict[tuple[str, int, 
         if not rule.ours.endswith(".weight") or rule.layout not in ("same", "stacked"):
             continue
         layer = rule.ours.removesuffix(".weight")
+        rows = getattr(model.get_submodule(layer), "out_features", None)
+        if rows is None:  # an embedding or a norm: not a Linear
+            continue
         if rule.layout == "same":
-            linear = model.get_submodule(layer)
-            found[(layer, 0, linear.out_features)] = rule.theirs[0].removesuffix(".weight")
+            found[(layer, 0, rows)] = rule.theirs[0].removesuffix(".weight")
             continue
         start = 0
         for name, rows in zip(rule.theirs, rule.sizes):

@@ -96,8 +96,10 @@ def _recomputes(module: nn.Module, h: Tensor) -> bool:
     """Whether this call takes the recomputing path: training with gradients, no dropout between the activation
     and fc_out, a plain Linear fc_out (not a quantized or wrapped one, nor one with forward hooks: LoRA's, see
     formerkit.adapt.lora, which this path would skip), eager (a compiler makes its own choice)."""
-    return (module.recompute and torch.is_grad_enabled() and (h.requires_grad or module.fc_out.weight.requires_grad)
-            and not (module.dropout is not None and module.training) and type(module.fc_out) is nn.Linear
+    # The type first: an int8 fc_out has no .weight.
+    return (module.recompute and torch.is_grad_enabled() and type(module.fc_out) is nn.Linear
+            and (h.requires_grad or module.fc_out.weight.requires_grad)
+            and not (module.dropout is not None and module.training)
             and not module.fc_out._forward_hooks and not module.fc_out._forward_pre_hooks
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
