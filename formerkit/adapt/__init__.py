@@ -11,7 +11,8 @@
 
 Methods (``METHODS``, by name): ``lora`` and ``dora`` (``formerkit.adapt.lora``), ``adapter`` (parallel bottleneck
 adapters, ``formerkit.adapt.adapter``), ``prefix`` and ``prompt`` (``formerkit.adapt.prefix``,
-``formerkit.adapt.prompt``) and ``partial`` (``formerkit.adapt.partial``). Targets and layers: ``formerkit.adapt.targets``.
+``formerkit.adapt.prompt``) and ``partial`` (``formerkit.adapt.partial``). Targets and layers:
+``formerkit.adapt.targets``.
 
 Several adapters on one base: add each under its own ``name``. The last one added is the active one (the others stay,
 inactive and frozen); ``set_adapter(model, name)`` activates another (and makes it the trainable one), and
