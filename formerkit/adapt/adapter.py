@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from formerkit.adapt.blocks import chosen_blocks, float_like
 from formerkit.adapt.methods import AdapterModule, register_method
-from formerkit.adapt.slots import BesideSlot, slot
+from formerkit.adapt.slots import BesideSlot, check_name, slot
 from formerkit.errors import InputError
 
 __all__ = ["BottleneckAdapter", "apply_adapter"]
@@ -50,6 +50,7 @@ def apply_adapter(model, *, targets=None, layers=None, name: str = "default", bo
     """Adds a ``BottleneckAdapter`` beside the feed-forward of each block at ``layers`` (every block by default),
     in the block's ``feedforward_beside`` (a ``BesideSlot``, under ``name``). AdaptFormer's defaults: bottleneck 64,
     scale 0.1, ReLU. ``targets`` is not read (the adapter sits beside the whole feed-forward)."""
+    check_name(name, "adapter")
     if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
         raise InputError(f"add_adapters(method='adapter'): bottleneck: expected an integer >= 1, got {bottleneck!r}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):

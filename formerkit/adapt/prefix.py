@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from formerkit.adapt.blocks import chosen_blocks, float_like
 from formerkit.adapt.methods import AdapterModule, register_method
-from formerkit.adapt.slots import PrefixSlot, slot
+from formerkit.adapt.slots import PrefixSlot, check_name, slot
 from formerkit.errors import InputError
 
 __all__ = ["KeyValuePrefix", "apply_prefix"]
@@ -64,6 +64,7 @@ def apply_prefix(model, *, targets=None, layers=None, name: str = "default", num
     keys and values (``KeyValuePrefix``), through an MLP of ``projection_hidden`` units when given. ``targets`` is not
     read. A block shared across depths shares its prefix. Several active prefixes on a layer are attended one after
     another."""
+    check_name(name, "prefix")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise InputError(f"add_adapters(method='prefix'): num_virtual_tokens: expected an integer >= 1, got "
                          f"{num_virtual_tokens!r}")

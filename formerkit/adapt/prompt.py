@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from formerkit.adapt.blocks import float_like, model_stacks
 from formerkit.adapt.methods import AdapterModule, register_method
-from formerkit.adapt.slots import PromptSlot, slot
+from formerkit.adapt.slots import PromptSlot, check_name, slot
 from formerkit.errors import InputError
 
 __all__ = ["InputPrompt", "apply_prompt"]
@@ -52,6 +52,7 @@ def apply_prompt(model, *, targets=None, layers=None, name: str = "default", num
     them as the embeddings of tokens drawn from the vocabulary (with ``seed``; Lester et al. found that better than
     random), "random" as N(0, init_std^2). ``targets`` and ``layers``
     are not read (the prompt is one, before the first layer)."""
+    check_name(name, "prompt")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise InputError(f"add_adapters(method='prompt'): num_virtual_tokens: expected an integer >= 1, got "
                          f"{num_virtual_tokens!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["BesideSlot", "PrefixSlot", "PromptSlot", "slot"]
+__all__ = ["BesideSlot", "PrefixSlot", "PromptSlot", "check_name", "slot"]
 
 
 class _Slot(nn.ModuleDict):
@@ -49,6 +49,15 @@ class PromptSlot(_Slot):
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def check_name(name: str, method: str) -> None:
+    """Refuses an adapter name a container cannot hold: one of its own attributes (``keys``, ``forward``, ...)."""
+    from formerkit.errors import InputError
+
+    if hasattr(_Slot(), name):
+        raise InputError(f"add_adapters(method={method!r}): name: {name!r} is the name of a container attribute "
+                         "(keys, values, items, forward, ...); choose another")
 
 
 def slot(owner: nn.Module, attribute: str, kind: type[_Slot]) -> _Slot:

@@ -38,7 +38,8 @@ def adapt(model, method: str, layers=None, **options):
     """What add_adapters does around a method: freeze the base, then apply."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    METHODS[method](model, targets=None, layers=layers, name="default", **options)
+    options.setdefault("name", "default")
+    METHODS[method](model, targets=None, layers=layers, **options)
     return model
 
 
@@ -339,6 +340,7 @@ def test_partial_head_trains_the_head_only_and_the_outputs_stay_those_of_the_bas
     ("partial", {"which": "everything"}, r"which: expected one of \['norms_biases', 'attention', 'head'\]"),
     ("partial", {"which": "head", "layers": [0]}, "which='head' takes no layers"),
     ("adapter", {"layers": "all"}, "layers: expected None, a layer index"),
+    ("prefix", {"name": "keys"}, "name: 'keys' is the name of a container attribute"),
 ])
 def test_bad_options_are_refused_by_name(method, options, message):
     with pytest.raises(InputError, match=message):
@@ -399,3 +401,86 @@ def test_compiled_generation_with_each_method_equals_eager_generation(method, op
     ids, mask = left_padded([7, 4], 7)
     compiled = model.generate(ids, 6, attention_mask=mask, temperature=0, compile=True)
     assert torch.equal(compiled, model.generate(ids, 6, attention_mask=mask, temperature=0))
+
+
+# ----- through formerkit.add_adapters: switching, saving, loading, merging -----
+
+
+def test_several_named_adapters_switch_per_call_and_inactive_ones_act_as_absent():
+    model = make_model(position="rope")
+    ids, mask = left_padded([9, 5], 9)
+    with torch.no_grad():
+        base = model(ids, attention_mask=mask)
+    formerkit.add_adapters(model, method="adapter", name="side", bottleneck=4)
+    for block in model.decoder.blocks:
+        redraw(block.feedforward_beside["side"], seed=1)
+    formerkit.add_adapters(model, method="prefix", name="learned_keys", num_virtual_tokens=2)
+    formerkit.add_adapters(model, method="prompt", name="words", num_virtual_tokens=3)
+    # The last added is the active, trainable one.
+    assert trainable(model) == ["input_prompt.words.embedding"]
+    with torch.no_grad():
+        with formerkit.use_adapter(model, None):
+            assert torch.equal(model(ids, attention_mask=mask), base)
+        outputs = {}
+        for name in ("side", "learned_keys", "words"):
+            with formerkit.use_adapter(model, name):
+                outputs[name] = model(ids, attention_mask=mask)
+                assert check_cached_steps_of(model, ids, mask) <= 1e-10
+        assert all((outputs[name] - base).abs().max() > 1e-3 for name in outputs)
+        with formerkit.use_adapter(model, ["side", "learned_keys", "words"]):
+            assert check_cached_steps_of(model, ids, mask) <= 1e-10
+            both = model(ids, attention_mask=mask)
+        assert all((both - outputs[name]).abs().max() > 1e-3 for name in outputs)
+    formerkit.set_adapter(model, "learned_keys")
+    assert all(".key_value_prefix.learned_keys." in name for name in trainable(model)) and trainable(model)
+
+
+def check_cached_steps_of(model, ids, mask) -> float:
+    """The cache check with the virtual tokens of whatever prompts are active."""
+    virtual = model.input_prompt() if model.input_prompt is not None else None
+    extra = 0 if virtual is None else virtual.shape[0]
+    cache = KVCache.for_model(model, ids.shape[0], ids.shape[1] + extra)
+    with torch.no_grad():
+        model(ids[:, :5], attention_mask=mask[:, :5], cache=cache)
+        cached = model(ids[:, 5:], attention_mask=mask[:, 5:], cache=cache)[:, -1]
+        return (cached - model(ids, attention_mask=mask)[:, -1]).abs().max().item()
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("adapter", {"bottleneck": 3, "scale": 0.5}),
+    ("prefix", {"num_virtual_tokens": 2, "projection_hidden": 4}),
+    ("prompt", {"num_virtual_tokens": 3}),
+    ("partial", {"which": "norms_biases"}),
+    ("partial", {"which": "attention", "layers": [1]}),
+])
+def test_saved_adapters_load_onto_a_fresh_base_with_the_same_outputs(method, options, tmp_path):
+    model = formerkit.add_adapters(make_model(), method=method, **options)
+    with torch.no_grad():  # as if trained: every trainable tensor moved
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    ids, mask = left_padded([9, 5], 9)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask)
+    formerkit.save_adapters(model, tmp_path / "adapter")
+    loaded = formerkit.load_adapters(make_model(), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask), expected)
+    assert trainable(loaded) == trainable(model)
+    with pytest.raises(formerkit.CheckpointError, match="another base"):
+        formerkit.load_adapters(make_model(seed=1), tmp_path / "adapter")
+
+
+def test_add_adapters_refuses_lora_arguments_and_merging_for_these_methods():
+    with pytest.raises(InputError, match="rank does not apply to this method"):
+        formerkit.add_adapters(make_model(), method="adapter", rank=4)
+    model = formerkit.add_adapters(make_model(), method="prefix", num_virtual_tokens=2)
+    with pytest.raises(InputError, match="cannot be merged"):
+        formerkit.merge_adapters(model)
+    with pytest.raises(InputError, match="bottleneck: expected an integer >= 1"):
+        formerkit.add_adapters(make_model(), method="adapter", bottleneck=0)
+    # A refused call leaves the model as it was (trainable, no adapter).
+    model = make_model()
+    with pytest.raises(InputError, match="which: expected one of"):
+        formerkit.add_adapters(model, method="partial", which="embeddings")
+    assert all(parameter.requires_grad for parameter in model.parameters())
