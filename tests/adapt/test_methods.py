@@ -242,6 +242,20 @@ def test_prefix_keys_are_visible_to_padded_rows_and_to_every_query_of_a_sliding_
     assert check_cached_steps(model, ids, mask, [5] + [1] * 9) <= 1e-10
 
 
+def test_an_encoder_decoder_gets_a_prefix_in_both_stacks_and_decodes_from_the_cache_as_it_recomputes():
+    model = adapt(make_model(arch="encoder_decoder", num_decoder_layers=2), "prefix", num_virtual_tokens=2)
+    assert [name.split(".")[0] for name in trainable(model)] == ["encoder"] * 2 + ["decoder"] * 2
+    source, source_mask = left_padded([9, 5], 9, seed=2)
+    target = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    cache = KVCache.for_model(model, 2, 6)
+    with torch.no_grad():
+        for step in range(6):
+            cached = model(source, attention_mask=source_mask, decoder_input_ids=target[:, step:step + 1],
+                           cache=cache)[:, -1]
+            full = model(source, attention_mask=source_mask, decoder_input_ids=target[:, :step + 1])[:, -1]
+            torch.testing.assert_close(cached, full, rtol=1e-10, atol=1e-10)
+
+
 # ----- prompt tuning -----
 
 
