@@ -6,9 +6,10 @@ input). The sequence keeps its own positions (0, 1, 2, ...); the prefix keys are
 rotary positions. The outputs have one row per real token, as without the prefix.
 
 Caches and generation: the prefix is never written to a ``KVCache``; each pass (the prompt, then every step, the
-compiled step too) prepends it again, so cached decoding computes what a full recompute does. Not supported (refused
-when the layer runs): linear attention, blockwise sliding-window attention (long inputs without a cache), the
-Gaussian-mixture mask. With ``output_attentions`` the probabilities have the prefix's columns first.
+compiled step too) prepends it again, so cached decoding computes what a full recompute does. Sliding-window layers
+see the prefix besides their window; long inputs then take the dense windowed mask instead of the blockwise one.
+Not supported (refused): linear attention, the Gaussian-mixture mask. With ``output_attentions`` the probabilities
+have the prefix's columns first.
 
 Li & Liang train the prefix through a reparameterizing MLP for stability (``projection_hidden``): a learned
 embedding [num_virtual_tokens, width] -> Linear -> tanh -> Linear -> keys and values; here one MLP per layer.

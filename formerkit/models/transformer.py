@@ -412,7 +412,9 @@ class Transformer(nn.Module):
                 masks["window"] = prepare_mask_at(local, torch.arange(offset, num_keys, device=device),
                                                   cache.window_key_index(), num_keys, query_offset=offset,
                                                   bias=bias_at)
-            elif cache is None and not need_weights and blockwise_pays_off(length, window):
+            # Blockwise windows have no columns for keys before the sequence (prefix tuning): those take the dense mask.
+            elif (cache is None and not need_weights and blockwise_pays_off(length, window)
+                  and not any(block.attention.key_value_prefix is not None for block in stack.blocks)):
                 masks["window"] = prepare_blocked_mask(local, length, window, global_tokens=attention.global_tokens,
                                                        bias=bias_at, device=device)
             else:

@@ -242,6 +242,20 @@ def test_prefix_keys_are_visible_to_padded_rows_and_to_every_query_of_a_sliding_
     assert check_cached_steps(model, ids, mask, [5] + [1] * 9) <= 1e-10
 
 
+def test_a_long_input_with_a_prefix_and_a_sliding_window_takes_the_dense_window_mask():
+    # Long enough for blockwise windows without a cache; the last token stepped from a cache is the reference.
+    length = 3 + 2 * 64
+    model = adapt(make_model(position="rope", max_seq_len=length, **{"attention.sliding_window": 3}), "prefix",
+                  num_virtual_tokens=2)
+    ids = torch.randint(1, VOCAB, (1, length), generator=torch.Generator().manual_seed(4))
+    cache = KVCache.for_model(model, 1, length)
+    with torch.no_grad():
+        full = model(ids)[:, -1]
+        model(ids[:, :-1], cache=cache)
+        stepped = model(ids[:, -1:], cache=cache)[:, -1]
+    torch.testing.assert_close(stepped, full, rtol=1e-10, atol=1e-10)
+
+
 def test_an_encoder_decoder_gets_a_prefix_in_both_stacks_and_decodes_from_the_cache_as_it_recomputes():
     model = adapt(make_model(arch="encoder_decoder", num_decoder_layers=2), "prefix", num_virtual_tokens=2)
     assert [name.split(".")[0] for name in trainable(model)] == ["encoder"] * 2 + ["decoder"] * 2
