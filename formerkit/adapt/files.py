@@ -4,7 +4,9 @@ were trained on).
 
 The base's identity is a hash of its config and a checksum of each of its frozen tensors (SHA-256 of the bytes,
 per tensor, so a refusal names the tensors that differ). Tensors an adapter trains (partial tuning's norms and biases)
-are saved with it and left out of the identity.
+are saved with it and left out of the identity. An adapter trained on a ``weight-int8`` base also loads onto the float
+model that base was quantized from (its weights quantized again must give the same int8 tensors), where it can be
+merged.
 """
 
 from __future__ import annotations
@@ -91,9 +93,29 @@ def save_formerkit(model: nn.Module, directory, name: str | None) -> Path:
     return directory
 
 
+def _as_quantized(model: nn.Module, ours: dict, saved: dict) -> dict:
+    """``ours`` (a float model's identity) as the identity of its ``weight-int8`` copy (``formerkit quantize``), for
+    the layers the adapter's int8 base had quantized: an adapter trained on an int8 base (QLoRA-style) then loads
+    onto the float model it was quantized from, to be merged there."""
+    from formerkit.compress.quantize import per_channel_int8
+
+    tensors = dict(ours["tensors"])
+    for key in saved.get("tensors", {}):
+        layer = key.removesuffix(".weight_int8")
+        if layer == key or f"{layer}.weight" not in tensors:
+            continue
+        weight_int8, weight_scale = per_channel_int8(model.get_submodule(layer).weight)
+        del tensors[f"{layer}.weight"]
+        tensors[f"{layer}.weight_int8"], tensors[f"{layer}.weight_scale"] = _digest(weight_int8), _digest(weight_scale)
+    return {**ours, "quantization": "weight-int8", "tensors": tensors}
+
+
 def _check_base(model: nn.Module, saved: dict, skip: set[str], source: Path) -> None:
-    """Refuses a base other than the adapter's, naming what differs."""
+    """Refuses a base other than the adapter's, naming what differs. A float model is the base of an adapter trained
+    on its int8 copy."""
     ours = base_identity(model, skip)
+    if saved.get("quantization") == "weight-int8" and ours["quantization"] is None:
+        ours = _as_quantized(model, ours, saved)
     differences = []
     if saved.get("config_hash") != ours["config_hash"]:
         differences.append(f"the config (hash {ours['config_hash']}, the adapter's base {saved.get('config_hash')})")

@@ -33,10 +33,10 @@ from formerkit.errors import InputError
 from formerkit.nn.int8 import MODES, install_int8_layers, is_quantized
 from formerkit.runs import model_dir
 
-__all__ = ["quantize", "quantize_run"]
+__all__ = ["per_channel_int8", "quantize", "quantize_run"]
 
 
-def _per_channel_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+def per_channel_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel int8: (int8 weight [out, in], float32 scale [out]) with weight ~ int8 * scale."""
     weight = weight.detach().float()
     scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
@@ -77,7 +77,7 @@ def quantize(model: nn.Module, mode: str = "dynamic-int8") -> nn.Module:
     layers = {}
     for name in _target_names(quantized):
         linear = quantized.get_submodule(name)
-        layers[name] = (*_per_channel_int8(linear.weight), linear.bias)
+        layers[name] = (*per_channel_int8(linear.weight), linear.bias)
     return install_int8_layers(quantized, mode, layers)
 
 

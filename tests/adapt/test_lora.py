@@ -42,7 +42,12 @@ def randomize_adapters(model, seed: int = 5):
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".adapters." in name:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+                noise = 0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                # A and B drawn afresh (independent of the global generator that drew A); magnitudes perturbed
+                if name.endswith("magnitude"):
+                    parameter.add_(noise)
+                else:
+                    parameter.copy_(noise)
     return model
 
 
@@ -135,6 +140,28 @@ def test_dora_is_magnitude_times_the_normalized_adapted_weight(target):
     weight[start:stop] = lora.magnitude.unsqueeze(1) * directed
     expected = x @ weight.T + (linear.bias if linear.bias is not None else 0)
     torch.testing.assert_close(linear(x), expected, atol=1e-6, rtol=0)
+
+
+def test_dora_with_dropout_applies_its_scale_to_the_dropped_out_input_as_peft_does():
+    model = gated_model(torch.float64)
+    formerkit.add_adapters(model, method="dora", targets=("out",), rank=2, alpha=2, dropout=0.3, layers=[0])
+    randomize_adapters(model)
+    model.train()
+    linear = model.decoder.blocks[0].attention.out
+    lora = linear.adapters["default"]["out"]
+    x = torch.randn(3, linear.in_features, dtype=torch.float64)
+    torch.manual_seed(11)
+    got = linear(x)
+    torch.manual_seed(11)
+    dropped = F.dropout(x, 0.3, training=True)
+    # W x + b + (m / n - 1) W x' + (m / n) s B A x', n = ||W + s B A|| per row, x' = dropout(x)
+    ratio = lora.magnitude / (linear.weight + lora.lora_B @ lora.lora_A).norm(dim=1)
+    expected = affine(linear, x) + (ratio - 1) * (dropped @ linear.weight.T) + ratio * (
+        (dropped @ lora.lora_A.T) @ lora.lora_B.T)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # the norm is a constant to the gradient (Liu et al. 2024, section 4.3): the magnitude still learns
+    got.sum().backward()
+    assert lora.magnitude.grad is not None and lora.lora_A.grad is not None
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -243,7 +270,7 @@ def test_lora_on_an_int8_base_adds_its_term_to_the_int8_output():
     model.train()
     model(ids).sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
-    with pytest.raises(InputError, match="int8 weights.*re-quantize"):
+    with pytest.raises(InputError, match="int8 weights.*re-quantize.*float base"):
         formerkit.merge_adapters(model)
     with pytest.raises(InputError, match="dynamic-int8.*weight-int8"):
         formerkit.add_adapters(quantize(float_model, "dynamic-int8"))
@@ -351,3 +378,39 @@ def test_cross_attention_targets_of_an_encoder_decoder():
     adapted = model(ids, decoder_input_ids=ids)
     formerkit.merge_adapters(model)
     assert (model(ids, decoder_input_ids=ids) - adapted).abs().max() <= 1e-5
+
+
+def test_an_adapter_trained_on_an_int8_base_loads_onto_its_float_model_for_merging(tmp_path):
+    float_model = gated_model()
+    model = quantize(float_model, "weight-int8")
+    formerkit.add_adapters(model, targets=("q", "fc_out"), rank=2)
+    randomize_adapters(model)
+    formerkit.save_adapters(model, tmp_path / "qlora")
+    target = copy.deepcopy(float_model)
+    formerkit.load_adapters(target, tmp_path / "qlora")
+    trained = dict(model.named_parameters())
+    for name, parameter in target.named_parameters():
+        if ".adapters." in name:
+            assert torch.equal(parameter, trained[name])
+    ids = tokens()
+    adapted = target(ids)
+    formerkit.merge_adapters(target)
+    assert (target(ids) - adapted).abs().max() <= 1e-5
+    other = copy.deepcopy(float_model)
+    with torch.no_grad():
+        other.decoder.blocks[0].feedforward.fc_out.weight[3] *= 1.5  # quantizes to other int8 weights
+    with pytest.raises(CheckpointError, match=r"weights that differ: decoder\.blocks\.0\.feedforward\.fc_out"):
+        formerkit.load_adapters(other, tmp_path / "qlora")
+
+
+def test_two_active_adapters_on_one_target_add_up():
+    model = gated_model()
+    formerkit.add_adapters(model, targets=("q", "fc_in"), rank=2, name="a")
+    formerkit.add_adapters(model, method="dora", targets=("q",), rank=3, name="b")
+    randomize_adapters(model)
+    ids = tokens()
+    with use_adapter(model, ["a", "b"]):
+        both = model(ids)
+    set_adapter(model, ["a", "b"])
+    formerkit.merge_adapters(model)  # each update against the original weight, summed
+    assert (model(ids) - both).abs().max() <= 1e-5

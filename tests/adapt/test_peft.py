@@ -38,7 +38,12 @@ def randomize_adapters(model, seed: int = 7):
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".adapters." in name:
-                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+                noise = 0.2 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                # A and B drawn afresh (independent of the global generator that drew A); magnitudes perturbed
+                if name.endswith("magnitude"):
+                    parameter.add_(noise)
+                else:
+                    parameter.copy_(noise)
 
 
 def tokens():
@@ -170,3 +175,29 @@ def test_peft_directories_formerkit_cannot_reproduce_are_refused_by_field(tmp_pa
         with pytest.raises(InteropError, match=message):
             formerkit.load_adapters(base, tmp_path / "ok")
         assert adapter_names(base) == []
+
+
+def test_greedy_generation_with_a_peft_adapter_matches_peft(tmp_path):
+    torch.manual_seed(1)
+    hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+                                         rms_norm_eps=1e-5, tie_word_embeddings=False)
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    adapted = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                                            target_modules=["q_proj", "v_proj", "up_proj"])).eval()
+    adapted.save_pretrained(tmp_path / "peft")
+    model = formerkit.load_adapters(formerkit.from_hf(tmp_path / "hf"), tmp_path / "peft")
+    prompts = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompts)
+    mask[1, :3] = 0  # left padding of different lengths
+    mask[2, :6] = 0
+    prompts = prompts.masked_fill(mask == 0, 0)
+    hf_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = adapted.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=16, min_new_tokens=16,
+                                    do_sample=False, pad_token_id=0)
+    got = model.generate(prompts, 16, attention_mask=mask, temperature=0)
+    assert torch.equal(got, expected)
+    bare = formerkit.from_hf(tmp_path / "hf").generate(prompts, 16, attention_mask=mask, temperature=0)
+    assert not torch.equal(bare, got)  # the adapter changes what is generated
