@@ -235,11 +235,15 @@ def test_greedy_generation_with_a_prefix_or_prompt_matches_a_recompute_loop(meth
         model.generate(ids[:1], room + 1, temperature=0)
 
 
-def test_prefix_keys_are_visible_to_padded_rows_and_to_every_query_of_a_sliding_window():
-    # A sliding window over the cache (rolling buffers) keeps the prefix visible to every step.
-    model = adapt(make_model(position="rope", **{"attention.sliding_window": 3}), "prefix", num_virtual_tokens=2)
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_a_sliding_window_over_rolling_cache_buffers_with_a_prefix_or_prompt_equals_recompute(method):
+    # A prefix stays visible to every query beside its window; a prompt's virtual tokens are the first tokens of the
+    # sequence, which the window leaves behind as it would any others.
+    model = adapt(make_model(position="rope", **{"attention.sliding_window": 3}), method, num_virtual_tokens=2)
     ids, mask = left_padded([14, 6], 14)
     assert check_cached_steps(model, ids, mask, [5] + [1] * 9) <= 1e-10
+    model = model.float()
+    assert torch.equal(model.generate(ids, 6, attention_mask=mask, temperature=0), naive_greedy(model, ids, mask, 6))
 
 
 def test_a_long_input_with_a_prefix_and_a_sliding_window_takes_the_dense_window_mask():
