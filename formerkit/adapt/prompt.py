@@ -7,7 +7,8 @@ How the virtual tokens meet the rest of the model:
   tables and rotary tables alike), so a model with ``max_seq_len`` L reads at most L - n real tokens;
 - masks: every real token attends to them (they come first in the causal order; padding never covers them, and
   left padding sits between them and a row's first real token, where positions count real tokens only, as usual);
-  in a decoder they attend to each other causally and never to the real tokens;
+  in a decoder they attend to each other causally and never to the real tokens; a sliding window leaves them behind
+  as it would any other tokens;
 - outputs: the logits, ``last_hidden_state`` and pooled outputs cover the real tokens only; ``hidden_states`` and
   ``attentions`` (when asked for) keep the virtual tokens' rows and columns first;
 - caches and generation: a cache's first pass holds them (a cache needs n more slots: ``generate`` adds them), later
