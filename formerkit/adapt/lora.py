@@ -113,20 +113,39 @@ class LoRAHost(nn.ModuleDict):
         x = args[0]
         weight, bias = None, getattr(linear, "bias", None)
         width = output.shape[-1]
+        pieces: list[tuple[int, int, Tensor]] = []
         for lora in active:
             inputs = x.to(lora.lora_A.dtype)
-            rows = output[..., lora.start:lora.stop]
             weight_rows = bias_rows = None
             if lora.magnitude is not None:
                 weight = base_weight(linear) if weight is None else weight
                 weight_rows = weight[lora.start:lora.stop]
                 bias_rows = None if bias is None else bias[lora.start:lora.stop]
-            delta = lora.delta(inputs, rows.to(inputs.dtype), weight_rows, bias_rows).to(output.dtype)
-            if lora.start == 0 and lora.stop == width:
-                output = output + delta
-            else:  # zero on the rows other targets own
-                output = output + F.pad(delta, (lora.start, width - lora.stop))
-        return output
+            rows = output[..., lora.start:lora.stop].to(inputs.dtype)
+            pieces.append((lora.start, lora.stop, lora.delta(inputs, rows, weight_rows, bias_rows).to(output.dtype)))
+        return output + _assemble(pieces, width)
+
+
+def _assemble(pieces: list[tuple[int, int, Tensor]], width: int) -> Tensor:
+    """One tensor of ``width`` features holding each piece's delta on its rows (summed where they overlap: two
+    adapters active on one target) and zero elsewhere: one addition to the Linear's output, whatever the targets."""
+    pieces = sorted(pieces, key=lambda piece: piece[0])
+    if len(pieces) == 1 and pieces[0][:2] == (0, width):
+        return pieces[0][2]
+    if any(start < previous_stop for (_, previous_stop, _), (start, _, _) in zip(pieces, pieces[1:])):
+        total = 0
+        for start, stop, delta in pieces:
+            total = total + F.pad(delta, (start, width - stop))
+        return total
+    parts, position = [], 0
+    for start, stop, delta in pieces:
+        if start > position:
+            parts.append(delta.new_zeros(*delta.shape[:-1], start - position))
+        parts.append(delta)
+        position = stop
+    if position < width:
+        parts.append(pieces[-1][2].new_zeros(*pieces[-1][2].shape[:-1], width - position))
+    return torch.cat(parts, dim=-1)
 
 
 def hosts(model: nn.Module) -> dict[str, tuple[nn.Module, LoRAHost]]:

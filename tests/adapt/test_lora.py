@@ -401,3 +401,16 @@ def test_an_adapter_trained_on_an_int8_base_loads_onto_its_float_model_for_mergi
         other.decoder.blocks[0].feedforward.fc_out.weight[3] *= 1.5  # quantizes to other int8 weights
     with pytest.raises(CheckpointError, match=r"weights that differ: decoder\.blocks\.0\.feedforward\.fc_out"):
         formerkit.load_adapters(other, tmp_path / "qlora")
+
+
+def test_two_active_adapters_on_one_target_add_up():
+    model = gated_model()
+    formerkit.add_adapters(model, targets=("q", "fc_in"), rank=2, name="a")
+    formerkit.add_adapters(model, method="dora", targets=("q",), rank=3, name="b")
+    randomize_adapters(model)
+    ids = tokens()
+    with use_adapter(model, ["a", "b"]):
+        both = model(ids)
+    set_adapter(model, ["a", "b"])
+    formerkit.merge_adapters(model)  # each update against the original weight, summed
+    assert (model(ids) - both).abs().max() <= 1e-5
