@@ -303,10 +303,16 @@ def _save_base(model: nn.Module, directory: Path, extra: dict[str, Any]) -> None
 
     from formerkit.adapt import AdapterModule
     from formerkit.adapt.lora import detach_host, hosts
+    from formerkit.adapt.slots import BesideSlot, PrefixSlot, PromptSlot
 
     base = copy.deepcopy(model)
     for linear, _ in hosts(base).values():
         detach_host(linear)
+    # The block-level methods' containers (bottleneck adapters, prefixes, prompts): an empty place is None.
+    for path, module in list(base.named_modules()):
+        if isinstance(module, (BesideSlot, PrefixSlot, PromptSlot)):
+            owner, _, attribute = path.rpartition(".")
+            setattr(base.get_submodule(owner) if owner else base, attribute, None)
     left = [path for path, module in base.named_modules() if isinstance(module, AdapterModule)]
     if left:
         raise RunError(f"the run's adapters are saved in {directory.parent / 'adapter'}, but {left[0]} can neither "
@@ -416,6 +422,8 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         raise RunError(f"model attention.soft_causal_steps ({soft}) exceeds schedule.steps ({schedule.steps}): the "
                        "causal mask would not be fully in place when training ends")
     model = build_model(model_config) if start is None else started
+    if run.activation_checkpointing:
+        model.set_activation_checkpointing(True)
     copied = (_load_previous_stage(model, initialize_from, initialize_head) if initialize_from is not None
               else [])
     if start is not None:
