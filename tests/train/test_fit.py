@@ -292,3 +292,12 @@ def test_an_iterable_dataset_is_read_in_its_order():
     formerkit.fit(a, rows, **SETTINGS)
     formerkit.fit(b, DataLoader(Stream(rows), batch_size=7), **SETTINGS)
     assert_same(weights(a), weights(b))
+
+
+def test_activation_checkpointing_trains_the_same_weights():
+    rows = token_rows()
+    a, b = lm_model(), lm_model()
+    formerkit.fit(a, rows, **SETTINGS)
+    formerkit.fit(b, rows, activation_checkpointing=True, **SETTINGS)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), name
