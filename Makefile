@@ -46,6 +46,7 @@ bench: $(VENV)/.torch
 	$(PY) -m pip install --quiet --no-deps vit-pytorch
 	$(VENV)/bin/formerkit bench lm --markdown bench/lm.md --json bench/lm.json
 	$(VENV)/bin/formerkit bench vision --markdown bench/vision.md --json bench/vision.json
+	$(VENV)/bin/formerkit bench lora --markdown bench/lora.md --json bench/lora.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
