@@ -9,8 +9,10 @@
     formerkit.load_adapters(other_copy_of_the_base, "out/adapter") # either format, detected
     formerkit.merge_adapters(model)                                # into the weights; the adapter modules are gone
 
-Methods (``METHODS``, by name): ``lora`` and ``dora`` (``formerkit.adapt.lora``), and the methods other modules of
-this package register. Targets and layers: ``formerkit.adapt.targets``.
+Methods (``METHODS``, by name): ``lora`` and ``dora`` (``formerkit.adapt.lora``), ``adapter`` (parallel bottleneck
+adapters, ``formerkit.adapt.adapter``), ``prefix`` and ``prompt`` (``formerkit.adapt.prefix``,
+``formerkit.adapt.prompt``) and ``partial`` (``formerkit.adapt.partial``). Targets and layers:
+``formerkit.adapt.targets``.
 
 Several adapters on one base: add each under its own ``name``. The last one added is the active one (the others stay,
 inactive and frozen); ``set_adapter(model, name)`` activates another (and makes it the trainable one), and
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
+from formerkit.adapt import adapter, partial, prefix, prompt  # noqa: F401  (each registers its method)
 from formerkit.adapt.api import (
     ParameterCounts,
     active_adapters,

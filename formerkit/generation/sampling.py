@@ -226,6 +226,9 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
         generator = torch.Generator(device=device).manual_seed(seed)
     # The last new token is returned, never fed back: the cache holds everything before it.
     length = prompt.shape[1] + max_new_tokens - 1
+    if getattr(model, "input_prompt", None) is not None:  # prompt tuning: the virtual tokens are cached too
+        virtual = model.input_prompt()
+        length += 0 if virtual is None else virtual.shape[0]
     if compile and config.position.kind in ("learned", "sinusoidal", "rope"):
         # One cache length for every call, so the compiled step (whose shapes are fixed) is compiled once.
         length = max(length, config.num_positions)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
@@ -120,6 +121,9 @@ class TransformerStack(nn.Module):
                                 for kind, windowed in zip(self.kinds, self.windowed))
         norm = config.norm
         self.final_norm = model_norm(norm, config.width) if norm.has_final else None
+        # Recompute each block's activations in the backward pass instead of keeping them (see forward); set by
+        # ``Transformer.set_activation_checkpointing``.
+        self.activation_checkpointing = False
 
     def block_at(self, index: int) -> TransformerBlock:
         """The block that runs at depth ``index`` (blocks repeat when weights are shared)."""
@@ -145,7 +149,14 @@ class TransformerStack(nn.Module):
             if output_hidden_states:
                 states.append(hidden)
             block = self.block_at(index)
-            hidden, weights = block(hidden, context)
+            # Activation checkpointing: a training pass keeps only each block's input and reruns the block in the
+            # backward pass (non-reentrant, with the dropout and stochastic-depth draws of the first run). Token
+            # merging keeps per-pass state a rerun would advance twice, so it runs plainly.
+            if (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                    and context.merging is None):
+                hidden, weights = checkpoint(block, hidden, context, use_reentrant=False)
+            else:
+                hidden, weights = block(hidden, context)
             if block.mixture:
                 routing.append(block.feedforward.last_routing)
             if output_attentions:
@@ -200,6 +211,9 @@ class Transformer(nn.Module):
                 self.decoder = TransformerStack(config, config.decoder_layers, causal=True,
                                                 cross_attention=True)
         self.head = build_head(config)
+        # Learned embeddings put before every input's own (prompt tuning, formerkit.adapt.prompt): a module whose
+        # call returns them [virtual tokens, width] (or None: no prompt); None in a plain model. See ``forward``.
+        self.input_prompt: nn.Module | None = None
         self.reset_parameters()
         if config.head.tie_embeddings:
             self.head.projection.weight = self.stem.tokens.weight
@@ -252,15 +266,16 @@ class Transformer(nn.Module):
                 mask: Mask | Tensor | None = None, position_ids: Tensor | None = None,
                 token_type_ids: Tensor | None = None, cache: KVCache | StaticSlots | None = None,
                 memory: Tensor | None = None, memory_keep: Tensor | None = None, need_weights: bool = False,
-                merging: TokenMerging | None = None) -> StackInput:
+                merging: TokenMerging | None = None, prompt: Tensor | None = None) -> StackInput:
         """Checks the inputs of one stack, embeds them and builds every layer's ``LayerContext``: the one way from
         inputs to a stack's layers (the forward pass, early exit, the compiled decode step and MAE all use it).
         ``stack(prepared)`` then runs the layers; ``side`` picks the stack as in ``get_stack``.
 
         With a ``KVCache`` the new tokens are recorded in it (positions continue from the cached ones); the caller
         commits or aborts the cache after the stack has run. ``memory``/``memory_keep`` are an encoder-decoder's
-        encoder output and its padding; ``merging`` is token merging for this pass. The other arguments are those of
-        ``forward``.
+        encoder output and its padding; ``merging`` is token merging for this pass; ``prompt`` [virtual tokens, width]
+        are embeddings put before every row's own (prompt tuning: the stack then sees them as the first tokens, at
+        positions 0, 1, ...). The other arguments are those of ``forward``.
         """
         stack = self.get_stack(side)
         if isinstance(cache, StaticSlots):
@@ -275,33 +290,58 @@ class Transformer(nn.Module):
         check_position_ids(self, position_ids, tuple(inputs.shape[:2]))
         keep = token_keep(self, inputs, attention_mask, "decoder_attention_mask" if target_side else "attention_mask")
         length = self.stem.num_tokens(inputs)
+        if prompt is not None:
+            keep, length = self._prompt_input(prompt, inputs, keep, length, mask, position_ids, merging)
+        elif (self.input_prompt is not None and (cache is None or cache.length == 0)
+              and self.input_prompt() is not None):
+            raise InputError("prompt tuning: only the model's forward pass (and generate) put the virtual tokens "
+                             "before the input; this path (early exit, MAE, ...) does not")
         if merging is not None:
             merging.start(length)
         if cache is None:
             mask = check_mask(self, mask, inputs.shape[0], length)
             hidden, position_ids = self.embed(inputs, keep=keep, position_ids=position_ids,
-                                              token_type_ids=token_type_ids, side=side)
+                                              token_type_ids=token_type_ids, side=side, prompt=prompt)
         else:
             check_cache(cache, inputs, length, position_ids)
             mask = check_mask(self, mask, inputs.shape[0], length, cache.length + length, cache.length)
             position_ids = cache.begin(keep, length)
-            hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids, side=side)
+            hidden, _ = self.embed(inputs, position_ids=position_ids, token_type_ids=token_type_ids, side=side,
+                                   prompt=prompt)
         layers = self.layer_contexts(stack, hidden, token_keep=keep, position_ids=position_ids, mask=mask,
                                      cache=cache, memory=memory, memory_keep=memory_keep, need_weights=need_weights,
                                      merging=merging)
         return StackInput(hidden, layers, keep, position_ids)
 
+    def _prompt_input(self, prompt: Tensor, inputs: Tensor, keep: Tensor | None, length: int, mask, position_ids,
+                      merging) -> tuple[Tensor | None, int]:
+        """The keep-mask and length of a pass with ``prompt``'s virtual tokens first (see ``prepare``)."""
+        for given, name in ((mask, "mask"), (position_ids, "position_ids"), (merging, "merge_tokens")):
+            if given is not None:
+                raise InputError(f"{name}: not supported with prompt tuning (the virtual tokens come first and "
+                                 f"shift every position)")
+        virtual = prompt.shape[0]
+        if keep is not None:
+            keep = torch.cat([keep.new_ones(keep.shape[0], virtual), keep], dim=1)
+        return keep, length + virtual
+
     def embed(self, inputs: Tensor, *, keep: Tensor | None = None, position_ids: Tensor | None = None,
-              token_type_ids: Tensor | None = None, side: str | None = None) -> tuple[Tensor, Tensor | None]:
+              token_type_ids: Tensor | None = None, side: str | None = None,
+              prompt: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Stem, absolute positions, registers, embedding norm and dropout. Returns the hidden states and the
         position ids the attention layers should use (None means 0, 1, 2, ...). ``side`` as in ``get_stack``: an
-        encoder_decoder's decoder may have positions and an embedding norm of its own."""
+        encoder_decoder's decoder may have positions and an embedding norm of its own. ``prompt`` (a tokens stem):
+        embeddings [virtual tokens, width] put before every row's token embeddings, before positions are added;
+        ``keep``/``position_ids`` then cover them too."""
         decoder = side == "decoder" and self.config.arch == "encoder_decoder"
         positions = self.decoder_positions if decoder and self.decoder_positions is not None else self.positions
         embedding_norm = (self.decoder_embedding_norm if decoder and self.decoder_embedding_norm is not None
                           else self.embedding_norm)
         if self.config.stem.kind == "tokens":
             hidden = self.stem(inputs, token_type_ids)
+            if prompt is not None:
+                prompt = prompt.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+                hidden = torch.cat([prompt, hidden], dim=1)
             if position_ids is None and keep is not None:
                 # Positions count real tokens only, so a left-padded row gets the same positions as when unpadded.
                 position_ids = (keep.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -372,7 +412,9 @@ class Transformer(nn.Module):
                 masks["window"] = prepare_mask_at(local, torch.arange(offset, num_keys, device=device),
                                                   cache.window_key_index(), num_keys, query_offset=offset,
                                                   bias=bias_at)
-            elif cache is None and not need_weights and blockwise_pays_off(length, window):
+            # Blockwise windows have no columns for keys before the sequence (prefix tuning): those take the dense mask.
+            elif (cache is None and not need_weights and blockwise_pays_off(length, window)
+                  and not any(block.attention.key_value_prefix is not None for block in stack.blocks)):
                 masks["window"] = prepare_blocked_mask(local, length, window, global_tokens=attention.global_tokens,
                                                        bias=bias_at, device=device)
             else:
@@ -517,9 +559,13 @@ class Transformer(nn.Module):
         elif decoder_input_ids is not None or decoder_attention_mask is not None:
             raise InputError(f"decoder_input_ids: only an encoder_decoder model takes them (arch is "
                              f"{config.arch!r})")
+        # Prompt tuning: the virtual tokens go first in a pass without a cache, or in a cache's first pass (later
+        # passes find them cached).
+        prompt = (self.input_prompt() if self.input_prompt is not None and (cache is None or cache.length == 0)
+                  else None)
         prepared = self.prepare(inputs, side=side, attention_mask=attention_mask, mask=mask, position_ids=position_ids,
                                 token_type_ids=token_type_ids, cache=cache, memory=memory, memory_keep=memory_keep,
-                                need_weights=output_attentions, merging=merging)
+                                need_weights=output_attentions, merging=merging, prompt=prompt)
         try:
             out = self.get_stack(side)(prepared, output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions)
@@ -530,6 +576,9 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.commit()
         hidden, keep = out.hidden, prepared.token_keep
+        if prompt is not None:  # callers see the real tokens' outputs only
+            virtual = prompt.shape[0]
+            hidden, keep = hidden[:, virtual:], None if keep is None else keep[:, virtual:]
         sizes = None if merging is None else merging.sizes
         wants_outputs = return_outputs or output_hidden_states or output_attentions
         head_logits = None
@@ -571,6 +620,14 @@ class Transformer(nn.Module):
     def stream(self, input_ids, max_new_tokens: int, **options):
         """Yields each step's new tokens [batch] as they are generated; see ``formerkit.generation.stream``."""
         return stream(self, input_ids, max_new_tokens, **options)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing of whole blocks while training (``run.activation_checkpointing`` in a recipe):
+        each stack keeps only its blocks' inputs and recomputes the rest during the backward pass, trading about one
+        more forward pass for the activation memory of the layers. Gradients are those of the plain model."""
+        for _, stack in self.named_children():
+            if isinstance(stack, TransformerStack):
+                stack.activation_checkpointing = bool(enabled)
 
     def num_parameters(self) -> int:
         """Parameters, counting a tied weight once."""

@@ -56,6 +56,10 @@ class Attention(nn.Module):
         self.k_norm = build_norm(norm_kind, head_dim, norm_eps, weight_offset=norm_weight_offset) if qk_norm else None
         self.gaussian = (GaussianMixtureMask(num_heads, gaussian_mixture, grid, prefix_tokens)
                          if gaussian_mixture else None)
+        # Self-attention only: a module whose call (batch) gives keys and values [batch, kv_heads, n, head_dim] that
+        # every query sees before the sequence's own, or None (prefix tuning, formerkit.adapt.prefix); None in a plain
+        # layer.
+        self.key_value_prefix: nn.Module | None = None
 
     def project(self, x: Tensor, memory: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries [batch, heads, tokens, head_dim] and keys/values [batch, kv_heads, keys, head_dim]."""
@@ -101,6 +105,9 @@ class Attention(nn.Module):
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(context.index, k, v)
+            if self.key_value_prefix is not None:
+                # After the cache: the prefix is a weight, never cached, and prepended at every pass.
+                k, v, mask = self._prepend(k, v, mask, context.kind, length)
         kind = "softmax" if self.cross else context.kind
         if kind == "linear":
             if context.need_weights:
@@ -111,6 +118,29 @@ class Attention(nn.Module):
                                          isinstance(cache, StaticSlots))
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.out(out), weights
+
+    def _prepend(self, k: Tensor, v: Tensor, mask: PreparedMask, kind: str,
+                 queries: int) -> tuple[Tensor, Tensor, PreparedMask]:
+        """The prefix's keys and values before ``k``/``v``, and ``mask`` widened by columns every query may attend
+        to: neither causality nor padding hides a prefix key (Li & Liang 2021's virtual tokens come first)."""
+        prefix = self.key_value_prefix(k.shape[0])
+        if prefix is None:
+            return k, v, mask
+        if kind == "linear" or mask.blocked is not None or self.gaussian is not None:
+            what = ("linear attention" if kind == "linear" else "blockwise sliding-window attention"
+                    if mask.blocked is not None else "the Gaussian-mixture mask")
+            raise InputError(f"prefix tuning: keys and values before the sequence are not supported with {what}")
+        prefix_k, prefix_v = prefix[0].to(k.dtype), prefix[1].to(v.dtype)
+        num_prefix, keys = prefix_k.shape[2], k.shape[2]
+        value = mask.value
+        if value is None and mask.is_causal:  # SDPA's causal flag, as an explicit mask over the widened keys
+            value = torch.ones(queries, keys, dtype=torch.bool, device=k.device).tril(keys - queries)
+        if value is not None:
+            visible = (torch.ones if value.dtype == torch.bool else torch.zeros)(
+                *value.shape[:-1], num_prefix, dtype=value.dtype, device=value.device)
+            value = torch.cat([visible, value], dim=-1)
+        return (torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2),
+                PreparedMask(value=value, empty_rows=mask.empty_rows))
 
     def _softmax(self, q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask, kind: str, need_weights: bool,
                  static: bool) -> tuple[Tensor, Tensor | None]:

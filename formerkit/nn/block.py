@@ -113,6 +113,9 @@ class TransformerBlock(nn.Module):
         self.feedforward: nn.Module = build_moe(config) if self.mixture else build_feedforward(config, index)
         self.parallel = config.parallel_residual is not None
         self.feedforward_residual = Residual(config, own_norm=config.parallel_residual != "shared_norm")
+        # A module beside the feed-forward: reads the branch's input, and its output (unless None) adds to the
+        # branch's output (AdaptFormer's parallel adapters, formerkit.adapt.adapter); None in a plain block.
+        self.feedforward_beside: nn.Module | None = None
 
     def forward(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:
         """One layer: returns the new residual stream and, with ``context.need_weights``, the self-attention
@@ -138,8 +141,14 @@ class TransformerBlock(nn.Module):
 
     def _feedforward(self, x: Tensor, context: LayerContext) -> Tensor:
         if self.mixture:  # padding stays out of the routing; the mixture's last_routing then reports this pass
-            return self.feedforward(x, context.token_keep)
-        return self.feedforward(x)
+            out = self.feedforward(x, context.token_keep)
+        else:
+            out = self.feedforward(x)
+        if self.feedforward_beside is not None:
+            beside = self.feedforward_beside(x)
+            if beside is not None:
+                out = out + beside
+        return out
 
     def _parallel(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:
         """x + attention(norm(x)) + feedforward(norm'(x)), norm' being norm itself with a shared norm (GPT-J)."""

@@ -364,6 +364,9 @@ class RunConfig(ConfigSection):
     # Several processes (torchrun): ddp replicates the model (DistributedDataParallel); fsdp shards parameters,
     # gradients and optimizer state across processes (FSDP2's fully_shard).
     strategy: str = choice("ddp", ("ddp", "fsdp"))
+    # Recompute each block's activations in the backward pass instead of keeping them: less training memory for
+    # about one more forward pass per step; the same gradients.
+    activation_checkpointing: bool = False
 
     def _validate(self) -> None:
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):

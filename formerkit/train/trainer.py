@@ -416,6 +416,8 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
         raise RunError(f"model attention.soft_causal_steps ({soft}) exceeds schedule.steps ({schedule.steps}): the "
                        "causal mask would not be fully in place when training ends")
     model = build_model(model_config) if start is None else started
+    if run.activation_checkpointing:
+        model.set_activation_checkpointing(True)
     copied = (_load_previous_stage(model, initialize_from, initialize_head) if initialize_from is not None
               else [])
     if start is not None:

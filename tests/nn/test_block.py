@@ -43,3 +43,23 @@ def test_a_shared_norm_block_has_one_norm_and_a_separate_norms_block_two():
     after_attention = x + sequential.attention(sequential.attention_residual.norm(x), context)[0]
     expected = after_attention + sequential.feedforward(sequential.feedforward_residual.norm(after_attention))
     torch.testing.assert_close(sequential(x, context)[0], expected)
+
+
+@pytest.mark.parametrize("parallel", [None, "separate_norms", "shared_norm"])
+def test_a_module_beside_the_feedforward_reads_its_input_and_adds_to_its_output(parallel):
+    block = _block(parallel)
+    beside = torch.nn.Linear(16, 16).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    context = LayerContext(PreparedMask(None, True))
+    attention_norm = block.attention_residual.norm
+    if parallel is None:
+        stream = x + block.attention(attention_norm(x), context)[0]
+        feedforward_input = block.feedforward_residual.norm(stream)
+    else:
+        stream = x + block.attention(attention_norm(x), context)[0]
+        feedforward_input = attention_norm(x) if parallel == "shared_norm" else block.feedforward_residual.norm(x)
+    expected = stream + block.feedforward(feedforward_input) + beside(feedforward_input)
+    block.feedforward_beside = beside
+    out, _ = block(x, context)
+    torch.testing.assert_close(out, expected)
+    assert "feedforward_beside.weight" in dict(block.named_parameters())
