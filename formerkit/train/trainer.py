@@ -303,10 +303,12 @@ def _save_base(model: nn.Module, directory: Path, extra: dict[str, Any]) -> None
 
     from formerkit.adapt import AdapterModule
     from formerkit.adapt.lora import detach_host, hosts
+    from formerkit.adapt.slots import take_off_slots
 
     base = copy.deepcopy(model)
     for linear, _ in hosts(base).values():
         detach_host(linear)
+    take_off_slots(base)  # bottleneck adapters, prefixes, prompts
     left = [path for path, module in base.named_modules() if isinstance(module, AdapterModule)]
     if left:
         raise RunError(f"the run's adapters are saved in {directory.parent / 'adapter'}, but {left[0]} can neither "
