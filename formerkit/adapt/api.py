@@ -81,11 +81,11 @@ def add_adapters(model: nn.Module, method: str = "lora", targets: Sequence[str] 
                  alpha: float = 16, dropout: float = 0.0, layers=None, name: str = "default", **options) -> nn.Module:
     """Freezes ``model``'s base and adds the modules of ``method`` at ``targets`` of ``layers``; returns the model.
 
-    ``targets``: projection names per block (q, k, v, out, fc_in, gate, fc_out; cross_q, cross_k, cross_v,
-    cross_out in an encoder-decoder's decoder); ``layers``: None (every layer), an index, indices or a range
-    (negative from the last). ``rank``, ``alpha``, ``dropout``: LoRA's (and DoRA's); ``options``: the method's own
-    (LoRA/DoRA: ``rslora=True`` for the rank-stabilized scale alpha / sqrt(rank)). Bad targets, layers out of range
-    and a rank larger than a projection are refused by name before any tensor is made.
+    ``targets``: projection names per block (q, k, v, qkv (the fused three, one adapter), out, fc_in, gate, fc_out;
+    cross_q, cross_k, cross_v, cross_out in an encoder-decoder's decoder); ``layers``: None (every layer), an index,
+    indices or a range (negative from the last). ``rank``, ``alpha``, ``dropout``: LoRA's (and DoRA's); ``options``:
+    the method's own (LoRA/DoRA: ``rslora=True`` for the rank-stabilized scale alpha / sqrt(rank)). Bad targets,
+    layers out of range and a rank larger than a projection are refused by name before any tensor is made.
 
     The new adapter becomes the active one and the only trainable parameters are its own; adapters added before stay
     on the model, inactive and frozen (see ``set_adapter``).

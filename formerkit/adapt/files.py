@@ -46,8 +46,10 @@ def base_identity(model: nn.Module, skip: set[str]) -> dict:
         if isinstance(value, Tensor) and not key.startswith(prefixes) and key not in skip:
             tensors[key] = _digest(value)
     quantization = getattr(model, "quantization", None)
+    dtypes = sorted({str(value.dtype).removeprefix("torch.") for value in model.state_dict().values()
+                     if isinstance(value, Tensor) and value.is_floating_point()})
     return {"config_hash": config_hash(model), "quantization": None if quantization is None else quantization["mode"],
-            "tensors": tensors}
+            "dtypes": dtypes, "tensors": tensors}
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
@@ -97,7 +99,7 @@ def _as_quantized(model: nn.Module, ours: dict, saved: dict) -> dict:
     """``ours`` (a float model's identity) as the identity of its ``weight-int8`` copy (``formerkit quantize``), for
     the layers the adapter's int8 base had quantized: an adapter trained on an int8 base (QLoRA-style) then loads
     onto the float model it was quantized from, to be merged there."""
-    from formerkit.compress.quantize import per_channel_int8
+    from formerkit.nn.int8 import per_channel_int8
 
     tensors = dict(ours["tensors"])
     for key in saved.get("tensors", {}):
@@ -122,6 +124,11 @@ def _check_base(model: nn.Module, saved: dict, skip: set[str], source: Path) -> 
     if saved.get("quantization") != ours["quantization"]:
         differences.append(f"the quantization ({ours['quantization'] or 'float'}, the adapter's base "
                            f"{saved.get('quantization') or 'float'})")
+    if saved.get("dtypes", ours["dtypes"]) != ours["dtypes"]:
+        differences.append(f"the floating-point dtypes ({', '.join(ours['dtypes'])}, the adapter's base "
+                           f"{', '.join(saved['dtypes'])}: convert the model with .to(dtype) first)")
+        saved = {**saved, "tensors": {}}  # every tensor differs then: the dtype says it all
+        ours = {**ours, "tensors": {}}
     theirs = saved.get("tensors", {})
     missing = sorted(set(theirs) - set(ours["tensors"]))
     extra = sorted(set(ours["tensors"]) - set(theirs))

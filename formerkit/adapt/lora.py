@@ -123,7 +123,13 @@ class LoRAHost(nn.ModuleDict):
                 bias_rows = None if bias is None else bias[lora.start:lora.stop]
             rows = output[..., lora.start:lora.stop].to(inputs.dtype)
             pieces.append((lora.start, lora.stop, lora.delta(inputs, rows, weight_rows, bias_rows).to(output.dtype)))
-        return output + _assemble(pieces, width)
+        if weight is not None:  # DoRA's terms keep the base rows for the backward pass: leave them unchanged
+            return output + _assemble(pieces, width)
+        # In place, on the rows each target owns: the Linear's backward needs its input and weight, not its output
+        # (autograd's version counter would refuse the change otherwise), and no full-width tensor is made.
+        for start, stop, delta in pieces:
+            output.narrow(-1, start, stop - start).add_(delta)
+        return output
 
 
 def _assemble(pieces: list[tuple[int, int, Tensor]], width: int) -> Tensor:

@@ -3,7 +3,9 @@
 A method is a function ``apply(model, *, targets, layers, name, **options) -> None`` that adds its modules to
 ``model`` in place (each a subclass of ``AdapterModule``, or, for partial tuning, no module at all) and leaves
 trainable exactly the parameters the method trains. ``add_adapters`` freezes the base first and records the call, so
-``save_adapters``/``load_adapters`` can rebuild the same adapters on another copy of the base.
+``save_adapters``/``load_adapters`` can rebuild the same adapters on another copy of the base (the options must then
+be JSON values). ``add_adapters``' ``rank``, ``alpha`` and ``dropout`` reach only the methods whose apply names them;
+for the others, a value other than the default is refused by name.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ use_dora, ...) and ``adapter_model.safetensors`` with, per adapted Hugging Face 
 
 The Hugging Face names come from the interop family's weight rules (``formerkit.interop.engine``): a rule maps
 ``decoder.blocks.0.attention.qkv.weight`` to q_proj, k_proj and v_proj stacked, so the adapter of target q (rows
-0:q_rows of qkv) is q_proj's. A target whose Hugging Face weight is not one whole tensor of its own (GPT-2's fused
-Conv1D ``c_attn``, GPT-NeoX's interleaved ``query_key_value``) has no PEFT equivalent and is refused.
+0:q_rows of qkv) is q_proj's, and GPT-2's Conv1D ``c_attn`` (q, k and v fused, transposed) is the adapter of target
+qkv (written with ``fan_in_fan_out``, PEFT's flag for Conv1D weights). A target whose rows are not one whole Hugging
+Face tensor (q alone of GPT-2's ``c_attn``, qkv of LLaMA's three projections, GPT-NeoX's interleaved
+``query_key_value``) has no PEFT equivalent and is refused.
 """
 
 from __future__ import annotations
@@ -43,23 +45,25 @@ def _family(model: nn.Module, where: str):
     return family, data, ("" if config.head.kind == "none" else family.prefix)
 
 
-def _their_modules(model: nn.Module, family, base: str) -> dict[tuple[str, int, int], str]:
-    """(formerkit Linear path, first row, end row) -> the Hugging Face Linear holding exactly those rows, for the
-    weights the family keeps in PEFT-expressible layouts (copied whole, or stacked whole tensors)."""
+def _their_modules(model: nn.Module, family, base: str) -> dict[tuple[str, int, int], tuple[str, bool]]:
+    """(formerkit Linear path, first row, end row) -> (the Hugging Face module holding exactly those rows, whether it
+    is a GPT-2-style Conv1D), for the weights the family keeps in PEFT-expressible layouts: copied whole, transposed
+    whole (a Conv1D: PEFT's lora_A and lora_B have a Linear's shapes there too, with fan_in_fan_out set), or stacked
+    whole tensors."""
     found = {}
     for rule in family.rules(model.config, base):
-        if not rule.ours.endswith(".weight") or rule.layout not in ("same", "stacked"):
+        if not rule.ours.endswith(".weight") or rule.layout not in ("same", "transposed", "stacked"):
             continue
         layer = rule.ours.removesuffix(".weight")
         rows = getattr(model.get_submodule(layer), "out_features", None)
         if rows is None:  # an embedding or a norm: not a Linear
             continue
-        if rule.layout == "same":
-            found[(layer, 0, rows)] = rule.theirs[0].removesuffix(".weight")
+        if rule.layout in ("same", "transposed"):
+            found[(layer, 0, rows)] = (rule.theirs[0].removesuffix(".weight"), rule.layout == "transposed")
             continue
         start = 0
         for name, rows in zip(rule.theirs, rule.sizes):
-            found[(layer, start, start + rows)] = name.removesuffix(".weight")
+            found[(layer, start, start + rows)] = (name.removesuffix(".weight"), False)
             start += rows
     return found
 
@@ -82,21 +86,25 @@ def save_peft(model: nn.Module, directory, name: str | None) -> Path:
         raise InputError(f"{where}: adapter {name!r} is {record['method']!r}; the PEFT layout holds LoRA and DoRA")
     family, data, base = _family(model, where)
     theirs = _their_modules(model, family, base)
-    tensors, modules = {}, []
+    tensors, modules, conv1d = {}, [], set()
     for path, lora in adapter_modules(model, name):
         layer = path.rsplit(".adapters.", 1)[0]
-        module = theirs.get((layer, lora.start, lora.stop))
+        module, transposed = theirs.get((layer, lora.start, lora.stop), (None, False))
         if module is None:
             raise InteropError(f"{where}: target {lora.target!r} at {layer} has no PEFT equivalent: a "
                                f"{data['architectures'][0]} does not keep those rows as a Linear of their own")
         modules.append(module)
+        conv1d.add(transposed)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = lora.lora_A.detach()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = lora.lora_B.detach()
         if lora.magnitude is not None:
             tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = lora.magnitude.detach()
     # Short names (q_proj) when they pick exactly the adapted modules; the full names otherwise (PEFT matches a name
     # as a whole module path or a suffix after a dot).
-    every = set(theirs.values())
+    if len(conv1d) > 1:
+        raise InteropError(f"{where}: adapter {name!r} adapts both Linear and Conv1D modules of a "
+                           f"{data['architectures'][0]}; one PEFT adapter sets fan_in_fan_out for all its targets")
+    every = {module for module, _ in theirs.values()}
     leaves = sorted({module.rsplit(".", 1)[-1] for module in modules})
     exact = {module for module in every if module.rsplit(".", 1)[-1] in leaves} == set(modules)
     options = record["options"]
@@ -105,7 +113,7 @@ def save_peft(model: nn.Module, directory, name: str | None) -> Path:
         "base_model_name_or_path": None, "r": options["rank"], "lora_alpha": options["alpha"],
         "lora_dropout": options["dropout"], "use_rslora": options.get("rslora", False),
         "use_dora": record["method"] == "dora", "target_modules": leaves if exact else sorted(modules),
-        "layers_to_transform": None, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "layers_to_transform": None, "bias": "none", "fan_in_fan_out": conv1d == {True}, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     directory = Path(directory)
@@ -126,7 +134,6 @@ def _read_config(directory: Path) -> dict:
         raise InteropError(f"load_adapters: {path}: peft_type: expected 'LORA' (formerkit reads PEFT's LoRA and DoRA "
                            f"adapters), got {config.get('peft_type') if isinstance(config, dict) else config!r}")
     refused = {"bias": ("none", "formerkit's LoRA trains no biases"),
-               "fan_in_fan_out": (False, "Conv1D-style transposed weights"),
                "modules_to_save": (None, "whole modules saved beside the adapter"),
                "lora_bias": (False, "a bias on lora_B"),
                "trainable_token_indices": (None, "trained token embeddings"),
@@ -180,14 +187,19 @@ def load_peft(model: nn.Module, directory: Path, name: str | None) -> nn.Module:
         else:
             raise InteropError(f"load_adapters: {weights}: unexpected tensor {key!r} (formerkit reads lora_A, lora_B "
                                "and lora_magnitude_vector tensors)")
-    ours = {module: rows for rows, module in _their_modules(model, family, base).items()}
+    ours = {module: (rows, conv1d) for rows, (module, conv1d) in _their_modules(model, family, base).items()}
     if not any(module in ours for module in parts):
         other = family.prefix if base == "" else ""  # a base model's adapter carries no "model." prefix
-        ours = {module: rows for rows, module in _their_modules(model, family, other).items()}
+        ours = {module: (rows, conv1d) for rows, (module, conv1d) in _their_modules(model, family, other).items()}
     sites = _sites_by_rows(model)
     placed: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
     for module, tensors in parts.items():
-        rows = ours.get(module)
+        rows, conv1d = ours.get(module, (None, False))
+        # fan_in_fan_out only says how the base weight is stored (PEFT sets it itself for a Conv1D); on a Linear it
+        # would read the weight transposed: another model
+        if rows is not None and config.get("fan_in_fan_out", False) and not conv1d:
+            raise InteropError(f"load_adapters: {directory / PEFT_CONFIG}: fan_in_fan_out is true, but {module} "
+                                   "is a Linear (fan_in_fan_out is for GPT-2-style Conv1D weights)")
         if rows is None or rows not in sites:
             raise InteropError(f"load_adapters: {weights}: {module} is not a Linear formerkit adapts in a "
                                f"{data['architectures'][0]} (its LoRA targets: {', '.join(TARGETS)})")

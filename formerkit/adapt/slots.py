@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["BesideSlot", "PrefixSlot", "PromptSlot", "check_name", "slot", "take_off_slots"]
+__all__ = ["BesideSlot", "PrefixSlot", "PromptSlot", "check_name", "slot"]
 
 
 class _Slot(nn.ModuleDict):
@@ -67,12 +67,3 @@ def slot(owner: nn.Module, attribute: str, kind: type[_Slot]) -> _Slot:
         existing = kind()
         setattr(owner, attribute, existing)
     return existing
-
-
-def take_off_slots(model: nn.Module) -> None:
-    """Empties every place of ``model`` (its blocks' ``feedforward_beside``, its attention layers'
-    ``key_value_prefix``, its ``input_prompt``): the bare base, as before any block-level adapter was added."""
-    for module in model.modules():
-        for attribute in ("feedforward_beside", "key_value_prefix", "input_prompt"):
-            if isinstance(getattr(module, attribute, None), _Slot):
-                setattr(module, attribute, None)

@@ -5,7 +5,8 @@ its output rows and a gated MLP's ``fc_in`` stacks [gate | up]. A target names o
 that part in one block: the Linear holding it and its rows. One adapter per site keeps the layout of libraries that
 hold q, k and v apart (PEFT's q_proj/k_proj/v_proj) one-to-one with ours.
 
-Targets per block: ``q``, ``k``, ``v`` (self-attention), ``out`` (its output projection), ``cross_q``, ``cross_k``,
+Targets per block: ``q``, ``k``, ``v`` (self-attention), ``qkv`` (the three together, one adapter over the fused
+projection: what a LoRA on GPT-2's ``c_attn`` is), ``out`` (its output projection), ``cross_q``, ``cross_k``,
 ``cross_v``, ``cross_out`` (an encoder-decoder's cross-attention), ``fc_in`` (a gated MLP's up half; a plain MLP's
 whole first projection), ``gate`` (a gated MLP's gate half), ``fc_out``. In a mixture-of-experts block the
 feed-forward targets name every expert's projection (each expert gets adapters of its own; the router is left alone).
@@ -22,7 +23,7 @@ from formerkit.errors import InputError
 
 __all__ = ["TARGETS", "Site", "chosen_depths", "resolve_sites"]
 
-ATTENTION_TARGETS = ("q", "k", "v", "out")
+ATTENTION_TARGETS = ("q", "k", "v", "qkv", "out")
 CROSS_TARGETS = ("cross_q", "cross_k", "cross_v", "cross_out")
 FEEDFORWARD_TARGETS = ("fc_in", "gate", "fc_out")
 TARGETS = ATTENTION_TARGETS + CROSS_TARGETS + FEEDFORWARD_TARGETS
@@ -96,6 +97,9 @@ def _block_sites(block: nn.Module, path: str, target: str, where: str, depth: in
                 return [Site(target, f"{prefix}.q", 0, q_rows, _size(attention.q)[1])]
             start = 0 if part == "k" else kv_rows
             return [Site(target, f"{prefix}.kv", start, start + kv_rows, _size(attention.kv)[1])]
+        if part == "qkv":
+            out_features, in_features = _size(attention.qkv)
+            return [Site(target, f"{prefix}.qkv", 0, out_features, in_features)]
         start = {"q": 0, "k": q_rows, "v": q_rows + kv_rows}[part]
         rows = q_rows if part == "q" else kv_rows
         return [Site(target, f"{prefix}.qkv", start, start + rows, _size(attention.qkv)[1])]

@@ -1,4 +1,4 @@
-"""The ``formerkit bench`` commands (attention, lm, vision): argument parsing and printing around
+"""The ``formerkit bench`` commands (attention, lm, vision, lora): argument parsing and printing around
 ``formerkit.bench``'s measurements, kept out of ``formerkit.cli`` so that stays a short list of commands."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from formerkit.bench.common import PRECISIONS
 from formerkit.bench.lm import LIBRARIES as LM_LIBRARIES
+from formerkit.bench.lora import LIBRARIES as LORA_LIBRARIES
 from formerkit.bench.vision import LIBRARIES as VISION_LIBRARIES
 from formerkit.help_format import int_list
 
@@ -63,6 +64,15 @@ def _bench_peers(args: argparse.Namespace, kind: str) -> int:
                                       rounds=args.rounds, decode=not args.no_decode, memory=not args.no_memory,
                                       progress=progress)
         table = format_lm(records)
+    elif kind == "lora":
+        from formerkit.bench.lora import LoRASpec, format_lora, lora_benchmark
+
+        spec = LoRASpec(layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, width=args.width,
+                        hidden=args.hidden, context=args.context, vocab=args.vocab, batch=args.batch,
+                        rank=args.rank, alpha=args.alpha, targets=tuple(args.targets))
+        records, notes = lora_benchmark(spec, libraries=args.libraries, rounds=args.rounds,
+                                        memory=not args.no_memory, progress=progress)
+        table = format_lora(records)
     else:
         from formerkit.bench.vision import format_vision, vision_benchmark
 
@@ -89,6 +99,10 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
 
 def cmd_bench_vision(args: argparse.Namespace) -> int:
     return _bench_peers(args, "vision")
+
+
+def cmd_bench_lora(args: argparse.Namespace) -> int:
+    return _bench_peers(args, "lora")
 
 
 def add_bench_commands(commands) -> None:
@@ -125,12 +139,15 @@ def add_bench_commands(commands) -> None:
             ("lm", LM_LIBRARIES, "a GPT-2-layout decoder against transformers, x-transformers and a nanoGPT-style "
                                  "model: training, inference and decoding speed, peak memory"),
             ("vision", VISION_LIBRARIES, "CCT-7/3x1 (32x32) and ViT-tiny (224x224) against vit-pytorch and timm: "
-                                         "training and inference speed, peak memory")):
+                                         "training and inference speed, peak memory"),
+            ("lora", LORA_LIBRARIES, "LoRA fine-tuning of a LLaMA-layout decoder against transformers + peft: "
+                                     "training speed, trainable parameters, peak memory")):
         peer = benches.add_parser(name, help=help_text)
         peer.add_argument("--libraries", type=comma_list(libraries), default=list(libraries),
                           metavar="LIB,...", help=f"which of {','.join(libraries)} (default: all installed)")
-        peer.add_argument("--precisions", type=comma_list(PRECISIONS), default=list(PRECISIONS),
-                          metavar="P,...", help=f"which of {','.join(PRECISIONS)} (default both)")
+        if name != "lora":  # LoRA is measured in fp32
+            peer.add_argument("--precisions", type=comma_list(PRECISIONS), default=list(PRECISIONS),
+                              metavar="P,...", help=f"which of {','.join(PRECISIONS)} (default both)")
         peer.add_argument("--rounds", type=int, default=5, help="timed rounds, contenders taking turns (median)")
         peer.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
         peer.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
@@ -146,4 +163,17 @@ def add_bench_commands(commands) -> None:
             peer.add_argument("--batch", type=int, default=8)
             peer.add_argument("--new-tokens", type=int, default=200, help="batch-1 greedy decode length")
             peer.add_argument("--no-decode", action="store_true", help="skip the decoding measurement")
-        peer.set_defaults(run=cmd_bench_lm if name == "lm" else cmd_bench_vision)
+        if name == "lora":
+            peer.add_argument("--layers", type=int, default=4)
+            peer.add_argument("--heads", type=int, default=8)
+            peer.add_argument("--kv-heads", type=int, default=2)
+            peer.add_argument("--width", type=int, default=512)
+            peer.add_argument("--hidden", type=int, default=1376, help="the SwiGLU width")
+            peer.add_argument("--context", type=int, default=256)
+            peer.add_argument("--vocab", type=int, default=256)
+            peer.add_argument("--batch", type=int, default=8)
+            peer.add_argument("--rank", type=int, default=8)
+            peer.add_argument("--alpha", type=int, default=16)
+            peer.add_argument("--targets", type=lambda text: [t for t in text.split(",") if t], default=["q", "v"],
+                              metavar="T,...", help="projections to adapt: q,k,v,out,gate,fc_in,fc_out")
+        peer.set_defaults(run={"lm": cmd_bench_lm, "vision": cmd_bench_vision, "lora": cmd_bench_lora}[name])

@@ -24,23 +24,15 @@ import copy
 import shutil
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from formerkit.checkpoint import load, load_extra, read_document, save
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
-from formerkit.nn.int8 import MODES, install_int8_layers, is_quantized
+from formerkit.nn.int8 import MODES, install_int8_layers, is_quantized, per_channel_int8
 from formerkit.runs import model_dir
 
 __all__ = ["per_channel_int8", "quantize", "quantize_run"]
-
-
-def per_channel_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel int8: (int8 weight [out, in], float32 scale [out]) with weight ~ int8 * scale."""
-    weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    return torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8), scale
 
 
 def _target_names(model: nn.Module) -> list[str]:

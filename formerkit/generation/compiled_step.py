@@ -187,7 +187,11 @@ class CompiledDecoder:
 
     @staticmethod
     def _fingerprint(model) -> tuple:
-        return tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters())
+        # Which adapters are active (set_adapter, use_adapter) changes the computation without touching a parameter.
+        from formerkit.adapt.methods import AdapterModule
+
+        return (tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters()),
+                tuple((id(m), m.active) for m in model.modules() if isinstance(m, AdapterModule)))
 
     @classmethod
     def for_model(cls, model) -> CompiledDecoder:

@@ -26,9 +26,17 @@ from torch import Tensor, nn
 
 from formerkit.errors import CheckpointError
 
-__all__ = ["MODES", "Int8WeightLinear", "install_int8_layers", "is_quantized", "quantized_state", "rebuild_quantized"]
+__all__ = ["MODES", "Int8WeightLinear", "install_int8_layers", "is_quantized", "per_channel_int8", "quantized_state",
+           "rebuild_quantized"]
 
 MODES = ("dynamic-int8", "weight-int8")
+
+
+def per_channel_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: (int8 weight [out, in], float32 scale [out]) with weight ~ int8 * scale."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8), scale
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -115,7 +115,7 @@ class Distributed:
         if not self.is_main:
             return module
         prefix = "" if module is root else next(n for n, m in root.named_modules() if m is module) + "."
-        plain = build_model(module.config)
+        plain = _with_same_adapters(build_model(module.config), module)
         plain.load_state_dict({name[len(prefix):]: tensor for name, tensor in full.items()
                                if name.startswith(prefix)})
         return plain.to(next(module.parameters()).device)
@@ -169,3 +169,17 @@ def setup(strategy: str = "ddp") -> Distributed:
         atexit.register(_destroy_group)
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device, strategy=strategy,
                        owns_group=owns)
+
+
+def _with_same_adapters(plain: nn.Module, module: nn.Module) -> nn.Module:
+    """``plain`` given the adapters ``module`` carries (formerkit.add_adapters, the same calls and active ones), so
+    the gathered state of an adapted model loads into it."""
+    from formerkit.adapt.api import active_adapters, adapter_records, add_adapters, set_adapter
+
+    records = adapter_records(module)
+    for name, record in records.items():
+        add_adapters(plain, method=record["method"], targets=record["targets"], layers=record["layers"], name=name,
+                     **record["options"])
+    if records:
+        set_adapter(plain, active_adapters(module))
+    return plain

@@ -71,7 +71,7 @@ def fit(model: nn.Module, train_data, *, eval_data=None, objective: str | None =
         betas: tuple[float, float] = (0.9, 0.999), ema_decay: float | None = None, eval_every: int | None = None,
         eval_batch_size: int = 256, eval_batches: int | None = None, seed: int = 0, precision: str = "fp32",
         log_every: int = 10, checkpoint_every: int = 500, keep_checkpoints: int = 2, stop_after: int | None = None,
-        progress: bool = False, console=None) -> FitResult:
+        activation_checkpointing: bool = False, progress: bool = False, console=None) -> FitResult:
     """Trains ``model`` in place on ``train_data`` (see the module docstring) and returns a ``FitResult``.
 
     Optimizer and schedule: AdamW at ``lr`` (``weight_decay`` on weight matrices only, ``betas``), linear warm-up over
@@ -83,8 +83,9 @@ def fit(model: nn.Module, train_data, *, eval_data=None, objective: str | None =
     metrics.jsonl (a train record every ``log_every`` steps, an eval record per evaluation), summary.json and the
     trained model (``out_dir/model``, loadable with ``formerkit.load``); an ``out_dir`` holding a checkpoint of the
     same settings is resumed from it. ``stop_after`` stops (with a checkpoint) after that many steps of ``steps``, as
-    SIGINT would: calling ``fit`` again continues. ``console`` (a rich Console) shows notes and, with ``progress``, a
-    progress bar.
+    SIGINT would: calling ``fit`` again continues. ``activation_checkpointing`` reruns each block in the backward
+    pass instead of keeping its activations (``model.set_activation_checkpointing``; the same gradients).
+    ``console`` (a rich Console) shows notes and, with ``progress``, a progress bar.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise InputError(f"fit: model must be a formerkit model (formerkit.create_model, formerkit.load, "
@@ -102,7 +103,8 @@ def fit(model: nn.Module, train_data, *, eval_data=None, objective: str | None =
                                 min_lr_ratio=min_lr_ratio),
         eval=EvalConfig(every=eval_every or steps, batch_size=eval_batch_size, batches=eval_batches),
         run=RunConfig(seed=seed, precision=precision, log_every=log_every, checkpoint_every=checkpoint_every,
-                      keep_checkpoints=keep_checkpoints, progress=progress))
+                      keep_checkpoints=keep_checkpoints, progress=progress,
+                      activation_checkpointing=activation_checkpointing))
     if stop_after is not None and not 1 <= stop_after <= steps:
         raise ConfigError("stop_after", stop_after, f"a step in [1, steps={steps}] or None")
     # Every input is checked before any training (and before anything is written).
@@ -130,6 +132,8 @@ def fit(model: nn.Module, train_data, *, eval_data=None, objective: str | None =
         if not resume:
             (run_dir / _SETTINGS_FILE).write_text(json.dumps(_record(settings), indent=2) + "\n")
         torch.manual_seed(seed)
+        if activation_checkpointing:
+            model.set_activation_checkpointing(True)
         dist = distributed.setup("ddp")
         extra = {"objective": settings.objective.kind, "fit": _record(settings)}
         result = run_loop(settings, run_dir, model, objective_, bundle, dist, resume=bool(resume), console=console,

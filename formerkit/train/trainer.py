@@ -303,12 +303,16 @@ def _save_base(model: nn.Module, directory: Path, extra: dict[str, Any]) -> None
 
     from formerkit.adapt import AdapterModule
     from formerkit.adapt.lora import detach_host, hosts
-    from formerkit.adapt.slots import take_off_slots
+    from formerkit.adapt.slots import BesideSlot, PrefixSlot, PromptSlot
 
     base = copy.deepcopy(model)
     for linear, _ in hosts(base).values():
         detach_host(linear)
-    take_off_slots(base)  # bottleneck adapters, prefixes, prompts
+    # The block-level methods' containers (bottleneck adapters, prefixes, prompts): an empty place is None.
+    for path, module in list(base.named_modules()):
+        if isinstance(module, (BesideSlot, PrefixSlot, PromptSlot)):
+            owner, _, attribute = path.rpartition(".")
+            setattr(base.get_submodule(owner) if owner else base, attribute, None)
     left = [path for path, module in base.named_modules() if isinstance(module, AdapterModule)]
     if left:
         raise RunError(f"the run's adapters are saved in {directory.parent / 'adapter'}, but {left[0]} can neither "

@@ -317,10 +317,12 @@ def test_an_adapter_for_another_base_is_refused_naming_what_differs(tmp_path):
         formerkit.load_adapters(other, tmp_path / "a")
     with pytest.raises(CheckpointError, match="another base.*quantization"):
         formerkit.load_adapters(quantize(base, "weight-int8"), tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"another base.*dtypes \(float64, the adapter's base float32"):
+        formerkit.load_adapters(copy.deepcopy(base).double(), tmp_path / "a")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"targets": ("q", "query")}, r"'query' is not a projection name; expected some of q, k, v, out"),
+    ({"targets": ("q", "query")}, r"'query' is not a projection name; expected some of q, k, v, qkv, out"),
     ({"targets": ("v",), "rank": 9}, r"rank 9 is larger than target 'v' at decoder\.blocks\.0\.attention\.qkv "
                                      r"\(8 rows x 16 inputs\); at most 8"),
     ({"layers": [0, 3]}, r"layers: \[3\] out of range for a stack of 3 layers"),
@@ -414,3 +416,38 @@ def test_two_active_adapters_on_one_target_add_up():
     set_adapter(model, ["a", "b"])
     formerkit.merge_adapters(model)  # each update against the original weight, summed
     assert (model(ids) - both).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_gradients_equal_those_of_the_update_written_into_the_weight(method):
+    model = gated_model(torch.float64)
+    formerkit.add_adapters(model, method=method, targets=("q", "v", "fc_out"), rank=2, alpha=4, layers=[1])
+    randomize_adapters(model)
+    model.train()
+    ids = tokens()
+    model(ids).logsumexp(-1).mean().backward()
+    # The reference: a bare copy whose weights are W + s B A (DoRA: m (W + s B A) / ||W + s B A||, the norm held
+    # constant) as functions of leaf copies of the adapter tensors.
+    bare = copy.deepcopy(model)
+    formerkit.merge_adapters(bare)  # only to drop the adapters; the weights are replaced below
+    block, weights = model.decoder.blocks[1], {}
+    leaves = {}
+    for path in ("attention.qkv", "feedforward.fc_out"):
+        linear = block.get_submodule(path)
+        weight = linear.weight.detach().clone()
+        for target, lora in linear.adapters["default"].items():
+            a, b = (lora.lora_A.detach().clone().requires_grad_(), lora.lora_B.detach().clone().requires_grad_())
+            leaves[target] = (lora, a, b)
+            rows = linear.weight[lora.start:lora.stop] + 2.0 * b @ a
+            if method == "dora":
+                m = lora.magnitude.detach().clone().requires_grad_()
+                leaves[target] += (m,)
+                rows = (m / rows.norm(dim=1).detach()).unsqueeze(1) * rows
+            weight = torch.cat([weight[:lora.start], rows, weight[lora.stop:]])
+        weights[f"decoder.blocks.1.{path}.weight"] = weight
+    torch.func.functional_call(bare.train(), weights, (ids,)).logsumexp(-1).mean().backward()
+    for lora, a, b, *m in leaves.values():
+        torch.testing.assert_close(lora.lora_A.grad, a.grad, atol=1e-9, rtol=1e-6)
+        torch.testing.assert_close(lora.lora_B.grad, b.grad, atol=1e-9, rtol=1e-6)
+        if m:
+            torch.testing.assert_close(lora.magnitude.grad, m[0].grad, atol=1e-9, rtol=1e-6)

@@ -516,3 +516,17 @@ def test_add_adapters_refuses_lora_arguments_and_merging_for_these_methods():
     with pytest.raises(InputError, match="which: expected one of"):
         formerkit.add_adapters(model, method="partial", which="embeddings")
     assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_generation_follows_the_adapter_switched_on_per_call():
+    model = make_model(position="rope", dtype=torch.float32)
+    formerkit.add_adapters(model, method="prefix", name="first", num_virtual_tokens=2)
+    formerkit.add_adapters(model, method="adapter", name="second", bottleneck=4)
+    for index, block in enumerate(model.decoder.blocks):
+        redraw(block.feedforward_beside["second"], seed=index)
+    ids, mask = left_padded([6, 3], 6)
+    for names in ("first", "second", None):
+        with formerkit.use_adapter(model, names):
+            compiled = model.generate(ids, 5, attention_mask=mask, temperature=0, compile=True)
+            assert torch.equal(compiled, model.generate(ids, 5, attention_mask=mask, temperature=0)), names

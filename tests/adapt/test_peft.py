@@ -201,3 +201,67 @@ def test_greedy_generation_with_a_peft_adapter_matches_peft(tmp_path):
     assert torch.equal(got, expected)
     bare = formerkit.from_hf(tmp_path / "hf").generate(prompts, 16, attention_mask=mask, temperature=0)
     assert not torch.equal(bare, got)  # the adapter changes what is generated
+
+
+@pytest.mark.parametrize(("architecture", "config_class", "fields", "targets"), [
+    # BERT: "dense" names three Linears per layer (and the MLM head's), so target_modules are written in full.
+    ("BertForMaskedLM", "BertConfig", {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
+                                       "num_attention_heads": 4, "intermediate_size": 40,
+                                       "max_position_embeddings": 32}, ("q", "v", "out", "fc_in", "fc_out")),
+    # T5: self-attention in both stacks and the decoder's cross-attention.
+    ("T5ForConditionalGeneration", "T5Config", {"vocab_size": VOCAB, "d_model": 32, "d_kv": 8, "d_ff": 40,
+                                                "num_layers": 2, "num_heads": 4, "decoder_start_token_id": 0},
+     ("q", "v", "cross_q", "cross_k", "cross_out", "fc_out")),
+])
+def test_peft_layout_of_other_families_round_trips_through_peft(tmp_path, architecture, config_class, fields,
+                                                                 targets):
+    torch.manual_seed(0)
+    hf_model = getattr(transformers, architecture)(getattr(transformers, config_class)(**fields)).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    ids = tokens()
+    inputs = {"input_ids": ids, **({"decoder_input_ids": ids} if "T5" in architecture else {})}
+    with torch.no_grad():
+        base = hf_model(**inputs).logits
+    model = formerkit.from_hf(tmp_path / "hf")
+    formerkit.add_adapters(model, targets=targets, rank=2)
+    randomize_adapters(model)
+    with torch.no_grad():
+        ours = model(ids, **({"decoder_input_ids": ids} if "T5" in architecture else {}))
+    formerkit.save_adapters(model, tmp_path / "peft", format="peft")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf_model, tmp_path / "peft").eval()(**inputs).logits
+    assert (theirs - base).abs().max() > 1e-2
+    assert (ours - theirs).abs().max() <= TOLERANCE
+    again = formerkit.load_adapters(formerkit.from_hf(tmp_path / "hf"), tmp_path / "peft")
+    assert again.adapter_records["default"]["targets"] == list(targets)
+
+
+def test_gpt2_conv1d_adapters_both_ways(tmp_path):
+    """GPT-2 keeps q, k and v in one Conv1D, c_attn: formerkit's target qkv (one adapter over the fused projection)
+    is PEFT's LoRA on c_attn, written and read with fan_in_fan_out (PEFT's flag for Conv1D weights)."""
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    ids = tokens()
+    # peft -> formerkit
+    adapted = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                            target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    adapted.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        theirs = adapted.eval()(input_ids=ids).logits
+    model = formerkit.load_adapters(formerkit.from_hf(tmp_path / "hf"), tmp_path / "peft")
+    assert model.adapter_records["default"]["targets"] == ["qkv", "fc_in"]
+    with torch.no_grad():
+        assert (model(ids) - theirs).abs().max() <= TOLERANCE
+    # formerkit -> peft
+    model = formerkit.from_hf(tmp_path / "hf")
+    formerkit.add_adapters(model, targets=("qkv", "out", "fc_out"), rank=2, layers=[1])
+    randomize_adapters(model)
+    formerkit.save_adapters(model, tmp_path / "ours", format="peft")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with torch.no_grad():
+        ours = model(ids)
+        hf_again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+        theirs = peft.PeftModel.from_pretrained(hf_again, tmp_path / "ours").eval()(input_ids=ids).logits
+    assert (ours - theirs).abs().max() <= TOLERANCE

@@ -1,4 +1,4 @@
-"""Smoke tests of ``formerkit bench lm`` and ``formerkit bench vision`` on tiny configs: the records follow the JSON
+"""Smoke tests of ``formerkit bench lm``, ``bench vision`` and ``bench lora`` on tiny configs: the records follow the
 schema, and every library present ran the same work (same shapes, parameter counts within 1%). No timing is
 asserted."""
 
@@ -10,6 +10,7 @@ import torch
 
 from formerkit.bench.lm import LIBRARIES as LM_LIBRARIES
 from formerkit.bench.lm import LMSpec, format_lm, lm_benchmark
+from formerkit.bench.lora import LoRASpec, format_lora, lora_benchmark
 from formerkit.bench.vision import VisionSpec, format_vision, vision_benchmark
 from formerkit.errors import InputError
 
@@ -139,3 +140,26 @@ def test_training_memory_counts_what_the_warm_up_loads_as_imports():
         assert training_memory(build_loading, inputs, targets, "fp32", 1) > 150
     finally:
         _LOADED_ONCE.clear()
+
+
+TINY_LORA = LoRASpec(layers=2, heads=4, kv_heads=2, width=64, hidden=96, context=16, vocab=97, batch=2, rank=4,
+                     alpha=8, targets=("q", "v", "fc_out"))
+
+
+@pytest.mark.slow
+def test_the_lora_bench_trains_the_same_adapters_in_formerkit_and_peft():
+    records, notes = lora_benchmark(TINY_LORA, rounds=1)
+    _check_schema(records)
+    _check_same_work(records, ["train_tok_per_s", "peak_rss_mb"])
+    trainable = {item["library"]: item["value"] for item in records if item["metric"] == "trainable_params"}
+    # rank 4 on q [64 -> 64], v [64 -> 32] and fc_out [96 -> 64] in each of 2 layers, in both libraries
+    assert trainable == {"formerkit": 2 * 4 * ((64 + 64) + (64 + 32) + (96 + 64)),
+                         "transformers+peft": 2 * 4 * ((64 + 64) + (64 + 32) + (96 + 64))}
+    assert "| formerkit | fp32 |" in format_lora(records)
+
+
+def test_bad_lora_bench_settings_are_refused_before_any_work():
+    with pytest.raises(InputError, match="targets"):
+        lora_benchmark(LoRASpec(targets=("query",)))
+    with pytest.raises(InputError, match="kv_heads"):
+        lora_benchmark(LoRASpec(heads=8, kv_heads=3))

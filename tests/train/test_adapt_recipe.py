@@ -169,6 +169,33 @@ def test_lora_on_an_int8_base_keeps_the_adapter_separate_and_the_run_puts_it_bac
     assert text == bytes(reference.tolist()).decode("utf-8", "replace")
 
 
+@pytest.mark.parametrize("adapt", [
+    {"method": "adapter", "bottleneck": 8},
+    {"method": "prefix", "num_virtual_tokens": 4},
+])
+def test_adapters_that_cannot_be_merged_are_saved_beside_the_base_and_put_back_on(tmp_path, adapt):
+    """A bottleneck adapter (AdaptFormer) or prefixes change the computation, not a weight: the run saves the base
+    in model/ and the adapter beside it; loading the run puts it back (the same logits, the same greedy text)."""
+    from formerkit.runs import load_run_model
+
+    recipe = adapted_recipe(tmp_path).to_dict()
+    recipe["adapt"] = adapt
+    result = train(TrainConfig.from_dict(recipe), tmp_path / "run")
+    base = formerkit.load(tmp_path / "run" / "model")
+    assert not adapter_names(base)
+    loaded, _, _ = load_run_model(tmp_path / "run")
+    assert adapter_names(loaded) == ["default"]
+    tokens = torch.randint(256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), result.model.eval()(tokens))
+        assert not torch.allclose(base.eval()(tokens), loaded(tokens))  # the adapter does something
+    prompt = "<|user|>\nsay yes<|end|>\n<|assistant|>\n"
+    text = "".join(generate_run(tmp_path / "run", prompt, max_new_tokens=6, temperature=0.0))
+    ids = torch.tensor([list(prompt.encode())])
+    reference = generate(result.model, ids, max_new_tokens=6, temperature=0.0)[0, ids.shape[1]:]
+    assert text == bytes(reference.tolist()).decode("utf-8", "replace")
+
+
 @pytest.mark.parametrize("method, options", [("adapter", {"bottleneck": 8}), ("prefix", {"num_virtual_tokens": 3}),
                                              ("prompt", {"num_virtual_tokens": 3})])
 def test_fit_with_a_block_level_adapter_saves_the_bare_base_beside_the_adapter(tmp_path, method, options):

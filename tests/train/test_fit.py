@@ -275,3 +275,29 @@ def test_fit_on_a_finished_run_loads_its_weights_without_training(tmp_path):
     assert_same(weights(again), weights(trained))
     assert result.summary["status"] == "completed" and "valid_loss" in result.metrics
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == records  # nothing ran again
+
+
+def test_an_iterable_dataset_is_read_in_its_order():
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    rows = token_rows()
+    a, b = lm_model(), lm_model()
+    formerkit.fit(a, rows, **SETTINGS)
+    formerkit.fit(b, DataLoader(Stream(rows), batch_size=7), **SETTINGS)
+    assert_same(weights(a), weights(b))
+
+
+def test_activation_checkpointing_trains_the_same_weights():
+    rows = token_rows()
+    a, b = lm_model(), lm_model()
+    formerkit.fit(a, rows, **SETTINGS)
+    formerkit.fit(b, rows, activation_checkpointing=True, **SETTINGS)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), name

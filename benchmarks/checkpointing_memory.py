@@ -3,7 +3,7 @@
 (saved_tensors_hooks, unique storages) and (b) the process's peak RSS growth (ru_maxrss). One mode per process:
 
     for m in plain checkpointed adapter adapter-checkpointed; do
-        MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 python bench/checkpointing_memory.py $m; done
+        MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 python benchmarks/checkpointing_memory.py $m; done
 
 (the malloc threshold makes freed tensors leave the process, so the RSS peak follows the live tensors)."""
 import json
