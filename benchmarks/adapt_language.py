@@ -20,7 +20,7 @@ warm-up on a copy, so code loaded on first use counts for neither), and the proc
 ``--checkpointing`` adds memory-only rows (``--memory-steps`` steps, no evaluation) with activation checkpointing of
 whole blocks (``Transformer.set_activation_checkpointing``).
 
-    python benchmarks/adapt_language.py --base-run runs/char-lm-base [--steps 60] [--batch 8] [--checkpointing]
+    python benchmarks/adapt_language.py --base-run runs/char-lm-base [--steps 150] [--rank 8] [--checkpointing]
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-run", default="runs/char-lm-adapt-base", help="a char-lm run (trained if missing)")
     parser.add_argument("--base-steps", type=int, default=150, help="steps of the base run, if trained here")
-    parser.add_argument("--steps", type=int, default=60, help="fit steps, both methods")
+    parser.add_argument("--steps", type=int, default=150, help="fit steps, both methods")
     parser.add_argument("--batch", type=int, default=8, help="rows of 256 bytes per step")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--seed", type=int, default=0)
