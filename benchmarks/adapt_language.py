@@ -167,13 +167,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpointing", action="store_true",
                         help="also measure memory with activation checkpointing (memory-only rows)")
-    parser.add_argument("--memory-steps", type=int, default=3, help="steps of the memory-only rows")
+    parser.add_argument("--memory-steps", type=int, default=3,
+                        help="steps of the memory-only rows (at least 2: AdamW's moments are made at the end of the "
+                             "first step, so only later steps hold them beside the activations)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", metavar="PATH", help="also write the records (one JSON object per line)")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_one:
         return measure_one(json.loads(args.measure_one))
+    if args.memory_steps < 2:
+        parser.error("--memory-steps: at least 2 (AdamW's moments exist from the end of the first step)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
