@@ -197,3 +197,18 @@ def markdown_table(records: list[dict], metrics: list[tuple[str, str]]) -> str:
             cells.append(text)
         lines.append(f"| {library} | {precision} | {params / 1e6:.2f}M | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def machine_description() -> str:
+    """The CPU, its logical cores, torch's threads and the Python and torch versions: the "Machine:" line of a
+    benchmark's output."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads; Python "
+            f"{platform.python_version()}, torch {torch.__version__}")

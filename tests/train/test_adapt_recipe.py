@@ -194,3 +194,20 @@ def test_adapters_that_cannot_be_merged_are_saved_beside_the_base_and_put_back_o
     ids = torch.tensor([list(prompt.encode())])
     reference = generate(result.model, ids, max_new_tokens=6, temperature=0.0)[0, ids.shape[1]:]
     assert text == bytes(reference.tolist()).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("method, options", [("adapter", {"bottleneck": 8}), ("prefix", {"num_virtual_tokens": 3}),
+                                             ("prompt", {"num_virtual_tokens": 3})])
+def test_fit_with_a_block_level_adapter_saves_the_bare_base_beside_the_adapter(tmp_path, method, options):
+    """A bottleneck adapter, a prefix or a prompt cannot be merged: the run's model/ is the base without them (the
+    same weights as before fit) and its adapter/ loaded onto it gives the trained model's outputs."""
+    rows = torch.randint(256, (16, 17), generator=torch.Generator().manual_seed(1))
+    model = formerkit.add_adapters(base_model(), method=method, **options)
+    formerkit.fit(model, rows, out_dir=tmp_path / "run", steps=3, batch_size=4, lr=1e-2, checkpoint_every=100)
+    saved = formerkit.load(tmp_path / "run" / "model")
+    assert not adapter_names(saved)
+    for name, tensor in base_model().state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+    loaded = formerkit.load_adapters(saved, tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(rows[:, :-1]), model.eval()(rows[:, :-1]), atol=1e-6)
