@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from formerkit.bench.common import PRECISIONS
+from formerkit.bench.common import PRECISIONS, machine_description
 from formerkit.bench.lm import LIBRARIES as LM_LIBRARIES
 from formerkit.bench.lora import LIBRARIES as LORA_LIBRARIES
 from formerkit.bench.vision import LIBRARIES as VISION_LIBRARIES
@@ -38,17 +36,6 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
         Path(args.json).write_text("".join(json.dumps(record) + "\n" for record in records))
         print(f"records: {args.json}")
     return 0
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads; Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
 
 
 def _bench_peers(args: argparse.Namespace, kind: str) -> int:
@@ -80,7 +67,7 @@ def _bench_peers(args: argparse.Namespace, kind: str) -> int:
                                           rounds=args.rounds, memory=not args.no_memory, progress=progress)
         table = format_vision(records)
     command = "formerkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"formerkit bench {kind}"
-    text = "\n".join([f"Machine: {_machine()}", f"Command: `{command}`", "", table, "", *notes])
+    text = "\n".join([f"Machine: {machine_description()}", f"Command: `{command}`", "", table, "", *notes])
     print(text)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
