@@ -77,7 +77,10 @@ def _trainable(model: nn.Module, names: list[str]) -> None:
         parameter.requires_grad_(id(parameter) in chosen or parameter_name in base)
 
 
-def add_adapters(model: nn.Module, method: str = "lora", targets: Sequence[str] = ("q", "v"), rank: int = 8,
+_DEFAULT_TARGETS = ("q", "v")
+
+
+def add_adapters(model: nn.Module, method: str = "lora", targets: Sequence[str] = _DEFAULT_TARGETS, rank: int = 8,
                  alpha: float = 16, dropout: float = 0.0, layers=None, name: str = "default", **options) -> nn.Module:
     """Freezes ``model``'s base and adds the modules of ``method`` at ``targets`` of ``layers``; returns the model.
 
@@ -111,6 +114,11 @@ def add_adapters(model: nn.Module, method: str = "lora", targets: Sequence[str] 
     if isinstance(layers, range):
         layers = list(layers)
     targets = [targets] if isinstance(targets, str) else list(targets) if targets is not None else None
+    # Methods that place their modules per block (adapter, prefix, prompt) or pick parameters by kind (partial)
+    # declare targets=None: a projection list given to them would be ignored, so it is refused instead.
+    if accepted["targets"].default is None and targets not in (None, list(_DEFAULT_TARGETS)):
+        raise InputError(f"{where}: targets does not apply to this method (it adapts no single projections: "
+                         f"choose blocks with layers; partial tuning chooses with which), got {targets}")
     before = {parameter_name for parameter_name, p in model.named_parameters() if p.requires_grad}
     if not records:
         model.adapter_trainable_before = before

@@ -392,6 +392,15 @@ def test_methods_refuse_models_they_cannot_apply_to(method, overrides, message):
         adapt(make_model(**overrides), method, **({"which": "head"} if method == "partial" else {}))
 
 
+@pytest.mark.parametrize("method", ["adapter", "prefix", "prompt", "partial"])
+def test_projection_targets_given_to_a_method_that_reads_none_are_refused_not_ignored(method):
+    model = make_model()
+    with pytest.raises(InputError, match="targets does not apply to this method"):
+        formerkit.add_adapters(model, method=method, targets=("q", "k"))
+    assert all(p.requires_grad for p in model.parameters()), "a refused call leaves the model as it was"
+    formerkit.add_adapters(model, method=method)  # the default targets are no choice of the caller's
+
+
 def test_a_second_adapter_of_one_kind_and_name_on_a_block_is_refused():
     model = adapt(make_model(), "prefix", num_virtual_tokens=2)
     with pytest.raises(InputError, match="already has a prefix named 'default'"):
