@@ -56,7 +56,7 @@ __all__ = [
     "rope_position",
     "rotary_fraction",
     "stack",
-    "untied_lm_head",
+    "lm_head_rules",
     "windowed_layers",
 ]
 
@@ -183,11 +183,15 @@ def interleaved_rotary_order(heads: int, head_dim: int, rotary_dim: int) -> list
     return [head * head_dim + channel for head in range(heads) for channel in per_head]
 
 
-def untied_lm_head(config: ModelConfig) -> list[Rule]:
-    """A decoder's LM head has a weight of its own only when untied; tied, it is the token embedding."""
-    if config.head.kind == "lm" and not config.head.tie_embeddings:
-        return [Rule("head.projection.weight", ("lm_head.weight",))]
-    return []
+def lm_head_rules(config: ModelConfig) -> list[Rule]:
+    """A decoder's LM head tensors: its bias (``head.bias``: GPT-J, Phi) and its weight, which it has of its own only
+    when untied (tied, it is the token embedding)."""
+    if config.head.kind != "lm":
+        return []
+    rules = [Rule("head.projection.bias", ("lm_head.bias",))] if config.head.bias else []
+    if not config.head.tie_embeddings:
+        rules.append(Rule("head.projection.weight", ("lm_head.weight",)))
+    return rules
 
 
 def check_coverage(rules: list[Rule], params: dict[str, Tensor], architecture: str) -> None:

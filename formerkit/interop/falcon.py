@@ -13,10 +13,10 @@ from formerkit.interop.engine import (
     Rule,
     grouped_qkv_order,
     hf_name,
+    lm_head_rules,
     pair,
     permuted,
     rope_base,
-    untied_lm_head,
 )
 from formerkit.interop.files import Fields
 
@@ -141,7 +141,7 @@ class Falcon(Family):
             rules += pair(f"{ours}.attention.out", f"{theirs}.self_attention.dense", bias=attention.out_bias)
             rules += pair(f"{ours}.feedforward.fc_in", f"{theirs}.mlp.dense_h_to_4h", bias=config.feedforward.bias)
             rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.dense_4h_to_h", bias=config.feedforward.bias)
-        return rules + pair("decoder.final_norm", f"{base}ln_f") + untied_lm_head(config)
+        return rules + pair("decoder.final_norm", f"{base}ln_f") + lm_head_rules(config)
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         return {"lm_head.weight": f"{base}word_embeddings.weight"} if config.head.tie_embeddings else {}

@@ -18,8 +18,9 @@ from typing import Any
 
 from formerkit.config import ModelConfig
 from formerkit.errors import InteropError
-from formerkit.interop.engine import Family, Rule, hf_name, pair, rope_base, stack, untied_lm_head, windowed_layers
+from formerkit.interop.engine import Family, Rule, hf_name, rope_base, windowed_layers
 from formerkit.interop.files import Fields
+from formerkit.interop.llama import llama_layout_rules
 
 __all__ = ["Gemma"]
 
@@ -255,33 +256,7 @@ class Gemma(Family):
         return round(scalar)
 
     def rules(self, config: ModelConfig, base: str) -> list[Rule]:
-        attention, hidden = config.attention, config.feedforward_size
-        sandwich = config.norm.placement == "sandwich"
-        q_rows, kv_rows = attention.num_heads * config.head_dim, attention.kv_heads * config.head_dim
-        rules = [Rule("stem.tokens.weight", (f"{base}embed_tokens.weight",))]
-        for i in range(config.num_layers):
-            ours, theirs = f"decoder.blocks.{i}", f"{base}layers.{i}"
-            rules += pair(f"{ours}.attention_residual.norm", f"{theirs}.input_layernorm", bias=False)
-            rules += stack(f"{ours}.attention.qkv", [f"{theirs}.self_attn.{p}_proj" for p in "qkv"],
-                           (q_rows, kv_rows, kv_rows), bias=attention.qkv_bias)
-            rules += pair(f"{ours}.attention.out", f"{theirs}.self_attn.o_proj", bias=attention.out_bias)
-            if attention.qk_norm:
-                rules += pair(f"{ours}.attention.q_norm", f"{theirs}.self_attn.q_norm", bias=False)
-                rules += pair(f"{ours}.attention.k_norm", f"{theirs}.self_attn.k_norm", bias=False)
-            if sandwich:
-                # Gemma 2 and 3: post_attention_layernorm normalizes the attention's output; the feed-forward has a
-                # pre and a post norm of its own. (In Gemma and LLaMA, post_attention_layernorm is the
-                # feed-forward's input norm.)
-                rules += pair(f"{ours}.attention_residual.norm_out", f"{theirs}.post_attention_layernorm", bias=False)
-                rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.pre_feedforward_layernorm", bias=False)
-                rules += pair(f"{ours}.feedforward_residual.norm_out", f"{theirs}.post_feedforward_layernorm",
-                              bias=False)
-            else:
-                rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.post_attention_layernorm", bias=False)
-            rules += stack(f"{ours}.feedforward.fc_in", [f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"],
-                           (hidden, hidden), bias=False)
-            rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.down_proj", bias=False)
-        return rules + pair("decoder.final_norm", f"{base}norm", bias=False) + untied_lm_head(config)
+        return llama_layout_rules(config, base)
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         return {"lm_head.weight": f"{base}embed_tokens.weight"} if config.head.tie_embeddings else {}

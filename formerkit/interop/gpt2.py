@@ -13,8 +13,8 @@ from formerkit.interop.engine import (
     Rule,
     feedforward_hidden_size,
     hf_name,
+    lm_head_rules,
     pair,
-    untied_lm_head,
 )
 from formerkit.interop.files import Fields
 
@@ -79,7 +79,7 @@ class GPT2(Family):
             rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.ln_2")
             rules += pair(f"{ours}.feedforward.fc_in", f"{theirs}.mlp.c_fc", layout="transposed")
             rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.c_proj", layout="transposed")
-        return rules + pair("decoder.final_norm", f"{base}ln_f") + untied_lm_head(config)
+        return rules + pair("decoder.final_norm", f"{base}ln_f") + lm_head_rules(config)
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         return {"lm_head.weight": f"{base}wte.weight"} if config.head.tie_embeddings else {}

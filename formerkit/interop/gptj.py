@@ -15,6 +15,7 @@ from formerkit.interop.engine import (
     feedforward_hidden_size,
     hf_name,
     interleaved_rotary_order,
+    lm_head_rules,
     pair,
     permuted,
 )
@@ -107,12 +108,7 @@ class GPTJ(Family):
             rules += pair(f"{ours}.attention.out", f"{theirs}.attn.out_proj", bias=False)
             rules += pair(f"{ours}.feedforward.fc_in", f"{theirs}.mlp.fc_in")
             rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.fc_out")
-        rules += pair("decoder.final_norm", f"{base}ln_f")
-        if config.head.kind == "lm":
-            rules.append(Rule("head.projection.bias", ("lm_head.bias",)))
-            if not config.head.tie_embeddings:
-                rules.append(Rule("head.projection.weight", ("lm_head.weight",)))
-        return rules
+        return rules + pair("decoder.final_norm", f"{base}ln_f") + lm_head_rules(config)
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         return {"lm_head.weight": f"{base}wte.weight"} if config.head.tie_embeddings else {}

@@ -15,16 +15,16 @@ from formerkit.interop.engine import (
     Family,
     Rule,
     hf_name,
+    lm_head_rules,
     pair,
     rope_fields,
     rope_position,
     stack,
-    untied_lm_head,
     windowed_layers,
 )
 from formerkit.interop.files import Fields
 
-__all__ = ["Llama"]
+__all__ = ["Llama", "llama_layout_rules"]
 
 
 # The class-name stem of each LLaMA-family model type, and its default number of key/value heads.
@@ -146,23 +146,37 @@ class Llama(Family):
         return data
 
     def rules(self, config: ModelConfig, base: str) -> list[Rule]:
-        attention, hidden = config.attention, config.feedforward_size
-        q_rows, kv_rows = attention.num_heads * config.head_dim, attention.kv_heads * config.head_dim
-        rules = [Rule("stem.tokens.weight", (f"{base}embed_tokens.weight",))]
-        for i in range(config.num_layers):
-            ours, theirs = f"decoder.blocks.{i}", f"{base}layers.{i}"
-            rules += pair(f"{ours}.attention_residual.norm", f"{theirs}.input_layernorm", bias=False)
-            rules += stack(f"{ours}.attention.qkv", [f"{theirs}.self_attn.{p}_proj" for p in "qkv"],
-                           (q_rows, kv_rows, kv_rows), bias=attention.qkv_bias)
-            rules += pair(f"{ours}.attention.out", f"{theirs}.self_attn.o_proj", bias=attention.out_bias)
-            if attention.qk_norm:  # Qwen3
-                rules += pair(f"{ours}.attention.q_norm", f"{theirs}.self_attn.q_norm", bias=False)
-                rules += pair(f"{ours}.attention.k_norm", f"{theirs}.self_attn.k_norm", bias=False)
-            rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.post_attention_layernorm", bias=False)
-            rules += stack(f"{ours}.feedforward.fc_in", [f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"],
-                           (hidden, hidden), bias=config.feedforward.bias)
-            rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.down_proj", bias=config.feedforward.bias)
-        return rules + pair("decoder.final_norm", f"{base}norm", bias=False) + untied_lm_head(config)
+        return llama_layout_rules(config, base)
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         return {"lm_head.weight": f"{base}embed_tokens.weight"} if config.head.tie_embeddings else {}
+
+
+def llama_layout_rules(config: ModelConfig, base: str) -> list[Rule]:
+    """The weight rules of LLaMA's module layout, which Mistral, Qwen2/3 and Gemma share: ``input_layernorm``,
+    ``self_attn.{q,k,v,o}_proj`` (with Qwen3's and Gemma 3's ``q_norm``/``k_norm``), ``mlp.{gate,up,down}_proj``.
+    With sandwich norms (Gemma 2 and 3) ``post_attention_layernorm`` normalizes the attention's output and the
+    feed-forward has a pre and a post norm of its own; otherwise ``post_attention_layernorm`` is the feed-forward's
+    input norm."""
+    attention, hidden = config.attention, config.feedforward_size
+    q_rows, kv_rows = attention.num_heads * config.head_dim, attention.kv_heads * config.head_dim
+    rules = [Rule("stem.tokens.weight", (f"{base}embed_tokens.weight",))]
+    for i in range(config.num_layers):
+        ours, theirs = f"decoder.blocks.{i}", f"{base}layers.{i}"
+        rules += pair(f"{ours}.attention_residual.norm", f"{theirs}.input_layernorm", bias=False)
+        rules += stack(f"{ours}.attention.qkv", [f"{theirs}.self_attn.{p}_proj" for p in "qkv"],
+                       (q_rows, kv_rows, kv_rows), bias=attention.qkv_bias)
+        rules += pair(f"{ours}.attention.out", f"{theirs}.self_attn.o_proj", bias=attention.out_bias)
+        if attention.qk_norm:
+            rules += pair(f"{ours}.attention.q_norm", f"{theirs}.self_attn.q_norm", bias=False)
+            rules += pair(f"{ours}.attention.k_norm", f"{theirs}.self_attn.k_norm", bias=False)
+        if config.norm.placement == "sandwich":
+            rules += pair(f"{ours}.attention_residual.norm_out", f"{theirs}.post_attention_layernorm", bias=False)
+            rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.pre_feedforward_layernorm", bias=False)
+            rules += pair(f"{ours}.feedforward_residual.norm_out", f"{theirs}.post_feedforward_layernorm", bias=False)
+        else:
+            rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.post_attention_layernorm", bias=False)
+        rules += stack(f"{ours}.feedforward.fc_in", [f"{theirs}.mlp.gate_proj", f"{theirs}.mlp.up_proj"],
+                       (hidden, hidden), bias=config.feedforward.bias)
+        rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.down_proj", bias=config.feedforward.bias)
+    return rules + pair("decoder.final_norm", f"{base}norm", bias=False) + lm_head_rules(config)

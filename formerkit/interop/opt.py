@@ -24,9 +24,9 @@ from formerkit.interop.engine import (
     Rule,
     feedforward_hidden_size,
     hf_name,
+    lm_head_rules,
     pair,
     stack,
-    untied_lm_head,
 )
 from formerkit.interop.files import Fields
 
@@ -112,7 +112,7 @@ class OPT(Family):
             rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.fc2", bias=config.feedforward.bias)
         if config.norm.has_final:
             rules += pair("decoder.final_norm", f"{decoder}.final_layer_norm")
-        return rules + untied_lm_head(config)
+        return rules + lm_head_rules(config)
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         return {"lm_head.weight": f"{base}decoder.embed_tokens.weight"} if config.head.tie_embeddings else {}

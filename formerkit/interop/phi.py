@@ -12,6 +12,7 @@ from formerkit.interop.engine import (
     Family,
     Rule,
     hf_name,
+    lm_head_rules,
     pair,
     rope_base,
     rotary_fraction,
@@ -98,12 +99,7 @@ class Phi(Family):
                 rules += pair(f"{ours}.attention.k_norm", f"{theirs}.self_attn.k_layernorm")
             rules += pair(f"{ours}.feedforward.fc_in", f"{theirs}.mlp.fc1")
             rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.fc2")
-        rules += pair("decoder.final_norm", f"{base}final_layernorm")
-        if config.head.kind == "lm":
-            rules.append(Rule("head.projection.bias", ("lm_head.bias",)))
-            if not config.head.tie_embeddings:
-                rules.append(Rule("head.projection.weight", ("lm_head.weight",)))
-        return rules
+        return rules + pair("decoder.final_norm", f"{base}final_layernorm") + lm_head_rules(config)
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         return {"lm_head.weight": f"{base}embed_tokens.weight"} if config.head.tie_embeddings else {}

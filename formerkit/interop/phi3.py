@@ -20,10 +20,10 @@ from formerkit.interop.engine import (
     Family,
     Rule,
     hf_name,
+    lm_head_rules,
     pair,
     rope_fields,
     rope_position,
-    untied_lm_head,
     windowed_layers,
 )
 from formerkit.interop.files import Fields
@@ -105,7 +105,7 @@ class Phi3(Family):
             rules += pair(f"{ours}.feedforward_residual.norm", f"{theirs}.post_attention_layernorm", bias=False)
             rules += pair(f"{ours}.feedforward.fc_in", f"{theirs}.mlp.gate_up_proj", bias=False)
             rules += pair(f"{ours}.feedforward.fc_out", f"{theirs}.mlp.down_proj", bias=False)
-        return rules + pair("decoder.final_norm", f"{base}norm", bias=False) + untied_lm_head(config)
+        return rules + pair("decoder.final_norm", f"{base}norm", bias=False) + lm_head_rules(config)
 
     def tied_copies(self, config: ModelConfig, base: str) -> dict[str, str]:
         return {"lm_head.weight": f"{base}embed_tokens.weight"} if config.head.tie_embeddings else {}
