@@ -21,7 +21,7 @@ from formerkit.errors import InputError
 from formerkit.nn.cache import KVCache, StaticSlots
 from formerkit.nn.context import LayerContext
 from formerkit.nn.linear_attention import linear_attention, quadratic_form
-from formerkit.nn.local_attention import blockwise_attention, grouped_sdpa, repeat_kv
+from formerkit.nn.local_attention import blockwise_attention, grouped_sdpa, repeat_kv, written_out_scores
 from formerkit.nn.masks import BlockedMask, PreparedMask
 from formerkit.nn.norms import build_norm
 from formerkit.nn.positions import apply_rotary
@@ -262,16 +262,7 @@ def attention_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
     [heads, queries, keys] scales the scores, as the Gaussian-mixture mask does; cap(s) = softcap * tanh(s / softcap)
     with a ``softcap``, else s), returning the probabilities too."""
     k, v = repeat_kv(q, k, v)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if multiplier is not None:
-        scores = scores * multiplier
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if is_causal:
-        length, keys = scores.shape[-2:]
-        attn_mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(keys - length)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    scores = written_out_scores(q, k, attn_mask, is_causal, scale=scale, multiplier=multiplier, softcap=softcap)
     weights = scores.softmax(dim=-1)
     out = F.dropout(weights, dropout) @ v if dropout else weights @ v
     return out, weights

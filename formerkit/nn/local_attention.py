@@ -11,13 +11,15 @@ fraction of it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from formerkit.nn.masks import BlockedMask
 
-__all__ = ["blockwise_attention", "grouped_sdpa", "repeat_kv", "softcapped_attention"]
+__all__ = ["blockwise_attention", "grouped_sdpa", "repeat_kv", "softcapped_attention", "written_out_scores"]
 
 # SDPA's enable_gqa arrived in torch 2.5; older versions repeat the key/value heads instead.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -56,18 +58,31 @@ def grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = Non
                                           **extra)
 
 
-def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, is_causal: bool,
-                         scale: float | None, softcap: float) -> Tensor:
-    """softmax(softcap * tanh(q k^T * scale / softcap) + mask) v written out (Gemma 2's capped scores; masks as in
-    SDPA). Half-precision scores are normalized in float32, as fused kernels do."""
-    k, v = repeat_kv(q, k, v)
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    scores = torch.tanh(scores / softcap) * softcap
+def written_out_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, *, scale: float | None = None,
+                       multiplier: Tensor | None = None, softcap: float | None = None) -> Tensor:
+    """The masked scores cap(multiplier * (q k^T * scale)) + mask [batch, heads, queries, keys], for keys with one head
+    per query head (``repeat_kv``; scale 1/sqrt(d) by default; ``multiplier`` [heads, queries, keys] scales them,
+    as the Gaussian-mixture mask does; cap(s) = softcap * tanh(s / softcap), Gemma 2's; masks as in SDPA): what the
+    paths that cannot use SDPA compute before their softmax."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if multiplier is not None:
+        scores = scores * multiplier
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
         length, keys = scores.shape[-2:]
         attn_mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril(keys - length)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout: float, is_causal: bool,
+                         scale: float | None, softcap: float) -> Tensor:
+    """softmax(softcap * tanh(q k^T * scale / softcap) + mask) v written out (Gemma 2's capped scores; masks as in
+    SDPA). Half-precision scores are normalized in float32, as fused kernels do."""
+    k, v = repeat_kv(q, k, v)
+    scores = written_out_scores(q, k, attn_mask, is_causal, scale=scale, softcap=softcap)
     wide = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
     weights = scores.softmax(dim=-1, dtype=wide).to(q.dtype)
     return (F.dropout(weights, dropout) if dropout else weights) @ v
