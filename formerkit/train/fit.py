@@ -141,9 +141,6 @@ def fit(model: nn.Module, train_data, *, eval_data=None, objective: str | None =
         if result.model is not model:  # ema_decay: the average is what was evaluated and saved
             with torch.no_grad():
                 model.load_state_dict(result.model.state_dict())
-        if result.model is not model:  # ema_decay: the average is what was evaluated and saved
-            with torch.no_grad():
-                model.load_state_dict(result.model.state_dict())
         return FitResult(model, _last_eval(run_dir), None if temporary else run_dir, result.summary)
     finally:
         if temporary:
