@@ -16,9 +16,9 @@ from formerkit.interop.engine import (
     lm_head_rules,
     pair,
     permuted,
-    rope_base,
 )
 from formerkit.interop.files import Fields
+from formerkit.interop.rope import rope_base
 
 __all__ = ["Falcon"]
 

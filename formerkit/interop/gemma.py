@@ -18,9 +18,10 @@ from typing import Any
 
 from formerkit.config import ModelConfig
 from formerkit.errors import InteropError
-from formerkit.interop.engine import Family, Rule, hf_name, rope_base, windowed_layers
+from formerkit.interop.engine import Family, Rule, hf_name, windowed_layers
 from formerkit.interop.files import Fields
 from formerkit.interop.llama import llama_layout_rules
+from formerkit.interop.rope import rope_base
 
 __all__ = ["Gemma"]
 

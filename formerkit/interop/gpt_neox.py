@@ -15,10 +15,9 @@ from formerkit.interop.engine import (
     hf_name,
     pair,
     permuted,
-    rope_base,
-    rotary_fraction,
 )
 from formerkit.interop.files import Fields
+from formerkit.interop.rope import rope_base, rotary_fraction
 
 __all__ = ["GPTNeoX"]
 

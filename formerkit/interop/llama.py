@@ -17,12 +17,11 @@ from formerkit.interop.engine import (
     hf_name,
     lm_head_rules,
     pair,
-    rope_fields,
-    rope_position,
     stack,
     windowed_layers,
 )
 from formerkit.interop.files import Fields
+from formerkit.interop.rope import rope_fields, rope_position
 
 __all__ = ["Llama", "llama_layout_rules"]
 

@@ -6,19 +6,9 @@ import re
 from typing import Any
 
 from formerkit.config import ModelConfig
-from formerkit.interop.engine import (
-    ACTIVATION_NAMES,
-    ACTIVATIONS,
-    Family,
-    Rule,
-    hf_name,
-    lm_head_rules,
-    pair,
-    rope_base,
-    rotary_fraction,
-    stack,
-)
+from formerkit.interop.engine import ACTIVATION_NAMES, ACTIVATIONS, Family, Rule, hf_name, lm_head_rules, pair, stack
 from formerkit.interop.files import Fields
+from formerkit.interop.rope import rope_base, rotary_fraction
 
 __all__ = ["Phi"]
 

@@ -22,11 +22,10 @@ from formerkit.interop.engine import (
     hf_name,
     lm_head_rules,
     pair,
-    rope_fields,
-    rope_position,
     windowed_layers,
 )
 from formerkit.interop.files import Fields
+from formerkit.interop.rope import rope_fields, rope_position
 
 __all__ = ["Phi3"]
 
