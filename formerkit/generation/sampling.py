@@ -57,9 +57,13 @@ class SamplingConfig:
         """The next token of each row [batch] from logits [batch, vocab]."""
         if self.greedy:
             return logits.argmax(dim=-1)
+        return torch.multinomial(self.probabilities(logits), 1, generator=generator).squeeze(-1)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """The distribution [..., vocab] a token is drawn from (temperature, then top-k, then top-p; not greedy)."""
         logits = logits.float() / self.temperature
         if self.top_k is not None and self.top_k < logits.shape[-1]:
-            threshold = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            threshold = logits.topk(self.top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < threshold, float("-inf"))
         if self.top_p is not None and self.top_p < 1:
             ordered, order = logits.sort(dim=-1, descending=True)
@@ -67,8 +71,7 @@ class SamplingConfig:
             # Drop a token when the more likely ones already reach p (so the most likely one always stays).
             drop = (cumulative - ordered.softmax(dim=-1)) >= self.top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        probabilities = logits.softmax(dim=-1)
-        return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+        return logits.softmax(dim=-1)
 
 
 def _decode_step(model, tokens: Tensor, cache: KVCache, source: Tensor) -> Tensor:
@@ -165,12 +168,19 @@ def stream(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            stop_tokens: int | Iterable[int] | None = None, pad_token_id: int | None = None, seed: int | None = None,
            decoder_input_ids=None, decoder_start_token_id: int | None = None,
-           compile: bool = False) -> Iterator[Tensor]:
+           compile: bool = False, draft=None, draft_stats=None) -> Iterator[Tensor]:
     """Yields the new tokens [batch] of each step as they are generated (see ``generate`` for the arguments).
 
     A row that has produced a stop token yields ``pad_token_id`` afterwards (default: its first stop token); the
-    stream ends when every row has stopped or after ``max_new_tokens`` steps.
+    stream ends when every row has stopped or after ``max_new_tokens`` steps. With a ``draft``, each token is yielded
+    on its own, though a pass of the model may make several.
     """
+    if draft is not None:
+        yield from _speculative_steps(model, input_ids, max_new_tokens, attention_mask=attention_mask,
+                                      sampling=SamplingConfig(temperature, top_k, top_p), stop_tokens=stop_tokens,
+                                      seed=seed, decoder_input_ids=decoder_input_ids, compile=compile, draft=draft,
+                                      stats=draft_stats)
+        return
     yield from _steps(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
                       top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_token_id=pad_token_id, seed=seed,
                       decoder_input_ids=decoder_input_ids, decoder_start_token_id=decoder_start_token_id,
@@ -293,6 +303,38 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
             model.train()
 
 
+def _speculative_steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | None,
+                       sampling: SamplingConfig, stop_tokens, seed: int | None, decoder_input_ids, compile: bool,
+                       draft, stats) -> Iterator[Tensor]:
+    """``stream`` with a draft (see ``formerkit.generation.speculative``): one prompt, each new token as a [1]
+    tensor."""
+    from formerkit.generation.speculative import SpeculativeDecoder, SpeculativeStats, as_draft
+
+    if model.config.arch != "decoder" or decoder_input_ids is not None:
+        raise InputError(f"draft: speculative decoding needs a decoder (arch is {model.config.arch!r})")
+    if compile:
+        raise InputError("draft: speculative decoding does not run a compiled decode step; pass compile=False")
+    if stats is not None and not isinstance(stats, SpeculativeStats):
+        raise InputError(f"draft_stats: expected a SpeculativeStats, got {type(stats).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InputError(f"seed: expected an integer or None, got {seed!r}")
+    prompt, _ = _as_ids(input_ids, "input_ids")
+    if prompt.shape[0] != 1:
+        raise InputError(f"draft: speculative decoding takes one prompt (batch 1), got a batch of {prompt.shape[0]}; "
+                         "generate the prompts one by one")
+    keep = _check_left_padded(attention_mask, tuple(prompt.shape), "attention_mask")
+    # A single row's left padding changes nothing (padding is never attended to and positions count real tokens).
+    ids = prompt[0] if keep is None else prompt[0][keep[0].to(prompt.device)]
+    stops = _stop_set(stop_tokens, model.config.stem.vocab_size)
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    decoder = SpeculativeDecoder(model, ids.tolist(), max_new_tokens, as_draft(draft), sampling=sampling,
+                                 stop_ids=frozenset(() if stops is None else stops.tolist()), generator=generator,
+                                 stats=stats)
+    for token, _ in decoder.tokens():
+        yield torch.tensor([token], device=device)
+
+
 def _start_token(config, given: int | None) -> int | None:
     """The decoder's start token: the one given, else the model's own (config.decoder_start_token_id)."""
     return given if given is not None else config.decoder_start_token_id
@@ -320,7 +362,8 @@ def _check_source_mask(attention_mask: Tensor | None, shape: tuple[int, int]) ->
 def generate(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: int | Iterable[int] | None = None, pad_token_id: int | None = None, seed: int | None = None,
-             decoder_input_ids=None, decoder_start_token_id: int | None = None, compile: bool = False) -> Tensor:
+             decoder_input_ids=None, decoder_start_token_id: int | None = None, compile: bool = False,
+             draft=None, draft_stats=None) -> Tensor:
     """Generates up to ``max_new_tokens`` tokens after each prompt; returns prompt + new tokens [batch, tokens].
 
     input_ids: [batch, tokens] or [tokens] prompt ids (for an encoder_decoder: the source ids). Prompts of different
@@ -336,13 +379,25 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | 
         AOTInductor, or by ``torch.compile`` where that cannot. The first call compiles (tens of seconds); later
         calls with the same batch size reuse it, until a parameter changes. If compiling fails, decoding goes on
         without it (with a warning).
+    draft: speculative decoding (decoders, one prompt; see ``formerkit.generation.speculative``): "ngram" (prompt
+        lookup), a smaller formerkit model with the same vocabulary, or an ``NGramDraft`` / ``ModelDraft`` (which set
+        how many tokens are guessed per pass). Greedy output is the model's own; sampled output follows the model's
+        distribution (not the same draws as without a draft). ``draft_stats``: a ``SpeculativeStats`` that receives
+        the counts of passes, guessed and kept tokens.
     """
     prompt = decoder_input_ids if model.config.arch == "encoder_decoder" else input_ids
     with torch.inference_mode():
-        steps = list(_steps(model, input_ids, max_new_tokens, attention_mask=attention_mask,
-                            temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens,
-                            pad_token_id=pad_token_id, seed=seed, decoder_input_ids=decoder_input_ids,
-                            decoder_start_token_id=decoder_start_token_id, compile=compile, between_steps=False))
+        if draft is not None:
+            steps = _speculative_steps(model, input_ids, max_new_tokens, attention_mask=attention_mask,
+                                       sampling=SamplingConfig(temperature, top_k, top_p), stop_tokens=stop_tokens,
+                                       seed=seed, decoder_input_ids=decoder_input_ids, compile=compile, draft=draft,
+                                       stats=draft_stats)
+        else:
+            steps = _steps(model, input_ids, max_new_tokens, attention_mask=attention_mask,
+                           temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens,
+                           pad_token_id=pad_token_id, seed=seed, decoder_input_ids=decoder_input_ids,
+                           decoder_start_token_id=decoder_start_token_id, compile=compile, between_steps=False)
+        steps = list(steps)
         new_tokens = torch.stack(steps, dim=1) if steps else None
     if prompt is None:
         prompt = _start_tokens(_start_token(model.config, decoder_start_token_id),

@@ -226,6 +226,24 @@ class KVCache:
             value_buffer.index_copy_(2, slots, old_values)
         self._undo = []
 
+    def truncate(self, length: int) -> None:
+        """Forgets every slot from ``length`` on: the cache is what feeding only its first ``length`` slots would
+        have made (speculative decoding rolls back the guessed tokens the model rejected this way). Later passes
+        overwrite the forgotten slots. Rolling window buffers cannot be rolled back (their overwritten slots are
+        gone): build the cache with ``rolling=False``."""
+        if self._end is not None:
+            raise RuntimeError("KVCache: truncate() during a pass")
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
+            raise InputError(f"KVCache.truncate: expected a length in [0, {self.length}], got {length!r}")
+        if any(self.rolling):
+            raise InputError("KVCache.truncate: rolling window buffers cannot be rolled back; build the cache with "
+                             "KVCache.for_model(..., rolling=False)")
+        # Positions of later tokens count the real tokens kept.
+        self.counts = self.counts - self.keep[:, length:self.length].long().sum(dim=1)
+        self.keep[:, length:self.length] = False
+        self.length = length
+        self.padded = self.padded and not bool(self.keep[:, :length].all())
+
     def reorder(self, index: Tensor) -> None:
         """Keeps rows ``index`` of the batch (for callers that drop finished rows or reorder beams)."""
         self.keys = [buffer[index] for buffer in self.keys]
