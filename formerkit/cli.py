@@ -169,7 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     for piece in generate_run(args.target, args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              stop=args.stop, compile=args.compile):
+                              stop=args.stop, compile=args.compile, draft=args.draft,
+                              draft_tokens=args.draft_tokens):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -355,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compile", action="store_true",
                           help="compile the decode step ahead of time with AOTInductor (torch.compile where "
                                "AOTInductor cannot): faster per token, about 30 s to start")
+    generate.add_argument("--draft", default=None, metavar="RUN_OR_ngram",
+                          help="speculative decoding: a smaller language-model run with the same tokenizer guesses "
+                               "tokens, or 'ngram' looks them up in the text so far; the target checks them in one "
+                               "pass (greedy output unchanged)")
+    generate.add_argument("--draft-tokens", type=int, default=None,
+                          help="tokens guessed per pass with --draft (default 4 for a run, 8 for ngram)")
     generate.set_defaults(run=cmd_generate)
 
     predict = commands.add_parser("predict", help="predictions of a run for raw inputs: images (labels and "

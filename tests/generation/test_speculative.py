@@ -327,3 +327,30 @@ def test_sampled_sequences_follow_the_targets_distribution_with_a_draft_model():
         counts[out[0] * 16 + out[1] * 4 + out[2]] += 1
     assert 0 < stats.accepted < stats.proposed  # both paths of the rule were taken
     assert total_variation(counts, exact) < 0.08
+
+
+# ----- runs and the command line -----
+
+TWO_STEPS = {"schedule.steps": 2, "eval.every": 2}  # the runs test_serve and test_predict train
+
+
+@pytest.mark.slow
+def test_generate_command_with_a_draft_run_or_ngram_prints_the_plain_greedy_text(trained_run, tmp_path, capsys):
+    import shutil
+
+    from formerkit.cli import main
+
+    target, draft = trained_run("char-lm", **TWO_STEPS), trained_run("char-lm")
+    command = ["generate", str(target), "--prompt", "def f(x):\n    return x\n", "--temperature", "0",
+               "--max-new-tokens", "40"]
+    assert main(command) == 0
+    reference = capsys.readouterr().out
+    for extra in (["--draft", str(draft)], ["--draft", "ngram", "--draft-tokens", "3"]):
+        assert main(command + extra) == 0
+        assert capsys.readouterr().out == reference
+    other = tmp_path / "other"
+    shutil.copytree(draft, other)
+    tokenizer = other / "model" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text() + " ")
+    assert main(command + ["--draft", str(other)]) != 0
+    assert "does not share" in capsys.readouterr().err
