@@ -23,6 +23,10 @@ often right on text that repeats its input (code edits, summaries, extraction). 
 
 Batch 1 only: rows of a batch accept different numbers of guesses, and the one-sequence case is where speculative
 decoding helps (a batch already reads the weights once for many tokens).
+
+``sampling`` arguments here are ``formerkit.generation.sampling.SamplingConfig``s (``greedy``, ``pick`` and
+``probabilities`` are what is used); this module does not import it, since ``generate(draft=...)`` calls into this one.
+``speculative_serving`` answers a serving engine's ``TokenRequest`` with it.
 """
 
 from __future__ import annotations
@@ -34,12 +38,9 @@ import torch
 from torch import Tensor
 
 from formerkit.errors import InputError
-from formerkit.generation.requests import TokenEvent, TokenRequest
-from formerkit.generation.sampling import SamplingConfig
 from formerkit.nn.cache import KVCache
 
-__all__ = ["Draft", "ModelDraft", "NGramDraft", "SpeculativeDecoder", "SpeculativeStats", "as_draft",
-           "speculative_events", "verify"]
+__all__ = ["Draft", "ModelDraft", "NGramDraft", "SpeculativeDecoder", "SpeculativeStats", "as_draft", "verify"]
 
 
 def _check_count(value, name: str, minimum: int = 1) -> None:
@@ -63,9 +64,9 @@ class Draft:
 
 @dataclass(frozen=True)
 class NGramDraft(Draft):
-    """Prompt lookup: guesses the up to ``num_tokens`` tokens that followed the latest earlier occurrence of the
+    """Prompt lookup: guesses the ``num_tokens`` tokens that followed the latest earlier occurrence of the
     sequence's last ``ngram_size`` tokens (then of its last ngram_size - 1, ..., down to 1 when the longer ones never
-    occurred before). Needs no model and keeps no state."""
+    occurred before), as if the text from there were copied. Needs no model and keeps no state."""
 
     ngram_size: int = 3
     num_tokens: int = 8
@@ -77,7 +78,7 @@ class NGramDraft(Draft):
     def start(self, model, max_length: int) -> NGramDraft:
         return self
 
-    def propose(self, sequence: list[int], count: int, sampling: SamplingConfig,
+    def propose(self, sequence: list[int], count: int, sampling,
                 generator: torch.Generator | None) -> tuple[list[int], None]:
         tokens = torch.tensor(sequence)
         for size in range(min(self.ngram_size, len(sequence) - 1), 0, -1):
@@ -85,8 +86,13 @@ class NGramDraft(Draft):
             windows = tokens[:-1].unfold(0, size, 1)
             found = (windows == tokens[-size:]).all(dim=1).nonzero()
             if len(found):
-                follows = int(found[-1]) + size
-                return sequence[follows:follows + count], None
+                # Copy on from there; a match close to the end runs into the copied tokens themselves, which
+                # continues a repeating pattern (a run of spaces, a repeated line) instead of stopping short.
+                follows, guesses = int(found[-1]) + size, []
+                for index in range(count):
+                    place = follows + index
+                    guesses.append(sequence[place] if place < len(sequence) else guesses[place - len(sequence)])
+                return guesses, None
         return [], None
 
 
@@ -136,7 +142,7 @@ class _ModelProposals:
         self.fed.extend(tokens)
         return logits
 
-    def propose(self, sequence: list[int], count: int, sampling: SamplingConfig,
+    def propose(self, sequence: list[int], count: int, sampling,
                 generator: torch.Generator | None) -> tuple[list[int], Tensor | None]:
         # Keep the cached tokens the sequence still starts with (the accepted guesses), feed the rest; at least the
         # last token is fed, whose logits give the first guess.
@@ -201,7 +207,7 @@ class SpeculativeStats:
         return self.tokens / self.rounds if self.rounds else 0.0
 
 
-def verify(logits: Tensor, guesses: Tensor, draft_probabilities: Tensor | None, sampling: SamplingConfig,
+def verify(logits: Tensor, guesses: Tensor, draft_probabilities: Tensor | None, sampling,
            generator: torch.Generator | None = None) -> tuple[int, int]:
     """How many of the ``guesses`` [m] the model keeps, and its own next token after them.
 
@@ -236,9 +242,6 @@ def verify(logits: Tensor, guesses: Tensor, draft_probabilities: Tensor | None, 
     return kept, int(torch.multinomial(residual, 1, generator=generator))
 
 
-GREEDY = SamplingConfig(temperature=0.0)
-
-
 class SpeculativeDecoder:
     """One sequence (batch 1) decoded speculatively: ``tokens()`` yields each new token with the model's logits
     [vocab] at its place (for log-probabilities).
@@ -249,7 +252,7 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, model, prompt: list[int], max_new_tokens: int, draft: Draft, *,
-                 sampling: SamplingConfig = GREEDY, stop_ids=frozenset(),
+                 sampling, stop_ids=frozenset(),
                  generator: torch.Generator | None = None, stats: SpeculativeStats | None = None):
         config = model.config
         if config.arch != "decoder" or config.head.kind != "lm":
@@ -330,29 +333,3 @@ class SpeculativeDecoder:
         self.stats.proposed += len(guesses)
         self.stats.accepted += kept
         return [(new, logits[index]) for index, new in enumerate([*guesses[:kept], token])]
-
-
-def speculative_events(model, request: TokenRequest, draft) -> Iterator[TokenEvent]:
-    """One request decoded speculatively (batch 1, alone), as the serving engine's ``TokenEvent``s: the seam for
-    ``formerkit serve --draft``. ``draft``: see ``as_draft`` (a model, "ngram", a ``NGramDraft`` / ``ModelDraft``);
-    build it once and pass it to every request (it keeps no state between generations). The request's prompt plus
-    max_new_tokens must fit the model's context (as for plain decoding); finish_reason is "stop" after a stop token,
-    else "length"."""
-    generator = None
-    if request.seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(request.seed)
-    decoder = SpeculativeDecoder(model, list(request.ids), request.max_new_tokens, as_draft(draft),
-                                 sampling=request.sampling, stop_ids=request.stop_ids, generator=generator)
-    made = 0
-    for token, logits in decoder.tokens():
-        made += 1
-        logprob = top = None
-        if request.logprobs is not None:
-            # The model's own log-softmax, before temperature or truncation (as TokenEvent documents).
-            logprobs = logits.float().log_softmax(dim=-1)
-            logprob = float(logprobs[token])
-            if request.logprobs > 0:
-                values, ids = logprobs.topk(min(request.logprobs, logprobs.shape[-1]))
-                top = tuple(zip(ids.tolist(), values.tolist()))
-        finish = "stop" if token in request.stop_ids else "length" if made == request.max_new_tokens else None
-        yield TokenEvent(token=token, logprob=logprob, top_logprobs=top, finish_reason=finish)

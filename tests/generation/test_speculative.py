@@ -23,9 +23,9 @@ from formerkit.generation.speculative import (
     NGramDraft,
     SpeculativeDecoder,
     SpeculativeStats,
-    speculative_events,
     verify,
 )
+from formerkit.generation.speculative_serving import speculative_events
 from formerkit.nn.cache import KVCache
 
 from ..conftest import randomize_weights, token_config
@@ -165,8 +165,9 @@ def test_ngram_proposes_what_followed_the_latest_match():
     assert lookup.propose([7, 8, 9, 1, 2, 7, 8, 9, 5, 6, 0, 7, 8, 9], 2, GREEDY, None) == ([5, 6], None)
     # Only the last 1-gram (4) occurred before: falls back to it.
     assert lookup.propose([4, 2, 3, 1, 4], 3, GREEDY, None) == ([2, 3, 1], None)
-    # Near the end, fewer tokens follow the match than asked for.
-    assert lookup.propose([1, 2, 1, 2], 5, GREEDY, None) == ([1, 2], None)
+    # Near the end the copy runs into what it copied: a repeating pattern goes on.
+    assert lookup.propose([1, 2, 1, 2], 5, GREEDY, None) == ([1, 2, 1, 2, 1], None)
+    assert lookup.propose([9, 0, 0, 0], 3, GREEDY, None) == ([0, 0, 0], None)
     assert lookup.propose([1, 2, 3], 2, GREEDY, None) == ([], None)
 
 
@@ -223,7 +224,7 @@ def test_truncate_refuses_rolling_buffers_and_bad_lengths():
 
 def test_rollback_leaves_the_cache_of_a_recompute(target, other):
     # The other model's guesses are mostly rejected, so most passes roll back.
-    decoder = SpeculativeDecoder(target, REPETITIVE, 15, ModelDraft(other, num_tokens=3))
+    decoder = SpeculativeDecoder(target, REPETITIVE, 15, ModelDraft(other, num_tokens=3), sampling=GREEDY)
     made = [token for token, _ in decoder.tokens()]
     assert decoder.stats.proposed > decoder.stats.accepted > 0 or decoder.stats.accepted == 0
     assert decoder.stats.accepted < decoder.stats.proposed
