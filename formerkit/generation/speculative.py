@@ -251,9 +251,9 @@ class SpeculativeDecoder:
     stats: a ``SpeculativeStats`` to add this generation's counts to.
     """
 
-    def __init__(self, model, prompt: list[int], max_new_tokens: int, draft: Draft, *,
-                 sampling, stop_ids=frozenset(),
-                 generator: torch.Generator | None = None, stats: SpeculativeStats | None = None):
+    def __init__(self, model, prompt: list[int], max_new_tokens: int, draft: Draft, *, sampling,
+                 stop_ids=frozenset(), generator: torch.Generator | None = None,
+                 stats: SpeculativeStats | None = None):
         config = model.config
         if config.arch != "decoder" or config.head.kind != "lm":
             raise InputError(f"draft: speculative decoding needs a decoder with an lm head, this model is arch "
@@ -321,7 +321,10 @@ class SpeculativeDecoder:
         count = min(self.draft.num_tokens, remaining - 1)
         guesses, draft_probabilities = (self.proposals.propose(sequence, count, self.sampling, self.generator)
                                         if count > 0 else ([], None))
-        guesses = list(guesses)[:count]
+        guesses = [int(token) for token in list(guesses)[:count]]
+        vocab = self.model.config.stem.vocab_size
+        if any(not 0 <= token < vocab for token in guesses):
+            raise InputError(f"draft: the proposer guessed token ids outside [0, {vocab}): {guesses}")
         start = self.cache.length
         logits = self._forward([sequence[-1], *guesses])
         kept, token = verify(logits, torch.tensor(guesses, dtype=torch.long, device=logits.device),

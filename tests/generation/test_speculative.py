@@ -153,6 +153,13 @@ def test_refuses_what_it_cannot_do(target):
         target.generate(torch.tensor([[1, 2]]), 4, draft="ngram", compile=True)
     with pytest.raises(InputError, match="NGramDraft.num_tokens"):
         NGramDraft(num_tokens=0)
+
+    class OutOfVocabulary(AlwaysWrong):
+        def propose(self, sequence, count, sampling, generator):
+            return [VOCAB] * count, None
+
+    with pytest.raises(InputError, match=r"guessed token ids outside \[0, 13\)"):
+        target.generate(torch.tensor([[1, 2]]), 4, draft=OutOfVocabulary(target))
     encoder_decoder = formerkit.build_model(token_config("encoder_decoder", vocab_size=VOCAB,
                                                          decoder_start_token_id=0))
     with pytest.raises(InputError, match="needs a decoder"):
