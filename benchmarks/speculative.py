@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--draft", default=None, help="a smaller run with the same tokenizer (with --target)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=120, help="prompt length in bytes")
-    parser.add_argument("--draft-tokens", type=int, default=4, help="k of the draft model")
+    parser.add_argument("--draft-tokens", type=int, default=3, help="k of the draft model")
     parser.add_argument("--ngram-tokens", type=int, default=8, help="k of prompt lookup")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

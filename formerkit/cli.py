@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "tokens, or 'ngram' looks them up in the text so far; the target checks them in one "
                                "pass (greedy output unchanged)")
     generate.add_argument("--draft-tokens", type=int, default=None,
-                          help="tokens guessed per pass with --draft (default 4 for a run, 8 for ngram)")
+                          help="tokens guessed per pass with --draft (default 3 for a run, 8 for ngram)")
     generate.set_defaults(run=cmd_generate)
 
     predict = commands.add_parser("predict", help="predictions of a run for raw inputs: images (labels and "

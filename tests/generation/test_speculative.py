@@ -291,7 +291,7 @@ def draw_sequences(guess_count: int, draws: int, *, deterministic: bool) -> torc
     return counts
 
 
-@pytest.mark.parametrize("guess_count,deterministic", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("guess_count,deterministic", [(2, False), (2, True)])
 def test_acceptance_rule_keeps_the_targets_distribution(guess_count, deterministic):
     counts = draw_sequences(guess_count, 1500, deterministic=deterministic)
     joint = (P[:, None] * P[None, :]).flatten()
