@@ -270,8 +270,9 @@ class ModelService:
             raise ServeError(400, f"{prompt_param}: {len(ids)} tokens exceed the model's context of {context} tokens",
                              param=prompt_param, code="context_length_exceeded")
         if context is not None and len(ids) + count > context + 1:
-            raise ServeError(400, f"{prompt_param}: {len(ids)} tokens + {param} {count} exceed the model's context "
-                                  f"of {context} tokens (+1); shorten the prompt or ask for fewer tokens",
+            raise ServeError(400, f"{param}: {count} new tokens after {len(ids)} tokens of {prompt_param} exceed the "
+                                  f"model's context of {context} tokens (+1); shorten the prompt or ask for fewer "
+                                  "tokens",
                              param=param, code="context_length_exceeded")
 
     def token_ids(self, text: str) -> list[int]:
