@@ -16,9 +16,10 @@ and evaluation tools written against it, already speak.
   (``ModelService.embed``), ``encoding_format`` "float" or "base64" (little-endian float32).
 
 Streaming answers are server-sent events in OpenAI's chunk format, ``data: {json}\\n\\n`` each, ending with
-``data: [DONE]``; a chat stream's first chunk of each choice carries the role, the next ones content, the last one the
-finish_reason; with ``stream_options.include_usage`` a last chunk (no choices) carries the token counts. The text
-streamed adds up to the text answered without streaming: both come from the same ``TextPieces``.
+``data: [DONE]``; a chat stream's first chunk of each choice carries the role alone (content ""), the next ones
+content, the last one the finish_reason; with ``stream_options.include_usage`` a last chunk (no choices) carries the
+token counts. The text streamed adds up to the text answered without streaming: both come from the same
+``TextPieces``.
 
 ``n`` > 1 runs n separate sequences; with a ``seed``, choice i (counted over every prompt's choices) is sampled with
 seed + i, so each choice is reproducible on its own. ``usage`` counts each prompt's tokens once and every token the
@@ -44,7 +45,7 @@ from typing import Any, Literal
 
 import torch
 
-from formerkit.data.instruct import DEFAULT_END, chat_template, renderer
+from formerkit.data.instruct import DEFAULT_END, chat_template, encode_plain, renderer
 from formerkit.errors import FormerkitError, InputError
 from formerkit.generation.requests import TokenEvent, TokenRequest
 from formerkit.generation.sampling import SamplingConfig
@@ -403,8 +404,7 @@ def add_openai_routes(app, service: ModelService) -> None:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def on_delta(choice: _Choice, delta: str) -> None:
-            chunk = stream_chunk(choice, delta)
-            if chunk is not None:
+            for chunk in stream_chunk(choice, delta):
                 await queue.put(chunk)
             if choice.finish_reason is not None:
                 await queue.put(finish_chunk(choice))
@@ -477,16 +477,16 @@ def add_openai_routes(app, service: ModelService) -> None:
         chunks = _Chunks("text_completion", "cmpl", include_usage)
         echoed: set[int] = set()
 
-        def stream_chunk(choice: _Choice, delta: str) -> dict | None:
+        def stream_chunk(choice: _Choice, delta: str) -> list[dict]:
             tokens = choice.new_tokens()
             first = body.echo and choice.index not in echoed
             if first:
                 echoed.add(choice.index)
                 delta = texts[prompt_of[choice.index]] + delta
             if not delta and not tokens and not first:
-                return None
-            return chunks.wrap([{"index": choice.index, "text": delta, "logprobs": logprobs_of(choice, tokens, first),
-                                 "finish_reason": None}])
+                return []
+            return [chunks.wrap([{"index": choice.index, "text": delta,
+                                  "logprobs": logprobs_of(choice, tokens, first), "finish_reason": None}])]
 
         def finish_chunk(choice: _Choice) -> dict:
             return chunks.wrap([{"index": choice.index, "text": "", "logprobs": None,
@@ -536,7 +536,8 @@ def add_openai_routes(app, service: ModelService) -> None:
         except Exception as error:  # the template itself refuses (jinja's raise_exception) or fails
             raise ServeError(400, f"messages: the chat template could not render them: {error}", param="messages",
                              code="invalid_value") from None
-        ids = service.token_ids(text)
+        # The template writes the special tokens it wants as text: none are added (as instruction tuning tokenized).
+        ids = encode_plain(service.tokenizer, text) or service.token_ids(text)
         n = body.n or 1
         count = body.max_completion_tokens or body.max_tokens
         top = body.top_logprobs or 0
@@ -549,18 +550,18 @@ def add_openai_routes(app, service: ModelService) -> None:
         chunks = _Chunks("chat.completion.chunk", "chatcmpl", include_usage)
         started: set[int] = set()
 
-        def stream_chunk(choice: _Choice, delta: str) -> dict | None:
-            tokens = choice.new_tokens()
-            if choice.index not in started:  # the first chunk of a choice says who speaks
+        def stream_chunk(choice: _Choice, delta: str) -> list[dict]:
+            out = []
+            if choice.index not in started:  # the first chunk of a choice says who speaks, and nothing else
                 started.add(choice.index)
-                message = {"role": "assistant", "content": delta}
-            elif delta or tokens:
-                message = {"content": delta}
-            else:
-                return None
-            return chunks.wrap([{"index": choice.index, "delta": message,
-                                 "logprobs": _chat_logprobs(choice, tokens, top) if body.logprobs else None,
-                                 "finish_reason": None}])
+                out.append(chunks.wrap([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]))
+            tokens = choice.new_tokens()
+            if delta or tokens:
+                out.append(chunks.wrap([{"index": choice.index, "delta": {"content": delta},
+                                         "logprobs": _chat_logprobs(choice, tokens, top) if body.logprobs else None,
+                                         "finish_reason": None}]))
+            return out
 
         def finish_chunk(choice: _Choice) -> dict:
             return chunks.wrap([{"index": choice.index, "delta": {}, "logprobs": None,

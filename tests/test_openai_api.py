@@ -220,7 +220,7 @@ def test_chat_renders_the_default_template_and_stops_at_its_end_marker(lm):
     assert [item["top_logprobs"][0]["token"] for item in content] == [CHARS.decode([int(row.argmax())])
                                                                       for row in reference]
     chunks = _events(streamed)
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all("role" not in chunk["choices"][0]["delta"] for chunk in chunks[1:])
     assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == text
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
