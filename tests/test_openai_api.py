@@ -370,3 +370,35 @@ def test_the_example_call_names_the_model_and_the_tasks_endpoint(lm, encoder):
     assert line.startswith("curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d ")
     assert json.loads(line.split(" -d ", 1)[1].strip("'"))["model"] == "tiny-lm"
     assert "/v1/embeddings" in example_call(encoder[0], "http://127.0.0.1:8000")
+
+
+def test_chat_uses_an_imported_tokenizers_own_template_and_its_end_token(tmp_path):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from formerkit.data.tokenizers import HFTokenizer
+
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.add_special_tokens(["<s>", "</s>"])
+    template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}[assistant]{% endif %}")
+    tokenizer = HFTokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+    directory = tmp_path / "imported-chat"
+    model = randomize_weights(build_model(token_config(vocab_size=backend.get_vocab_size(), max_seq_len=48,
+                                                       num_layers=1)), 8).eval()
+    save(model, directory, extra={"imported": {"family": "test"}, "objective": "causal_lm"})
+    save_tokenizer(tokenizer, directory / "tokenizer.json")
+    service = ModelService(directory)
+    eos = backend.token_to_id("</s>")
+    assert service.eos_ids == (eos,)
+    answer = _post(create_app(service), "/v1/chat/completions", {
+        "model": "imported-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+        "temperature": 0}).json()
+    # The template's BOS is its one token, not added a second time; the answer continues exactly those ids.
+    ids = [backend.token_to_id("<s>")] + [vocab[c] for c in "[user]hi[assistant]"]
+    assert answer["usage"]["prompt_tokens"] == len(ids)
+    new = model.generate(torch.tensor([ids]), 6, temperature=0, stop_tokens=[eos])[0, len(ids):].tolist()
+    shown = new[:new.index(eos)] if eos in new else new
+    assert answer["choices"][0]["message"]["content"] == service.tokenizer.decode(shown)
