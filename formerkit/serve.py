@@ -39,10 +39,11 @@ import torch
 
 from formerkit.bench.common import parameter_count
 from formerkit.data import load_tokenizer
-from formerkit.errors import CheckpointError, InputError
+from formerkit.errors import CheckpointError, InputError, ServeError
 from formerkit.generation.requests import TokenEvent, TokenRequest
 from formerkit.generation.sampling import SamplingConfig
 from formerkit.generation.single import decode_sequence
+from formerkit.generation.text import TextPieces
 from formerkit.runs import (
     denormalize_forecast,
     generation_defaults,
@@ -55,23 +56,12 @@ from formerkit.runs import (
     stop_ids,
 )
 
-__all__ = ["ModelService", "OneSequenceAtATime", "ServeError", "TextPieces", "create_app", "serve"]
+__all__ = ["ModelService", "OneSequenceAtATime", "ServeError", "create_app", "example_call", "serve"]
 
 
 # The endpoint each task is served on (the legacy API; the OpenAI-compatible one in formerkit.openai_api).
 ROUTES = {"causal_lm": "/v1/generate", "classification": "/v1/classify", "forecast": "/v1/forecast",
           "embedding": "/v1/embeddings"}
-
-
-class ServeError(Exception):
-    """A request the server refuses: an HTTP status and a message saying what is wrong; for the OpenAI-compatible
-    endpoints also the request field at fault (``param``) and a machine-readable ``code``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
 
 
 @dataclass
@@ -122,60 +112,6 @@ class OneSequenceAtATime:
             cancelled.set()
 
 
-class TextPieces:
-    """The text of a sequence's new tokens as it grows, cut at the first of the ``stops`` texts.
-
-    ``add(token)`` returns the text now safe to show: a token that ends inside a character (byte-level tokens) is
-    held back until the character is complete, and text that could be the start of a stop text is held back until it
-    is not. Once a stop text appears, the text before it is final and ``stopped`` is True. ``tokens_shown`` counts the
-    tokens whose text starts within the shown text (the tokens of a stop text are not shown); ``offsets`` holds each
-    token's first character in the text. Joining every piece ``add`` and ``finish`` return gives ``text``.
-    """
-
-    def __init__(self, tokenizer, stops: list[str] = ()):
-        self.tokenizer, self.stops = tokenizer, [stop for stop in stops if stop]
-        self.ids: list[int] = []
-        self.offsets: list[int] = []
-        self.text, self.shown, self.stopped = "", 0, False
-        self._decoded = ""
-
-    def add(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self.offsets.append(len(self._decoded.rstrip("\ufffd")))
-        self.ids.append(token)
-        self._decoded = self.tokenizer.decode(self.ids)
-        candidate = self._decoded.rstrip("\ufffd")  # a character still incomplete waits for its next bytes
-        found = [index for index in (candidate.find(stop) for stop in self.stops) if index >= 0]
-        if found:
-            self.stopped = True
-            self.text = candidate[:min(found)]
-            return self._show(len(self.text))
-        self.text = candidate
-        # The longest end of the text that a stop text starts with may still become that stop text.
-        held = max((size for stop in self.stops for size in range(1, len(stop)) if candidate.endswith(stop[:size])),
-                   default=0)
-        return self._show(len(candidate) - held)
-
-    def finish(self) -> str:
-        """The text held back, once the sequence has ended (an incomplete character shows as a replacement mark)."""
-        if not self.stopped:
-            self.text = self._decoded
-        return self._show(len(self.text))
-
-    def _show(self, end: int) -> str:
-        piece = self.text[self.shown:end] if end > self.shown else ""
-        self.shown = max(self.shown, end)
-        return piece
-
-    @property
-    def tokens_shown(self) -> int:
-        """How many tokens have text in the shown text (all of them once finished without a stop text)."""
-        if not self.stopped and self.shown == len(self._decoded):
-            return len(self.ids)
-        return sum(1 for offset in self.offsets if offset < self.shown)
-
-
 class ModelService:
     """The model of a run directory with its tokenizer or preprocessing, the generation seam (``token_events``) and
     the batching worker of classification and forecasting."""
@@ -220,7 +156,9 @@ class ModelService:
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.max_new_tokens_limit = max_new_tokens_limit
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="formerkit-model")
-        # The implementation behind token_events: one sequence at a time, until an engine takes its place.
+        # The implementation behind token_events: one sequence at a time. An engine that steps many sequences
+        # together takes its place: any object whose async generator ``events(TokenRequest)`` yields the TokenEvents
+        # and cancels the sequence when closed early.
         self.sequences = OneSequenceAtATime(self.model, self.executor)
         self.queue: asyncio.Queue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -246,7 +184,8 @@ class ModelService:
 
     def check_task(self, task: str) -> None:
         if self.task != task or (task == "classification" and self.embeds):
-            raise ServeError(400, f"this model is a {self.task} model: use {self.route}")
+            article = "an" if self.task[0] in "aeiou" else "a"
+            raise ServeError(400, f"this model is {article} {self.task} model: use {self.route}")
 
     # ----- generation: the seam -----
 

@@ -21,7 +21,8 @@ from formerkit import build_model, save  # noqa: E402
 from formerkit.data.instruct import DEFAULT_END  # noqa: E402
 from formerkit.data.tokenizers import ByteTokenizer, CharTokenizer, save_tokenizer  # noqa: E402
 from formerkit.generation.requests import EngineFull  # noqa: E402
-from formerkit.serve import ModelService, TextPieces, create_app, example_call  # noqa: E402
+from formerkit.generation.text import TextPieces  # noqa: E402
+from formerkit.serve import ModelService, create_app, example_call  # noqa: E402
 
 from .conftest import randomize_weights, token_config  # noqa: E402
 
