@@ -237,9 +237,10 @@ class ModelService:
             return result
 
     def embed(self, texts: list[list[int]]) -> torch.Tensor:
-        """Unit-length embeddings [len(texts), width] of token-id lists: the model's own pooled vector when its head
-        pools (a classifier: the vector it classifies), else the mean of the final hidden states over the tokens
-        (sentence-transformers' mean pooling); padding is masked and never pooled."""
+        """Unit-length embeddings [len(texts), width] of token-id lists: for a classifier (or regressor) the vector
+        its head pools, the one it classifies; else the mean of the final hidden states over the tokens
+        (sentence-transformers' mean pooling; a BERT pooler, trained on next-sentence prediction, is not used).
+        Padding is masked and never pooled."""
         longest = max(len(ids) for ids in texts)
         device = next(self.model.parameters()).device
         ids = torch.zeros(len(texts), longest, dtype=torch.long, device=device)
@@ -249,7 +250,7 @@ class ModelService:
             keep[row, :len(tokens)] = 1
         with torch.inference_mode():
             out = self.model(ids, attention_mask=keep, return_outputs=True)
-            if out.pooled is not None:
+            if out.pooled is not None and self.config.head.kind in ("classification", "regression"):
                 vectors = out.pooled.float()
             else:
                 hidden = out.last_hidden_state.float()

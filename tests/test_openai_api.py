@@ -403,3 +403,20 @@ def test_chat_uses_an_imported_tokenizers_own_template_and_its_end_token(tmp_pat
     new = model.generate(torch.tensor([ids]), 6, temperature=0, stop_tokens=[eos])[0, len(ids):].tolist()
     shown = new[:new.index(eos)] if eos in new else new
     assert answer["choices"][0]["message"]["content"] == service.tokenizer.decode(shown)
+
+
+def test_a_classifiers_embedding_is_the_vector_its_head_pools(tmp_path):
+    config = token_config("encoder", vocab_size=CHARS.vocab_size, max_seq_len=32, num_layers=1, position="learned",
+                          head={"kind": "classification", "num_classes": 3, "pooling": "sequence"})
+    directory = _saved(tmp_path / "classifier", config, 9, {"imported": {"family": "test"}})
+    service = ModelService(directory)
+    texts = ["ab", "a much longer text"]  # padded together: the padding must get no weight
+    pool = service.model.head.pooling
+    answer = _post(create_app(service), "/v1/embeddings", {"model": "classifier", "input": texts}).json()
+    for item, text in zip(answer["data"], texts):
+        with torch.no_grad():
+            hidden = service.model(torch.tensor([encode(text)]), return_outputs=True).last_hidden_state[0]
+            # CCT's sequence pooling written out: softmax over the tokens of a learned score, weighted sum.
+            weights = torch.softmax(pool.score(hidden).squeeze(-1), dim=0)
+        expected = torch.nn.functional.normalize((weights.unsqueeze(-1) * hidden).sum(dim=0).float(), dim=0)
+        assert item["embedding"] == pytest.approx(expected.tolist(), abs=1e-5)
