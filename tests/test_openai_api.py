@@ -420,3 +420,47 @@ def test_a_classifiers_embedding_is_the_vector_its_head_pools(tmp_path):
             weights = torch.softmax(pool.score(hidden).squeeze(-1), dim=0)
         expected = torch.nn.functional.normalize((weights.unsqueeze(-1) * hidden).sum(dim=0).float(), dim=0)
         assert item["embedding"] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_sequence(lm):
+    service, app = lm
+    calls, chunks = [], []
+
+    def slow_step(*args):  # a step of a few milliseconds: the disconnect comes long before the 80th
+        calls.append(1)
+        time.sleep(0.003)
+
+    body = json.dumps({"model": "tiny-lm", "prompt": "x", "max_tokens": 80, "stream": True}).encode()
+
+    async def run():
+        gone = asyncio.Event()
+        requested = False
+
+        async def receive():
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                if len(chunks) == 3:
+                    gone.set()  # the client reads three chunks, then goes away
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("test", 80)}
+        await app(scope, receive, send)
+        await service.on_model_thread(lambda: None)  # whatever the worker was doing is done
+
+    handle = service.model.register_forward_hook(slow_step)
+    try:
+        asyncio.run(run())
+    finally:
+        handle.remove()
+    assert len(chunks) >= 3 and b"[DONE]" not in b"".join(chunks)
+    assert len(calls) < 40  # the prefill and the steps until the cancel reached the worker, not 80
