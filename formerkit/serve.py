@@ -548,10 +548,19 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
             pieces.finish()
             return {"text": pieces.text, "num_tokens": len(events)}
 
+        stream = service.token_events(token_request)
+        try:  # the first token before the headers: a refusal (a full queue: 429) is then answered as one
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+
         async def events():
             count = 0
             try:
-                async with contextlib.aclosing(service.token_events(token_request)) as stream:
+                async with contextlib.aclosing(stream):
+                    if first is not None:
+                        count += 1
+                        yield f"data: {json.dumps({'text': pieces.add(first.token)})}\n\n"
                     async for event in stream:
                         count += 1
                         yield f"data: {json.dumps({'text': pieces.add(event.token)})}\n\n"

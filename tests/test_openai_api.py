@@ -304,6 +304,8 @@ def test_a_full_engine_answers_429_before_a_stream_starts(lm, monkeypatch):
         assert response.status_code == 429 and response.headers["retry-after"] == "2"
         assert response.json()["error"]["type"] == "rate_limit_error" and "64 requests" in response.json()[
             "error"]["message"]
+    legacy = _post(app, "/v1/generate", {"prompt": "x", "max_new_tokens": 2, "stream": True})
+    assert legacy.status_code == 429 and "64 requests" in legacy.json()["error"]
 
 
 def test_a_json_body_is_read_whatever_content_type_curl_sends(lm):
