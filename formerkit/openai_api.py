@@ -12,8 +12,10 @@ and evaluation tools written against it, already speak.
   an imported tokenizer's own template, or the default ``<|role|>\\n...<|end|>`` one, whose end-of-turn marker then
   ends the answer as a stop text), the same sampling fields, ``max_completion_tokens`` or ``max_tokens`` (default: as
   many as the context leaves), ``logprobs`` (true/false) with ``top_logprobs`` (0-20).
-- ``POST /v1/embeddings``: encoders over text; ``input`` a string, strings or token ids; unit-length vectors
-  (``ModelService.embed``), ``encoding_format`` "float" or "base64" (little-endian float32).
+- ``POST /v1/embeddings``: encoders over text (a masked-LM run, a text classifier, an imported BERT, the encoder of
+  an encoder-decoder); ``input`` a string, strings or token ids; unit-length vectors (``ModelService.embed``: a
+  classifier's pooled vector, else the mean of the final hidden states), ``encoding_format`` "float" or "base64"
+  (little-endian float32).
 
 Streaming answers are server-sent events in OpenAI's chunk format, ``data: {json}\\n\\n`` each, ending with
 ``data: [DONE]``; a chat stream's first chunk of each choice carries the role alone (content ""), the next ones

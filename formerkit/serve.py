@@ -128,14 +128,16 @@ class ModelService:
         self.task = run_objective(self.recipe, self.extra)
         self.preprocessing = self.extra.get("preprocessing") or {}
         self.tokenizer, self.eos_ids = None, ()
-        # Embeddings: an encoder over tokens (a masked-LM run, a text classifier, an imported BERT) pooled.
-        encoder_over_text = self.config.arch == "encoder" and self.config.stem.kind == "tokens" and \
-            self.task in ("masked_lm", "classification", None)
-        if encoder_over_text and self.preprocessing.get("kind") != "image":
-            self.task = "embedding" if self.task != "classification" else self.task
-            self.embeds = True
-        else:
-            self.embeds = False
+        # Embeddings: an encoder over tokens pooled (a masked-LM run, a text classifier, an imported BERT; the
+        # encoder of an encoder-decoder: a seq2seq run, an imported T5 or BART).
+        encoder_over_text = self.config.stem.kind == "tokens" and (
+            (self.config.arch == "encoder" and self.task in ("masked_lm", "classification", None))
+            or (self.config.arch == "encoder_decoder" and self.task in ("seq2seq", None)))
+        # (Without a tokenizer, as the synthetic-token seq2seq-reverse run, there is no text to embed.)
+        self.embeds = encoder_over_text and self.preprocessing.get("kind") != "image" and (
+            model_dir(target) / "tokenizer.json").exists()
+        if self.embeds:
+            self.task = self.task if self.task in ("classification", "seq2seq") else "embedding"
         if self.task == "causal_lm" or self.embeds:
             path = model_dir(target) / "tokenizer.json"
             if not path.exists():
@@ -144,11 +146,12 @@ class ModelService:
         if self.task == "causal_lm":
             # A converted checkpoint's end-of-sequence tokens end every generation.
             self.eos_ids = tuple(generation_defaults(self.extra, self.tokenizer)["stop_tokens"] or ())
-        elif self.task not in ROUTES:
+        elif self.task not in ROUTES and not self.embeds:
             what = f"this run trained {self.task!r}" if self.recipe is not None else (
                 "this converted checkpoint is neither a decoder language model nor an encoder over tokens")
             raise CheckpointError(f"{target}: serve answers language models (generate, completions), classifiers "
-                                  f"(classify), forecasters (forecast) and encoders over text (embeddings); {what}")
+                                  f"(classify), forecasters (forecast) and encoders over text with their tokenizer "
+                                  f"(embeddings); {what}")
         if self.task == "classification" and not self.embeds and self.preprocessing.get("kind") != "image":
             raise CheckpointError(f"{target}: classify takes images; this classifier's data is "
                                   f"{self.preprocessing.get('kind')!r}")
@@ -238,7 +241,7 @@ class ModelService:
 
     def embed(self, texts: list[list[int]]) -> torch.Tensor:
         """Unit-length embeddings [len(texts), width] of token-id lists: for a classifier (or regressor) the vector
-        its head pools, the one it classifies; else the mean of the final hidden states over the tokens
+        its head pools, the one it classifies; else the mean of the (encoder's) final hidden states over the tokens
         (sentence-transformers' mean pooling; a BERT pooler, trained on next-sentence prediction, is not used).
         Padding is masked and never pooled."""
         longest = max(len(ids) for ids in texts)
@@ -249,11 +252,15 @@ class ModelService:
             ids[row, :len(tokens)] = torch.tensor(tokens)
             keep[row, :len(tokens)] = 1
         with torch.inference_mode():
-            out = self.model(ids, attention_mask=keep, return_outputs=True)
-            if out.pooled is not None and self.config.head.kind in ("classification", "regression"):
+            if self.config.arch == "encoder_decoder":
+                out, hidden = None, self.model.encode(ids, attention_mask=keep).float()
+            else:
+                out = self.model(ids, attention_mask=keep, return_outputs=True)
+                hidden = out.last_hidden_state.float()
+            if out is not None and out.pooled is not None and self.config.head.kind in ("classification",
+                                                                                         "regression"):
                 vectors = out.pooled.float()
             else:
-                hidden = out.last_hidden_state.float()
                 weights = keep.unsqueeze(-1).to(hidden.dtype)
                 vectors = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
             return torch.nn.functional.normalize(vectors, dim=-1)

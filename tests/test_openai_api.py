@@ -466,3 +466,17 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_sequence(lm):
         handle.remove()
     assert len(chunks) >= 3 and b"[DONE]" not in b"".join(chunks)
     assert len(calls) < 40  # the prefill and the steps until the cancel reached the worker, not 80
+
+
+def test_an_encoder_decoders_embeddings_are_its_encoders_mean_pooled_states(tmp_path):
+    config = token_config("encoder_decoder", vocab_size=CHARS.vocab_size, max_seq_len=32, num_layers=1,
+                          position="learned")
+    directory = _saved(tmp_path / "seq2seq", config, 10, {"imported": {"family": "test"}})
+    service = ModelService(directory)
+    texts = ["ab", "a much longer text"]
+    answer = _post(create_app(service), "/v1/embeddings", {"model": "seq2seq", "input": texts}).json()
+    for item, text in zip(answer["data"], texts):
+        with torch.no_grad():
+            hidden = service.model.encode(torch.tensor([encode(text)]))[0].float()
+        assert item["embedding"] == pytest.approx(torch.nn.functional.normalize(hidden.mean(dim=0), dim=0).tolist(),
+                                                  abs=1e-5)
