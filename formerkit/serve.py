@@ -221,7 +221,8 @@ class ModelService:
         return prompt_ids(self.tokenizer, text)
 
     async def on_model_thread(self, function, *args):
-        """Runs ``function(*args)`` in the model's worker thread (work other than token generation)."""
+        """Runs ``function(*args)`` in the model's worker thread (work other than token generation: embeddings, a
+        prompt's log-probabilities). An engine whose loop keeps that thread busy must take these in between steps."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     def prompt_logprobs(self, ids: list[int], top: int) -> list[tuple[float | None, tuple | None]]:
