@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -21,7 +22,8 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
 import formerkit  # noqa: E402
-from formerkit.serve import ModelService, create_app  # noqa: E402
+import formerkit.serve  # noqa: E402
+from formerkit.serve import ModelService, create_app, example_call  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test serves a run trained for it
 
@@ -68,16 +70,15 @@ def test_health_model_and_openapi(lm_run):
     assert {"/v1/generate", "/v1/classify", "/health", "/v1/model"} <= set(schema.json()["paths"])
 
 
-def test_concurrent_greedy_requests_are_batched_and_answer_as_one_at_a_time(lm_run):
+def test_concurrent_greedy_requests_answer_as_one_at_a_time(lm_run):
+    # (Whether they share a batch is the engine's business: tests/generation/test_engine.py.)
     service = ModelService(lm_run, max_batch=8, wait_ms=50)
     app = create_app(service)
     prompts = ["def ", "import os\n", "x", "class Foo:\n    def", "return"]
     requests = [("POST", "/v1/generate", {"prompt": p, "max_new_tokens": 4 + i, "temperature": 0})
                 for i, p in enumerate(prompts)]
     alone = _call(app, requests, concurrent=False)
-    batches_alone = service.batches
     together = _call(app, requests, concurrent=True)
-    assert batches_alone == len(prompts) and service.batches - batches_alone < len(prompts)  # they shared batches
     for single, batched, (_, _, body) in zip(alone, together, requests):
         assert single.status_code == batched.status_code == 200
         assert single.json() == batched.json()
@@ -162,6 +163,7 @@ def test_classify_takes_raw_lists_and_pngs_and_preprocesses_as_in_training(image
     assert [r.status_code for r in bad] == [400, 400, 400, 400]
     assert "PNG" in bad[0].json()["error"] and "channel" in bad[1].json()["error"]
     assert "[C][H][W]" in bad[2].json()["error"] and "/v1/classify" in bad[3].json()["error"]
+    _assert_example_answers(service, app, "/v1/classify")
 
 
 def test_forecast_takes_recent_values_and_answers_as_the_predictor_does(trained_run, lm_run):
@@ -194,24 +196,33 @@ def test_forecast_takes_recent_values_and_answers_as_the_predictor_does(trained_
     assert errors[2].startswith("values: expected numbers [steps][columns]")
     assert "values" in errors[3] and "series" in errors[3]
     assert errors[4] == "this model is a forecast model: use /v1/forecast"
+    _assert_example_answers(service, app, "/v1/forecast")
     language = _call(create_app(ModelService(lm_run)), [("POST", "/v1/forecast", {"values": [[1.0]]})])[0]
     assert language.status_code == 400 and language.json()["error"] == "this model is a causal_lm model: use " \
                                                                           "/v1/generate"
+
+
+def _assert_example_answers(service: ModelService, app, path: str) -> None:
+    """The call ``formerkit serve`` prints for this model goes to ``path`` and is answered (200)."""
+    line = example_call(service, "http://127.0.0.1:8000")
+    assert line.startswith(f"curl -s http://127.0.0.1:8000{path} ")
+    body = json.loads(shlex.split(line)[-1])
+    assert _call(app, [("POST", path, body)])[0].status_code == 200
 
 
 def test_a_failing_request_answers_500_and_the_server_goes_on(lm_run, monkeypatch):
     service = ModelService(lm_run)
     app = create_app(service)
     calls = {"n": 0}
-    original = service._generate
+    original = formerkit.serve.decode_sequence
 
-    def flaky(batch):
+    def flaky(model, request, cancelled=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("out of memory")
-        return original(batch)
+        return original(model, request, cancelled)
 
-    monkeypatch.setattr(service, "_generate", flaky)
+    monkeypatch.setattr(formerkit.serve, "decode_sequence", flaky)  # fails in the model's worker thread
     body = {"prompt": "def ", "max_new_tokens": 3, "temperature": 0}
     first, second = _call(app, [("POST", "/v1/generate", body)] * 2, concurrent=False)
     assert first.status_code == 500 and "out of memory" in first.json()["error"]
