@@ -23,6 +23,10 @@ What a row generates is what it would generate alone (``model.generate`` of its 
 nothing, its positions are its own, and a seeded sample draws from a ``torch.Generator`` of its own. Floating-point
 sums over a longer row of keys can differ from the lone run in the last bits, as left padding in a batch does.
 
+``policy="window"`` is the scheduling a window batcher does, over the same rows and steps: requests that arrive
+within ``wait_ms`` of the first waiting one start together, and nobody joins until the whole batch has ended (its
+finished rows leave at once all the same). The server keeps it so a load test compares both in one run.
+
 Models whose step depends on the whole batch or on the cache layout are refused with an error saying why
 (encoder-decoders, dynamic and LongRoPE scaling, sliding windows with global tokens); sliding-window models are
 served with full-length buffers (each row's tokens are contiguous, so slot distances are token distances).
@@ -30,9 +34,11 @@ served with full-length buffers (each row's tokens are contiguous, so slot dista
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from queue import SimpleQueue
@@ -66,6 +72,7 @@ class Ticket:
         self._engine = engine
         # While running: the cache row, the column of the first kept slot, the token to feed next, the generator.
         self.row: int | None = None
+        self.arrived = time.monotonic()
         self.start = 0
         self.last_token = 0
         self.generator: torch.Generator | None = None
@@ -102,14 +109,24 @@ class Engine:
     reach, by default the model's ``max_seq_len``; a request whose ``max_new_tokens`` would pass it finishes there
     with finish_reason "length".
 
+    policy: "continuous" admits waiting requests between any two steps; "window" only once the running batch has
+    ended, after waiting up to ``wait_ms`` from the first waiting request for others to join (a window batcher).
+
     Drive it by hand (``submit``, then ``step()`` until the tickets are done), or ``start()`` its loop in a thread of
-    its own (the model's worker thread) and consume each ticket through its ``notify`` callback.
+    its own (the model's worker thread) and consume each ticket through its ``notify`` callback; other work on the
+    model goes through ``call`` so that thread stays the only one that runs it.
     """
 
-    def __init__(self, model, *, max_running: int = 16, max_queued: int = 64, context: int | None = None):
+    def __init__(self, model, *, max_running: int = 16, max_queued: int = 64, context: int | None = None,
+                 policy: str = "continuous", wait_ms: float = 5.0):
         for name, value, low in (("max_running", max_running, 1), ("max_queued", max_queued, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"{name}: expected an integer >= {low}, got {value!r}")
+        if policy not in ("continuous", "window"):
+            raise InputError(f"policy: expected 'continuous' or 'window', got {policy!r}")
+        if isinstance(wait_ms, bool) or not isinstance(wait_ms, (int, float)) or not 0 <= wait_ms <= 1000:
+            raise InputError(f"wait_ms: expected a number in [0, 1000], got {wait_ms!r}")
+        self.policy, self.wait = policy, wait_ms / 1000
         self.model = model
         self._check_model(model.config)
         context = context if context is not None else model.config.max_seq_len
@@ -126,6 +143,7 @@ class Engine:
         self.cache = self._new_cache(max_running, 2 * (context + self.virtual_tokens))
         self.rows: list[Ticket] = []  # rows[i] runs in cache row i
         self.queue: deque[Ticket] = deque()
+        self.calls: deque[tuple[concurrent.futures.Future, Callable, tuple]] = deque()
         self.lock = threading.Condition()
         self.counters = {"steps": 0, "prefills": 0, "admitted": 0, "finished": 0, "cancelled": 0, "failed": 0,
                          "refused": 0, "compactions": 0, "tokens": 0}
@@ -197,30 +215,54 @@ class Engine:
                 self.counters["cancelled"] += 1
             self.lock.notify_all()
 
+    def call(self, function: Callable, *args) -> concurrent.futures.Future:
+        """Runs ``function(*args)`` in the engine's thread between two steps (other work on the same model, such as
+        scoring a prompt); the future holds its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.lock:
+            if self._closed:
+                raise RuntimeError("Engine: closed")
+            self.calls.append((future, function, args))
+            self.lock.notify_all()
+        return future
+
     def stats(self) -> dict:
         """Running and waiting sequences, the limits, and counters since the start."""
         with self.lock:
-            return {"running": len(self.rows), "queued": len(self.queue), "max_running": self.max_running,
-                    "max_queued": self.max_queued, "cache_length": self.cache.length, **self.counters}
+            return {"policy": self.policy, "running": len(self.rows), "queued": len(self.queue),
+                    "max_running": self.max_running, "max_queued": self.max_queued,
+                    "cache_length": self.cache.length, **self.counters}
 
     # ----- the loop -----
 
     def step(self) -> bool:
         """One round: cancelled rows leave, waiting requests are admitted (one prefill pass), then one decode step
         for every running row. Returns False if there was nothing to do."""
+        worked = self._run_calls()
         with torch.inference_mode():
             for ticket in [ticket for ticket in self.rows if ticket.cancelled]:
                 self._leave(ticket)
                 self.counters["cancelled"] += 1
             admitted = self._admit()
             if not self.rows:
-                return admitted
+                return admitted or worked
             try:
                 self._decode()
             except Exception as error:  # the step failed for every running row: they fail, the engine goes on
                 self._fail_running(error)
             self.counters["steps"] += 1
             return True
+
+    def _run_calls(self) -> bool:
+        with self.lock:
+            calls, self.calls = list(self.calls), deque()
+        for future, function, args in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args))
+                except Exception as error:
+                    future.set_exception(error)
+        return bool(calls)
 
     def _fail_running(self, error: BaseException) -> None:
         for ticket in list(self.rows):
@@ -232,18 +274,26 @@ class Engine:
         """The loop: steps while there is work, sleeps while there is none, until ``close()``."""
         while True:
             with self.lock:
-                while not self._closed and not self.queue and not self.rows:
+                while not self._closed and not self.queue and not self.rows and not self.calls:
                     self.lock.wait()
                 if self._closed:
                     break
             try:
-                self.step()
+                worked = self.step()
             except Exception as error:  # whatever went wrong, the running requests hear of it and the loop goes on
                 self._fail_running(error)
+                continue
+            if not worked:  # a window still open: sleep until it closes or something arrives
+                with self.lock:
+                    if self.queue and not self.calls:
+                        self.lock.wait(max(0.0, self.queue[0].arrived + self.wait - time.monotonic()))
         closed = RuntimeError("Engine: closed")
         with self.lock:
             left = list(self.rows) + list(self.queue)
             self.queue.clear()
+            calls, self.calls = list(self.calls), deque()
+        for future, _, _ in calls:
+            future.cancel()
         for ticket in left:
             if ticket.row is not None:
                 self._leave(ticket)
@@ -284,6 +334,10 @@ class Engine:
 
     def _admit(self) -> bool:
         with self.lock:
+            if self.policy == "window" and self.queue and (
+                    self.rows or (len(self.queue) < self.max_running
+                                  and time.monotonic() < self.queue[0].arrived + self.wait)):
+                return False  # the batch runs to its end; or the window is open and the batch not yet full
             count = min(self.max_running - len(self.rows), len(self.queue))
             newcomers = [self.queue.popleft() for _ in range(count)]
         if not newcomers:

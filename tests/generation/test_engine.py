@@ -224,3 +224,41 @@ def test_the_loop_in_its_own_thread_serves_concurrent_callers():
     engine.close()
     for index, text in enumerate(texts):
         assert results[index] == alone(model, text, 6 + index)
+
+
+def test_window_policy_admits_nobody_until_the_batch_has_ended():
+    model = make_model("rope")
+    texts = prompts([3, 6, 4])
+    engine = Engine(model, max_running=4, policy="window", wait_ms=0)
+    first = [engine.submit(TokenRequest(tuple(texts[index]), count)) for index, count in ((0, 5), (1, 3))]
+    engine.step()
+    late = engine.submit(TokenRequest(tuple(texts[2]), 4))
+    steps = 0
+    while not all(ticket.done for ticket in first):
+        assert late.row is None and engine.stats()["queued"] == 1
+        engine.step()
+        steps += 1
+    assert steps == 3  # the five tokens of the longest: two in the first step, one per step after
+    while not late.done:
+        engine.step()
+    for ticket, text, count in zip(first + [late], texts, (5, 3, 4)):
+        assert ticket.tokens == alone(model, text, count)
+    # The continuous policy admits it at the next step.
+    engine = Engine(model, max_running=4)
+    for index, count in ((0, 5), (1, 3)):
+        engine.submit(TokenRequest(tuple(texts[index]), count))
+    engine.step()
+    late = engine.submit(TokenRequest(tuple(texts[2]), 4))
+    engine.step()
+    assert late.row is not None and len(late.tokens) == 2
+
+
+def test_calls_run_in_the_engine_thread_between_steps():
+    model = make_model()
+    engine = Engine(model, max_running=2).start()
+    try:
+        assert engine.call(threading.current_thread).result(timeout=30).name == "formerkit-engine"
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0).result(timeout=30)
+    finally:
+        engine.close()
