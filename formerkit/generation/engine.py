@@ -23,9 +23,11 @@ What a row generates is what it would generate alone (``model.generate`` of its 
 nothing, its positions are its own, and a seeded sample draws from a ``torch.Generator`` of its own. Floating-point
 sums over a longer row of keys can differ from the lone run in the last bits, as left padding in a batch does.
 
-``policy="window"`` is the scheduling a window batcher does, over the same rows and steps: requests that arrive
-within ``wait_ms`` of the first waiting one start together, and nobody joins until the whole batch has ended (its
-finished rows leave at once all the same). The server keeps it so a load test compares both in one run.
+``policy="window"`` is the scheduling of the window batcher ``formerkit serve`` had before (a batch run by
+``model.generate``), over the same rows and steps: requests that arrive within ``wait_ms`` of the first waiting one
+start together, nobody joins until the whole batch has ended, and a row that finished early keeps its place (and its
+compute) until then, as ``generate`` pads a stopped row. The server keeps it so a load test compares both in one
+run.
 
 Models whose step depends on the whole batch or on the cache layout are refused with an error saying why
 (encoder-decoders, dynamic and LongRoPE scaling, sliding windows with global tokens); sliding-window models are
@@ -424,6 +426,8 @@ class Engine:
         log_probs = logits.float().log_softmax(dim=-1) if any(wanted) else None
         finished = []
         for index, ticket in enumerate(tickets):
+            if ticket.finish_reason is not None:  # window policy: finished, waiting for its batch to end
+                continue
             request = ticket.request
             if not request.sampling.greedy:
                 chosen[index] = int(request.sampling.pick(logits[index:index + 1], ticket.generator)[0])
@@ -441,9 +445,16 @@ class Engine:
             ticket._send(TokenEvent(token, logprob, top, reason))
             if reason is not None:
                 finished.append(ticket)
+        self.counters["finished"] += len(finished)
+        if self.policy == "window":  # the batch ends with its last row
+            if all(ticket.finish_reason is not None for ticket in self.rows):
+                for ticket in self.rows:
+                    ticket.row = None
+                self.rows.clear()
+                self.cache.length = 0
+            return
         for ticket in finished:
             self._leave(ticket)
-            self.counters["finished"] += 1
 
     # ----- rows and columns -----
 
