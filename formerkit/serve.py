@@ -1,18 +1,22 @@
 """``formerkit serve``: a trained model behind HTTP (FastAPI + uvicorn, the ``[serve]`` extra).
 
 Endpoints: ``GET /health``; ``GET /v1/model`` (config, parameters, task); ``POST /v1/generate`` (language models;
-``"stream": true`` answers with server-sent events, one per new piece of text); ``POST /v1/classify`` (image
-classifiers: a base64 PNG or a nested list [C][H][W] / [H][W] in the data source's raw units, which the server scales,
-resizes and normalizes as in training); ``POST /v1/forecast`` (forecasters: the recent values of the series,
-[steps][columns] or [steps] for one column, in the series' own units; answers the next ``horizon`` steps in the same
-units); ``/openapi.json``.
+``"stream": true`` answers with server-sent events, one per new token); ``POST /v1/classify`` (image classifiers: a
+base64 PNG or a nested list [C][H][W] / [H][W] in the data source's raw units, which the server scales, resizes and
+normalizes as in training); ``POST /v1/forecast`` (forecasters: the recent values of the series, [steps][columns] or
+[steps] for one column, in the series' own units; answers the next ``horizon`` steps in the same units);
+``/openapi.json``; and the OpenAI-compatible API (``formerkit.openai_api``): ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (language models), ``POST /v1/embeddings`` (encoders over
+tokens). Every endpoint reads its body as JSON whatever content type the client declares (curl's ``-d`` says form).
 
-Concurrent requests are batched: each waits at most ``wait_ms`` for others to join it, up to ``max_batch``, then
-the batch runs in one forward pass (generation: prompts of different lengths left-padded, the padding masked, each
-row stopping on its own; a batch groups the requests with the same sampling settings). The model runs in one worker
-thread, so requests never interleave inside it; a request that fails answers with an error and the server goes on.
-Streaming requests run one at a time on the same worker. Bodies larger than ``max_body_bytes`` are refused before
-they are read whole. uvicorn drains in-flight requests on SIGTERM before exiting.
+Generation goes through one seam: ``ModelService.token_events(TokenRequest)`` yields a ``TokenEvent`` per new token
+(``formerkit.generation.requests``); every generation endpoint is built on it. Behind it, for now, each sequence is
+decoded alone in the model's worker thread (``OneSequenceAtATime``); a consumer that stops iterating (a client that
+disconnects) cancels its sequence. Classification and forecasting requests are batched: each waits at most
+``wait_ms`` for others to join it, up to ``max_batch``, then the batch runs in one forward pass. The model runs in one
+worker thread, so requests never interleave inside it; a request that fails answers with an error and the server goes
+on. Bodies larger than ``max_body_bytes`` are refused before they are read whole. uvicorn drains in-flight requests
+on SIGTERM before exiting.
 """
 
 
@@ -20,8 +24,13 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import io
 import json
+import shlex
+import sys
+import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +40,11 @@ import torch
 from formerkit.bench.common import parameter_count
 from formerkit.data import load_tokenizer
 from formerkit.errors import CheckpointError, InputError
+from formerkit.generation.requests import TokenEvent, TokenRequest
+from formerkit.generation.sampling import SamplingConfig
+from formerkit.generation.single import decode_sequence
 from formerkit.runs import (
     denormalize_forecast,
-    generate_text,
     generation_defaults,
     image_input,
     load_run_model,
@@ -44,30 +55,130 @@ from formerkit.runs import (
     stop_ids,
 )
 
-__all__ = ["ServeError", "create_app", "serve"]
+__all__ = ["ModelService", "OneSequenceAtATime", "ServeError", "TextPieces", "create_app", "serve"]
 
 
-ROUTES = {"causal_lm": "/v1/generate", "classification": "/v1/classify", "forecast": "/v1/forecast"}
+# The endpoint each task is served on (the legacy API; the OpenAI-compatible one in formerkit.openai_api).
+ROUTES = {"causal_lm": "/v1/generate", "classification": "/v1/classify", "forecast": "/v1/forecast",
+          "embedding": "/v1/embeddings"}
 
 
 class ServeError(Exception):
-    """A request the server refuses: an HTTP status and a message saying what is wrong."""
+    """A request the server refuses: an HTTP status and a message saying what is wrong; for the OpenAI-compatible
+    endpoints also the request field at fault (``param``) and a machine-readable ``code``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 @dataclass
 class _Job:
-    kind: str  # "generate", "classify" or "forecast"
+    kind: str  # "classify" or "forecast"
     key: tuple  # requests with equal keys may share a batch
     payload: Any
     future: asyncio.Future = field(default=None)  # type: ignore[assignment]
 
 
+_END = object()
+
+
+class OneSequenceAtATime:
+    """``token_events`` decoding each request alone (``decode_sequence``) in the model's worker thread, in the order
+    they come. The worker puts each event on the request's queue as it is made; a consumer that stops listening
+    sets the request's ``cancelled`` flag, and the worker drops the sequence at its next step (or before it starts)."""
+
+    def __init__(self, model, executor: concurrent.futures.Executor):
+        self.model, self.executor = model, executor
+
+    async def events(self, request: TokenRequest) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop closed: nobody listens any more
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def run() -> None:
+            try:
+                if not cancelled.is_set():
+                    for event in decode_sequence(self.model, request, cancelled):
+                        put(event)
+            except Exception as error:  # the request fails, the worker goes on
+                put(error)
+            finally:
+                put(_END)
+
+        loop.run_in_executor(self.executor, run)
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+
+
+class TextPieces:
+    """The text of a sequence's new tokens as it grows, cut at the first of the ``stops`` texts.
+
+    ``add(token)`` returns the text now safe to show: a token that ends inside a character (byte-level tokens) is
+    held back until the character is complete, and text that could be the start of a stop text is held back until it
+    is not. Once a stop text appears, the text before it is final and ``stopped`` is True. ``tokens_shown`` counts the
+    tokens whose text starts within the shown text (the tokens of a stop text are not shown); ``offsets`` holds each
+    token's first character in the text. Joining every piece ``add`` and ``finish`` return gives ``text``.
+    """
+
+    def __init__(self, tokenizer, stops: list[str] = ()):
+        self.tokenizer, self.stops = tokenizer, [stop for stop in stops if stop]
+        self.ids: list[int] = []
+        self.offsets: list[int] = []
+        self.text, self.shown, self.stopped = "", 0, False
+        self._decoded = ""
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.offsets.append(len(self._decoded.rstrip("\ufffd")))
+        self.ids.append(token)
+        self._decoded = self.tokenizer.decode(self.ids)
+        candidate = self._decoded.rstrip("\ufffd")  # a character still incomplete waits for its next bytes
+        found = [index for index in (candidate.find(stop) for stop in self.stops) if index >= 0]
+        if found:
+            self.stopped = True
+            self.text = candidate[:min(found)]
+            return self._show(len(self.text))
+        self.text = candidate
+        # The longest end of the text that a stop text starts with may still become that stop text.
+        held = max((size for stop in self.stops for size in range(1, len(stop)) if candidate.endswith(stop[:size])),
+                   default=0)
+        return self._show(len(candidate) - held)
+
+    def finish(self) -> str:
+        """The text held back, once the sequence has ended (an incomplete character shows as a replacement mark)."""
+        if not self.stopped:
+            self.text = self._decoded
+        return self._show(len(self.text))
+
+    def _show(self, end: int) -> str:
+        piece = self.text[self.shown:end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        return piece
+
+    @property
+    def tokens_shown(self) -> int:
+        """How many tokens have text in the shown text (all of them once finished without a stop text)."""
+        if not self.stopped and self.shown == len(self._decoded):
+            return len(self.ids)
+        return sum(1 for offset in self.offsets if offset < self.shown)
+
+
 class ModelService:
-    """The model of a run directory with its tokenizer or preprocessing, and the batching worker."""
+    """The model of a run directory with its tokenizer or preprocessing, the generation seam (``token_events``) and
+    the batching worker of classification and forecasting."""
 
     def __init__(self, target: str | Path, *, max_batch: int = 16, wait_ms: float = 5.0,
                  max_new_tokens_limit: int = 1024):
@@ -77,27 +188,40 @@ class ModelService:
             raise InputError(f"serve: wait_ms must lie in [0, 1000], got {wait_ms!r}")
         self.model, self.recipe, self.extra = load_run_model(target, imported=True)
         self.config = self.model.config
+        self.model_id = _model_name(target)
         self.task = run_objective(self.recipe, self.extra)
+        self.preprocessing = self.extra.get("preprocessing") or {}
         self.tokenizer, self.eos_ids = None, ()
-        if self.task == "causal_lm":
+        # Embeddings: an encoder over tokens (a masked-LM run, a text classifier, an imported BERT) pooled.
+        encoder_over_text = self.config.arch == "encoder" and self.config.stem.kind == "tokens" and \
+            self.task in ("masked_lm", "classification", None)
+        if encoder_over_text and self.preprocessing.get("kind") != "image":
+            self.task = "embedding" if self.task != "classification" else self.task
+            self.embeds = True
+        else:
+            self.embeds = False
+        if self.task == "causal_lm" or self.embeds:
             path = model_dir(target) / "tokenizer.json"
             if not path.exists():
-                raise CheckpointError(f"{path}: missing; a language model is served with the tokenizer of its run")
+                raise CheckpointError(f"{path}: missing; a model over text is served with the tokenizer of its run")
             self.tokenizer = load_tokenizer(path)
+        if self.task == "causal_lm":
             # A converted checkpoint's end-of-sequence tokens end every generation.
             self.eos_ids = tuple(generation_defaults(self.extra, self.tokenizer)["stop_tokens"] or ())
         elif self.task not in ROUTES:
             what = f"this run trained {self.task!r}" if self.recipe is not None else (
-                "this converted checkpoint is not a decoder language model")
-            raise CheckpointError(f"{target}: serve answers language models (generate), classifiers (classify) and "
-                                  f"forecasters (forecast); {what}")
-        self.preprocessing = self.extra.get("preprocessing") or {}
-        if self.task == "classification" and self.preprocessing.get("kind") != "image":
+                "this converted checkpoint is neither a decoder language model nor an encoder over tokens")
+            raise CheckpointError(f"{target}: serve answers language models (generate, completions), classifiers "
+                                  f"(classify), forecasters (forecast) and encoders over text (embeddings); {what}")
+        if self.task == "classification" and not self.embeds and self.preprocessing.get("kind") != "image":
             raise CheckpointError(f"{target}: classify takes images; this classifier's data is "
                                   f"{self.preprocessing.get('kind')!r}")
+        self.route = "/v1/embeddings" if self.embeds else ROUTES[self.task]
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.max_new_tokens_limit = max_new_tokens_limit
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="formerkit-model")
+        # The implementation behind token_events: one sequence at a time, until an engine takes its place.
+        self.sequences = OneSequenceAtATime(self.model, self.executor)
         self.queue: asyncio.Queue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.worker: asyncio.Task | None = None
@@ -106,12 +230,13 @@ class ModelService:
     # ----- describing the model -----
 
     def describe(self) -> dict:
-        info = {"task": self.task, "parameters": parameter_count(self.model), "config": self.config.to_dict(),
-                "max_batch": self.max_batch}
+        info = {"task": self.task, "model": self.model_id, "parameters": parameter_count(self.model),
+                "config": self.config.to_dict(), "max_batch": self.max_batch}
         if self.task == "classification":
             info["classes"] = self.preprocessing.get("classes")
-            info["image_size"] = self.preprocessing.get("image_size")
-            info["in_channels"] = self.preprocessing.get("in_channels")
+            if not self.embeds:
+                info["image_size"] = self.preprocessing.get("image_size")
+                info["in_channels"] = self.preprocessing.get("in_channels")
         elif self.task == "forecast":
             for key in ("columns", "window", "horizon"):
                 info[key] = self.preprocessing[key]
@@ -119,30 +244,94 @@ class ModelService:
             info["context"] = self.config.max_seq_len
         return info
 
-    # ----- requests -> jobs -----
-
     def check_task(self, task: str) -> None:
-        if self.task != task:
-            raise ServeError(400, f"this model is a {self.task} model: use {ROUTES[self.task]}")
+        if self.task != task or (task == "classification" and self.embeds):
+            raise ServeError(400, f"this model is a {self.task} model: use {self.route}")
 
-    def generation_job(self, body: dict) -> _Job:
-        self.check_task("causal_lm")
-        ids = prompt_ids(self.tokenizer, body["prompt"])
-        context = self.config.max_seq_len
-        count = body["max_new_tokens"]
+    # ----- generation: the seam -----
+
+    async def token_events(self, request: TokenRequest) -> AsyncIterator[TokenEvent]:
+        """The events of ``request``'s new tokens as they are made. A consumer that stops iterating before the last
+        one (and closes the iterator, as ``async for`` over ``contextlib.aclosing`` does) cancels the sequence."""
+        events = self.sequences.events(request)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    def check_length(self, ids: list[int], count: int, *, param: str = "max_new_tokens",
+                     prompt_param: str = "prompt") -> None:
+        """A 400 naming the field when ``count`` new tokens after ``ids`` do not fit the model's context."""
         if count > self.max_new_tokens_limit:
-            raise ServeError(400, f"max_new_tokens: at most {self.max_new_tokens_limit}, got {count}")
+            raise ServeError(400, f"{param}: at most {self.max_new_tokens_limit}, got {count}", param=param)
+        context = self.config.max_seq_len
+        if context is not None and len(ids) > context:
+            raise ServeError(400, f"{prompt_param}: {len(ids)} tokens exceed the model's context of {context} tokens",
+                             param=prompt_param, code="context_length_exceeded")
         if context is not None and len(ids) + count > context + 1:
-            raise ServeError(400, f"prompt: {len(ids)} tokens + max_new_tokens {count} exceed the model's context "
-                                  f"of {context} tokens (+1); shorten the prompt or ask for fewer tokens")
+            raise ServeError(400, f"{param}: {count} new tokens after {len(ids)} tokens of {prompt_param} exceed the "
+                                  f"model's context of {context} tokens (+1); shorten the prompt or ask for fewer "
+                                  "tokens",
+                             param=param, code="context_length_exceeded")
+
+    def token_ids(self, text: str) -> list[int]:
+        return prompt_ids(self.tokenizer, text)
+
+    async def on_model_thread(self, function, *args):
+        """Runs ``function(*args)`` in the model's worker thread (work other than token generation)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[tuple[float | None, tuple | None]]:
+        """(log-probability, the ``top`` most likely (id, log-probability)) of each prompt token given the ones
+        before it: the model's own log-softmax; (None, None) for the first, which nothing predicts."""
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=next(self.model.parameters()).device))[0].float()
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            chosen = logprobs.gather(-1, torch.tensor(ids[1:], device=logprobs.device).view(-1, 1)).flatten()
+            result: list[tuple[float | None, tuple | None]] = [(None, None)]
+            values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1) if top > 0 else (None, None)
+            for position in range(len(ids) - 1):
+                best = None if values is None else tuple(
+                    (int(i), float(v)) for i, v in zip(indices[position], values[position]))
+                result.append((float(chosen[position]), best))
+            return result
+
+    def embed(self, texts: list[list[int]]) -> torch.Tensor:
+        """Unit-length embeddings [len(texts), width] of token-id lists: the model's own pooled vector when its head
+        pools (a classifier: the vector it classifies), else the mean of the final hidden states over the tokens
+        (sentence-transformers' mean pooling); padding is masked and never pooled."""
+        longest = max(len(ids) for ids in texts)
+        device = next(self.model.parameters()).device
+        ids = torch.zeros(len(texts), longest, dtype=torch.long, device=device)
+        keep = torch.zeros(len(texts), longest, dtype=torch.long, device=device)
+        for row, tokens in enumerate(texts):
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            keep[row, :len(tokens)] = 1
+        with torch.inference_mode():
+            out = self.model(ids, attention_mask=keep, return_outputs=True)
+            if out.pooled is not None:
+                vectors = out.pooled.float()
+            else:
+                hidden = out.last_hidden_state.float()
+                weights = keep.unsqueeze(-1).to(hidden.dtype)
+                vectors = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+            return torch.nn.functional.normalize(vectors, dim=-1)
+
+    # ----- legacy requests -----
+
+    def generation_request(self, body: dict) -> TokenRequest:
+        """The TokenRequest of a /v1/generate body (checked)."""
+        self.check_task("causal_lm")
+        ids = self.token_ids(body["prompt"])
+        self.check_length(ids, body["max_new_tokens"])
         try:
             stop = stop_ids(self.tokenizer, body.get("stop"), name="stop")
+            sampling = SamplingConfig(body["temperature"], body.get("top_k"), body.get("top_p"))
+            return TokenRequest(tuple(ids), body["max_new_tokens"], sampling, body.get("seed"),
+                                frozenset((stop or []) + list(self.eos_ids)))
         except InputError as error:
             raise ServeError(400, str(error)) from None
-        key = (body["temperature"], body.get("top_k"), body.get("top_p"), tuple(stop or ()) + self.eos_ids)
-        if body.get("seed") is not None and body["temperature"] > 0:
-            key += (object(),)  # a seeded sample is reproducible only alone: it shares no batch
-        return _Job("generate", key, {"ids": ids, "count": count, "stop": stop, "seed": body.get("seed")})
 
     def classification_job(self, body: dict) -> _Job:
         self.check_task("classification")
@@ -170,7 +359,7 @@ class ModelService:
         except InputError as error:
             raise ServeError(400, str(error)) from None
 
-    # ----- batching -----
+    # ----- batching (classify, forecast) -----
 
     async def submit(self, job: _Job):
         loop = asyncio.get_running_loop()
@@ -223,60 +412,33 @@ class ModelService:
                 forecasts = denormalize_forecast(output, self.preprocessing)
                 return [{"forecast": forecast.tolist(), "columns": self.preprocessing["columns"]}
                         for forecast in forecasts]
-            if batch[0].kind == "classify":
-                logits = self.model(torch.stack([job.payload for job in batch])).float()
-                probabilities = logits.softmax(dim=-1)
-                classes = self.preprocessing.get("classes")
-                results = []
-                for row in probabilities:
-                    best = int(row.argmax())
-                    label = classes[best] if classes else best
-                    results.append({"label": label, "probabilities": [round(float(p), 6) for p in row]})
-                return results
-            return self._generate(batch)
+            logits = self.model(torch.stack([job.payload for job in batch])).float()
+            probabilities = logits.softmax(dim=-1)
+            classes = self.preprocessing.get("classes")
+            results = []
+            for row in probabilities:
+                best = int(row.argmax())
+                label = classes[best] if classes else best
+                results.append({"label": label, "probabilities": [round(float(p), 6) for p in row]})
+            return results
 
-    def _generate(self, batch: list[_Job]) -> list[dict]:
-        temperature, top_k, top_p, stop = batch[0].key[:4]
-        longest = max(len(job.payload["ids"]) for job in batch)
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, job in enumerate(batch):  # left padding: the real tokens last
-            prompt = job.payload["ids"]
-            ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            mask[row, longest - len(prompt):] = 1
-        count = max(job.payload["count"] for job in batch)
-        seed = batch[0].payload["seed"] if len(batch) == 1 else None
-        stop_tokens = list(stop) or None
-        out = self.model.generate(ids, count, attention_mask=mask, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, stop_tokens=stop_tokens, seed=seed)
-        results = []
-        for row, job in enumerate(batch):
-            new = out[row, longest:longest + job.payload["count"]].tolist()
-            ends = [index for index, token in enumerate(new) if token in (stop_tokens or ())]
-            if ends:
-                new = new[: ends[0] + 1]
-            results.append({"text": self.tokenizer.decode(new), "num_tokens": len(new)})
-        return results
 
-    # ----- streaming -----
-
-    def stream_pieces(self, job: _Job, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        """Runs in the worker thread: puts the text of each new token on ``queue``, then None."""
-        temperature, top_k, top_p, stop = job.key[:4]
-        try:
-            with torch.inference_mode():
-                for piece in generate_text(self.model, self.tokenizer, job.payload["ids"],
-                                           max_new_tokens=job.payload["count"], temperature=temperature,
-                                           top_k=top_k, top_p=top_p, seed=job.payload["seed"],
-                                           stop_tokens=list(stop) or None):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+def _model_name(target: str | Path) -> str:
+    """The name clients send as ``model``: the run directory's name (the parent's of a run's ``model/``)."""
+    path = Path(target).resolve()
+    directory = model_dir(path).resolve()
+    if directory != path:  # a run directory
+        return path.name
+    if directory.name == "model" and (directory.parent / "model" / "config.json").exists() and \
+            any((directory.parent / name).exists() for name in ("recipe.yaml", "metrics.jsonl", "checkpoints")):
+        return directory.parent.name  # a run's model/ directory
+    return directory.name
 
 
 class _BodyLimit:
     """ASGI middleware: a body declared larger than ``limit`` is refused (413) before any of it is read; one sent
-    without a length is counted as it arrives and refused once past the limit."""
+    without a length is counted as it arrives and refused once past the limit. Every body is read as JSON: the
+    content type is set to ``application/json`` whatever the client declared (curl's ``-d`` declares a form)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -284,10 +446,13 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = [(name, value) for name, value in scope.get("headers") or [] if name != b"content-type"]
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        declared = dict(headers).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            body = json.dumps({"error": f"request body of {int(declared)} bytes exceeds the limit of {self.limit} "
-                                        "bytes"}).encode()
+            message = f"request body of {int(declared)} bytes exceeds the limit of {self.limit} bytes"
+            error = _error_body(scope["path"], message, 413, None, "request_too_large")
+            body = json.dumps(error).encode()
             await send({"type": "http.response.start", "status": 413,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode())]})
@@ -300,10 +465,51 @@ class _BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise ServeError(413, f"request body exceeds the limit of {self.limit} bytes")
+                raise ServeError(413, f"request body exceeds the limit of {self.limit} bytes", code="request_too_large")
             return message
 
         await self.app(scope, counted, send)
+
+
+# The OpenAI error types by status (their API's names; clients map the status to an exception class).
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+def _is_openai(path: str) -> bool:
+    return path.startswith(("/v1/completions", "/v1/chat/", "/v1/embeddings", "/v1/models"))
+
+
+def _error_body(path: str, message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """The error answer: OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` on the OpenAI-compatible
+    endpoints, ``{"error": message}`` on the others."""
+    if not _is_openai(path):
+        return {"error": message}
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """A pydantic validation failure as one message, and the first field at fault (``messages[0].role``)."""
+    details, params = [], []
+    for item in errors:
+        location = [part for part in item["loc"] if part != "body"]
+        if item.get("type") == "json_invalid":
+            details.append(f"body: not valid JSON ({item.get('ctx', {}).get('error', item['msg'])})")
+            continue
+        param = ""
+        for part in location:
+            param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+        # pydantic names the member of a union it tried ("prompt.str"): the field itself is what the client sent.
+        param = param.split(".function-")[0]
+        params.append(param or None)
+        details.append(f"{param or 'body'}: {item['msg']}")
+    return "; ".join(details) or "malformed request", (params[0] if params else None)
+
+
+async def _collect(service: ModelService, request: TokenRequest) -> list[TokenEvent]:
+    async with contextlib.aclosing(service.token_events(request)) as events:
+        return [event async for event in events]
 
 
 def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
@@ -312,6 +518,10 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+
+    from formerkit.generation.requests import EngineFull
+    from formerkit.openai_api import add_openai_routes
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -348,19 +558,36 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
 
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
 
+    def error_response(request: Request, message: str, status: int, param: str | None = None,
+                       code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(_error_body(request.url.path, message, status, param, code), status_code=status,
+                            headers=headers)
+
     @app.exception_handler(ServeError)
     async def refused(request: Request, error: ServeError):
-        return JSONResponse({"error": error.message}, status_code=error.status)
+        return error_response(request, error.message, error.status, error.param, error.code, error.headers)
+
+    @app.exception_handler(EngineFull)
+    async def full(request: Request, error: EngineFull):
+        headers = None if error.retry_after is None else {"Retry-After": str(max(1, round(error.retry_after)))}
+        return error_response(request, f"the server is busy: {error}", 429, None, "engine_full", headers)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, error: RequestValidationError):
-        details = [f"{'.'.join(str(p) for p in item['loc'] if p != 'body') or 'body'}: {item['msg']}"
-                   for item in error.errors()]
-        return JSONResponse({"error": "; ".join(details) or "malformed request"}, status_code=422)
+        message, param = _validation_message(error.errors())
+        # OpenAI answers a bad field with 400; the legacy endpoints keep FastAPI's 422.
+        status = 400 if _is_openai(request.url.path) else 422
+        return error_response(request, message, status, param, "invalid_value" if param else "invalid_json")
+
+    @app.exception_handler(HTTPException)
+    async def not_found(request: Request, error: HTTPException):
+        message = {404: f"no endpoint {request.url.path}", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path}"}.get(error.status_code, str(error.detail))
+        return error_response(request, message, error.status_code, None, None, getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def failed(request: Request, error: Exception):
-        return JSONResponse({"error": f"the request failed: {type(error).__name__}: {error}"}, status_code=500)
+        return error_response(request, f"the request failed: {type(error).__name__}: {error}", 500)
 
     @app.get("/health")
     async def health():
@@ -372,19 +599,27 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(request: GenerateRequest):
-        job = service.generation_job(request.model_dump())
+        token_request = service.generation_request(request.model_dump())
+        pieces = TextPieces(service.tokenizer)  # the stop token's text is part of the answer here
         if not request.stream:
-            return await service.submit(job)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        loop.run_in_executor(service.executor, service.stream_pieces, job, loop, queue)
+            events = await _collect(service, token_request)
+            for event in events:
+                pieces.add(event.token)
+            pieces.finish()
+            return {"text": pieces.text, "num_tokens": len(events)}
 
         async def events():
             count = 0
-            while (piece := await queue.get()) is not None:
-                count += 1
-                yield f"data: {json.dumps({'text': piece})}\n\n"
-            yield f"data: {json.dumps({'done': True, 'num_tokens': count})}\n\n"
+            try:
+                async with contextlib.aclosing(service.token_events(token_request)) as stream:
+                    async for event in stream:
+                        count += 1
+                        yield f"data: {json.dumps({'text': pieces.add(event.token)})}\n\n"
+                if rest := pieces.finish():
+                    yield f"data: {json.dumps({'text': rest})}\n\n"
+                yield f"data: {json.dumps({'done': True, 'num_tokens': count})}\n\n"
+            except Exception as error:  # the headers are sent: the failure is the last event
+                yield f"data: {json.dumps({'error': f'the request failed: {type(error).__name__}: {error}'})}\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -396,16 +631,68 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
     async def forecast(request: ForecastRequest):
         return await service.submit(service.forecast_job(request.model_dump()))
 
+    add_openai_routes(app, service)
     return app
+
+
+def example_call(service: ModelService, base_url: str) -> str:
+    """A curl command line that works as printed against the server at ``base_url``, for the model's task."""
+    if service.task == "causal_lm":
+        path, body = "/v1/completions", {"model": service.model_id, "prompt": _example_prompt(service),
+                                         "max_tokens": 32, "temperature": 0}
+    elif service.embeds:
+        path, body = "/v1/embeddings", {"model": service.model_id, "input": _example_prompt(service)}
+    elif service.task == "classification":
+        path, body = "/v1/classify", {"image": _blank_png(service.preprocessing)}
+    else:
+        columns = len(service.preprocessing["columns"])
+        row = [0.0] * columns if columns > 1 else 0.0
+        path, body = "/v1/forecast", {"values": [row] * service.preprocessing["window"]}
+    return f"curl -s {base_url}{path} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
+
+
+def _example_prompt(service: ModelService) -> str:
+    """A prompt the tokenizer can encode: "def " when it can (the stdlib recipes), else its first few symbols."""
+    for text in ("def ", "The ", "a"):
+        ids = service.tokenizer.encode(text)
+        if ids and service.tokenizer.decode(ids) == text:
+            return text
+    return service.tokenizer.decode([0, 1, 2])
+
+
+def _blank_png(preprocessing: dict) -> str:
+    from PIL import Image
+
+    height, width = preprocessing["image_size"]
+    mode = "L" if preprocessing["in_channels"] == 1 else "RGB"
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def serve(target: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           wait_ms: float = 5.0, max_body_bytes: int = 8 * 2**20) -> None:
-    """Serves a run (blocking) until SIGTERM or Ctrl-C, which let in-flight requests finish first."""
+    """Serves a run (blocking) until SIGTERM or Ctrl-C, which let in-flight requests finish first. Once listening,
+    prints the URL, the model name clients send and an example call."""
     try:
         import uvicorn
     except ImportError as error:
         raise InputError("formerkit serve needs FastAPI and uvicorn: pip install 'formerkit[serve]'") from error
     service = ModelService(target, max_batch=max_batch, wait_ms=wait_ms)
     app = create_app(service, max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.should_exit or not self.servers:
+                return
+            bound = self.servers[0].sockets[0].getsockname()
+            shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            shown = f"[{shown}]" if ":" in shown else shown
+            base_url = f"http://{shown}:{bound[1]}"
+            print(f"formerkit serve: {service.model_id} ({service.task}) at {base_url}  (docs: {base_url}/docs; "
+                  f"OpenAI clients: base_url={base_url}/v1, model={service.model_id!r})\n"
+                  f"try: {example_call(service, base_url)}", file=sys.stdout, flush=True)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    Server(config).run()

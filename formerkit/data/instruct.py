@@ -39,7 +39,7 @@ from formerkit.data.files import existing_path, jsonl_records
 from formerkit.data.packing import PackedRows, PackedSplit, one_document_per_row, pack_documents
 from formerkit.data.tokenizers import Tokenizer
 
-__all__ = ["DEFAULT_END", "Conversation", "InstructSplit", "instruct_bundle", "read_conversations",
+__all__ = ["DEFAULT_END", "Conversation", "InstructSplit", "encode_plain", "instruct_bundle", "read_conversations",
            "render_conversation", "tokenize_conversation"]
 
 ROLES = ("system", "user", "assistant")
@@ -176,7 +176,7 @@ def render_conversation(conversation: Conversation, render) -> list[tuple[str, b
     return [(text, trained) for text, trained in pieces if text]
 
 
-def _encode_plain(tokenizer: Tokenizer, text: str) -> list[int]:
+def encode_plain(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of a piece of text with no special tokens added (the template writes them as text)."""
     backend = getattr(tokenizer, "backend", None)
     if backend is not None:
@@ -189,7 +189,7 @@ def tokenize_conversation(conversation: Conversation, tokenizer: Tokenizer, rend
     ids: list[int] = []
     mask: list[bool] = []
     for text, trained in render_conversation(conversation, render):
-        piece = _encode_plain(tokenizer, text)
+        piece = encode_plain(tokenizer, text)
         ids += piece
         mask += [trained] * len(piece)
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)

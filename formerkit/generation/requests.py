@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from formerkit.errors import InputError
 from formerkit.generation.sampling import SamplingConfig
 
-__all__ = ["TokenEvent", "TokenRequest"]
+__all__ = ["EngineFull", "TokenEvent", "TokenRequest"]
+
+
+class EngineFull(Exception):
+    """The engine takes no more requests now (its queue is full); the HTTP layer answers 429, and the client retries
+    later. ``retry_after``: seconds the client may wait before retrying, if the engine can tell."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
