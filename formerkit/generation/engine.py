@@ -48,15 +48,11 @@ from queue import SimpleQueue
 import torch
 from torch import Tensor
 
-from formerkit.errors import FormerkitError, InputError
-from formerkit.generation.requests import TokenEvent, TokenRequest
+from formerkit.errors import InputError
+from formerkit.generation.requests import EngineFull, TokenEvent, TokenRequest
 from formerkit.nn.cache import KVCache
 
 __all__ = ["Engine", "EngineFull", "Ticket"]
-
-
-class EngineFull(FormerkitError):
-    """Submitted while every row runs and the wait queue is full: retry later (an HTTP server answers 503)."""
 
 
 class Ticket:
