@@ -671,13 +671,24 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
             pieces.finish()
             return {"text": pieces.text, "num_tokens": len(events)}
 
+        stream = service.token_events(token_request)
+        try:  # the first token before the response starts: a full engine answers 429, not an event
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await stream.aclose()
+            raise
+
         async def events():
             count = 0
             try:
-                async with contextlib.aclosing(service.token_events(token_request)) as stream:
-                    async for event in stream:
+                async with contextlib.aclosing(stream):
+                    event = first
+                    while event is not None:
                         count += 1
                         yield f"data: {json.dumps({'text': pieces.add(event.token)})}\n\n"
+                        event = None if event.finish_reason is not None else await anext(stream, None)
                 if rest := pieces.finish():
                     yield f"data: {json.dumps({'text': rest})}\n\n"
                 yield f"data: {json.dumps({'done': True, 'num_tokens': count})}\n\n"

@@ -23,7 +23,7 @@ from formerkit.serve import ModelService, create_app  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a run trained for it, a server
 
-SLOW_FORWARD_S = 0.01
+SLOW_FORWARD_S = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +114,19 @@ def test_a_full_engine_answers_429_in_the_openai_error_shape(served):
     _wait_idle(base)
     body = {"prompt": "def ", "max_new_tokens": 25, "temperature": 0, "stream": True}
     with httpx.Client() as client:
-        streams = [client.stream("POST", f"{base}/v1/generate", json=body, timeout=60) for _ in range(4)]
-        opened = [stream.__enter__() for stream in streams]  # three rows and one queue place
+        streams = [client.stream("POST", f"{base}/v1/generate", json=body, timeout=60) for _ in range(3)]
+        opened = [stream.__enter__() for stream in streams]  # the three rows
+        # One queue place: a request that waits in it (its answer starts with its first token).
+        waiting = threading.Thread(target=httpx.post, args=(f"{base}/v1/generate",),
+                                   kwargs={"json": {**body, "stream": False}, "timeout": 60})
+        waiting.start()
         try:
             assert all(response.status_code == 200 for response in opened)
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{base}/v1/stats").json()["queued"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            # A stream is refused before it starts, and so is a completion, in the OpenAI error shape.
+            assert client.post(f"{base}/v1/generate", json=body).status_code == 429
             refused = client.post(f"{base}/v1/completions",
                                   json={"model": httpx.get(f"{base}/v1/models").json()["data"][0]["id"],
                                         "prompt": "def ", "max_tokens": 4})
@@ -127,4 +136,5 @@ def test_a_full_engine_answers_429_in_the_openai_error_shape(served):
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)
+            waiting.join(timeout=60)
     assert _wait_idle(base)["running"] == 0

@@ -109,6 +109,7 @@ class Engine:
 
     policy: "continuous" admits waiting requests between any two steps; "window" only once the running batch has
     ended, after waiting up to ``wait_ms`` from the first waiting request for others to join (a window batcher).
+    initial_columns: the cache's columns at first; they grow as the rows need, up to twice the context.
 
     Drive it by hand (``submit``, then ``step()`` until the tickets are done), or ``start()`` its loop in a thread of
     its own (the model's worker thread) and consume each ticket through its ``notify`` callback; other work on the
@@ -116,8 +117,9 @@ class Engine:
     """
 
     def __init__(self, model, *, max_running: int = 16, max_queued: int = 64, context: int | None = None,
-                 policy: str = "continuous", wait_ms: float = 5.0):
-        for name, value, low in (("max_running", max_running, 1), ("max_queued", max_queued, 0)):
+                 policy: str = "continuous", wait_ms: float = 5.0, initial_columns: int = 256):
+        for name, value, low in (("max_running", max_running, 1), ("max_queued", max_queued, 0),
+                                 ("initial_columns", initial_columns, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"{name}: expected an integer >= {low}, got {value!r}")
         if policy not in ("continuous", "window"):
@@ -137,14 +139,17 @@ class Engine:
         virtual = model.input_prompt() if getattr(model, "input_prompt", None) is not None else None
         self.virtual_tokens = 0 if virtual is None else int(virtual.shape[0])  # prompt tuning: cached first
         self.device = next(model.parameters()).device
-        # Twice the context: compaction then frees at least a context's worth of columns each time it runs.
-        self.cache = self._new_cache(max_running, 2 * (context + self.virtual_tokens))
+        # At most twice the longest sequence: at that size compaction frees at least a sequence's worth of columns
+        # each time it runs. The buffers start smaller and grow as the rows need (a long context times many rows is
+        # memory a server with short requests never needs).
+        self.max_columns = 2 * (context + self.virtual_tokens)
+        self.cache = self._new_cache(max_running, min(self.max_columns, initial_columns))
         self.rows: list[Ticket] = []  # rows[i] runs in cache row i
         self.queue: deque[Ticket] = deque()
         self.calls: deque[tuple[concurrent.futures.Future, Callable, tuple]] = deque()
         self.lock = threading.Condition()
         self.counters = {"steps": 0, "prefills": 0, "admitted": 0, "finished": 0, "cancelled": 0, "failed": 0,
-                         "refused": 0, "compactions": 0, "tokens": 0}
+                         "refused": 0, "compactions": 0, "grown": 0, "tokens": 0}
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -349,7 +354,10 @@ class Engine:
             return True
         self.counters["prefills"] += 1
         self.counters["admitted"] += len(newcomers)
-        cache, width = self.cache, prefill.length
+        width = prefill.length
+        if width > self.cache.max_length:
+            self._grow(width)
+        cache = self.cache
         if width > cache.length:
             self._shift_right(width - cache.length)
         end, first = cache.length, len(self.rows)
@@ -392,10 +400,16 @@ class Engine:
     # ----- decoding -----
 
     def _decode(self) -> None:
-        cache, running = self.cache, len(self.rows)
+        running = len(self.rows)
         dead = min(ticket.start for ticket in self.rows)
-        if cache.length >= cache.max_length or (dead > 0 and dead * 2 >= cache.length):
+        if dead > 0 and dead * 2 >= self.cache.length:
             self._shift_left(dead)
+        elif self.cache.length >= self.cache.max_length:
+            if self.cache.max_length < self.max_columns:
+                self._grow(self.cache.length + 1)
+            else:
+                self._shift_left(dead)
+        cache = self.cache
         tokens = torch.tensor([ticket.last_token for ticket in self.rows], dtype=torch.long, device=self.device)
         view = self._view(running)
         logits = self.model(tokens.view(running, 1), cache=view, logits_to_keep=1)[:, -1]
@@ -471,6 +485,21 @@ class Engine:
         ticket.row = None
         if not self.rows:
             cache.length = 0
+
+    def _grow(self, columns: int) -> None:
+        """Longer buffers (at least ``columns``, at least double, at most ``max_columns``), the running rows copied."""
+        old, running = self.cache, len(self.rows)
+        self.cache = self._new_cache(self.max_running, min(self.max_columns, max(columns, 2 * old.max_length)))
+        length = old.length
+        for new_buffers, old_buffers in ((self.cache.keys, old.keys), (self.cache.values, old.values)):
+            for new, buffer in zip(new_buffers, old_buffers):
+                new[:running, :, :length] = buffer[:running, :, :length]
+        self.cache.keep[:running, :length] = old.keep[:running, :length]
+        self.cache.positions[:running, :length] = old.positions[:running, :length]
+        self.cache.counts[:running] = old.counts[:running]
+        self.cache.length = length
+        self.cache.padded = True
+        self.counters["grown"] += 1
 
     def _shift_left(self, columns: int) -> None:
         """Drops the first ``columns`` columns, which no running row keeps (compaction)."""

@@ -76,7 +76,7 @@ def test_concurrent_greedy_requests_equal_each_alone(case):
     counts = [6, 4, 12, 9, 3, 10, 8, 5]
     arrivals = [0, 0, 1, 3, 4, 4, 9, 12]
     texts = prompts(lengths)
-    engine = Engine(model, max_running=3, max_queued=8)
+    engine = Engine(model, max_running=3, max_queued=8, initial_columns=8)
     requests = [TokenRequest(tuple(text), count, logprobs=0) for text, count in zip(texts, counts)]
     tickets = run_staggered(engine, requests, arrivals)
     for text, count, ticket in zip(texts, counts, tickets):
@@ -86,8 +86,9 @@ def test_concurrent_greedy_requests_equal_each_alone(case):
         torch.testing.assert_close(got, recomputed_logprobs(model, text, expected), atol=TOL, rtol=0)
         assert [event.finish_reason for event in ticket.events] == [None] * (count - 1) + ["length"]
     stats = engine.stats()
-    # The scenario exercises every cache move: a longer newcomer (shift right), compaction, rows leaving.
-    assert stats["compactions"] > 0 and stats["admitted"] == len(requests) and stats["running"] == 0
+    # The scenario exercises every cache move: a longer newcomer (shift right), growth, compaction, rows leaving.
+    assert stats["compactions"] > 0 and stats["grown"] > 0
+    assert stats["admitted"] == len(requests) and stats["running"] == 0
 
 
 def test_top_logprobs_are_the_models_own_log_softmax():
