@@ -290,6 +290,10 @@ class Engine:
                 with self.lock:
                     if self.queue and not self.calls:
                         self.lock.wait(max(0.0, self.queue[0].arrived + self.wait - time.monotonic()))
+        self._fail_left()
+
+    def _fail_left(self) -> None:
+        """After closing: the requests still running or waiting fail, the calls still waiting are cancelled."""
         closed = RuntimeError("Engine: closed")
         with self.lock:
             left = list(self.rows) + list(self.queue)
@@ -316,6 +320,8 @@ class Engine:
             self.lock.notify_all()
         if self._thread is not None:
             self._thread.join()
+        else:
+            self._fail_left()
 
     def events(self, request: TokenRequest) -> Iterator[TokenEvent]:
         """The events of one request, for a caller in another thread than the running loop (``start()``);

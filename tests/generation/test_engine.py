@@ -266,3 +266,15 @@ def test_calls_run_in_the_engine_thread_between_steps():
             engine.call(lambda: 1 / 0).result(timeout=30)
     finally:
         engine.close()
+
+
+def test_closing_fails_what_still_waits_and_refuses_more():
+    engine = Engine(make_model(), max_running=1)
+    running = engine.submit(TokenRequest((1, 2), 10))
+    engine.step()
+    waiting = engine.submit(TokenRequest((3,), 4))
+    engine.close()
+    assert "closed" in str(running.error) and "closed" in str(waiting.error)
+    assert running.row is None and engine.stats()["running"] == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(TokenRequest((3,), 4))
