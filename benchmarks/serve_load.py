@@ -4,9 +4,12 @@ Starts two servers on a run directory (``--batching window`` and ``--batching co
 ``--max-running`` and ``--max-queued``), then for each client count keeps that many generation requests in flight for
 ``--seconds`` against each server in turn (the order alternates between repeats, and the figures are the medians
 over repeats), and reports requests/s, generated tokens/s, p50/p99 latency and failed requests (any answer but 200,
-a 429 included), then the continuous/window ratios.
+a 429 included), then the continuous/window ratios. With ``--together`` both servers are loaded at the same time
+(each by its own clients, one core each with ``--threads 1`` on two cores): on a machine whose load changes from
+minute to minute, both then see the same conditions.
 
     python benchmarks/serve_load.py RUN_DIR [--clients 1,8,32,64] [--seconds 20] [--repeats 1] [--threads 1]
+                                            [--together]
 
 The workload is mixed: each request takes a prompt of 8, 32 or 96 characters (a slice of the standard library's
 ``json/decoder.py``, the kind of text the char-lm recipe learns) and asks for 8, 32 or 96 new tokens, greedy, drawn by
@@ -101,6 +104,10 @@ async def _load(port: int, clients: int, seconds: float) -> dict:
             else float("nan"), "failed": failures, "requests": len(latencies)}
 
 
+async def _together(ports: list[int], clients: int, seconds: float) -> list[dict]:
+    return await asyncio.gather(*(_load(port, clients, seconds) for port in ports))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run")
@@ -110,13 +117,15 @@ def main() -> None:
     parser.add_argument("--max-running", type=int, default=32, help="rows of both servers (default 32)")
     parser.add_argument("--max-queued", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the servers (default: as set)")
+    parser.add_argument("--together", action="store_true", help="load both servers at the same time")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     servers = ("window", "continuous")
     print(f"{args.run}: prompts of {PROMPT_CHARS} characters, {NEW_TOKENS} greedy new tokens, {args.seconds:g} s "
           f"per client count and server, {args.repeats} repeat(s), max_running {args.max_running}, max_queued "
           f"{args.max_queued}, {os.cpu_count()} cores, server threads "
-          f"{args.threads if args.threads is not None else os.environ.get('OMP_NUM_THREADS', 'default')}\n")
+          f"{args.threads if args.threads is not None else os.environ.get('OMP_NUM_THREADS', 'default')}, "
+          f"{'both servers loaded at once' if args.together else 'one server at a time'}\n")
     ports = {batching: _free_port() for batching in servers}
     started = {batching: _start(args.run, ports[batching], batching, args.max_running, args.max_queued,
                                 args.threads) for batching in servers}
@@ -128,6 +137,11 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for clients in counts:
             for repeat in range(args.repeats):
+                if args.together:
+                    rows = asyncio.run(_together([ports[batching] for batching in servers], clients, args.seconds))
+                    for batching, row in zip(servers, rows):
+                        results.setdefault((batching, clients), []).append(row)
+                    continue
                 for batching in servers if repeat % 2 == 0 else servers[::-1]:
                     results.setdefault((batching, clients), []).append(
                         asyncio.run(_load(ports[batching], clients, args.seconds)))

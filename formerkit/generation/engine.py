@@ -16,8 +16,9 @@ whether the slot holds a real token (``keep``) and that token's position, so a r
 prefilled keys go right-aligned at the current length with the earlier slots marked not kept, exactly as left padding
 is (the model masks them and counts positions over real tokens only). Running rows occupy rows ``[0, running)``, so a
 step runs over a view of that prefix (no compute for free rows); a row that leaves is replaced by the last one (one
-row copied). Columns no running row keeps any more are dropped from the left (compaction) once they are half the
-length or the buffer is full, so the shared length stays within twice the model's context.
+row copied). A step reads the columns from the earliest one a running row keeps (a view: the dead columns before it
+cost nothing); when the buffer is full, they are dropped (compaction, the columns shifted left) or the buffer grows,
+up to twice the model's context.
 
 What a row generates is what it would generate alone (``model.generate`` of its prompt): its masked slots contribute
 nothing, its positions are its own, and a seeded sample draws from a ``torch.Generator`` of its own. Floating-point
@@ -407,29 +408,33 @@ class Engine:
 
     def _decode(self) -> None:
         running = len(self.rows)
-        dead = min(ticket.start for ticket in self.rows)
-        if dead > 0 and dead * 2 >= self.cache.length:
-            self._shift_left(dead)
-        elif self.cache.length >= self.cache.max_length:
-            if self.cache.max_length < self.max_columns:
-                self._grow(self.cache.length + 1)
-            else:
+        if self.cache.length >= self.cache.max_length:  # no column left for this step's keys
+            dead = min(ticket.start for ticket in self.rows)
+            # Dropping the dead columns when that frees a good share of the buffer, else more columns.
+            if dead * 4 >= self.cache.max_length or self.cache.max_length >= self.max_columns:
                 self._shift_left(dead)
+            else:
+                self._grow(self.cache.length + 1)
         cache = self.cache
         tokens = torch.tensor([ticket.last_token for ticket in self.rows], dtype=torch.long, device=self.device)
-        view = self._view(running)
+        # The step attends over the columns from the earliest a running row keeps: the ones before are dead.
+        first = min(ticket.start for ticket in self.rows)
+        view = self._view(running, first)
         logits = self.model(tokens.view(running, 1), cache=view, logits_to_keep=1)[:, -1]
         cache.counts[:running] = view.counts
-        cache.length = view.length
+        cache.length = first + view.length
         self._pick(list(self.rows), logits)
 
-    def _view(self, count: int) -> KVCache:
-        """The shared cache over rows [0, count): a pass through it writes those rows' buffers in place."""
+    def _view(self, count: int, first: int) -> KVCache:
+        """The shared cache over rows [0, count) and columns from ``first`` on: a pass through it writes those rows'
+        buffers in place (no copy; the dead columns before ``first`` are simply not read)."""
         cache = self.cache
         view = copy.copy(cache)
-        view.keys = [buffer[:count] for buffer in cache.keys]
-        view.values = [buffer[:count] for buffer in cache.values]
-        view.keep, view.positions, view.counts = cache.keep[:count], cache.positions[:count], cache.counts[:count]
+        view.keys = [buffer[:count, :, first:] for buffer in cache.keys]
+        view.values = [buffer[:count, :, first:] for buffer in cache.values]
+        view.keep, view.positions = cache.keep[:count, first:], cache.positions[:count, first:]
+        view.counts = cache.counts[:count]
+        view.length = cache.length - first
         view.padded = True  # rows start at different columns: every step masks the slots a row does not keep
         return view
 

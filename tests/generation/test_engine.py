@@ -72,9 +72,9 @@ CASES = {"learned": {}, "rope": {}, "alibi": {}, "relative": {}, "none": {}, "sl
 def test_concurrent_greedy_requests_equal_each_alone(case):
     position = "learned" if case == "sliding_window" else case
     model = make_model(position, **CASES[case])
-    lengths = [3, 9, 1, 5, 14, 2, 7, 4]
-    counts = [6, 4, 12, 9, 3, 10, 8, 5]
-    arrivals = [0, 0, 1, 3, 4, 4, 9, 12]
+    lengths = [3, 9, 1, 5, 14, 2, 7, 4, 6, 11, 2, 8]
+    counts = [6, 4, 12, 9, 3, 10, 8, 5, 12, 7, 10, 9]
+    arrivals = [0, 0, 1, 3, 4, 4, 9, 12, 14, 15, 18, 20]
     texts = prompts(lengths)
     engine = Engine(model, max_running=3, max_queued=8, initial_columns=8)
     requests = [TokenRequest(tuple(text), count, logprobs=0) for text, count in zip(texts, counts)]
