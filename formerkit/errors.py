@@ -55,3 +55,14 @@ class InteropError(FormerkitError):
 
 class ExportError(FormerkitError):
     """A model, or one of its parts, cannot be exported to the format asked for (ONNX, ``torch.export``)."""
+
+
+class ServeError(FormerkitError):
+    """A request ``formerkit serve`` refuses: an HTTP status and a message saying what is wrong; for the
+    OpenAI-compatible endpoints also the request field at fault (``param``) and a machine-readable ``code``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers

@@ -12,8 +12,10 @@ and evaluation tools written against it, already speak.
   an imported tokenizer's own template, or the default ``<|role|>\\n...<|end|>`` one, whose end-of-turn marker then
   ends the answer as a stop text), the same sampling fields, ``max_completion_tokens`` or ``max_tokens`` (default: as
   many as the context leaves), ``logprobs`` (true/false) with ``top_logprobs`` (0-20).
-- ``POST /v1/embeddings``: encoders over text; ``input`` a string, strings or token ids; unit-length vectors
-  (``ModelService.embed``), ``encoding_format`` "float" or "base64" (little-endian float32).
+- ``POST /v1/embeddings``: encoders over text (a masked-LM run, a text classifier, an imported BERT, the encoder of
+  an encoder-decoder); ``input`` a string, strings or token ids; unit-length vectors (``ModelService.embed``: a
+  classifier's pooled vector, else the mean of the final hidden states), ``encoding_format`` "float" or "base64"
+  (little-endian float32).
 
 Streaming answers are server-sent events in OpenAI's chunk format, ``data: {json}\\n\\n`` each, ending with
 ``data: [DONE]``; a chat stream's first chunk of each choice carries the role alone (content ""), the next ones
@@ -46,10 +48,10 @@ from typing import Any, Literal
 import torch
 
 from formerkit.data.instruct import DEFAULT_END, chat_template, encode_plain, renderer
-from formerkit.errors import FormerkitError, InputError
+from formerkit.errors import FormerkitError, InputError, ServeError
 from formerkit.generation.requests import TokenEvent, TokenRequest
 from formerkit.generation.sampling import SamplingConfig
-from formerkit.serve import ModelService, ServeError, TextPieces
+from formerkit.generation.text import TextPieces
 
 __all__ = ["add_openai_routes"]
 
@@ -67,7 +69,7 @@ class _Choice:
     """One generated sequence as the client sees it: the text shown so far, the events of its shown tokens, and why
     it ended. An end-of-sequence token ends it without being shown; a stop text ends it at the text before it."""
 
-    def __init__(self, index: int, service: ModelService, request: TokenRequest, stops: list[str]):
+    def __init__(self, index: int, service, request: TokenRequest, stops: list[str]):
         self.index, self.service, self.request = index, service, request
         self.pieces = TextPieces(service.tokenizer, stops)
         self.shown_events: list[TokenEvent] = []  # every token given to the text, in order
@@ -137,7 +139,7 @@ async def _start(events) -> TokenEvent | None:
 # ----- request fields -----
 
 
-def _check_model(service: ModelService, name: str, task: str) -> None:
+def _check_model(service, name: str, task: str) -> None:
     if name != service.model_id:
         raise ServeError(404, f"model: the model {name!r} does not exist; this server serves {service.model_id!r} "
                               "(GET /v1/models)", param="model", code="model_not_found")
@@ -162,7 +164,7 @@ def _check_unsupported(body) -> None:
         raise _refuse("logit_bias", "not supported; leave it out")
 
 
-def _token_ids(service: ModelService, value, param: str) -> list[int]:
+def _token_ids(service, value, param: str) -> list[int]:
     if isinstance(value, str):
         return service.token_ids(value)
     vocab = service.config.stem.vocab_size
@@ -204,7 +206,7 @@ def _sampling(body) -> SamplingConfig:
         raise ServeError(400, str(error), param=str(error).split(":")[0], code="invalid_value") from None
 
 
-def _token_request(service: ModelService, ids: list[int], count: int, sampling: SamplingConfig, seed: int | None,
+def _token_request(service, ids: list[int], count: int, sampling: SamplingConfig, seed: int | None,
                    logprobs: int | None) -> TokenRequest:
     return TokenRequest(tuple(ids), count, sampling, seed, frozenset(service.eos_ids), logprobs)
 
@@ -223,7 +225,7 @@ def _completion_logprobs(choice: _Choice, tokens: list[tuple[int, TokenEvent]], 
     return logprobs
 
 
-def _prompt_logprobs(service: ModelService, ids: list[int], values: list) -> dict:
+def _prompt_logprobs(service, ids: list[int], values: list) -> dict:
     logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     decode = service.tokenizer.decode
     for position, (token, (value, top)) in enumerate(zip(ids, values)):
@@ -282,7 +284,7 @@ def _message_text(message, index: int) -> str:
 # ----- the routes -----
 
 
-def add_openai_routes(app, service: ModelService) -> None:
+def add_openai_routes(app, service) -> None:
     """Adds the OpenAI-compatible endpoints over ``service`` to the FastAPI ``app``."""
     from fastapi.responses import StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
@@ -398,8 +400,13 @@ def add_openai_routes(app, service: ModelService) -> None:
         starts = [choice.service.token_events(choice.request) for choice in choices]
         first = await _start(starts[0])  # a refusal answers with its status before the stream begins
         if not stream:
-            await asyncio.gather(*(_run_choice(choice, first if index == 0 else None, events)
-                                   for index, (choice, events) in enumerate(zip(choices, starts))))
+            tasks = [asyncio.ensure_future(_run_choice(choice, first if index == 0 else None, events))
+                     for index, (choice, events) in enumerate(zip(choices, starts))]
+            try:
+                await asyncio.gather(*tasks)
+            finally:  # one choice failed (or the request was cancelled): the others stop too
+                for task in tasks:
+                    task.cancel()
             return None
         queue: asyncio.Queue = asyncio.Queue()
 

@@ -44,11 +44,12 @@ import torch
 
 from formerkit.bench.common import parameter_count
 from formerkit.data import load_tokenizer
-from formerkit.errors import CheckpointError, InputError
+from formerkit.errors import CheckpointError, InputError, ServeError
 from formerkit.generation.engine import Engine
 from formerkit.generation.requests import TokenEvent, TokenRequest
 from formerkit.generation.sampling import SamplingConfig
 from formerkit.generation.single import decode_sequence
+from formerkit.generation.text import TextPieces
 from formerkit.runs import (
     denormalize_forecast,
     generation_defaults,
@@ -61,23 +62,13 @@ from formerkit.runs import (
     stop_ids,
 )
 
-__all__ = ["BatchedSequences", "ModelService", "OneSequenceAtATime", "ServeError", "TextPieces", "create_app", "serve"]
+__all__ = ["BatchedSequences", "ModelService", "OneSequenceAtATime", "ServeError", "create_app", "example_call",
+           "serve"]
 
 
 # The endpoint each task is served on (the legacy API; the OpenAI-compatible one in formerkit.openai_api).
 ROUTES = {"causal_lm": "/v1/generate", "classification": "/v1/classify", "forecast": "/v1/forecast",
           "embedding": "/v1/embeddings"}
-
-
-class ServeError(Exception):
-    """A request the server refuses: an HTTP status and a message saying what is wrong; for the OpenAI-compatible
-    endpoints also the request field at fault (``param``) and a machine-readable ``code``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
 
 
 @dataclass
@@ -158,60 +149,6 @@ class BatchedSequences:
             ticket.cancel()
 
 
-class TextPieces:
-    """The text of a sequence's new tokens as it grows, cut at the first of the ``stops`` texts.
-
-    ``add(token)`` returns the text now safe to show: a token that ends inside a character (byte-level tokens) is
-    held back until the character is complete, and text that could be the start of a stop text is held back until it
-    is not. Once a stop text appears, the text before it is final and ``stopped`` is True. ``tokens_shown`` counts the
-    tokens whose text starts within the shown text (the tokens of a stop text are not shown); ``offsets`` holds each
-    token's first character in the text. Joining every piece ``add`` and ``finish`` return gives ``text``.
-    """
-
-    def __init__(self, tokenizer, stops: list[str] = ()):
-        self.tokenizer, self.stops = tokenizer, [stop for stop in stops if stop]
-        self.ids: list[int] = []
-        self.offsets: list[int] = []
-        self.text, self.shown, self.stopped = "", 0, False
-        self._decoded = ""
-
-    def add(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self.offsets.append(len(self._decoded.rstrip("\ufffd")))
-        self.ids.append(token)
-        self._decoded = self.tokenizer.decode(self.ids)
-        candidate = self._decoded.rstrip("\ufffd")  # a character still incomplete waits for its next bytes
-        found = [index for index in (candidate.find(stop) for stop in self.stops) if index >= 0]
-        if found:
-            self.stopped = True
-            self.text = candidate[:min(found)]
-            return self._show(len(self.text))
-        self.text = candidate
-        # The longest end of the text that a stop text starts with may still become that stop text.
-        held = max((size for stop in self.stops for size in range(1, len(stop)) if candidate.endswith(stop[:size])),
-                   default=0)
-        return self._show(len(candidate) - held)
-
-    def finish(self) -> str:
-        """The text held back, once the sequence has ended (an incomplete character shows as a replacement mark)."""
-        if not self.stopped:
-            self.text = self._decoded
-        return self._show(len(self.text))
-
-    def _show(self, end: int) -> str:
-        piece = self.text[self.shown:end] if end > self.shown else ""
-        self.shown = max(self.shown, end)
-        return piece
-
-    @property
-    def tokens_shown(self) -> int:
-        """How many tokens have text in the shown text (all of them once finished without a stop text)."""
-        if not self.stopped and self.shown == len(self._decoded):
-            return len(self.ids)
-        return sum(1 for offset in self.offsets if offset < self.shown)
-
-
 class ModelService:
     """The model of a run directory with its tokenizer or preprocessing, the generation seam (``token_events``) and
     the batching worker of classification and forecasting."""
@@ -231,14 +168,16 @@ class ModelService:
         self.task = run_objective(self.recipe, self.extra)
         self.preprocessing = self.extra.get("preprocessing") or {}
         self.tokenizer, self.eos_ids = None, ()
-        # Embeddings: an encoder over tokens (a masked-LM run, a text classifier, an imported BERT) pooled.
-        encoder_over_text = self.config.arch == "encoder" and self.config.stem.kind == "tokens" and \
-            self.task in ("masked_lm", "classification", None)
-        if encoder_over_text and self.preprocessing.get("kind") != "image":
-            self.task = "embedding" if self.task != "classification" else self.task
-            self.embeds = True
-        else:
-            self.embeds = False
+        # Embeddings: an encoder over tokens pooled (a masked-LM run, a text classifier, an imported BERT; the
+        # encoder of an encoder-decoder: a seq2seq run, an imported T5 or BART).
+        encoder_over_text = self.config.stem.kind == "tokens" and (
+            (self.config.arch == "encoder" and self.task in ("masked_lm", "classification", None))
+            or (self.config.arch == "encoder_decoder" and self.task in ("seq2seq", None)))
+        # (Without a tokenizer, as the synthetic-token seq2seq-reverse run, there is no text to embed.)
+        self.embeds = encoder_over_text and self.preprocessing.get("kind") != "image" and (
+            model_dir(target) / "tokenizer.json").exists()
+        if self.embeds:
+            self.task = self.task if self.task in ("classification", "seq2seq") else "embedding"
         if self.task == "causal_lm" or self.embeds:
             path = model_dir(target) / "tokenizer.json"
             if not path.exists():
@@ -247,11 +186,12 @@ class ModelService:
         if self.task == "causal_lm":
             # A converted checkpoint's end-of-sequence tokens end every generation.
             self.eos_ids = tuple(generation_defaults(self.extra, self.tokenizer)["stop_tokens"] or ())
-        elif self.task not in ROUTES:
+        elif self.task not in ROUTES and not self.embeds:
             what = f"this run trained {self.task!r}" if self.recipe is not None else (
                 "this converted checkpoint is neither a decoder language model nor an encoder over tokens")
             raise CheckpointError(f"{target}: serve answers language models (generate, completions), classifiers "
-                                  f"(classify), forecasters (forecast) and encoders over text (embeddings); {what}")
+                                  f"(classify), forecasters (forecast) and encoders over text with their tokenizer "
+                                  f"(embeddings); {what}")
         if self.task == "classification" and not self.embeds and self.preprocessing.get("kind") != "image":
             raise CheckpointError(f"{target}: classify takes images; this classifier's data is "
                                   f"{self.preprocessing.get('kind')!r}")
@@ -298,7 +238,8 @@ class ModelService:
 
     def check_task(self, task: str) -> None:
         if self.task != task or (task == "classification" and self.embeds):
-            raise ServeError(400, f"this model is a {self.task} model: use {self.route}")
+            article = "an" if self.task[0] in "aeiou" else "a"
+            raise ServeError(400, f"this model is {article} {self.task} model: use {self.route}")
 
     # ----- generation: the seam -----
 
@@ -331,8 +272,8 @@ class ModelService:
         return prompt_ids(self.tokenizer, text)
 
     async def on_model_thread(self, function, *args):
-        """Runs ``function(*args)`` in the model's worker thread (work other than token generation): the engine's,
-        between two of its steps, when an engine runs the model."""
+        """Runs ``function(*args)`` in the model's worker thread (work other than token generation: embeddings, a
+        prompt's log-probabilities): the engine's, between two of its steps, when an engine runs the model."""
         if self.engine is not None:
             return await asyncio.wrap_future(self.engine.start().call(function, *args))
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
@@ -357,9 +298,10 @@ class ModelService:
             return result
 
     def embed(self, texts: list[list[int]]) -> torch.Tensor:
-        """Unit-length embeddings [len(texts), width] of token-id lists: the model's own pooled vector when its head
-        pools (a classifier: the vector it classifies), else the mean of the final hidden states over the tokens
-        (sentence-transformers' mean pooling); padding is masked and never pooled."""
+        """Unit-length embeddings [len(texts), width] of token-id lists: for a classifier (or regressor) the vector
+        its head pools, the one it classifies; else the mean of the (encoder's) final hidden states over the tokens
+        (sentence-transformers' mean pooling; a BERT pooler, trained on next-sentence prediction, is not used).
+        Padding is masked and never pooled."""
         longest = max(len(ids) for ids in texts)
         device = next(self.model.parameters()).device
         ids = torch.zeros(len(texts), longest, dtype=torch.long, device=device)
@@ -368,11 +310,15 @@ class ModelService:
             ids[row, :len(tokens)] = torch.tensor(tokens)
             keep[row, :len(tokens)] = 1
         with torch.inference_mode():
-            out = self.model(ids, attention_mask=keep, return_outputs=True)
-            if out.pooled is not None:
+            if self.config.arch == "encoder_decoder":
+                out, hidden = None, self.model.encode(ids, attention_mask=keep).float()
+            else:
+                out = self.model(ids, attention_mask=keep, return_outputs=True)
+                hidden = out.last_hidden_state.float()
+            if out is not None and out.pooled is not None and self.config.head.kind in ("classification",
+                                                                                         "regression"):
                 vectors = out.pooled.float()
             else:
-                hidden = out.last_hidden_state.float()
                 weights = keep.unsqueeze(-1).to(hidden.dtype)
                 vectors = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
             return torch.nn.functional.normalize(vectors, dim=-1)
@@ -672,23 +618,21 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
             return {"text": pieces.text, "num_tokens": len(events)}
 
         stream = service.token_events(token_request)
-        try:  # the first token before the response starts: a full engine answers 429, not an event
+        try:  # the first token before the headers: a refusal (a full queue: 429) is then answered as one
             first = await stream.__anext__()
         except StopAsyncIteration:
             first = None
-        except BaseException:
-            await stream.aclose()
-            raise
 
         async def events():
             count = 0
             try:
                 async with contextlib.aclosing(stream):
-                    event = first
-                    while event is not None:
+                    if first is not None:
+                        count += 1
+                        yield f"data: {json.dumps({'text': pieces.add(first.token)})}\n\n"
+                    async for event in stream:
                         count += 1
                         yield f"data: {json.dumps({'text': pieces.add(event.token)})}\n\n"
-                        event = None if event.finish_reason is not None else await anext(stream, None)
                 if rest := pieces.finish():
                     yield f"data: {json.dumps({'text': rest})}\n\n"
                 yield f"data: {json.dumps({'done': True, 'num_tokens': count})}\n\n"

@@ -21,7 +21,8 @@ from formerkit import build_model, save  # noqa: E402
 from formerkit.data.instruct import DEFAULT_END  # noqa: E402
 from formerkit.data.tokenizers import ByteTokenizer, CharTokenizer, save_tokenizer  # noqa: E402
 from formerkit.generation.requests import EngineFull  # noqa: E402
-from formerkit.serve import ModelService, TextPieces, create_app, example_call  # noqa: E402
+from formerkit.generation.text import TextPieces  # noqa: E402
+from formerkit.serve import ModelService, create_app, example_call  # noqa: E402
 
 from .conftest import randomize_weights, token_config  # noqa: E402
 
@@ -303,6 +304,8 @@ def test_a_full_engine_answers_429_before_a_stream_starts(lm, monkeypatch):
         assert response.status_code == 429 and response.headers["retry-after"] == "2"
         assert response.json()["error"]["type"] == "rate_limit_error" and "64 requests" in response.json()[
             "error"]["message"]
+    legacy = _post(app, "/v1/generate", {"prompt": "x", "max_new_tokens": 2, "stream": True})
+    assert legacy.status_code == 429 and "64 requests" in legacy.json()["error"]
 
 
 def test_a_json_body_is_read_whatever_content_type_curl_sends(lm):
@@ -402,3 +405,78 @@ def test_chat_uses_an_imported_tokenizers_own_template_and_its_end_token(tmp_pat
     new = model.generate(torch.tensor([ids]), 6, temperature=0, stop_tokens=[eos])[0, len(ids):].tolist()
     shown = new[:new.index(eos)] if eos in new else new
     assert answer["choices"][0]["message"]["content"] == service.tokenizer.decode(shown)
+
+
+def test_a_classifiers_embedding_is_the_vector_its_head_pools(tmp_path):
+    config = token_config("encoder", vocab_size=CHARS.vocab_size, max_seq_len=32, num_layers=1, position="learned",
+                          head={"kind": "classification", "num_classes": 3, "pooling": "sequence"})
+    directory = _saved(tmp_path / "classifier", config, 9, {"imported": {"family": "test"}})
+    service = ModelService(directory)
+    texts = ["ab", "a much longer text"]  # padded together: the padding must get no weight
+    pool = service.model.head.pooling
+    answer = _post(create_app(service), "/v1/embeddings", {"model": "classifier", "input": texts}).json()
+    for item, text in zip(answer["data"], texts):
+        with torch.no_grad():
+            hidden = service.model(torch.tensor([encode(text)]), return_outputs=True).last_hidden_state[0]
+            # CCT's sequence pooling written out: softmax over the tokens of a learned score, weighted sum.
+            weights = torch.softmax(pool.score(hidden).squeeze(-1), dim=0)
+        expected = torch.nn.functional.normalize((weights.unsqueeze(-1) * hidden).sum(dim=0).float(), dim=0)
+        assert item["embedding"] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_sequence(lm):
+    service, app = lm
+    calls, chunks = [], []
+
+    def slow_step(*args):  # a step of a few milliseconds: the disconnect comes long before the 80th
+        calls.append(1)
+        time.sleep(0.003)
+
+    body = json.dumps({"model": "tiny-lm", "prompt": "x", "max_tokens": 80, "stream": True}).encode()
+
+    async def run():
+        gone = asyncio.Event()
+        requested = False
+
+        async def receive():
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                if len(chunks) == 3:
+                    gone.set()  # the client reads three chunks, then goes away
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("test", 80)}
+        await app(scope, receive, send)
+        await service.on_model_thread(lambda: None)  # whatever the worker was doing is done
+
+    handle = service.model.register_forward_hook(slow_step)
+    try:
+        asyncio.run(run())
+    finally:
+        handle.remove()
+    assert len(chunks) >= 3 and b"[DONE]" not in b"".join(chunks)
+    assert len(calls) < 40  # the prefill and the steps until the cancel reached the worker, not 80
+
+
+def test_an_encoder_decoders_embeddings_are_its_encoders_mean_pooled_states(tmp_path):
+    config = token_config("encoder_decoder", vocab_size=CHARS.vocab_size, max_seq_len=32, num_layers=1,
+                          position="learned")
+    directory = _saved(tmp_path / "seq2seq", config, 10, {"imported": {"family": "test"}})
+    service = ModelService(directory)
+    texts = ["ab", "a much longer text"]
+    answer = _post(create_app(service), "/v1/embeddings", {"model": "seq2seq", "input": texts}).json()
+    for item, text in zip(answer["data"], texts):
+        with torch.no_grad():
+            hidden = service.model.encode(torch.tensor([encode(text)]))[0].float()
+        assert item["embedding"] == pytest.approx(torch.nn.functional.normalize(hidden.mean(dim=0), dim=0).tolist(),
+                                                  abs=1e-5)

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import httpx  # noqa: E402
 
 import formerkit  # noqa: E402
 import formerkit.serve  # noqa: E402
-from formerkit.serve import ModelService, create_app  # noqa: E402
+from formerkit.serve import ModelService, create_app, example_call  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test serves a run trained for it
 
@@ -162,6 +163,7 @@ def test_classify_takes_raw_lists_and_pngs_and_preprocesses_as_in_training(image
     assert [r.status_code for r in bad] == [400, 400, 400, 400]
     assert "PNG" in bad[0].json()["error"] and "channel" in bad[1].json()["error"]
     assert "[C][H][W]" in bad[2].json()["error"] and "/v1/classify" in bad[3].json()["error"]
+    _assert_example_answers(service, app, "/v1/classify")
 
 
 def test_forecast_takes_recent_values_and_answers_as_the_predictor_does(trained_run, lm_run):
@@ -194,9 +196,18 @@ def test_forecast_takes_recent_values_and_answers_as_the_predictor_does(trained_
     assert errors[2].startswith("values: expected numbers [steps][columns]")
     assert "values" in errors[3] and "series" in errors[3]
     assert errors[4] == "this model is a forecast model: use /v1/forecast"
+    _assert_example_answers(service, app, "/v1/forecast")
     language = _call(create_app(ModelService(lm_run)), [("POST", "/v1/forecast", {"values": [[1.0]]})])[0]
     assert language.status_code == 400 and language.json()["error"] == "this model is a causal_lm model: use " \
                                                                           "/v1/generate"
+
+
+def _assert_example_answers(service: ModelService, app, path: str) -> None:
+    """The call ``formerkit serve`` prints for this model goes to ``path`` and is answered (200)."""
+    line = example_call(service, "http://127.0.0.1:8000")
+    assert line.startswith(f"curl -s http://127.0.0.1:8000{path} ")
+    body = json.loads(shlex.split(line)[-1])
+    assert _call(app, [("POST", path, body)])[0].status_code == 200
 
 
 def test_a_failing_request_answers_500_and_the_server_goes_on(lm_run, monkeypatch):
