@@ -31,7 +31,8 @@ compute) until then, as ``generate`` pads a stopped row. The server keeps it so 
 run.
 
 Models whose step depends on the whole batch or on the cache layout are refused with an error saying why
-(encoder-decoders, dynamic and LongRoPE scaling, sliding windows with global tokens); sliding-window models are
+(encoder-decoders, dynamic and LongRoPE scaling, sliding windows with global tokens; ``formerkit serve`` then decodes
+one sequence at a time); sliding-window models are
 served with full-length buffers (each row's tokens are contiguous, so slot distances are token distances).
 """
 
@@ -112,9 +113,9 @@ class Engine:
     ended, after waiting up to ``wait_ms`` from the first waiting request for others to join (a window batcher).
     initial_columns: the cache's columns at first; they grow as the rows need, up to twice the context.
 
-    Drive it by hand (``submit``, then ``step()`` until the tickets are done), or ``start()`` its loop in a thread of
-    its own (the model's worker thread) and consume each ticket through its ``notify`` callback; other work on the
-    model goes through ``call`` so that thread stays the only one that runs it.
+    The model is put in evaluation mode. Drive it by hand (``submit``, then ``step()`` until the tickets are done), or
+    ``start()`` its loop in a thread of its own (the model's worker thread) and consume each ticket through its
+    ``notify`` callback; other work on the model goes through ``call`` so that thread stays the only one that runs it.
     """
 
     def __init__(self, model, *, max_running: int = 16, max_queued: int = 64, context: int | None = None,
@@ -128,7 +129,8 @@ class Engine:
         if isinstance(wait_ms, bool) or not isinstance(wait_ms, (int, float)) or not 0 <= wait_ms <= 1000:
             raise InputError(f"wait_ms: expected a number in [0, 1000], got {wait_ms!r}")
         self.policy, self.wait = policy, wait_ms / 1000
-        self.model = model
+        # The engine owns the model while it serves: evaluation mode (no dropout), as generate runs it.
+        self.model = model.eval()
         self._check_model(model.config)
         context = context if context is not None else model.config.max_seq_len
         if isinstance(context, bool) or not isinstance(context, int) or context < 2:
@@ -162,11 +164,11 @@ class Engine:
         if config.position.kind == "rope" and config.position.rope_scaling in ("dynamic", "longrope"):
             raise InputError(f"Engine: position.rope_scaling {config.position.rope_scaling!r} rotates every row by "
                              "the longest sequence of the batch, so rows stepped together would change each other; "
-                             "serve this model with the window batcher (--batching window)")
+                             "formerkit serve decodes such a model one sequence at a time")
         if config.attention.sliding_window is not None and config.attention.global_tokens:
             raise InputError("Engine: attention.global_tokens marks the first slots of the cache as global, and rows "
-                             "that start at different columns have different first slots; serve this model with the "
-                             "window batcher (--batching window)")
+                             "that start at different columns have different first slots; formerkit serve decodes such "
+                             "a model one sequence at a time")
 
     def _new_cache(self, rows: int, length: int) -> KVCache:
         """Full-length buffers on every layer (no rolling window buffers: a row's slots move when the cache is
