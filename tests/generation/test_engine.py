@@ -278,3 +278,18 @@ def test_closing_fails_what_still_waits_and_refuses_more():
     assert running.row is None and engine.stats()["running"] == 0
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(TokenRequest((3,), 4))
+
+
+def test_a_prompt_tuned_model_keeps_its_virtual_tokens_in_every_row():
+    from formerkit.adapt.prompt import apply_prompt
+
+    model = make_model("rope")
+    apply_prompt(model, num_virtual_tokens=3)
+    with torch.no_grad():  # virtual tokens that change the answers
+        model.input_prompt["default"].embedding.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    texts, counts = prompts([3, 9, 1, 5]), [6, 4, 9, 5]
+    tickets = run_staggered(Engine(model, max_running=2, initial_columns=8),
+                            [TokenRequest(tuple(text), count) for text, count in zip(texts, counts)], [0, 0, 1, 3])
+    for text, count, ticket in zip(texts, counts, tickets):
+        assert ticket.tokens == alone(model, text, count)
