@@ -1,5 +1,6 @@
 """Generation: ``generate`` and ``stream`` decode new tokens with a key/value cache (``sampling``), optionally
-through a compiled fixed-shape decode step (``compiled_step``)."""
+through a compiled fixed-shape decode step (``compiled_step``); a serving ``Engine`` steps many requests together,
+admitting new ones between steps (``engine``, continuous batching)."""
 
 from formerkit.generation.sampling import SamplingConfig, generate, stream
 
