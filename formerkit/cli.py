@@ -209,7 +209,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from formerkit.serve import serve
 
     serve(args.target, host=args.host, port=args.port, max_batch=args.max_batch, wait_ms=args.wait_ms,
-          max_body_bytes=args.max_body_mb * 2**20)
+          max_body_bytes=args.max_body_mb * 2**20, batching=args.batching, max_running=args.max_running,
+          max_queued=args.max_queued)
     return 0
 
 
@@ -482,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, help="most requests in one batch (default 16)")
     serve.add_argument("--wait-ms", type=float, default=5.0,
                        help="how long a request waits for others to share its batch (default 5 ms)")
+    serve.add_argument("--batching", choices=("continuous", "window"), default="continuous",
+                       help="language models: admit requests between decode steps (continuous, default) or start a "
+                            "batch only when the last one has ended (window, the earlier batcher)")
+    serve.add_argument("--max-running", type=int, default=None,
+                       help="sequences generated together (default: --max-batch)")
+    serve.add_argument("--max-queued", type=int, default=64,
+                       help="requests that may wait for a free sequence; more are refused with 429 (default 64)")
     serve.add_argument("--max-body-mb", type=int, default=8, help="largest request body accepted (default 8 MB)")
     serve.set_defaults(run=cmd_serve)
 

@@ -10,13 +10,18 @@ normalizes as in training); ``POST /v1/forecast`` (forecasters: the recent value
 tokens). Every endpoint reads its body as JSON whatever content type the client declares (curl's ``-d`` says form).
 
 Generation goes through one seam: ``ModelService.token_events(TokenRequest)`` yields a ``TokenEvent`` per new token
-(``formerkit.generation.requests``); every generation endpoint is built on it. Behind it, for now, each sequence is
-decoded alone in the model's worker thread (``OneSequenceAtATime``); a consumer that stops iterating (a client that
-disconnects) cancels its sequence. Classification and forecasting requests are batched: each waits at most
-``wait_ms`` for others to join it, up to ``max_batch``, then the batch runs in one forward pass. The model runs in one
-worker thread, so requests never interleave inside it; a request that fails answers with an error and the server goes
-on. Bodies larger than ``max_body_bytes`` are refused before they are read whole. uvicorn drains in-flight requests
-on SIGTERM before exiting.
+(``formerkit.generation.requests``); every generation endpoint is built on it. Behind it runs an ``Engine``
+(``formerkit.generation.engine``) in a thread of its own, the model's thread for language models: with
+``batching="continuous"`` (the default) it steps every running sequence one token at a time and admits new requests
+between steps, streamed or not; with ``batching="window"`` it schedules as the earlier window batcher did (a batch
+gathered within ``wait_ms`` runs until its longest row ends). At most ``max_running`` sequences run and
+``max_queued`` wait; past that a request is refused with 429. A consumer that stops iterating (a client that
+disconnects) cancels its sequence and frees its row; ``GET /v1/stats`` shows the engine's counters. A model the engine
+cannot batch (``Engine`` says why) is decoded one sequence at a time (``OneSequenceAtATime``). Classification and
+forecasting requests are batched: each waits at most ``wait_ms`` for others to join it, up to ``max_batch``, then the
+batch runs in one forward pass. The model runs in one thread, so requests never interleave inside it; a request that
+fails answers with an error and the server goes on. Bodies larger than ``max_body_bytes`` are refused before they are
+read whole. uvicorn drains in-flight requests on SIGTERM before exiting.
 """
 
 
@@ -40,6 +45,7 @@ import torch
 from formerkit.bench.common import parameter_count
 from formerkit.data import load_tokenizer
 from formerkit.errors import CheckpointError, InputError, ServeError
+from formerkit.generation.engine import Engine
 from formerkit.generation.requests import TokenEvent, TokenRequest
 from formerkit.generation.sampling import SamplingConfig
 from formerkit.generation.single import decode_sequence
@@ -56,7 +62,8 @@ from formerkit.runs import (
     stop_ids,
 )
 
-__all__ = ["ModelService", "OneSequenceAtATime", "ServeError", "create_app", "example_call", "serve"]
+__all__ = ["BatchedSequences", "ModelService", "OneSequenceAtATime", "ServeError", "create_app", "example_call",
+           "serve"]
 
 
 # The endpoint each task is served on (the legacy API; the OpenAI-compatible one in formerkit.openai_api).
@@ -112,16 +119,49 @@ class OneSequenceAtATime:
             cancelled.set()
 
 
+class BatchedSequences:
+    """``token_events`` through an ``Engine`` (its loop started on first use): each request is submitted with a
+    callback that puts its events on the request's asyncio queue; a consumer that stops listening cancels the
+    ticket, and the engine frees its row before its next step. A full engine raises ``EngineFull`` at the first
+    event, before any response has started."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def events(self, request: TokenRequest) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop closed: nobody listens any more
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        ticket = self.engine.start().submit(request, put)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            ticket.cancel()
+
+
 class ModelService:
     """The model of a run directory with its tokenizer or preprocessing, the generation seam (``token_events``) and
     the batching worker of classification and forecasting."""
 
     def __init__(self, target: str | Path, *, max_batch: int = 16, wait_ms: float = 5.0,
-                 max_new_tokens_limit: int = 1024):
+                 max_new_tokens_limit: int = 1024, batching: str = "continuous", max_running: int | None = None,
+                 max_queued: int = 64):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"serve: max_batch must be an integer >= 1, got {max_batch!r}")
         if not 0 <= wait_ms <= 1000:
             raise InputError(f"serve: wait_ms must lie in [0, 1000], got {wait_ms!r}")
+        if batching not in ("continuous", "window"):
+            raise InputError(f"serve: batching must be 'continuous' or 'window', got {batching!r}")
         self.model, self.recipe, self.extra = load_run_model(target, imported=True)
         self.config = self.model.config
         self.model_id = _model_name(target)
@@ -159,10 +199,19 @@ class ModelService:
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.max_new_tokens_limit = max_new_tokens_limit
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="formerkit-model")
-        # The implementation behind token_events: one sequence at a time. An engine that steps many sequences
-        # together takes its place: any object whose async generator ``events(TokenRequest)`` yields the TokenEvents
-        # and cancels the sequence when closed early.
+        # The implementation behind token_events: the engine, or one sequence at a time for a model it refuses.
+        self.engine: Engine | None = None
+        self.batching = "none"
         self.sequences = OneSequenceAtATime(self.model, self.executor)
+        if self.task == "causal_lm":
+            try:
+                self.engine = Engine(self.model, max_running=max_running if max_running is not None else max_batch,
+                                     max_queued=max_queued, policy=batching, wait_ms=wait_ms)
+            except InputError as error:
+                print(f"formerkit serve: one sequence at a time ({error})", file=sys.stderr, flush=True)
+            else:
+                self.batching = batching
+                self.sequences = BatchedSequences(self.engine)
         self.queue: asyncio.Queue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.worker: asyncio.Task | None = None
@@ -173,6 +222,8 @@ class ModelService:
     def describe(self) -> dict:
         info = {"task": self.task, "model": self.model_id, "parameters": parameter_count(self.model),
                 "config": self.config.to_dict(), "max_batch": self.max_batch}
+        if self.task == "causal_lm":
+            info["batching"] = self.batching
         if self.task == "classification":
             info["classes"] = self.preprocessing.get("classes")
             if not self.embeds:
@@ -222,8 +273,14 @@ class ModelService:
 
     async def on_model_thread(self, function, *args):
         """Runs ``function(*args)`` in the model's worker thread (work other than token generation: embeddings, a
-        prompt's log-probabilities). An engine whose loop keeps that thread busy must take these in between steps."""
+        prompt's log-probabilities): the engine's, between two of its steps, when an engine runs the model."""
+        if self.engine is not None:
+            return await asyncio.wrap_future(self.engine.start().call(function, *args))
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    def stats(self) -> dict:
+        """How generation is scheduled and, with an engine, its running and waiting sequences and counters."""
+        return {"batching": self.batching, **(self.engine.stats() if self.engine is not None else {})}
 
     def prompt_logprobs(self, ids: list[int], top: int) -> list[tuple[float | None, tuple | None]]:
         """(log-probability, the ``top`` most likely (id, log-probability)) of each prompt token given the ones
@@ -545,6 +602,10 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
     async def model_info():
         return service.describe()
 
+    @app.get("/v1/stats")
+    async def stats():
+        return service.stats()
+
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(request: GenerateRequest):
         token_request = service.generation_request(request.model_dump())
@@ -628,14 +689,16 @@ def _blank_png(preprocessing: dict) -> str:
 
 
 def serve(target: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
-          wait_ms: float = 5.0, max_body_bytes: int = 8 * 2**20) -> None:
+          wait_ms: float = 5.0, max_body_bytes: int = 8 * 2**20, batching: str = "continuous",
+          max_running: int | None = None, max_queued: int = 64) -> None:
     """Serves a run (blocking) until SIGTERM or Ctrl-C, which let in-flight requests finish first. Once listening,
     prints the URL, the model name clients send and an example call."""
     try:
         import uvicorn
     except ImportError as error:
         raise InputError("formerkit serve needs FastAPI and uvicorn: pip install 'formerkit[serve]'") from error
-    service = ModelService(target, max_batch=max_batch, wait_ms=wait_ms)
+    service = ModelService(target, max_batch=max_batch, wait_ms=wait_ms, batching=batching, max_running=max_running,
+                           max_queued=max_queued)
     app = create_app(service, max_body_bytes=max_body_bytes)
 
     class Server(uvicorn.Server):

@@ -214,15 +214,15 @@ def test_a_failing_request_answers_500_and_the_server_goes_on(lm_run, monkeypatc
     service = ModelService(lm_run)
     app = create_app(service)
     calls = {"n": 0}
-    original = formerkit.serve.decode_sequence
+    original = service.model.forward
 
-    def flaky(model, request, cancelled=None):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("out of memory")
-        return original(model, request, cancelled)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(formerkit.serve, "decode_sequence", flaky)  # fails in the model's worker thread
+    monkeypatch.setattr(service.model, "forward", flaky)  # fails in the engine's thread, in the first prefill
     body = {"prompt": "def ", "max_new_tokens": 3, "temperature": 0}
     first, second = _call(app, [("POST", "/v1/generate", body)] * 2, concurrent=False)
     assert first.status_code == 500 and "out of memory" in first.json()["error"]
