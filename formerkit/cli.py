@@ -210,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.target, host=args.host, port=args.port, max_batch=args.max_batch, wait_ms=args.wait_ms,
           max_body_bytes=args.max_body_mb * 2**20, batching=args.batching, max_running=args.max_running,
-          max_queued=args.max_queued)
+          max_queued=args.max_queued, draft=args.draft, draft_tokens=args.draft_tokens)
     return 0
 
 
@@ -490,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences generated together (default: --max-batch)")
     serve.add_argument("--max-queued", type=int, default=64,
                        help="requests that may wait for a free sequence; more are refused with 429 (default 64)")
+    serve.add_argument("--draft", default=None, metavar="RUN_OR_ngram",
+                       help="language models: speculative decoding with a smaller run sharing the tokenizer, or "
+                            "'ngram' (prompt lookup); sequences are then decoded one at a time (lowest latency for "
+                            "one client; many clients are served better without it)")
+    serve.add_argument("--draft-tokens", type=int, default=None,
+                       help="tokens the draft guesses per pass of the model (default: the draft's)")
     serve.add_argument("--max-body-mb", type=int, default=8, help="largest request body accepted (default 8 MB)")
     serve.set_defaults(run=cmd_serve)
 

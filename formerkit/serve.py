@@ -54,6 +54,7 @@ from formerkit.runs import (
     denormalize_forecast,
     generation_defaults,
     image_input,
+    load_draft,
     load_run_model,
     model_dir,
     prompt_ids,
@@ -87,8 +88,9 @@ class OneSequenceAtATime:
     they come. The worker puts each event on the request's queue as it is made; a consumer that stops listening
     sets the request's ``cancelled`` flag, and the worker drops the sequence at its next step (or before it starts)."""
 
-    def __init__(self, model, executor: concurrent.futures.Executor):
-        self.model, self.executor = model, executor
+    def __init__(self, model, executor: concurrent.futures.Executor, decode=decode_sequence):
+        # decode(model, request, cancelled) -> TokenEvents: plain decoding, or speculative with the server's draft.
+        self.model, self.executor, self.decode = model, executor, decode
 
     async def events(self, request: TokenRequest) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
@@ -102,7 +104,7 @@ class OneSequenceAtATime:
         def run() -> None:
             try:
                 if not cancelled.is_set():
-                    for event in decode_sequence(self.model, request, cancelled):
+                    for event in self.decode(self.model, request, cancelled):
                         put(event)
             except Exception as error:  # the request fails, the worker goes on
                 put(error)
@@ -117,6 +119,24 @@ class OneSequenceAtATime:
                 yield item
         finally:
             cancelled.set()
+
+
+def speculative_decoding(draft):
+    """A ``decode`` for ``OneSequenceAtATime``: each request decoded speculatively with ``draft`` (built once by
+    ``runs.load_draft``; it keeps no state between requests), stopped at the first event after ``cancelled`` is set."""
+    from formerkit.generation.speculative_serving import speculative_events
+
+    def decode(model, request: TokenRequest, cancelled: threading.Event):
+        events = speculative_events(model, request, draft)
+        try:
+            for event in events:
+                if cancelled.is_set():
+                    return
+                yield event
+        finally:
+            events.close()
+
+    return decode
 
 
 class BatchedSequences:
@@ -155,7 +175,7 @@ class ModelService:
 
     def __init__(self, target: str | Path, *, max_batch: int = 16, wait_ms: float = 5.0,
                  max_new_tokens_limit: int = 1024, batching: str = "continuous", max_running: int | None = None,
-                 max_queued: int = 64):
+                 max_queued: int = 64, draft: str | Path | None = None, draft_tokens: int | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"serve: max_batch must be an integer >= 1, got {max_batch!r}")
         if not 0 <= wait_ms <= 1000:
@@ -164,7 +184,7 @@ class ModelService:
             raise InputError(f"serve: batching must be 'continuous' or 'window', got {batching!r}")
         self.model, self.recipe, self.extra = load_run_model(target, imported=True)
         self.config = self.model.config
-        self.model_id = _model_name(target)
+        self.target, self.model_id = Path(target), _model_name(target)
         self.task = run_objective(self.recipe, self.extra)
         self.preprocessing = self.extra.get("preprocessing") or {}
         self.tokenizer, self.eos_ids = None, ()
@@ -203,7 +223,15 @@ class ModelService:
         self.engine: Engine | None = None
         self.batching = "none"
         self.sequences = OneSequenceAtATime(self.model, self.executor)
-        if self.task == "causal_lm":
+        if draft is not None:
+            if self.task != "causal_lm":
+                raise InputError(f"serve: --draft speeds up language models; {target} is a {self.task} model")
+            # Speculative decoding is batch-1: sequences are decoded one at a time, each at the lowest latency
+            # (one client, an editor or an agent); many clients are served better by the continuous engine.
+            self.batching = "speculative"
+            self.draft = load_draft(target, draft, num_tokens=draft_tokens)
+            self.sequences = OneSequenceAtATime(self.model, self.executor, speculative_decoding(self.draft))
+        elif self.task == "causal_lm":
             try:
                 self.engine = Engine(self.model, max_running=max_running if max_running is not None else max_batch,
                                      max_queued=max_queued, policy=batching, wait_ms=wait_ms)
@@ -690,7 +718,8 @@ def _blank_png(preprocessing: dict) -> str:
 
 def serve(target: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           wait_ms: float = 5.0, max_body_bytes: int = 8 * 2**20, batching: str = "continuous",
-          max_running: int | None = None, max_queued: int = 64) -> None:
+          max_running: int | None = None, max_queued: int = 64, draft: str | Path | None = None,
+          draft_tokens: int | None = None) -> None:
     """Serves a run (blocking) until SIGTERM or Ctrl-C, which let in-flight requests finish first. Once listening,
     prints the URL, the model name clients send and an example call."""
     try:
@@ -698,7 +727,7 @@ def serve(target: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_
     except ImportError as error:
         raise InputError("formerkit serve needs FastAPI and uvicorn: pip install 'formerkit[serve]'") from error
     service = ModelService(target, max_batch=max_batch, wait_ms=wait_ms, batching=batching, max_running=max_running,
-                           max_queued=max_queued)
+                           max_queued=max_queued, draft=draft, draft_tokens=draft_tokens)
     app = create_app(service, max_body_bytes=max_body_bytes)
 
     class Server(uvicorn.Server):

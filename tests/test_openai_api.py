@@ -20,6 +20,7 @@ import httpx  # noqa: E402
 from formerkit import build_model, save  # noqa: E402
 from formerkit.data.instruct import DEFAULT_END  # noqa: E402
 from formerkit.data.tokenizers import ByteTokenizer, CharTokenizer, save_tokenizer  # noqa: E402
+from formerkit.errors import InputError  # noqa: E402
 from formerkit.generation.requests import EngineFull  # noqa: E402
 from formerkit.generation.text import TextPieces  # noqa: E402
 from formerkit.serve import ModelService, create_app, example_call  # noqa: E402
@@ -480,3 +481,34 @@ def test_an_encoder_decoders_embeddings_are_its_encoders_mean_pooled_states(tmp_
             hidden = service.model.encode(torch.tensor([encode(text)]))[0].float()
         assert item["embedding"] == pytest.approx(torch.nn.functional.normalize(hidden.mean(dim=0), dim=0).tolist(),
                                                   abs=1e-5)
+
+
+@pytest.mark.parametrize("draft", ["ngram", "model"])
+def test_a_server_with_a_draft_answers_what_the_model_alone_does(lm, tmp_path, draft):
+    """--draft: each request decoded speculatively (greedy equals the model alone, logprobs its own log-softmax)."""
+    plain, _ = lm
+    if draft == "model":  # a smaller random model over the same tokenizer: mostly wrong guesses
+        draft = _saved(tmp_path / "draft", token_config(vocab_size=CHARS.vocab_size, max_seq_len=96, num_layers=1,
+                                                        width=32, position="rope"), 9,
+                       {"imported": {"family": "test"}, "objective": "causal_lm"})
+    service = ModelService(plain.target, draft=draft, draft_tokens=3)
+    app = create_app(service)
+    assert service.batching == "speculative" and service.engine is None
+    prompt = "abcabcabcab"
+    body = _post(app, "/v1/completions", {"model": "tiny-lm", "prompt": prompt, "max_tokens": 9, "temperature": 0,
+                                          "logprobs": 2}).json()
+    [choice] = body["choices"]
+    ids = encode(prompt)
+    new = _greedy(service, ids, 9)
+    assert choice["text"] == CHARS.decode(new)
+    expected = _log_softmax(service, ids + new)[len(ids) - 1:-1].gather(1, torch.tensor(new)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(choice["logprobs"]["token_logprobs"]), expected, atol=1e-5, rtol=0)
+    streamed = _events(_post(app, "/v1/completions", {"model": "tiny-lm", "prompt": prompt, "max_tokens": 9,
+                                                      "temperature": 0, "stream": True}))
+    assert "".join(chunk["choices"][0]["text"] for chunk in streamed) == choice["text"]
+
+
+def test_a_draft_is_refused_for_a_model_that_does_not_generate(encoder):
+    service, _ = encoder
+    with pytest.raises(InputError, match="--draft speeds up language models"):
+        ModelService(service.target, draft="ngram")
