@@ -21,7 +21,7 @@ from formerkit.data.base import DataBundle
 from formerkit.errors import CheckpointError, InputError
 from formerkit.generation.grid import save_grid
 from formerkit.runs import load_run_model, model_dir, run_objective
-from formerkit.train.objectives import _OBJECTIVES, make_objective
+from formerkit.train.objectives import make_objective, objective_class
 
 __all__ = ["ImageGenerator", "generates_images", "load_image_generator", "sample_command", "sample_images"]
 
@@ -36,8 +36,11 @@ def _objective_kind(extra: dict[str, Any]) -> str | None:
 def generates_images(target: str | Path) -> bool:
     """Whether ``target`` (a run or a model directory a run saved) holds an image generator: its objective can
     ``sample``."""
-    kind = _objective_kind(load_extra(model_dir(target)))
-    return kind in _OBJECTIVES and callable(getattr(_OBJECTIVES[kind], "sample", None))
+    return _draws_images(_objective_kind(load_extra(model_dir(target))))
+
+
+def _draws_images(kind: str | None) -> bool:
+    return kind is not None and callable(getattr(objective_class(kind), "sample", None))
 
 
 @dataclass
@@ -67,7 +70,7 @@ def load_image_generator(target: str | Path) -> ImageGenerator:
     images (a classifier, a language model) is refused by name."""
     model, recipe, extra = load_run_model(target, imported=True)
     kind = run_objective(recipe, extra)
-    if recipe is None or kind not in _OBJECTIVES or not callable(getattr(_OBJECTIVES[kind], "sample", None)):
+    if recipe is None or not _draws_images(kind):
         hint = (" (a language model: formerkit generate writes text)" if model.config.head.kind == "lm" else "")
         raise CheckpointError(f"{target}: objective.kind is {kind!r}, which does not generate images{hint}; "
                               f"formerkit sample draws from image generators (flow_matching, ddpm, ...)")
@@ -117,6 +120,6 @@ def sample_command(target: str | Path, out: str | Path, *, label: int | None = N
     save_file({"images": images.float().contiguous(), "labels": labels}, str(tensors))
     config = generator.objective.config
     return {"grid": grid, "samples": tensors, "count": num, "seconds": seconds,
-            "classes": [generator.classes[label]] if label is not None else generator.classes,
+            "classes": [generator.classes[index] for index in sorted(set(labels.tolist()))],
             "steps": config.sample_steps if steps is None else steps,
             "guidance": config.guidance if guidance is None else guidance}
