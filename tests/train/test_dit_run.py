@@ -69,3 +69,12 @@ def test_a_resumed_run_is_exact(dit_run, tiny, tmp_path):
     reference = load_image_generator(dit_run).model
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_ddpm_objective_trains_and_samples_with_ddim(trained_run, tmp_path):
+    run = trained_run("dit-digits", **{"objective.kind": "ddpm", "objective.sampler": "ddim",
+                                       "objective.diffusion_steps": 50, "objective.ddim_eta": 0.5,
+                                       "schedule.steps": 3, "run.threads": 1})
+    images = sample_images(run, [0, 9], steps=3, guidance=2.0, seed=0)
+    assert images.shape == (2, 1, 8, 8) and 0 <= float(images.min()) and float(images.max()) <= 16
+    assert torch.equal(images, sample_images(run, [0, 9], steps=3, guidance=2.0, seed=0))
