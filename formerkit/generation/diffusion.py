@@ -124,12 +124,16 @@ class NoiseSchedule:
 
 
 def ddim_step(x: Tensor, epsilon: Tensor, abar: float, abar_next: float, *, eta: float = 0.0,
-              noise: Tensor | None = None) -> Tensor:
+              noise: Tensor | None = None, clip: float | None = None) -> Tensor:
     """One DDIM step (Song et al., 2021, eq. 12) from x at abar to abar_next, given the predicted noise:
     x0 = (x - sqrt(1 - abar) eps) / sqrt(abar); sigma = eta sqrt((1 - abar_next) / (1 - abar)) sqrt(1 - abar /
     abar_next); x_next = sqrt(abar_next) x0 + sqrt(1 - abar_next - sigma^2) eps + sigma noise. The same formula
-    with abar_next > abar (and eta 0) is the inversion step."""
+    with abar_next > abar (and eta 0) is the inversion step. ``clip``: x0 clamped to [-clip, clip] (the data's range)
+    before it is used, as DDPM's and diffusers' samplers do: at the noisiest steps 1 / sqrt(abar) magnifies the
+    prediction's error into saturated pixels."""
     x0 = (x - math.sqrt(1 - abar) * epsilon) / math.sqrt(abar)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
     sigma = eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)) if eta else 0.0
     out = math.sqrt(abar_next) * x0 + math.sqrt(max(1 - abar_next - sigma ** 2, 0.0)) * epsilon
     if sigma:
@@ -138,9 +142,10 @@ def ddim_step(x: Tensor, epsilon: Tensor, abar: float, abar_next: float, *, eta:
 
 
 def ddim_sample(predict: Predict, noise: Tensor, schedule: NoiseSchedule, steps: int, *, eta: float = 0.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, clip: float | None = None) -> Tensor:
     """x0 from ``noise`` (x at t = T - 1) in ``steps`` DDIM steps over ``schedule.timesteps(steps)``, the last one to
-    the clean data. eta > 0 adds fresh noise at each step (eta 1 is DDPM's ancestral sampling)."""
+    the clean data. eta > 0 adds fresh noise at each step (eta 1 is DDPM's ancestral sampling); ``clip`` as in
+    ``ddim_step``."""
     times = schedule.timesteps(steps)
     x = noise
     for t, t_next in zip(times, times[1:] + [-1]):
@@ -148,7 +153,7 @@ def ddim_sample(predict: Predict, noise: Tensor, schedule: NoiseSchedule, steps:
         abar, abar_next = (float(schedule.alpha_bar(torch.tensor(v))) for v in (t, t_next))
         fresh = (torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                  if eta and t_next >= 0 else None)
-        x = ddim_step(x, epsilon, abar, abar_next, eta=eta if t_next >= 0 else 0.0, noise=fresh)
+        x = ddim_step(x, epsilon, abar, abar_next, eta=eta if t_next >= 0 else 0.0, noise=fresh, clip=clip)
     return x
 
 

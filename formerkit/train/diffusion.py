@@ -186,7 +186,8 @@ class FlowMatching(DiffusionObjective):
 @register_objective
 class DDPM(DiffusionObjective):
     """DDPM's epsilon-prediction: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t uniform over the
-    objective.diffusion_steps of the cosine or linear schedule; DDIM steps sample."""
+    objective.diffusion_steps of the cosine or linear schedule; DDIM steps sample, each x0 estimate clamped to the
+    data's [-1, 1]."""
 
     kind = "ddpm"
 
@@ -203,4 +204,6 @@ class DDPM(DiffusionObjective):
         if steps > self.schedule.steps:
             raise InputError(f"steps: at most objective.diffusion_steps ({self.schedule.steps}), got {steps}")
         predict = guided(model, labels, model.conditioning.null_class, guidance)
-        return ddim_sample(predict, noise, self.schedule, steps, eta=self.config.ddim_eta, generator=generator)
+        # Data units are [-1, 1]: each step's estimate of x0 is clamped there (see ddim_step).
+        return ddim_sample(predict, noise, self.schedule, steps, eta=self.config.ddim_eta, generator=generator,
+                           clip=1.0)

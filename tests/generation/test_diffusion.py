@@ -104,6 +104,10 @@ def test_ddim_step_is_the_formula():
     expected = math.sqrt(abar_next) * x0 + math.sqrt(1 - abar_next - sigma ** 2) * epsilon + sigma * noise
     assert torch.allclose(ddim_step(x, epsilon, abar, abar_next, eta=eta, noise=noise), expected)
     assert torch.allclose(ddim_step(x, epsilon, abar, 1.0), x0)
+    # clip: the x0 estimate clamped to the data's range, the predicted noise kept.
+    clipped = x0.clamp(-0.5, 0.5)
+    expected = math.sqrt(abar_next) * clipped + math.sqrt(1 - abar_next) * epsilon
+    assert torch.allclose(ddim_step(x, epsilon, abar, abar_next, clip=0.5), expected)
 
 
 def test_ddim_inversion_is_undone_by_sampling_with_an_exact_denoiser():
