@@ -169,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     for piece in generate_run(args.target, args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              stop=args.stop, compile=args.compile):
+                              stop=args.stop, compile=args.compile, steps=args.steps):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compile", action="store_true",
                           help="compile the decode step ahead of time with AOTInductor (torch.compile where "
                                "AOTInductor cannot): faster per token, about 30 s to start")
+    generate.add_argument("--steps", type=int, default=None,
+                          help="masked diffusion LMs: unmasking steps for the whole continuation (default: one per 4 "
+                               "new tokens)")
     generate.set_defaults(run=cmd_generate)
 
     predict = commands.add_parser("predict", help="predictions of a run for raw inputs: images (labels and "
