@@ -26,7 +26,7 @@ from formerkit.nn.masks import DocumentMask
 from formerkit.nn.moe import MoEFeedForward
 
 __all__ = ["ExpertUsage", "MaskedDiffusionLM", "MaskedGeneration", "Objective", "make_objective",
-           "masked_diffusion_loss"]
+           "masked_diffusion_loss", "objective_class", "register_objective"]
 
 
 class ExpertUsage:
@@ -131,6 +131,10 @@ class Objective:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         raise NotImplementedError
+
+    def snapshot(self, model: nn.Module, run_dir, step: int) -> None:
+        """Called after each evaluation (rank 0) with the evaluated model: generative objectives write samples into
+        the run directory (the report shows them); the others do nothing. Must leave every random state alone."""
 
     def units(self, batch: dict[str, Tensor]) -> int:
         """What one batch counts for throughput (examples, or tokens for language models)."""
@@ -546,15 +550,22 @@ class MaskedGeneration(Objective):
             count += len(targets)
         return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1), **usage.metrics()}
 
+    # Images per class in the grids written at each evaluation (RUN/samples/step_NNNNNN.png).
+    grid_columns = 8
+
     @torch.no_grad()
-    def sample(self, model, labels, *, steps: int, guidance: float = 1.0, generator: torch.Generator | None = None,
-               temperature: float = 1.0, choice_temperature: float | None = None) -> Tensor:
+    def sample(self, model, labels, *, steps: int | None = None, guidance: float | None = None,
+               generator: torch.Generator | None = None, temperature: float = 1.0,
+               choice_temperature: float | None = None) -> Tensor:
         """Images [N, C, H, W] in the data's raw units (digits: 0-16) of the classes ``labels`` [N], decoded from
         all [MASK] in ``steps`` MaskGIT steps (cosine schedule; see formerkit.generation.masked.iterative_unmask)
         with classifier-free guidance scale ``guidance`` on the logits (1 = conditional only; 0 = unconditional) and
-        Gumbel noise of ``choice_temperature`` (default: objective.choice_temperature) on the commit order."""
+        Gumbel noise of ``choice_temperature`` on the commit order; None takes the recipe's objective.sample_steps,
+        objective.guidance and objective.choice_temperature."""
         from formerkit.generation.masked import guided_logits, iterative_unmask
 
+        steps = self.config.sample_steps if steps is None else steps
+        guidance = self.config.guidance if guidance is None else guidance
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.dtype in (torch.float16, torch.float32, torch.float64, torch.bool):
             raise InputError(f"labels: expected a 1-D tensor of class indices, got {labels.dtype} of shape "
@@ -587,6 +598,18 @@ class MaskedGeneration(Objective):
         finally:
             model.train(was_training)
         return self.tokenizer.decode(tokens[:, 1:].cpu())
+
+    def snapshot(self, model, run_dir, step: int):
+        """A grid of samples (one row per class, ``grid_columns`` each, the same draws every time) written to
+        RUN/samples/step_NNNNNN.png, as the diffusion objectives do: the run report shows them over training."""
+        from pathlib import Path
+
+        from formerkit.generation.grid import save_grid
+
+        labels = torch.arange(self.num_classes).repeat_interleave(self.grid_columns)
+        images = self.sample(model, labels, generator=torch.Generator().manual_seed(0))
+        return save_grid(images * self.bundle.preprocessing["scale"],
+                         Path(run_dir) / "samples" / f"step_{step:06d}.png", self.grid_columns)
 
 
 def masked_diffusion_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Tensor) -> Tensor:
@@ -654,6 +677,18 @@ class MaskedDiffusionLM(Objective):
 
 _OBJECTIVES = {cls.kind: cls for cls in (CausalLM, MaskedLM, Classification, SequenceToSequence, Forecast,
                                          MaskedImageModeling, MaskedGeneration, MaskedDiffusionLM)}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Adds an Objective class to the registry under its ``kind`` (objectives defined in modules of their own)."""
+    _OBJECTIVES[cls.kind] = cls
+    return cls
+
+
+def objective_class(kind: str) -> type[Objective] | None:
+    """The Objective class registered under ``kind`` (None for an unknown kind). Objectives in modules of their own
+    (formerkit.train.diffusion) register when imported; ``formerkit.train`` imports them."""
+    return _OBJECTIVES.get(kind)
 
 
 def make_objective(config, bundle) -> Objective:

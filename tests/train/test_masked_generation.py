@@ -185,6 +185,23 @@ def test_a_shrunken_maskgit_recipe_trains_and_samples_images_in_raw_units(traine
                               generator=torch.Generator().manual_seed(0))
     assert images.shape == (10, 1, 8, 8) and torch.equal(images, images.round())
     assert images.min() >= 0 and images.max() <= 16
+    # The run wrote a grid at each evaluation (steps 3 and 6), one row per class.
+    assert sorted(path.name for path in (run / "samples").glob("*.png")) == ["step_000003.png", "step_000006.png"]
+
+
+@pytest.mark.slow
+def test_formerkit_sample_draws_from_a_maskgit_run(trained_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from formerkit.cli import main
+
+    run = trained_run("maskgit-digits")
+    assert main(["sample", str(run), "--class", "3", "--num", "5", "--steps", "4", "--guidance", "1.5", "--seed", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    saved = load_file(str(tmp_path / "out" / "samples.safetensors"))
+    assert saved["images"].shape == (5, 1, 8, 8) and saved["labels"].tolist() == [3] * 5
+    assert torch.equal(saved["images"], saved["images"].round()) and saved["images"].max() <= 16
+    assert (tmp_path / "out" / "grid.png").exists()
 
 
 @pytest.mark.slow
