@@ -170,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for piece in generate_run(args.target, args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               stop=args.stop, compile=args.compile, draft=args.draft,
-                              draft_tokens=args.draft_tokens):
+                              draft_tokens=args.draft_tokens, steps=args.steps):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "pass (greedy output unchanged)")
     generate.add_argument("--draft-tokens", type=int, default=None,
                           help="tokens guessed per pass with --draft (default 3 for a run, 8 for ngram)")
+    generate.add_argument("--steps", type=int, default=None,
+                          help="masked diffusion LMs: unmasking steps for the whole continuation (default: one per 4 "
+                               "new tokens)")
     generate.set_defaults(run=cmd_generate)
 
     sample = commands.add_parser("sample", help="draw images from a generative run (dit-digits, ...): a grid PNG "

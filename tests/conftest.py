@@ -90,6 +90,11 @@ TINY = {
     "char-lm": {"schedule.steps": 6, "schedule.batch_size": 4, "eval.every": 3, "data.max_bytes": 120_000,
                 "data.seq_len": 32, "model.num_layers": 1, "model.width": 32, "model.num_heads": 2,
                 "eval.batches": 2},
+    "maskgit-digits": {"schedule.steps": 6, "schedule.batch_size": 16, "eval.every": 3,
+                       "model.config.width": 32, "model.config.num_layers": 1, "model.config.attention.num_heads": 2},
+    "mdlm-stdlib": {"schedule.steps": 6, "schedule.batch_size": 4, "eval.every": 3, "data.max_bytes": 120_000,
+                    "data.seq_len": 32, "model.config.width": 32, "model.config.num_layers": 1,
+                    "model.config.attention.num_heads": 2, "model.config.max_seq_len": 32, "eval.batches": 2},
     # The recipes for the user's own data (their data.path comes from the test's files).
     "text-folder": {"schedule.steps": 6, "schedule.batch_size": 4, "eval.every": 3, "data.seq_len": 32,
                     "model.num_layers": 1, "model.width": 32, "model.num_heads": 2, "eval.batches": 2},

@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 DATA_SOURCES = ("stdlib", "text", "jsonl", "instruct", "digits", "image_folder", "synthetic", "csv")
-OBJECTIVES = ("causal_lm", "masked_lm", "classification", "seq2seq", "mae", "forecast", "flow_matching", "ddpm")
+OBJECTIVES = ("causal_lm", "masked_lm", "classification", "seq2seq", "mae", "forecast", "flow_matching", "ddpm",
+              "masked_generation", "masked_diffusion_lm")
 # The objectives that read packed rows (data.pack): they pass each row's document mask and positions to the model.
 PACKING_OBJECTIVES = ("causal_lm", "masked_lm")
 
@@ -217,11 +218,28 @@ class ObjectiveConfig(ConfigSection):
     # mae: predict each patch's pixels normalized by that patch's mean and variance (the MAE paper's default, made
     # for 16x16 patches); turn it off for tiny patches, whose few pixels make a noisy variance.
     norm_pix_loss: bool = True
+    # masked_generation (MaskGIT, Chang et al. 2022: images as tokens, a random cosine-scheduled fraction masked,
+    # decoded in parallel steps): pixels = one token per pixel intensity level (digits: 17 levels); codebook = one
+    # token per codebook_patch x codebook_patch patch, the nearest of codebook_size k-means centres fitted on the
+    # training images (saved with the run)
+    image_tokens: str = choice("pixels", ("pixels", "codebook"))
+    codebook_size: int = 64
+    codebook_patch: int = 2
+    # masked_generation: the probability a training example's class is replaced by the null class, so one model
+    # also predicts unconditionally and sampling can use classifier-free guidance (Ho & Salimans 2022)
+    class_dropout: float = 0.1
+    # masked_generation: sampling's default Gumbel noise on the confidences that pick which tokens to commit,
+    # annealed linearly to 0 over the steps (MaskGIT's choice temperature; 0 = purely by confidence)
+    choice_temperature: float = 2.0
+    # masked_diffusion_lm (MDLM, Sahoo et al. 2024): generation commits the most confident tokens first (LLaDA's
+    # low-confidence remasking, Nie et al. 2025) or a random order (the ancestral sampler's)
+    unmask_order: str = choice("confidence", ("confidence", "random"))
     # classification: deep supervision for early exit (formerkit.models.early_exit): add this weight times the mean
     # cross-entropy of the exits after every layer but the last (each is the final norm and the head, shared with the
     # last layer, on that layer's state). 0 = off.
     exit_loss_weight: float = 0.0
-    # flow_matching, ddpm: how formerkit sample and the report's grids draw unless told otherwise: the sampler
+    # flow_matching, ddpm (masked_generation: the steps and guidance only, on the logits): how formerkit sample and
+    # the report's grids draw unless told otherwise: the sampler
     # (flow_matching: euler or heun, Heun's method taking two predictions a step; ddpm: ddim; null: euler or ddim),
     # its steps and the classifier-free guidance scale (Ho & Salimans, 2022; 1: the conditional prediction alone)
     sampler: str | None = choice(None, (None, "euler", "heun", "ddim"))
@@ -245,8 +263,8 @@ class ObjectiveConfig(ConfigSection):
             self._fail("mask_prob", "a probability in (0, 1)")
         if not 0.0 < self.mask_ratio < 1.0:
             self._fail("mask_ratio", "a fraction in (0, 1)")
-        diffusion = ("flow_matching", "ddpm")
-        self._check_applies("kind", {"sampler": diffusion, "sample_steps": diffusion, "guidance": diffusion,
+        diffusion, generators = ("flow_matching", "ddpm"), ("flow_matching", "ddpm", "masked_generation")
+        self._check_applies("kind", {"sampler": diffusion, "sample_steps": generators, "guidance": generators,
                                      "noise_schedule": ("ddpm",), "diffusion_steps": ("ddpm",),
                                      "ddim_eta": ("ddpm",)})
         samplers = {"flow_matching": (None, "euler", "heun"), "ddpm": (None, "ddim")}
@@ -263,6 +281,19 @@ class ObjectiveConfig(ConfigSection):
             self._fail("diffusion_steps", "an integer >= 2")
         if not 0.0 <= self.ddim_eta <= 1.0:
             self._fail("ddim_eta", "a number in [0, 1]")
+        generation = ("masked_generation",)
+        self._check_applies("kind", {"image_tokens": generation, "codebook_size": generation,
+                                     "codebook_patch": generation, "class_dropout": generation,
+                                     "choice_temperature": generation, "unmask_order": ("masked_diffusion_lm",)})
+        self._check_applies("image_tokens", {"codebook_size": ("codebook",), "codebook_patch": ("codebook",)})
+        if not 0.0 <= self.class_dropout < 1.0:
+            self._fail("class_dropout", "a probability in [0, 1)")
+        if self.codebook_size < 2:
+            self._fail("codebook_size", "an integer >= 2")
+        if self.codebook_patch < 1:
+            self._fail("codebook_patch", "an integer >= 1")
+        if self.choice_temperature < 0:
+            self._fail("choice_temperature", "a number >= 0")
 
 
 @dataclass(frozen=True)

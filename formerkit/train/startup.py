@@ -16,6 +16,7 @@ __all__ = ["TOKEN_WARNING_RATIO", "StepTimer", "example_prompt", "format_duratio
 # with the square of the count: 4x the tokens is about 16x the attention work per example).
 TOKEN_WARNING_RATIO = 4
 USER_SOURCES = ("text", "jsonl", "image_folder", "csv")
+TEXT_SOURCES = ("stdlib", "text", "jsonl", "instruct", "synthetic")
 
 
 def tokens_per_example(model_config, data) -> int:
@@ -28,6 +29,8 @@ def tokens_per_example(model_config, data) -> int:
     length = data.window if data.source == "csv" else data.seq_len
     if stem.kind == "linear" and stem.patch_size:
         length //= stem.patch_size
+    if stem.kind == "tokens" and model_config.max_seq_len is not None and data.source not in TEXT_SOURCES:
+        length = model_config.max_seq_len  # images read as tokens (objective masked_generation): the model's length
     return length + int(stem.class_token)
 
 
