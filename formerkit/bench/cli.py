@@ -1,4 +1,4 @@
-"""The ``formerkit bench`` commands (attention, lm, vision, lora): argument parsing and printing around
+"""The ``formerkit bench`` commands (attention, samples, lm, vision, lora): argument parsing and printing around
 ``formerkit.bench``'s measurements, kept out of ``formerkit.cli`` so that stays a short list of commands."""
 
 from __future__ import annotations
@@ -92,8 +92,25 @@ def cmd_bench_lora(args: argparse.Namespace) -> int:
     return _bench_peers(args, "lora")
 
 
+def cmd_bench_samples(args: argparse.Namespace) -> int:
+    from formerkit.bench.generation import judge_samples, load_samples
+
+    images, labels = load_samples(args.samples)
+    report = judge_samples(images, labels, args.classifier, baseline_noise=args.baseline_noise, seed=args.seed)
+    text = "\n".join([f"Samples: {args.samples}; judge: the classifier run {args.classifier} (FD: Fréchet distance "
+                      "of its pooled features to the real test images)", "", report.markdown()])
+    print(text)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    return 0
+
+
 def add_bench_commands(commands) -> None:
-    """Adds ``bench attention|lm|vision`` to the ``formerkit`` command's subparsers."""
+    """Adds ``bench attention|samples|lm|vision|lora`` to the ``formerkit`` command's subparsers."""
     bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     attention = benches.add_parser("attention", help="time and memory of full, sliding-window and linear attention "
@@ -111,6 +128,17 @@ def add_bench_commands(commands) -> None:
     attention.add_argument("--json", metavar="PATH", help="also write one JSON record per measurement (JSON lines)")
     attention.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     attention.set_defaults(run=cmd_bench_attention)
+    samples = benches.add_parser("samples", help="generated images judged by a classifier run: recognized fraction, "
+                                                 "Fréchet distance of its features (with floor and baseline)")
+    samples.add_argument("samples", help="the samples.safetensors of formerkit sample (or its folder)")
+    samples.add_argument("--classifier", required=True, metavar="RUN",
+                         help="an image classifier run on the real data (formerkit train cct-digits --out RUN)")
+    samples.add_argument("--baseline-noise", type=float, default=2.0, metavar="STD",
+                         help="the baseline's pixel noise in raw units (default 2.0 of the digits' 0-16)")
+    samples.add_argument("--seed", type=int, default=0, help="the baseline's noise seed")
+    samples.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    samples.add_argument("--markdown", metavar="PATH", help="also write the table (Markdown)")
+    samples.set_defaults(run=cmd_bench_samples)
 
 
     def comma_list(choices):
