@@ -11,6 +11,7 @@ dicts, dotted paths (``"attention.num_heads"``) and unambiguous field names of a
 from formerkit.config.model import ModelConfig
 from formerkit.config.sections import (
     AttentionConfig,
+    ConditionConfig,
     FeedForwardConfig,
     HeadConfig,
     NormConfig,
@@ -21,6 +22,7 @@ from formerkit.schema import load_yaml  # noqa: F401 - load_yaml: also read from
 
 __all__ = [
     "AttentionConfig",
+    "ConditionConfig",
     "FeedForwardConfig",
     "HeadConfig",
     "ModelConfig",

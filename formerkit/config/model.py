@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from formerkit.config.sections import (
     ARCHS,
     AttentionConfig,
+    ConditionConfig,
     FeedForwardConfig,
     HeadConfig,
     ModelSection,
@@ -55,6 +56,7 @@ class ModelConfig(ModelSection):
     position: PositionConfig = field(default_factory=PositionConfig)
     stem: StemConfig = field(default_factory=lambda: StemConfig(vocab_size=256))
     head: HeadConfig = field(default_factory=HeadConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
 
     def _validate(self) -> None:
         attention, stem, head = self.attention, self.stem, self.head
@@ -176,7 +178,12 @@ class ModelConfig(ModelSection):
         if self.position.kind == "sincos2d" and stem.kind not in ("patches", "conv"):
             raise ConfigError("position.kind", "sincos2d", "an image stem (patches or conv) for a 2-D position table",
                               hint=f"stem.kind is {stem.kind!r}")
+        if self.condition.kind is not None:
+            self._check_condition()
         # Heads.
+        if head.kind == "patches" and stem.kind != "patches":
+            raise ConfigError("head.kind", "patches", "a patches stem (the head maps each patch token back to its "
+                              "pixels)", hint=f"stem.kind is {stem.kind!r}")
         if head.kind == "lm" and (stem.kind != "tokens" or self.arch == "encoder"):
             raise ConfigError("head.kind", "lm", "a tokens stem with arch 'decoder' or 'encoder_decoder'",
                               hint="an encoder over tokens predicts masked tokens: use head.kind 'masked_lm'")
@@ -196,6 +203,19 @@ class ModelConfig(ModelSection):
         if self.head_pooling == "last" and self.arch == "encoder":
             raise ConfigError("head.pooling", "last", "cls, mean or sequence for an encoder",
                               hint="'last' pools the last token, which sees the whole input only in a decoder")
+
+    def _check_condition(self) -> None:
+        """adaLN-Zero modulates the normed input of each sub-layer and gates its output: pre-norm blocks, one branch
+        after the other, no cross-attention sub-layer."""
+        kind = self.condition.kind
+        if self.norm.placement != "pre":
+            raise ConfigError("norm.placement", self.norm.placement, f"'pre' with condition.kind {kind!r}",
+                              hint="adaLN-Zero modulates the normed input of each branch")
+        if self.parallel_residual is not None:
+            raise ConfigError("parallel_residual", self.parallel_residual, f"null with condition.kind {kind!r}")
+        if self.arch == "encoder_decoder":
+            raise ConfigError("arch", self.arch, f"'encoder' or 'decoder' with condition.kind {kind!r}",
+                              hint="the cross-attention sub-layer has no modulation")
 
     def _check_per_layer(self, name: str, values: tuple[int, ...]) -> None:
         """Per-layer sizes (a pruned model): one per layer of one stack, each layer its own block."""
@@ -247,6 +267,11 @@ class ModelConfig(ModelSection):
         return self.attention.head_dim or self.width // self.attention.num_heads
 
     @property
+    def condition_dim(self) -> int:
+        """Width of the condition vector (condition.dim, or the model's width)."""
+        return self.condition.dim or self.width
+
+    @property
     def rotary_dim(self) -> int:
         """The channels of each head that rotary positions rotate."""
         return int(self.head_dim * self.position.rotary_fraction)
@@ -264,7 +289,7 @@ class ModelConfig(ModelSection):
         """The pooling the head uses, with the default filled in."""
         if self.head.pooling is not None:
             return self.head.pooling
-        if self.head.kind in ("lm", "masked_lm", "none"):
+        if self.head.kind in ("lm", "masked_lm", "patches", "none"):
             return "none"
         if self.stem.kind == "tokens" or self.stem.class_token:
             return "last" if self.arch == "decoder" and not self.stem.class_token else "cls"

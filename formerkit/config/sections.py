@@ -9,6 +9,7 @@ from formerkit.schema import ConfigSection, choice
 
 __all__ = [
     "AttentionConfig",
+    "ConditionConfig",
     "FeedForwardConfig",
     "HeadConfig",
     "NormConfig",
@@ -30,7 +31,8 @@ NORM_PLACEMENTS = ("pre", "post", "sandwich")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "sincos2d", "none")
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3", "longrope")
 STEM_KINDS = ("tokens", "patches", "conv", "linear")
-HEAD_KINDS = ("lm", "masked_lm", "classification", "regression", "none")
+HEAD_KINDS = ("lm", "masked_lm", "classification", "regression", "patches", "none")
+CONDITION_KINDS = ("adaln_zero",)
 POOLINGS = ("cls", "mean", "sequence", "last", "none")
 POOLER_ACTIVATIONS = ("tanh", "relu")
 ARCHS = ("encoder", "decoder", "encoder_decoder")
@@ -458,9 +460,12 @@ class HeadConfig(ModelSection):
     _prefix = "head"
 
     # lm: next-token logits; masked_lm: BERT's transform + decoder; classification: pooled vector -> classes;
-    # regression: pooled (or per-token) vector -> output_dim numbers (forecasts); none: the final hidden states.
+    # regression: pooled (or per-token) vector -> output_dim numbers (forecasts); patches: each image token -> the
+    # pixels of its patch, put back together into an image [batch, channels, height, width] (DiT's final linear and
+    # unpatchify: a diffusion model's noise or velocity); none: the final hidden states.
     kind: str = choice("lm", HEAD_KINDS)
     num_classes: int | None = None
+    # regression: the numbers predicted; patches: channels per output pixel (null: stem.in_channels).
     output_dim: int | None = None
     # How a sequence becomes one vector: cls (first token), mean (of real input tokens), sequence (CCT's learned
     # attention pooling), last (last real token, for decoders), none (keep every position).
@@ -492,9 +497,11 @@ class HeadConfig(ModelSection):
             self._fail("num_classes", "null unless head.kind is 'classification'")
         if kind == "regression" and (self.output_dim is None or self.output_dim < 1):
             self._fail("output_dim", "an integer >= 1 for a regression head")
-        if kind != "regression" and self.output_dim is not None:
-            self._fail("output_dim", "null unless head.kind is 'regression'")
-        if kind in ("lm", "masked_lm") and self.pooling not in (None, "none"):
+        if kind not in ("regression", "patches") and self.output_dim is not None:
+            self._fail("output_dim", "null unless head.kind is 'regression' or 'patches'")
+        if kind == "patches" and self.output_dim is not None and self.output_dim < 1:
+            self._fail("output_dim", "an integer >= 1 (channels per pixel) or null (stem.in_channels)")
+        if kind in ("lm", "masked_lm", "patches") and self.pooling not in (None, "none"):
             self._fail("pooling", f"null for a head of kind {kind!r}, which predicts at every position")
         if kind == "classification" and self.pooling == "none":
             self._fail("pooling", "cls, mean, sequence or last for a classification head")
@@ -509,3 +516,47 @@ class HeadConfig(ModelSection):
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             self._fail("logit_softcap", "a number > 0 or null")
 
+
+
+@dataclass(frozen=True)
+class ConditionConfig(ModelSection):
+    """Conditioning every block on a per-example vector (a diffusion timestep, a class, any vector)."""
+
+    _prefix = "condition"
+
+    # adaln_zero: each block regresses from the condition vector c a shift, scale and gate per sub-layer (SiLU, then
+    # a linear map), x + gate * f(norm(x) * (1 + scale) + shift), its norms without learned scale or bias; the final
+    # norm gets a shift and scale too. The maps start at zero, so a fresh block is the identity (adaLN-Zero: Peebles
+    # & Xie, 2023, "Scalable Diffusion Models with Transformers"). The model's forward then takes timesteps=,
+    # labels= and/or condition= (a ready vector [batch, condition.dim]). null: no conditioning.
+    kind: str | None = choice(None, (None, *CONDITION_KINDS))
+    # Width of the condition vector; null: the model's width.
+    dim: int | None = None
+    # A timestep embedding in the condition: sinusoidal features of the timestep (cosines, then sines) at
+    # timestep_frequencies frequencies with periods up to timestep_max_period, then Linear, SiLU, Linear (DiT's
+    # timestep embedder).
+    timesteps: bool = False
+    timestep_frequencies: int = 256
+    timestep_max_period: float = 10000.0
+    # A class embedding in the condition, with one more row (index `classes`) for the null class, "no label", the
+    # unconditional prediction classifier-free guidance needs (Ho & Salimans, 2022). null: no classes.
+    classes: int | None = None
+    # While training, each label becomes the null class with this probability, so one model learns both the
+    # conditional and the unconditional prediction (DiT: 0.1).
+    label_dropout: float = 0.0
+
+    def _validate(self) -> None:
+        self._check_applies("kind", {name: CONDITION_KINDS for name in (
+            "dim", "timesteps", "timestep_frequencies", "timestep_max_period", "classes", "label_dropout")})
+        if self.dim is not None and self.dim < 1:
+            self._fail("dim", "an integer >= 1 or null (the model's width)")
+        if self.timestep_frequencies < 2:
+            self._fail("timestep_frequencies", "an integer >= 2")
+        if self.timestep_max_period <= 1:
+            self._fail("timestep_max_period", "a number > 1")
+        if self.classes is not None and self.classes < 1:
+            self._fail("classes", "an integer >= 1 or null")
+        if not 0.0 <= self.label_dropout < 1.0:
+            self._fail("label_dropout", "a probability in [0, 1)")
+        if self.label_dropout and self.classes is None:
+            self._fail("label_dropout", "0.0 when condition.classes is null", hint="there are no labels to drop")

@@ -31,8 +31,9 @@ from formerkit.models.inputs import (
 )
 from formerkit.nn.block import DropPath, TransformerBlock
 from formerkit.nn.cache import KVCache, StaticSlots
+from formerkit.nn.condition import AdaptiveModulation, ConditionEmbedding, modulate
 from formerkit.nn.context import LayerContext, StackInput
-from formerkit.nn.heads import build_head
+from formerkit.nn.heads import PatchHead, build_head
 from formerkit.nn.masks import (
     CausalMask,
     KeyPaddingMask,
@@ -120,7 +121,11 @@ class TransformerStack(nn.Module):
         self.mask_kinds = tuple("linear" if kind == "linear" else "window" if windowed else "full"
                                 for kind, windowed in zip(self.kinds, self.windowed))
         norm = config.norm
-        self.final_norm = model_norm(norm, config.width) if norm.has_final else None
+        conditioned = config.condition.kind is not None
+        self.final_norm = model_norm(norm, config.width, affine=not conditioned) if norm.has_final else None
+        # adaLN-Zero: the final norm's shift and scale regressed from the condition (DiT's final layer).
+        self.final_modulation = (AdaptiveModulation(config.condition_dim, config.width, 2)
+                                 if conditioned and norm.has_final else None)
         # Recompute each block's activations in the backward pass instead of keeping them (see forward); set by
         # ``Transformer.set_activation_checkpointing``.
         self.activation_checkpointing = False
@@ -165,6 +170,9 @@ class TransformerStack(nn.Module):
             states.append(hidden)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
+        if self.final_modulation is not None:
+            shift, scale = self.final_modulation(prepared.condition)
+            hidden = modulate(hidden, shift, scale)
         return StackOutput(hidden, states, attentions, routing)
 
 
@@ -211,6 +219,8 @@ class Transformer(nn.Module):
                 self.decoder = TransformerStack(config, config.decoder_layers, causal=True,
                                                 cross_attention=True)
         self.head = build_head(config)
+        # condition.kind: what the blocks are conditioned on (timesteps, labels, a given vector) made into one vector.
+        self.conditioning = ConditionEmbedding(config) if config.condition.kind is not None else None
         # Learned embeddings put before every input's own (prompt tuning, formerkit.adapt.prompt): a module whose
         # call returns them [virtual tokens, width] (or None: no prompt); None in a plain model. See ``forward``.
         self.input_prompt: nn.Module | None = None
@@ -242,6 +252,10 @@ class Transformer(nn.Module):
             if name in ("positions.weight", "decoder_positions.weight", "stem.class_token", "stem.distill_token",
                         "stem.registers"):
                 nn.init.normal_(parameter, std=std)
+        # adaLN-Zero's modulations and DiT's final linear start at zero (a fresh conditioned block is the identity).
+        for module in self.modules():
+            if isinstance(module, (AdaptiveModulation, PatchHead)):
+                module.reset_parameters()
 
     # ----- the forward path: prepare, then the stack's layers, then the head -----
 
@@ -266,7 +280,8 @@ class Transformer(nn.Module):
                 mask: Mask | Tensor | None = None, position_ids: Tensor | None = None,
                 token_type_ids: Tensor | None = None, cache: KVCache | StaticSlots | None = None,
                 memory: Tensor | None = None, memory_keep: Tensor | None = None, need_weights: bool = False,
-                merging: TokenMerging | None = None, prompt: Tensor | None = None) -> StackInput:
+                merging: TokenMerging | None = None, prompt: Tensor | None = None,
+                condition: Tensor | None = None) -> StackInput:
         """Checks the inputs of one stack, embeds them and builds every layer's ``LayerContext``: the one way from
         inputs to a stack's layers (the forward pass, early exit, the compiled decode step and MAE all use it).
         ``stack(prepared)`` then runs the layers; ``side`` picks the stack as in ``get_stack``.
@@ -275,7 +290,8 @@ class Transformer(nn.Module):
         commits or aborts the cache after the stack has run. ``memory``/``memory_keep`` are an encoder-decoder's
         encoder output and its padding; ``merging`` is token merging for this pass; ``prompt`` [virtual tokens, width]
         are embeddings put before every row's own (prompt tuning: the stack then sees them as the first tokens, at
-        positions 0, 1, ...). The other arguments are those of ``forward``.
+        positions 0, 1, ...); ``condition`` is the pass's condition vector [batch, dim] (``condition_vector``). The
+        other arguments are those of ``forward``.
         """
         stack = self.get_stack(side)
         if isinstance(cache, StaticSlots):
@@ -310,8 +326,8 @@ class Transformer(nn.Module):
                                    prompt=prompt)
         layers = self.layer_contexts(stack, hidden, token_keep=keep, position_ids=position_ids, mask=mask,
                                      cache=cache, memory=memory, memory_keep=memory_keep, need_weights=need_weights,
-                                     merging=merging)
-        return StackInput(hidden, layers, keep, position_ids)
+                                     merging=merging, condition=condition)
+        return StackInput(hidden, layers, keep, position_ids, condition)
 
     def _prompt_input(self, prompt: Tensor, inputs: Tensor, keep: Tensor | None, length: int, mask, position_ids,
                       merging) -> tuple[Tensor | None, int]:
@@ -357,7 +373,8 @@ class Transformer(nn.Module):
                        position_ids: Tensor | None = None, mask: Mask | None = None,
                        cache: KVCache | StaticSlots | None = None, memory: Tensor | None = None,
                        memory_keep: Tensor | None = None, need_weights: bool = False,
-                       merging: TokenMerging | None = None) -> tuple[LayerContext, ...]:
+                       merging: TokenMerging | None = None,
+                       condition: Tensor | None = None) -> tuple[LayerContext, ...]:
         """Every layer's context for the embedded tokens ``hidden`` [batch, tokens, width] entering ``stack`` (see
         ``prepare``, which checks the inputs first): the masks, rotary tables and cross-attention mask of the pass.
         Early exit calls it again for the rows still running."""
@@ -376,7 +393,7 @@ class Transformer(nn.Module):
         return stack.contexts(masks, rotary=self.positions_of(stack).rotary(position_ids, length),
                               local_rotary=local_rotary, cache=cache, memory=memory, memory_mask=memory_mask,
                               token_keep=token_keep,
-                              need_weights=need_weights, merging=merging)
+                              need_weights=need_weights, merging=merging, condition=condition)
 
     def attention_masks(self, stack: TransformerStack, *, length: int, key_keep: Tensor | None,
                         position_ids: Tensor | None, mask: Mask | None, cache: KVCache | StaticSlots | None,
@@ -523,7 +540,8 @@ class Transformer(nn.Module):
                 output_hidden_states: bool = False, output_attentions: bool = False,
                 return_outputs: bool = False, cache: KVCache | None = None,
                 logits_to_keep: int | None = None,
-                merge_tokens: int | Sequence[int] | None = None) -> Tensor | ModelOutput:
+                merge_tokens: int | Sequence[int] | None = None, timesteps: Tensor | None = None,
+                labels: Tensor | None = None, condition: Tensor | None = None) -> Tensor | ModelOutput:
         """Runs the model.
 
         inputs: token ids [batch, tokens], images [batch, channels, height, width] or numeric sequences
@@ -539,8 +557,12 @@ class Transformer(nn.Module):
         logits_to_keep: compute logits for the last N tokens only (token-level heads), as generation needs.
         merge_tokens: token merging (ToMe, see ``formerkit.nn.tome``) for encoders that classify: every layer merges
             this many tokens (or one count per layer) after attention; 0 is the plain model. Takes no masks.
+        timesteps, labels, condition: what a conditioned model (condition.kind) is conditioned on, summed into one
+            vector (see ``condition_vector``): timesteps [batch] (condition.timesteps), class ids [batch]
+            (condition.classes; the id ``classes`` is the null class) and/or a vector [batch, condition dim].
         """
         config = self.config
+        condition = self.condition_vector(inputs, timesteps=timesteps, labels=labels, condition=condition)
         merging = token_merging(self, merge_tokens, attention_mask, mask)
         check_call(self, cache, logits_to_keep)
         side, memory, memory_keep, routing = None, None, None, []
@@ -565,7 +587,8 @@ class Transformer(nn.Module):
                   else None)
         prepared = self.prepare(inputs, side=side, attention_mask=attention_mask, mask=mask, position_ids=position_ids,
                                 token_type_ids=token_type_ids, cache=cache, memory=memory, memory_keep=memory_keep,
-                                need_weights=output_attentions, merging=merging, prompt=prompt)
+                                need_weights=output_attentions, merging=merging, prompt=prompt,
+                                condition=condition)
         try:
             out = self.get_stack(side)(prepared, output_hidden_states=output_hidden_states,
                                        output_attentions=output_attentions)
@@ -609,6 +632,19 @@ class Transformer(nn.Module):
                            attentions=tuple(out.attentions) if output_attentions else None,
                            pooled=pooled, aux_loss=aux_loss, expert_counts=expert_counts,
                            encoder_last_hidden_state=memory, token_sizes=sizes)
+
+    def condition_vector(self, inputs: Tensor, *, timesteps: Tensor | None = None, labels: Tensor | None = None,
+                         condition: Tensor | None = None) -> Tensor | None:
+        """The condition vector [batch, dim] of a pass over ``inputs`` (the sum of the embedded ``timesteps``, the
+        embedded ``labels`` and ``condition``, those given), checked first; None for a model without conditioning,
+        which refuses all three."""
+        if self.conditioning is None:
+            for name, value in (("timesteps", timesteps), ("labels", labels), ("condition", condition)):
+                if value is not None:
+                    raise InputError(f"{name}: this model is not conditioned (condition.kind is null)")
+            return None
+        self.conditioning.check(inputs.shape[0], timesteps, labels, condition)
+        return self.conditioning(timesteps, labels, condition)
 
     # ----- generation -----
 

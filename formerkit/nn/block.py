@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from formerkit.nn.attention import Attention
+from formerkit.nn.condition import AdaptiveModulation, modulate
 from formerkit.nn.context import LayerContext
 from formerkit.nn.feedforward import build_feedforward
 from formerkit.nn.moe import build_moe
@@ -56,8 +57,10 @@ class Residual(nn.Module):
         norm = config.norm
         self.placement = norm.placement
         # Without a norm of its own (a parallel block's feed-forward reading the attention's normed input) the block
-        # gives the branch its input.
-        self.norm = model_norm(norm, config.width) if own_norm else None
+        # gives the branch its input. A conditioned block's norms have no learned scale or bias: the condition's
+        # shift and scale take their place (adaLN-Zero).
+        affine = config.condition.kind is None
+        self.norm = model_norm(norm, config.width, affine=affine) if own_norm else None
         sandwich = norm.placement == "sandwich"
         self.norm_out = model_norm(norm, config.width) if sandwich else None
         # Absent parts are None rather than identity modules: decoding calls merge once per token per layer.
@@ -113,6 +116,9 @@ class TransformerBlock(nn.Module):
         self.feedforward: nn.Module = build_moe(config) if self.mixture else build_feedforward(config, index)
         self.parallel = config.parallel_residual is not None
         self.feedforward_residual = Residual(config, own_norm=config.parallel_residual != "shared_norm")
+        # adaLN-Zero (condition.kind): shift, scale and gate of both sub-layers regressed from the condition vector.
+        self.modulation = (AdaptiveModulation(config.condition_dim, config.width, 6)
+                           if config.condition.kind is not None else None)
         # A module beside the feed-forward: reads the branch's input, and its output (unless None) adds to the
         # branch's output (AdaptFormer's parallel adapters, formerkit.adapt.adapter); None in a plain block.
         self.feedforward_beside: nn.Module | None = None
@@ -125,6 +131,8 @@ class TransformerBlock(nn.Module):
         branches in a parallel block)."""
         if self.parallel:
             return self._parallel(x, context)
+        if self.modulation is not None:
+            return self._modulated(x, context)
         residual = self.attention_residual
         attention_input = residual.branch_input(x)
         out, weights = self.attention(attention_input, context)
@@ -137,6 +145,22 @@ class TransformerBlock(nn.Module):
             x = residual.merge(x, out, context.drop_path)
         residual = self.feedforward_residual
         x = residual.merge(x, self._feedforward(residual.branch_input(x), context), context.drop_path)
+        return x, weights
+
+    def _modulated(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:
+        """adaLN-Zero (Peebles & Xie, 2023): x + gate * f(norm(x) * (1 + scale) + shift) for attention, then for the
+        feed-forward, each with its own shift, scale and gate regressed from ``context.condition``."""
+        (attention_shift, attention_scale, attention_gate,
+         feedforward_shift, feedforward_scale, feedforward_gate) = self.modulation(context.condition)
+        residual = self.attention_residual
+        attention_input = modulate(residual.norm(x), attention_shift, attention_scale)
+        out, weights = self.attention(attention_input, context)
+        x = residual.merge(x, attention_gate.unsqueeze(1) * out, context.drop_path)
+        if context.merging is not None:
+            x = context.merging.merge(x, context.index, self.attention, attention_input)
+        residual = self.feedforward_residual
+        out = self._feedforward(modulate(residual.norm(x), feedforward_shift, feedforward_scale), context)
+        x = residual.merge(x, feedforward_gate.unsqueeze(1) * out, context.drop_path)
         return x, weights
 
     def _feedforward(self, x: Tensor, context: LayerContext) -> Tensor:

@@ -63,9 +63,12 @@ class StackInput:
     layers: one ``LayerContext`` per depth of the stack.
     token_keep: [batch, tokens], True for a real token (prefix tokens included), or None when nothing is padded.
     position_ids: the positions the layers use ([batch, tokens]), or None for 0, 1, 2, ...
+    condition: the pass's condition vector [batch, dim] (adaLN-Zero: the blocks' and the final norm's modulation),
+        or None.
     """
 
     hidden: Tensor
     layers: tuple[LayerContext, ...]
     token_keep: Tensor | None = None
     position_ids: Tensor | None = None
+    condition: Tensor | None = None

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from formerkit.nn.feedforward import activation
 from formerkit.nn.norms import build_norm
 
-__all__ = ["ClassificationHead", "LMHead", "MaskedLMHead", "Pooling", "RegressionHead", "build_head"]
+__all__ = ["ClassificationHead", "LMHead", "MaskedLMHead", "PatchHead", "Pooling", "RegressionHead", "build_head",
+           "unpatchify"]
 
 
 class Pooling(nn.Module):
@@ -147,6 +148,35 @@ class RegressionHead(_PooledHead):
     """Pooled vector -> [batch, output_dim] numbers (a forecast horizon, a score); with pooling 'none', per token."""
 
 
+def unpatchify(patches: Tensor, grid: tuple[int, int], patch_size: int, channels: int) -> Tensor:
+    """[batch, rows * cols, patch_size * patch_size * channels] -> images [batch, channels, rows * p, cols * p]:
+    token r * cols + c holds the patch at row r, column c, its pixels in (row, column, channel) order (DiT)."""
+    batch = patches.shape[0]
+    rows, cols = grid
+    images = patches.reshape(batch, rows, cols, patch_size, patch_size, channels)
+    return images.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, rows * patch_size, cols * patch_size)
+
+
+class PatchHead(nn.Module):
+    """Each image token -> the pixels of its patch, unpatchified into [batch, channels, height, width] (DiT's final
+    layer: one linear map, zero at the start, so a fresh diffusion model predicts 0). Prefix tokens (a class token,
+    registers) are dropped."""
+
+    def __init__(self, width: int, patch_size: int, channels: int, grid: tuple[int, int], num_prefix_tokens: int):
+        super().__init__()
+        self.patch_size, self.channels, self.grid = patch_size, channels, grid
+        self.num_prefix_tokens = num_prefix_tokens
+        self.projection = nn.Linear(width, patch_size * patch_size * channels)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.projection.weight)
+        nn.init.zeros_(self.projection.bias)
+
+    def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        patches = self.projection(hidden[:, self.num_prefix_tokens:])
+        return unpatchify(patches, self.grid, self.patch_size, self.channels)
+
+
 class IdentityHead(_PooledHead):
     """No task head: the model returns its final hidden states. A BERT-style pooler, if configured, is still built
     and its output is reported in ModelOutput.pooled."""
@@ -175,5 +205,7 @@ def build_head(config) -> nn.Module:
     if head.kind == "regression":
         return RegressionHead(config.width, head.output_dim, pooling, prefix, head.pooler, head.dropout,
                               head.pooler_activation)
+    if head.kind == "patches":
+        return PatchHead(config.width, stem.patch_size, head.output_dim or stem.in_channels, stem.grid_size, prefix)
     return IdentityHead(config.width, "cls" if head.pooler and pooling == "none" else pooling, prefix, head.pooler,
                         head.pooler_activation)

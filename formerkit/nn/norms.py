@@ -16,11 +16,13 @@ class RMSNorm(nn.Module):
     also multiplies by the scale before rounding back to the input's dtype (LLaMA rounds first); the offset form
     does as Gemma does, the plain form as LLaMA does (the same numbers in float32)."""
 
-    def __init__(self, width: int, eps: float = 1e-6, weight_offset: float = 0.0):
+    def __init__(self, width: int, eps: float = 1e-6, weight_offset: float = 0.0, affine: bool = True):
         super().__init__()
         self.eps = eps
         self.weight_offset = weight_offset
-        self.weight = nn.Parameter(torch.full((width,), 1.0 - weight_offset))
+        self.width = width
+        # Without ``affine`` no learned scale (adaLN-Zero's norms, whose scale comes from the condition).
+        self.weight = nn.Parameter(torch.full((width,), 1.0 - weight_offset)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
         # At least float32 inside (half precision loses the mean of squares), never less than the input's precision.
@@ -29,22 +31,26 @@ class RMSNorm(nn.Module):
             normed = torch.nn.functional.rms_norm(inner, (x.shape[-1],), eps=self.eps)
         else:
             normed = inner * torch.rsqrt(inner.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:
+            return normed.to(x.dtype)
         if self.weight_offset:
             return (normed * (self.weight_offset + self.weight.to(inner.dtype))).to(x.dtype)
         return normed.to(x.dtype) * self.weight
 
     def extra_repr(self) -> str:
         offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
-        return f"{self.weight.shape[0]}, eps={self.eps}{offset}"
+        return f"{self.width}, eps={self.eps}{offset}"
 
 
-def build_norm(kind: str, width: int, eps: float, bias: bool = True, weight_offset: float = 0.0) -> nn.Module:
-    """A LayerNorm or an RMSNorm (``weight_offset``: see ``RMSNorm``; the config allows it for RMSNorm only)."""
+def build_norm(kind: str, width: int, eps: float, bias: bool = True, weight_offset: float = 0.0,
+               affine: bool = True) -> nn.Module:
+    """A LayerNorm or an RMSNorm (``weight_offset``: see ``RMSNorm``; the config allows it for RMSNorm only);
+    without ``affine``, one with no learned scale or bias."""
     if kind == "rmsnorm":
-        return RMSNorm(width, eps, weight_offset)
-    return nn.LayerNorm(width, eps=eps, bias=bias)
+        return RMSNorm(width, eps, weight_offset, affine=affine)
+    return nn.LayerNorm(width, eps=eps, bias=bias, elementwise_affine=affine)
 
 
-def model_norm(norm, width: int) -> nn.Module:
+def model_norm(norm, width: int, affine: bool = True) -> nn.Module:
     """The norm a model's ``NormConfig`` section ``norm`` describes, over ``width`` channels."""
-    return build_norm(norm.kind, width, norm.eps, norm.bias, norm.weight_offset)
+    return build_norm(norm.kind, width, norm.eps, norm.bias, norm.weight_offset, affine=affine)
