@@ -1,0 +1,134 @@
+"""Patch masking (MDT / MaskDiT) against plain training of a diffusion Transformer: training time saved and quality
+lost, judged by a classifier run (``formerkit bench samples``' judge).
+
+Three runs of the same recipe (``dit-digits`` by default):
+
+- ``plain``: the recipe as it is (no masking);
+- ``masked``: ``objective.patch_mask_ratio`` (0.5) with ``objective.decoder_layers`` (2) side-decoder blocks, the
+  same number of steps -- what masking saves in time and costs in quality;
+- ``masked, same time`` (``--same-time``): the masked run given as many steps as it takes in the plain run's
+  training time (the steps scaled by the two runs' measured training throughput).
+
+Each trained run draws ``--samples`` images (the classes in turn) with the recipe's sampler, steps and guidance, and
+the classifier judges them: the fraction recognized as their class and the Fréchet distance of its features to the
+real test images (beside the real training images' distance, the floor, and the class-mean baseline's).
+
+    formerkit train cct-digits --out /tmp/geneval-cls
+    python benchmarks/patch_masking.py --classifier /tmp/geneval-cls --out /tmp/masking [--parallel] [--same-time]
+
+``--parallel`` trains the plain and masked runs at the same time, one thread each (on a machine with two free cores
+their times stay comparable and the whole takes half as long); without it they run one after the other with the
+default threads. ``--set KEY=VALUE`` overrides the recipe for every run (e.g. ``--set schedule.steps=1500``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+FORMERKIT = [sys.executable, "-c", "from formerkit.cli import main; main()"]
+
+
+def train_command(recipe: str, out: Path, overrides: list[str]) -> list[str]:
+    return [*FORMERKIT, "train", recipe, "--out", str(out), *[item for key in overrides for item in ("--set", key)]]
+
+
+def run_trainings(jobs: list[tuple[str, list[str]]], parallel: bool) -> None:
+    """Runs each (name, command); in parallel with one thread each, or one after the other."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    if parallel:
+        env["OMP_NUM_THREADS"] = "1"
+        processes = [(name, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)) for name, command in jobs]
+        for name, process in processes:
+            if process.wait() != 0:
+                raise SystemExit(f"training {name} failed")
+        return
+    for name, command in jobs:
+        print(f"training {name}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def draw(run: Path, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``count`` samples of the run (classes in turn) with the recipe's sampler settings; (images, labels, seconds
+    to draw them)."""
+    from formerkit.data import build_data
+    from formerkit.runs import load_run_model
+    from formerkit.train.objectives import make_objective
+
+    model, recipe, _ = load_run_model(run)
+    objective = make_objective(recipe.objective, build_data(recipe.data))
+    labels = torch.arange(count) % objective.classes
+    start = time.perf_counter()
+    images = objective.sample(model, labels, generator=torch.Generator().manual_seed(seed))
+    return images, labels, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classifier", required=True, help="the judge: a cct-digits run")
+    parser.add_argument("--out", required=True, help="where the runs go")
+    parser.add_argument("--recipe", default="dit-digits")
+    parser.add_argument("--ratio", type=float, default=0.5, help="objective.patch_mask_ratio of the masked runs")
+    parser.add_argument("--decoder-layers", type=int, default=2, help="objective.decoder_layers of the masked runs")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parallel", action="store_true", help="train plain and masked at once, a thread each")
+    parser.add_argument("--same-time", action="store_true", help="also a masked run with the plain run's time")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides (all runs)")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    from formerkit.bench.generation import SampleJudge, judge_samples
+
+    judge = SampleJudge(args.classifier)  # refuses a wrong classifier before any training
+
+    out = Path(args.out)
+    masking = [f"objective.patch_mask_ratio={args.ratio}", f"objective.decoder_layers={args.decoder_layers}"]
+    runs = {"plain": (out / "plain", list(args.set)), "masked": (out / "masked", [*args.set, *masking])}
+    run_trainings([(name, train_command(args.recipe, path, overrides)) for name, (path, overrides) in runs.items()],
+                  args.parallel)
+    plain, masked = summary(runs["plain"][0]), summary(runs["masked"][0])
+    if args.same_time:
+        steps = round(plain["steps"] * masked["train_examples_per_s"] / plain["train_examples_per_s"])
+        path = out / "masked-same-time"
+        runs["masked, same time"] = (path, [*args.set, *masking, f"schedule.steps={steps}"])
+        run_trainings([("masked, same time", train_command(args.recipe, path, runs["masked, same time"][1]))], False)
+    rows, figures = [], {}
+    for name, (path, overrides) in runs.items():
+        info = summary(path)
+        images, labels, seconds = draw(path, args.samples, args.seed)
+        report = judge_samples(images, labels, judge, seed=args.seed)
+        figures[name] = {"overrides": overrides, "steps": info["steps"], "wall_time_s": info["wall_time_s"],
+                         "train_examples_per_s": info["train_examples_per_s"], "sample_seconds": seconds,
+                         **report.as_dict()}
+        rows.append(f"| {name} | {info['steps']} | {info['wall_time_s']:.0f} | {info['train_examples_per_s']:.0f} | "
+                    f"{report.recognized:.1%} | {report.fd_samples:.3g} | {seconds:.1f} |")
+    reference = next(iter(figures.values()))
+    lines = [f"Recipe {args.recipe}; masked runs: objective.patch_mask_ratio={args.ratio}, "
+             f"objective.decoder_layers={args.decoder_layers}; overrides {args.set or 'none'}; "
+             f"{'trained in parallel, one thread each' if args.parallel else 'trained one after the other'}; "
+             f"{args.samples} samples each (seed {args.seed}), judged by {args.classifier}.", "",
+             "| run | steps | wall time s | train img/s | recognized | FD to test | sampling s |",
+             "|---|---|---|---|---|---|---|", *rows,
+             f"| real training images (floor) | | | | | {reference['fd_train']:.3g} | |",
+             f"| class mean + N(0, {reference['baseline_noise']:g}²) noise | | | | "
+             f"{reference['baseline_recognized']:.1%} | {reference['fd_baseline']:.3g} | |"]
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
