@@ -1,6 +1,7 @@
 """The sample judge of ``formerkit bench samples``: the Fréchet distance against its closed form, the recognized
 fraction on known labels, the mean-image baseline, and the judge's preprocessing against ``formerkit predict``'s."""
 
+import json
 import math
 
 import pytest
@@ -135,5 +136,11 @@ def test_the_judge_preprocesses_like_predict_and_scores_real_test_images_as_them
     assert report.recognized == pytest.approx(accuracy / len(labels))
     assert report.fd_samples == pytest.approx(0.0, abs=1e-6) and report.fd_train > 0 and report.fd_baseline > 0
     assert "recognized" in report.markdown()
+    # The command prints the table and writes the same figures.
+    from formerkit.cli import main
+
+    assert main(["bench", "samples", str(tmp_path), "--classifier", str(run), "--json", str(tmp_path / "q.json")]) == 0
+    written = json.loads((tmp_path / "q.json").read_text())
+    assert written["recognized"] == pytest.approx(report.recognized) and written["count"] == len(labels)
     with pytest.raises(InputError, match="classes 0..9"):
         judge_samples(images[:4], torch.tensor([0, 1, 2, 10]), judge)
