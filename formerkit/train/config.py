@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 DATA_SOURCES = ("stdlib", "text", "jsonl", "instruct", "digits", "image_folder", "synthetic", "csv")
-OBJECTIVES = ("causal_lm", "masked_lm", "classification", "seq2seq", "mae", "forecast")
+OBJECTIVES = ("causal_lm", "masked_lm", "classification", "seq2seq", "mae", "forecast", "flow_matching", "ddpm")
 # The objectives that read packed rows (data.pack): they pass each row's document mask and positions to the model.
 PACKING_OBJECTIVES = ("causal_lm", "masked_lm")
 
@@ -201,7 +201,9 @@ class ObjectiveConfig(ConfigSection):
     _prefix = "objective"
 
     # What the model learns: next tokens, masked tokens, a class per example, an output sequence per input sequence,
-    # the hidden image patches (masked autoencoder), the next data.horizon steps of a series
+    # the hidden image patches (masked autoencoder), the next data.horizon steps of a series; flow_matching and ddpm
+    # train a class-conditioned diffusion model of images (formerkit.train.diffusion): flow matching predicts the
+    # velocity noise - x0 of x_t = (1 - t) x0 + t noise (rectified flow), ddpm the noise added (Ho et al., 2020)
     kind: str = choice("causal_lm", OBJECTIVES)
     # classification, seq2seq, LM: the weight moved from the true class to all classes alike (0 = off)
     label_smoothing: float = 0.0
@@ -219,6 +221,17 @@ class ObjectiveConfig(ConfigSection):
     # cross-entropy of the exits after every layer but the last (each is the final norm and the head, shared with the
     # last layer, on that layer's state). 0 = off.
     exit_loss_weight: float = 0.0
+    # flow_matching, ddpm: how formerkit sample and the report's grids draw unless told otherwise: the sampler
+    # (flow_matching: euler or heun, Heun's method taking two predictions a step; ddpm: ddim; null: euler or ddim),
+    # its steps and the classifier-free guidance scale (Ho & Salimans, 2022; 1: the conditional prediction alone)
+    sampler: str | None = choice(None, (None, "euler", "heun", "ddim"))
+    sample_steps: int = 20
+    guidance: float = 1.0
+    # ddpm: the noise schedule (cosine: Nichol & Dhariwal, 2021; linear: Ho et al., 2020), its number of diffusion
+    # steps, and DDIM's eta (0: deterministic sampling; 1: as noisy as DDPM's ancestral sampling)
+    noise_schedule: str = choice("cosine", ("cosine", "linear"))
+    diffusion_steps: int = 1000
+    ddim_eta: float = 0.0
 
     def _validate(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -232,6 +245,24 @@ class ObjectiveConfig(ConfigSection):
             self._fail("mask_prob", "a probability in (0, 1)")
         if not 0.0 < self.mask_ratio < 1.0:
             self._fail("mask_ratio", "a fraction in (0, 1)")
+        diffusion = ("flow_matching", "ddpm")
+        self._check_applies("kind", {"sampler": diffusion, "sample_steps": diffusion, "guidance": diffusion,
+                                     "noise_schedule": ("ddpm",), "diffusion_steps": ("ddpm",),
+                                     "ddim_eta": ("ddpm",)})
+        samplers = {"flow_matching": (None, "euler", "heun"), "ddpm": (None, "ddim")}
+        if self.kind in samplers and self.sampler not in samplers[self.kind]:
+            self._fail("sampler", f"one of {', '.join(str(s) for s in samplers[self.kind][1:])} (or null) with "
+                       f"objective.kind {self.kind!r}")
+        if self.sample_steps < 1:
+            self._fail("sample_steps", "an integer >= 1")
+        if self.kind == "ddpm" and self.sample_steps > self.diffusion_steps:
+            self._fail("sample_steps", f"at most objective.diffusion_steps ({self.diffusion_steps})")
+        if not self.guidance >= 0.0:
+            self._fail("guidance", "a number >= 0 (1: conditional only; above 1: guided)")
+        if self.diffusion_steps < 2:
+            self._fail("diffusion_steps", "an integer >= 2")
+        if not 0.0 <= self.ddim_eta <= 1.0:
+            self._fail("ddim_eta", "a number in [0, 1]")
 
 
 @dataclass(frozen=True)

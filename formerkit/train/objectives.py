@@ -25,7 +25,7 @@ from formerkit.models.mae import MaskedAutoencoder
 from formerkit.nn.masks import DocumentMask
 from formerkit.nn.moe import MoEFeedForward
 
-__all__ = ["ExpertUsage", "Objective", "make_objective"]
+__all__ = ["ExpertUsage", "Objective", "make_objective", "register_objective"]
 
 
 class ExpertUsage:
@@ -130,6 +130,10 @@ class Objective:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         raise NotImplementedError
+
+    def snapshot(self, model: nn.Module, run_dir, step: int) -> None:
+        """Called after each evaluation (rank 0) with the evaluated model: generative objectives write samples into
+        the run directory (the report shows them); the others do nothing. Must leave every random state alone."""
 
     def units(self, batch: dict[str, Tensor]) -> int:
         """What one batch counts for throughput (examples, or tokens for language models)."""
@@ -447,5 +451,15 @@ _OBJECTIVES = {cls.kind: cls for cls in (CausalLM, MaskedLM, Classification, Seq
                                          MaskedImageModeling)}
 
 
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Adds an Objective class to the registry under its ``kind`` (objectives defined in modules of their own)."""
+    _OBJECTIVES[cls.kind] = cls
+    return cls
+
+
 def make_objective(config, bundle) -> Objective:
     return _OBJECTIVES[config.kind](config, bundle)
+
+
+# Objectives in modules of their own register themselves when imported (after the base classes above exist).
+from formerkit.train import diffusion as _diffusion  # noqa: E402,F401 - flow_matching, ddpm

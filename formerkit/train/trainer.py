@@ -569,6 +569,8 @@ def run_loop(config: TrainConfig, run_dir: Path, model: nn.Module, objective: Ob
                 log.write({"step": step, "kind": "eval", **metrics,
                            "elapsed": elapsed_before + time.perf_counter() - started})
                 progress.note(step, metrics)
+                if dist.is_main:  # generative objectives: samples of this point of training (RUN/samples)
+                    objective.snapshot(eval_model(), run_dir, step)
                 if watch is not None:
                     if watch not in metrics:
                         raise RunError(f"eval.metric {watch!r} is not reported; this objective reports "
