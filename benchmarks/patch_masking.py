@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = round(plain["steps"] * masked["train_examples_per_s"] / plain["train_examples_per_s"])
         path = out / "masked-same-time"
         runs["masked, same time"] = (path, [*args.set, *masking, f"schedule.steps={steps}"])
-        run_trainings([("masked, same time", train_command(args.recipe, path, runs["masked, same time"][1]))], False)
+        # With --parallel, alone but with the one thread the others had.
+        run_trainings([("masked, same time", train_command(args.recipe, path, runs["masked, same time"][1]))],
+                      args.parallel)
     rows, figures = [], {}
     for name, (path, overrides) in runs.items():
         info = summary(path)
