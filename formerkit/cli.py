@@ -175,6 +175,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_TEXT_OPTIONS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "stop")
+_IMAGE_OPTIONS = (("label", "--class"), ("num", "--num"), ("steps", "--steps"), ("guidance", "--guidance"),
+                  ("out", "--out"))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from formerkit.sample import generates_images, sample_command
+
+    if not generates_images(args.target):
+        # A language-model run: sample was generate's other name before image generators; it still generates text.
+        given = [flag for name, flag in _IMAGE_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise FormerkitError(f"{given[0]}: {args.target} is not an image generator; for text use formerkit "
+                                 f"generate {args.target} --prompt ...")
+        if args.prompt is None:
+            args.prompt = ""
+        return cmd_generate(args)
+    given = [f"--{name.replace('_', '-')}" for name in _TEXT_OPTIONS if getattr(args, name) is not None]
+    if given or args.compile:
+        raise FormerkitError(f"{(given or ['--compile'])[0]}: a text option, and {args.target} draws images (use "
+                             "--class, --num, --steps, --guidance, --seed, --out)")
+    out = Path(args.out) if args.out is not None else Path(args.target) / "sampled"
+    result = sample_command(args.target, out, label=args.label, num=64 if args.num is None else args.num,
+                            steps=args.steps, guidance=args.guidance, seed=args.seed)
+    print(f"{result['count']} samples of {', '.join(result['classes'])} in {result['seconds']:.2f} s "
+          f"({result['steps']} steps, guidance {result['guidance']:g}, seed {args.seed})")
+    print(result["grid"])
+    print(result["samples"])
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from formerkit.predict import predict_command
 
@@ -337,8 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "T (early exit); also reports the mean number of layers used")
     evaluate.set_defaults(run=cmd_eval)
 
-    generate = commands.add_parser("generate", aliases=["sample"],
-                                   help="generate text from a language-model run, printed as it comes")
+    generate = commands.add_parser("generate", help="generate text from a language-model run, printed as it comes")
     generate.add_argument("target", help="a run directory, a model directory saved by a run, or a checkpoint "
                                          "converted with convert --from-hf")
     generate.add_argument("--prompt", default="", help="text to continue")
@@ -356,6 +386,28 @@ def build_parser() -> argparse.ArgumentParser:
                           help="compile the decode step ahead of time with AOTInductor (torch.compile where "
                                "AOTInductor cannot): faster per token, about 30 s to start")
     generate.set_defaults(run=cmd_generate)
+
+    sample = commands.add_parser("sample", help="draw images from a generative run (dit-digits, ...): a grid PNG "
+                                                "and the samples as safetensors; a language-model run generates "
+                                                "text as formerkit generate does")
+    sample.add_argument("target", help="a run directory or a model directory saved by a run")
+    sample.add_argument("--class", dest="label", type=int, default=None, metavar="ID",
+                        help="the class to draw (default: every class in turn)")
+    sample.add_argument("--num", type=int, default=None, help="how many images (default 64)")
+    sample.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recipe's "
+                                                                "objective.sample_steps)")
+    sample.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale; 1 is the conditional prediction alone (default: the "
+                             "recipe's objective.guidance)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default=None, help="directory for grid.png and samples.safetensors (default: "
+                                                    "RUN/sampled)")
+    text = sample.add_argument_group("language-model runs (as formerkit generate)")
+    for flag, kind in (("--prompt", str), ("--max-new-tokens", int), ("--temperature", float), ("--top-k", int),
+                       ("--top-p", float), ("--stop", str)):
+        text.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
+    text.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    sample.set_defaults(run=cmd_sample)
 
     predict = commands.add_parser("predict", help="predictions of a run for raw inputs: images (labels and "
                                                   "probabilities), prompts (generated text) or a CSV (forecasts)")

@@ -94,13 +94,26 @@ def _human(value: float) -> str:
 def _example_inputs(config: ModelConfig, batch: int, seq_len: int) -> tuple[torch.Tensor, dict]:
     stem = config.stem
     if stem.kind in ("patches", "conv"):
-        return torch.zeros(batch, stem.in_channels, *stem.image_size), {}
+        return torch.zeros(batch, stem.in_channels, *stem.image_size), _example_condition(config, batch)
     if stem.kind == "linear":
         return torch.zeros(batch, seq_len, stem.input_dim), {}
     ids = torch.zeros(batch, seq_len, dtype=torch.long)
     if config.arch == "encoder_decoder":
         return ids, {"decoder_input_ids": ids}
     return ids, {}
+
+
+def _example_condition(config: ModelConfig, batch: int) -> dict:
+    """What a conditioned model (condition.kind) is called with: timesteps and labels, or a condition vector."""
+    condition = config.condition
+    if condition.kind is None:
+        return {}
+    kwargs = {}
+    if condition.timesteps:
+        kwargs["timesteps"] = torch.zeros(batch)
+    if condition.classes:
+        kwargs["labels"] = torch.zeros(batch, dtype=torch.long)
+    return kwargs or {"condition": torch.zeros(batch, config.condition_dim)}
 
 
 def saved_activation_bytes(model: torch.nn.Module, *args, **kwargs) -> int:

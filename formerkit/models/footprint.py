@@ -32,6 +32,8 @@ _PART_PATTERNS = [
     (r"^(encoder|decoder)\.blocks\.\d+\.feedforward\.", r"\1 feed-forward"),
     (r"^(encoder|decoder)\.blocks\.\d+\.\w+_residual\.", r"\1 norms and scales"),
     (r"^(encoder|decoder)\.final_norm\.", r"\1 final norm"),
+    # adaLN-Zero: each block's and the final norm's shift/scale/gate regressions.
+    (r"^(encoder|decoder)\.(blocks\.\d+\.modulation|final_modulation)\.", r"\1 modulation"),
     (r"^head\.", "head"),
 ]
 

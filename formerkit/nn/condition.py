@@ -115,7 +115,7 @@ class ConditionEmbedding(nn.Module):
             if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise InputError(f"{name}: expected a tensor of shape {list(shape)}, got {got}")
-        if labels is not None:
+        if labels is not None and labels.device.type != "meta":  # (the meta device has no values to check)
             if labels.dtype.is_floating_point or labels.dtype == torch.bool:
                 raise InputError(f"labels: expected integer class ids, got {labels.dtype}")
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.classes):

@@ -2,7 +2,8 @@
 
 Sections: the summary (status, steps, final metrics, throughput), the model (its parts and parameter counts), the loss
 and metric curves, and then by task — for classifiers the test confusion matrix and the hardest test examples (the
-highest loss), for language models samples at a few temperatures — and attention maps of one example. Every image is
+highest loss), for language models samples at a few temperatures, for image generators the sample grids written
+at each evaluation — and attention maps of one example. Every image is
 embedded (base64 PNG) and the styling is inline: the file references nothing outside itself.
 """
 
@@ -33,7 +34,7 @@ from formerkit.runs import (
 from formerkit.summary import summarize
 from formerkit.train.report import plot_run
 
-__all__ = ["confusion_matrix", "image_pixels", "model_section", "write_report"]
+__all__ = ["confusion_matrix", "image_pixels", "model_section", "sample_grids", "write_report"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -171,9 +172,21 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
                                                          decode=tokenizer.token_label))
     else:
         attention = "<p>Attention maps are drawn for classifiers and language models.</p>"
+    grids = sample_grids(run_dir)
+    if grids:
+        parts.append(_section("samples", "Samples over training", grids))
     parts.append(_section("attention", "Attention maps", attention))
     parts.append(_section("recipe", "Recipe", f"<pre>{html.escape(json.dumps(extra['recipe'], indent=1))}</pre>"))
     return _write_page(parts, f"{summary.get('name', run_dir.name)} — {run_dir.name}", out, run_dir)
+
+
+def sample_grids(run_dir: Path) -> str:
+    """The sample grids a generative objective wrote at each evaluation (RUN/samples/step_NNNNNN.png: the same
+    noise and classes every time, one row per class), side by side with their steps; "" when there are none."""
+    paths = sorted((run_dir / "samples").glob("step_*.png")) if (run_dir / "samples").is_dir() else []
+    figures = [f'<figure>{_png(path).replace("<img ", "<img class=pixels ")}'
+               f'<figcaption>step {int(path.stem.split("_")[1]):,}</figcaption></figure>' for path in paths]
+    return f'<div class="grid">{"".join(figures)}</div>' if figures else ""
 
 
 def _write_page(parts: list[str], title: str, out, directory: Path) -> Path:

@@ -25,7 +25,7 @@ from formerkit.models.mae import MaskedAutoencoder
 from formerkit.nn.masks import DocumentMask
 from formerkit.nn.moe import MoEFeedForward
 
-__all__ = ["ExpertUsage", "Objective", "make_objective", "register_objective"]
+__all__ = ["ExpertUsage", "Objective", "make_objective", "objective_class", "register_objective"]
 
 
 class ExpertUsage:
@@ -457,9 +457,11 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def objective_class(kind: str) -> type[Objective] | None:
+    """The Objective class registered under ``kind`` (None for an unknown kind). Objectives in modules of their own
+    (formerkit.train.diffusion) register when imported; ``formerkit.train`` imports them."""
+    return _OBJECTIVES.get(kind)
+
+
 def make_objective(config, bundle) -> Objective:
     return _OBJECTIVES[config.kind](config, bundle)
-
-
-# Objectives in modules of their own register themselves when imported (after the base classes above exist).
-from formerkit.train import diffusion as _diffusion  # noqa: E402,F401 - flow_matching, ddpm
