@@ -15,6 +15,7 @@ real test images (beside the real training images' distance, the floor, and the 
 
     formerkit train cct-digits --out /tmp/geneval-cls
     python benchmarks/patch_masking.py --classifier /tmp/geneval-cls --out /tmp/masking [--parallel] [--same-time]
+    python benchmarks/patch_masking.py --classifier /tmp/geneval-cls --out - --speed-only 20   # step times only
 
 ``--parallel`` trains the plain and masked runs at the same time, one thread each (on a machine with two free cores
 their times stay comparable and the whole takes half as long); without it they run one after the other with the
@@ -74,6 +75,50 @@ def draw(run: Path, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     return images, labels, time.perf_counter() - start
 
 
+def step_times(recipe: str, overrides: list[str], ratio: float, decoder_layers: int, rounds: int) -> dict[str, float]:
+    """Median seconds of one training step (the objective's loss, backward, AdamW step) of the recipe's model, plain
+    and patch-masked, the two taking turns in this one process (each ``rounds`` times, after a warm-up): the
+    speed-up with the machine's load shared alike, which separate runs' wall times do not give."""
+    import statistics
+
+    from formerkit.cli import _parse_overrides
+    from formerkit.data import build_data
+    from formerkit.data.base import step_generator
+    from formerkit.models.transformer import build_model
+    from formerkit.train.config import load_recipe
+    from formerkit.train.objectives import make_objective
+    from formerkit.train.trainer import build_optimizer
+
+    config = load_recipe(recipe).with_overrides(_parse_overrides(overrides))
+    bundle = build_data(config.data)
+    contenders = {}
+    for name, masked in (("plain", 0.0), ("masked", ratio)):
+        objective_config = config.objective.replace(patch_mask_ratio=masked, decoder_layers=decoder_layers)
+        objective = make_objective(objective_config, bundle)
+        torch.manual_seed(0)
+        model = objective.wrap_model(build_model(config.model.resolve({**bundle.model_fields,
+                                                                       **objective.model_fields()}))).train()
+        contenders[name] = (objective, model, build_optimizer(model, config.optim))
+    batch_size = config.schedule.batch_size
+
+    def step(name: str, index: int) -> float:
+        objective, model, optimizer = contenders[name]
+        batch = bundle.train.take(bundle.train.sample_indices(batch_size, 0, index))
+        start = time.perf_counter()
+        objective.loss(model, batch, step_generator(0, 5, index)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for index in range(rounds + 2):
+        for name in contenders:
+            seconds = step(name, index)
+            if index >= 2:  # two warm-up steps each
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classifier", required=True, help="the judge: a cct-digits run")
@@ -87,7 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--same-time", action="store_true", help="also a masked run with the plain run's time")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides (all runs)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--speed-only", type=int, metavar="ROUNDS", default=0,
+                        help="only time plain and masked training steps in one process, taking turns ROUNDS times")
     args = parser.parse_args(argv)
+    if args.speed_only:
+        times = step_times(args.recipe, args.set, args.ratio, args.decoder_layers, args.speed_only)
+        print(f"Recipe {args.recipe}, overrides {args.set or 'none'}; masked: ratio {args.ratio}, decoder_layers "
+              f"{args.decoder_layers}; median of {args.speed_only} interleaved steps, {torch.get_num_threads()} "
+              f"threads\n\n| run | s/step | speed-up |\n|---|---|---|\n| plain | {times['plain']:.4f} | 1.00x |\n"
+              f"| masked | {times['masked']:.4f} | {times['plain'] / times['masked']:.2f}x |")
+        return 0
 
     from formerkit.bench.generation import SampleJudge, judge_samples
 
