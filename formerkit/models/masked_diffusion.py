@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from formerkit.errors import ConfigError, InputError
-from formerkit.models.mae import _ABSOLUTE_POSITIONS, _gather_tokens, _visible_count, random_patch_mask
+from formerkit.models.mae import ABSOLUTE_POSITIONS, gather_tokens, random_patch_mask, visible_count
 from formerkit.models.transformer import Transformer
 
 __all__ = ["PatchMaskedDiffusion"]
@@ -46,9 +46,9 @@ class PatchMaskedDiffusion(nn.Module):
             raise ConfigError("objective.patch_mask_ratio", mask_ratio,
                               "0 unless the model is a conditioned patch model (condition.kind set, stem.kind and "
                               "head.kind 'patches')")
-        if config.arch != "encoder" or config.position.kind not in _ABSOLUTE_POSITIONS:
+        if config.arch != "encoder" or config.position.kind not in ABSOLUTE_POSITIONS:
             raise ConfigError("position.kind", config.position.kind,
-                              "an added table (" + ", ".join(_ABSOLUTE_POSITIONS) + ") in an encoder",
+                              "an added table (" + ", ".join(ABSOLUTE_POSITIONS) + ") in an encoder",
                               hint="a dropped patch returns as a mask token plus its position")
         if config.attention.sliding_window is not None or config.feedforward.mixture:
             raise ConfigError("objective.patch_mask_ratio", mask_ratio,
@@ -65,7 +65,7 @@ class PatchMaskedDiffusion(nn.Module):
         self.mask_ratio = float(mask_ratio)
         self.decoder_layers = decoder_layers
         self.num_patches = rows * columns
-        self.num_visible = _visible_count(self.num_patches, self.mask_ratio)
+        self.num_visible = visible_count(self.num_patches, self.mask_ratio)
         if self.num_visible < 1:
             raise ConfigError("objective.patch_mask_ratio", mask_ratio, f"a ratio that keeps a patch of "
                               f"{self.num_patches}")
@@ -103,7 +103,7 @@ class PatchMaskedDiffusion(nn.Module):
         cond = model.condition_vector(inputs, timesteps=timesteps, labels=labels, condition=condition)
         tokens, _ = model.embed(inputs)
         prefix = tokens[:, :self.num_prefix]
-        hidden = _cat(prefix, _gather_tokens(tokens[:, self.num_prefix:], ids_keep))
+        hidden = _cat(prefix, gather_tokens(tokens[:, self.num_prefix:], ids_keep))
         stack = model.get_stack()
         split = stack.num_layers - self.decoder_layers
         contexts = model.layer_contexts(stack, hidden, condition=cond)
