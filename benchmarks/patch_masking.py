@@ -57,7 +57,26 @@ def run_trainings(jobs: list[tuple[str, list[str]]], parallel: bool) -> None:
 
 
 def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
+    """The run's summary, with ``train_seconds`` (the elapsed time at its last training record) and
+    ``mean_img_per_s`` (the images it trained on over that time; the summary's own throughput is the last log
+    window's, which says little when another run shared the machine for part of the time)."""
+    info = json.loads((run / "summary.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [record for record in records if record.get("kind") == "train"][-1]
+    batch = int(_recipe_value(run, "schedule", "batch_size"))
+    return {**info, "train_seconds": last["elapsed"], "mean_img_per_s": last["step"] * batch / last["elapsed"]}
+
+
+def _recipe_value(run: Path, section: str, key: str):
+    from formerkit.config import load_yaml
+
+    return load_yaml((run / "recipe.yaml").read_text())[section][key]
+
+
+def trained(run: Path) -> bool:
+    """Whether ``run`` already holds a completed run (``--reuse`` then skips training it)."""
+    path = run / "summary.json"
+    return path.is_file() and json.loads(path.read_text()).get("status") == "completed"
 
 
 def draw(run: Path, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -132,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--same-time", action="store_true", help="also a masked run with the plain run's time")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides (all runs)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--reuse", action="store_true", help="skip training runs already completed in --out")
     parser.add_argument("--speed-only", type=int, metavar="ROUNDS", default=0,
                         help="only time plain and masked training steps in one process, taking turns ROUNDS times")
     args = parser.parse_args(argv)
@@ -150,32 +170,33 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     masking = [f"objective.patch_mask_ratio={args.ratio}", f"objective.decoder_layers={args.decoder_layers}"]
     runs = {"plain": (out / "plain", list(args.set)), "masked": (out / "masked", [*args.set, *masking])}
-    run_trainings([(name, train_command(args.recipe, path, overrides)) for name, (path, overrides) in runs.items()],
-                  args.parallel)
+    run_trainings([(name, train_command(args.recipe, path, overrides)) for name, (path, overrides) in runs.items()
+                   if not (args.reuse and trained(path))], args.parallel)
     plain, masked = summary(runs["plain"][0]), summary(runs["masked"][0])
     if args.same_time:
-        steps = round(plain["steps"] * masked["train_examples_per_s"] / plain["train_examples_per_s"])
+        # The steps the masked run takes in the plain run's training time, at its measured mean speed.
+        steps = round(masked["steps"] * plain["train_seconds"] / masked["train_seconds"])
         path = out / "masked-same-time"
         runs["masked, same time"] = (path, [*args.set, *masking, f"schedule.steps={steps}"])
-        # With --parallel, alone but with the one thread the others had.
-        run_trainings([("masked, same time", train_command(args.recipe, path, runs["masked, same time"][1]))],
-                      args.parallel)
+        if not (args.reuse and trained(path)):
+            # With --parallel, alone but with the one thread the others had.
+            run_trainings([("masked, same time", train_command(args.recipe, path, runs["masked, same time"][1]))],
+                          args.parallel)
     rows, figures = [], {}
     for name, (path, overrides) in runs.items():
         info = summary(path)
         images, labels, seconds = draw(path, args.samples, args.seed)
         report = judge_samples(images, labels, judge, seed=args.seed)
-        figures[name] = {"overrides": overrides, "steps": info["steps"], "wall_time_s": info["wall_time_s"],
-                         "train_examples_per_s": info["train_examples_per_s"], "sample_seconds": seconds,
-                         **report.as_dict()}
-        rows.append(f"| {name} | {info['steps']} | {info['wall_time_s']:.0f} | {info['train_examples_per_s']:.0f} | "
+        figures[name] = {"overrides": overrides, "steps": info["steps"], "train_seconds": info["train_seconds"],
+                         "mean_img_per_s": info["mean_img_per_s"], "sample_seconds": seconds, **report.as_dict()}
+        rows.append(f"| {name} | {info['steps']} | {info['train_seconds']:.0f} | {info['mean_img_per_s']:.0f} | "
                     f"{report.recognized:.1%} | {report.fd_samples:.3g} | {seconds:.1f} |")
     reference = next(iter(figures.values()))
     lines = [f"Recipe {args.recipe}; masked runs: objective.patch_mask_ratio={args.ratio}, "
              f"objective.decoder_layers={args.decoder_layers}; overrides {args.set or 'none'}; "
              f"{'trained in parallel, one thread each' if args.parallel else 'trained one after the other'}; "
              f"{args.samples} samples each (seed {args.seed}), judged by {args.classifier}.", "",
-             "| run | steps | wall time s | train img/s | recognized | FD to test | sampling s |",
+             "| run | steps | training s | mean train img/s | recognized | FD to test | sampling s |",
              "|---|---|---|---|---|---|---|", *rows,
              f"| real training images (floor) | | | | | {reference['fd_train']:.3g} | |",
              f"| class mean + N(0, {reference['baseline_noise']:g}²) noise | | | | "
