@@ -257,9 +257,10 @@ class Transformer(nn.Module):
             if name in ("positions.weight", "decoder_positions.weight", "stem.class_token", "stem.distill_token",
                         "stem.registers"):
                 nn.init.normal_(parameter, std=std)
-        # adaLN-Zero's modulations and DiT's final linear start at zero (a fresh conditioned block is the identity).
+        # adaLN-Zero's modulations and DiT's final linear start at zero (a fresh conditioned block is the identity);
+        # the class table at unit scale (ConditionEmbedding.reset_parameters says why).
         for module in self.modules():
-            if isinstance(module, (AdaptiveModulation, PatchHead)):
+            if isinstance(module, (AdaptiveModulation, PatchHead, ConditionEmbedding)):
                 module.reset_parameters()
 
     # ----- the forward path: prepare, then the stack's layers, then the head -----

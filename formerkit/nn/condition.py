@@ -91,6 +91,16 @@ class ConditionEmbedding(nn.Module):
         self.timesteps = (TimestepEmbedding(condition.timestep_frequencies, dim, condition.timestep_max_period)
                           if condition.timesteps else None)
         self.labels = nn.Embedding(condition.classes + 1, dim) if condition.classes else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The class table starts at unit scale, N(0, 1) (the timestep features' scale), not DiT's N(0, 0.02): every
+        modulation starts at zero, so the class rows first learn through weights that are still small, and a class
+        signal 1/50 of the timestep's left it unused for most of a short run. Measured on dit-digits (width 64, 4
+        layers, 500 steps, raw weights, 200 samples judged by the cct-digits classifier): 80% recognized at guidance
+        1 and 98% at 2 with N(0, 1), against 31% and 47% with N(0, 0.02)."""
+        if self.labels is not None:
+            nn.init.normal_(self.labels.weight, std=1.0)
 
     @property
     def null_class(self) -> int | None:

@@ -132,3 +132,9 @@ def test_an_unconditioned_model_refuses_a_condition():
 def test_config_refuses_conditioning_it_cannot_build(change, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         dit_config().replace(**change)
+
+
+def test_the_class_table_starts_at_unit_scale():
+    # (DiT's N(0, 0.02) left the class signal unused for most of a short run; see ConditionEmbedding.)
+    table = build_model(dit_config(condition={"dim": 256})).conditioning.labels.weight
+    assert 0.9 < float(table.detach().std()) < 1.1
