@@ -47,6 +47,7 @@ bench: $(VENV)/.torch
 	$(VENV)/bin/formerkit bench lm --markdown bench/lm.md --json bench/lm.json
 	$(VENV)/bin/formerkit bench vision --markdown bench/vision.md --json bench/vision.json
 	$(VENV)/bin/formerkit bench lora --markdown bench/lora.md --json bench/lora.json
+	$(VENV)/bin/formerkit bench dit --markdown bench/dit.md --json bench/dit.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

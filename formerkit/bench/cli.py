@@ -1,4 +1,4 @@
-"""The ``formerkit bench`` commands (attention, lm, vision, lora): argument parsing and printing around
+"""The ``formerkit bench`` commands (attention, samples, lm, vision, lora, dit): argument parsing and printing around
 ``formerkit.bench``'s measurements, kept out of ``formerkit.cli`` so that stays a short list of commands."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from formerkit.bench.common import PRECISIONS, machine_description
+from formerkit.bench.dit import LIBRARIES as DIT_LIBRARIES
 from formerkit.bench.lm import LIBRARIES as LM_LIBRARIES
 from formerkit.bench.lora import LIBRARIES as LORA_LIBRARIES
 from formerkit.bench.vision import LIBRARIES as VISION_LIBRARIES
@@ -60,6 +61,14 @@ def _bench_peers(args: argparse.Namespace, kind: str) -> int:
         records, notes = lora_benchmark(spec, libraries=args.libraries, rounds=args.rounds,
                                         memory=not args.no_memory, progress=progress)
         table = format_lora(records)
+    elif kind == "dit":
+        from formerkit.bench.dit import DiTSpec, dit_benchmark, format_dit
+
+        spec = DiTSpec(image=args.image, channels=args.channels, patch=args.patch, width=args.width,
+                       depth=args.depth, heads=args.heads, classes=args.classes, batch=args.batch)
+        records, notes = dit_benchmark(spec, libraries=args.libraries, rounds=args.rounds, memory=not args.no_memory,
+                                       progress=progress)
+        table = format_dit(records)
     else:
         from formerkit.bench.vision import format_vision, vision_benchmark
 
@@ -92,8 +101,29 @@ def cmd_bench_lora(args: argparse.Namespace) -> int:
     return _bench_peers(args, "lora")
 
 
+def cmd_bench_dit(args: argparse.Namespace) -> int:
+    return _bench_peers(args, "dit")
+
+
+def cmd_bench_samples(args: argparse.Namespace) -> int:
+    from formerkit.bench.generation import judge_samples, load_samples
+
+    images, labels = load_samples(args.samples)
+    report = judge_samples(images, labels, args.classifier, baseline_noise=args.baseline_noise, seed=args.seed)
+    text = "\n".join([f"Samples: {args.samples}; judge: the classifier run {args.classifier} (FD: Fréchet distance "
+                      "of its pooled features to the real test images)", "", report.markdown()])
+    print(text)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    return 0
+
+
 def add_bench_commands(commands) -> None:
-    """Adds ``bench attention|lm|vision`` to the ``formerkit`` command's subparsers."""
+    """Adds ``bench attention|samples|lm|vision|lora|dit`` to the ``formerkit`` command's subparsers."""
     bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     attention = benches.add_parser("attention", help="time and memory of full, sliding-window and linear attention "
@@ -111,6 +141,17 @@ def add_bench_commands(commands) -> None:
     attention.add_argument("--json", metavar="PATH", help="also write one JSON record per measurement (JSON lines)")
     attention.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     attention.set_defaults(run=cmd_bench_attention)
+    samples = benches.add_parser("samples", help="generated images judged by a classifier run: recognized fraction, "
+                                                 "Fréchet distance of its features (with floor and baseline)")
+    samples.add_argument("samples", help="the samples.safetensors of formerkit sample (or its folder)")
+    samples.add_argument("--classifier", required=True, metavar="RUN",
+                         help="an image classifier run on the real data (formerkit train cct-digits --out RUN)")
+    samples.add_argument("--baseline-noise", type=float, default=2.0, metavar="STD",
+                         help="the baseline's pixel noise in raw units (default 2.0 of the digits' 0-16)")
+    samples.add_argument("--seed", type=int, default=0, help="the baseline's noise seed")
+    samples.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    samples.add_argument("--markdown", metavar="PATH", help="also write the table (Markdown)")
+    samples.set_defaults(run=cmd_bench_samples)
 
 
     def comma_list(choices):
@@ -128,11 +169,13 @@ def add_bench_commands(commands) -> None:
             ("vision", VISION_LIBRARIES, "CCT-7/3x1 (32x32) and ViT-tiny (224x224) against vit-pytorch and timm: "
                                          "training and inference speed, peak memory"),
             ("lora", LORA_LIBRARIES, "LoRA fine-tuning of a LLaMA-layout decoder against transformers + peft: "
-                                     "training speed, trainable parameters, peak memory")):
+                                     "training speed, trainable parameters, peak memory"),
+            ("dit", DIT_LIBRARIES, "a diffusion Transformer (adaLN-Zero) against a reference DiT written as the "
+                                   "original code: training speed, peak memory")):
         peer = benches.add_parser(name, help=help_text)
         peer.add_argument("--libraries", type=comma_list(libraries), default=list(libraries),
                           metavar="LIB,...", help=f"which of {','.join(libraries)} (default: all installed)")
-        if name != "lora":  # LoRA is measured in fp32
+        if name not in ("lora", "dit"):  # LoRA and DiT are measured in fp32
             peer.add_argument("--precisions", type=comma_list(PRECISIONS), default=list(PRECISIONS),
                               metavar="P,...", help=f"which of {','.join(PRECISIONS)} (default both)")
         peer.add_argument("--rounds", type=int, default=5, help="timed rounds, contenders taking turns (median)")
@@ -163,4 +206,14 @@ def add_bench_commands(commands) -> None:
             peer.add_argument("--alpha", type=int, default=16)
             peer.add_argument("--targets", type=lambda text: [t for t in text.split(",") if t], default=["q", "v"],
                               metavar="T,...", help="projections to adapt: q,k,v,out,gate,fc_in,fc_out")
-        peer.set_defaults(run={"lm": cmd_bench_lm, "vision": cmd_bench_vision, "lora": cmd_bench_lora}[name])
+        if name == "dit":
+            peer.add_argument("--image", type=int, default=16, help="image side (default 16, a 128px latent)")
+            peer.add_argument("--channels", type=int, default=4)
+            peer.add_argument("--patch", type=int, default=2)
+            peer.add_argument("--width", type=int, default=384)
+            peer.add_argument("--depth", type=int, default=4)
+            peer.add_argument("--heads", type=int, default=6)
+            peer.add_argument("--classes", type=int, default=10)
+            peer.add_argument("--batch", type=int, default=16)
+        peer.set_defaults(run={"lm": cmd_bench_lm, "vision": cmd_bench_vision, "lora": cmd_bench_lora,
+                               "dit": cmd_bench_dit}[name])

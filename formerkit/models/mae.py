@@ -29,12 +29,13 @@ from formerkit.nn.context import StackInput
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.positions import SinCos2DPositions
 
-__all__ = ["MAEOutput", "MaskedAutoencoder", "finetune_model", "patchify", "random_patch_mask", "unpatchify"]
+__all__ = ["ABSOLUTE_POSITIONS", "MAEOutput", "MaskedAutoencoder", "finetune_model", "gather_tokens", "patchify",
+           "random_patch_mask", "unpatchify", "visible_count"]
 
 # Added to each patch's variance before the square root when targets are normalized (MAE's value).
 NORM_PIX_EPS = 1e-6
 # Position schemes that add a table to the input, so a patch keeps its position when the others are dropped.
-_ABSOLUTE_POSITIONS = ("learned", "sinusoidal", "sincos2d", "none")
+ABSOLUTE_POSITIONS = ("learned", "sinusoidal", "sincos2d", "none")
 
 
 @dataclass
@@ -92,12 +93,12 @@ def random_patch_mask(batch: int, num_patches: int, num_visible: int, *, generat
     return ids_keep, mask.gather(1, ids_restore), ids_restore
 
 
-def _gather_tokens(tokens: Tensor, ids: Tensor) -> Tensor:
+def gather_tokens(tokens: Tensor, ids: Tensor) -> Tensor:
     """tokens[b, ids[b, k]] for every sample b: [batch, tokens, width] -> [batch, len(ids[b]), width]."""
     return tokens.gather(1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-def _visible_count(num_patches: int, mask_ratio: float) -> int:
+def visible_count(num_patches: int, mask_ratio: float) -> int:
     # MAE's rule, len_keep = int(N * (1 - mask_ratio)): the visible count rounds down, so the masked count rounds up.
     # The tolerance keeps float error from dropping a whole patch (10 * (1 - 0.9) is 0.99999..., not 1).
     return math.floor(num_patches * (1.0 - mask_ratio) + 1e-9)
@@ -116,9 +117,9 @@ def _check_encoder(encoder: Transformer) -> ModelConfig:
     if config.stem.kind != "patches":
         raise ConfigError("stem.kind", config.stem.kind, "'patches' for a masked autoencoder",
                           hint="MAE masks whole non-overlapping patches")
-    if config.position.kind not in _ABSOLUTE_POSITIONS:
+    if config.position.kind not in ABSOLUTE_POSITIONS:
         raise ConfigError("position.kind", config.position.kind,
-                          "one of " + ", ".join(repr(kind) for kind in _ABSOLUTE_POSITIONS),
+                          "one of " + ", ".join(repr(kind) for kind in ABSOLUTE_POSITIONS),
                           hint="positions are added to the patches before masking, so they must be an added table")
     if config.attention.sliding_window is not None:
         raise ConfigError("attention.sliding_window", config.attention.sliding_window, "null for a masked autoencoder",
@@ -167,7 +168,7 @@ class MaskedAutoencoder(nn.Module):
             raise ConfigError("norm_pix_loss", norm_pix_loss, "true or false")
         rows, cols = stem.grid_size
         num_patches = rows * cols
-        num_visible = _visible_count(num_patches, mask_ratio)
+        num_visible = visible_count(num_patches, mask_ratio)
         if not 1 <= num_visible < num_patches:
             raise ConfigError("mask_ratio", mask_ratio,
                               f"a ratio that leaves at least one visible and one masked patch of {num_patches}",
@@ -245,7 +246,7 @@ class MaskedAutoencoder(nn.Module):
         prefix, patches = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
         ids_keep, mask, ids_restore = random_patch_mask(images.shape[0], self.num_patches, self.num_visible,
                                                         generator=generator, device=images.device)
-        visible = torch.cat([prefix, _gather_tokens(patches, ids_keep)], dim=1)
+        visible = torch.cat([prefix, gather_tokens(patches, ids_keep)], dim=1)
         # Every visible token sees every other one: no mask. The stack ends with the encoder's final norm.
         stack = self.encoder.encoder
         layers = self.encoder.layer_contexts(stack, visible)
@@ -258,7 +259,7 @@ class MaskedAutoencoder(nn.Module):
         prefix, visible = hidden[:, :self.num_prefix_tokens], hidden[:, self.num_prefix_tokens:]
         mask_tokens = self.mask_token.expand(hidden.shape[0], self.num_masked, -1).to(hidden.dtype)
         # In shuffled order the visible patches come first and the masked ones after; ids_restore undoes the shuffle.
-        patches = _gather_tokens(torch.cat([visible, mask_tokens], dim=1), ids_restore)
+        patches = gather_tokens(torch.cat([visible, mask_tokens], dim=1), ids_restore)
         hidden = self.decoder_positions.encode_input(torch.cat([prefix, patches], dim=1), None)
         # The decoder's own stack (plain softmax attention, see __init__): no mask, no positions inside attention.
         hidden = self.decoder(StackInput(hidden, self.decoder.contexts({"full": PreparedMask()}))).hidden

@@ -168,12 +168,17 @@ class TransformerStack(nn.Module):
                 attentions.append(weights)
         if output_hidden_states:
             states.append(hidden)
+        return StackOutput(self.finish(hidden, prepared.condition), states, attentions, routing)
+
+    def finish(self, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
+        """What follows the last block: the final norm, modulated by the condition under adaLN-Zero. (Patch-masked
+        diffusion training, ``formerkit.models.masked_diffusion``, runs the blocks itself and then this.)"""
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         if self.final_modulation is not None:
-            shift, scale = self.final_modulation(prepared.condition)
+            shift, scale = self.final_modulation(condition)
             hidden = modulate(hidden, shift, scale)
-        return StackOutput(hidden, states, attentions, routing)
+        return hidden
 
 
 class Transformer(nn.Module):

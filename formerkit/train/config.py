@@ -210,7 +210,8 @@ class ObjectiveConfig(ConfigSection):
     label_smoothing: float = 0.0
     # masked_lm: the fraction of tokens chosen for prediction (BERT: 15%, of which 80% masked, 10% random, 10% kept)
     mask_prob: float = 0.15
-    # mae: the fraction of patches hidden from the encoder, and the light decoder's size
+    # mae: the fraction of patches hidden from the encoder, and the light decoder's size (decoder_layers also: the
+    # side decoder's blocks under objective.patch_mask_ratio)
     mask_ratio: float = 0.75
     decoder_width: int = 128
     decoder_layers: int = 2
@@ -250,6 +251,11 @@ class ObjectiveConfig(ConfigSection):
     noise_schedule: str = choice("cosine", ("cosine", "linear"))
     diffusion_steps: int = 1000
     ddim_eta: float = 0.0
+    # flow_matching, ddpm: cheaper training by patch masking (MDT, Gao et al., 2023; MaskDiT, Zheng et al., 2024):
+    # this fraction of each noisy image's patches is dropped before the blocks, the last objective.decoder_layers
+    # blocks (the side decoder) see every patch again (a dropped one as a learned mask token plus its position), and
+    # the loss counts the kept patches only. Sampling uses no mask. 0 = off.
+    patch_mask_ratio: float = 0.0
 
     def _validate(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -263,6 +269,11 @@ class ObjectiveConfig(ConfigSection):
             self._fail("mask_prob", "a probability in (0, 1)")
         if not 0.0 < self.mask_ratio < 1.0:
             self._fail("mask_ratio", "a fraction in (0, 1)")
+        if not 0.0 <= self.patch_mask_ratio < 1.0:
+            self._fail("patch_mask_ratio", "a fraction in [0, 1) (0: off)")
+        if self.patch_mask_ratio and self.kind not in ("flow_matching", "ddpm"):
+            self._fail("patch_mask_ratio", "0 unless objective.kind is flow_matching or ddpm",
+                       hint="patch masking drops the noisy image's patches of a diffusion model")
         diffusion, generators = ("flow_matching", "ddpm"), ("flow_matching", "ddpm", "masked_generation")
         self._check_applies("kind", {"sampler": diffusion, "sample_steps": generators, "guidance": generators,
                                      "noise_schedule": ("ddpm",), "diffusion_steps": ("ddpm",),

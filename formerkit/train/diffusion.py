@@ -28,6 +28,7 @@ from formerkit.generation.diffusion import (
     heun_sample,
 )
 from formerkit.generation.grid import save_grid
+from formerkit.models.masked_diffusion import PatchMaskedDiffusion
 from formerkit.train.objectives import ExpertUsage, Objective, register_objective
 
 __all__ = ["DDPM", "DiffusionObjective", "FlowMatching"]
@@ -93,10 +94,28 @@ class DiffusionObjective(Objective):
         """(x_t, the model's timesteps, the target) for clean images ``x0`` in data units."""
         raise NotImplementedError
 
+    def wrap_model(self, model):
+        """With objective.patch_mask_ratio: the model inside ``PatchMaskedDiffusion`` (its mask token trains too)."""
+        if not self.config.patch_mask_ratio:
+            return model
+        return PatchMaskedDiffusion(model, mask_ratio=self.config.patch_mask_ratio,
+                                    decoder_layers=self.config.decoder_layers)
+
+    def unwrap_model(self, trained):
+        return trained.model if isinstance(trained, PatchMaskedDiffusion) else trained
+
     def batch_loss(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator,
                    usage: ExpertUsage | None = None) -> tuple[Tensor, Tensor | None]:
         x0 = self.to_data(batch["inputs"].float())
         x_t, timesteps, target = self.noisy(x0, generator)
+        masked = getattr(model, "module", model)  # inside DDP/FSDP
+        if isinstance(masked, PatchMaskedDiffusion) and model.training:
+            # Patch masking: a random subset of patches per image enters the blocks; the error counts there only.
+            ids_keep = masked.draw_visible(len(x0), generator).to(x0.device)
+            prediction = model(x_t, timesteps=timesteps, labels=batch["labels"], ids_keep=ids_keep)
+            kept = masked.kept_pixels(ids_keep)
+            error = (prediction.float() - target).pow(2) * kept
+            return error.sum() / (kept.sum() * x0.shape[1]), None
         prediction, aux_loss = self.run(model, x_t, timesteps=timesteps, labels=batch["labels"], usage=usage)
         return F.mse_loss(prediction.float(), target), aux_loss
 
@@ -131,6 +150,7 @@ class DiffusionObjective(Objective):
         ``guidance`` (default objective.guidance; 1: the conditional prediction only, one pass per step). ``model``
         is the formerkit model (a run saves its EMA weights when optim.ema_decay is set: those are what sample)."""
         labels = self.check_labels(labels)
+        model = self.unwrap_model(model)  # a patch-masked training model samples unmasked
         steps = self.config.sample_steps if steps is None else steps
         guidance = self.config.guidance if guidance is None else guidance
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
