@@ -11,8 +11,8 @@ results up to the order of the additions.
 Forward hooks of the Linear (LoRA's, ``formerkit.adapt.lora``) cannot see a fused output that is never made; a hook
 takes part here if the object it is bound to (``hook.__self__``) provides ``splits_at(linear, starts, sizes)``
 (whether each of its terms falls inside one part) and ``add_to_parts(linear, x, parts, starts)`` (the parts with its
-terms added; x and the parts flat, [tokens, features]). Any other hook, a wrapped or quantized layer, autocast, inference, or a compiler sends the call down
-the fused path, unchanged.
+terms added; x and the parts flat, [tokens, features]). Any other hook, a wrapped or quantized layer, autocast,
+evaluation or inference, or a compiler sends the call down the fused path, unchanged.
 """
 
 from __future__ import annotations
