@@ -213,6 +213,8 @@ def main() -> None:
     parser.add_argument("--select", nargs="*", choices=METHODS, metavar="METHOD",
                         help="choose these methods' learning rates among RATE_CANDIDATES on a held-out fifth of the "
                              "5-9 training images (seed 0) before the measured runs")
+    parser.add_argument("--rate", action="append", default=[], metavar="METHOD=LR",
+                        help="a method's learning rate instead of LEARNING_RATES' (e.g. one an earlier --select chose)")
     parser.add_argument("--json", metavar="PATH", help="also write the records (one JSON object per line)")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,6 +238,11 @@ def main() -> None:
     rank = largest_within(args.budget, base, "lora", bottleneck=0, seed=0)
     bottleneck = largest_within(args.budget, base, "adapter", rank=0, seed=0)
     rates = dict(LEARNING_RATES)
+    for item in args.rate:
+        method, _, value = item.partition("=")
+        if method not in METHODS or not value:
+            parser.error(f"--rate: expected METHOD=LR with METHOD one of {', '.join(METHODS)}, got {item!r}")
+        rates[method] = float(value)
     selected = {}
     if args.select:
         selected = select_rates(base, target, args.select, rank=rank, bottleneck=bottleneck, steps=args.steps,
