@@ -25,7 +25,11 @@ Reported per method: trainable parameters (count and share of the adapted model'
 the process's peak resident memory over ``fit`` (after a one-step warm-up on a copy, so lazily loaded code counts for
 no method), and the process's whole peak. Prints a Markdown table; ``--json`` writes the records.
 
+``--select lora adapter`` first chooses those methods' learning rates among ``RATE_CANDIDATES`` on a held-out fifth
+of the 5-9 training images (``held_out_split``; never the test split); ``--rate lora=0.02`` passes a rate chosen so.
+
     python benchmarks/adapt_transfer.py [--pretrain-steps 200] [--steps 300] [--batch 64] [--seeds 0 1] [--threads 1]
+        [--select METHOD ...] [--rate METHOD=LR ...]
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ LORA_TARGETS = ("q", "k", "v", "out", "fc_in", "fc_out")
 # recipe trains from scratch with), 5e-3 for the small added modules and the norms/biases, 1e-2 for a linear probe.
 LEARNING_RATES = {"full": 1e-3, "lora": 5e-3, "adapter": 5e-3, "partial": 5e-3, "head": 1e-2}
 PRETRAIN_LR = 2e-3  # the cct-digits recipe's
+# --select: the rates tried for each adapted method, on a held-out part of the training images (``select_rates``).
+RATE_CANDIDATES = {"lora": (5e-3, 1e-2, 2e-2, 4e-2), "adapter": (5e-3, 2e-2, 5e-2), "partial": (5e-3, 2e-2),
+                   "head": (1e-2, 3e-2), "full": (5e-4, 1e-3, 2e-3)}
 
 
 def class_subset(inputs: Tensor, labels: Tensor, classes) -> tuple[Tensor, Tensor]:
@@ -133,6 +140,43 @@ def largest_within(budget: float, base: nn.Module, method: str, **fixed) -> int:
     return chosen
 
 
+def held_out_split(inputs: Tensor, labels: Tensor, share: float = 0.2, seed: int = 0):
+    """((inputs, labels) to train on, (inputs, labels) held out): every class's images in a seeded random order, the
+    first ``share`` of each held out. For choosing learning rates without looking at the test split."""
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique():
+        where = (labels == label).nonzero().flatten()
+        where = where[torch.randperm(len(where), generator=generator)]
+        held[where[:round(share * len(where))]] = True
+    return (inputs[~held], labels[~held]), (inputs[held], labels[held])
+
+
+def select_rates(base: nn.Module, target: dict, methods, *, rank: int, bottleneck: int, steps: int, batch: int,
+                 seed: int) -> dict[str, float]:
+    """For each of ``methods``, the rate of ``RATE_CANDIDATES`` with the best accuracy on a held-out fifth of the
+    training images of 5-9 (ties: the lower held-out loss), each trained on the other four fifths."""
+    import formerkit
+
+    (train_x, train_y), (held_x, held_y) = held_out_split(*target["train"])
+    chosen = {}
+    for method in methods:
+        results = []
+        for lr in RATE_CANDIDATES[method]:
+            model = adapt(copy.deepcopy(base), method, rank=rank, bottleneck=bottleneck, seed=seed)
+            formerkit.fit(model, (train_x, train_y), steps=steps, batch_size=batch, lr=lr, seed=seed,
+                          warmup_steps=0.1)
+            model.eval()
+            with torch.inference_mode():
+                logits = model(held_x)
+            loss = torch.nn.functional.cross_entropy(logits, held_y).item()
+            results.append(((logits.argmax(-1) == held_y).float().mean().item(), -loss, lr))
+            print(f"  select {method} lr {lr:g}: held-out accuracy {results[-1][0]:.4f}, loss {loss:.4f} "
+                  f"({len(held_y)} images)", file=sys.stderr, flush=True)
+        chosen[method] = max(results)[2]
+    return chosen
+
+
 def measure_one(settings: dict) -> None:
     """One method and seed, in a fresh process (``in_fresh_process`` runs this): prints its record as JSON."""
     import formerkit
@@ -144,7 +188,7 @@ def measure_one(settings: dict) -> None:
     model = adapt(formerkit.load(settings["base"]), settings["method"], rank=settings["rank"],
                   bottleneck=settings["bottleneck"], seed=settings["seed"])
     trainable, total = trainable_share(model)
-    options = dict(steps=settings["steps"], batch_size=settings["batch"], lr=LEARNING_RATES[settings["method"]],
+    options = dict(steps=settings["steps"], batch_size=settings["batch"], lr=settings["lr"],
                    seed=settings["seed"], warmup_steps=0.1)
     # One step on a copy first: what fit and the methods load on first use is then not charged to the measurement.
     formerkit.fit(copy.deepcopy(model), data["train"], **{**options, "steps": 1})
@@ -170,6 +214,11 @@ def main() -> None:
                                                                    "adapters' bottleneck")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--select", nargs="*", choices=METHODS, metavar="METHOD",
+                        help="choose these methods' learning rates among RATE_CANDIDATES on a held-out fifth of the "
+                             "5-9 training images (seed 0) before the measured runs")
+    parser.add_argument("--rate", action="append", default=[], metavar="METHOD=LR",
+                        help="a method's learning rate instead of LEARNING_RATES' (e.g. one an earlier --select chose)")
     parser.add_argument("--json", metavar="PATH", help="also write the records (one JSON object per line)")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,6 +241,17 @@ def main() -> None:
     source_accuracy = accuracy(base, *source["test"])
     rank = largest_within(args.budget, base, "lora", bottleneck=0, seed=0)
     bottleneck = largest_within(args.budget, base, "adapter", rank=0, seed=0)
+    rates = dict(LEARNING_RATES)
+    for item in args.rate:
+        method, _, value = item.partition("=")
+        if method not in METHODS or not value:
+            parser.error(f"--rate: expected METHOD=LR with METHOD one of {', '.join(METHODS)}, got {item!r}")
+        rates[method] = float(value)
+    selected = {}
+    if args.select:
+        selected = select_rates(base, target, args.select, rank=rank, bottleneck=bottleneck, steps=args.steps,
+                                batch=args.batch, seed=0)
+        rates.update(selected)
 
     records = []
     with tempfile.TemporaryDirectory() as directory:
@@ -199,7 +259,7 @@ def main() -> None:
         for seed in args.seeds:
             for method in args.methods:
                 settings = {"method": method, "seed": seed, "base": str(Path(directory) / "base"), "rank": rank,
-                            "bottleneck": bottleneck, "steps": args.steps, "batch": args.batch,
+                            "bottleneck": bottleneck, "steps": args.steps, "batch": args.batch, "lr": rates[method],
                             "threads": args.threads}
                 code = (f"import sys; sys.argv = [{__file__!r}, '--measure-one', {json.dumps(settings)!r}]; "
                         f"import runpy; runpy.run_path({__file__!r}, run_name='__main__')")
@@ -216,6 +276,10 @@ def main() -> None:
           f"{args.steps} steps x {args.batch}, warm-up 10%, cosine to 0.1 x lr, AdamW without weight decay, "
           f"seeds {args.seeds}; new 5-way head projection (trained by every method). LoRA rank {rank} "
           f"(alpha {2 * rank}) on {', '.join(LORA_TARGETS)}; adapters: bottleneck {bottleneck}, scale 0.1, ReLU.\n")
+    if selected:
+        print("Learning rates chosen on a held-out fifth of the 5-9 training images (trained on the rest, seed 0, "
+              f"same steps): {', '.join(f'{m} {lr:g} of {list(RATE_CANDIDATES[m])}' for m, lr in selected.items())}; "
+              "the measured runs then train on all the training images.\n")
     print("| method | lr | trainable params | trainable % | test accuracy 5-9 (mean; each seed) | train time s "
           "| peak training memory MB (growth) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -225,7 +289,7 @@ def main() -> None:
         mean = statistics.mean(r["accuracy"] for r in mine)
         summary[method] = mean
         each = ", ".join(f"{100 * r['accuracy']:.2f}" for r in mine)
-        print(f"| {method} | {LEARNING_RATES[method]:g} | {mine[0]['trainable']:,} | "
+        print(f"| {method} | {rates[method]:g} | {mine[0]['trainable']:,} | "
               f"{100 * mine[0]['trainable'] / mine[0]['total']:.2f}% | {100 * mean:.2f}% ({each}) | "
               f"{statistics.median(r['seconds'] for r in mine):.1f} | "
               f"{statistics.median(r['peak_growth_mb'] for r in mine):.1f} | "

@@ -85,6 +85,22 @@ class LoRA(AdapterModule):
             unbiased = F.linear(dropped, weight)
         return (ratio - 1) * unbiased + ratio * low_rank
 
+    def add_low_rank(self, output: Tensor, offset: int, x: Tensor) -> Tensor:
+        """``output`` with scale * B A dropout(x) added to its features ``offset:offset + rows`` (plain LoRA)."""
+        dropped = self.dropout(x) if self.dropout is not None and self.training else x
+        return self.add_product(output, offset, F.linear(dropped.to(self.lora_A.dtype), self.lora_A))
+
+    def add_product(self, output: Tensor, offset: int, product: Tensor) -> Tensor:
+        """``output`` with scale * product B^T added to its features ``offset:offset + rows``, in place: one
+        multiply-add (addmm) when the rows are all of a flat ``output`` and the dtypes agree."""
+        rows = self.stop - self.start
+        if (offset == 0 and rows == output.shape[-1] and output.dim() == 2 and product.dim() == 2
+                and output.dtype == product.dtype == self.lora_B.dtype):
+            output.addmm_(product, self.lora_B.t(), alpha=self.scale)
+        else:
+            output.narrow(-1, offset, rows).add_((F.linear(product, self.lora_B) * self.scale).to(output.dtype))
+        return output
+
     def merged_update(self, weight_rows: Tensor) -> Tensor:
         """W' - W for the rows, computed against the original W (several adapters' updates then add up)."""
         update = self.update()
@@ -129,6 +145,63 @@ class LoRAHost(nn.ModuleDict):
         # (autograd's version counter would refuse the change otherwise), and no full-width tensor is made.
         for start, stop, delta in pieces:
             output.narrow(-1, start, stop - start).add_(delta)
+        return output
+
+    # The fast paths of formerkit.nn: a fused projection computed part by part (formerkit.nn.projection) and an
+    # MLP's fc_out whose input is recomputed in the backward pass (formerkit.nn.feedforward).
+
+    def splits_at(self, linear: nn.Module, starts: list[int], sizes: list[int]) -> bool:
+        """Whether every active adapter's rows lie inside one part of the fused output."""
+        return all(any(start <= lora.start and lora.stop <= start + size for start, size in zip(starts, sizes))
+                   for lora in self.modules_active())
+
+    def add_to_parts(self, linear: nn.Module, x: Tensor, parts: list[Tensor], starts: list[int]) -> list[Tensor]:
+        """What ``hook`` does, on the fused output's parts (``splits_at`` said each adapter's rows lie in one)."""
+        active = self.modules_active()
+        if any(lora.magnitude is not None for lora in active):  # DoRA reads the base rows: the hook's own way
+            return [self._hook_part(linear, x, part, start) for part, start in zip(parts, starts)]
+        parts = list(parts)
+        for lora in active:
+            index = max(i for i, start in enumerate(starts) if start <= lora.start)
+            parts[index] = lora.add_low_rank(parts[index], lora.start - starts[index], x)
+        return parts
+
+    def _hook_part(self, linear: nn.Module, x: Tensor, part: Tensor, start: int) -> Tensor:
+        """``hook`` on one part [start, start + width) of the fused output, for the adapters whose rows lie there."""
+        stop = start + part.shape[-1]
+        mine = [lora for lora in self.modules_active() if start <= lora.start and lora.stop <= stop]
+        if not mine:
+            return part
+        bias = getattr(linear, "bias", None)
+        weight = base_weight(linear) if any(lora.magnitude is not None for lora in mine) else None
+        pieces = []
+        for lora in mine:
+            inputs = x.to(lora.lora_A.dtype)
+            weight_rows = bias_rows = None
+            if lora.magnitude is not None:
+                weight_rows = weight[lora.start:lora.stop]
+                bias_rows = None if bias is None else bias[lora.start:lora.stop]
+            rows = part[..., lora.start - start:lora.stop - start].to(inputs.dtype)
+            pieces.append((lora.start - start, lora.stop - start,
+                           lora.delta(inputs, rows, weight_rows, bias_rows).to(part.dtype)))
+        return part + _assemble(pieces, part.shape[-1])
+
+    def recomputable(self, linear: nn.Module) -> list[Tensor] | None:
+        """The active adapters' A, if each is a plain LoRA on every row of ``linear`` with no dropout at work and the
+        weight's dtype: the MLP's recomputing path then computes ``act(h) A^T`` beside ``act(h) W^T`` and
+        ``add_recomputed`` finishes the terms; else None (the MLP keeps its input instead)."""
+        weight = getattr(linear, "weight", None)
+        active = self.modules_active()
+        if weight is None or any(lora.magnitude is not None or (lora.dropout is not None and lora.training)
+                                 or (lora.start, lora.stop) != (0, weight.shape[0])
+                                 or lora.lora_A.dtype != weight.dtype for lora in active):
+            return None
+        return [lora.lora_A for lora in active]
+
+    def add_recomputed(self, linear: nn.Module, output: Tensor, products: list[Tensor]) -> Tensor:
+        """``output`` plus each active adapter's scale * (x A^T) B^T, given the products x A^T."""
+        for lora, product in zip(self.modules_active(), products):
+            output = lora.add_product(output, 0, product)
         return output
 
 

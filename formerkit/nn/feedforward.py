@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from formerkit.nn.projection import hook_owners, project_parts
+
 __all__ = ["GatedMLP", "MLP", "activation", "build_feedforward"]
 
 
@@ -43,65 +45,100 @@ _DERIVATIVES = {
 
 
 class _RecomputedActivationOut(torch.autograd.Function):
-    """``fc_out(act(h))`` -- or ``fc_out(act(gate) * up)`` for a gated MLP, h = [gate | up] -- that keeps only ``h``
-    for the backward pass and recomputes the activation there.
+    """``fc_out(act(h))`` -- or ``fc_out(act(gate) * up)`` for a gated MLP -- that keeps only ``h`` (``gate`` and
+    ``up``) for the backward pass and recomputes the activation there.
 
     Autograd would keep both ``h`` (for the activation's derivative) and the activation's output (for fc_out's weight
     gradient): with an MLP four times the model's width that is 8 x width floats per token per layer, the largest
     thing a block keeps. Recomputing the element-wise activation costs one extra pass over ``h`` in the backward.
+    ``factors`` (LoRA's A matrices on fc_out, ``formerkit.adapt.lora``) are further products of the activation's
+    output, returned after fc_out's: their input is recomputed like fc_out's instead of being kept.
     Works under autocast: the products run in the dtype the forward's ran in, gradients return in each input's."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, name: str, gated: bool) -> Tensor:
-        out = F.linear(_activate(h, name, gated), weight, bias)
-        ctx.save_for_backward(h, weight)
-        ctx.name, ctx.gated, ctx.has_bias = name, gated, bias is not None
+    def forward(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None, name: str,
+                *factors: Tensor) -> tuple[Tensor, ...]:
+        hidden = _activate(gate, up, name)
+        out = F.linear(hidden, weight, bias)
+        products = tuple(F.linear(hidden, factor) for factor in factors)
+        del hidden
+        ctx.save_for_backward(gate, up, weight, *factors)
+        ctx.name, ctx.has_bias = name, bias is not None
         ctx.dtype = out.dtype
-        return out
+        return (out, *products)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        h, weight = ctx.saved_tensors
+    def backward(ctx, grad: Tensor, *grad_products: Tensor):
+        gate, up, weight, *factors = ctx.saved_tensors
         act = activation(ctx.name)
         grad = grad.to(ctx.dtype)
         flat = grad.reshape(-1, grad.shape[-1])
-        if ctx.gated:
-            gate, up = h.chunk(2, dim=-1)
-            activated = act(gate)
-        grad_h = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[1]:  # fc_out's weight gradient needs the activation's output: recomputed here
-            hidden = activated * up if ctx.gated else act(h)
-            grad_weight = (flat.t() @ hidden.reshape(-1, hidden.shape[-1]).to(ctx.dtype)).to(weight.dtype)
+        grad_products = [g.to(ctx.dtype).reshape(-1, g.shape[-1]) for g in grad_products]
+        activated = act(gate) if up is not None or any(ctx.needs_input_grad[5:]) or ctx.needs_input_grad[2] else None
+        grad_gate = grad_up = grad_weight = grad_bias = None
+        grad_factors = [None] * len(factors)
+        if ctx.needs_input_grad[2] or any(ctx.needs_input_grad[5:]):  # these need the activation's output: recomputed
+            hidden = activated if up is None else activated * up
+            hidden = hidden.reshape(-1, hidden.shape[-1]).to(ctx.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_weight = (flat.t() @ hidden).to(weight.dtype)
+            for i, (factor, grad_product) in enumerate(zip(factors, grad_products)):
+                if ctx.needs_input_grad[5 + i]:
+                    grad_factors[i] = (grad_product.t() @ hidden).to(factor.dtype)
             del hidden
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = flat.sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (grad @ weight.to(ctx.dtype)).to(h.dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_hidden = flat @ weight.to(ctx.dtype)
+            for factor, grad_product in zip(factors, grad_products):
+                grad_hidden.addmm_(grad_product, factor.to(ctx.dtype))
+            grad_hidden = grad_hidden.view(*grad.shape[:-1], -1).to(gate.dtype)
             derivative = _DERIVATIVES[ctx.name]
-            if ctx.gated:
-                grad_h = torch.cat([derivative(grad_hidden * up, gate), grad_hidden * activated], dim=-1)
+            if up is None:
+                grad_gate = derivative(grad_hidden, gate)
             else:
-                grad_h = derivative(grad_hidden, h)
-        return grad_h, grad_weight, grad_bias, None, None
+                grad_gate, grad_up = derivative(grad_hidden * up, gate), grad_hidden * activated
+        return grad_gate, grad_up, grad_weight, grad_bias, None, *grad_factors
 
 
-def _activate(h: Tensor, name: str, gated: bool) -> Tensor:
-    if not gated:
-        return activation(name)(h)
-    gate, up = h.chunk(2, dim=-1)
-    return activation(name)(gate) * up
+def _activate(gate: Tensor, up: Tensor | None, name: str) -> Tensor:
+    return activation(name)(gate) if up is None else activation(name)(gate) * up
 
 
 def _recomputes(module: nn.Module, h: Tensor) -> bool:
     """Whether this call takes the recomputing path: training with gradients, no dropout between the activation
-    and fc_out, a plain Linear fc_out (not a quantized or wrapped one, nor one with forward hooks: LoRA's, see
-    formerkit.adapt.lora, which this path would skip), eager (a compiler makes its own choice)."""
+    and fc_out, a plain Linear fc_out (not a quantized or wrapped one), eager (a compiler makes its own choice)."""
     # The type first: an int8 fc_out has no .weight.
     return (module.recompute and torch.is_grad_enabled() and type(module.fc_out) is nn.Linear
             and (h.requires_grad or module.fc_out.weight.requires_grad)
             and not (module.dropout is not None and module.training)
-            and not module.fc_out._forward_hooks and not module.fc_out._forward_pre_hooks
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
+def _recomputed_out(module: nn.Module, gate: Tensor, up: Tensor | None) -> Tensor | None:
+    """fc_out(act(...)) through ``_RecomputedActivationOut``, or None where this call cannot take that path. fc_out's
+    forward hooks take part if the objects they are bound to provide ``recomputable(linear)`` (the factors whose
+    products with fc_out's input they need, or None) and ``add_recomputed(linear, output, products)`` (flat tensors,
+[tokens, features]): LoRA's do
+    (formerkit.adapt.lora), so LoRA on fc_out keeps the memory this path saves; any other hook is skipped by it."""
+    if not _recomputes(module, gate):
+        return None
+    fc_out = module.fc_out
+    owners = hook_owners(fc_out, "recomputable")
+    if owners is None:
+        return None
+    factors = [owner.recomputable(fc_out) for owner in owners]
+    if any(found is None for found in factors):
+        return None
+    # Flat [tokens, features] inputs: the outputs are then not views, so the hooks may add to them in place.
+    shape = gate.shape[:-1]
+    out, *products = _RecomputedActivationOut.apply(
+        gate.reshape(-1, gate.shape[-1]), None if up is None else up.reshape(-1, up.shape[-1]), fc_out.weight,
+        fc_out.bias, module.activation_name, *(factor for found in factors for factor in found))
+    for owner, found in zip(owners, factors):
+        out = owner.add_recomputed(fc_out, out, products[:len(found)])
+        products = products[len(found):]
+    return out if len(shape) == 1 else out.view(*shape, -1)
 
 
 class MLP(nn.Module):
@@ -121,8 +158,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc_in(x)
-        if _recomputes(self, h):
-            return _RecomputedActivationOut.apply(h, self.fc_out.weight, self.fc_out.bias, self.activation_name, False)
+        out = _recomputed_out(self, h, None)
+        if out is not None:
+            return out
         hidden = self.act(h)
         if self.dropout is not None and self.training:
             hidden = self.dropout(hidden)
@@ -145,10 +183,11 @@ class GatedMLP(nn.Module):
         self.recompute = recompute
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc_in(x)
-        if _recomputes(self, h):
-            return _RecomputedActivationOut.apply(h, self.fc_out.weight, self.fc_out.bias, self.activation_name, True)
-        gate, up = h.chunk(2, dim=-1)
+        # gate and up as two products (formerkit.nn.projection): no [gate | up] gradient to concatenate backward.
+        gate, up = project_parts(self.fc_in, x, [self.hidden_size, self.hidden_size])
+        out = _recomputed_out(self, gate, up)
+        if out is not None:
+            return out
         hidden = self.act(gate) * up
         if self.dropout is not None and self.training:
             hidden = self.dropout(hidden)

@@ -120,12 +120,39 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-second, first], dim=-1)
 
 
+class _Rotation(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin without forming rotate_half(x) (a negation and a concatenation, forward and
+    backward): x * cos, then each half gains the other half times its sines in place. A rotation's gradient is the
+    opposite rotation: grad * cos with the sines' signs swapped. The tables take no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        grad_x = grad * cos
+        grad_x[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+        grad_x[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
+        return grad_x, None, None
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotates channel pairs (i, i + r/2) of ``x`` [batch, heads, tokens, head_dim] by each position's angles, where
     r is the tables' width: with partial rotary (r < head_dim) the channels from r on pass unrotated."""
     rotated = cos.shape[-1]
     if rotated == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        if (cos.requires_grad or sin.requires_grad or x.shape[-1] % 2 or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):  # a compiler fuses the written-out form itself
+            return x * cos + rotate_half(x) * sin
+        return _Rotation.apply(x, cos, sin)
     x, rest = x[..., :rotated], x[..., rotated:]
     return torch.cat([x * cos + rotate_half(x) * sin, rest], dim=-1)
 

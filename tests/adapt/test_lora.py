@@ -451,3 +451,36 @@ def test_adapter_gradients_equal_those_of_the_update_written_into_the_weight(met
         torch.testing.assert_close(lora.lora_B.grad, b.grad, atol=1e-9, rtol=1e-6)
         if m:
             torch.testing.assert_close(lora.magnitude.grad, m[0].grad, atol=1e-9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_training_paths_give_the_hooks_outputs_and_gradients(method):
+    # In train mode the fused projections run part by part and the MLP recomputes fc_out's input, LoRA's terms
+    # inside both (formerkit.nn.projection, formerkit.nn.feedforward); eval mode takes the hook on the fused output.
+    model = gated_model(torch.float64)
+    formerkit.add_adapters(model, method=method, targets=("q", "k", "v", "out", "gate", "fc_in", "fc_out"), rank=2)
+    randomize_adapters(model)
+    ids, upstream = tokens(), torch.randn(2, 7, VOCAB, dtype=torch.float64)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for train in (True, False):
+        out = model.train(train)(ids)
+        results.append((out, torch.autograd.grad(out, trainable, upstream)))
+    (out, grads), (reference, reference_grads) = results
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_on_fc_out_keeps_the_mlps_recomputing_path():
+    from formerkit.summary import saved_activation_bytes
+
+    ids = tokens()
+    saved = {}
+    for targets in (("q", "v"), ("q", "v", "fc_out")):
+        model = gated_model()
+        formerkit.add_adapters(model, targets=targets, rank=2)
+        saved[targets] = saved_activation_bytes(model.train(), ids)
+    # fc_out's input act(gate) * up is recomputed for A's gradient too: only the product x A^T (for B's) is new.
+    layers, rank = 3, 2
+    assert saved[("q", "v", "fc_out")] - saved[("q", "v")] == layers * ids.numel() * rank * 4

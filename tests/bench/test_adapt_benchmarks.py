@@ -25,6 +25,17 @@ def test_class_subset_keeps_the_chosen_classes_in_order_and_renumbers_them_as_li
     assert kept_labels.tolist() == [1, 0, 2, 1, 0]
 
 
+def test_held_out_split_takes_a_fifth_of_every_class_disjoint_from_the_rest_and_the_same_each_time():
+    held_out_split = script("adapt_transfer.py")["held_out_split"]
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 20)
+    inputs = torch.arange(len(labels)).float().unsqueeze(1)
+    (train_x, train_y), (held_x, held_y) = held_out_split(inputs, labels)
+    assert torch.bincount(held_y).tolist() == [2, 1, 4] and torch.bincount(train_y).tolist() == [8, 4, 16]
+    assert sorted(train_x.flatten().tolist() + held_x.flatten().tolist()) == inputs.flatten().tolist()
+    assert torch.equal(labels[held_x.flatten().long()], held_y)
+    assert torch.equal(held_out_split(inputs, labels)[1][0], held_x)
+
+
 def test_text_rows_overlap_by_one_so_each_byte_after_the_first_is_predicted_once():
     rows_of = script("adapt_language.py")["rows_of"]
     rows = rows_of([b"abcdef", b"ghij"], 4)  # stream "abcdef\n\nghij": 12 bytes, 11 predictions, 3 rows of 3
