@@ -187,3 +187,40 @@ def test_three_channels_answer_rgb_pngs(tmp_path):
     got = _pixels(answer.json())
     expected = _expected(service.image_generator, 4, 2, steps=2, seed=1)
     assert got[0].shape == (3, 8, 8) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.slow
+def test_the_official_client_and_the_printed_example_against_formerkit_serve(gray):
+    """A real ``formerkit serve`` subprocess over the same run: the openai client's images.generate as the brief
+    writes it, and the curl line the server prints, as printed."""
+    import subprocess
+
+    from .test_serve_openai import Server, openai
+
+    service, _, generator = gray
+    server = Server(service.target)
+    try:
+        assert "/v1/images/generations" in server.example
+        answer = server.client.images.generate(model="tiny-dit", prompt="3", n=4, response_format="b64_json",
+                                                extra_body={"seed": 1, "steps": 2, "guidance": 2})
+        got = _pixels(answer.model_dump())
+        assert [item.revised_prompt for item in answer.data] == ["three"] * 4
+        assert all(torch.equal(a, b) for a, b in zip(got, _expected(generator, 3, 4, steps=2, seed=1, guidance=2)))
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            server.client.images.generate(model="tiny-dit", prompt="3", response_format="url")
+        with pytest.raises(openai.NotFoundError):
+            server.client.images.generate(model="dall-e-3", prompt="3")
+        printed = subprocess.run(server.example, shell=True, capture_output=True, text=True, timeout=60)
+        assert json.loads(printed.stdout)["data"][0]["revised_prompt"] == "zero"
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_maskgit_run_is_served_as_an_image_generator(trained_run):
+    run = trained_run("maskgit-digits", **{"run.threads": 1})
+    service = ModelService(run)
+    assert service.describe()["objective"] == "masked_generation"
+    [answer] = _post(create_app(service), [{"prompt": "6", "n": 2, "seed": 3, "steps": 2}])
+    expected = _expected(load_image_generator(run), 6, 2, steps=2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(_pixels(answer.json()), expected))
