@@ -420,7 +420,7 @@ def add_openai_routes(app, service) -> None:
         n: int | None = Field(None, ge=1, le=MAX_IMAGES, strict=True)
         seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
         steps: int | None = Field(None, ge=1, le=MAX_IMAGE_STEPS, strict=True)
-        guidance: float | None = None
+        guidance: float | None = Field(None, strict=True)
         scale: int | None = Field(None, ge=1, le=MAX_IMAGE_SCALE, strict=True)
         size: str | None = None
         response_format: str | None = None

@@ -142,16 +142,17 @@ def test_refusals_name_the_field(gray):
     _, app, _ = gray
     answers = _post(app, [{"prompt": "cat"}, {"prompt": "10"}, {"class": 10}, {"class": -1}, {"class": "3"},
                           {"class": 3, "prompt": "four"}, {}, {"prompt": "3", "n": 65}, {"prompt": "3", "n": 0},
-                          {"prompt": "3", "steps": 0}, {"prompt": "3", "guidance": -1},
+                          {"prompt": "3", "steps": 0}, {"prompt": "3", "steps": True}, {"prompt": "3", "guidance": -1},
+                          {"prompt": "3", "guidance": True},
                           {"prompt": "3", "response_format": "url"}, {"prompt": "3", "output_format": "jpeg"},
                           {"prompt": "3", "size": "10x10"}, {"prompt": "3", "size": "16x24"},
                           {"prompt": "3", "size": "16x16", "scale": 3}, {"prompt": "3", "scale": 0},
                           {"prompt": "3", "seed": -1}])
-    params = ["prompt", "prompt", "class", "class", "class", "class", "prompt", "n", "n", "steps", "guidance",
-              "response_format", "output_format", "size", "size", "size", "scale", "seed"]
+    params = ["prompt", "prompt", "class", "class", "class", "class", "prompt", "n", "n", "steps", "steps", "guidance",
+              "guidance", "response_format", "output_format", "size", "size", "size", "scale", "seed"]
     messages = [_error(answer, 400, param) for answer, param in zip(answers, params, strict=True)]
     assert "'cat'" in messages[0] and "zero, one" in messages[0]
-    assert "url" in messages[11]
+    assert "url" in messages[13]
     [wrong] = _post(app, [{"model": "gpt-image-1", "prompt": "3"}])
     assert _error(wrong, 404, "model") and wrong.json()["error"]["code"] == "model_not_found"
 
