@@ -21,7 +21,8 @@ and evaluation tools written against it, already speak.
   ``prompt`` is the class to draw: its name among the run's class names, else its id as text ("3"); or ``class``, the
   id as an integer (an extension; with both, they must agree). ``n`` images (1-64) of that class, drawn together from
   one generator seeded once with ``seed`` (default 0, as ``formerkit sample``): the same request gives the same
-  PNGs, and image i depends on seed and n. ``steps`` and ``guidance`` (extensions) default to the run's recipe.
+  PNGs (image i of a request with another n may differ). ``steps`` and ``guidance`` (extensions) default to the
+  run's recipe.
   Each image is a PNG of the raw-unit image scaled by the data's maximum (``raw_max``, 16 for digits) to 0-255:
   ``round(255 * clamp(image / raw_max, 0, 1))``, grayscale for 1 channel, RGB for 3; ``scale`` (an extension, 1-32,
   default 1) enlarges it by nearest neighbour (an 8x8 digit is tiny), and ``size`` ("WxH") may ask for the same

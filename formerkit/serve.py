@@ -714,7 +714,7 @@ def example_call(service: ModelService, base_url: str) -> str:
     elif service.task == "classification":
         path, body = "/v1/classify", {"image": _blank_png(service.preprocessing)}
     elif service.task == "image_generation":
-        first_class = service.image_generator.classes[0]
+        first_class = (service.image_generator.classes or ["0"])[0]
         path, body = "/v1/images/generations", {"model": service.model_id, "prompt": first_class, "n": 1, "seed": 0}
     else:
         columns = len(service.preprocessing["columns"])
