@@ -530,8 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--sample-tokens", type=int, default=200, help="length of each language-model sample")
     report.set_defaults(run=cmd_report)
 
-    serve = commands.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible completions, chat and "
-                                              "embeddings, generate, classify, forecast (needs the [serve] extra)")
+    serve = commands.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible completions, chat, "
+                                              "embeddings and image generation, generate, classify, forecast "
+                                              "(needs the [serve] extra)")
     serve.add_argument("target", help="a run directory or a model directory a run saved")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -23,7 +23,8 @@ from formerkit.generation.grid import save_grid
 from formerkit.runs import load_run_model, model_dir, run_objective
 from formerkit.train.objectives import make_objective, objective_class
 
-__all__ = ["ImageGenerator", "generates_images", "load_image_generator", "sample_command", "sample_images"]
+__all__ = ["ImageGenerator", "generates_images", "image_generator", "load_image_generator", "sample_command",
+           "sample_images"]
 
 
 def _objective_kind(extra: dict[str, Any]) -> str | None:
@@ -68,7 +69,12 @@ class ImageGenerator:
 def load_image_generator(target: str | Path) -> ImageGenerator:
     """The image generator of a run directory (or a model directory a run saved). A run that does not generate
     images (a classifier, a language model) is refused by name."""
-    model, recipe, extra = load_run_model(target, imported=True)
+    return image_generator(target, *load_run_model(target, imported=True))
+
+
+def image_generator(target: str | Path, model: nn.Module, recipe, extra: dict[str, Any]) -> ImageGenerator:
+    """``load_image_generator`` over a run already loaded (``runs.load_run_model``'s model, recipe and extra), as
+    ``formerkit serve`` has it; ``target`` names the run in the refusal."""
     kind = run_objective(recipe, extra)
     if recipe is None or not _draws_images(kind):
         hint = (" (a language model: formerkit generate writes text)" if model.config.head.kind == "lm" else "")

@@ -7,7 +7,8 @@ normalizes as in training); ``POST /v1/forecast`` (forecasters: the recent value
 [steps] for one column, in the series' own units; answers the next ``horizon`` steps in the same units);
 ``/openapi.json``; and the OpenAI-compatible API (``formerkit.openai_api``): ``GET /v1/models``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (language models), ``POST /v1/embeddings`` (encoders over
-tokens). Every endpoint reads its body as JSON whatever content type the client declares (curl's ``-d`` says form).
+tokens), ``POST /v1/images/generations`` (image generators: a diffusion or masked-generation run draws a class as
+base64 PNGs). Every endpoint reads its body as JSON whatever content type the client declares (curl's ``-d`` says form).
 
 Generation goes through one seam: ``ModelService.token_events(TokenRequest)`` yields a ``TokenEvent`` per new token
 (``formerkit.generation.requests``); every generation endpoint is built on it. Behind it runs an ``Engine``
@@ -62,6 +63,7 @@ from formerkit.runs import (
     series_input,
     stop_ids,
 )
+from formerkit.sample import generates_images, image_generator
 
 __all__ = ["BatchedSequences", "ModelService", "OneSequenceAtATime", "ServeError", "create_app", "example_call",
            "serve"]
@@ -69,7 +71,7 @@ __all__ = ["BatchedSequences", "ModelService", "OneSequenceAtATime", "ServeError
 
 # The endpoint each task is served on (the legacy API; the OpenAI-compatible one in formerkit.openai_api).
 ROUTES = {"causal_lm": "/v1/generate", "classification": "/v1/classify", "forecast": "/v1/forecast",
-          "embedding": "/v1/embeddings"}
+          "embedding": "/v1/embeddings", "image_generation": "/v1/images/generations"}
 
 
 @dataclass
@@ -187,6 +189,11 @@ class ModelService:
         self.target, self.model_id = Path(target), _model_name(target)
         self.task = run_objective(self.recipe, self.extra)
         self.preprocessing = self.extra.get("preprocessing") or {}
+        # A run whose objective samples images (flow_matching, ddpm, masked_generation): its generator, loaded once.
+        self.image_generator = None
+        if self.recipe is not None and generates_images(target):
+            self.task = "image_generation"
+            self.image_generator = image_generator(target, self.model, self.recipe, self.extra)
         self.tokenizer, self.eos_ids = None, ()
         # Embeddings: an encoder over tokens pooled (a masked-LM run, a text classifier, an imported BERT; the
         # encoder of an encoder-decoder: a seq2seq run, an imported T5 or BART).
@@ -260,6 +267,12 @@ class ModelService:
         elif self.task == "forecast":
             for key in ("columns", "window", "horizon"):
                 info[key] = self.preprocessing[key]
+        elif self.task == "image_generation":
+            objective = self.image_generator.objective.config
+            info.update(classes=self.image_generator.classes, image_size=self.preprocessing.get("image_size"),
+                        in_channels=self.preprocessing.get("in_channels"), objective=objective.kind,
+                        steps=objective.sample_steps, guidance=objective.guidance,
+                        raw_max=self.image_generator.raw_max)
         else:
             info["context"] = self.config.max_seq_len
         return info
@@ -305,6 +318,16 @@ class ModelService:
         if self.engine is not None:
             return await asyncio.wrap_future(self.engine.start().call(function, *args))
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    async def generate_images(self, labels: list[int], *, steps: int | None, guidance: float | None,
+                              seed: int) -> torch.Tensor:
+        """Images [N, C, H, W] in the data's raw units of the classes ``labels``, drawn in the model's worker thread:
+        one request at a time (sampling switches the model between train and eval modes), each with one generator
+        seeded once with ``seed`` (``ImageGenerator.sample``)."""
+        def draw() -> torch.Tensor:
+            return self.image_generator.sample(labels, steps=steps, guidance=guidance, seed=seed)
+
+        return await self.on_model_thread(draw)
 
     def stats(self) -> dict:
         """How generation is scheduled and, with an engine, its running and waiting sequences and counters."""
@@ -510,7 +533,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413:
 
 
 def _is_openai(path: str) -> bool:
-    return path.startswith(("/v1/completions", "/v1/chat/", "/v1/embeddings", "/v1/models"))
+    return path.startswith(("/v1/completions", "/v1/chat/", "/v1/embeddings", "/v1/models", "/v1/images/"))
 
 
 def _error_body(path: str, message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -690,6 +713,9 @@ def example_call(service: ModelService, base_url: str) -> str:
         path, body = "/v1/embeddings", {"model": service.model_id, "input": _example_prompt(service)}
     elif service.task == "classification":
         path, body = "/v1/classify", {"image": _blank_png(service.preprocessing)}
+    elif service.task == "image_generation":
+        first_class = (service.image_generator.classes or ["0"])[0]
+        path, body = "/v1/images/generations", {"model": service.model_id, "prompt": first_class, "n": 1, "seed": 0}
     else:
         columns = len(service.preprocessing["columns"])
         row = [0.0] * columns if columns > 1 else 0.0
