@@ -95,7 +95,7 @@ class DiffusionObjective(Objective):
         # The objective drops the labels to the null class itself (condition.label_dropout, DiT's class dropout),
         # from the per-example draws of the noise (RowDraws): the model's own drop draws from each process's global
         # stream, so a distributed run would drop other labels than one process. Only training passes drop.
-        self.label_dropout = model.conditioning.label_dropout
+        self.label_dropout = model.config.condition.label_dropout
         model.conditioning.label_dropout = 0.0
         return model
 

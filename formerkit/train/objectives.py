@@ -130,6 +130,9 @@ class Objective:
         return trained
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """The training loss of ``batch``. The trainer's ``generator`` is a ``ProcessGenerator``: this process's own
+        stream, and, through ``RowDraws.of(generator, rows)``, draws per example that do not depend on how the global
+        batch is split between processes (what a stochastic objective uses, so DDP follows one process)."""
         raise NotImplementedError
 
     def snapshot(self, model: nn.Module, run_dir, step: int) -> None:

@@ -13,6 +13,8 @@ import torch
 import torch.distributed
 
 import formerkit
+from formerkit import build_model
+from formerkit.config import ModelConfig
 from formerkit.data.base import ProcessGenerator, RowDraws, step_generator
 from formerkit.train import train
 
@@ -34,15 +36,19 @@ RUNS = {
 }
 
 
+def _generator(rank: int, world: int, total: int) -> ProcessGenerator:
+    """Process ``rank``'s generator the trainer's way: it has rows rank, rank + world, ... of the micro-batch."""
+    return ProcessGenerator(rank + 100, RowDraws(step_generator(3, 1), torch.arange(total)[rank::world], total))
+
+
 def _split(whole: RowDraws, world: int, draw) -> list[torch.Tensor]:
-    """What each of ``world`` processes keeps of ``draw`` (a function of a RowDraws), the trainer's way: process r
-    has rows r, r + world, ... of the micro-batch."""
-    kept = []
-    for rank in range(world):
-        rows = torch.arange(whole.total)[rank::world]
-        generator = ProcessGenerator(rank + 100, RowDraws(step_generator(3, 1), rows, whole.total))
-        kept.append(draw(RowDraws.of(generator, len(rows))))
-    return kept
+    """What each of ``world`` processes keeps of ``draw`` (a function of a RowDraws)."""
+    return [draw(RowDraws.of(_generator(rank, world, whole.total), len(range(rank, whole.total, world))))
+            for rank in range(world)]
+
+
+def _rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    return {name: value[rank::world] for name, value in batch.items()}
 
 
 def test_processes_rows_put_together_are_the_single_process_draws():
@@ -95,3 +101,45 @@ def test_ddp_of_a_generative_objective_follows_the_single_process_run(runs):
     evaluated, expected = _records(run, "eval"), _records(single.run_dir, "eval")
     assert [r["step"] for r in evaluated] == [r["step"] for r in expected] == [STEPS]
     assert math.isclose(evaluated[0]["test_loss"], expected[0]["test_loss"], rel_tol=1e-5)
+
+
+def test_two_processes_losses_average_to_the_single_process_loss(randomize):
+    # What DDP computes (the mean of the processes' gradients) is the single-process gradient exactly when the mean
+    # of their losses is the single-process loss for every model: checked on fixed models, with the labels dropped.
+    from .test_diffusion import normalized
+    from .test_diffusion import objective as diffusion_objective
+    from .test_masked_generation import generation_objective, tiny_model
+
+    dit = build_model(ModelConfig(arch="encoder", width=16, num_layers=1, attention={"num_heads": 2},
+                                  stem={"kind": "patches", "image_size": 8, "patch_size": 4, "in_channels": 1},
+                                  position={"kind": "sincos2d"}, head={"kind": "patches"},
+                                  condition={"kind": "adaln_zero", "timesteps": True, "classes": 10,
+                                             "timestep_frequencies": 8, "label_dropout": 0.5}))
+    images = {"inputs": normalized(16 * torch.rand(6, 1, 8, 8)), "labels": torch.arange(6)}
+    masked = generation_objective(class_dropout=0.5)
+    cases = [(diffusion_objective(kind), dit, images) for kind in ("flow_matching", "ddpm")]  # (wrapped twice)
+    cases.append((masked, tiny_model(masked), masked.bundle.train.take(torch.arange(6))))
+    for objective, model, batch in cases:
+        model = randomize(objective.wrap_model(model), 0, std=0.3).eval()
+        whole = objective.loss(model, batch, step_generator(3, 1))
+        shares = [objective.loss(model, _rows(batch, rank, 2), _generator(rank, 2, 6)) for rank in (0, 1)]
+        assert torch.allclose((shares[0] + shares[1]) / 2, whole, rtol=1e-5), objective.kind
+        # Each process's rows got their own noise and masks, not the other process's.
+        assert not torch.allclose(shares[0], shares[1])
+    # The model's own label drop is off: the objective drops from the per-example draws instead.
+    assert dit.conditioning.label_dropout == 0.0 and cases[1][0].label_dropout == 0.5
+
+
+def test_mdlm_times_and_masks_of_two_processes_are_the_single_process_ones():
+    from formerkit.data.base import DataBundle
+    from formerkit.train.config import ObjectiveConfig
+    from formerkit.train.objectives import MaskedDiffusionLM
+
+    objective = MaskedDiffusionLM(ObjectiveConfig(kind="masked_diffusion_lm"),
+                                  DataBundle(train=None, valid=None, test=None, model_fields={"vocab_size": 256}))
+    tokens = torch.randint(256, (6, 40), generator=torch.Generator().manual_seed(1))
+    inputs, masked, t = objective.corrupt(tokens, step_generator(3, 1))
+    for rank in (0, 1):
+        mine = objective.corrupt(tokens[rank::2], _generator(rank, 2, 6))
+        for value, expected in zip(mine, (inputs, masked, t)):
+            assert torch.equal(value, expected[rank::2])
