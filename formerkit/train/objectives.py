@@ -546,7 +546,7 @@ class MaskedGeneration(Objective):
         # The mean over the micro-batch's masked tokens: summed here, divided by this process's share of the
         # micro-batch's masked total, so the processes' averaged gradients are the single-process mean's.
         total = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing, reduction="sum")
-        return self.with_aux(total / max(share, 1e-12), aux_loss)
+        return self.with_aux(total / share, aux_loss)  # (share >= 1: every row masks a token)
 
     @torch.no_grad()
     def evaluate(self, model, batches):
