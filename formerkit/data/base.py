@@ -20,6 +20,8 @@ __all__ = [
     "ArraySplit",
     "DataBundle",
     "DataError",
+    "ProcessGenerator",
+    "RowDraws",
     "TokenSplit",
     "step_generator",
 ]
@@ -29,13 +31,77 @@ class DataError(FormerkitError):
     """A data source cannot be read: a missing path, an empty corpus, an unreadable file, bad options."""
 
 
-def step_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded from the run seed and any number of integer keys (step, epoch, purpose)."""
+def step_seed(seed: int, *keys: int) -> int:
+    """The seed ``step_generator`` gives its generator."""
     value = seed & 0xFFFFFFFF
     for key in keys:
         # A simple mix (the FNV-style multiply-xor) so (seed, step) pairs do not collide for realistic ranges.
         value = ((value ^ (key & 0xFFFFFFFF)) * 0x100000001B3) & 0x7FFFFFFFFFFFFFFF
-    return torch.Generator().manual_seed(value)
+    return value
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded from the run seed and any number of integer keys (step, epoch, purpose)."""
+    return torch.Generator().manual_seed(step_seed(seed, *keys))
+
+
+class RowDraws:
+    """Per-example random draws (noise, timesteps, masks) for a batch that may be one process's share of a micro-batch.
+
+    Every process draws the whole micro-batch's values from one stream they all share and keeps its own rows, so an
+    example gets the same draws however the global batch is split between processes: a distributed run of a
+    stochastic objective then follows the single-process run. ``rand``/``randn``/``randint`` draw for the whole
+    micro-batch ([total, *shape]); ``mine`` keeps this process's rows. ``generator`` is the shared stream itself,
+    for draws that are not per example."""
+
+    def __init__(self, generator: torch.Generator, rows: Tensor | None, total: int):
+        self.generator = generator
+        # This process's rows of the micro-batch (None: all of them, a single process).
+        self.rows = rows
+        self.total = total
+
+    @staticmethod
+    def of(generator: torch.Generator, count: int) -> RowDraws:
+        """The draws for a batch of ``count`` rows: the trainer's (a ``ProcessGenerator``), or, for any other
+        generator (evaluation, a direct call), the whole batch drawn from ``generator``."""
+        draws = getattr(generator, "row_draws", None)
+        if draws is None:
+            return RowDraws(generator, None, count)
+        if draws.count != count:
+            raise ValueError(f"RowDraws: the batch has {count} rows, the trainer's share has {draws.count}")
+        return draws
+
+    @property
+    def count(self) -> int:
+        """How many rows this process has."""
+        return self.total if self.rows is None else len(self.rows)
+
+    def rand(self, *shape: int) -> Tensor:
+        return torch.rand(self.total, *shape, generator=self.generator)
+
+    def randn(self, *shape: int) -> Tensor:
+        return torch.randn(self.total, *shape, generator=self.generator)
+
+    def randint(self, high: int, *shape: int) -> Tensor:
+        return torch.randint(high, (self.total, *shape), generator=self.generator)
+
+    def mine(self, values: Tensor) -> Tensor:
+        """This process's rows of draws made for the whole micro-batch."""
+        return values if self.rows is None else values[self.rows.to(values.device)]
+
+
+class ProcessGenerator(torch.Generator):
+    """What the trainer hands ``Objective.loss``: this process's own stream (seeded by ``seed``), usable wherever a
+    torch.Generator is, and ``row_draws`` (a ``RowDraws``) for objectives whose draws must not depend on how the
+    global batch is split (``RowDraws.of``). With one process the two streams start from the same seed."""
+
+    def __new__(cls, seed: int, row_draws: RowDraws):
+        return super().__new__(cls)  # (torch.Generator's constructor takes only a device)
+
+    def __init__(self, seed: int, row_draws: RowDraws):
+        super().__init__()
+        self.manual_seed(seed)
+        self.row_draws = row_draws
 
 
 class ArraySplit:

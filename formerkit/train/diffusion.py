@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from formerkit.data.base import step_generator
+from formerkit.data.base import RowDraws, step_generator
 from formerkit.errors import ConfigError, InputError
 from formerkit.generation.diffusion import (
     NoiseSchedule,
@@ -43,6 +43,8 @@ class DiffusionObjective(Objective):
 
     # Images per class in the grids written at each evaluation (RUN/samples/step_NNNNNN.png).
     grid_columns = 8
+    # The probability with which training passes drop a label (the model's condition.label_dropout: wrap_model).
+    label_dropout = 0.0
 
     def __init__(self, config, bundle):
         super().__init__(config, bundle)
@@ -90,12 +92,18 @@ class DiffusionObjective(Objective):
 
     # ----- training -----
 
-    def noisy(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    def noisy(self, x0: Tensor, draws: RowDraws) -> tuple[Tensor, Tensor, Tensor]:
         """(x_t, the model's timesteps, the target) for clean images ``x0`` in data units."""
         raise NotImplementedError
 
     def wrap_model(self, model):
-        """With objective.patch_mask_ratio: the model inside ``PatchMaskedDiffusion`` (its mask token trains too)."""
+        """With objective.patch_mask_ratio: the model inside ``PatchMaskedDiffusion`` (its mask token trains too).
+
+        The objective drops the labels to the null class itself (condition.label_dropout, DiT's class dropout), from
+        the per-example draws of the noise (RowDraws): the model's own drop draws from each process's global stream,
+        so a distributed run would drop other labels than one process. Only training passes drop."""
+        self.label_dropout = model.config.condition.label_dropout
+        model.conditioning.label_dropout = 0.0
         if not self.config.patch_mask_ratio:
             return model
         return PatchMaskedDiffusion(model, mask_ratio=self.config.patch_mask_ratio,
@@ -105,22 +113,28 @@ class DiffusionObjective(Objective):
         return trained.model if isinstance(trained, PatchMaskedDiffusion) else trained
 
     def batch_loss(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator,
-                   usage: ExpertUsage | None = None) -> tuple[Tensor, Tensor | None]:
+                   usage: ExpertUsage | None = None, label_dropout: float = 0.0) -> tuple[Tensor, Tensor | None]:
         x0 = self.to_data(batch["inputs"].float())
-        x_t, timesteps, target = self.noisy(x0, generator)
+        draws = RowDraws.of(generator, len(x0))
+        x_t, timesteps, target = self.noisy(x0, draws)
+        labels = batch["labels"]
+        if label_dropout:
+            dropped = draws.mine(draws.rand()).to(labels.device) < label_dropout
+            labels = labels.masked_fill(dropped, self.classes)  # the null class (condition.classes)
         masked = getattr(model, "module", model)  # inside DDP/FSDP
         if isinstance(masked, PatchMaskedDiffusion) and model.training:
             # Patch masking: a random subset of patches per image enters the blocks; the error counts there only.
+            # (Drawn from the process's own stream: under torchrun each process masks its rows independently.)
             ids_keep = masked.draw_visible(len(x0), generator).to(x0.device)
-            prediction = model(x_t, timesteps=timesteps, labels=batch["labels"], ids_keep=ids_keep)
+            prediction = model(x_t, timesteps=timesteps, labels=labels, ids_keep=ids_keep)
             kept = masked.kept_pixels(ids_keep)
             error = (prediction.float() - target).pow(2) * kept
             return error.sum() / (kept.sum() * x0.shape[1]), None
-        prediction, aux_loss = self.run(model, x_t, timesteps=timesteps, labels=batch["labels"], usage=usage)
+        prediction, aux_loss = self.run(model, x_t, timesteps=timesteps, labels=labels, usage=usage)
         return F.mse_loss(prediction.float(), target), aux_loss
 
     def loss(self, model, batch, generator):
-        return self.with_aux(*self.batch_loss(model, batch, generator))
+        return self.with_aux(*self.batch_loss(model, batch, generator, label_dropout=self.label_dropout))
 
     @torch.no_grad()
     def evaluate(self, model, batches):
@@ -191,9 +205,9 @@ class FlowMatching(DiffusionObjective):
 
     kind = "flow_matching"
 
-    def noisy(self, x0, generator):
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        t = torch.rand(x0.shape[0], generator=generator).to(x0.device)
+    def noisy(self, x0, draws):
+        noise = draws.mine(draws.randn(*x0.shape[1:])).to(x0.device, x0.dtype)
+        t = draws.mine(draws.rand()).to(x0.device)
         x_t, velocity = flow_interpolate(x0, noise, t)
         return x_t, t * FLOW_TIMESTEP_SCALE, velocity
 
@@ -215,9 +229,9 @@ class DDPM(DiffusionObjective):
         super().__init__(config, bundle)
         self.schedule = NoiseSchedule(config.noise_schedule, config.diffusion_steps)
 
-    def noisy(self, x0, generator):
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        t = torch.randint(self.schedule.steps, (x0.shape[0],), generator=generator)
+    def noisy(self, x0, draws):
+        noise = draws.mine(draws.randn(*x0.shape[1:])).to(x0.device, x0.dtype)
+        t = draws.mine(draws.randint(self.schedule.steps))
         return self.schedule.add_noise(x0, noise, t), t.float().to(x0.device), noise
 
     def draw(self, model, noise, labels, steps, guidance, generator):

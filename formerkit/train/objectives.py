@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from formerkit.data.base import step_generator
+from formerkit.data.base import RowDraws, step_generator
 from formerkit.errors import ConfigError, InputError
 from formerkit.models.early_exit import exit_logits
 from formerkit.models.mae import MaskedAutoencoder
@@ -130,6 +130,9 @@ class Objective:
         return trained
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """The training loss of ``batch``. The trainer's ``generator`` is a ``ProcessGenerator``: this process's own
+        stream, and, through ``RowDraws.of(generator, rows)``, draws per example that do not depend on how the global
+        batch is split between processes (what a stochastic objective uses, so DDP follows one process)."""
         raise NotImplementedError
 
     def snapshot(self, model: nn.Module, run_dir, step: int) -> None:
@@ -521,30 +524,36 @@ class MaskedGeneration(Objective):
         from formerkit.generation.masked import cosine_masking_ratio, masked_count, random_mask
 
         count, length = tokens.shape
-        counts = masked_count(cosine_masking_ratio(torch.rand(count, generator=generator)), length)
-        masked = random_mask(counts, length, generator).to(tokens.device)
-        dropped = (torch.rand(count, generator=generator) < class_dropout).to(tokens.device)
+        draws = RowDraws.of(generator, count)
+        # Drawn for the whole micro-batch, this process keeping its rows (RowDraws): the same masks however the
+        # global batch is split between processes; and the micro-batch's masked total, which the loss divides by.
+        counts = masked_count(cosine_masking_ratio(draws.rand()), length)
+        masked = draws.mine(random_mask(counts, length, draws.generator)).to(tokens.device)
+        dropped = draws.mine(draws.rand() < class_dropout).to(tokens.device)
         classes = torch.where(dropped, self.null_class, self.class_tokens(labels))
         inputs = torch.cat([classes.unsqueeze(1), tokens.masked_fill(masked, self.mask_id)], dim=1)
-        return inputs, masked
+        return inputs, masked, int(counts.sum()) * draws.count / draws.total
 
     def _masked_logits(self, model, batch, generator, class_dropout, usage=None):
         tokens = self.image_tokens(batch)
-        inputs, masked = self.corrupt(tokens, batch["labels"], generator, class_dropout)
+        inputs, masked, share = self.corrupt(tokens, batch["labels"], generator, class_dropout)
         logits, aux_loss = self.run(model, inputs, usage=usage)
         # Only image tokens are ever predicted: [MASK] and the class ids are left out of the softmax.
-        return logits[:, 1:, :self.image_vocab].float()[masked], tokens[masked], aux_loss
+        return logits[:, 1:, :self.image_vocab].float()[masked], tokens[masked], aux_loss, share
 
     def loss(self, model, batch, generator):
-        logits, targets, aux_loss = self._masked_logits(model, batch, generator, self.config.class_dropout)
-        return self.with_aux(F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing), aux_loss)
+        logits, targets, aux_loss, share = self._masked_logits(model, batch, generator, self.config.class_dropout)
+        # The mean over the micro-batch's masked tokens: summed here, divided by this process's share of the
+        # micro-batch's masked total, so the processes' averaged gradients are the single-process mean's.
+        total = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing, reduction="sum")
+        return self.with_aux(total / share, aux_loss)  # (share >= 1: every row masks a token)
 
     @torch.no_grad()
     def evaluate(self, model, batches):
         generator = step_generator(0, 9)  # the same masks every evaluation; always the true class
         total, correct, count, usage = 0.0, 0, 0, ExpertUsage()
         for batch in batches:
-            logits, targets, _ = self._masked_logits(model, batch, generator, 0.0, usage)
+            logits, targets, _, _ = self._masked_logits(model, batch, generator, 0.0, usage)
             total += F.cross_entropy(logits, targets, reduction="sum").item()
             correct += (logits.argmax(-1) == targets).sum().item()
             count += len(targets)
@@ -646,10 +655,12 @@ class MaskedDiffusionLM(Objective):
 
     def corrupt(self, tokens: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """(inputs, masked, t) for token windows [batch, L]."""
-        count = tokens.shape[0]
-        t = (torch.arange(count) + torch.rand(1, generator=generator)) / count
+        draws = RowDraws.of(generator, tokens.shape[0])  # the micro-batch's draws, this process's rows
+        total = draws.total
+        t = (torch.arange(total) + torch.rand(1, generator=draws.generator)) / total
         t = self.min_time + (1 - self.min_time) * t
-        masked = (torch.rand(tokens.shape, generator=generator) < t.unsqueeze(1)).to(tokens.device)
+        masked = draws.mine(draws.rand(tokens.shape[1]) < t.unsqueeze(1)).to(tokens.device)
+        t = draws.mine(t)
         return tokens.masked_fill(masked, self.mask_id), masked, t.to(tokens.device)
 
     def _bound(self, model, batch, generator, usage=None):

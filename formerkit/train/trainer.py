@@ -22,7 +22,7 @@ from torch import nn
 
 from formerkit.checkpoint import load, save
 from formerkit.data import DataBundle, build_data, save_tokenizer
-from formerkit.data.base import step_generator
+from formerkit.data.base import ProcessGenerator, RowDraws, step_generator, step_seed
 from formerkit.errors import FormerkitError
 from formerkit.models.transformer import Transformer, TransformerStack, build_model
 from formerkit.train import distributed
@@ -530,8 +530,14 @@ def run_loop(config: TrainConfig, run_dir: Path, model: nn.Module, objective: Ob
                 mine = micro_rows[dist.rank::dist.world_size]
                 batch = {k: v[mine].to(dist.device) for k, v in global_batch.items()}
                 sync = micro == schedule.grad_accum - 1
+                # Each process its own stream, and the shared one (rank 0's: a single process's results stay) that
+                # objectives drawing per example use for the whole micro-batch, keeping this process's rows.
+                share = None if dist.world_size == 1 else torch.arange(len(micro_rows))[dist.rank::dist.world_size]
+                generator = ProcessGenerator(step_seed(run.seed, 5, step, micro, dist.rank),
+                                             RowDraws(step_generator(run.seed, 5, step, micro, 0), share,
+                                                      len(micro_rows)))
                 with dist.no_sync(parallel, sync), autocast():
-                    loss = objective.loss(parallel, batch, step_generator(run.seed, 5, step, micro, dist.rank))
+                    loss = objective.loss(parallel, batch, generator)
                 (loss / schedule.grad_accum).backward()
                 loss_sum += loss.detach()
                 units += objective.units(batch)

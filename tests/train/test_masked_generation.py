@@ -57,7 +57,7 @@ def test_each_example_masks_ceil_length_cos_pi_over_2_u_tokens_with_u_from_the_g
     objective = generation_objective(class_dropout=0.0)
     batch = objective.bundle.train.take(torch.arange(12))
     tokens = objective.image_tokens(batch)
-    inputs, masked = objective.corrupt(tokens, batch["labels"], torch.Generator().manual_seed(5), 0.0)
+    inputs, masked, _ = objective.corrupt(tokens, batch["labels"], torch.Generator().manual_seed(5), 0.0)
     # The first draw of the generator is u, one per example (MaskGIT's gamma(u) = cos(pi/2 u)).
     u = torch.rand(12, generator=torch.Generator().manual_seed(5))
     expected = [max(1, math.ceil(16 * math.cos(math.pi / 2 * value))) for value in u.tolist()]
@@ -69,7 +69,7 @@ def test_each_example_masks_ceil_length_cos_pi_over_2_u_tokens_with_u_from_the_g
 def test_class_dropout_replaces_the_class_by_the_null_class_at_its_rate():
     objective = generation_objective(class_dropout=0.3)
     tokens = torch.zeros(4000, 16, dtype=torch.long)
-    inputs, _ = objective.corrupt(tokens, torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0), 0.3)
+    inputs, _, _ = objective.corrupt(tokens, torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0), 0.3)
     assert abs((inputs[:, 0] == 21).float().mean().item() - 0.3) < 0.03
     assert set(inputs[:, 0].tolist()) == {18, 21}
 
