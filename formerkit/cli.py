@@ -176,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_TEXT_OPTIONS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "stop")
+_TEXT_OPTIONS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "stop", "draft", "draft_tokens")
 _IMAGE_OPTIONS = (("label", "--class"), ("num", "--num"), ("steps", "--steps"), ("guidance", "--guidance"),
                   ("out", "--out"))
 
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "RUN/sampled)")
     text = sample.add_argument_group("language-model runs (as formerkit generate)")
     for flag, kind in (("--prompt", str), ("--max-new-tokens", int), ("--temperature", float), ("--top-k", int),
-                       ("--top-p", float), ("--stop", str)):
+                       ("--top-p", float), ("--stop", str), ("--draft", str), ("--draft-tokens", int)):
         text.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
     text.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     sample.set_defaults(run=cmd_sample)
