@@ -15,6 +15,7 @@ from formerkit.config import (
     PositionConfig,
     StemConfig,
 )
+from formerkit.data.base import RowDraws
 from formerkit.errors import ConfigError
 from formerkit.models.masked_diffusion import PatchMaskedDiffusion
 from formerkit.models.transformer import Transformer, build_model
@@ -54,7 +55,7 @@ def test_the_masked_loss_is_the_squared_error_over_the_kept_patches_only():
     loss.backward()
     # The same draws replayed: the noise and timesteps, then the visible patches.
     replay = torch.Generator().manual_seed(7)
-    _, _, target = objective.noisy(objective.to_data(batch["inputs"]), replay)
+    _, _, target = objective.noisy(objective.to_data(batch["inputs"]), RowDraws.of(replay, 4))
     kept = wrapped.kept_pixels(wrapped.draw_visible(4, replay))
     prediction = seen["prediction"]
     assert kept.sum() == 4 * 8 * 4  # 8 of 16 patches of 4 pixels per image
