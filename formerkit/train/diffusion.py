@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from formerkit.data.base import RowDraws, step_generator
+from formerkit.data.base import RowDraws
 from formerkit.errors import ConfigError, InputError
 from formerkit.generation.diffusion import (
     NoiseSchedule,
@@ -138,13 +138,9 @@ class DiffusionObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        generator = step_generator(0, 9)  # the same noise and timesteps every evaluation
-        total, count, usage = 0.0, 0, ExpertUsage()
-        for batch in batches:
-            loss, _ = self.batch_loss(model, batch, generator, usage)
-            total += loss.item() * len(batch["labels"])
-            count += len(batch["labels"])
-        return {"loss": total / max(count, 1), **usage.metrics()}
+        # The same noise and timesteps every evaluation; labels never dropped.
+        return self.mean_loss(batches, lambda batch, generator, usage: self.batch_loss(model, batch, generator, usage),
+                              "labels", stream=9)
 
     # ----- sampling -----
 

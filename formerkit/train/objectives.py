@@ -144,6 +144,18 @@ class Objective:
         return len(next(iter(batch.values())))
 
     @torch.no_grad()
+    def mean_loss(self, batches: Iterable[dict[str, Tensor]], batch_loss, rows: str, stream: int) -> dict[str, float]:
+        """{"loss": the mean of ``batch_loss(batch, generator, usage)[0]`` over ``batches``, each weighted by its
+        number of rows (``batch[rows]``), and the expert usage}: an evaluation of a stochastic objective, drawing the
+        same noise every time (a generator seeded with ``stream``)."""
+        generator = step_generator(0, stream)
+        total, count, usage = 0.0, 0, ExpertUsage()
+        for batch in batches:
+            loss, _ = batch_loss(batch, generator, usage)
+            total += loss.item() * len(batch[rows])
+            count += len(batch[rows])
+        return {"loss": total / max(count, 1), **usage.metrics()}
+
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
         raise NotImplementedError
 
@@ -224,11 +236,8 @@ class CausalLM(Objective):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **usage.metrics()}
 
 
-class MaskedLM(Objective):
-    """BERT's masked LM: choose mask_prob of the tokens; of those, 80% become [MASK], 10% a random token, 10% stay;
-    predict the original token at the chosen positions. [MASK] is one id past the tokenizer's vocabulary."""
-
-    kind = "masked_lm"
+class _MaskToken:
+    """Objectives that add a [MASK] token after the data's vocabulary."""
 
     @property
     def mask_id(self) -> int:
@@ -236,6 +245,13 @@ class MaskedLM(Objective):
 
     def model_fields(self):
         return {"vocab_size": self.bundle.model_fields["vocab_size"] + 1}
+
+
+class MaskedLM(_MaskToken, Objective):
+    """BERT's masked LM: choose mask_prob of the tokens; of those, 80% become [MASK], 10% a random token, 10% stay;
+    predict the original token at the chosen positions. [MASK] is one id past the tokenizer's vocabulary."""
+
+    kind = "masked_lm"
 
     def check_model(self, model_config):
         if model_config.arch != "encoder" or model_config.head.kind != "masked_lm":
@@ -630,7 +646,7 @@ def masked_diffusion_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Te
     return ((nll * masked).sum(dim=1) / (t * targets.shape[1])).mean()
 
 
-class MaskedDiffusionLM(Objective):
+class MaskedDiffusionLM(_MaskToken, Objective):
     """A masked diffusion language model (MDLM, Sahoo et al. 2024; Shi et al. 2024; the recipe of LLaDA, Nie et al.
     2025): each window gets a time t and every token is replaced by [MASK] with probability t; the loss is the
     1/t-weighted cross-entropy on the masked tokens (``masked_diffusion_loss``), an upper bound on the negative
@@ -642,13 +658,6 @@ class MaskedDiffusionLM(Objective):
     kind = "masked_diffusion_lm"
     # t is kept away from 0: a window with nothing masked has no loss and an infinite weight.
     min_time = 1e-3
-
-    @property
-    def mask_id(self) -> int:
-        return self.bundle.model_fields["vocab_size"]
-
-    def model_fields(self):
-        return {"vocab_size": self.bundle.model_fields["vocab_size"] + 1}
 
     def check_model(self, model_config):
         _check_bidirectional_token_model(self.kind, model_config)
@@ -677,13 +686,8 @@ class MaskedDiffusionLM(Objective):
 
     @torch.no_grad()
     def evaluate(self, model, batches):
-        generator = step_generator(0, 10)  # the same times and masks every evaluation
-        total, count, usage = 0.0, 0, ExpertUsage()
-        for batch in batches:
-            bound, _ = self._bound(model, batch, generator, usage)
-            total += bound.item() * len(batch["tokens"])
-            count += len(batch["tokens"])
-        return {"loss": total / max(count, 1), **usage.metrics()}
+        return self.mean_loss(batches, lambda batch, generator, usage: self._bound(model, batch, generator, usage),
+                              "tokens", stream=10)
 
 
 _OBJECTIVES = {cls.kind: cls for cls in (CausalLM, MaskedLM, Classification, SequenceToSequence, Forecast,
