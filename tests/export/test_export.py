@@ -202,6 +202,7 @@ def test_a_pruned_decoder_exports_to_onnx(tmp_path):
     _assert_matches_on_real_tokens(pruned, cases, _run_onnx_alone(tmp_path / "pruned.onnx", cases, tmp_path))
 
 
+@pytest.mark.slow
 def test_onnx_files_record_their_length_limit_and_run_onnx_refuses_longer_inputs_by_name(tmp_path):
     import onnxruntime
 

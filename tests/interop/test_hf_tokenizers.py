@@ -248,6 +248,7 @@ def test_serve_on_a_converted_checkpoint_stops_at_its_eos(bpe_dir, tmp_path):
     assert answer["text"] == hf_tokenizer.decode(expected, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_inspect_report_and_predict_take_text_on_a_converted_checkpoint(bpe_dir, tmp_path):
     from formerkit.inspection import inspect_run
     from formerkit.train.html_report import write_report
@@ -323,6 +324,7 @@ def text_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RECIPE_RUNS))
 def test_pipeline_on_an_exported_recipe_run_generates_formerkit_text(case, trained_run, text_folder, randomize,
                                                                      tmp_path):
@@ -354,6 +356,7 @@ def test_pipeline_on_an_exported_recipe_run_generates_formerkit_text(case, train
             assert _pipeline_text(out, prompt, 12) == ours_text
 
 
+@pytest.mark.slow
 def test_vit_digits_with_its_class_token_converts_to_vit_and_what_no_family_holds_is_refused_by_field(trained_run,
                                                                                                      tmp_path):
     from formerkit.runs import load_run_model

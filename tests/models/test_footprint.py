@@ -45,6 +45,7 @@ def test_meta_build_counts_equal_the_real_builds(config):
         [(n, b.shape, b.dtype) for n, b in real.named_buffers()]
 
 
+@pytest.mark.slow
 def test_counting_every_preset_stays_out_of_torch_dynamo():
     # Several of PyTorch's meta kernels (the random initializations, arange, the arithmetic of the rotary and
     # sinusoidal tables) are Python that imports torch._dynamo, a second or more: a meta build avoids them all.
