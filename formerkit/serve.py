@@ -18,7 +18,8 @@ between steps, streamed or not; with ``batching="window"`` it schedules as the e
 gathered within ``wait_ms`` runs until its longest row ends). At most ``max_running`` sequences run and
 ``max_queued`` wait; past that a request is refused with 429. A consumer that stops iterating (a client that
 disconnects) cancels its sequence and frees its row; ``GET /v1/stats`` shows the engine's counters. A model the engine
-cannot batch (``Engine`` says why) is decoded one sequence at a time (``OneSequenceAtATime``). Classification and
+cannot batch (``Engine`` says why) is decoded one sequence at a time (``OneSequenceAtATime``; both sources in
+``formerkit.serve_sequences``). Classification and
 forecasting requests are batched: each waits at most ``wait_ms`` for others to join it, up to ``max_batch``, then the
 batch runs in one forward pass. The model runs in one thread, so requests never interleave inside it; a request that
 fails answers with an error and the server goes on. Bodies larger than ``max_body_bytes`` are refused before they are
@@ -35,7 +36,6 @@ import io
 import json
 import shlex
 import sys
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +49,6 @@ from formerkit.errors import CheckpointError, InputError, ServeError
 from formerkit.generation.engine import Engine
 from formerkit.generation.requests import TokenEvent, TokenRequest
 from formerkit.generation.sampling import SamplingConfig
-from formerkit.generation.single import decode_sequence
 from formerkit.generation.text import TextPieces
 from formerkit.runs import (
     denormalize_forecast,
@@ -64,6 +63,7 @@ from formerkit.runs import (
     stop_ids,
 )
 from formerkit.sample import generates_images, image_generator
+from formerkit.serve_sequences import BatchedSequences, OneSequenceAtATime, speculative_decoding
 
 __all__ = ["BatchedSequences", "ModelService", "OneSequenceAtATime", "ServeError", "create_app", "example_call",
            "serve"]
@@ -80,95 +80,6 @@ class _Job:
     key: tuple  # requests with equal keys may share a batch
     payload: Any
     future: asyncio.Future = field(default=None)  # type: ignore[assignment]
-
-
-_END = object()
-
-
-class OneSequenceAtATime:
-    """``token_events`` decoding each request alone (``decode_sequence``) in the model's worker thread, in the order
-    they come. The worker puts each event on the request's queue as it is made; a consumer that stops listening
-    sets the request's ``cancelled`` flag, and the worker drops the sequence at its next step (or before it starts)."""
-
-    def __init__(self, model, executor: concurrent.futures.Executor, decode=decode_sequence):
-        # decode(model, request, cancelled) -> TokenEvents: plain decoding, or speculative with the server's draft.
-        self.model, self.executor, self.decode = model, executor, decode
-
-    async def events(self, request: TokenRequest) -> AsyncIterator[TokenEvent]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def put(item) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop closed: nobody listens any more
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def run() -> None:
-            try:
-                if not cancelled.is_set():
-                    for event in self.decode(self.model, request, cancelled):
-                        put(event)
-            except Exception as error:  # the request fails, the worker goes on
-                put(error)
-            finally:
-                put(_END)
-
-        loop.run_in_executor(self.executor, run)
-        try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-
-
-def speculative_decoding(draft):
-    """A ``decode`` for ``OneSequenceAtATime``: each request decoded speculatively with ``draft`` (built once by
-    ``runs.load_draft``; it keeps no state between requests), stopped at the first event after ``cancelled`` is set."""
-    from formerkit.generation.speculative_serving import speculative_events
-
-    def decode(model, request: TokenRequest, cancelled: threading.Event):
-        events = speculative_events(model, request, draft)
-        try:
-            for event in events:
-                if cancelled.is_set():
-                    return
-                yield event
-        finally:
-            events.close()
-
-    return decode
-
-
-class BatchedSequences:
-    """``token_events`` through an ``Engine`` (its loop started on first use): each request is submitted with a
-    callback that puts its events on the request's asyncio queue; a consumer that stops listening cancels the
-    ticket, and the engine frees its row before its next step. A full engine raises ``EngineFull`` at the first
-    event, before any response has started."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-
-    async def events(self, request: TokenRequest) -> AsyncIterator[TokenEvent]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def put(item) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop closed: nobody listens any more
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        ticket = self.engine.start().submit(request, put)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            ticket.cancel()
 
 
 class ModelService:
