@@ -16,20 +16,7 @@ and evaluation tools written against it, already speak.
   an encoder-decoder); ``input`` a string, strings or token ids; unit-length vectors (``ModelService.embed``: a
   classifier's pooled vector, else the mean of the final hidden states), ``encoding_format`` "float" or "base64"
   (little-endian float32).
-- ``POST /v1/images/generations``: image generators (a ``dit-digits`` or ``maskgit-digits`` run), in OpenAI's images
-  shape, so ``client.images.generate(model=NAME, prompt="3", n=4, extra_body={"seed": 1, "steps": 10})`` works.
-  ``prompt`` is the class to draw: its name among the run's class names, else its id as text ("3"); or ``class``, the
-  id as an integer (an extension; with both, they must agree). ``n`` images (1-64) of that class, drawn together from
-  one generator seeded once with ``seed`` (default 0, as ``formerkit sample``): the same request gives the same
-  PNGs (image i of a request with another n may differ). ``steps`` and ``guidance`` (extensions) default to the
-  run's recipe.
-  Each image is a PNG of the raw-unit image scaled by the data's maximum (``raw_max``, 16 for digits) to 0-255:
-  ``round(255 * clamp(image / raw_max, 0, 1))``, grayscale for 1 channel, RGB for 3; ``scale`` (an extension, 1-32,
-  default 1) enlarges it by nearest neighbour (an 8x8 digit is tiny), and ``size`` ("WxH") may ask for the same
-  thing: the model's size times a whole factor ("64x64" from an 8x8 model is scale 8) or "auto"; any other size is
-  refused, as the model draws one size. ``response_format`` is ``b64_json`` only (``url`` is refused: this server
-  keeps no files to link to), ``output_format`` ``png`` only. The answer: ``{"created", "data": [{"b64_json",
-  "revised_prompt": the class name}], "size", "output_format"}``. ``model`` may be left out (one model is served).
+- ``POST /v1/images/generations``: image generators (``formerkit.openai_images``).
 
 Streaming answers are server-sent events in OpenAI's chunk format, ``data: {json}\\n\\n`` each, ending with
 ``data: [DONE]``; a chat stream's first chunk of each choice carries the role alone (content ""), the next ones
@@ -63,7 +50,6 @@ import torch
 
 from formerkit.data.instruct import DEFAULT_END, chat_template, encode_plain, renderer
 from formerkit.errors import FormerkitError, InputError, ServeError
-from formerkit.generation.grid import png_bytes
 from formerkit.generation.requests import TokenEvent, TokenRequest
 from formerkit.generation.sampling import SamplingConfig
 from formerkit.generation.text import TextPieces
@@ -75,10 +61,7 @@ MAX_CHOICES = 64
 MAX_EMBEDDING_INPUTS = 2048
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 16
-# The most images one images request may ask for, sampler steps per image, and the largest nearest-neighbour scale.
-MAX_IMAGES = 64
-MAX_IMAGE_STEPS = 1000
-MAX_IMAGE_SCALE = 32
+
 
 
 # ----- one choice: token events -> text, logprobs, finish reason -----
@@ -233,55 +216,6 @@ def _token_request(service, ids: list[int], count: int, sampling: SamplingConfig
     return TokenRequest(tuple(ids), count, sampling, seed, frozenset(service.eos_ids), logprobs)
 
 
-def _image_class(classes: list[str], prompt: str | None, class_id: int | None) -> int:
-    """The class an images request asks for: ``prompt`` a class name (exactly, else ignoring case) or a class id as
-    text, or ``class_id``; both given must agree. A 400 naming the field otherwise."""
-    count = len(classes)
-    shown = ", ".join(classes[:20]) + (", ..." if count > 20 else "")
-    if class_id is not None and not 0 <= class_id < count:
-        raise ServeError(400, f"class: a class id in [0, {count - 1}] ({shown}), got {class_id}", param="class",
-                         code="invalid_value")
-    if prompt is None:
-        if class_id is None:
-            raise ServeError(400, f"prompt: required: the class to draw, a name ({shown}) or an id in [0, "
-                                  f"{count - 1}] (or send class, an integer id)", param="prompt",
-                             code="invalid_value")
-        return class_id
-    text = prompt.strip()
-    folded = [name.casefold() for name in classes]
-    if text in classes:
-        chosen = classes.index(text)
-    elif text.casefold() in folded:
-        chosen = folded.index(text.casefold())
-    elif text.isdecimal() and int(text) < count:
-        chosen = int(text)
-    else:
-        raise ServeError(400, f"prompt: this model draws a class: a name ({shown}) or an id in [0, {count - 1}], "
-                              f"got {prompt!r}", param="prompt", code="invalid_value")
-    if class_id is not None and class_id != chosen:
-        raise ServeError(400, f"class: {class_id} and prompt {prompt!r} (class {chosen}, {classes[chosen]!r}) "
-                              "disagree; send one of them", param="class", code="invalid_value")
-    return chosen
-
-
-def _image_scale(image_size, size: str | None, scale: int | None) -> int:
-    """The nearest-neighbour factor of an images request: ``scale``, or the one ``size`` ("WxH") implies as a whole
-    multiple of the model's (H, W) ``image_size``; both given must agree."""
-    if size is None or size == "auto":
-        return 1 if scale is None else scale
-    height, width = image_size
-    parts = size.lower().split("x")
-    numbers = [int(part) for part in parts if part.isdecimal()]
-    factor = numbers[0] // width if len(parts) == 2 and len(numbers) == 2 and numbers[0] % width == 0 else 0
-    if factor < 1 or numbers != [width * factor, height * factor] or factor > MAX_IMAGE_SCALE:
-        raise _refuse("size", f"this model draws {width}x{height} images: send {width}x{height}, a whole multiple of "
-                              f"it up to x{MAX_IMAGE_SCALE} ({width * 8}x{height * 8}: scale 8) or auto; got "
-                              f"{size!r}")
-    if scale is not None and scale != factor:
-        raise _refuse("size", f"{size!r} is scale {factor}, but scale is {scale}; send one of them")
-    return factor
-
-
 # ----- formats -----
 
 
@@ -410,22 +344,6 @@ def add_openai_routes(app, service) -> None:
         input: str | list[str] | list[int] | list[list[int]]
         encoding_format: Literal["float", "base64"] | None = "float"
         dimensions: int | None = Field(None, ge=1)
-        user: str | None = None
-
-    class ImageRequest(BaseModel):
-        # Unknown fields (quality, style, background, ...) are ignored, as above.
-        model_config = ConfigDict(extra="ignore", populate_by_name=True)
-        model: str | None = None
-        prompt: str | None = None
-        class_id: int | None = Field(None, alias="class", strict=True)
-        n: int | None = Field(None, ge=1, le=MAX_IMAGES, strict=True)
-        seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
-        steps: int | None = Field(None, ge=1, le=MAX_IMAGE_STEPS, strict=True)
-        guidance: float | None = Field(None, strict=True)
-        scale: int | None = Field(None, ge=1, le=MAX_IMAGE_SCALE, strict=True)
-        size: str | None = None
-        response_format: str | None = None
-        output_format: str | None = None
         user: str | None = None
 
     def model_card() -> dict:
@@ -671,29 +589,6 @@ def add_openai_routes(app, service) -> None:
         return {"id": chunks.id, "object": "chat.completion", "created": chunks.created,
                 "model": service.model_id, "choices": answers, "usage": _usage(len(ids), choices)}
 
-    @app.post("/v1/images/generations")
-    async def images(body: ImageRequest):
-        _check_model(service, service.model_id if body.model is None else body.model, "image_generation")
-        if body.response_format not in (None, "b64_json"):
-            raise _refuse("response_format", f"only b64_json: this server keeps no images to link to, got "
-                                             f"{body.response_format!r}")
-        if body.output_format not in (None, "png"):
-            raise _refuse("output_format", f"only png, got {body.output_format!r}")
-        generator = service.image_generator
-        label = _image_class(generator.classes, body.prompt, body.class_id)
-        zoom = _image_scale(service.preprocessing["image_size"], body.size, body.scale)
-        try:
-            images = await service.generate_images([label] * (body.n or 1), steps=body.steps,
-                                                   guidance=body.guidance, seed=0 if body.seed is None else body.seed)
-        except InputError as error:  # the sampler refuses a value (a step count past a DDPM's diffusion steps, ...)
-            param = str(error).split(":")[0]
-            raise ServeError(400, str(error), param=param, code="invalid_value") from None
-        data = [{"b64_json": base64.b64encode(png_bytes(image / generator.raw_max, zoom=zoom)).decode(),
-                 "revised_prompt": generator.classes[label]} for image in images]
-        height, width = images.shape[-2:]
-        return {"created": int(time.time()), "data": data, "size": f"{width * zoom}x{height * zoom}",
-                "output_format": "png"}
-
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         _check_model(service, body.model, "embedding")
@@ -729,3 +624,7 @@ def add_openai_routes(app, service) -> None:
         tokens = sum(len(item) for item in ids)
         return {"object": "list", "data": data, "model": service.model_id,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    from formerkit.openai_images import add_image_routes
+
+    add_image_routes(app, service)
