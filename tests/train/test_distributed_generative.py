@@ -133,7 +133,7 @@ def test_two_processes_losses_average_to_the_single_process_loss(randomize):
 def test_mdlm_times_and_masks_of_two_processes_are_the_single_process_ones():
     from formerkit.data.base import DataBundle
     from formerkit.train.config import ObjectiveConfig
-    from formerkit.train.objectives import MaskedDiffusionLM
+    from formerkit.train.masked_generation import MaskedDiffusionLM
 
     objective = MaskedDiffusionLM(ObjectiveConfig(kind="masked_diffusion_lm"),
                                   DataBundle(train=None, valid=None, test=None, model_fields={"vocab_size": 256}))

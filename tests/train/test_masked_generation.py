@@ -16,7 +16,7 @@ from formerkit.generation.masked import masked_count
 from formerkit.models import build_model
 from formerkit.train import train
 from formerkit.train.config import ObjectiveConfig, TrainConfig
-from formerkit.train.objectives import MaskedDiffusionLM, MaskedGeneration, masked_diffusion_loss
+from formerkit.train.masked_generation import MaskedDiffusionLM, MaskedGeneration, masked_diffusion_loss
 
 from ..conftest import token_config
 
