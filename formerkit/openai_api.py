@@ -16,7 +16,8 @@ and evaluation tools written against it, already speak.
   an encoder-decoder); ``input`` a string, strings or token ids; unit-length vectors (``ModelService.embed``: a
   classifier's pooled vector, else the mean of the final hidden states), ``encoding_format`` "float" or "base64"
   (little-endian float32).
-- ``POST /v1/images/generations``: image generators (``formerkit.openai_images``).
+- ``POST /v1/images/generations``: image generators (``formerkit.openai_images``, which shares these errors and
+  field rules; ``formerkit.serve`` adds both).
 
 Streaming answers are server-sent events in OpenAI's chunk format, ``data: {json}\\n\\n`` each, ending with
 ``data: [DONE]``; a chat stream's first chunk of each choice carries the role alone (content ""), the next ones
@@ -141,7 +142,7 @@ async def _start(events) -> TokenEvent | None:
 # ----- request fields -----
 
 
-def _check_model(service, name: str, task: str) -> None:
+def check_model(service, name: str, task: str) -> None:
     if name != service.model_id:
         raise ServeError(404, f"model: the model {name!r} does not exist; this server serves {service.model_id!r} "
                               "(GET /v1/models)", param="model", code="model_not_found")
@@ -156,7 +157,7 @@ def _check_model(service, name: str, task: str) -> None:
                               f"{service.route}", param="model", code="model_not_supported")
 
 
-def _refuse(param: str, message: str) -> ServeError:
+def refuse_field(param: str, message: str) -> ServeError:
     return ServeError(400, f"{param}: {message}", param=param, code="unsupported_parameter")
 
 
@@ -164,9 +165,9 @@ def _check_unsupported(body) -> None:
     """Fields that would change the answer and that this server cannot honour: refused, naming the field."""
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name, None):
-            raise _refuse(name, "penalties are not supported; send 0 or leave it out")
+            raise refuse_field(name, "penalties are not supported; send 0 or leave it out")
     if getattr(body, "logit_bias", None):
-        raise _refuse("logit_bias", "not supported; leave it out")
+        raise refuse_field("logit_bias", "not supported; leave it out")
 
 
 def _token_ids(service, value, param: str) -> list[int]:
@@ -358,7 +359,7 @@ def add_openai_routes(app, service) -> None:
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        _check_model(service, name, "any")
+        check_model(service, name, "any")
         return model_card()
 
     def choice_requests(prompts: list[list[int]], n: int, count: int | None, sampling: SamplingConfig,
@@ -456,13 +457,13 @@ def add_openai_routes(app, service) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        _check_model(service, body.model, "causal_lm")
+        check_model(service, body.model, "causal_lm")
         _check_unsupported(body)
         n = body.n or 1
         if body.best_of is not None and body.best_of != n:
-            raise _refuse("best_of", f"only best_of = n ({n}) is supported (no ranking of extra samples)")
+            raise refuse_field("best_of", f"only best_of = n ({n}) is supported (no ranking of extra samples)")
         if body.suffix:
-            raise _refuse("suffix", "insertion after a suffix is not supported")
+            raise refuse_field("suffix", "insertion after a suffix is not supported")
         prompts = _prompts(body.prompt, "prompt")
         ids = [_token_ids(service, prompt, "prompt") for prompt in prompts]
         texts = [prompt if isinstance(prompt, str) else service.tokenizer.decode(list(prompt)) for prompt in prompts]
@@ -532,12 +533,12 @@ def add_openai_routes(app, service) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
-        _check_model(service, body.model, "causal_lm")
+        check_model(service, body.model, "causal_lm")
         _check_unsupported(body)
         if body.tools or body.functions:
-            raise _refuse("tools" if body.tools else "functions", "tool calls are not supported")
+            raise refuse_field("tools" if body.tools else "functions", "tool calls are not supported")
         if body.response_format and body.response_format.get("type", "text") != "text":
-            raise _refuse("response_format", f"only type 'text' is supported, got {body.response_format!r}")
+            raise refuse_field("response_format", f"only type 'text' is supported, got {body.response_format!r}")
         if body.top_logprobs is not None and not body.logprobs:
             raise ServeError(400, "top_logprobs: needs logprobs: true", param="top_logprobs", code="invalid_value")
         render, implicit_stops = chat_render()
@@ -591,14 +592,14 @@ def add_openai_routes(app, service) -> None:
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
-        _check_model(service, body.model, "embedding")
+        check_model(service, body.model, "embedding")
         inputs = _prompts(body.input, "input")
         if len(inputs) > MAX_EMBEDDING_INPUTS:
             raise ServeError(400, f"input: at most {MAX_EMBEDDING_INPUTS} inputs, got {len(inputs)}", param="input",
                              code="invalid_value")
         width = service.config.width
         if body.dimensions is not None and body.dimensions != width:
-            raise _refuse("dimensions", f"this model's embeddings have {width} dimensions, got {body.dimensions}")
+            raise refuse_field("dimensions", f"this model's embeddings have {width} dimensions, got {body.dimensions}")
         ids = []
         context = service.config.max_seq_len
         for index, item in enumerate(inputs):
@@ -624,7 +625,3 @@ def add_openai_routes(app, service) -> None:
         tokens = sum(len(item) for item in ids)
         return {"object": "list", "data": data, "model": service.model_id,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-    from formerkit.openai_images import add_image_routes
-
-    add_image_routes(app, service)

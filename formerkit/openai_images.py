@@ -1,5 +1,5 @@
-"""The OpenAI-compatible images endpoint of ``formerkit serve`` (added by ``formerkit.openai_api``, whose errors
-and field rules it shares).
+"""The OpenAI-compatible images endpoint of ``formerkit serve`` (added beside ``formerkit.openai_api``'s, whose
+errors and field rules it shares).
 
 - ``POST /v1/images/generations``: image generators (a ``dit-digits`` or ``maskgit-digits`` run), in OpenAI's images
   shape, so ``client.images.generate(model=NAME, prompt="3", n=4, extra_body={"seed": 1, "steps": 10})`` works.
@@ -22,7 +22,7 @@ import time
 
 from formerkit.errors import InputError, ServeError
 from formerkit.generation.grid import png_bytes
-from formerkit.openai_api import _check_model, _refuse
+from formerkit.openai_api import check_model, refuse_field
 
 __all__ = ["add_image_routes"]
 
@@ -54,12 +54,12 @@ def add_image_routes(app, service) -> None:
 
     @app.post("/v1/images/generations")
     async def images(body: ImageRequest):
-        _check_model(service, service.model_id if body.model is None else body.model, "image_generation")
+        check_model(service, service.model_id if body.model is None else body.model, "image_generation")
         if body.response_format not in (None, "b64_json"):
-            raise _refuse("response_format", f"only b64_json: this server keeps no images to link to, got "
-                                             f"{body.response_format!r}")
+            raise refuse_field("response_format", f"only b64_json: this server keeps no images to link to, got "
+                                                  f"{body.response_format!r}")
         if body.output_format not in (None, "png"):
-            raise _refuse("output_format", f"only png, got {body.output_format!r}")
+            raise refuse_field("output_format", f"only png, got {body.output_format!r}")
         generator = service.image_generator
         label = _image_class(generator.classes, body.prompt, body.class_id)
         zoom = _image_scale(service.preprocessing["image_size"], body.size, body.scale)
@@ -117,9 +117,9 @@ def _image_scale(image_size, size: str | None, scale: int | None) -> int:
     numbers = [int(part) for part in parts if part.isdecimal()]
     factor = numbers[0] // width if len(parts) == 2 and len(numbers) == 2 and numbers[0] % width == 0 else 0
     if factor < 1 or numbers != [width * factor, height * factor] or factor > MAX_IMAGE_SCALE:
-        raise _refuse("size", f"this model draws {width}x{height} images: send {width}x{height}, a whole multiple of "
-                              f"it up to x{MAX_IMAGE_SCALE} ({width * 8}x{height * 8}: scale 8) or auto; got "
-                              f"{size!r}")
+        raise refuse_field("size", f"this model draws {width}x{height} images: send {width}x{height}, a whole "
+                                   f"multiple of it up to x{MAX_IMAGE_SCALE} ({width * 8}x{height * 8}: scale 8) or "
+                                   f"auto; got {size!r}")
     if scale is not None and scale != factor:
-        raise _refuse("size", f"{size!r} is scale {factor}, but scale is {scale}; send one of them")
+        raise refuse_field("size", f"{size!r} is scale {factor}, but scale is {scale}; send one of them")
     return factor

@@ -489,6 +489,7 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
 
     from formerkit.generation.requests import EngineFull
     from formerkit.openai_api import add_openai_routes
+    from formerkit.openai_images import add_image_routes
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -612,6 +613,7 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
         return await service.submit(service.forecast_job(request.model_dump()))
 
     add_openai_routes(app, service)
+    add_image_routes(app, service)
     return app
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from formerkit.data.base import RowDraws, step_generator
 from formerkit.errors import ConfigError, InputError
-from formerkit.train.objectives import ExpertUsage, Objective, _MaskToken, register_objective
+from formerkit.train.objectives import ExpertUsage, MaskToken, Objective, register_objective
 
 __all__ = ["MaskedDiffusionLM", "MaskedGeneration", "masked_diffusion_loss"]
 
@@ -199,7 +199,7 @@ def masked_diffusion_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Te
 
 
 @register_objective
-class MaskedDiffusionLM(_MaskToken, Objective):
+class MaskedDiffusionLM(MaskToken, Objective):
     """A masked diffusion language model (MDLM, Sahoo et al. 2024; Shi et al. 2024; the recipe of LLaDA, Nie et al.
     2025): each window gets a time t and every token is replaced by [MASK] with probability t; the loss is the
     1/t-weighted cross-entropy on the masked tokens (``masked_diffusion_loss``), an upper bound on the negative

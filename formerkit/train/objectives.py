@@ -235,7 +235,7 @@ class CausalLM(Objective):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **usage.metrics()}
 
 
-class _MaskToken:
+class MaskToken:
     """Objectives that add a [MASK] token after the data's vocabulary."""
 
     @property
@@ -246,7 +246,7 @@ class _MaskToken:
         return {"vocab_size": self.bundle.model_fields["vocab_size"] + 1}
 
 
-class MaskedLM(_MaskToken, Objective):
+class MaskedLM(MaskToken, Objective):
     """BERT's masked LM: choose mask_prob of the tokens; of those, 80% become [MASK], 10% a random token, 10% stay;
     predict the original token at the chosen positions. [MASK] is one id past the tokenizer's vocabulary."""
 
