@@ -100,8 +100,9 @@ _GEMM_CONFIGS = ({"cpp.weight_prepack": True, "max_autotune": True, "max_autotun
                  # for matrix-vector products, measured ~2x slower than the plain call (addmm).
                  {"cpp.weight_prepack": False})
 # From this many rows per step the plain library call goes first: the products are then matrix-matrix, where the
-# matrix library's kernels beat inductor's templates (the bench LM at batch 8: 8.7 against 10.0 ms per step, one
-# thread, while at batch 1 the templates won, 4.0 against 5.9 ms; bench/RESULTS.md, issue 22).
+# matrix library's kernels beat inductor's templates (the bench LM, one thread: 8.7 against 10.0 ms per step at
+# batch 8, 18.2 against 23.5 at batch 32, while at batch 1 the templates won, 4.0 against 5.9 ms; bench/RESULTS.md,
+# issue 22). Between 1 and 8 rows it was not measured.
 _LIBRARY_FROM_ROWS = 8
 
 
