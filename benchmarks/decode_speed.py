@@ -1,11 +1,22 @@
-"""Batch-1 greedy decoding speed: formerkit against Hugging Face ``generate`` on the same architecture and weights.
+"""Greedy decoding speed: formerkit against Hugging Face ``generate`` on the same architecture and weights.
 
 The model is the nanoGPT shakespeare-char-sized decoder (6 layers, 6 heads, width 384, context 256, vocabulary 65).
 A random-weight transformers GPT-2 of that size is saved to a temporary directory and read into formerkit with
 ``formerkit.from_hf``, so both sides run identical weights; the script first checks that they generate the same
 tokens. Then it alternates the contenders ``--repeats`` times and reports the median tokens per second of each.
 
-    python benchmarks/decode_speed.py [--new-tokens 200] [--prompt 8] [--repeats 7] [--threads N] [--no-compile]
+Batch 1 decodes one ``--prompt``-token prompt. A larger ``--batch`` decodes prompts of mixed lengths (from 1 to
+``--prompt`` tokens, spread evenly) left-padded with an attention mask, as ``generate`` takes them; tokens per second
+then counts every row's new tokens. Contenders: transformers, formerkit eager (the default, no compile) and
+formerkit ``compile=True``.
+
+At batch 1 the run also times the weight-streaming floor (``_weight_streaming_floor``): the model's weight matrices
+multiplied by one vector each, back to back, the least any decoder of these weights does per token. ``--clock cpu``
+reads the process's CPU time instead of the wall clock for every contender and the floor alike (meaningful with
+``--threads 1`` only): on a machine shared with other jobs it leaves out the time the process waited for a core.
+
+    python benchmarks/decode_speed.py [--batch 1 8 32] [--new-tokens 200] [--prompt 8] [--repeats 7] [--threads N]
+                                      [--no-compile] [--clock wall|cpu] [--json PATH]
 
 Needs the ``dev`` extra (transformers). Nothing is downloaded.
 """
@@ -23,14 +34,19 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to measure, one run each")
     parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--prompt", type=int, default=8, help="prompt length in tokens")
+    parser.add_argument("--prompt", type=int, default=8, help="prompt length in tokens (the longest, batched)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode step")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall clock (default) or the process's CPU time, for every contender and the floor")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     import transformers
 
@@ -43,18 +59,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         theirs.save_pretrained(directory)
         ours = formerkit.from_hf(directory)
-    prompt = torch.randint(0, 65, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    report = {"clock": args.clock, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "runs": []}
+    for batch in args.batch:
+        report["runs"].append(_run(theirs, ours, batch, args, clock))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    print(json.dumps(report))
+
+
+def mixed_prompts(batch: int, longest: int, vocab: int = 65) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``batch`` random prompts, left-padded to ``longest`` tokens: lengths spread evenly over 1..longest (the last
+    row the longest), and their attention mask (None at batch 1, one prompt of ``longest`` tokens)."""
+    ids = torch.randint(0, vocab, (batch, longest), generator=torch.Generator().manual_seed(1))
+    if batch == 1:
+        return ids, None
+    lengths = [max(1, round(longest * (row + 1) / batch)) for row in range(batch)]
+    keep = torch.zeros(batch, longest, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        keep[row, longest - length:] = 1
+    return ids.masked_fill(keep == 0, 0), keep
+
+
+def _run(theirs, ours, batch: int, args, clock) -> dict:
+    import transformers
+
+    prompt, keep = mixed_prompts(batch, args.prompt)
     count = args.new_tokens
 
     def hf() -> torch.Tensor:
         with torch.inference_mode():
-            return theirs.generate(prompt, max_new_tokens=count, do_sample=False, pad_token_id=0)
+            return theirs.generate(prompt, attention_mask=keep, max_new_tokens=count, do_sample=False,
+                                   pad_token_id=0)
 
     def eager() -> torch.Tensor:
-        return ours.generate(prompt, count, temperature=0)
+        return ours.generate(prompt, count, attention_mask=keep, temperature=0)
 
     def compiled() -> torch.Tensor:
-        return ours.generate(prompt, count, temperature=0, compile=True)
+        return ours.generate(prompt, count, attention_mask=keep, temperature=0, compile=True)
 
     contenders = {"transformers": hf, "formerkit": eager}
     if not args.no_compile:
@@ -65,43 +108,76 @@ def main() -> None:
     reference = outputs["transformers"]
     for name, output in outputs.items():
         if not torch.equal(output, reference):
-            raise SystemExit(f"{name} generated different tokens from transformers")
+            rows = (output != reference).any(dim=1).nonzero().flatten().tolist()
+            raise SystemExit(f"batch {batch}: {name} generated different tokens from transformers (rows {rows})")
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeats):
         for name, run in contenders.items():
-            begin = time.perf_counter()
+            begin = clock()
             run()
-            rates[name].append(count / (time.perf_counter() - begin))
+            rates[name].append(batch * count / (clock() - begin))
     medians = {name: statistics.median(values) for name, values in rates.items()}
-    floor = _weight_streaming_floor(ours)
     base = medians["transformers"]
-    print(f"batch 1, {args.prompt}-token prompt, {count} greedy tokens, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; identical tokens: yes; "
-          f"warm-up incl. compile {warmup:.1f} s")
+    lengths = [args.prompt] if keep is None else keep.sum(dim=1).tolist()
+    print(f"batch {batch}, prompts of {min(lengths)}-{max(lengths)} tokens, {count} greedy tokens per row, "
+          f"{torch.get_num_threads()} threads, {args.clock} clock, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; identical tokens: yes; warm-up incl. compile {warmup:.1f} s")
     for name, value in medians.items():
         spread = f"{min(rates[name]):.0f}-{max(rates[name]):.0f}"
-        print(f"  {name:24s} {value:7.1f} tokens/s (median of {args.repeats}; range {spread})  "
+        print(f"  {name:24s} {value:8.1f} tokens/s (median of {args.repeats}; range {spread})  "
               f"x{value / base:.2f} vs transformers")
-    print(f"  floor: the {floor['matrices']} weight matrices ({floor['megabytes']:.1f} MB) multiplied back to back, "
-          f"nothing else: {floor['ms']:.3f} ms per token = at most {1000 / floor['ms']:.0f} tokens/s "
-          f"(x{1000 / floor['ms'] / base:.2f} vs transformers)")
-    print(json.dumps({"tokens_per_second": medians, "ratio_vs_transformers": {k: v / base for k, v in medians.items()},
-                      "weight_streaming_floor_ms": floor["ms"]}))
+    result = {"batch": batch, "prompt_lengths": lengths, "new_tokens": count, "tokens_per_second": medians,
+              "all_rates": rates, "ratio_vs_transformers": {k: v / base for k, v in medians.items()}}
+    if batch == 1:
+        floor = _weight_streaming_floor(ours, clock)
+        limit = 1000 / floor["ms"]
+        print(f"  floor: the {floor['matrices']} weight matrices ({floor['megabytes']:.1f} MB) multiplied back to "
+              f"back, nothing else: {floor['ms']:.3f} ms per token = at most {limit:.0f} tokens/s "
+              f"(x{limit / base:.2f} vs transformers)")
+        for name, value in medians.items():
+            if name != "transformers":
+                print(f"  {name:24s} {value / limit:6.1%} of the floor (median); "
+                      f"best run {max(rates[name]) / limit:.1%}")
+        # What the floor leaves out: each step also reads every layer's cached keys and values, on average over
+        # (prompt + (new tokens + 1) / 2) tokens; at the floor's own rate of streaming bytes that adds this much.
+        cached = ours.config.num_layers * 2 * ours.config.width * 4 * (args.prompt + (count + 1) / 2) / 1e6
+        with_cache = floor["ms"] * (floor["megabytes"] + cached) / floor["megabytes"]
+        print(f"  (not in the floor: the key/value cache, {cached:.1f} MB read per token on average; at the floor's "
+              f"rate of {floor['megabytes'] / floor['ms']:.1f} GB/s the weights and cache together take "
+              f"{with_cache:.3f} ms per token = at most {1000 / with_cache:.0f} tokens/s, a derived estimate; "
+              f"compile=True reaches {medians.get('formerkit compile=True', float('nan')) * with_cache / 1000:.1%} "
+              f"of it)")
+        result["weight_streaming_floor_ms"] = floor["ms"]
+        result["weights_and_cache_estimate_ms"] = with_cache
+        result["fraction_of_floor"] = {k: v / limit for k, v in medians.items()}
+    else:
+        # Batched, the products are no longer a matter of streaming the weights once: a step multiplies ``batch``
+        # rows by every matrix. Timed alone (the same way as the floor), they bound what any decoder can gain over
+        # transformers, which runs the same products: at most its step time over theirs.
+        floor = _weight_streaming_floor(ours, clock, rows=batch)
+        step = 1000 * batch / base
+        print(f"  the step's matrix products alone, {batch} rows: {floor['ms']:.3f} ms per step; transformers takes "
+              f"{step:.3f} ms per step, so no decoder running these products can beat it by more than "
+              f"x{step / floor['ms']:.2f}")
+        result["products_ms"] = floor["ms"]
+        result["ceiling_vs_transformers"] = step / floor["ms"]
+    return result
 
 
-def _weight_streaming_floor(model) -> dict[str, float]:
+def _weight_streaming_floor(model, clock=time.perf_counter, rows: int = 1) -> dict[str, float]:
     """Every decoded token multiplies one vector by each weight matrix of the model once. Timing just those products,
-    back to back (best of several rounds), gives a floor no decoder of these weights can beat at batch 1."""
+    back to back (best of several rounds), gives a floor no decoder of these weights can beat at batch 1. (``rows``
+    > 1: the products of a batched step, ``rows`` vectors per matrix.)"""
     matrices = [module.weight.detach() for module in model.modules() if isinstance(module, torch.nn.Linear)]
-    vectors = {matrix.shape[1]: torch.randn(1, matrix.shape[1]) for matrix in matrices}
+    vectors = {matrix.shape[1]: torch.randn(rows, matrix.shape[1]) for matrix in matrices}
     best = float("inf")
     with torch.inference_mode():
         for _ in range(10):
-            begin = time.perf_counter()
+            begin = clock()
             for _ in range(20):
                 for matrix in matrices:
                     torch.nn.functional.linear(vectors[matrix.shape[1]], matrix)
-            best = min(best, (time.perf_counter() - begin) / 20)
+            best = min(best, (clock() - begin) / 20)
     return {"ms": best * 1000, "matrices": len(matrices),
             "megabytes": sum(matrix.numel() * matrix.element_size() for matrix in matrices) / 1e6}
 

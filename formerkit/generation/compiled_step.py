@@ -24,7 +24,7 @@ from formerkit.nn.cache import KVCache, StaticSlots
 from formerkit.nn.masks import KeyPaddingMask, PreparedMask, prepare_attention_mask
 
 __all__ = ["CompiledDecoder", "DecodeStep", "bind_compiled_step", "compile_ahead_of_time", "decode_step",
-           "flat_inputs"]
+           "flat_inputs", "gemm_configs"]
 
 
 def decode_step(model, tokens: Tensor, slots: StaticSlots) -> tuple[Tensor, Tensor]:
@@ -99,6 +99,16 @@ _GEMM_CONFIGS = ({"cpp.weight_prepack": True, "max_autotune": True, "max_autotun
                  # No weight pre-packing for the library call: on CPU it swaps each Linear for a oneDNN kernel that,
                  # for matrix-vector products, measured ~2x slower than the plain call (addmm).
                  {"cpp.weight_prepack": False})
+# From this many rows per step the plain library call goes first: the products are then matrix-matrix, where the
+# matrix library's kernels beat inductor's templates (the bench LM, one thread: 8.7 against 10.0 ms per step at
+# batch 8, 18.2 against 23.5 at batch 32, while at batch 1 the templates won, 4.0 against 5.9 ms; bench/RESULTS.md,
+# issue 22). Between 1 and 8 rows it was not measured.
+_LIBRARY_FROM_ROWS = 8
+
+
+def gemm_configs(rows: int) -> tuple[dict, ...]:
+    """The inductor settings for the step's Linear layers, in the order they are tried, for ``rows`` rows per step."""
+    return _GEMM_CONFIGS if rows < _LIBRARY_FROM_ROWS else tuple(reversed(_GEMM_CONFIGS))
 
 
 def compile_ahead_of_time(model, slots: StaticSlots, flat: list[Tensor]):
@@ -114,14 +124,15 @@ def compile_ahead_of_time(model, slots: StaticSlots, flat: list[Tensor]):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own internals, nothing the caller can act on
             program = torch.export.export(step, tuple(flat), strict=False)
-            for attempt, gemm in enumerate(_GEMM_CONFIGS):
+            configs = gemm_configs(slots.keep.shape[0])
+            for attempt, gemm in enumerate(configs):
                 try:
                     path = torch._inductor.aoti_compile_and_package(
                         program, package_path=f"{directory}/step{attempt}.pt2",
                         inductor_configs={"freezing": True, **gemm})
                     return torch._inductor.aoti_load_package(path)
                 except Exception:
-                    if attempt + 1 == len(_GEMM_CONFIGS):
+                    if attempt + 1 == len(configs):
                         raise
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -520,3 +520,47 @@ def test_compiled_generation_with_gemma_parts_equals_eager():
     assert torch.equal(model.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
                        model.generate(ids, 8, attention_mask=mask, temperature=0))
     assert compiled_step.CompiledDecoder.for_model(model).ahead_error is None
+
+
+@pytest.mark.slow  # imports the compiler (seconds)
+def test_the_step_tries_the_gemm_settings_of_its_row_count_first_and_the_other_after(monkeypatch):
+    """One row per step: inductor's matrix-vector templates first; from compiled_step's row threshold on: the matrix
+    library's call first. Whichever fails, the other is tried. (Compiling itself is replaced here: only the order.)"""
+    import torch._inductor
+
+    from formerkit.generation import compiled_step
+    from formerkit.nn.cache import StaticSlots
+
+    tried = []
+
+    def compile_and_package(program, package_path, inductor_configs):
+        tried.append(inductor_configs)
+        if len(tried) % 2 == 1:
+            raise RuntimeError("this setting cannot be built here")
+        return package_path
+
+    monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: ("loaded", path))
+    model = make_model()
+    templates, library = compiled_step._GEMM_CONFIGS
+    for rows, expected in ((1, [templates, library]), (compiled_step._LIBRARY_FROM_ROWS, [library, templates])):
+        tried.clear()
+        slots = StaticSlots(KVCache.for_model(model, rows, 8, rolling=False))
+        loaded = compiled_step.compile_ahead_of_time(model, slots, [])
+        assert [{key: value for key, value in config.items() if key != "freezing"} for config in tried] == expected
+        assert all(config["freezing"] for config in tried) and loaded[0] == "loaded"
+
+
+@pytest.mark.slow
+def test_compiled_generation_with_the_library_products_equals_eager():
+    """A batch large enough for the matrix library's products: the compiled step still gives eager's tokens."""
+    from formerkit.generation import compiled_step
+
+    model = make_model(seed=3)
+    rows = compiled_step._LIBRARY_FROM_ROWS
+    ids, mask = left_padded([6 - row % 5 for row in range(rows)], 6, seed=4)
+    assert torch.equal(model.generate(ids, 8, attention_mask=mask, temperature=0, compile=True),
+                       model.generate(ids, 8, attention_mask=mask, temperature=0))
+    decoder = compiled_step.CompiledDecoder.for_model(model)
+    assert decoder.ahead_error is None and len(decoder.ahead) == 1
