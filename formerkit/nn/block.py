@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from formerkit.nn.attention import Attention
-from formerkit.nn.condition import AdaptiveModulation, modulate
+from formerkit.nn.condition import AdaptiveModulation, gated_add, modulate
 from formerkit.nn.context import LayerContext
 from formerkit.nn.feedforward import build_feedforward
 from formerkit.nn.moe import build_moe
@@ -85,6 +85,14 @@ class Residual(nn.Module):
         x = x + out
         return self.norm(x) if self.placement == "post" else x
 
+    def merge_gated(self, x: Tensor, gate: Tensor, out: Tensor, drop_path: nn.Module | None = None) -> Tensor:
+        """``merge(x, gate * out)`` (adaLN-Zero's gated branch, gate [batch, width]), as one fused pass over the
+        stream (``gated_add``) when nothing else acts on the branch (no output norm, layer scale, dropout or
+        stochastic depth, pre-norm placement)."""
+        plain = (self.norm_out is None and self.scale is None and self.placement != "post"
+                 and not (self.training and (self.dropout is not None or getattr(drop_path, "rate", 0.0))))
+        return gated_add(x, gate, out) if plain else self.merge(x, gate.unsqueeze(1) * out, drop_path)
+
 
 class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention (decoder of an encoder-decoder), then feed-forward (dense, or a
@@ -155,12 +163,12 @@ class TransformerBlock(nn.Module):
         residual = self.attention_residual
         attention_input = modulate(residual.norm(x), attention_shift, attention_scale)
         out, weights = self.attention(attention_input, context)
-        x = residual.merge(x, attention_gate.unsqueeze(1) * out, context.drop_path)
+        x = residual.merge_gated(x, attention_gate, out, context.drop_path)
         if context.merging is not None:
             x = context.merging.merge(x, context.index, self.attention, attention_input)
         residual = self.feedforward_residual
         out = self._feedforward(modulate(residual.norm(x), feedforward_shift, feedforward_scale), context)
-        x = residual.merge(x, feedforward_gate.unsqueeze(1) * out, context.drop_path)
+        x = residual.merge_gated(x, feedforward_gate, out, context.drop_path)
         return x, weights
 
     def _feedforward(self, x: Tensor, context: LayerContext) -> Tensor:

@@ -20,12 +20,59 @@ from torch import Tensor, nn
 
 from formerkit.errors import InputError
 
-__all__ = ["AdaptiveModulation", "ConditionEmbedding", "TimestepEmbedding", "modulate", "timestep_features"]
+__all__ = ["AdaptiveModulation", "ConditionEmbedding", "TimestepEmbedding", "gated_add", "modulate",
+           "timestep_features"]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x * (1 + scale) + shift, with the per-example shift and scale [batch, width] broadcast over the tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x * (1 + scale) + shift, with the per-example shift and scale [batch, width] broadcast over the tokens of x
+    [batch, tokens, width]: one fused pass (``addcmul``) forward, and autograd's products backward."""
+    return _Modulate.apply(x, shift, scale)
+
+
+def gated_add(x: Tensor, gate: Tensor, out: Tensor) -> Tensor:
+    """x + gate * out, the per-example gate [batch, width] broadcast over the tokens: adaLN-Zero's gated residual
+    connection, as one fused pass."""
+    return _GatedAdd.apply(x, gate, out)
+
+
+# Both as autograd Functions rather than ``torch.addcmul`` under autograd, whose backward formula multiplies each
+# factor by addcmul's scalar ``value`` before using it: one more pass over a [batch, tokens, width] tensor per call.
+# These take the same products as autograd takes for the unfused x * (1 + scale) + shift and x + gate * out (the
+# same gradients) and save the same tensors, with the forward's separate add folded into the product.
+class _Modulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        # The inputs themselves are saved (not 1 + scale): a second derivative then reaches them.
+        ctx.save_for_backward(x, scale)
+        ctx.dtypes = x.dtype, shift.dtype, scale.dtype
+        return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, scale = ctx.saved_tensors
+        x_dtype, shift_dtype, scale_dtype = ctx.dtypes
+        grad_x = (grad * (1 + scale.unsqueeze(1))).to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_shift = grad.sum(1).to(shift_dtype) if ctx.needs_input_grad[1] else None
+        grad_scale = (grad * x).sum(1).to(scale_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_shift, grad_scale
+
+
+class _GatedAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, gate: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, out)
+        ctx.dtypes = x.dtype, gate.dtype, out.dtype
+        return torch.addcmul(x, gate.unsqueeze(1), out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, out = ctx.saved_tensors
+        x_dtype, gate_dtype, out_dtype = ctx.dtypes
+        grad_x = grad.to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_gate = (grad * out).sum(1).to(gate_dtype) if ctx.needs_input_grad[1] else None
+        grad_out = (grad * gate.unsqueeze(1)).to(out_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_gate, grad_out
 
 
 class AdaptiveModulation(nn.Module):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from formerkit import build_model
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InputError
-from formerkit.nn.condition import timestep_features
+from formerkit.nn.block import Residual
+from formerkit.nn.condition import gated_add, modulate, timestep_features
 from formerkit.nn.heads import unpatchify
 
 
@@ -76,6 +77,47 @@ def test_adaln_zero_block_and_final_norm_follow_the_formula(randomize):
     patches = hidden @ model.head.projection.weight.T + model.head.projection.bias
     assert torch.allclose(model(images, timesteps=timesteps, labels=labels), unpatchify(patches, (4, 4), 2, 1),
                           atol=1e-5)
+
+
+def _value_and_gradients(fn, inputs, upstream):
+    inputs = [tensor.detach().requires_grad_() for tensor in inputs]
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, upstream)
+
+
+@pytest.mark.parametrize("fused, formula", [
+    (modulate, lambda x, shift, scale: x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)),
+    (gated_add, lambda x, gate, out: x + gate.unsqueeze(1) * out),
+])
+def test_fused_modulation_and_gated_residual_match_the_formula_and_its_gradients(fused, formula):
+    generator = torch.Generator().manual_seed(0)
+    big, small = (3, 5, 8), (3, 8)
+    shapes = [big, small, small] if fused is modulate else [big, small, big]
+    for dtype in (torch.float64, torch.float32):
+        inputs = [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes]
+        upstream = torch.randn(big, generator=generator, dtype=dtype)
+        out, grads = _value_and_gradients(fused, inputs, upstream)
+        reference_out, reference = _value_and_gradients(formula, inputs, upstream)
+        # addcmul rounds once where the formula rounds twice (a fused multiply-add): equal to the last bit or two.
+        torch.testing.assert_close(out, reference_out, rtol=1e-15 if dtype == torch.float64 else 2e-7,
+                                   atol=1e-15 if dtype == torch.float64 else 1e-6)
+        for got, expected in zip(grads, reference):
+            assert got.dtype == expected.dtype == dtype and got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    # Second derivatives too (the backward is built from differentiable products).
+    inputs = [torch.randn((2, 3, 4) if len(shape) == 3 else (2, 4), generator=generator, dtype=torch.float64,
+                          requires_grad=True) for shape in shapes]
+    assert torch.autograd.gradgradcheck(fused, inputs)
+
+
+def test_gated_merge_falls_back_to_the_plain_merge_when_the_branch_has_more():
+    x, gate, out = torch.randn(2, 4, 32), torch.randn(2, 32), torch.randn(2, 4, 32)
+    plain = Residual(dit_config())
+    torch.testing.assert_close(plain.merge_gated(x, gate, out), x + gate.unsqueeze(1) * out)
+    scaled = Residual(dit_config(layer_scale=0.5))
+    assert torch.allclose(scaled.merge_gated(x, gate, out), x + 0.5 * gate.unsqueeze(1) * out)
+    drop = type("Drop", (torch.nn.Module,), {"rate": 0.5, "forward": lambda self, t: 2 * t})()
+    assert torch.equal(plain.train().merge_gated(x, gate, out, drop), x + 2 * (gate.unsqueeze(1) * out))
 
 
 def test_a_given_condition_vector_adds_to_the_embedded_parts(randomize):
