@@ -3,6 +3,7 @@ every norm a config builds."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import formerkit
@@ -68,3 +69,54 @@ def test_a_model_with_offset_norms_equals_the_plain_model_with_the_offset_added_
     plain.load_state_dict(state)
     ids = torch.randint(0, 19, (2, 12), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(offset(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+def _written_out_norm(x, weight, offset, eps):
+    scale = 1.0 if weight is None else offset + weight
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * scale
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("weight", ["trained", "frozen", "none"])
+def test_the_training_norm_has_the_gradients_of_the_formula(offset, weight):
+    """The written-out backward (``_RMSNormFunction``) against autograd through the formula, float64: inputs with
+    leading dimensions (a query norm's [batch, heads, tokens, head_dim]) and the weight's gradient when it trains."""
+    torch.manual_seed(5)
+    norm = RMSNorm(8, eps=1e-5, weight_offset=offset, affine=weight != "none").double()
+    if norm.weight is not None:
+        with torch.no_grad():
+            norm.weight.normal_()
+        norm.weight.requires_grad_(weight == "trained")
+    x = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    reference_x = x.detach().clone().requires_grad_()
+    reference_weight = None if norm.weight is None else norm.weight.detach().clone().requires_grad_(weight == "trained")
+    grad = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    out = norm(x)
+    assert out.grad_fn is not None and "RMSNorm" in type(out.grad_fn).__name__
+    out.backward(grad)
+    expected = _written_out_norm(reference_x, reference_weight, offset, 1e-5)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=1e-12, atol=1e-12)
+    if weight == "trained":
+        torch.testing.assert_close(norm.weight.grad, reference_weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_the_training_norm_only_computes_the_gradients_asked_for():
+    norm = RMSNorm(8).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    norm(x).sum().backward()  # only the weight trains: the input takes no gradient
+    torch.testing.assert_close(norm.weight.grad, _written_out_norm(x, None, 0.0, 1e-6).sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_the_training_norm_gives_the_outputs_of_the_evaluation_path_to_the_bit():
+    torch.manual_seed(6)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = 3 * torch.randn(4, 5, 64)
+    with torch.no_grad():
+        evaluated = norm(x)
+    trained = norm(x.requires_grad_())
+    assert trained.grad_fn is not None and "RMSNorm" in type(trained.grad_fn).__name__
+    assert torch.equal(trained, evaluated)
