@@ -80,7 +80,9 @@ def recomputed_norm_output(norm: nn.Module | None, x: Tensor, output: Tensor):
     (where the norm's output is a view of something else, other parts of that storage are not the norm's
     output)."""
     if (norm is None or output is x or not torch.is_grad_enabled() or not output.requires_grad
+            or output.device.type == "meta"
             or torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocasting(output)
+            or not torch._C._autograd._saved_tensors_hooks_is_enabled()
             or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
             or not output.is_contiguous() or output.storage_offset() != 0
             or output.untyped_storage().nbytes() != output.numel() * output.element_size()):
