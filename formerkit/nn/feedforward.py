@@ -3,13 +3,10 @@ Transformer"."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from formerkit.nn.mlp_rows import MLPByRows, row_blocks
 from formerkit.nn.projection import hook_owners, project_parts
 
 __all__ = ["GatedMLP", "MLP", "activation", "build_feedforward"]
@@ -124,17 +121,24 @@ def _activate(gate: Tensor, up: Tensor | None, name: str) -> Tensor:
     return activation(name)(gate) if up is None else activation(name)(gate) * up
 
 
-# Values of the hidden activation (or of its gradient) alive at once when the MLP goes by blocks of rows (2^18 floats:
-# 1 MB in float32; 170 rows of a 1,536-wide hidden layer). The bench LM's peak training memory with 2^18 / 2^20 /
-# whole: 328 / 333 / 330 MB.
+# Values of the hidden activation alive at once in the recomputing forward pass (2^18 floats: 1 MB in float32; 170
+# rows of a 1,536-wide hidden layer). The bench LM's peak training memory with 2^18 / whole: 329.5 / 332.5 MB.
 _ROW_CHUNK_ELEMENTS = 2**18
+
+
+def _row_blocks(rows: int, width: int, elements: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges splitting ``rows`` rows of ``width`` values into blocks of (nearly) equal size, each of
+    about ``elements`` values at most (one row at least)."""
+    count = max(-(-rows * width // elements), 1)
+    size = -(-rows // count)
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 def _out_by_rows(gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None, name: str) -> Tensor:
     """fc_out(act(...)) over flat [tokens, hidden] inputs a block of rows at a time: the hidden activation, which
     nothing keeps, is never whole (it would be at the top of the forward pass's memory); the products are the same
     rows' products."""
-    blocks = row_blocks(gate.shape[0], gate.shape[1], _ROW_CHUNK_ELEMENTS)
+    blocks = _row_blocks(gate.shape[0], gate.shape[1], _ROW_CHUNK_ELEMENTS)
     if len(blocks) == 1:
         return F.linear(_activate(gate, up, name), weight, bias)
     out = gate.new_empty(gate.shape[0], weight.shape[0])
@@ -183,21 +187,6 @@ def _recomputed_out(module: nn.Module, gate: Tensor, up: Tensor | None) -> Tenso
     return out if len(shape) == 1 else out.view(*shape, -1)
 
 
-def _by_rows(module: nn.Module, x: Tensor) -> Tensor | None:
-    """The recomputing path's output through ``MLPByRows`` (both projections in one node, the backward pass by blocks
-    of rows: the hidden gradient is never whole), or None where this call cannot take it: plain Linear layers without
-    hooks (LoRA's take the path of ``_recomputed_out``), float32 or float64 on the CPU, no autocast."""
-    fc_in, fc_out = module.fc_in, module.fc_out
-    if not (_recomputes(module, x) and type(fc_in) is nn.Linear and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and x.dtype == fc_in.weight.dtype == fc_out.weight.dtype
-            and not (fc_in._forward_hooks or fc_in._forward_pre_hooks or fc_out._forward_hooks
-                     or fc_out._forward_pre_hooks)):
-        return None
-    out = MLPByRows.apply(x.reshape(-1, x.shape[-1]), fc_in.weight, fc_in.bias, fc_out.weight, fc_out.bias, module.act,
-                          functools.partial(_derivative_in_place, module.activation_name), _ROW_CHUNK_ELEMENTS)
-    return out.view(*x.shape[:-1], -1)
-
-
 class MLP(nn.Module):
     """fc_out(dropout(act(fc_in(x)))). With ``recompute`` (the default) training keeps fc_in's output only and
     recomputes the activation in the backward pass (see ``_RecomputedActivationOut``): the same gradients, a
@@ -214,9 +203,6 @@ class MLP(nn.Module):
         self.recompute = recompute
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _by_rows(self, x)
-        if out is not None:
-            return out
         h = self.fc_in(x)
         out = _recomputed_out(self, h, None)
         if out is not None:

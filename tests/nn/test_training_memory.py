@@ -1,6 +1,6 @@
 """What a training pass keeps, made smaller without changing the gradients: norms' outputs recomputed for the backward
-pass (formerkit.nn.recompute), the MLP's backward pass by blocks of rows (formerkit.nn.mlp_rows). Each against the
-plain autograd computation in float64."""
+pass (formerkit.nn.recompute), the MLP's hidden activation by blocks of rows in the forward pass and its derivative
+in place in the backward pass (formerkit.nn.feedforward). Each against the plain computation in float64."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ import formerkit.nn.block as block_module
 import formerkit.nn.feedforward as feedforward_module
 from formerkit.models.registry import create_model
 from formerkit.nn import recompute
-from formerkit.nn.mlp_rows import MLPByRows, row_blocks
+from formerkit.nn.feedforward import MLP
 
 
 def _plain(monkeypatch):
-    """The computation before these changes: norms' outputs kept, the MLP's two nodes, its activation whole."""
+    """The computation before these changes: norms' outputs kept, the MLP's activation whole, its derivative in a
+    tensor of its own."""
     monkeypatch.setattr(block_module, "recomputed_norm_output", lambda *args: contextlib.nullcontext())
     monkeypatch.setattr(transformer_module, "recomputed_norm_output", lambda *args: contextlib.nullcontext())
-    monkeypatch.setattr(feedforward_module, "_by_rows", lambda module, x: None)
     monkeypatch.setattr(feedforward_module, "_ROW_CHUNK_ELEMENTS", 2**62)
+    monkeypatch.setattr(feedforward_module, "_derivative_in_place",
+                        lambda name, grad, h: feedforward_module._DERIVATIVES[name](grad, h))
 
 
 def _gpt(randomize, **overrides):
@@ -110,29 +112,26 @@ def test_a_norm_changed_in_place_before_backward_is_refused():
 
 def test_row_blocks_cover_every_row_once():
     for rows, width, elements in [(2048, 1536, 2**18), (7, 3, 5), (5, 10, 1000), (1, 4, 1)]:
-        blocks = row_blocks(rows, width, elements)
+        blocks = feedforward_module._row_blocks(rows, width, elements)
         assert [start for start, _ in blocks] == [0] + [stop for _, stop in blocks[:-1]]
-        assert blocks[-1][1] == rows
-        if len(blocks) > 1:
-            assert max(stop - start for start, stop in blocks) * width <= max(elements, width) + width
+        assert blocks[-1][1] == rows and all(stop > start for start, stop in blocks)
+        assert max(stop - start for start, stop in blocks) <= max(elements // width, 1) + 1
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("needs", ["all", "weights", "input"])
-def test_mlp_by_rows_is_the_two_projections(bias, needs):
-    """fc_out(gelu(fc_in(x))) written out with autograd, against MLPByRows cut into 4 blocks of rows."""
-    generator = torch.Generator().manual_seed(3)
-
-    def tensor(*shape, grad):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
-
-    x = tensor(10, 6, grad=needs != "weights")
-    weights = [tensor(8, 6, grad=needs != "input"), tensor(8, grad=needs != "input") if bias else None,
-               tensor(6, 8, grad=needs != "input"), tensor(6, grad=needs != "input") if bias else None]
-    upstream = tensor(10, 6, grad=False)
-    inputs = [t for t in (x, *weights) if t is not None and t.requires_grad]
-    out = MLPByRows.apply(x, *weights, F.gelu, lambda g, h: torch.ops.aten.gelu_backward(g, h), 20)
-    expected = F.linear(F.gelu(F.linear(x, weights[0], weights[1])), weights[2], weights[3])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "relu"])
+def test_mlp_by_rows_and_in_place_derivative_give_autograds_gradients(monkeypatch, name):
+    """The recomputing MLP with its forward cut into 4 blocks of rows against autograd through the plain forward."""
+    torch.manual_seed(0)
+    module = MLP(6, 8, name).double()
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(10, 6, dtype=torch.float64)
+    monkeypatch.setattr(feedforward_module, "_ROW_CHUNK_ELEMENTS", 20)
+    out = module(x)
+    assert "Recomputed" in type(out.grad_fn).__name__
+    grads = torch.autograd.grad(out, [x, *module.parameters()], upstream)
+    module.recompute = False
+    expected = module(x)
+    reference = torch.autograd.grad(expected, [x, *module.parameters()], upstream)
     torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
-    for got, want in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
+    for got, want in zip(grads, reference):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
