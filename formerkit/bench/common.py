@@ -86,14 +86,17 @@ def matmul_limit(precision: str, size: int = 2048, repeats: int = 5) -> float:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               precision: str) -> None:
+               precision: str, grad_clip: float | None = None) -> None:
     """One training step as every contender takes it: forward, cross-entropy of the logits (``.logits`` of an
-    output object) against ``targets``, backward, optimizer step."""
+    output object) against ``targets``, backward, (with ``grad_clip``, the gradient norm clipped to it, as
+    formerkit's trainer does by default), optimizer step."""
     with autocast(precision):
         logits = model(inputs)
         logits = getattr(logits, "logits", logits)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
     loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -101,7 +104,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs:
 def training_memory(build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]], inputs: torch.Tensor,
                     targets: torch.Tensor, precision: str, steps: int,
                     warm_up: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]]
-                    | None = None) -> float:
+                    | None = None, grad_clip: float | None = None) -> float:
     """The peak resident memory (MB) that building (model, optimizer) and ``steps`` training steps add to what the
     process holds before (its imports): meant for a fresh process (see ``in_fresh_process``).
 
@@ -109,16 +112,16 @@ def training_memory(build: Callable[[], tuple[torch.nn.Module, torch.optim.Optim
     before the base is read, so that what a library loads lazily on first use (modules imported inside its
     constructors, ``torch._dynamo`` that the first optimizer step imports -- ~70 MB -- and the math libraries'
     one-time buffers) counts as imports for every library alike, not as the model's memory of whichever library
-    happens not to import it up front."""
+    happens not to import it up front. ``grad_clip``: see ``train_step``."""
     if warm_up is not None:
         model, optimizer, warm_inputs, warm_targets = warm_up()
-        train_step(model, optimizer, warm_inputs, warm_targets, precision)
+        train_step(model, optimizer, warm_inputs, warm_targets, precision, grad_clip)
         del model, optimizer, warm_inputs, warm_targets
     reset_peak_rss()
     base = status_mb("VmRSS") or 0.0
     model, optimizer = build()
     for _ in range(steps):
-        train_step(model, optimizer, inputs, targets, precision)
+        train_step(model, optimizer, inputs, targets, precision, grad_clip)
     return max(peak_rss_mb() - base, 0.0)
 
 

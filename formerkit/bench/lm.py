@@ -3,8 +3,9 @@ otherwise pick, measured in one run on identical work.
 
 Contenders (a peer that is not installed is skipped with a note):
 
-- ``formerkit``: the ``gpt2`` preset at the benchmark's sizes, trained with formerkit's own optimizer (fused AdamW
-  from ``formerkit.train``), decoding with ``generate(compile=True)``;
+- ``formerkit``: the ``gpt2`` preset at the benchmark's sizes, trained as its trainer trains it by default
+  (``formerkit.train``'s fused AdamW, the gradient norm clipped to ``optim.grad_clip``), decoding with
+  ``generate(compile=True)``;
 - ``transformers``: ``GPT2LMHeadModel`` with ``attn_implementation="sdpa"``, decoding with ``generate``;
 - ``x-transformers``: ``TransformerWrapper`` + ``Decoder(attn_flash=True)`` with a tied head, decoding with its
   ``AutoregressiveWrapper.generate`` (key/value cache on);
@@ -97,12 +98,15 @@ class _Contender:
     model: nn.Module
     optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     decode: Callable[[torch.Tensor, int], torch.Tensor]
+    # The gradient norm clipped to this before each optimizer step (None: no clipping).
+    grad_clip: float | None = None
 
 
 def _formerkit(spec: LMSpec, decode_compile: bool) -> _Contender:
     model = create_model("gpt2", **spec.gpt2_overrides)
     return _Contender("formerkit", model, lambda m: build_optimizer(m, OptimConfig()),
-                      lambda prompt, n: model.generate(prompt, n, temperature=0, compile=decode_compile))
+                      lambda prompt, n: model.generate(prompt, n, temperature=0, compile=decode_compile),
+                      OptimConfig().grad_clip)
 
 
 def _transformers(spec: LMSpec) -> _Contender:
@@ -171,8 +175,9 @@ def _batch(spec: LMSpec, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, spec.vocab, (spec.batch, spec.context + 1), generator=generator)
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, precision: str) -> None:
-    train_step(model, optimizer, batch[:, :-1], batch[:, 1:], precision)
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, precision: str,
+                grad_clip: float | None = None) -> None:
+    train_step(model, optimizer, batch[:, :-1], batch[:, 1:], precision, grad_clip)
 
 
 def memory_child(library: str, spec: dict, precision: str, steps: int) -> float:
@@ -194,7 +199,8 @@ def memory_child(library: str, spec: dict, precision: str, steps: int) -> float:
         contender, tokens = _build(library, tiny, decode_compile=False), _batch(tiny)
         return contender.model, contender.optimizer(contender.model), tokens[:, :-1], tokens[:, 1:]
 
-    return training_memory(build, batch[:, :-1], batch[:, 1:], precision, steps, warm_up)
+    grad_clip = OptimConfig().grad_clip if library == "formerkit" else None
+    return training_memory(build, batch[:, :-1], batch[:, 1:], precision, steps, warm_up, grad_clip)
 
 
 def _peak_memory(library: str, spec: LMSpec, precision: str, steps: int = 2) -> float:
@@ -237,12 +243,13 @@ def lm_benchmark(spec: LMSpec = LMSpec(), *, libraries=LIBRARIES, precisions=PRE
             say(f"warming up {name} ({precision})")
             contender.model.train()
             for _ in range(2):
-                _train_step(contender.model, optimizers[name], batch, precision)
+                _train_step(contender.model, optimizers[name], batch, precision, contender.grad_clip)
         for round_ in range(rounds):
             for name, contender in contenders.items():
                 say(f"round {round_ + 1}/{rounds}: {name} ({precision})")
                 contender.model.train()
-                train[name].append(seconds(_train_step, contender.model, optimizers[name], batch, precision))
+                train[name].append(seconds(_train_step, contender.model, optimizers[name], batch, precision,
+                                           contender.grad_clip))
                 contender.model.eval()
                 with torch.inference_mode(), autocast(precision):
                     if round_ == 0:

@@ -51,6 +51,7 @@ from formerkit.nn.masks import (
 from formerkit.nn.moe import Routing
 from formerkit.nn.norms import model_norm
 from formerkit.nn.positions import RotaryPositions, build_positions
+from formerkit.nn.recompute import recomputed_norm_output
 from formerkit.nn.stems import build_stem
 from formerkit.nn.tome import TokenMerging
 
@@ -94,6 +95,9 @@ class StackOutput(NamedTuple):
     attentions: list[Tensor]
     # Each mixture-of-experts layer's ``Routing`` of this pass, in depth order (a shared block once per depth).
     routing: list[Routing]
+    # The final norm's input when ``hidden`` is exactly final_norm(pre_norm) (else None): the head's backward pass
+    # recomputes the norm's output from it instead of keeping it (``formerkit.nn.recompute``).
+    pre_norm: Tensor | None = None
 
 
 class TransformerStack(nn.Module):
@@ -168,7 +172,9 @@ class TransformerStack(nn.Module):
                 attentions.append(weights)
         if output_hidden_states:
             states.append(hidden)
-        return StackOutput(self.finish(hidden, prepared.condition), states, attentions, routing)
+        plain_norm = self.final_norm is not None and self.final_modulation is None
+        return StackOutput(self.finish(hidden, prepared.condition), states, attentions, routing,
+                           hidden if plain_norm else None)
 
     def finish(self, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         """What follows the last block: the final norm, modulated by the condition under adaLN-Zero. (Patch-masked
@@ -610,17 +616,10 @@ class Transformer(nn.Module):
             hidden, keep = hidden[:, virtual:], None if keep is None else keep[:, virtual:]
         sizes = None if merging is None else merging.sizes
         wants_outputs = return_outputs or output_hidden_states or output_attentions
-        head_logits = None
-        if logits_to_keep is not None:
-            logits = self.head(hidden[:, -logits_to_keep:], None if keep is None else keep[:, -logits_to_keep:])
-        elif wants_outputs and getattr(self.head, "distill_projection", None) is not None:
-            # Both heads' logits for ModelOutput, computed once (one dropout draw): the logits are their mean.
-            head_logits = self.head.parts(hidden, keep, token_sizes=sizes)
-            logits = self.head.combine(head_logits)
-        elif merging is not None:
-            logits = self.head(hidden, keep, token_sizes=sizes)
-        else:
-            logits = self.head(hidden, keep)
+        # The head does not keep the final norm's output for backward: recomputed from the norm's input.
+        with recomputed_norm_output(self.get_stack(side).final_norm if out.pre_norm is not None else None,
+                                    out.pre_norm, out.hidden):
+            logits, head_logits = self._head(hidden, keep, logits_to_keep, wants_outputs, merging, sizes)
         if not wants_outputs:
             return logits
         pooled = self.head.pool(hidden, keep, token_sizes=sizes) if hasattr(self.head, "pool") and (
@@ -638,6 +637,19 @@ class Transformer(nn.Module):
                            attentions=tuple(out.attentions) if output_attentions else None,
                            pooled=pooled, aux_loss=aux_loss, expert_counts=expert_counts,
                            encoder_last_hidden_state=memory, token_sizes=sizes)
+
+    def _head(self, hidden: Tensor, keep: Tensor | None, logits_to_keep: int | None, wants_outputs: bool, merging,
+              sizes) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The head's logits of ``forward`` and, with a distillation head asked for outputs, both heads' logits."""
+        if logits_to_keep is not None:
+            return self.head(hidden[:, -logits_to_keep:], None if keep is None else keep[:, -logits_to_keep:]), None
+        if wants_outputs and getattr(self.head, "distill_projection", None) is not None:
+            # Both heads' logits for ModelOutput, computed once (one dropout draw): the logits are their mean.
+            head_logits = self.head.parts(hidden, keep, token_sizes=sizes)
+            return self.head.combine(head_logits), head_logits
+        if merging is not None:
+            return self.head(hidden, keep, token_sizes=sizes), None
+        return self.head(hidden, keep), None
 
     def condition_vector(self, inputs: Tensor, *, timesteps: Tensor | None = None, labels: Tensor | None = None,
                          condition: Tensor | None = None) -> Tensor | None:

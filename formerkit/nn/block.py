@@ -11,6 +11,7 @@ from formerkit.nn.context import LayerContext
 from formerkit.nn.feedforward import build_feedforward
 from formerkit.nn.moe import build_moe
 from formerkit.nn.norms import model_norm
+from formerkit.nn.recompute import recomputed_norm_output
 
 __all__ = ["DropPath", "LayerScale", "Residual", "TransformerBlock"]
 
@@ -143,16 +144,22 @@ class TransformerBlock(nn.Module):
             return self._modulated(x, context)
         residual = self.attention_residual
         attention_input = residual.branch_input(x)
-        out, weights = self.attention(attention_input, context)
+        # The branches do not keep their norm's output for backward: it is recomputed from the norm's input.
+        with recomputed_norm_output(residual.norm, x, attention_input):
+            out, weights = self.attention(attention_input, context)
         x = residual.merge(x, out, context.drop_path)
         if context.merging is not None:
             x = context.merging.merge(x, context.index, self.attention, attention_input)
+        del attention_input  # not kept through the feed-forward sub-layer
         if self.cross_attention is not None:
             residual = self.cross_attention_residual
             out, _ = self.cross_attention(residual.branch_input(x), context)
             x = residual.merge(x, out, context.drop_path)
         residual = self.feedforward_residual
-        x = residual.merge(x, self._feedforward(residual.branch_input(x), context), context.drop_path)
+        feedforward_input = residual.branch_input(x)
+        with recomputed_norm_output(residual.norm, x, feedforward_input):
+            out = self._feedforward(feedforward_input, context)
+        x = residual.merge(x, out, context.drop_path)
         return x, weights
 
     def _modulated(self, x: Tensor, context: LayerContext) -> tuple[Tensor, Tensor | None]:

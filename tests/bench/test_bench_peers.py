@@ -163,3 +163,35 @@ def test_bad_lora_bench_settings_are_refused_before_any_work():
         lora_benchmark(LoRASpec(targets=("query",)))
     with pytest.raises(InputError, match="kv_heads"):
         lora_benchmark(LoRASpec(heads=8, kv_heads=3))
+
+
+def test_formerkit_trains_in_bench_lm_as_its_trainer_does():
+    """formerkit's contender clips the gradient norm as ``optim.grad_clip`` does by default; the peers do not."""
+    from formerkit.bench.common import train_step
+    from formerkit.bench.lm import _build
+    from formerkit.train.config import OptimConfig
+
+    tiny = LMSpec(layers=1, heads=2, width=16, context=8, vocab=11, batch=2, prompt=1, new_tokens=1)
+    assert _build("formerkit", tiny, False).grad_clip == OptimConfig().grad_clip == 1.0
+    assert _build("nanogpt", tiny, False).grad_clip is None
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 5)
+    inputs, targets = torch.randn(4, 1, 3) * 100, torch.randint(0, 5, (4, 1))
+    reference = torch.nn.Linear(3, 5)
+    reference.load_state_dict(model.state_dict())
+    stepped = []
+
+    class Recording:  # what the optimizer step sees
+        def step(self):
+            stepped.extend(p.grad.clone() for p in model.parameters())
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+
+    train_step(model, Recording(), inputs, targets, "fp32", grad_clip=0.5)
+    loss = torch.nn.functional.cross_entropy(reference(inputs).reshape(-1, 5), targets.reshape(-1))
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    assert norm > 0.5  # (the clip does something)
+    for got, grad in zip(stepped, grads, strict=True):
+        torch.testing.assert_close(got, grad * 0.5 / norm, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,137 @@
+"""What a training pass keeps, made smaller without changing the gradients: norms' outputs recomputed for the backward
+pass (formerkit.nn.recompute), the MLP's hidden activation by blocks of rows in the forward pass and its derivative
+in place in the backward pass (formerkit.nn.feedforward). Each against the plain computation in float64."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import formerkit.models.transformer as transformer_module
+import formerkit.nn.block as block_module
+import formerkit.nn.feedforward as feedforward_module
+from formerkit.models.registry import create_model
+from formerkit.nn import recompute
+from formerkit.nn.feedforward import MLP
+
+
+def _plain(monkeypatch):
+    """The computation before these changes: norms' outputs kept, the MLP's activation whole, its derivative in a
+    tensor of its own."""
+    monkeypatch.setattr(block_module, "recomputed_norm_output", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(transformer_module, "recomputed_norm_output", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(feedforward_module, "_ROW_CHUNK_ELEMENTS", 2**62)
+    monkeypatch.setattr(feedforward_module, "_derivative_in_place",
+                        lambda name, grad, h: feedforward_module._DERIVATIVES[name](grad, h))
+
+
+def _gpt(randomize, **overrides):
+    model = create_model("gpt2", width=16, num_layers=2, num_heads=2, vocab_size=11, max_seq_len=12, **overrides)
+    return randomize(model.double(), 0)
+
+
+def _loss_and_grads(model, tokens):
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm.kind": "rmsnorm", "feedforward.activation": "swiglu"}])
+def test_a_decoder_trains_to_the_plain_gradients(randomize, monkeypatch, overrides):
+    model = _gpt(randomize, **overrides)
+    monkeypatch.setattr(feedforward_module, "_ROW_CHUNK_ELEMENTS", 40)  # several blocks of rows
+    tokens = torch.randint(0, 11, (3, 11), generator=torch.Generator().manual_seed(1))
+    loss, grads = _loss_and_grads(model, tokens)
+    with monkeypatch.context() as plain:
+        _plain(plain)
+        reference_loss, reference = _loss_and_grads(model, tokens)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-13, atol=1e-13)
+    for got, expected in zip(grads, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-12)
+
+
+def test_the_norms_outputs_are_rebuilt_not_kept(randomize, monkeypatch):
+    """Every projection that reads a norm's output saves the recipe instead (qkv and fc_in in each block, the head),
+    and the backward pass rebuilds it, bit for bit what the forward computed."""
+    model = _gpt(randomize)
+    rebuilt, kept = [], []
+    pack, unpack = recompute._NormOutput.pack, recompute._NormOutput.unpack
+
+    def counting_pack(self, tensor):
+        packed = pack(self, tensor)
+        (rebuilt if isinstance(packed, recompute._Rebuilt) else kept).append(tensor)
+        return packed
+
+    def checking_unpack(self, packed):
+        tensor = unpack(self, packed)
+        if isinstance(packed, recompute._Rebuilt):
+            with torch.no_grad():
+                assert torch.equal(tensor, self.norm(self.x).as_strided(packed.size, packed.stride, packed.offset))
+        return tensor
+
+    monkeypatch.setattr(recompute._NormOutput, "pack", counting_pack)
+    monkeypatch.setattr(recompute._NormOutput, "unpack", checking_unpack)
+    tokens = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(2))
+    _loss_and_grads(model, tokens)
+    assert len(rebuilt) == 2 * 2 + 1
+    with torch.no_grad():  # (no pass under evaluation records anything)
+        model(tokens)
+    assert len(rebuilt) == 5
+
+
+def test_steps_aside_under_other_hooks_autocast_and_without_gradients():
+    norm = torch.nn.LayerNorm(4)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = norm(x)
+    assert isinstance(recompute.recomputed_norm_output(norm, x, y), torch.autograd.graph.saved_tensors_hooks)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert isinstance(recompute.recomputed_norm_output(norm, x, y), contextlib.nullcontext)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert isinstance(recompute.recomputed_norm_output(norm, x, y), contextlib.nullcontext)
+    with torch.no_grad():
+        assert isinstance(recompute.recomputed_norm_output(norm, x, norm(x)), contextlib.nullcontext)
+    assert isinstance(recompute.recomputed_norm_output(norm, x, y[:, :2]), contextlib.nullcontext)
+
+
+def test_a_norm_changed_in_place_before_backward_is_refused():
+    norm = torch.nn.LayerNorm(4)
+    linear = torch.nn.Linear(4, 2)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = norm(x)
+    with recompute.recomputed_norm_output(norm, x, y):
+        out = linear(y)
+    with torch.no_grad():
+        norm.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_row_blocks_cover_every_row_once():
+    for rows, width, elements in [(2048, 1536, 2**18), (7, 3, 5), (5, 10, 1000), (1, 4, 1)]:
+        blocks = feedforward_module._row_blocks(rows, width, elements)
+        assert [start for start, _ in blocks] == [0] + [stop for _, stop in blocks[:-1]]
+        assert blocks[-1][1] == rows and all(stop > start for start, stop in blocks)
+        assert max(stop - start for start, stop in blocks) <= max(elements // width, 1) + 1
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "relu"])
+def test_mlp_by_rows_and_in_place_derivative_give_autograds_gradients(monkeypatch, name):
+    """The recomputing MLP with its forward cut into 4 blocks of rows against autograd through the plain forward."""
+    torch.manual_seed(0)
+    module = MLP(6, 8, name).double()
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(10, 6, dtype=torch.float64)
+    monkeypatch.setattr(feedforward_module, "_ROW_CHUNK_ELEMENTS", 20)
+    out = module(x)
+    assert "Recomputed" in type(out.grad_fn).__name__
+    grads = torch.autograd.grad(out, [x, *module.parameters()], upstream)
+    module.recompute = False
+    expected = module(x)
+    reference = torch.autograd.grad(expected, [x, *module.parameters()], upstream)
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
