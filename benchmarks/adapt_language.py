@@ -241,8 +241,8 @@ def main() -> None:
                              "topics (lowest nats/byte there), same --steps, before the measured runs")
     parser.add_argument("--select-json", metavar="PATH", help="append each --select candidate's record here")
     parser.add_argument("--select-only", action="store_true", help="stop after --select")
-    parser.add_argument("--chosen", metavar="PATH", help="take each method's settings from an earlier --select's "
-                        "records (its --select-json; the lowest nats/byte per method)")
+    parser.add_argument("--chosen", nargs="+", metavar="PATH", help="take each method's settings from an earlier "
+                        "--select's records (its --select-json files; the lowest nats/byte per method)")
     parser.add_argument("--json", metavar="PATH", help="also write the records (one JSON object per line)")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,7 +269,8 @@ def main() -> None:
     chosen["lora"]["rank"] = args.rank
     select_records = []
     if args.chosen:
-        select_records = [json.loads(line) for line in Path(args.chosen).read_text().splitlines() if line.strip()]
+        select_records = [json.loads(line) for path in args.chosen for line in Path(path).read_text().splitlines()
+                          if line.strip()]
     if args.select:
         def log(record):
             print(f"  select {record}", file=sys.stderr, flush=True)

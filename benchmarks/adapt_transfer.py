@@ -317,10 +317,13 @@ def main() -> None:
                         "runs")
     parser.add_argument("--cv-methods", nargs="+", choices=METHODS, metavar="METHOD",
                         help="the methods --cv chooses for (default: --methods)")
+    parser.add_argument("--cv-candidates", type=int, nargs="+", metavar="I",
+                        help="only these candidates of CV_GRID[method] (indices; to split the cross-validation over "
+                             "processes)")
     parser.add_argument("--cv-json", metavar="PATH", help="append each cross-validated candidate's record here")
     parser.add_argument("--cv-only", action="store_true", help="stop after the cross-validation")
-    parser.add_argument("--chosen", metavar="PATH", help="take each method's settings from the records of an earlier "
-                        "--cv (its --cv-json; the lowest mean held-out loss per method)")
+    parser.add_argument("--chosen", nargs="+", metavar="PATH", help="take each method's settings from the records "
+                        "of an earlier --cv (its --cv-json files; the lowest mean held-out loss per method)")
     parser.add_argument("--base-dir", metavar="PATH", help="the source model: loaded from here if saved, else trained "
                         "and saved here (so several invocations adapt the same model)")
     parser.add_argument("--json", metavar="PATH", help="also write the records (one JSON object per line)")
@@ -365,7 +368,8 @@ def main() -> None:
     options = {method: {} for method in METHODS}
     cv_records = []
     if args.chosen:
-        cv_records = [json.loads(line) for line in Path(args.chosen).read_text().splitlines() if line.strip()]
+        cv_records = [json.loads(line) for path in args.chosen for line in Path(path).read_text().splitlines()
+                      if line.strip()]
     if args.cv:
         def log(record):
             print(f"  cv {record['method']} {record}", file=sys.stderr, flush=True)
@@ -373,7 +377,9 @@ def main() -> None:
                 with open(args.cv_json, "a") as out:
                     out.write(json.dumps(record) + "\n")
         for method in args.cv_methods or args.methods:
-            cv_records += cross_validate(base, target["train"], method, CV_GRID[method], folds=args.cv, rank=rank,
+            grid = CV_GRID[method]
+            grid = [grid[i] for i in args.cv_candidates] if args.cv_candidates is not None else grid
+            cv_records += cross_validate(base, target["train"], method, grid, folds=args.cv, rank=rank,
                                          bottleneck=bottleneck, steps=args.steps, batch=args.batch, log=log)
     for method in {r["method"] for r in cv_records}:
         mine = [r for r in cv_records if r["method"] == method]
