@@ -43,6 +43,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -411,7 +412,8 @@ def main() -> None:
     print(f"Command: `python {' '.join(sys.argv)}`\n")
     print(f"Source model: cct-digits layout (CCT-2/3x2, width 128), {trainable_share(base)[1]:,} parameters, "
           f"trained {args.pretrain_steps} steps x {args.batch} on digits 0-4 ({len(source['train'][1])} images, "
-          f"{pretrain_seconds:.0f} s): {100 * source_accuracy:.2f}% on their {len(source['test'][1])} test images.")
+          f"{'loaded from --base-dir' if math.isnan(pretrain_seconds) else f'{pretrain_seconds:.0f} s'}): "
+          f"{100 * source_accuracy:.2f}% on their {len(source['test'][1])} test images.")
     print(f"Transfer to digits 5-9: {len(target['train'][1])} training, {len(target['test'][1])} test images; "
           f"{args.steps} steps x {args.batch}, warm-up 10%, cosine to 0.1 x lr, AdamW without weight decay, "
           f"seeds {args.seeds}; new 5-way head projection (trained by every method). LoRA rank {rank} "
