@@ -20,7 +20,12 @@ warm-up on a copy, so code loaded on first use counts for neither), and the proc
 ``--checkpointing`` adds memory-only rows (``--memory-steps`` steps, no evaluation) with activation checkpointing of
 whole blocks (``Transformer.set_activation_checkpointing``).
 
+Choosing settings without the held-out topics: ``--select full lora`` trains each candidate of ``SELECT_GRID`` on the
+training topics but every 5th of them (``selection_split``) and scores it on that 5th; the lowest nats/byte is each
+method's choice for the measured runs (``--select-json`` keeps the records, ``--chosen`` reads them back).
+
     python benchmarks/adapt_language.py --base-run runs/char-lm-base [--steps 150] [--rank 8] [--checkpointing]
+        [--select full lora [--select-json PATH] [--select-only]] [--chosen PATH]
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ BASE_MAX_BYTES = 8_000_000
 # Chosen before any run, not tuned on the held-out text: the whole model at a third of the recipe's pretraining rate
 # (3e-3), the low-rank factors higher (LoRA's updates start at zero and are scaled by alpha / rank).
 LEARNING_RATES = {"full": 1e-3, "lora": 5e-3}
+# --select: the settings tried on a held-out part of the *training* topics (``selection_split``), fixed before any
+# selection run: rates around each method's prior one; LoRA's rank (alpha = 2 x rank) 8 (5.7% trainable) or 32
+# (19.5%; the memory target concerns memory, not the trainable share). Small, for the machine's time.
+SELECT_GRID = {
+    "full": [{"lr": lr} for lr in (5e-4, 1e-3, 2e-3)],
+    "lora": [{"rank": rank, "lr": lr} for rank in (8, 32) for lr in (5e-3, 1e-2)],
+}
 
 
 def corpus_files(max_bytes: int | None) -> list[Path]:
@@ -84,6 +96,14 @@ def topic_documents() -> tuple[list[bytes], list[bytes]]:
     return split_documents([topics[name].encode("utf-8") for name in sorted(topics)], 0.2)
 
 
+def selection_split(train_docs: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(topics to train on, topics to score on) for choosing settings: every 5th *training* topic held out (the
+    same rule as the held-out topics', applied to the training ones; the held-out topics are never read)."""
+    from formerkit.data.text import split_documents
+
+    return split_documents(train_docs, 0.2)
+
+
 def rows_of(documents: list[bytes], row: int) -> Tensor:
     """The documents one after another (a blank line between), cut into rows of ``row`` bytes that overlap by one
     (each byte after the first is predicted once); the last incomplete row dropped."""
@@ -119,6 +139,34 @@ def base_run(path: Path, steps: int) -> Path:
     return path
 
 
+def select(run: Path, method: str, candidates: list[dict], *, steps: int, batch: int, seed: int, log=None) -> list:
+    """Each candidate of ``method`` trained from the base on the training topics but a fifth and scored (nats/byte)
+    on that fifth: one record per candidate."""
+    import formerkit
+
+    base = formerkit.load(run / "model")
+    row = base.config.max_seq_len + 1
+    fit_docs, score_docs = selection_split(topic_documents()[0])
+    fit_rows, score_rows = rows_of(fit_docs, row), rows_of(score_docs, row)
+    records = []
+    for candidate in candidates:
+        model = copy.deepcopy(base)
+        if method == "lora":
+            torch.manual_seed(seed)
+            formerkit.add_adapters(model, method="lora", targets=LORA_TARGETS, rank=candidate["rank"],
+                                   alpha=2 * candidate["rank"])
+        start = time.perf_counter()
+        formerkit.fit(model, fit_rows, steps=steps, batch_size=batch, lr=candidate["lr"], seed=seed,
+                      warmup_steps=0.1)
+        record = {"method": method, **candidate, "select_nats_per_byte": nats_per_byte(model, score_rows),
+                  "steps": steps, "seconds": time.perf_counter() - start, "fit_topics": len(fit_docs),
+                  "score_topics": len(score_docs), "score_bytes": score_rows[:, 1:].numel()}
+        records.append(record)
+        if log:
+            log(record)
+    return records
+
+
 def measure_one(settings: dict) -> None:
     """One method in a fresh process (``in_fresh_process`` runs this): prints its record as JSON."""
     import formerkit
@@ -140,7 +188,7 @@ def measure_one(settings: dict) -> None:
     unique = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in unique if p.requires_grad)
     total = sum(p.numel() for p in unique)
-    options = dict(steps=settings["steps"], batch_size=settings["batch"], lr=LEARNING_RATES[method],
+    options = dict(steps=settings["steps"], batch_size=settings["batch"], lr=settings["lr"],
                    seed=settings["seed"], warmup_steps=0.1)
     # One step on a copy first: what fit and LoRA load on first use is then not charged to the measurement.
     formerkit.fit(copy.deepcopy(model), train_rows, **{**options, "steps": 1})
@@ -157,6 +205,23 @@ def measure_one(settings: dict) -> None:
                       "peak_growth_mb": growth, "peak_rss_mb": peak_rss_mb()}))
 
 
+def print_selection(records: list[dict]) -> None:
+    """The --select records as a Markdown table, each method's choice in bold."""
+    first = records[0]
+    print(f"Choice on held-out training topics ({first['fit_topics']} topics trained on, {first['score_topics']} "
+          f"scored, {first['score_bytes']:,} predicted bytes; {first['steps']} steps; lowest nats/byte chosen):\n")
+    print("| method | settings | nats/byte on the held-out training topics | fit time s |")
+    print("|---|---|---|---|")
+    for method in SELECT_GRID:
+        mine = [r for r in records if r["method"] == method]
+        best = min(mine, key=lambda r: r["select_nats_per_byte"]) if mine else None
+        for r in mine:
+            settings = ", ".join(f"{key} {r[key]:g}" for key in ("rank", "lr") if key in r)
+            mark = "**" if r is best else ""
+            print(f"| {method} | {mark}{settings}{mark} | {r['select_nats_per_byte']:.4f} | {r['seconds']:.0f} |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-run", default="runs/char-lm-adapt-base", help="a char-lm run (trained if missing)")
@@ -171,6 +236,13 @@ def main() -> None:
                         help="steps of the memory-only rows (at least 2: AdamW's moments are made at the end of the "
                              "first step, so only later steps hold them beside the activations)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--select", nargs="+", choices=tuple(SELECT_GRID), metavar="METHOD",
+                        help="choose these methods' settings among SELECT_GRID on a held-out fifth of the training "
+                             "topics (lowest nats/byte there), same --steps, before the measured runs")
+    parser.add_argument("--select-json", metavar="PATH", help="append each --select candidate's record here")
+    parser.add_argument("--select-only", action="store_true", help="stop after --select")
+    parser.add_argument("--chosen", nargs="+", metavar="PATH", help="take each method's settings from an earlier "
+                        "--select's records (its --select-json files; the lowest nats/byte per method)")
     parser.add_argument("--json", metavar="PATH", help="also write the records (one JSON object per line)")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,6 +265,34 @@ def main() -> None:
     base_valid = nats_per_byte(base, valid_rows)
     summary = json.loads((run / "summary.json").read_text())
 
+    chosen = {method: {"lr": lr} for method, lr in LEARNING_RATES.items()}
+    chosen["lora"]["rank"] = args.rank
+    select_records = []
+    if args.chosen:
+        select_records = [json.loads(line) for path in args.chosen for line in Path(path).read_text().splitlines()
+                          if line.strip()]
+    if args.select:
+        def log(record):
+            print(f"  select {record}", file=sys.stderr, flush=True)
+            if args.select_json:
+                with open(args.select_json, "a") as out:
+                    out.write(json.dumps(record) + "\n")
+        for method in args.select:
+            select_records += select(run, method, SELECT_GRID[method], steps=args.steps, batch=args.batch,
+                                     seed=args.seed, log=log)
+    for method in {r["method"] for r in select_records}:
+        mine = [r for r in select_records if r["method"] == method]
+        if {r["steps"] for r in mine} != {args.steps}:
+            parser.error(f"--chosen: the {method} records were chosen at {sorted({r['steps'] for r in mine})} steps, "
+                         f"the measured runs take --steps {args.steps}")
+        best = min(mine, key=lambda r: r["select_nats_per_byte"])
+        chosen[method] = {key: best[key] for key in ("lr", "rank") if key in best}
+    if select_records:
+        print_selection(select_records)
+    if args.select_only:
+        return
+    rank = chosen["lora"]["rank"]
+
     plan = [("full", False, False), ("lora", False, False)]
     if args.checkpointing:
         plan += [("full", True, True), ("lora", True, True)]
@@ -200,7 +300,8 @@ def main() -> None:
     for method, checkpointing, memory_only in plan:
         settings = {"method": method, "checkpointing": checkpointing, "memory_only": memory_only,
                     "steps": args.memory_steps if memory_only else args.steps, "run": str(run), "seq_len": seq_len,
-                    "batch": args.batch, "rank": args.rank, "seed": args.seed, "threads": args.threads}
+                    "batch": args.batch, "rank": rank, "lr": chosen[method]["lr"], "seed": args.seed,
+                    "threads": args.threads}
         code = (f"import sys; sys.argv = [{__file__!r}, '--measure-one', {json.dumps(settings)!r}]; "
                 f"import runpy; runpy.run_path({__file__!r}, run_name='__main__')")
         records.append(in_fresh_process(code, method + (" with checkpointing" if checkpointing else "")))
@@ -214,7 +315,7 @@ def main() -> None:
     print(f"New text: pydoc_data.topics, {len(train_docs)} topics ({sum(map(len, train_docs)):,} bytes) to train on, "
           f"{len(valid_docs)} held out ({len(valid_rows)} rows, {valid_rows[:, 1:].numel():,} predicted bytes). "
           f"fit: {args.steps} steps x {args.batch} rows of {seq_len} bytes, seed {args.seed}, warm-up 10%, cosine to "
-          f"0.1 x lr, AdamW without weight decay; LoRA rank {args.rank}, alpha {2 * args.rank} on "
+          f"0.1 x lr, AdamW without weight decay; LoRA rank {rank}, alpha {2 * rank} on "
           f"{', '.join(LORA_TARGETS)}.\n")
     print("| method | lr | trainable params | valid nats/byte | train time s | peak training memory MB (growth) "
           "| peak RSS MB |")
@@ -225,7 +326,7 @@ def main() -> None:
                               if r["checkpointing"] else "")
         valid = "—" if r["valid_nats_per_byte"] is None else f"{r['valid_nats_per_byte']:.4f}"
         seconds = "—" if r["checkpointing"] else f"{r['seconds']:.1f}"
-        print(f"| {name} | {LEARNING_RATES[r['method']]:g} | {r['trainable']:,} "
+        print(f"| {name} | {chosen[r['method']]['lr']:g} | {r['trainable']:,} "
               f"({100 * r['trainable'] / r['total']:.2f}%) | {valid} | {seconds} | {r['peak_growth_mb']:.1f} | "
               f"{r['peak_rss_mb']:.0f} |")
     full, lora = records[0], records[1]

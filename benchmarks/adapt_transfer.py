@@ -25,10 +25,15 @@ Reported per method: trainable parameters (count and share of the adapted model'
 the process's peak resident memory over ``fit`` (after a one-step warm-up on a copy, so lazily loaded code counts for
 no method), and the process's whole peak. Prints a Markdown table; ``--json`` writes the records.
 
-``--select lora adapter`` first chooses those methods' learning rates among ``RATE_CANDIDATES`` on a held-out fifth
-of the 5-9 training images (``held_out_split``; never the test split); ``--rate lora=0.02`` passes a rate chosen so.
+Choosing settings without the test split: ``--cv K`` chooses each method's settings among ``CV_GRID`` by K-fold
+cross-validation on the 5-9 *training* images (``kfold_splits``: stratified; each candidate trained K times on all
+folds but one with the measured runs' steps, batch and seed 0; the lowest mean held-out loss wins), ``--cv-json``
+keeping every candidate's record and ``--chosen`` reading such records back (so the choice and the measured runs
+can be separate invocations, ``--base-dir`` keeping the source model between them). The older ``--select`` (one
+held-out fifth: too few images to rank rates) and ``--rate lora=0.02`` remain.
 
     python benchmarks/adapt_transfer.py [--pretrain-steps 200] [--steps 300] [--batch 64] [--seeds 0 1] [--threads 1]
+        [--base-dir DIR] [--cv K [--cv-methods METHOD ...] [--cv-json PATH] [--cv-only]] [--chosen PATH]
         [--select METHOD ...] [--rate METHOD=LR ...]
 """
 
@@ -38,6 +43,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -97,17 +103,20 @@ def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor) -> float:
     return (predictions == labels).float().mean().item()
 
 
-def adapt(model: nn.Module, method: str, *, rank: int, bottleneck: int, seed: int) -> nn.Module:
-    """A new 5-way head projection (seeded), then ``method``'s trainable parameters; the head always trains."""
+def adapt(model: nn.Module, method: str, *, rank: int, bottleneck: int, seed: int, alpha: float | None = None,
+          rslora: bool = False, scale: float = 0.1) -> nn.Module:
+    """A new 5-way head projection (seeded), then ``method``'s trainable parameters; the head always trains. LoRA's
+    ``alpha`` defaults to 2 x rank; ``scale`` is the adapters'."""
     import formerkit
 
     torch.manual_seed(seed)
     old = model.head.projection
     model.head.projection = nn.Linear(old.in_features, len(TARGET_CLASSES))
     if method == "lora":
-        formerkit.add_adapters(model, method="lora", targets=LORA_TARGETS, rank=rank, alpha=2 * rank)
+        formerkit.add_adapters(model, method="lora", targets=LORA_TARGETS, rank=rank,
+                               alpha=2 * rank if alpha is None else alpha, rslora=rslora)
     elif method == "adapter":
-        formerkit.add_adapters(model, method="adapter", bottleneck=bottleneck)
+        formerkit.add_adapters(model, method="adapter", bottleneck=bottleneck, scale=scale)
     elif method == "partial":
         formerkit.add_adapters(model, method="partial", which="norms_biases")
     elif method == "head":
@@ -177,6 +186,71 @@ def select_rates(base: nn.Module, target: dict, methods, *, rank: int, bottlenec
     return chosen
 
 
+# --cv: the settings tried for each method by k-fold cross-validation on the 5-9 *training* images, fixed before
+# any cross-validated run (three each, for the machine's time): learning rates around each method's prior rate
+# (LEARNING_RATES); for LoRA alpha stays 2 x rank (with Adam, a larger alpha acts much like a larger rate on the
+# product, which the rate grid spans); for the adapters also the output scale (AdaptFormer's 0.1, and 1: the
+# zero-initialized up-projection scaled by 0.1 learned slowly at 5e-3). LoRA's rank and the adapters' bottleneck
+# stay the largest within the budget (``largest_within``). Partial and head tuning keep LEARNING_RATES unless given.
+CV_GRID = {
+    "full": [{"lr": lr} for lr in (5e-4, 1e-3, 2e-3)],
+    "lora": [{"lr": lr} for lr in (5e-3, 1e-2, 2e-2)],
+    "adapter": [{"lr": 2e-2, "scale": 0.1}, {"lr": 5e-3, "scale": 1.0}, {"lr": 2e-2, "scale": 1.0}],
+    "partial": [{"lr": lr} for lr in (5e-3, 2e-2, 5e-2)],
+    "head": [{"lr": lr} for lr in (1e-2, 3e-2, 1e-1)],
+}
+
+
+def kfold_splits(labels: Tensor, folds: int, seed: int = 0) -> list[Tensor]:
+    """``folds`` disjoint boolean masks covering every example once, stratified: each class's examples in a seeded
+    random order, dealt to the folds in turn (so each fold holds ~1/folds of every class)."""
+    if folds < 2:
+        raise ValueError(f"folds: expected at least 2, got {folds}")
+    generator = torch.Generator().manual_seed(seed)
+    fold_of = torch.empty(len(labels), dtype=torch.long)
+    for label in labels.unique():
+        where = (labels == label).nonzero().flatten()
+        where = where[torch.randperm(len(where), generator=generator)]
+        fold_of[where] = torch.arange(len(where)) % folds
+    return [fold_of == k for k in range(folds)]
+
+
+def cross_validate(base: nn.Module, train: tuple[Tensor, Tensor], method: str, candidates: list[dict], *, folds: int,
+                   rank: int, bottleneck: int, steps: int, batch: int, seed: int = 0, log=None) -> list[dict]:
+    """Each candidate of ``method`` trained ``folds`` times (on all folds but one, seed ``seed``, ``steps`` steps) and
+    scored on the fold left out: one record per candidate with the mean held-out loss and the pooled held-out
+    accuracy (every training image held out once). Only the training images are read."""
+    import formerkit
+
+    inputs, labels = train
+    masks = kfold_splits(labels, folds, seed)
+    records = []
+    for candidate in candidates:
+        losses, correct = [], 0
+        options = {key: value for key, value in candidate.items() if key != "lr"}
+        for held in masks:
+            model = adapt(copy.deepcopy(base), method, rank=rank, bottleneck=bottleneck, seed=seed, **options)
+            formerkit.fit(model, (inputs[~held], labels[~held]), steps=steps, batch_size=batch, lr=candidate["lr"],
+                          seed=seed, warmup_steps=0.1)
+            model.eval()
+            with torch.inference_mode():
+                logits = model(inputs[held])
+            losses.append(torch.nn.functional.cross_entropy(logits, labels[held]).item())
+            correct += int((logits.argmax(-1) == labels[held]).sum())
+        record = {"method": method, **candidate, "cv_loss": statistics.mean(losses), "fold_losses": losses,
+                  "cv_accuracy": correct / len(labels), "folds": folds, "steps": steps}
+        records.append(record)
+        if log:
+            log(record)
+    return records
+
+
+def best_of(records: list[dict]) -> dict:
+    """The candidate with the lowest mean held-out loss (the choice rule, fixed before any run)."""
+    best = min(records, key=lambda r: r["cv_loss"])
+    return {key: value for key, value in best.items() if key in ("lr", "alpha", "rslora", "scale")}
+
+
 def measure_one(settings: dict) -> None:
     """One method and seed, in a fresh process (``in_fresh_process`` runs this): prints its record as JSON."""
     import formerkit
@@ -186,7 +260,7 @@ def measure_one(settings: dict) -> None:
         torch.set_num_threads(settings["threads"])
     data = digits(TARGET_CLASSES)
     model = adapt(formerkit.load(settings["base"]), settings["method"], rank=settings["rank"],
-                  bottleneck=settings["bottleneck"], seed=settings["seed"])
+                  bottleneck=settings["bottleneck"], seed=settings["seed"], **settings.get("options", {}))
     trainable, total = trainable_share(model)
     options = dict(steps=settings["steps"], batch_size=settings["batch"], lr=settings["lr"],
                    seed=settings["seed"], warmup_steps=0.1)
@@ -204,6 +278,26 @@ def measure_one(settings: dict) -> None:
                       "peak_growth_mb": growth, "peak_rss_mb": peak_rss_mb()}))
 
 
+def print_cv(records: list[dict]) -> None:
+    """The cross-validation's records as a Markdown table, the chosen candidate of each method in bold."""
+    if not records:
+        return
+    print(f"Cross-validation on the 5-9 training images ({records[0]['folds']} folds, {records[0]['steps']} steps, "
+          "seed 0; chosen: the lowest mean held-out loss):\n")
+    print("| method | settings | mean held-out loss | held-out accuracy (pooled) |")
+    print("|---|---|---|---|")
+    for method in METHODS:
+        mine = [r for r in records if r["method"] == method]
+        if not mine:
+            continue
+        best = min(mine, key=lambda r: r["cv_loss"])
+        for r in mine:
+            settings = ", ".join(f"{key} {r[key]:g}" for key in ("lr", "alpha", "scale") if key in r)
+            mark = "**" if r is best else ""
+            print(f"| {method} | {mark}{settings}{mark} | {r['cv_loss']:.4f} | {100 * r['cv_accuracy']:.2f}% |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-steps", type=int, default=200, help="fit steps on digits 0-4")
@@ -219,6 +313,20 @@ def main() -> None:
                              "5-9 training images (seed 0) before the measured runs")
     parser.add_argument("--rate", action="append", default=[], metavar="METHOD=LR",
                         help="a method's learning rate instead of LEARNING_RATES' (e.g. one an earlier --select chose)")
+    parser.add_argument("--cv", type=int, metavar="K", help="choose each method's settings among CV_GRID by K-fold "
+                        "cross-validation on the 5-9 training images (lowest mean held-out loss) before the measured "
+                        "runs")
+    parser.add_argument("--cv-methods", nargs="+", choices=METHODS, metavar="METHOD",
+                        help="the methods --cv chooses for (default: --methods)")
+    parser.add_argument("--cv-candidates", type=int, nargs="+", metavar="I",
+                        help="only these candidates of CV_GRID[method] (indices; to split the cross-validation over "
+                             "processes)")
+    parser.add_argument("--cv-json", metavar="PATH", help="append each cross-validated candidate's record here")
+    parser.add_argument("--cv-only", action="store_true", help="stop after the cross-validation")
+    parser.add_argument("--chosen", nargs="+", metavar="PATH", help="take each method's settings from the records "
+                        "of an earlier --cv (its --cv-json files; the lowest mean held-out loss per method)")
+    parser.add_argument("--base-dir", metavar="PATH", help="the source model: loaded from here if saved, else trained "
+                        "and saved here (so several invocations adapt the same model)")
     parser.add_argument("--json", metavar="PATH", help="also write the records (one JSON object per line)")
     parser.add_argument("--measure-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,12 +340,18 @@ def main() -> None:
 
     source = digits(SOURCE_CLASSES)
     target = digits(TARGET_CLASSES)
-    torch.manual_seed(0)
-    base = formerkit.build_model(cct_config(len(SOURCE_CLASSES)))
-    start = time.perf_counter()
-    formerkit.fit(base, source["train"], steps=args.pretrain_steps, batch_size=args.batch, lr=PRETRAIN_LR,
-                  weight_decay=0.05, warmup_steps=0.1, seed=0)
-    pretrain_seconds = time.perf_counter() - start
+    saved = Path(args.base_dir) if args.base_dir else None
+    if saved is not None and (saved / "config.json").exists():
+        base, pretrain_seconds = formerkit.load(saved), float("nan")
+    else:
+        torch.manual_seed(0)
+        base = formerkit.build_model(cct_config(len(SOURCE_CLASSES)))
+        start = time.perf_counter()
+        formerkit.fit(base, source["train"], steps=args.pretrain_steps, batch_size=args.batch, lr=PRETRAIN_LR,
+                      weight_decay=0.05, warmup_steps=0.1, seed=0)
+        pretrain_seconds = time.perf_counter() - start
+        if saved is not None:
+            formerkit.save(base, saved)
     source_accuracy = accuracy(base, *source["test"])
     rank = largest_within(args.budget, base, "lora", bottleneck=0, seed=0)
     bottleneck = largest_within(args.budget, base, "adapter", rank=0, seed=0)
@@ -252,6 +366,33 @@ def main() -> None:
         selected = select_rates(base, target, args.select, rank=rank, bottleneck=bottleneck, steps=args.steps,
                                 batch=args.batch, seed=0)
         rates.update(selected)
+    options = {method: {} for method in METHODS}
+    cv_records = []
+    if args.chosen:
+        cv_records = [json.loads(line) for path in args.chosen for line in Path(path).read_text().splitlines()
+                      if line.strip()]
+    if args.cv:
+        def log(record):
+            print(f"  cv {record['method']} {record}", file=sys.stderr, flush=True)
+            if args.cv_json:
+                with open(args.cv_json, "a") as out:
+                    out.write(json.dumps(record) + "\n")
+        for method in args.cv_methods or args.methods:
+            grid = CV_GRID[method]
+            grid = [grid[i] for i in args.cv_candidates] if args.cv_candidates is not None else grid
+            cv_records += cross_validate(base, target["train"], method, grid, folds=args.cv, rank=rank,
+                                         bottleneck=bottleneck, steps=args.steps, batch=args.batch, log=log)
+    for method in {r["method"] for r in cv_records}:
+        mine = [r for r in cv_records if r["method"] == method]
+        if {r["steps"] for r in mine} != {args.steps}:
+            parser.error(f"--chosen: the {method} records were cross-validated at {sorted({r['steps'] for r in mine})}"
+                         f" steps, the measured runs take --steps {args.steps}")
+        choice = best_of(mine)
+        rates[method] = choice.pop("lr")
+        options[method] = choice
+    if args.cv_only:
+        print_cv(cv_records)
+        return
 
     records = []
     with tempfile.TemporaryDirectory() as directory:
@@ -260,7 +401,7 @@ def main() -> None:
             for method in args.methods:
                 settings = {"method": method, "seed": seed, "base": str(Path(directory) / "base"), "rank": rank,
                             "bottleneck": bottleneck, "steps": args.steps, "batch": args.batch, "lr": rates[method],
-                            "threads": args.threads}
+                            "options": options[method], "threads": args.threads}
                 code = (f"import sys; sys.argv = [{__file__!r}, '--measure-one', {json.dumps(settings)!r}]; "
                         f"import runpy; runpy.run_path({__file__!r}, run_name='__main__')")
                 records.append(in_fresh_process(code, f"{method} (seed {seed})"))
@@ -271,7 +412,8 @@ def main() -> None:
     print(f"Command: `python {' '.join(sys.argv)}`\n")
     print(f"Source model: cct-digits layout (CCT-2/3x2, width 128), {trainable_share(base)[1]:,} parameters, "
           f"trained {args.pretrain_steps} steps x {args.batch} on digits 0-4 ({len(source['train'][1])} images, "
-          f"{pretrain_seconds:.0f} s): {100 * source_accuracy:.2f}% on their {len(source['test'][1])} test images.")
+          f"{'loaded from --base-dir' if math.isnan(pretrain_seconds) else f'{pretrain_seconds:.0f} s'}): "
+          f"{100 * source_accuracy:.2f}% on their {len(source['test'][1])} test images.")
     print(f"Transfer to digits 5-9: {len(target['train'][1])} training, {len(target['test'][1])} test images; "
           f"{args.steps} steps x {args.batch}, warm-up 10%, cosine to 0.1 x lr, AdamW without weight decay, "
           f"seeds {args.seeds}; new 5-way head projection (trained by every method). LoRA rank {rank} "
@@ -280,6 +422,8 @@ def main() -> None:
         print("Learning rates chosen on a held-out fifth of the 5-9 training images (trained on the rest, seed 0, "
               f"same steps): {', '.join(f'{m} {lr:g} of {list(RATE_CANDIDATES[m])}' for m, lr in selected.items())}; "
               "the measured runs then train on all the training images.\n")
+    if cv_records:
+        print_cv(cv_records)
     print("| method | lr | trainable params | trainable % | test accuracy 5-9 (mean; each seed) | train time s "
           "| peak training memory MB (growth) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -289,7 +433,8 @@ def main() -> None:
         mean = statistics.mean(r["accuracy"] for r in mine)
         summary[method] = mean
         each = ", ".join(f"{100 * r['accuracy']:.2f}" for r in mine)
-        print(f"| {method} | {rates[method]:g} | {mine[0]['trainable']:,} | "
+        extra = "".join(f", {key} {value:g}" for key, value in options[method].items())
+        print(f"| {method} | {rates[method]:g}{extra} | {mine[0]['trainable']:,} | "
               f"{100 * mine[0]['trainable'] / mine[0]['total']:.2f}% | {100 * mean:.2f}% ({each}) | "
               f"{statistics.median(r['seconds'] for r in mine):.1f} | "
               f"{statistics.median(r['peak_growth_mb'] for r in mine):.1f} | "

@@ -52,3 +52,35 @@ def test_the_base_corpus_stops_before_the_adaptation_text_and_the_whole_stdlib_w
     assert not any(path.as_posix().endswith(held_out) for path in cut)
     assert any(path.as_posix().endswith(held_out) for path in whole)
     assert cut == whole[:len(cut)]
+
+
+def test_kfold_splits_hold_every_example_out_exactly_once_with_each_class_spread_evenly():
+    kfold_splits = script("adapt_transfer.py")["kfold_splits"]
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 13)
+    masks = kfold_splits(labels, 5)
+    assert len(masks) == 5
+    assert torch.equal(torch.stack(masks).sum(0), torch.ones(len(labels), dtype=torch.long))
+    for mask in masks:  # 10 -> 2 each; 7 -> 1 or 2; 13 -> 2 or 3
+        counts = torch.bincount(labels[mask], minlength=3).tolist()
+        assert counts[0] == 2 and counts[1] in (1, 2) and counts[2] in (2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(masks, kfold_splits(labels, 5)))
+    assert not all(torch.equal(a, b) for a, b in zip(masks, kfold_splits(labels, 5, seed=1)))
+
+
+def test_best_of_takes_the_lowest_mean_held_out_loss_and_keeps_only_the_settings():
+    best_of = script("adapt_transfer.py")["best_of"]
+    records = [{"method": "lora", "lr": 5e-3, "cv_loss": 0.3, "cv_accuracy": 0.99, "folds": 5, "steps": 9},
+               {"method": "lora", "lr": 1e-2, "cv_loss": 0.2, "cv_accuracy": 0.98, "folds": 5, "steps": 9}]
+    assert best_of(records) == {"lr": 1e-2}
+    records.append({"method": "adapter", "lr": 2e-2, "scale": 1.0, "cv_loss": 0.1, "cv_accuracy": 0.9,
+                    "folds": 5, "steps": 9})
+    assert best_of(records[2:]) == {"lr": 2e-2, "scale": 1.0}
+
+
+def test_the_selection_topics_are_a_fifth_of_the_training_topics_and_never_the_held_out_ones():
+    language = script("adapt_language.py")
+    train_docs, valid_docs = language["topic_documents"]()
+    fit_docs, score_docs = language["selection_split"](train_docs)
+    assert sorted(fit_docs + score_docs) == sorted(train_docs)
+    assert score_docs == train_docs[4::5]  # every 5th, as the held-out topics are taken from all of them
+    assert not set(score_docs) & set(valid_docs) and not set(fit_docs) & set(valid_docs)
