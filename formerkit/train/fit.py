@@ -6,10 +6,11 @@
 The data is read once into memory (a tensor, a ``Dataset`` or a ``DataLoader``: the loader's dataset in order, through
 its ``collate_fn``) and batches are then drawn exactly as a recipe's are, as a function of (seed, step): the same data
 and seed give the same weights whichever form it came in, and a run stopped at any step (``stop_after``, SIGINT,
-SIGTERM) continues exactly when ``fit`` is called again with the same ``out_dir``. Everything else is the recipe
-trainer's own loop (``formerkit.train.trainer.run_loop``): checkpoints, metrics.jsonl, the progress bar, EMA, the
-warm-up and cosine schedule, evaluation every ``eval_every`` steps. Only parameters with ``requires_grad`` are
-optimized, so a model given adapters (``formerkit.add_adapters``) trains its adapters only.
+SIGTERM) continues exactly when ``fit`` is called again with the same ``out_dir``. A signal stops the loop after its
+step and checkpoint, then reaches the caller (SIGINT as KeyboardInterrupt, SIGTERM as SystemExit). Everything else is
+the recipe trainer's own loop (``formerkit.train.trainer.run_loop``): checkpoints, metrics.jsonl, the progress bar,
+EMA, the warm-up and cosine schedule, evaluation every ``eval_every`` steps. Only parameters with ``requires_grad``
+are optimized, so a model given adapters (``formerkit.add_adapters``) trains its adapters only.
 
 What ``train_data`` holds depends on the objective, inferred from the model's head unless ``objective`` names it:
 
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -137,14 +140,28 @@ def fit(model: nn.Module, train_data, *, eval_data=None, objective: str | None =
         dist = distributed.setup("ddp")
         extra = {"objective": settings.objective.kind, "fit": _record(settings)}
         result = run_loop(settings, run_dir, model, objective_, bundle, dist, resume=bool(resume), console=console,
-                          title=f"fit {run_dir.name}", extra=extra, stop_after=stop_after)
+                          title=f"fit {run_dir.name}", extra=extra, stop_after=stop_after, plots=not temporary)
         if result.model is not model:  # ema_decay: the average is what was evaluated and saved
             with torch.no_grad():
                 model.load_state_dict(result.model.state_dict())
+        if result.summary.get("signal"):
+            _pass_on(result.summary["signal"], result.summary["steps"], None if temporary else run_dir)
         return FitResult(model, _last_eval(run_dir), None if temporary else run_dir, result.summary)
     finally:
         if temporary:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _pass_on(name: str, step: int, run_dir: Path | None) -> None:
+    """A signal that stopped the loop goes on to the caller once the checkpoint is written: SIGINT as
+    KeyboardInterrupt, SIGTERM as SystemExit(128 + 15), as an uncaught signal would end the program -- a script
+    that calls ``fit`` in a loop stops rather than starting its next run."""
+    where = f"; fit with out_dir={str(run_dir)!r} resumes it" if run_dir is not None else ""
+    message = f"fit: stopped by {name} after step {step}{where}"
+    if name == "SIGINT":
+        raise KeyboardInterrupt(message)
+    print(message, file=sys.stderr)
+    raise SystemExit(128 + signal.Signals[name].value)
 
 
 def _record(settings: TrainConfig) -> dict[str, Any]:

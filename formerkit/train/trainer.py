@@ -450,13 +450,16 @@ def train_stage(config: TrainConfig, run_dir: Path, *, resume: bool = False, con
 
 def run_loop(config: TrainConfig, run_dir: Path, model: nn.Module, objective: Objective, bundle: DataBundle,
              dist, *, resume: bool, console=None, title: str, extra: dict[str, Any],
-             previous: dict[str, Any] | None = None, stop_after: int | None = None) -> TrainResult:
+             previous: dict[str, Any] | None = None, stop_after: int | None = None,
+             plots: bool = True) -> TrainResult:
     """The loop both entry points share (a recipe's ``train_stage`` and ``formerkit.fit``): trains ``model`` (in place)
     on ``bundle`` with ``objective`` under ``config``'s optim, schedule, eval and run sections into ``run_dir``, from
     its latest checkpoint when ``resume``; saves the model with ``extra`` and the summary. Only parameters with
     ``requires_grad`` are optimized (an adapted model trains its adapters only). ``dist`` comes from
     ``distributed.setup``; this tears it down. ``stop_after`` stops after that step as SIGINT would (a checkpoint,
-    status "interrupted"): the run continues when resumed."""
+    status "interrupted"): the run continues when resumed; a run stopped by a signal names it in the summary
+    (``"signal": "SIGINT"``). ``plots`` draws the run's plots at the end (``fit`` into a temporary directory does not:
+    nobody would see them)."""
     if not any(p.requires_grad for p in model.parameters()):
         raise RunError("no parameter of the model has requires_grad: nothing would be trained")
     run, schedule = config.run, config.schedule
@@ -608,6 +611,8 @@ def run_loop(config: TrainConfig, run_dir: Path, model: nn.Module, objective: Ob
     train_rates = [r[f"{bundle.unit}_per_s"] for r in log.records if r["kind"] == "train"]
     if train_rates:
         summary[f"train_{bundle.unit}_per_s"] = round(sum(train_rates) / len(train_rates), 1)
+    if status == "interrupted" and stop.received is not None:
+        summary["signal"] = signal.Signals(stop.received).name
     if status != "interrupted":
         for split in ("valid", "test"):
             if getattr(bundle, split) is not None:
@@ -623,7 +628,8 @@ def run_loop(config: TrainConfig, run_dir: Path, model: nn.Module, objective: Ob
         if bundle.tokenizer is not None:
             save_tokenizer(bundle.tokenizer, run_dir / "model" / "tokenizer.json")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_run(run_dir)
+        if plots:
+            plot_run(run_dir)
         if console is not None:
             print_summary(console, run_dir, summary, prompt=example_prompt(bundle))
     dist.barrier()

@@ -301,3 +301,54 @@ def test_activation_checkpointing_trains_the_same_weights():
     formerkit.fit(b, rows, activation_checkpointing=True, **SETTINGS)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-6), name
+
+
+def _signal_at_training_call(model, signum: int, call: int):
+    """Sends ``signum`` to this process from the model's ``call``-th training forward pass (a signal mid-run)."""
+    import os
+
+    calls = []
+
+    def hook(module, args):
+        if module.training and torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == call:
+                os.kill(os.getpid(), signum)
+
+    return model.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_checkpoints_then_reaches_the_caller_and_the_run_resumes(tmp_path, signame):
+    import signal
+
+    rows = token_rows()
+    whole = lm_model()
+    formerkit.fit(whole, rows, out_dir=tmp_path / "whole", **SETTINGS)
+    model = lm_model()
+    handle = _signal_at_training_call(model, getattr(signal, signame), 2)
+    expected = KeyboardInterrupt if signame == "SIGINT" else SystemExit
+    with pytest.raises(expected) as stopped:
+        formerkit.fit(model, rows, out_dir=tmp_path / "run", **SETTINGS)
+    handle.remove()
+    if signame == "SIGTERM":
+        assert stopped.value.code == 128 + signal.SIGTERM
+    else:
+        assert "resumes it" in str(stopped.value) and str(tmp_path / "run") in str(stopped.value)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == signame and summary["steps"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    resumed = formerkit.fit(lm_model(seed=3), rows, out_dir=tmp_path / "run", **SETTINGS)
+    assert resumed.summary["status"] == "completed"
+    assert_same(weights(resumed.model), weights(whole))
+
+
+def test_plots_are_drawn_only_for_a_run_directory_someone_keeps(tmp_path, monkeypatch):
+    import formerkit.train.trainer as trainer
+
+    drawn = []
+    monkeypatch.setattr(trainer, "plot_run", lambda run_dir: drawn.append(run_dir))
+    formerkit.fit(lm_model(), token_rows(), **SETTINGS)
+    assert drawn == []
+    formerkit.fit(lm_model(), token_rows(), out_dir=tmp_path / "kept", **SETTINGS)
+    assert drawn == [tmp_path / "kept"]
