@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from formerkit.config import ModelConfig
 from formerkit.models.footprint import meta_build, part_of
 from formerkit.models.transformer import build_model
+from formerkit.nn.recompute import counting_recomputed_outputs
 
 __all__ = ["Summary", "count_parameters", "saved_activation_bytes", "summarize"]
 
@@ -118,7 +119,8 @@ def _example_condition(config: ModelConfig, batch: int) -> dict:
 
 def saved_activation_bytes(model: torch.nn.Module, *args, **kwargs) -> int:
     """Bytes of the distinct storages that one call ``model(*args, **kwargs)`` keeps for the backward pass (counted by
-    a saved-tensors hook; the model's parameters excluded). Works on the meta device."""
+    a saved-tensors hook; the model's parameters and the norm outputs a training step recomputes instead of keeping,
+    ``formerkit.nn.recompute``, excluded). Works on the meta device."""
     parameter_storages = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -128,9 +130,9 @@ def saved_activation_bytes(model: torch.nn.Module, *args, **kwargs) -> int:
             saved[storage._cdata] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with counting_recomputed_outputs() as recomputed, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(*args, **kwargs)
-    return int(sum(saved.values()))
+    return int(sum(size for storage, size in saved.items() if storage not in recomputed))
 
 
 def count_parameters(config: ModelConfig) -> int:

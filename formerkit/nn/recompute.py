@@ -18,11 +18,15 @@ choice of what to keep.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["recomputed_norm_output"]
+__all__ = ["counting_recomputed_outputs", "recomputed_norm_output"]
+
+# Set by ``counting_recomputed_outputs``: the storages of the norm outputs this path would not keep.
+_COUNTING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("formerkit_recomputed", default=None)
 
 
 class _Rebuilt:
@@ -80,12 +84,29 @@ def recomputed_norm_output(norm: nn.Module | None, x: Tensor, output: Tensor):
     (where the norm's output is a view of something else, other parts of that storage are not the norm's
     output)."""
     if (norm is None or output is x or not torch.is_grad_enabled() or not output.requires_grad
-            or output.device.type == "meta"
             or torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocasting(output)
-            or not torch._C._autograd._saved_tensors_hooks_is_enabled()
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
             or not output.is_contiguous() or output.storage_offset() != 0
             or output.untyped_storage().nbytes() != output.numel() * output.element_size()):
         return contextlib.nullcontext()
+    counted = _COUNTING.get()
+    if counted is not None:  # formerkit.summary counting what a training step keeps: this output is not kept
+        storage = output.untyped_storage()
+        counted[storage._cdata] = storage  # held, so that no later tensor reuses its id during the count
+        return contextlib.nullcontext()
+    if (output.device.type == "meta" or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        return contextlib.nullcontext()
     hooks = _NormOutput(norm, x, output)
     return torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack)
+
+
+@contextlib.contextmanager
+def counting_recomputed_outputs():
+    """For counting what a training step keeps (``formerkit.summary.saved_activation_bytes``, whose own saved-tensors
+    hook would make this path step aside): within it, the norm outputs this path would recompute are not hooked but
+    listed, in the dict this yields (their storages by id), for the count to leave out. Works on the meta device."""
+    token = _COUNTING.set({})
+    try:
+        yield _COUNTING.get()
+    finally:
+        _COUNTING.reset(token)

@@ -135,3 +135,22 @@ def test_mlp_by_rows_and_in_place_derivative_give_autograds_gradients(monkeypatc
     torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
     for got, want in zip(grads, reference):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_summarys_count_leaves_out_the_recomputed_norm_outputs(randomize, monkeypatch):
+    """saved_activation_bytes (the summary's training memory) counts what a training step keeps: the plain count less
+    one norm output (batch x tokens x width floats) per sub-layer and the final norm's -- on real tensors and on the
+    meta device alike."""
+    from formerkit.summary import saved_activation_bytes
+
+    model = _gpt(randomize).float()
+    tokens = torch.randint(0, 11, (3, 10), generator=torch.Generator().manual_seed(3))
+    counted = saved_activation_bytes(model.train(), tokens)
+    with monkeypatch.context() as plain:
+        _plain(plain)
+        plain_count = saved_activation_bytes(model, tokens)
+    norm_outputs = (2 * 2 + 1) * tokens.numel() * 16 * 4
+    assert plain_count - counted == norm_outputs
+    with torch.device("meta"):
+        meta = _gpt(lambda module, seed: module).float()
+    assert saved_activation_bytes(meta.train(), tokens.to("meta")) == counted
