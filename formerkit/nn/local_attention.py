@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from formerkit.nn.banded_attention import band_fits, banded_attention
 from formerkit.nn.masks import BlockedMask
 
 __all__ = ["blockwise_attention", "grouped_sdpa", "repeat_kv", "softcapped_attention", "written_out_scores"]
@@ -97,6 +98,8 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, d
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if dropout or softcap is not None:
         out = _local_with_autograd(q, k, v, blocked, dropout, scale, softcap)
+    elif band_fits(blocked):
+        out = banded_attention(q, k, v, blocked, scale)
     else:
         out = _LocalAttention.apply(q, k, v, blocked, scale)
     glob = blocked.global_tokens

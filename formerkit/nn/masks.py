@@ -408,6 +408,8 @@ class BlockedMask:
     key_index: Tensor
     empty_rows: Tensor | None = None
     global_rows: PreparedMask | None = None
+    # ``value`` as additive scores, by dtype: built by the first layer that needs it, read by the others.
+    additive: dict | None = None
 
 
 @dataclass
@@ -521,7 +523,10 @@ _BLOCKED_CACHE: dict[tuple, PreparedMask] = {}
 def _prepare_blocked(mask: Mask, length: int, window: int, causal: bool, global_tokens: int, bias,
                      device) -> PreparedMask:
     block = window_block_size(window)
-    before, after = window - 1, 0 if causal else window - 1
+    # The window's reach rounded up to whole blocks, so that every block's keys are an overlapping view of the keys
+    # (formerkit.nn.banded_attention); the extra keys lie outside the window and the mask blocks them.
+    reach = -(-(window - 1) // block) * block
+    before, after = reach, 0 if causal else reach
     blocks = -(-length // block)
     query = torch.arange(blocks * block, device=device).view(blocks, block)
     key = (torch.arange(blocks, device=device) * block - before).unsqueeze(1) + torch.arange(
