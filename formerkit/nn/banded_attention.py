@@ -9,9 +9,10 @@ keys lie outside the sequence, which the blocked mask blocks, so they get zero p
 
 Forward computes softmax(q k^T * scale + mask) v a chunk of blocks at a time with batched matrix products and keeps
 only the output and the log-sum-exp of each row; backward recomputes the probabilities of a chunk as
-exp(scores - logsumexp) (one pass, no second softmax; both in base 2, see ``LOG2E``) and folds the gradients of the overlapping key windows back
-onto the keys with one addition per block of the span. Nothing larger than one chunk's scores is ever alive beyond
-the inputs, outputs and gradients, as in fused attention kernels (Dao et al., 2022, "FlashAttention").
+exp(scores - logsumexp) (one pass, no second softmax; both in base 2, see ``LOG2E``) and folds the gradients of the
+overlapping key windows back onto the keys with one addition per block of the span. Nothing larger than one chunk's
+scores is ever alive beyond the inputs, outputs and gradients, as in fused attention kernels (Dao et al., 2022,
+"FlashAttention").
 """
 
 from __future__ import annotations
@@ -78,10 +79,11 @@ def _queries(x: Tensor, blocks: int, block: int) -> Tensor:
 
 
 class _Masks:
-    """The additive masks of chunks of blocks of one (sequence, head), from the blocked mask ([batch*blocks |
-    blocks, heads | 1, block, span]) as scores to add. Most blocks of a sequence have the same mask as its middle
-    block (the band's triangles; a document's inside): chunks made only of those read that one block's mask, kept
-    in cache, instead of a slice of the whole mask. Built once per blocked mask and dtype, for every layer."""
+    """The masks of chunks of blocks of one (sequence, head), from the blocked mask ([batch*blocks | blocks,
+    heads | 1, block, span]) as base-2 scores to add. Most blocks of a sequence have the same mask as its middle
+    block (a band of whole blocks; a document's inside): chunks made only of those read that one block's mask, in
+    cache, instead of a slice of the whole mask, and only its columns that block something (the band's two
+    triangles), instead of every column. Built once per blocked mask and dtype, for every layer."""
 
     def __init__(self, blocked: BlockedMask, dtype: torch.dtype, blocks: int):
         if blocked.additive is None:
@@ -89,29 +91,53 @@ class _Masks:
         if dtype not in blocked.additive:
             value = blocked.value
             additive = (torch.zeros(value.shape, dtype=dtype, device=value.device).masked_fill_(~value, float("-inf"))
-                        if value.dtype == torch.bool else value.to(dtype))
+                        if value.dtype == torch.bool else value.to(dtype) * LOG2E)
             additive = additive.view(-1, blocks, *additive.shape[1:])  # [batch|1, blocks, heads|1, block, span]
             common = additive[:, blocks // 2]
             # Blocks whose mask is the middle one's, [batch|1, heads|1, blocks] (-inf == -inf counts as equal).
             same = (additive == common.unsqueeze(1)).flatten(3).all(-1).transpose(1, 2)
-            blocked.additive[dtype] = (additive, common, same.tolist())
-        self.value, self.common, self.same = blocked.additive[dtype]
+            blocked.additive[dtype] = (additive, common, same.tolist(), _open_columns(common))
+        self.value, self.common, self.same, self.open = blocked.additive[dtype]
         self.empty = (None if blocked.empty_rows is None
                       else blocked.empty_rows.view(-1, blocks, *blocked.empty_rows.shape[1:]))
 
-    def __call__(self, sequence: int, head: int, start: int, stop: int) -> tuple[Tensor, Tensor | None]:
-        """The mask [stop - start, block, span] of blocks [start, stop) and its empty rows [.., block, 1] (or None)."""
+    def add_to(self, scores: Tensor, sequence: int, head: int, start: int, stop: int) -> Tensor:
+        """Adds the mask of blocks [start, stop) to their scores [stop - start, block, span] (in place)."""
         row = sequence if self.value.shape[0] > 1 else 0
         column = head if self.value.shape[2] > 1 else 0
-        if all(self.same[row][column][start:stop]):
-            mask = self.common[row, column].expand(stop - start, *self.common.shape[2:])
-        else:
-            mask = self.value[row, start:stop, column]
-        empty = None
-        if self.empty is not None:
-            empty = self.empty[sequence if self.empty.shape[0] > 1 else 0, start:stop].select(
-                1, head if self.empty.shape[2] > 1 else 0)
-        return mask, empty
+        if not all(self.same[row][column][start:stop]):
+            return scores.add_(self.value[row, start:stop, column])
+        common = self.common[row, column]
+        first, last = self.open[row][column]
+        if first > 0:
+            scores[..., :first] += common[:, :first]
+        if last < scores.shape[-1]:
+            scores[..., last:] += common[:, last:]
+        return scores
+
+    def empty_rows(self, sequence: int, head: int, start: int, stop: int) -> Tensor | None:
+        """The rows of blocks [start, stop) that see no key, [stop - start, block, 1], or None."""
+        if self.empty is None:
+            return None
+        return self.empty[sequence if self.empty.shape[0] > 1 else 0, start:stop].select(
+            1, head if self.empty.shape[2] > 1 else 0)
+
+
+def _open_columns(common: Tensor) -> list[list[tuple[int, int]]]:
+    """For each mask [block, span] of ``common`` [batch|1, heads|1, block, span], the widest range of columns
+    [first, last) that adds nothing (zeros: keys every query of the block sees), or (0, 0)."""
+    ranges = []
+    for rows in common:
+        per_head = []
+        for mask in rows:
+            zero = (mask == 0).all(0).tolist()
+            first = zero.index(True) if True in zero else 0
+            last = first
+            while last < len(zero) and zero[last]:
+                last += 1
+            per_head.append((first, last))
+        ranges.append(per_head)
+    return ranges
 
 
 def _chunks(batch: int, heads: int, kv_heads: int, blocks: int, per_block: int):
@@ -142,9 +168,10 @@ class _BandedAttention(torch.autograd.Function):
         logsumexp = q.new_empty(queries.shape[0], block, 1)
         for at, key_at, sequence, head, first, last in _chunks(batch, heads, k.shape[1], blocks, block * span):
             count = last - first
-            mask, empty = masks(sequence, head, first, last)
-            scores = torch.baddbmm(mask, queries[at:at + count], _band(keys, blocked, key_at, key_at + count)
-                                   .transpose(1, 2), beta=LOG2E, alpha=scale * LOG2E)
+            scores = torch.bmm(queries[at:at + count] * (scale * LOG2E),
+                               _band(keys, blocked, key_at, key_at + count).transpose(1, 2))
+            masks.add_to(scores, sequence, head, first, last)
+            empty = masks.empty_rows(sequence, head, first, last)
             top = scores.amax(-1, keepdim=True)
             weights = scores.sub_(top).exp2_()
             total = weights.sum(-1, keepdim=True)
@@ -174,27 +201,29 @@ class _BandedAttention(torch.autograd.Function):
         queries = _queries(q, blocks, block)
         keys, values = _flat_keys(k, blocked, blocks), _flat_keys(v, blocked, blocks)
         d_out = _queries(grad_out, blocks, block)
-        # delta_i = sum_j P_ij dP_ij = dO_i . O_i (Dao et al.): the softmax's backward without P's rows.
-        delta = (d_out * _queries(out, blocks, block)).sum(-1, keepdim=True)
+        # delta_i = sum_j P_ij dP_ij = dO_i . O_i (Dao et al.): the softmax's backward without P's rows. Divided by
+        # log2(e), as are the gradients of the scores below: products with the base-2 scaled queries then give the
+        # key gradients at the natural scale.
+        delta = (d_out * _queries(out, blocks, block)).sum(-1, keepdim=True).div_(LOG2E)
         grad_q = torch.empty_like(queries)
         # The key gradients in the flat layout, as blocks: block i's window covers flat blocks i .. i + parts - 1.
         grad_keys = keys.new_zeros(keys.shape[0] // block, block, dim)
         grad_values = values.new_zeros(values.shape[0] // block, block, v.shape[-1])
         for at, key_at, sequence, head, first, last in _chunks(batch, heads, k.shape[1], blocks, 2 * block * span):
             count = last - first
-            mask, _ = masks(sequence, head, first, last)
-            scaled = queries[at:at + count] * scale
+            scaled = queries[at:at + count] * (scale * LOG2E)
             window_keys = _band(keys, blocked, key_at, key_at + count)
             window_values = _band(values, blocked, key_at, key_at + count)
             # The probabilities again, in one pass from the saved log-sum-exp.
-            weights = torch.baddbmm(mask, scaled, window_keys.transpose(1, 2), beta=LOG2E, alpha=LOG2E)
+            weights = masks.add_to(torch.bmm(scaled, window_keys.transpose(1, 2)), sequence, head, first, last)
             weights.sub_(logsumexp[at:at + count]).exp2_()
             grad = d_out[at:at + count]
             window_grad_values = torch.bmm(weights.transpose(1, 2), grad).view(count, parts, block, -1)
-            # dS = P * (dP - delta), built in dP's memory.
-            grad_scores = torch.bmm(grad, window_values.transpose(1, 2)).sub_(delta[at:at + count]).mul_(weights)
+            # dS / log2(e) = P * (dP - delta) / log2(e), built in dP's memory.
+            grad_scores = torch.bmm(grad * (1.0 / LOG2E), window_values.transpose(1, 2))
+            grad_scores.sub_(delta[at:at + count]).mul_(weights)
             del weights
-            grad_q[at:at + count] = torch.bmm(grad_scores, window_keys).mul_(scale)
+            torch.bmm(grad_scores, window_keys, out=grad_q[at:at + count]).mul_(scale * LOG2E)
             window_grad_keys = torch.bmm(grad_scores.transpose(1, 2), scaled).view(count, parts, block, dim)
             for part in range(parts):
                 grad_keys[key_at + part:key_at + part + count] += window_grad_keys[:, part]

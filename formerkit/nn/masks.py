@@ -419,7 +419,8 @@ class PreparedMask:
     Either ``is_causal`` (no tensor: SDPA's own causal path) or ``value`` (bool or additive float), or neither (no
     mask). ``empty_rows`` marks queries that may attend to no key at all; attention returns zeros for them.
     ``blocked`` replaces all of these for blockwise local attention. Linear attention's own form reads
-    ``is_causal`` and ``key_keep`` ([batch, keys], True for a real token) with no ``value``.
+    ``is_causal``, ``key_keep`` ([batch, keys], True for a real token) and ``document_runs`` (packed documents, each
+    one run of tokens: [batch, tokens] run numbers) with no ``value``.
     """
 
     value: Tensor | None = None
@@ -427,6 +428,7 @@ class PreparedMask:
     empty_rows: Tensor | None = None
     blocked: BlockedMask | None = None
     key_keep: Tensor | None = None
+    document_runs: Tensor | None = None
 
 
 def with_bias(value: Tensor | None, bias: Tensor | None) -> Tensor | None:
