@@ -81,14 +81,16 @@ def test_banded_attention_under_documents_padding_and_alibi_equals_dense(monkeyp
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
-def test_the_middle_blocks_mask_adds_only_its_triangles():
-    # Window 129: each query sees itself and 128 keys back, which is two whole blocks, so the span is three blocks.
+def test_blocks_after_the_first_window_share_the_middle_blocks_mask():
+    # Window 129: each query sees itself and 128 keys back, two whole blocks, so the span is three blocks; the first
+    # two blocks' windows reach before the sequence, every later block's mask is the same band.
     window, length = 129, 64 * 8
     blocked = prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), length, window).blocked
     masks = banded_attention._Masks(blocked, torch.float32, length // blocked.block)
     block = blocked.block
     assert blocked.before == 2 * block
-    first, last = masks.open[0][0]
-    # Query t of a block sees span keys t .. t + 128: every query sees keys block - 1 .. 2 * block.
-    assert (first, last) == (block - 1, 2 * block + 1)
     assert masks.same[0][0] == [False, False, True, True, True, True, True, True]
+    query, key = torch.arange(block).unsqueeze(1), torch.arange(3 * block).unsqueeze(0) - 2 * block
+    band = (key <= query) & (query - key < window)
+    expected = torch.zeros(block, 3 * block).masked_fill(~band, float("-inf"))
+    torch.testing.assert_close(masks.common[0, 0], expected)
