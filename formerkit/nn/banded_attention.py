@@ -10,7 +10,7 @@ zero-padded copy instead; the mask blocks those positions.
 Forward computes softmax(q k^T * scale + mask) v a chunk of blocks at a time with batched matrix products and keeps
 only the output and the log-sum-exp of each row; backward recomputes the probabilities of a chunk as
 exp(scores - logsumexp) (one pass, no second softmax; both in base 2, see ``LOG2E``) and folds the gradients of the
-overlapping key windows back onto the keys with one addition per block of the span. Nothing larger than one chunk's
+overlapping key windows straight into the keys' rows, one product per block of the span. Nothing larger than one chunk's
 scores is ever alive beyond the inputs, outputs and gradients, as in fused attention kernels (Dao et al., 2022,
 "FlashAttention").
 """
@@ -167,7 +167,7 @@ class _BandedAttention(torch.autograd.Function):
         # [j * block, j * block + span).
         grad_k = k.new_zeros(*k.shape[:2], blocked.before + blocks * block + blocked.after, dim)
         grad_v = v.new_zeros(*v.shape[:2], grad_k.shape[2], v.shape[-1])
-        for sequence, head, first, last in _chunks(batch, heads, blocks, 2 * block * span):
+        for sequence, head, first, last in _chunks(batch, heads, blocks, block * span):
             count = last - first
             keys, values = k[sequence, head // share], v[sequence, head // share]
             queries = _blocks(q[sequence, head], block, first, last)
@@ -176,7 +176,14 @@ class _BandedAttention(torch.autograd.Function):
             weights = masks.scores(torch.bmm(queries, window_keys.transpose(1, 2)), scale, sequence, head, first, last)
             weights.sub_(_blocks(logsumexp[sequence, head], block, first, last)).exp2_()
             grad = _blocks(grad_out[sequence, head], block, first, last)
-            window_grad_values = torch.bmm(weights.transpose(1, 2), grad).view(count, parts, block, -1)
+            rows_k, rows_v = grad_k[sequence, head // share], grad_v[sequence, head // share]
+            # The windows overlap: block j's window covers rows [j * block, j * block + span) of the padded
+            # gradients, so the product for each block of keys in the span adds straight into its rows (one product
+            # per part of the span, no window-sized gradient and no second pass to fold it).
+            for part in range(parts):
+                columns = slice(part * block, (part + 1) * block)
+                rows_v[(first + part) * block:(last + part) * block].view(count, block, -1).baddbmm_(
+                    weights[:, :, columns].transpose(1, 2), grad)
             # delta_i = sum_j P_ij dP_ij = dO_i . O_i (Dao et al.), then dS = P * (dP - delta), built in dP's memory;
             # all times ``scale``, which the gradients of q and k carry.
             scaled = grad * scale
@@ -184,11 +191,9 @@ class _BandedAttention(torch.autograd.Function):
             grad_scores = torch.bmm(scaled, window_values.transpose(1, 2)).sub_(delta).mul_(weights)
             del weights
             torch.bmm(grad_scores, window_keys, out=_blocks(grad_q[sequence, head], block, first, last))
-            window_grad_keys = torch.bmm(grad_scores.transpose(1, 2), queries).view(count, parts, block, dim)
-            rows_k, rows_v = grad_k[sequence, head // share], grad_v[sequence, head // share]
             for part in range(parts):
-                rows = slice((first + part) * block, (last + part) * block)
-                rows_k[rows] += window_grad_keys[:, part].reshape(count * block, dim)
-                rows_v[rows] += window_grad_values[:, part].reshape(count * block, -1)
+                columns = slice(part * block, (part + 1) * block)
+                rows_k[(first + part) * block:(last + part) * block].view(count, block, dim).baddbmm_(
+                    grad_scores[:, :, columns].transpose(1, 2), queries)
         inside = slice(blocked.before, blocked.before + length)
         return grad_q[:, :, :length], grad_k[:, :, inside], grad_v[:, :, inside], None, None

@@ -52,13 +52,16 @@ def document_linear_attention(fq: Tensor, fk: Tensor, v: Tensor, runs: Tensor, c
     """Causal linear attention within documents, normalized. fq/fk: the features phi(q), phi(k) (padding keys
     already zeroed) [batch, heads, tokens, dim]; v [batch, heads, tokens, value_dim]; runs [batch, tokens] from
     ``document_runs``. Returns [batch, heads, tokens, value_dim] (zeros for a query that sees no key)."""
-    from formerkit.nn.linear_attention import _chunked, _normalize, _unchunked
-
     length, value_dim = fq.shape[2], v.shape[-1]
-    fq, fk = _chunked(fq, chunk), _chunked(fk, chunk)
-    fv = _chunked(F.pad(v, (0, 1), value=1.0), chunk)  # [batch, heads, chunks, chunk, value_dim + 1]
+    missing = -length % chunk
+
+    def chunked(x: Tensor) -> Tensor:  # [batch, heads, tokens, d] -> [batch, heads, chunks, chunk, d], zeros after
+        return F.pad(x, (0, 0, 0, missing)).unflatten(2, (-1, chunk))
+
+    fq, fk = chunked(fq), chunked(fk)
+    fv = chunked(F.pad(v, (0, 1), value=1.0))  # [batch, heads, chunks, chunk, value_dim + 1]
     # Padded positions get a run of their own (-1): their keys are zero and their outputs dropped.
-    run = _chunked(F.pad(runs, (0, -length % chunk), value=-1)[:, None, :, None], chunk)[..., 0]  # [b, 1, C, chunk]
+    run = F.pad(runs, (0, missing), value=-1).view(runs.shape[0], 1, -1, chunk)  # [batch, 1, chunks, chunk]
     same = run.unsqueeze(-1) == run.unsqueeze(-2)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
     inside = ((fq @ fk.transpose(-2, -1)) * (same & causal).to(fq.dtype)) @ fv
@@ -70,5 +73,7 @@ def document_linear_attention(fq: Tensor, fk: Tensor, v: Tensor, runs: Tensor, c
     earlier = F.pad(ends[:, :, :-1], (0, 0, 0, 0, 1, 0))  # the sum each chunk receives
     opened = F.pad(last[..., :-1], (1, 0), value=-2)  # the document open at each chunk's start (-2: none)
     reads = (run == opened.unsqueeze(-1)).unsqueeze(-1).to(fq.dtype)
-    result = _unchunked(inside + (fq * reads) @ earlier, length)
-    return _normalize(result[..., :value_dim], result[..., value_dim])
+    result = (inside + (fq * reads) @ earlier).flatten(2, 3)[:, :, :length]
+    # Normalized by the sum of the weights; a query that sees no key (sum 0, numerator 0) gives zeros.
+    denominator = result[..., value_dim:]
+    return result[..., :value_dim] / torch.where(denominator > 0, denominator, torch.ones_like(denominator))

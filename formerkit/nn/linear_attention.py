@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from formerkit.nn.document_linear_attention import document_linear_attention
 from formerkit.nn.local_attention import repeat_kv
 
 __all__ = ["feature_map", "linear_attention", "quadratic_form"]
@@ -53,8 +54,6 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_keep:
     ``DocumentMask`` does. Equal to ``quadratic_form`` under the same mask."""
     k, v = repeat_kv(q, k, v)
     if document_runs is not None:
-        from formerkit.nn.document_linear_attention import document_linear_attention
-
         if not causal:
             raise ValueError("linear_attention: document_runs needs causal=True")
         fk = feature_map(k) if key_keep is None else feature_map(k) * key_keep[:, None, :, None].to(k.dtype)
