@@ -8,11 +8,12 @@ machine loaded by other processes inflates far less than wall time; otherwise wa
 
 Documents (``--documents``): causal linear attention under a DocumentMask of packed documents (300 to 1500 tokens
 each) at several lengths, forward + backward: the document form (running sums restarting at each document) against
-the dense quadratic form under the same mask (what a model ran before; up to 8K tokens) and the plain causal form
-(no documents) — the document form grows linearly with length, like the causal one.
+the dense quadratic form under the same mask (what a model ran before; up to 4K tokens: at 8K it needs several GB)
+and the plain causal form (no documents) — the document form grows linearly with length, like the causal one.
 
     python benchmarks/long_attention.py [--length 16384] [--window 256] [--batch 4] [--threads 1] [--repeats 3]
     python benchmarks/long_attention.py --documents [--lengths 2048,4096,8192,16384] [--threads 1]
+    python benchmarks/long_attention.py --profile [--threads 1]      # where the window's time goes
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def document_times(length: int, args) -> tuple[int, dict[str, float]]:
     runs = document_runs(ids)
     kinds = {"document form": lambda: linear_attention(q, k, v, causal=True, document_runs=runs),
              "causal form, no documents": lambda: linear_attention(q, k, v, causal=True)}
-    if length <= 8192:
+    if length <= 4096:
         allowed = ((ids[:, :, None] == ids[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril())
         kinds["dense quadratic form"] = lambda: quadratic_form(q, k, v, allowed.unsqueeze(1))
     times: dict[str, list[float]] = {}
@@ -111,6 +112,27 @@ def documents(args) -> None:
         print(f"{length} tokens, {count} documents, fwd+bwd: {cells}", flush=True)
 
 
+def profile(args) -> None:
+    """torch.profiler tables of the window's forward and forward + backward (self CPU time by operation)."""
+    from torch.profiler import profile as torch_profile
+
+    length, window = args.length, args.window
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, args.heads, length, args.head_dim, generator=generator).requires_grad_()
+               for _ in range(3))
+    prepared = prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), length, window)
+    blockwise_attention(q, k, v, prepared.blocked).sum().backward()  # warm-up
+    for name, backward in (("forward", False), ("forward + backward", True)):
+        with torch_profile() as table:
+            if backward:
+                blockwise_attention(q, k, v, prepared.blocked).backward(torch.ones_like(q))
+            else:
+                with torch.no_grad():
+                    blockwise_attention(q, k, v, prepared.blocked)
+        print(f"window {name}, {length} tokens, window {window}:")
+        print(table.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=16384)
@@ -122,11 +144,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--documents", action="store_true", help="linear attention over packed documents")
     parser.add_argument("--lengths", default="2048,4096,8192,16384")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the window attention")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
-    (documents if args.documents else windows)(args)
+    (documents if args.documents else profile if args.profile else windows)(args)
 
 
 if __name__ == "__main__":
