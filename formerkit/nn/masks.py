@@ -486,8 +486,9 @@ def blockwise_pays_off(length: int, window: int) -> bool:
 
 
 def window_block_size(window: int) -> int:
-    """Queries per block of blockwise local attention. A block of b queries reads b + window - 1 keys, so smaller
-    blocks waste less work on keys outside the window, while larger ones run more efficiently per product; 64 queries
+    """Queries per block of blockwise local attention. A block of b queries reads b + window - 1 keys (rounded up to
+    whole blocks, see ``_prepare_blocked``), so smaller blocks waste less work on keys outside the window, while
+    larger ones run more efficiently per product; 64 queries
     was fastest on a 2-core CPU for windows of 64 to 512 (a window of 256 over 16K tokens: 32 queries 338 ms, 64 369 ms,
     128 379 ms, 256 495 ms, all blocks at once)."""
     return 64
