@@ -33,9 +33,11 @@ from formerkit.nn.block import DropPath, TransformerBlock
 from formerkit.nn.cache import KVCache, StaticSlots
 from formerkit.nn.condition import AdaptiveModulation, ConditionEmbedding, modulate
 from formerkit.nn.context import LayerContext, StackInput
+from formerkit.nn.document_linear_attention import document_runs
 from formerkit.nn.heads import PatchHead, build_head
 from formerkit.nn.masks import (
     CausalMask,
+    DocumentMask,
     KeyPaddingMask,
     Mask,
     PreparedMask,
@@ -450,10 +452,9 @@ class Transformer(nn.Module):
                 masks["window"] = prepare_attention_mask(local, length, num_keys, query_offset=offset, bias=bias,
                                                          device=device)
         if "linear" in kinds:
-            structural = combined is None or all(isinstance(part, (CausalMask, KeyPaddingMask))
-                                                 for part in mask_parts(combined))
-            if cache is None and structural and bias is None:
-                masks["linear"] = self._linear_form(combined)
+            linear_form = self._linear_form(combined) if cache is None and bias is None else None
+            if linear_form is not None:
+                masks["linear"] = linear_form
             else:
                 masks["linear"] = prepare_attention_mask(combined, length, num_keys, query_offset=offset, bias=bias,
                                                          device=device)
@@ -494,15 +495,30 @@ class Transformer(nn.Module):
         return scheme.attention_bias(positions, keys), bias_at
 
     @staticmethod
-    def _linear_form(combined: Mask | None) -> PreparedMask:
-        """A mask of causal and key-padding parts only, as linear attention's linear-time form reads it: a causal
-        flag and one keep-mask of the keys (every padding part's, the caller's own included)."""
+    def _linear_form(combined: Mask | None) -> PreparedMask | None:
+        """A mask of causal and key-padding parts, and with causality one DocumentMask whose documents are
+        contiguous runs, as linear attention's linear-time form reads it: a causal flag, one keep-mask of the keys
+        (every padding part's, the caller's own included) and the documents' runs. None for any other mask."""
         parts = () if combined is None else mask_parts(combined)
+        causal = any(isinstance(part, CausalMask) for part in parts)
+        documents = [part for part in parts if isinstance(part, DocumentMask)]
+        if any(not isinstance(part, (CausalMask, KeyPaddingMask, DocumentMask)) for part in parts):
+            return None
+        runs = None
+        if documents:
+            # Reading the ids is a data-dependent branch exported graphs cannot hold; they take the dense form.
+            ids = documents[0].document_ids
+            if (not causal or len(documents) > 1 or ids.device.type == "meta" or torch.compiler.is_exporting()
+                    or torch.jit.is_tracing()):
+                return None
+            runs = document_runs(ids)
+            if runs is None:
+                return None
         keeps = [part.keep for part in parts if isinstance(part, KeyPaddingMask)]
         key_keep = None
         for keep in keeps:
             key_keep = keep if key_keep is None else key_keep & keep
-        return PreparedMask(is_causal=any(isinstance(part, CausalMask) for part in parts), key_keep=key_keep)
+        return PreparedMask(is_causal=causal, key_keep=key_keep, document_runs=runs)
 
     def _static_masks(self, kinds: set[str], slots: StaticSlots, position_ids: Tensor,
                       scheme) -> dict[str, PreparedMask]:

@@ -189,7 +189,8 @@ class Attention(nn.Module):
         if mask.blocked is not None:
             raise InputError("linear attention has no blockwise window form; give windows to softmax layers")
         if mask.value is None:
-            return linear_attention(q, k, v, causal=mask.is_causal, key_keep=mask.key_keep)
+            return linear_attention(q, k, v, causal=mask.is_causal, key_keep=mask.key_keep,
+                                    document_runs=mask.document_runs)
         if mask.value.dtype != torch.bool:
             raise InputError("linear attention takes boolean masks only: additive scores (ALiBi, soft masks, float "
                              "tensors) have no meaning without softmax scores")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from formerkit.nn.document_linear_attention import document_linear_attention
 from formerkit.nn.local_attention import repeat_kv
 
 __all__ = ["feature_map", "linear_attention", "quadratic_form"]
@@ -46,10 +47,17 @@ def quadratic_form(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = Non
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_keep: Tensor | None = None,
-                     chunk: int = CHUNK) -> Tensor:
+                     chunk: int = CHUNK, document_runs: Tensor | None = None) -> Tensor:
     """Linear attention over a whole sequence. ``causal``: each query sees keys at or before it; ``key_keep``
-    [batch, keys] (True for a real token) leaves padding out. Equal to ``quadratic_form`` under the same mask."""
+    [batch, keys] (True for a real token) leaves padding out; ``document_runs`` [batch, tokens] (causal only; from
+    ``formerkit.nn.document_linear_attention.document_runs``) keeps each query within its document, as
+    ``DocumentMask`` does. Equal to ``quadratic_form`` under the same mask."""
     k, v = repeat_kv(q, k, v)
+    if document_runs is not None:
+        if not causal:
+            raise ValueError("linear_attention: document_runs needs causal=True")
+        fk = feature_map(k) if key_keep is None else feature_map(k) * key_keep[:, None, :, None].to(k.dtype)
+        return document_linear_attention(feature_map(q), fk, v, document_runs, chunk)
     if causal:
         keep = None if key_keep is None else key_keep[:, None, :, None].to(k.dtype)
         return _CausalLinearAttention.apply(q, k, v, keep, chunk)

@@ -6,7 +6,8 @@ any), under a ``BlockedMask`` prepared once per forward (see ``formerkit.nn.mask
 Blocks are processed a group at a time, and backward recomputes each group's attention probabilities from the saved
 queries, keys and values instead of keeping them (as fused attention kernels do): besides the inputs and output, only
 one group's scores are ever alive, so memory stays close to that of a fused full-attention kernel while the work is a
-fraction of it.
+fraction of it. Without global tokens, in single or double precision, the blocks read their keys as views
+(``formerkit.nn.banded_attention``); the gathering path here serves global tokens and half precision.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from formerkit.nn.banded_attention import band_fits, banded_attention
 from formerkit.nn.masks import BlockedMask
 
 __all__ = ["blockwise_attention", "grouped_sdpa", "repeat_kv", "softcapped_attention", "written_out_scores"]
@@ -97,6 +99,9 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, d
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if dropout or softcap is not None:
         out = _local_with_autograd(q, k, v, blocked, dropout, scale, softcap)
+    elif band_fits(blocked) and q.dtype in (torch.float32, torch.float64):
+        # Half-precision inputs keep the path below, which normalizes their scores in float32.
+        out = banded_attention(q, k, v, blocked, scale)
     else:
         out = _LocalAttention.apply(q, k, v, blocked, scale)
     glob = blocked.global_tokens

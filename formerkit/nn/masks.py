@@ -408,6 +408,8 @@ class BlockedMask:
     key_index: Tensor
     empty_rows: Tensor | None = None
     global_rows: PreparedMask | None = None
+    # ``value`` as additive scores, by dtype: built by the first layer that needs it, read by the others.
+    additive: dict | None = None
 
 
 @dataclass
@@ -417,7 +419,8 @@ class PreparedMask:
     Either ``is_causal`` (no tensor: SDPA's own causal path) or ``value`` (bool or additive float), or neither (no
     mask). ``empty_rows`` marks queries that may attend to no key at all; attention returns zeros for them.
     ``blocked`` replaces all of these for blockwise local attention. Linear attention's own form reads
-    ``is_causal`` and ``key_keep`` ([batch, keys], True for a real token) with no ``value``.
+    ``is_causal``, ``key_keep`` ([batch, keys], True for a real token) and ``document_runs`` (packed documents, each
+    one run of tokens: [batch, tokens] run numbers) with no ``value``.
     """
 
     value: Tensor | None = None
@@ -425,6 +428,7 @@ class PreparedMask:
     empty_rows: Tensor | None = None
     blocked: BlockedMask | None = None
     key_keep: Tensor | None = None
+    document_runs: Tensor | None = None
 
 
 def with_bias(value: Tensor | None, bias: Tensor | None) -> Tensor | None:
@@ -482,8 +486,9 @@ def blockwise_pays_off(length: int, window: int) -> bool:
 
 
 def window_block_size(window: int) -> int:
-    """Queries per block of blockwise local attention. A block of b queries reads b + window - 1 keys, so smaller
-    blocks waste less work on keys outside the window, while larger ones run more efficiently per product; 64 queries
+    """Queries per block of blockwise local attention. A block of b queries reads b + window - 1 keys (rounded up to
+    whole blocks, see ``_prepare_blocked``), so smaller blocks waste less work on keys outside the window, while
+    larger ones run more efficiently per product; 64 queries
     was fastest on a 2-core CPU for windows of 64 to 512 (a window of 256 over 16K tokens: 32 queries 338 ms, 64 369 ms,
     128 379 ms, 256 495 ms, all blocks at once)."""
     return 64
@@ -521,7 +526,10 @@ _BLOCKED_CACHE: dict[tuple, PreparedMask] = {}
 def _prepare_blocked(mask: Mask, length: int, window: int, causal: bool, global_tokens: int, bias,
                      device) -> PreparedMask:
     block = window_block_size(window)
-    before, after = window - 1, 0 if causal else window - 1
+    # The window's reach rounded up to whole blocks, so that every block's keys are an overlapping view of the keys
+    # (formerkit.nn.banded_attention); the extra keys lie outside the window and the mask blocks them.
+    reach = -(-(window - 1) // block) * block
+    before, after = reach, 0 if causal else reach
     blocks = -(-length // block)
     query = torch.arange(blocks * block, device=device).view(blocks, block)
     key = (torch.arange(blocks, device=device) * block - before).unsqueeze(1) + torch.arange(

@@ -166,8 +166,12 @@ def test_softcapped_blockwise_window_equals_dense_capped_attention_and_its_gradi
 def test_blocked_mask_memory_grows_with_length_times_window_not_length_squared():
     window, length = 16, 4096
     prepared = prepare_blocked_mask(CausalMask() & SlidingWindowMask(window), length, window)
-    # Every block holds [block, window - 1 + block] entries: length x (block + window - 1) in all, far below length^2.
-    assert prepared.blocked.value.numel() == length * (prepared.blocked.block + window - 1)
+    # Every block holds [block, reach + block] entries, the window's reach (window - 1) rounded up to whole blocks:
+    # length x (block + reach) in all, far below length^2.
+    block = prepared.blocked.block
+    reach = -(-(window - 1) // block) * block
+    assert prepared.blocked.before == reach
+    assert prepared.blocked.value.numel() == length * (block + reach)
     assert prepared.blocked.value.numel() * 20 < length * length
 
 
