@@ -95,9 +95,10 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, d
     """Local attention: q [batch, heads, tokens, dim], k/v [batch, kv_heads, tokens, dim]; each block of queries
     against the keys of its window, the global queries (if any) against every key. With attention dropout (training)
     the blocks go through autograd as a whole, as dropout's random mask must be the one backward sees; so do
-    soft-capped scores (``softcap``), whose derivative the recomputing backward does not know."""
+    soft-capped scores (``softcap``), whose derivative the recomputing backward does not know, and a mask that is
+    learned (T5's relative bias table: the recomputing backward gives no gradient to the mask)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if dropout or softcap is not None:
+    if dropout or softcap is not None or (blocked.value.requires_grad and torch.is_grad_enabled()):
         out = _local_with_autograd(q, k, v, blocked, dropout, scale, softcap)
     elif band_fits(blocked) and q.dtype in (torch.float32, torch.float64):
         # Half-precision inputs keep the path below, which normalizes their scores in float32.

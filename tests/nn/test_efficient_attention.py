@@ -193,9 +193,11 @@ def test_model_with_window_uses_blocks_on_long_inputs_and_equals_the_dense_compu
     torch.testing.assert_close(blockwise, dense, rtol=1e-9, atol=1e-9)
 
 
-def test_blockwise_window_gradients_equal_the_dense_ones(randomize):
+@pytest.mark.parametrize("position", ["rope", "relative"])
+def test_blockwise_window_gradients_equal_the_dense_ones(randomize, position):
+    # relative: T5's learned bias table is trained through the window's mask too.
     length, window = 160, 5
-    model = token_model(randomize, length=length, sliding_window=window)
+    model = token_model(randomize, length=length, sliding_window=window, position=position)
     ids = tokens(1, length)
     grads = []
     for dense in (False, True):
