@@ -63,6 +63,7 @@ from formerkit.runs import (
     stop_ids,
 )
 from formerkit.sample import generates_images, image_generator
+from formerkit.serve_http import BodyLimit, error_body, is_openai, validation_message
 from formerkit.serve_sequences import BatchedSequences, OneSequenceAtATime, speculative_decoding
 
 __all__ = ["BatchedSequences", "ModelService", "OneSequenceAtATime", "ServeError", "create_app", "example_call",
@@ -402,78 +403,6 @@ def _model_name(target: str | Path) -> str:
     return directory.name
 
 
-class _BodyLimit:
-    """ASGI middleware: a body declared larger than ``limit`` is refused (413) before any of it is read; one sent
-    without a length is counted as it arrives and refused once past the limit. Every body is read as JSON: the
-    content type is set to ``application/json`` whatever the client declared (curl's ``-d`` declares a form)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = [(name, value) for name, value in scope.get("headers") or [] if name != b"content-type"]
-        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        declared = dict(headers).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            message = f"request body of {int(declared)} bytes exceeds the limit of {self.limit} bytes"
-            error = _error_body(scope["path"], message, 413, None, "request_too_large")
-            body = json.dumps(error).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise ServeError(413, f"request body exceeds the limit of {self.limit} bytes", code="request_too_large")
-            return message
-
-        await self.app(scope, counted, send)
-
-
-# The OpenAI error types by status (their API's names; clients map the status to an exception class).
-_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-
-
-def _is_openai(path: str) -> bool:
-    return path.startswith(("/v1/completions", "/v1/chat/", "/v1/embeddings", "/v1/models", "/v1/images/"))
-
-
-def _error_body(path: str, message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
-    """The error answer: OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` on the OpenAI-compatible
-    endpoints, ``{"error": message}`` on the others."""
-    if not _is_openai(path):
-        return {"error": message}
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
-
-
-def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """A pydantic validation failure as one message, and the first field at fault (``messages[0].role``)."""
-    details, params = [], []
-    for item in errors:
-        location = [part for part in item["loc"] if part != "body"]
-        if item.get("type") == "json_invalid":
-            details.append(f"body: not valid JSON ({item.get('ctx', {}).get('error', item['msg'])})")
-            continue
-        param = ""
-        for part in location:
-            param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
-        # pydantic names the member of a union it tried ("prompt.str"): the field itself is what the client sent.
-        param = param.split(".function-")[0]
-        params.append(param or None)
-        details.append(f"{param or 'body'}: {item['msg']}")
-    return "; ".join(details) or "malformed request", (params[0] if params else None)
-
-
 async def _collect(service: ModelService, request: TokenRequest) -> list[TokenEvent]:
     async with contextlib.aclosing(service.token_events(request)) as events:
         return [event async for event in events]
@@ -524,11 +453,11 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
 
     app = FastAPI(title="formerkit", description=f"A formerkit {service.task} model")
 
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     def error_response(request: Request, message: str, status: int, param: str | None = None,
                        code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(_error_body(request.url.path, message, status, param, code), status_code=status,
+        return JSONResponse(error_body(request.url.path, message, status, param, code), status_code=status,
                             headers=headers)
 
     @app.exception_handler(ServeError)
@@ -542,9 +471,9 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, error: RequestValidationError):
-        message, param = _validation_message(error.errors())
+        message, param = validation_message(error.errors())
         # OpenAI answers a bad field with 400; the legacy endpoints keep FastAPI's 422.
-        status = 400 if _is_openai(request.url.path) else 422
+        status = 400 if is_openai(request.url.path) else 422
         return error_response(request, message, status, param, "invalid_value" if param else "invalid_json")
 
     @app.exception_handler(HTTPException)
