@@ -38,7 +38,7 @@ from formerkit.data import build_data
 from formerkit.data.base import step_generator
 from formerkit.errors import InputError
 from formerkit.train.config import TrainConfig, load_recipe
-from formerkit.train.trainer import lr_factor
+from formerkit.train.trainer import lr_factor, resolve_precision
 
 __all__ = ["LIBRARIES", "TARGETS", "Target", "curve_from_log", "format_recipes", "nanogpt_char_model",
            "nats_per_byte", "recipes_benchmark", "time_to_target", "vit_pytorch_cct"]
@@ -116,8 +116,11 @@ def _formerkit(config: TrainConfig, target: Target, threads: int | None, say) ->
         result = train(config, Path(out) / "run", overrides=overrides)
         records = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()
                    if line.strip()]
+        setting = config.with_overrides(overrides).run.precision
+        dtype = resolve_precision(setting, torch.device("cpu"))
+        used = "fp32" if dtype is None else "bf16 autocast"
         info = {"params": result.summary["parameters"], "steps": result.summary["steps"],
-                "precision": config.with_overrides(overrides).run.precision}
+                "precision": used if setting != "auto" else f"auto: {used}"}
     return curve_from_log(records, target.metric), info
 
 
