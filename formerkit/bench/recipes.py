@@ -128,13 +128,13 @@ def vit_pytorch_cct(model_config) -> nn.Module:
     """vit-pytorch's ``CCT`` in the recipe model's layout (``model_config``: the cct-digits ModelConfig). Its
     tokenizer always max-pools: a 1x1 pool of stride 1 is the identity the recipe's ``stem.pool_kernel: 0`` asks
     for."""
-    from formerkit.bench.vision import _vit_pytorch_module
+    from formerkit.bench.vision import vit_pytorch_module
 
     stem = model_config.stem
     height, width = stem.image_size
     if height != width:
         raise InputError(f"bench recipes: vit-pytorch's CCT takes square images, got {height}x{width}")
-    cct = _vit_pytorch_module("cct")
+    cct = vit_pytorch_module("cct")
     return cct.CCT(img_size=height, n_input_channels=stem.in_channels, embedding_dim=model_config.width,
                    n_conv_layers=stem.conv_layers, kernel_size=stem.conv_kernel, stride=1,
                    padding=stem.conv_kernel // 2, pooling_kernel_size=1, pooling_stride=1, pooling_padding=0,
