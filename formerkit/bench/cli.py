@@ -120,7 +120,7 @@ def cmd_bench_recipes(args: argparse.Namespace) -> int:
         if not equals or not key:
             raise SystemExit(f"bench recipes: --set expects RECIPE:KEY=VALUE, got {item!r}")
         overrides.setdefault(recipe, {})[key] = yaml.safe_load(value)
-    progress = (lambda text: print(f"training {text}...", file=sys.stderr, flush=True)) if not args.quiet else None
+    progress = (lambda text: print(text, file=sys.stderr, flush=True)) if not args.quiet else None
     records, notes = recipes_benchmark(args.recipes, libraries=args.libraries, threads=args.threads,
                                        overrides=overrides, progress=progress)
     command = "formerkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "formerkit bench recipes"

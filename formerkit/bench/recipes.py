@@ -112,7 +112,7 @@ def _formerkit(config: TrainConfig, target: Target, threads: int | None, say) ->
     from formerkit.train.trainer import train
 
     with tempfile.TemporaryDirectory(prefix="formerkit-bench-recipes-") as out:
-        say(f"{target.recipe}: formerkit (the shipped recipe)")
+        say(f"{target.recipe}: training formerkit (the shipped recipe)...")
         result = train(config, Path(out) / "run", overrides=overrides)
         records = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()
                    if line.strip()]
@@ -220,7 +220,7 @@ def _vit_pytorch(config: TrainConfig, target: Target, say) -> tuple[list[dict], 
             batch = bundle.augment(batch, step_generator(seed, 4, step))
         return F.cross_entropy(model(batch["inputs"]), batch["labels"], label_smoothing=smoothing)
 
-    say(f"{target.recipe}: vit-pytorch CCT")
+    say(f"{target.recipe}: training vit-pytorch's CCT...")
     split = bundle.test if target.metric.startswith("test_") else bundle.valid
     curve = _peer_loop(model, optimizer, lambda s: lr_factor(s, schedule.warmup, schedule.steps,
                                                              schedule.min_lr_ratio),
@@ -257,7 +257,7 @@ def _nanogpt(config: TrainConfig, target: Target, say) -> tuple[list[dict], dict
         logits = model(batch[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
-    say(f"{target.recipe}: nanoGPT (lr {lr:.2g}, warm-up {warmup} steps)")
+    say(f"{target.recipe}: training nanoGPT (lr {lr:.2g}, warm-up {warmup} steps)...")
     curve = _peer_loop(model, optimizer, lambda s: lr_factor(s, warmup, steps, 0.1), steps, take_step,
                        lambda: nats_per_byte(model, bundle.valid), target.eval_every, 1.0)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -302,6 +302,9 @@ def recipes_benchmark(recipes=tuple(TARGETS), *, libraries=LIBRARIES, threads: i
             else:
                 curve, info = {"vit-pytorch": _vit_pytorch, "nanogpt": _nanogpt}[library](config, target, say)
             reached = time_to_target(curve, target)
+            say(f"{name}: {library} " + ("did not reach the target" if reached is None else
+                                         f"reached the target after {reached:.1f} s of training") +
+                f"; final {_value(target.metric, curve[-1]['value'])} after {curve[-1]['train_s']:.1f} s")
             records.append({"recipe": name, "library": library, "metric": target.metric, "target": target.value,
                             "budget_s": target.budget_s, "time_to_target_s": reached,
                             "within_budget": reached is not None and reached <= target.budget_s,
