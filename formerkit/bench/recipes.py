@@ -114,6 +114,8 @@ def _formerkit(config: TrainConfig, target: Target, threads: int | None, say) ->
     with tempfile.TemporaryDirectory(prefix="formerkit-bench-recipes-") as out:
         say(f"{target.recipe}: training formerkit (the shipped recipe)...")
         result = train(config, Path(out) / "run", overrides=overrides)
+        if result.summary["status"] == "interrupted":  # the trainer turned SIGINT/SIGTERM into a clean stop
+            raise KeyboardInterrupt(f"bench recipes: the {target.recipe} run was interrupted")
         records = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()
                    if line.strip()]
         setting = config.with_overrides(overrides).run.precision
