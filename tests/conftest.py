@@ -89,7 +89,7 @@ TINY = {
                      "model.attention.sliding_window": 8, "eval.batches": 2, "eval.batch_size": 2},
     "char-lm": {"schedule.steps": 6, "schedule.batch_size": 4, "eval.every": 3, "data.max_bytes": 120_000,
                 "data.seq_len": 32, "model.num_layers": 1, "model.width": 32, "model.num_heads": 2,
-                "eval.batches": 2},
+                "eval.batches": 2, "run.precision": "fp32"},  # (the recipe's auto: bf16 on some machines only)
     "maskgit-digits": {"schedule.steps": 6, "schedule.batch_size": 16, "eval.every": 3,
                        "model.config.width": 32, "model.config.num_layers": 1, "model.config.attention.num_heads": 2},
     "mdlm-stdlib": {"schedule.steps": 6, "schedule.batch_size": 4, "eval.every": 3, "data.max_bytes": 120_000,

@@ -1,19 +1,24 @@
-"""The ``formerkit bench`` commands (attention, samples, lm, vision, lora, dit): argument parsing and printing around
-``formerkit.bench``'s measurements, kept out of ``formerkit.cli`` so that stays a short list of commands."""
+"""The ``formerkit bench`` commands (attention, samples, lm, vision, lora, dit, recipes): argument parsing and
+printing around ``formerkit.bench``'s measurements, kept out of ``formerkit.cli`` so that stays a short list of
+commands."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from formerkit.bench.common import PRECISIONS, machine_description
 from formerkit.bench.dit import LIBRARIES as DIT_LIBRARIES
 from formerkit.bench.lm import LIBRARIES as LM_LIBRARIES
 from formerkit.bench.lora import LIBRARIES as LORA_LIBRARIES
+from formerkit.bench.recipes import LIBRARIES as RECIPE_LIBRARIES
+from formerkit.bench.recipes import TARGETS as RECIPE_TARGETS
 from formerkit.bench.vision import LIBRARIES as VISION_LIBRARIES
 from formerkit.help_format import int_list
 
@@ -105,6 +110,39 @@ def cmd_bench_dit(args: argparse.Namespace) -> int:
     return _bench_peers(args, "dit")
 
 
+def cmd_bench_recipes(args: argparse.Namespace) -> int:
+    from formerkit.bench.recipes import format_recipes, recipes_benchmark
+
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        recipe, _, assignment = item.partition(":")
+        key, equals, value = assignment.partition("=")
+        if not equals or not key:
+            raise SystemExit(f"bench recipes: --set expects RECIPE:KEY=VALUE, got {item!r}")
+        overrides.setdefault(recipe, {})[key] = yaml.safe_load(value)
+    progress = (lambda text: print(text, file=sys.stderr, flush=True)) if not args.quiet else None
+    records, notes = recipes_benchmark(args.recipes, libraries=args.libraries, threads=args.threads,
+                                       overrides=overrides, progress=progress)
+    command = "formerkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "formerkit bench recipes"
+    text = "\n".join([f"Machine: {machine_description()}; load average {_load_average()}", f"Command: `{command}`",
+                      "", format_recipes(records), "", *notes])
+    print(text)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+    return 0
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def cmd_bench_samples(args: argparse.Namespace) -> int:
     from formerkit.bench.generation import judge_samples, load_samples
 
@@ -123,7 +161,7 @@ def cmd_bench_samples(args: argparse.Namespace) -> int:
 
 
 def add_bench_commands(commands) -> None:
-    """Adds ``bench attention|samples|lm|vision|lora|dit`` to the ``formerkit`` command's subparsers."""
+    """Adds ``bench attention|samples|lm|vision|lora|dit|recipes`` to the ``formerkit`` command's subparsers."""
     bench = commands.add_parser("bench", help="benchmarks (measured on this machine, printed as tables)")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     attention = benches.add_parser("attention", help="time and memory of full, sliding-window and linear attention "
@@ -217,3 +255,18 @@ def add_bench_commands(commands) -> None:
             peer.add_argument("--batch", type=int, default=16)
         peer.set_defaults(run={"lm": cmd_bench_lm, "vision": cmd_bench_vision, "lora": cmd_bench_lora,
                                "dit": cmd_bench_dit}[name])
+    recipes = benches.add_parser("recipes", help="training seconds until cct-digits and char-lm reach their quality "
+                                                 "targets, against vit-pytorch's CCT and a nanoGPT-style model")
+    recipes.add_argument("--recipes", type=comma_list(RECIPE_TARGETS), default=list(RECIPE_TARGETS),
+                         metavar="R,...", help=f"which of {','.join(RECIPE_TARGETS)} (default both)")
+    recipes.add_argument("--libraries", type=comma_list(RECIPE_LIBRARIES),
+                         default=list(RECIPE_LIBRARIES), metavar="LIB,...",
+                         help=f"which of {','.join(RECIPE_LIBRARIES)} (default all; each recipe runs its own peer)")
+    recipes.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    recipes.add_argument("--set", action="append", default=[], metavar="RECIPE:KEY=VALUE",
+                         help="change a recipe for every contender (e.g. char-lm:schedule.steps=300, "
+                              "cct-digits:eval.every=50)")
+    recipes.add_argument("--json", metavar="PATH", help="also write the records (with curves) as a JSON list")
+    recipes.add_argument("--markdown", metavar="PATH", help="also write the machine, command and table (Markdown)")
+    recipes.add_argument("--quiet", action="store_true", help="no progress lines")
+    recipes.set_defaults(run=cmd_bench_recipes)

@@ -44,7 +44,7 @@ from formerkit.models.registry import create_model
 from formerkit.train.config import OptimConfig
 from formerkit.train.trainer import build_optimizer
 
-__all__ = ["LIBRARIES", "VisionSpec", "default_specs", "vision_benchmark"]
+__all__ = ["LIBRARIES", "VisionSpec", "default_specs", "vision_benchmark", "vit_pytorch_module"]
 
 LIBRARIES = ("formerkit", "vit-pytorch", "timm")
 
@@ -97,7 +97,9 @@ def _formerkit(spec: VisionSpec) -> nn.Module:
                         **common)
 
 
-def _vit_pytorch_module(name: str):
+def vit_pytorch_module(name: str):
+    """vit-pytorch's module ``name`` (cct, vit), loaded from its file where the package cannot be imported (its
+    ``__init__`` needs torchvision)."""
     try:
         return importlib.import_module(f"vit_pytorch.{name}")
     except ImportError:
@@ -111,13 +113,13 @@ def _vit_pytorch_module(name: str):
 
 def _vit_pytorch(spec: VisionSpec) -> nn.Module:
     if spec.kind == "cct":
-        cct = _vit_pytorch_module("cct")
+        cct = vit_pytorch_module("cct")
         return cct.CCT(img_size=spec.image, embedding_dim=spec.width, n_conv_layers=1, kernel_size=3, stride=1,
                        padding=1, pooling_kernel_size=3, pooling_stride=2, pooling_padding=1, num_layers=spec.layers,
                        num_heads=spec.heads, mlp_ratio=spec.mlp_ratio, num_classes=spec.classes,
                        positional_embedding="learnable", dropout_rate=0.0, attention_dropout=0.0,
                        stochastic_depth_rate=0.0)
-    vit = _vit_pytorch_module("vit")
+    vit = vit_pytorch_module("vit")
     return vit.ViT(image_size=spec.image, patch_size=spec.patch, num_classes=spec.classes, dim=spec.width,
                    depth=spec.layers, heads=spec.heads, mlp_dim=int(spec.width * spec.mlp_ratio),
                    dim_head=spec.width // spec.heads, dropout=0.0, emb_dropout=0.0)
@@ -170,7 +172,7 @@ def memory_child(library: str, spec: dict, precision: str, steps: int) -> float:
     if library == "timm":
         import timm  # noqa: F401  (imports are not the model's memory)
     elif library == "vit-pytorch":
-        _vit_pytorch_module("cct" if vision_spec.kind == "cct" else "vit")
+        vit_pytorch_module("cct" if vision_spec.kind == "cct" else "vit")
     images, labels = _batch(vision_spec)
 
     def build():
