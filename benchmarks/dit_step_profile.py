@@ -29,7 +29,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import formerkit.models.transformer as transformer
+import formerkit.models.stack as stack
 import formerkit.nn.block as block
 from formerkit.bench.dit import DiTSpec, _batch, _build, train_step
 
@@ -59,13 +59,13 @@ def _unfused_merge_gated(self, x, gate, out, drop_path=None):
 @contextlib.contextmanager
 def _unfused():
     """formerkit's adaLN-Zero with the modulation and the gated residual computed unfused."""
-    saved = block.modulate, transformer.modulate, block.Residual.merge_gated
-    block.modulate = transformer.modulate = _unfused_modulate
+    saved = block.modulate, stack.modulate, block.Residual.merge_gated
+    block.modulate = stack.modulate = _unfused_modulate
     block.Residual.merge_gated = _unfused_merge_gated
     try:
         yield
     finally:
-        block.modulate, transformer.modulate, block.Residual.merge_gated = saved
+        block.modulate, stack.modulate, block.Residual.merge_gated = saved
 
 
 def _contenders(spec: DiTSpec, names: list[str]) -> dict:
