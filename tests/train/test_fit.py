@@ -328,6 +328,7 @@ def test_a_signal_checkpoints_then_reaches_the_caller_and_the_run_resumes(tmp_pa
     model = lm_model()
     handle = _signal_at_training_call(model, getattr(signal, signame), 2)
     expected = KeyboardInterrupt if signame == "SIGINT" else SystemExit
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(expected) as stopped:
         formerkit.fit(model, rows, out_dir=tmp_path / "run", **SETTINGS)
     handle.remove()
@@ -337,7 +338,7 @@ def test_a_signal_checkpoints_then_reaches_the_caller_and_the_run_resumes(tmp_pa
         assert "resumes it" in str(stopped.value) and str(tmp_path / "run") in str(stopped.value)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["signal"] == signame and summary["steps"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # the handlers given back
     resumed = formerkit.fit(lm_model(seed=3), rows, out_dir=tmp_path / "run", **SETTINGS)
     assert resumed.summary["status"] == "completed"
     assert_same(weights(resumed.model), weights(whole))
