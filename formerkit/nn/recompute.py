@@ -48,6 +48,10 @@ class _NormOutput:
         self.dtype, self.device, self.version = output.dtype, output.device, output._version
         self.pointer = output.untyped_storage().data_ptr()
         self.versions = self._versions()
+        # Recipes packed and not yet unpacked, and the rebuilt output kept while some are: several operations save
+        # the same output (the base projection and LoRA's products on q, k, v), and one rerun of the norm serves
+        # them all. A graph kept for a second backward pass (pending below zero) reruns it at each unpack.
+        self.pending, self.rebuilt = 0, None
 
     def _versions(self) -> tuple[int, ...]:
         return (self.x._version, *(p._version for p in self.norm.parameters(recurse=False)))
@@ -57,6 +61,7 @@ class _NormOutput:
         # dtype, not written to since.
         if (tensor.dtype == self.dtype and tensor.device == self.device
                 and tensor.untyped_storage().data_ptr() == self.pointer and tensor._version == self.version):
+            self.pending += 1
             return _Rebuilt(tensor)
         return tensor
 
@@ -66,8 +71,12 @@ class _NormOutput:
         if self._versions() != self.versions:
             raise RuntimeError("a norm's input or weights were modified in place between the forward and the "
                                "backward pass: its output cannot be recomputed for the backward pass")
-        with torch.no_grad():
-            rebuilt = self.norm(self.x)
+        rebuilt = self.rebuilt
+        if rebuilt is None:
+            with torch.no_grad():
+                rebuilt = self.norm(self.x)
+        self.pending -= 1
+        self.rebuilt = rebuilt if self.pending > 0 else None
         return rebuilt.as_strided(packed.size, packed.stride, packed.offset)
 
 

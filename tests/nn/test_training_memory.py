@@ -154,3 +154,36 @@ def test_the_summarys_count_leaves_out_the_recomputed_norm_outputs(randomize, mo
     with torch.device("meta"):
         meta = _gpt(lambda module, seed: module).float()
     assert saved_activation_bytes(meta.train(), tokens.to("meta")) == counted
+
+
+def test_one_rerun_of_a_norm_serves_every_operation_that_saved_its_output(randomize):
+    """LoRA on q and v saves the attention norm's output twice (both LoRA inputs; the frozen base projection keeps
+    none): the backward pass reruns that norm once, and the gradients are those of the model without the recompute
+    path."""
+    import formerkit
+
+    model = _gpt(randomize, **{"norm.kind": "rmsnorm"})
+    formerkit.add_adapters(model, method="lora", targets=("q", "v"), rank=2, alpha=4)
+    for name, parameter in model.named_parameters():
+        if "lora" in name:
+            parameter.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    norms = [module for name, module in model.named_modules() if name.endswith("attention_residual.norm")]
+    assert len(norms) == 2
+    reruns = []
+    for norm in norms:
+        norm.register_forward_hook(lambda module, args, out: reruns.append(module) if not torch.is_grad_enabled()
+                                   else None)
+    tokens = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(4))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, 11), tokens[:, 1:].reshape(-1))
+    grads = torch.autograd.grad(loss, trained)
+    # The second layer's norm reran once. (The first layer's output needs no gradient -- frozen embeddings, frozen
+    # norm -- so LoRA keeps it as it is and nothing reruns.)
+    assert [id(module) for module in reruns] == [id(norms[1])]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # the recompute path steps aside
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 11), tokens[:, 1:].reshape(-1))
+        reference = torch.autograd.grad(loss, trained)
+    for got, expected in zip(grads, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
