@@ -80,18 +80,27 @@ def _bench_peers(args: argparse.Namespace, kind: str) -> int:
         records, notes = vision_benchmark(libraries=args.libraries, precisions=args.precisions,
                                           rounds=args.rounds, memory=not args.no_memory, progress=progress)
         table = format_vision(records)
-    command = "formerkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"formerkit bench {kind}"
-    text = "\n".join([f"Machine: {machine_description()}", f"Command: `{command}`", "", table, "", *notes])
+    text = "\n".join([f"Machine: {machine_description()}", f"Command: `{_command(kind)}`", "", table, "", *notes])
     print(text)
+    _save(args, text, records)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text + "\n")
         print(f"\ntable: {args.markdown}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
         print(f"records: {args.json}")
     return 0
+
+
+def _command(kind: str) -> str:
+    """The command line that ran this bench (for the table's header), or its plain form when called otherwise."""
+    return "formerkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"formerkit bench {kind}"
+
+
+def _save(args: argparse.Namespace, text: str, records) -> None:
+    """``--markdown PATH`` gets the printed text, ``--json PATH`` the records (indented JSON), folders made."""
+    for path, content in ((args.markdown, text), (args.json, json.dumps(records, indent=1))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(content + "\n")
 
 
 def cmd_bench_lm(args: argparse.Namespace) -> int:
@@ -123,16 +132,10 @@ def cmd_bench_recipes(args: argparse.Namespace) -> int:
     progress = (lambda text: print(text, file=sys.stderr, flush=True)) if not args.quiet else None
     records, notes = recipes_benchmark(args.recipes, libraries=args.libraries, threads=args.threads,
                                        overrides=overrides, progress=progress)
-    command = "formerkit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "formerkit bench recipes"
-    text = "\n".join([f"Machine: {machine_description()}; load average {_load_average()}", f"Command: `{command}`",
-                      "", format_recipes(records), "", *notes])
+    text = "\n".join([f"Machine: {machine_description()}; load average {_load_average()}",
+                      f"Command: `{_command('recipes')}`", "", format_recipes(records), "", *notes])
     print(text)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text + "\n")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+    _save(args, text, records)
     return 0
 
 
@@ -151,12 +154,7 @@ def cmd_bench_samples(args: argparse.Namespace) -> int:
     text = "\n".join([f"Samples: {args.samples}; judge: the classifier run {args.classifier} (FD: Fréchet distance "
                       "of its pooled features to the real test images)", "", report.markdown()])
     print(text)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text + "\n")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    _save(args, text, report.as_dict())
     return 0
 
 
