@@ -269,8 +269,9 @@ def main() -> None:
     chosen["lora"]["rank"] = args.rank
     select_records = []
     if args.chosen:
-        select_records = [json.loads(line) for path in args.chosen for line in Path(path).read_text().splitlines()
-                          if line.strip()]
+        from formerkit.data.files import jsonl_records
+
+        select_records = [record for path in args.chosen for _, record in jsonl_records(Path(path))]
     if args.select:
         def log(record):
             print(f"  select {record}", file=sys.stderr, flush=True)

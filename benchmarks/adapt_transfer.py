@@ -369,8 +369,9 @@ def main() -> None:
     options = {method: {} for method in METHODS}
     cv_records = []
     if args.chosen:
-        cv_records = [json.loads(line) for path in args.chosen for line in Path(path).read_text().splitlines()
-                      if line.strip()]
+        from formerkit.data.files import jsonl_records
+
+        cv_records = [record for path in args.chosen for _, record in jsonl_records(Path(path))]
     if args.cv:
         def log(record):
             print(f"  cv {record['method']} {record}", file=sys.stderr, flush=True)
