@@ -7,6 +7,7 @@ lists, which cannot ask for fixtures, import the same functions: ``from ..confte
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -182,3 +183,38 @@ def image_config(*, image_size: int | tuple[int, int] = 8, patch_size: int = 2, 
     return ModelConfig(arch="encoder", width=width, num_layers=num_layers,
                        attention={"num_heads": num_heads, **(attention or {})}, stem=patches, head=_kind(head),
                        **fields)
+
+
+def char_hf_tokenizer(chat_template: str):
+    """A ``tokenizers`` word-level tokenizer with one token per printable ASCII character, ``<s>`` and ``</s>`` as
+    added special tokens, wrapped as formerkit's HFTokenizer with ``chat_template``: (tokenizer, backend)."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from formerkit.data.tokenizers import HFTokenizer
+
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.add_special_tokens(["<s>", "</s>"])
+    return HFTokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "chat_template": chat_template}), backend
+
+
+@contextlib.contextmanager
+def stop_training_after(step: int):
+    """A context in which ``formerkit train``'s loop receives SIGINT right after ``step`` (as a user pressing Ctrl-C
+    then would): the run checkpoints and ends "interrupted"."""
+    import signal
+
+    from formerkit.train import trainer
+
+    original = trainer.StepTimer.tick
+
+    def tick(self, done):
+        original(self, done)
+        if done == step:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer.StepTimer, "tick", tick)
+        yield

@@ -25,7 +25,7 @@ from formerkit.generation.requests import EngineFull  # noqa: E402
 from formerkit.generation.text import TextPieces  # noqa: E402
 from formerkit.serve import ModelService, create_app, example_call  # noqa: E402
 
-from .conftest import randomize_weights, token_config  # noqa: E402
+from .conftest import char_hf_tokenizer, randomize_weights, token_config  # noqa: E402
 
 BYTES = ByteTokenizer()
 # One token per character (and one for any other): a random model's text reads back exactly, offsets are positions.
@@ -377,18 +377,9 @@ def test_the_example_call_names_the_model_and_the_tasks_endpoint(lm, encoder):
 
 
 def test_chat_uses_an_imported_tokenizers_own_template_and_its_end_token(tmp_path):
-    pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from formerkit.data.tokenizers import HFTokenizer
-
-    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.add_special_tokens(["<s>", "</s>"])
     template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
                 "{% if add_generation_prompt %}[assistant]{% endif %}")
-    tokenizer = HFTokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+    tokenizer, backend = char_hf_tokenizer(template)
     directory = tmp_path / "imported-chat"
     model = randomize_weights(build_model(token_config(vocab_size=backend.get_vocab_size(), max_seq_len=48,
                                                        num_layers=1)), 8).eval()
@@ -401,7 +392,7 @@ def test_chat_uses_an_imported_tokenizers_own_template_and_its_end_token(tmp_pat
         "model": "imported-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
         "temperature": 0}).json()
     # The template's BOS is its one token, not added a second time; the answer continues exactly those ids.
-    ids = [backend.token_to_id("<s>")] + [vocab[c] for c in "[user]hi[assistant]"]
+    ids = [backend.token_to_id("<s>")] + [backend.token_to_id(c) for c in "[user]hi[assistant]"]
     assert answer["usage"]["prompt_tokens"] == len(ids)
     new = model.generate(torch.tensor([ids]), 6, temperature=0, stop_tokens=[eos])[0, len(ids):].tolist()
     shown = new[:new.index(eos)] if eos in new else new

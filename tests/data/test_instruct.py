@@ -23,7 +23,7 @@ from formerkit.data.instruct import (
 from formerkit.train.config import DataConfig, ObjectiveConfig
 from formerkit.train.objectives import make_objective
 
-from ..conftest import token_config
+from ..conftest import char_hf_tokenizer, token_config
 
 LINES = [
     {"prompt": "2+2?", "response": "4"},
@@ -122,17 +122,7 @@ def test_the_tokenizers_chat_template_is_rendered_with_jinja():
 
 def test_an_hf_tokenizers_template_from_a_converted_checkpoint(tmp_path):
     """A tokenizer read from a Hugging Face directory keeps its chat_template; the instruct source renders it."""
-    pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from formerkit.data.tokenizers import HFTokenizer
-
-    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.add_special_tokens(["<s>", "</s>"])
-    tokenizer = HFTokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>",
-                                      "chat_template": _TemplateTokenizer.chat_template})
+    tokenizer, backend = char_hf_tokenizer(_TemplateTokenizer.chat_template)
     conversation = Conversation((("user", "hi"), ("assistant", "yo")))
     ids, mask = tokenize_conversation(conversation, tokenizer, renderer(tokenizer))
     bos, eos = backend.token_to_id("<s>"), backend.token_to_id("</s>")

@@ -15,7 +15,7 @@ from formerkit.runs import generate_run
 from formerkit.train import train
 from formerkit.train.config import TrainConfig
 
-from ..conftest import QUIET, token_config
+from ..conftest import QUIET, stop_training_after, token_config
 
 CHATS = [{"prompt": f"say {word}", "response": word} for word in ("yes", "no", "maybe", "ok", "fine", "sure")] * 3
 
@@ -76,19 +76,7 @@ def test_an_adapted_recipe_trains_the_adapters_only_and_its_run_generates(tmp_pa
 
 def test_an_adapted_recipe_resumes_exactly(tmp_path):
     whole = train(adapted_recipe(tmp_path, steps=6), tmp_path / "whole").model
-    import signal
-
-    from formerkit.train import trainer
-
-    original = trainer.StepTimer.tick
-
-    def stop_at_three(self, step):
-        original(self, step)
-        if step == 3:
-            signal.raise_signal(signal.SIGINT)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer.StepTimer, "tick", stop_at_three)
+    with stop_training_after(3):
         first = train(adapted_recipe(tmp_path, steps=6), tmp_path / "parts")
     assert first.summary["status"] == "interrupted" and first.summary["steps"] == 3
     resumed = train(adapted_recipe(tmp_path, steps=6), tmp_path / "parts", resume=True).model

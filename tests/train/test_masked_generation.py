@@ -18,7 +18,7 @@ from formerkit.train import train
 from formerkit.train.config import ObjectiveConfig, TrainConfig
 from formerkit.train.masked_generation import MaskedDiffusionLM, MaskedGeneration, masked_diffusion_loss
 
-from ..conftest import token_config
+from ..conftest import stop_training_after, token_config
 
 
 def image_bundle(count: int = 12, size: int = 4) -> DataBundle:
@@ -225,21 +225,9 @@ def test_a_codebook_run_saves_its_centres_and_samples_patches_of_them(trained_ru
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["maskgit-digits", "mdlm-stdlib"])
 def test_an_interrupted_run_resumed_equals_the_uninterrupted_run(recipe, tiny, tmp_path):
-    import signal
-
-    from formerkit.train import trainer
-
     overrides = tiny(recipe, **{"run.checkpoint_every": 3, "run.threads": 1})
     whole = train(recipe, tmp_path / "whole", overrides=overrides).model
-    original = trainer.StepTimer.tick
-
-    def stop_at_three(self, step):
-        original(self, step)
-        if step == 3:
-            signal.raise_signal(signal.SIGINT)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer.StepTimer, "tick", stop_at_three)
+    with stop_training_after(3):
         first = train(recipe, tmp_path / "parts", overrides=overrides)
     assert first.summary["status"] == "interrupted" and first.summary["steps"] == 3
     resumed = train(recipe, tmp_path / "parts", overrides=overrides, resume=True).model
