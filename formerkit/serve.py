@@ -34,7 +34,6 @@ import concurrent.futures
 import contextlib
 import io
 import json
-import shlex
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ from formerkit.runs import (
     stop_ids,
 )
 from formerkit.sample import generates_images, image_generator
-from formerkit.serve_http import BodyLimit, error_body, is_openai, validation_message
+from formerkit.serve_http import BodyLimit, error_body, example_call, is_openai, validation_message
 from formerkit.serve_sequences import BatchedSequences, OneSequenceAtATime, speculative_decoding
 
 __all__ = ["BatchedSequences", "ModelService", "OneSequenceAtATime", "ServeError", "create_app", "example_call",
@@ -544,44 +543,6 @@ def create_app(service: ModelService, *, max_body_bytes: int = 8 * 2**20):
     add_openai_routes(app, service)
     add_image_routes(app, service)
     return app
-
-
-def example_call(service: ModelService, base_url: str) -> str:
-    """A curl command line that works as printed against the server at ``base_url``, for the model's task."""
-    if service.task == "causal_lm":
-        path, body = "/v1/completions", {"model": service.model_id, "prompt": _example_prompt(service),
-                                         "max_tokens": 32, "temperature": 0}
-    elif service.embeds:
-        path, body = "/v1/embeddings", {"model": service.model_id, "input": _example_prompt(service)}
-    elif service.task == "classification":
-        path, body = "/v1/classify", {"image": _blank_png(service.preprocessing)}
-    elif service.task == "image_generation":
-        first_class = (service.image_generator.classes or ["0"])[0]
-        path, body = "/v1/images/generations", {"model": service.model_id, "prompt": first_class, "n": 1, "seed": 0}
-    else:
-        columns = len(service.preprocessing["columns"])
-        row = [0.0] * columns if columns > 1 else 0.0
-        path, body = "/v1/forecast", {"values": [row] * service.preprocessing["window"]}
-    return f"curl -s {base_url}{path} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
-
-
-def _example_prompt(service: ModelService) -> str:
-    """A prompt the tokenizer can encode: "def " when it can (the stdlib recipes), else its first few symbols."""
-    for text in ("def ", "The ", "a"):
-        ids = service.tokenizer.encode(text)
-        if ids and service.tokenizer.decode(ids) == text:
-            return text
-    return service.tokenizer.decode([0, 1, 2])
-
-
-def _blank_png(preprocessing: dict) -> str:
-    from PIL import Image
-
-    height, width = preprocessing["image_size"]
-    mode = "L" if preprocessing["in_channels"] == 1 else "RGB"
-    buffer = io.BytesIO()
-    Image.new(mode, (width, height)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def serve(target: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,

@@ -1,12 +1,16 @@
 """The HTTP plumbing of ``formerkit serve``: the body-size limit (an ASGI middleware that also reads every body as
 JSON), the error answers (OpenAI's shape on the OpenAI-compatible endpoints, ``{"error": message}`` on the others),
-and pydantic's validation failures as one message naming the field at fault."""
+pydantic's validation failures as one message naming the field at fault, and the curl line ``formerkit serve`` prints
+(``example_call``)."""
 
+import base64
+import io
 import json
+import shlex
 
 from formerkit.errors import ServeError
 
-__all__ = ["ERROR_TYPES", "BodyLimit", "error_body", "is_openai", "validation_message"]
+__all__ = ["ERROR_TYPES", "BodyLimit", "error_body", "example_call", "is_openai", "validation_message"]
 
 
 class BodyLimit:
@@ -79,3 +83,41 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         params.append(param or None)
         details.append(f"{param or 'body'}: {item['msg']}")
     return "; ".join(details) or "malformed request", (params[0] if params else None)
+
+
+def example_call(service, base_url: str) -> str:
+    """A curl command line that works as printed against the server at ``base_url``, for the model's task."""
+    if service.task == "causal_lm":
+        path, body = "/v1/completions", {"model": service.model_id, "prompt": _example_prompt(service),
+                                         "max_tokens": 32, "temperature": 0}
+    elif service.embeds:
+        path, body = "/v1/embeddings", {"model": service.model_id, "input": _example_prompt(service)}
+    elif service.task == "classification":
+        path, body = "/v1/classify", {"image": _blank_png(service.preprocessing)}
+    elif service.task == "image_generation":
+        first_class = (service.image_generator.classes or ["0"])[0]
+        path, body = "/v1/images/generations", {"model": service.model_id, "prompt": first_class, "n": 1, "seed": 0}
+    else:
+        columns = len(service.preprocessing["columns"])
+        row = [0.0] * columns if columns > 1 else 0.0
+        path, body = "/v1/forecast", {"values": [row] * service.preprocessing["window"]}
+    return f"curl -s {base_url}{path} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
+
+
+def _example_prompt(service) -> str:
+    """A prompt the tokenizer can encode: "def " when it can (the stdlib recipes), else its first few symbols."""
+    for text in ("def ", "The ", "a"):
+        ids = service.tokenizer.encode(text)
+        if ids and service.tokenizer.decode(ids) == text:
+            return text
+    return service.tokenizer.decode([0, 1, 2])
+
+
+def _blank_png(preprocessing: dict) -> str:
+    from PIL import Image
+
+    height, width = preprocessing["image_size"]
+    mode = "L" if preprocessing["in_channels"] == 1 else "RGB"
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
