@@ -42,7 +42,6 @@ request fails.
 import asyncio
 import base64
 import contextlib
-import json
 import time
 import uuid
 from typing import Any, Literal
@@ -54,6 +53,15 @@ from formerkit.errors import FormerkitError, InputError, ServeError
 from formerkit.generation.requests import TokenEvent, TokenRequest
 from formerkit.generation.sampling import SamplingConfig
 from formerkit.generation.text import TextPieces
+from formerkit.openai_formats import (
+    chat_logprobs,
+    completion_logprobs,
+    join_logprobs,
+    message_text,
+    prompt_logprobs,
+    sse,
+    usage,
+)
 
 __all__ = ["add_openai_routes"]
 
@@ -217,76 +225,6 @@ def _token_request(service, ids: list[int], count: int, sampling: SamplingConfig
     return TokenRequest(tuple(ids), count, sampling, seed, frozenset(service.eos_ids), logprobs)
 
 
-# ----- formats -----
-
-
-def _completion_logprobs(choice: _Choice, tokens: list[tuple[int, TokenEvent]], base_offset: int) -> dict:
-    """OpenAI's legacy logprobs object for the shown tokens ``tokens`` of a completion."""
-    logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for position, event in tokens:
-        logprobs["tokens"].append(choice.text_of(event.token))
-        logprobs["token_logprobs"].append(event.logprob)
-        logprobs["top_logprobs"].append({choice.text_of(token): value for token, value in event.top_logprobs or ()})
-        logprobs["text_offset"].append(base_offset + choice.pieces.offsets[position])
-    return logprobs
-
-
-def _prompt_logprobs(service, ids: list[int], values: list) -> dict:
-    logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    decode = service.tokenizer.decode
-    for position, (token, (value, top)) in enumerate(zip(ids, values)):
-        logprobs["tokens"].append(decode([token]))
-        logprobs["token_logprobs"].append(value)
-        logprobs["top_logprobs"].append(None if top is None else {decode([t]): v for t, v in top})
-        logprobs["text_offset"].append(len(decode(ids[:position])))
-    return logprobs
-
-
-def _join_logprobs(first: dict | None, second: dict) -> dict:
-    if first is None:
-        return second
-    return {key: first[key] + second[key] for key in second}
-
-
-def _chat_logprobs(choice: _Choice, tokens: list[tuple[int, TokenEvent]], top: int) -> dict:
-    def entry(text: str, value: float) -> dict:
-        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
-
-    content = []
-    for _, event in tokens:
-        item = entry(choice.text_of(event.token), event.logprob)
-        item["top_logprobs"] = [entry(choice.text_of(token), value) for token, value in (event.top_logprobs or ())][
-            :top]
-        content.append(item)
-    return {"content": content, "refusal": None}
-
-
-def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
-    completion = sum(choice.generated for choice in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
-
-
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _message_text(message, index: int) -> str:
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    texts = []
-    for number, part in enumerate(content):
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ServeError(400, f"messages[{index}].content[{number}]: only text parts are supported, got type "
-                                  f"{part.get('type')!r}", param=f"messages[{index}].content[{number}]",
-                             code="invalid_value")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
 # ----- the routes -----
 
 
@@ -440,9 +378,9 @@ def add_openai_routes(app, service) -> None:
                     if chunk is None:
                         running -= 1
                     else:
-                        yield _sse(chunk)
+                        yield sse(chunk)
                 if include_usage:
-                    yield _sse(chunks.usage_chunk(_usage(prompt_tokens, choices)))
+                    yield sse(chunks.usage_chunk(usage(prompt_tokens, choices)))
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or all is sent): every sequence still running is cancelled
                 for task in tasks:
@@ -474,7 +412,7 @@ def add_openai_routes(app, service) -> None:
         echo_logprobs = {}
         if body.echo and body.logprobs is not None:
             for index, prompt in enumerate(ids):
-                echo_logprobs[index] = _prompt_logprobs(
+                echo_logprobs[index] = prompt_logprobs(
                     service, prompt, await service.on_model_thread(service.prompt_logprobs, prompt, body.logprobs))
         prompt_tokens = sum(len(prompt) for prompt in ids)
 
@@ -482,8 +420,8 @@ def add_openai_routes(app, service) -> None:
             if body.logprobs is None:
                 return None
             text = texts[prompt_of[choice.index]]
-            own = _completion_logprobs(choice, tokens, len(text))
-            return _join_logprobs(echo_logprobs.get(prompt_of[choice.index]) if with_prompt else None, own)
+            own = completion_logprobs(choice, tokens, len(text))
+            return join_logprobs(echo_logprobs.get(prompt_of[choice.index]) if with_prompt else None, own)
 
         stream = bool(body.stream)
         include_usage = stream and bool(body.stream_options and body.stream_options.include_usage)
@@ -517,7 +455,7 @@ def add_openai_routes(app, service) -> None:
                             "logprobs": logprobs_of(choice, choice.new_tokens(), bool(body.echo)),
                             "finish_reason": choice.finish_reason})
         return {"id": chunks.id, "object": "text_completion", "created": chunks.created,
-                "model": service.model_id, "choices": answers, "usage": _usage(prompt_tokens, choices)}
+                "model": service.model_id, "choices": answers, "usage": usage(prompt_tokens, choices)}
 
     def chat_render():
         if not chat:
@@ -543,7 +481,7 @@ def add_openai_routes(app, service) -> None:
             raise ServeError(400, "top_logprobs: needs logprobs: true", param="top_logprobs", code="invalid_value")
         render, implicit_stops = chat_render()
         messages = [{"role": "system" if message.role == "developer" else message.role,
-                     "content": _message_text(message, index)} for index, message in enumerate(body.messages)]
+                     "content": message_text(message, index)} for index, message in enumerate(body.messages)]
         try:
             text = render(messages, True)
         except Exception as error:  # the template itself refuses (jinja's raise_exception) or fails
@@ -572,7 +510,7 @@ def add_openai_routes(app, service) -> None:
             tokens = choice.new_tokens()
             if delta or tokens:
                 out.append(chunks.wrap([{"index": choice.index, "delta": {"content": delta},
-                                         "logprobs": _chat_logprobs(choice, tokens, top) if body.logprobs else None,
+                                         "logprobs": chat_logprobs(choice, tokens, top) if body.logprobs else None,
                                          "finish_reason": None}]))
             return out
 
@@ -585,10 +523,10 @@ def add_openai_routes(app, service) -> None:
             return response
         answers = [{"index": choice.index,
                     "message": {"role": "assistant", "content": choice.pieces.text, "refusal": None},
-                    "logprobs": _chat_logprobs(choice, choice.new_tokens(), top) if body.logprobs else None,
+                    "logprobs": chat_logprobs(choice, choice.new_tokens(), top) if body.logprobs else None,
                     "finish_reason": choice.finish_reason} for choice in choices]
         return {"id": chunks.id, "object": "chat.completion", "created": chunks.created,
-                "model": service.model_id, "choices": answers, "usage": _usage(len(ids), choices)}
+                "model": service.model_id, "choices": answers, "usage": usage(len(ids), choices)}
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
