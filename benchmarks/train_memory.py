@@ -1,6 +1,6 @@
 """Training memory and speed of the bench LM (``formerkit bench lm``'s model), formerkit's training path against the
-path before issue 22 ("plain": norms' outputs kept for the backward pass, the MLP's hidden activation whole in the
-forward pass and its derivative a tensor of its own in the backward pass), and the leanest peer.
+path before issue 22 ("plain": norms' outputs kept for the backward pass and the MLP activation's derivative a
+tensor of its own in the backward pass), and the leanest peer.
 
     PYTHONPATH=. python benchmarks/train_memory.py --memory 3 --speed 20
 
@@ -29,7 +29,6 @@ import formerkit.models.transformer as transformer_module, formerkit.nn.block as
 import formerkit.nn.feedforward as feedforward_module
 block_module.recomputed_norm_output = transformer_module.recomputed_norm_output = (
     lambda *args: contextlib.nullcontext())
-feedforward_module._ROW_CHUNK_ELEMENTS = 2**62
 feedforward_module._derivative_in_place = lambda name, g, h: feedforward_module._DERIVATIVES[name](g, h)
 """
 
@@ -42,13 +41,11 @@ def plain_path(on: bool) -> None:
 
     saved = getattr(plain_path, "saved", None)
     if saved is None:
-        saved = plain_path.saved = (block_module.recomputed_norm_output, feedforward_module._ROW_CHUNK_ELEMENTS,
-                                    feedforward_module._derivative_in_place)
+        saved = plain_path.saved = (block_module.recomputed_norm_output, feedforward_module._derivative_in_place)
     if on:
         exec(PLAIN, {})
     else:
-        (block_module.recomputed_norm_output, feedforward_module._ROW_CHUNK_ELEMENTS,
-         feedforward_module._derivative_in_place) = saved
+        block_module.recomputed_norm_output, feedforward_module._derivative_in_place = saved
         transformer_module.recomputed_norm_output = saved[0]
 
 

@@ -99,7 +99,10 @@ class _PrefixTokens(nn.Module):
         """The class and distillation tokens in front (before positions are added: they have positions)."""
         tokens = [token for token in (self.class_token, self.distill_token) if token is not None]
         if not tokens:
-            return hidden
+            # A feature map's [batch, tokens, width] view has its width as the slowest axis: one copy here gives
+            # every later layer (norms, residual adds, modulations) rows they read contiguously (4.5% of a step
+            # of `formerkit bench dit`); with tokens in front, the concatenation below makes that copy.
+            return hidden.contiguous()
         front = torch.cat(tokens, dim=1).expand(hidden.shape[0], -1, -1).to(hidden.dtype)
         return torch.cat([front, hidden], dim=1)
 

@@ -435,6 +435,22 @@ def test_vit_class_token_and_registers():
         assert_close(out.logits, linear(out.last_hidden_state[:, 0], classifier.head.projection))
 
 
+@pytest.mark.parametrize("stem", [{"kind": "patches", "patch_size": 4},
+                                  {"kind": "conv", "conv_layers": 1, "patch_size": None}])
+def test_image_stems_without_prefix_tokens_give_token_major_rows(stem):
+    """The tokens a feature map gives are laid out token by token (every later layer reads rows), and are the
+    feature map's values: token i of image b is its pixel i's channel vector."""
+    config = image_config(image_size=8, in_channels=3, width=WIDTH, num_heads=HEADS, max_seq_len=None,
+                          position={"kind": "none"}, stem={**stem, "class_token": False})
+    model = build(config).eval()
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        tokens = model.stem(images)
+        feature_map = (model.stem.projection if stem["kind"] == "patches" else model.stem.layers)(images)
+    assert tokens.is_contiguous()
+    assert torch.equal(tokens, feature_map.flatten(2).transpose(1, 2))
+
+
 def _conv_grid(size: int, layers: int, kernel: int, pool_kernel: int, pool_stride: int) -> int:
     for _ in range(layers):
         size = size + 2 * (kernel // 2) - kernel + 1  # stride 1, padding kernel // 2

@@ -1,6 +1,6 @@
 """What a training pass keeps, made smaller without changing the gradients: norms' outputs recomputed for the backward
-pass (formerkit.nn.recompute), the MLP's hidden activation by blocks of rows in the forward pass and its derivative
-in place in the backward pass (formerkit.nn.feedforward). Each against the plain computation in float64."""
+pass (formerkit.nn.recompute), the MLP's hidden activation recomputed and its derivative written in place in the
+backward pass (formerkit.nn.feedforward). Each against the plain computation in float64."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from formerkit.nn.feedforward import MLP
 
 
 def _plain(monkeypatch):
-    """The computation before these changes: norms' outputs kept, the MLP's activation whole, its derivative in a
-    tensor of its own."""
+    """The computation before these changes: norms' outputs kept, the MLP's activation derivative in a tensor of its
+    own."""
     monkeypatch.setattr(block_module, "recomputed_norm_output", lambda *args: contextlib.nullcontext())
     monkeypatch.setattr(transformer_module, "recomputed_norm_output", lambda *args: contextlib.nullcontext())
-    monkeypatch.setattr(feedforward_module, "_ROW_CHUNK_ELEMENTS", 2**62)
     monkeypatch.setattr(feedforward_module, "_derivative_in_place",
                         lambda name, grad, h: feedforward_module._DERIVATIVES[name](grad, h))
 
@@ -43,7 +42,6 @@ def _loss_and_grads(model, tokens):
 @pytest.mark.parametrize("overrides", [{}, {"norm.kind": "rmsnorm", "feedforward.activation": "swiglu"}])
 def test_a_decoder_trains_to_the_plain_gradients(randomize, monkeypatch, overrides):
     model = _gpt(randomize, **overrides)
-    monkeypatch.setattr(feedforward_module, "_ROW_CHUNK_ELEMENTS", 40)  # several blocks of rows
     tokens = torch.randint(0, 11, (3, 11), generator=torch.Generator().manual_seed(1))
     loss, grads = _loss_and_grads(model, tokens)
     with monkeypatch.context() as plain:
@@ -110,22 +108,13 @@ def test_a_norm_changed_in_place_before_backward_is_refused():
         out.sum().backward()
 
 
-def test_row_blocks_cover_every_row_once():
-    for rows, width, elements in [(2048, 1536, 2**18), (7, 3, 5), (5, 10, 1000), (1, 4, 1)]:
-        blocks = feedforward_module._row_blocks(rows, width, elements)
-        assert [start for start, _ in blocks] == [0] + [stop for _, stop in blocks[:-1]]
-        assert blocks[-1][1] == rows and all(stop > start for start, stop in blocks)
-        assert max(stop - start for start, stop in blocks) <= max(elements // width, 1) + 1
-
-
 @pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "relu"])
-def test_mlp_by_rows_and_in_place_derivative_give_autograds_gradients(monkeypatch, name):
-    """The recomputing MLP with its forward cut into 4 blocks of rows against autograd through the plain forward."""
+def test_mlp_recomputed_with_in_place_derivative_gives_autograds_gradients(name):
+    """The recomputing MLP against autograd through the plain forward."""
     torch.manual_seed(0)
     module = MLP(6, 8, name).double()
     x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(10, 6, dtype=torch.float64)
-    monkeypatch.setattr(feedforward_module, "_ROW_CHUNK_ELEMENTS", 20)
     out = module(x)
     assert "Recomputed" in type(out.grad_fn).__name__
     grads = torch.autograd.grad(out, [x, *module.parameters()], upstream)
