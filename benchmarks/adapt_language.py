@@ -254,7 +254,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import formerkit
-    from formerkit.bench.common import in_fresh_process, machine_description
+    from formerkit.bench.common import in_fresh_process, machine_description, record_logger
 
     run = base_run(Path(args.base_run), args.base_steps)
     check_kept_out(run)
@@ -273,11 +273,7 @@ def main() -> None:
 
         select_records = [record for path in args.chosen for _, record in jsonl_records(Path(path))]
     if args.select:
-        def log(record):
-            print(f"  select {record}", file=sys.stderr, flush=True)
-            if args.select_json:
-                with open(args.select_json, "a") as out:
-                    out.write(json.dumps(record) + "\n")
+        log = record_logger("select", args.select_json)
         for method in args.select:
             select_records += select(run, method, SELECT_GRID[method], steps=args.steps, batch=args.batch,
                                      seed=args.seed, log=log)

@@ -336,7 +336,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import formerkit
-    from formerkit.bench.common import in_fresh_process, machine_description
+    from formerkit.bench.common import in_fresh_process, machine_description, record_logger
 
     source = digits(SOURCE_CLASSES)
     target = digits(TARGET_CLASSES)
@@ -373,11 +373,7 @@ def main() -> None:
 
         cv_records = [record for path in args.chosen for _, record in jsonl_records(Path(path))]
     if args.cv:
-        def log(record):
-            print(f"  cv {record['method']} {record}", file=sys.stderr, flush=True)
-            if args.cv_json:
-                with open(args.cv_json, "a") as out:
-                    out.write(json.dumps(record) + "\n")
+        log = record_logger("cv", args.cv_json)
         for method in args.cv_methods or args.methods:
             grid = CV_GRID[method]
             grid = [grid[i] for i in args.cv_candidates] if args.cv_candidates is not None else grid

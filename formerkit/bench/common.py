@@ -125,6 +125,18 @@ def training_memory(build: Callable[[], tuple[torch.nn.Module, torch.optim.Optim
     return max(peak_rss_mb() - base, 0.0)
 
 
+def record_logger(label: str, path: str | None) -> Callable[[dict], None]:
+    """A progress log for a long measurement: each record printed to stderr after ``label`` and, with ``path``,
+    appended to that JSON-lines file as it comes (a run cut short keeps what it measured)."""
+    def log(record: dict) -> None:
+        print(f"  {label} {record}", file=sys.stderr, flush=True)
+        if path:
+            with open(path, "a") as out:
+                out.write(json.dumps(record) + "\n")
+
+    return log
+
+
 def status_mb(field: str) -> float | None:
     """A field of /proc/self/status in MB (Linux), or None."""
     try:

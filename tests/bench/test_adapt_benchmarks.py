@@ -84,3 +84,18 @@ def test_the_selection_topics_are_a_fifth_of_the_training_topics_and_never_the_h
     assert sorted(fit_docs + score_docs) == sorted(train_docs)
     assert score_docs == train_docs[4::5]  # every 5th, as the held-out topics are taken from all of them
     assert not set(score_docs) & set(valid_docs) and not set(fit_docs) & set(valid_docs)
+
+
+def test_the_record_logger_appends_each_record_as_it_comes(tmp_path, capsys):
+    from formerkit.bench.common import record_logger
+    from formerkit.data.files import jsonl_records
+
+    path = tmp_path / "records.jsonl"
+    log = record_logger("cv", str(path))
+    records = [{"method": "lora", "lr": 0.01}, {"method": "full", "lr": 0.002}]
+    for count, record in enumerate(records, start=1):
+        log(record)
+        assert [r for _, r in jsonl_records(path)] == records[:count]
+    assert capsys.readouterr().err.splitlines() == [f"  cv {r}" for r in records]
+    record_logger("select", None)(records[0])  # no file: printed only
+    assert capsys.readouterr().err == f"  select {records[0]}\n"
