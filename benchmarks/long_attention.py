@@ -3,7 +3,8 @@
 Window: one layer's queries, keys and values (``--heads`` x ``--head-dim``, the sizes ``formerkit bench attention``
 uses), full causal SDPA and blockwise window attention (``--window``) at ``--length`` tokens, forward and forward +
 backward, interleaved repeats, medians; window attention also at batch ``--batch`` (time per sequence), to show that
-several sequences cost the same per token as one. With ``--threads 1`` the times are the thread's CPU time, which a
+several sequences cost the same per token as one (with the minor page faults each forward takes per sequence:
+``THP_MEM_ALLOC_ENABLE=1``, PyTorch's switch for 2 MB pages on CPU, removes most of them). With ``--threads 1`` the times are the thread's CPU time, which a
 machine loaded by other processes inflates far less than wall time; otherwise wall time.
 
 Documents (``--documents``): causal linear attention under a DocumentMask of packed documents (300 to 1500 tokens
@@ -19,6 +20,7 @@ and the plain causal form (no documents) — the document form grows linearly wi
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -55,9 +57,10 @@ def windows(args) -> None:
         for name, attend, batch in runs:
             q, k, v = inputs[batch]
             with torch.no_grad():
-                start = now()
+                faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, now()
                 attend(q, k, v)
                 forward = now() - start
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             start = now()
             attend(q, k, v).backward(torch.ones_like(q))
             both = now() - start
@@ -65,11 +68,17 @@ def windows(args) -> None:
             if repeat:
                 times.setdefault((name, batch, "fwd"), []).append(1000 * forward / batch)
                 times.setdefault((name, batch, "fwd+bwd"), []).append(1000 * both / batch)
-    medians = {key: statistics.median(values) for key, values in times.items()}
+                times.setdefault((name, batch, "faults"), []).append(faults / batch)
+    medians = {key: statistics.median(values) for key, values in times.items() if key[2] != "faults"}
+    faults = {key[:2]: statistics.median(values) for key, values in times.items() if key[2] == "faults"}
     what = "thread CPU ms" if args.threads == 1 else "wall ms"
     print(f"{length} tokens, window {window}, {heads} heads x {dim}, {args.threads} thread(s), {what} per sequence")
     for (name, batch, kind), value in medians.items():
         print(f"  {name:6s} batch {batch}  {kind:7s} {value:9.1f}")
+    # A tensor over glibc's largest mmap threshold (32 MB) is fresh pages on every call, each first touch a page
+    # fault (the kernel zeroing 4 KB): batch 4's 100 MB outputs are, batch 1's 25 MB are reused heap.
+    print("  minor page faults per sequence, forward: "
+          + ", ".join(f"{name} batch {batch} {count:.0f}" for (name, batch), count in faults.items()))
     for kind in ("fwd", "fwd+bwd"):
         ratio = medians[("full", 1, kind)] / medians[("window", 1, kind)]
         per_token = medians[("window", args.batch, kind)] / medians[("window", 1, kind)]
