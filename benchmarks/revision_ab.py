@@ -35,7 +35,15 @@ def old_module(path: str, base: str) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__file__ = f"{base}:{path}"
     sys.modules[f"_old_{name}"] = module
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    from formerkit.adapt.methods import METHODS
+
+    registered = dict(METHODS)  # the old module registers its adaptation methods again: not into the live registry
+    METHODS.clear()
+    try:
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+    finally:
+        METHODS.clear()
+        METHODS.update(registered)
     return module
 
 
