@@ -51,9 +51,10 @@ def test_recompute_keeps_only_the_first_projections_output_and_the_input(cls):
     assert saved_activation_bytes(module, x) == fc_in_out + x.numel() * 4 + hidden * (2 if cls is GatedMLP else 1)
 
 
-def test_recompute_under_bf16_autocast_matches_the_plain_path():
+@pytest.mark.parametrize("cls, name", [(MLP, "gelu_tanh"), (GatedMLP, "swiglu")])
+def test_recompute_under_bf16_autocast_matches_the_plain_path(cls, name):
     torch.manual_seed(0)
-    module = MLP(16, 64, "gelu_tanh")
+    module = cls(16, 64, name)
     x = torch.randn(4, 16, requires_grad=True)
     upstream = torch.randn(4, 16)
     results = []
