@@ -44,9 +44,14 @@ _DERIVATIVES = {
 }
 
 
+# The element-wise function each gated name applies to its gate.
+_GATE_FUNCTION = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+
+
 def _derivative_in_place(name: str, grad: Tensor, h: Tensor) -> Tensor:
     """The activation's derivative applied to ``grad`` (a fresh tensor of ours) written over it where a kernel can:
     one hidden-sized tensor alive in the backward pass instead of two."""
+    name = _GATE_FUNCTION.get(name, name)
     if name in ("gelu", "gelu_tanh") and grad.dtype == h.dtype:
         approximate = "tanh" if name == "gelu_tanh" else "none"
         return torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=grad)
@@ -88,10 +93,12 @@ class _RecomputedActivationOut(torch.autograd.Function):
         grad = grad.to(ctx.dtype)
         flat = grad.reshape(-1, grad.shape[-1])
         grad_products = [g.to(ctx.dtype).reshape(-1, g.shape[-1]) for g in grad_products]
-        activated = act(gate) if up is not None or any(ctx.needs_input_grad[5:]) or ctx.needs_input_grad[2] else None
+        needs_hidden = ctx.needs_input_grad[2] or any(ctx.needs_input_grad[5:])
+        gated_input_grad = up is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        activated = act(gate) if needs_hidden or gated_input_grad else None
         grad_gate = grad_up = grad_weight = grad_bias = None
         grad_factors = [None] * len(factors)
-        if ctx.needs_input_grad[2] or any(ctx.needs_input_grad[5:]):  # these need the activation's output: recomputed
+        if needs_hidden:  # fc_out's weight or LoRA's factors train: they need the activation's output, recomputed
             hidden = activated if up is None else activated * up
             hidden = hidden.reshape(-1, hidden.shape[-1]).to(ctx.dtype)
             if ctx.needs_input_grad[2]:
@@ -109,16 +116,26 @@ class _RecomputedActivationOut(torch.autograd.Function):
             for factor, grad_product in zip(factors, grad_products):
                 grad_hidden.addmm_(grad_product, factor.to(ctx.dtype))
             grad_hidden = grad_hidden.view(*grad.shape[:-1], -1).to(gate.dtype)
-            derivative = _DERIVATIVES[ctx.name]
             if up is None:
                 grad_gate = _derivative_in_place(ctx.name, grad_hidden, gate)
             else:
-                grad_gate, grad_up = derivative(grad_hidden * up, gate), grad_hidden * activated
+                # grad_up = grad_hidden * act(gate), grad_gate = act'(gate) * grad_hidden * up, written over the
+                # tensors this backward made itself (the recomputed activation and grad_hidden): one hidden-sized
+                # tensor allocated instead of four, four passes over the hidden features after the product.
+                if ctx.needs_input_grad[1]:
+                    grad_up = activated.mul_(grad_hidden) if activated.dtype == up.dtype else activated * grad_hidden
+                del activated
+                if ctx.needs_input_grad[0]:
+                    grad_gate = _derivative_in_place(ctx.name, grad_hidden.mul_(up), gate)
         return grad_gate, grad_up, grad_weight, grad_bias, None, *grad_factors
 
 
 def _activate(gate: Tensor, up: Tensor | None, name: str) -> Tensor:
-    return activation(name)(gate) if up is None else activation(name)(gate) * up
+    # act(gate) is a fresh tensor: the product with up is written over it (one hidden-sized tensor made, not two).
+    activated = activation(name)(gate)
+    if up is None:
+        return activated
+    return activated.mul_(up) if activated.dtype == torch.promote_types(activated.dtype, up.dtype) else activated * up
 
 
 def _recomputes(module: nn.Module, h: Tensor) -> bool:

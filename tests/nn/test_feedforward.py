@@ -51,9 +51,10 @@ def test_recompute_keeps_only_the_first_projections_output_and_the_input(cls):
     assert saved_activation_bytes(module, x) == fc_in_out + x.numel() * 4 + hidden * (2 if cls is GatedMLP else 1)
 
 
-def test_recompute_under_bf16_autocast_matches_the_plain_path():
+@pytest.mark.parametrize("cls, name", [(MLP, "gelu_tanh"), (GatedMLP, "swiglu")])
+def test_recompute_under_bf16_autocast_matches_the_plain_path(cls, name):
     torch.manual_seed(0)
-    module = MLP(16, 64, "gelu_tanh")
+    module = cls(16, 64, name)
     x = torch.randn(4, 16, requires_grad=True)
     upstream = torch.randn(4, 16)
     results = []
@@ -124,3 +125,24 @@ def test_recomputed_gated_activation_gives_autograds_gradients(name):
     for got, expected in zip(recomputed, reference):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("name", GATED + ("relu",))
+def test_recomputed_gated_backward_with_a_frozen_base_matches_autograd_and_survives_a_second_pass(name):
+    """The LoRA case (fc_in and fc_out frozen, the input's gradient wanted): the gradients the backward writes over
+    its own tensors equal autograd's through the plain forward, and the saved gate and up are left untouched (a
+    graph kept for a second backward pass gives the same gradients again)."""
+    torch.manual_seed(3)
+    module = GatedMLP(8, 12, name).double().requires_grad_(False)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 5, 8, dtype=torch.float64)
+    out = module(x)
+    assert "Recomputed" in type(out.grad_fn.next_functions[0][0]).__name__  # behind the view to [3, 5, 8]
+    first = torch.autograd.grad(out, x, upstream, retain_graph=True)[0]
+    second = torch.autograd.grad(out, x, upstream)[0]
+    module.recompute = False
+    reference_out = module(x)
+    reference = torch.autograd.grad(reference_out, x, upstream)[0]
+    assert torch.equal(out, reference_out)
+    torch.testing.assert_close(first, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(first, second)
