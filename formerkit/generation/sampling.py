@@ -20,6 +20,7 @@ from torch import Tensor
 
 from formerkit.errors import InputError
 from formerkit.generation.compiled_step import bind_compiled_step
+from formerkit.generation.lean_step import LeanStep
 from formerkit.nn.cache import KVCache
 
 __all__ = ["SamplingConfig", "generate", "stream"]
@@ -263,6 +264,7 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
     switch = (config.position.rope_original_max_len
               if config.position.rope_scaling == "longrope" and config.arch == "decoder" else None)
     history: list[Tensor] = []
+    lean: LeanStep | None | bool = False  # built at the first eager step (False: not yet)
     inference = torch.inference_mode if between_steps else contextlib.nullcontext
     try:
         with inference():
@@ -295,8 +297,10 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
                                       RuntimeWarning, stacklevel=2)
                     else:
                         cache.took_static_step()
+                if logits is None and lean is False:
+                    lean = LeanStep.build(model, cache) if switch is None else None
                 if logits is None:
-                    logits = _decode_step(model, token, cache, source)
+                    logits = lean(token) if lean is not None else _decode_step(model, token, cache, source)
                 token, finished = choose(logits, finished, best)
     finally:
         if was_training:
