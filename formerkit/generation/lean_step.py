@@ -73,7 +73,7 @@ class _Layer:
         self.feedforward_norm = None if norm is None else _call(norm)
         self.qkv, self.out = _call(attention.qkv), _call(attention.out)
         self.heads, self.kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-        self.sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.sizes = [self.heads, self.kv_heads, self.kv_heads]
         self.q_norm, self.k_norm = attention.q_norm, attention.k_norm
         self.scale, self.softcap = attention.scale, attention.softcap
         # Feed-forward: MLP and GatedMLP written out (in inference neither recomputes nor drops out), else the module.
@@ -110,11 +110,9 @@ class _Layer:
     def _attend(self, h: Tensor, cache: KVCache, start: int, rotary, attn_mask: Tensor | None) -> Tensor:
         """Self-attention of one query per row over the cached keys and its own, written into the cache."""
         batch = h.shape[0]
-        q, k, v = self.qkv(h).split(self.sizes, dim=-1)
-        # One token: [batch, 1, heads * dim] is [batch, heads, 1, dim] without moving anything.
-        q = q.view(batch, self.heads, 1, self.head_dim)
-        k = k.view(batch, self.kv_heads, 1, self.head_dim)
-        v = v.view(batch, self.kv_heads, 1, self.head_dim)
+        # One token: [batch, 1, (heads + 2 kv_heads) * dim] is [batch, heads + 2 kv_heads, 1, dim] without moving
+        # anything, and the queries, keys and values are its heads.
+        q, k, v = self.qkv(h).view(batch, -1, 1, self.head_dim).split(self.sizes, dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
