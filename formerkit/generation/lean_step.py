@@ -22,8 +22,6 @@ the modules it would skip, and models in training mode.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,11 +50,17 @@ def _call(module: nn.Module):
     call with its weights bound (no module call per step), else the module itself."""
     if not _hooked(module):
         if type(module) is nn.Linear:
-            return functools.partial(F.linear, weight=module.weight, bias=module.bias)
+            weight, bias = module.weight, module.bias
+            return lambda x: F.linear(x, weight, bias)
         if type(module) is nn.LayerNorm:
-            return functools.partial(F.layer_norm, normalized_shape=module.normalized_shape, weight=module.weight,
-                                     bias=module.bias, eps=module.eps)
+            shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+            return lambda x: F.layer_norm(x, shape, weight, bias, eps)
     return module
+
+
+def _plain(residual) -> bool:
+    """Whether ``residual.merge(x, out)`` is ``x + out`` in inference: pre-norm, no output norm, no LayerScale."""
+    return residual.placement == "pre" and residual.norm_out is None and residual.scale is None
 
 
 class _Layer:
@@ -67,6 +71,8 @@ class _Layer:
         self.index = index
         self.attention_residual, self.feedforward_residual = block.attention_residual, block.feedforward_residual
         self.parallel = block.parallel
+        # Pre-norm blocks without extras (GPT-2's, LLaMA's) add each branch to the stream directly.
+        self.plain = not block.parallel and _plain(self.attention_residual) and _plain(self.feedforward_residual)
         self.attention_norm = _call(self.attention_residual.norm)
         # None: a parallel block whose feed-forward reads the attention's normed input (a shared norm).
         norm = self.feedforward_residual.norm
@@ -76,6 +82,7 @@ class _Layer:
         self.sizes = [self.heads, self.kv_heads, self.kv_heads]
         self.q_norm, self.k_norm = attention.q_norm, attention.k_norm
         self.scale, self.softcap = attention.scale, attention.softcap
+        self.direct_sdpa = self.softcap is None and self.heads == self.kv_heads
         # Feed-forward: MLP and GatedMLP written out (in inference neither recomputes nor drops out), else the module.
         self.feedforward = None
         if type(feedforward) in (MLP, GatedMLP) and not _hooked(feedforward):
@@ -96,6 +103,9 @@ class _Layer:
 
     def __call__(self, x: Tensor, cache: KVCache, start: int, rotary, attn_mask: Tensor | None) -> Tensor:
         """``TransformerBlock.forward`` for one token per row after ``start`` cached ones."""
+        if self.plain:
+            x = x + self._attend(self.attention_norm(x), cache, start, rotary, attn_mask)
+            return x + self._feedforward(self.feedforward_norm(x))
         attention_residual, feedforward_residual = self.attention_residual, self.feedforward_residual
         if self.parallel:  # x + attention(norm(x)) + feedforward(norm'(x)), norm' = norm with a shared norm
             h = self.attention_norm(x)
@@ -122,8 +132,12 @@ class _Layer:
         keys.narrow(2, start, 1).copy_(k)
         values.narrow(2, start, 1).copy_(v)
         end = start + 1
-        out = grouped_sdpa(q, keys.narrow(2, 0, end), values.narrow(2, 0, end), attn_mask, 0.0, False, self.scale,
-                           self.softcap)
+        if self.direct_sdpa:
+            out = F.scaled_dot_product_attention(q, keys.narrow(2, 0, end), values.narrow(2, 0, end), attn_mask,
+                                                 scale=self.scale)
+        else:  # grouped keys and values, or soft-capped scores
+            out = grouped_sdpa(q, keys.narrow(2, 0, end), values.narrow(2, 0, end), attn_mask, 0.0, False,
+                               self.scale, self.softcap)
         return self.out(out.view(batch, 1, self.heads * self.head_dim))
 
     def _feedforward(self, h: Tensor) -> Tensor:
