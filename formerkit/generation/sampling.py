@@ -1,8 +1,10 @@
 """Generation: sampling and the generate/stream API, decoding new tokens one at a time with a key/value cache.
 
 ``generate`` returns the prompt followed by the new tokens; ``stream`` yields each step's tokens as they are made.
-Both run the model's ordinary forward pass with a ``KVCache``, so what is generated is what a full recompute of the
-growing sequence would give (the tests check the logits of every step against one).
+Both run the prompt through the model's ordinary forward pass with a ``KVCache``, then each new token through the
+same layers (``LeanStep``: the forward pass without its per-call checks, masks and module calls, for the decoders
+it covers; the forward pass itself otherwise; a compiled step with ``compile=True``), so what is generated is what a
+full recompute of the growing sequence would give (the tests check the logits of every step against one).
 
 Batched prompts of different lengths are left-padded, with ``attention_mask`` marking the real tokens: padding is
 never attended to and positions count real tokens only, so a padded row generates what it would alone.
