@@ -3,11 +3,12 @@ the per-step overhead of formerkit eager and transformers with free matrices, th
 general forward pass, and operator counts.
 
 The bench LM of ``decode_speed.py`` (6 layers, width 384, context 256, vocabulary 65; transformers GPT-2 weights read
-with ``formerkit.from_hf``). Every timing is CPU time of one thread (``time.process_time``), repeated and
+with ``formerkit.from_hf``). Every timing is CPU time of one thread (``time.process_time``; wall time with
+``--threads`` above 1), repeated and
 interleaved; medians. ``--gemm`` also compiles the step with each of the compiled step's matrix-product settings and
 times them side by side (``--rows`` rows per step; each compile takes minutes).
 
-    python benchmarks/decode_profile.py [--repeats 5] [--gemm] [--rows 1] [--eager-only]
+    python benchmarks/decode_profile.py [--repeats 5] [--gemm] [--rows 1] [--eager-only] [--threads 1]
 
 Needs the ``dev`` extra (transformers). Nothing is downloaded.
 """
@@ -174,7 +175,7 @@ def free_matrices(prompt, repeats: int) -> None:
 def eager_paths(prompt, repeats: int, count: int = 100) -> None:
     """generate without compile through the lean step (the default) and through the general forward pass
     (``LeanStep.build`` made to refuse), beside transformers, at width 384 and at width 12 (matrices nearly free:
-    the per-step overhead). Interleaved in shuffled order, CPU ms per token."""
+    the per-step overhead). Interleaved in shuffled order, ms per token."""
     for width in (384, 12):
         _eager_paths_at(width, prompt, repeats, count)
 
@@ -211,7 +212,7 @@ def _eager_paths_at(width: int, prompt, repeats: int, count: int) -> None:
             begin = clock()
             runs[name]()
             results[name].append((clock() - begin) / count * 1000)
-    print(f"eager generate at width {width}, batch 1, {count} tokens (CPU ms per token, same tokens):")
+    print(f"eager generate at width {width}, batch 1, {count} tokens (ms per token, same tokens):")
     medians = report(results)
     base = medians["transformers"]
     print("  vs transformers: " + ", ".join(f"{name} x{base / value:.2f}" for name, value in medians.items()
@@ -317,8 +318,13 @@ def main() -> None:
     parser.add_argument("--gemm", action="store_true", help="also compile and time each matrix-product setting")
     parser.add_argument("--rows", type=int, default=1, help="rows per step for --gemm")
     parser.add_argument("--eager-only", action="store_true", help="only the eager paths and the operator counts")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; above 1 every timing is wall time (CPU time adds up the threads)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    global clock
+    torch.set_num_threads(args.threads)
+    if args.threads > 1:
+        clock = time.perf_counter
     theirs, ours = bench_models()
     prompt = torch.randint(0, 65, (1, 8), generator=torch.Generator().manual_seed(1))
     if not args.eager_only:
