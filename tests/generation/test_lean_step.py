@@ -86,6 +86,36 @@ def test_hooked_projections_are_called_as_modules():
         assert (step(tokens) - _general_step(model, tokens, general_cache)).abs().max().item() <= 1e-6
 
 
+def _adapted(kind: str):
+    from formerkit.adapt.lora import apply_lora
+    from formerkit.adapt.prompt import apply_prompt
+    from formerkit.compress.quantize import quantize
+
+    from ..conftest import randomize_weights
+
+    if kind == "int8":
+        return quantize(make_model(), "dynamic-int8")
+    model = make_model(**{"position.kind": "rope"})
+    if kind == "lora":
+        apply_lora(model, targets=("q", "v", "fc_in"))
+    else:
+        apply_prompt(model, num_virtual_tokens=3)
+    return randomize_weights(model, 3, std="fan_in").eval()  # non-zero adapter weights
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt", "int8"])
+def test_adapted_and_quantized_models_generate_through_the_step_as_through_the_forward(kind, monkeypatch):
+    model = _adapted(kind)
+    ids, mask = left_padded([6, 3], 6, seed=4)
+    built = []
+    build = LeanStep.build
+    monkeypatch.setattr(LeanStep, "build", staticmethod(lambda *args: built.append(build(*args)) or built[-1]))
+    lean = model.generate(ids, 6, attention_mask=mask, temperature=0)
+    assert built and built[0] is not None
+    monkeypatch.setattr(LeanStep, "build", staticmethod(lambda *args: None))
+    assert torch.equal(lean, model.generate(ids, 6, attention_mask=mask, temperature=0))
+
+
 @pytest.mark.parametrize("options", [
     {"position.kind": "alibi"},
     {"position.kind": "relative", "position.relative_buckets": 8, "position.relative_max_distance": 20},
