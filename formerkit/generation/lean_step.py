@@ -51,8 +51,12 @@ def _call(module: nn.Module):
     call with its weights bound (no module call per step), else the module itself."""
     if not _hooked(module):
         if type(module) is nn.Linear:
-            weight, bias = module.weight, module.bias
-            return lambda x: F.linear(x, weight, bias)
+            # The step's rows are [batch, features]: the matrix product itself, with the transposed weight made
+            # once (what F.linear does per call, as the same addmm).
+            transposed, bias = module.weight.t(), module.bias
+            if bias is None:
+                return lambda x: torch.mm(x, transposed)
+            return lambda x: torch.addmm(bias, x, transposed)
         if type(module) is nn.LayerNorm:
             shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
             return lambda x: F.layer_norm(x, shape, weight, bias, eps)
@@ -121,7 +125,7 @@ class _Layer:
     def _attend(self, h: Tensor, cache: KVCache, start: int, rotary, attn_mask: Tensor | None) -> Tensor:
         """Self-attention of one query per row over the cached keys and its own, written into the cache."""
         batch = h.shape[0]
-        # One token: [batch, 1, (heads + 2 kv_heads) * dim] is [batch, heads + 2 kv_heads, 1, dim] without moving
+        # One token: [batch, (heads + 2 kv_heads) * dim] is [batch, heads + 2 kv_heads, 1, dim] without moving
         # anything, and the queries, keys and values are its heads.
         q, k, v = self.qkv(h).view(batch, -1, 1, self.head_dim).split(self.sizes, dim=1)
         if self.q_norm is not None:
@@ -139,7 +143,7 @@ class _Layer:
         else:  # grouped keys and values, or soft-capped scores
             out = grouped_sdpa(q, keys.narrow(2, 0, end), values.narrow(2, 0, end), attn_mask, 0.0, False,
                                self.scale, self.softcap)
-        return self.out(out.view(batch, 1, self.heads * self.head_dim))
+        return self.out(out.view(batch, self.heads * self.head_dim))
 
     def _feedforward(self, h: Tensor) -> Tensor:
         if self.feedforward is not None:
@@ -196,6 +200,7 @@ class LeanStep:
         cache.keep.select(1, start).fill_(True)
         cache.positions.select(1, start).copy_(counts)
         hidden, _ = self.model.embed(tokens.view(-1, 1), position_ids=positions)
+        hidden = hidden.view(hidden.shape[0], hidden.shape[2])  # [batch, width]: one token per row
         rotary = self.positions.rotary(positions, 1)
         if rotary is not None:
             rotary = (rotary[0].to(hidden.dtype), rotary[1].to(hidden.dtype))
@@ -212,5 +217,5 @@ class LeanStep:
             logits = torch.tanh(logits / self.head_softcap) * self.head_softcap
         cache.counts = counts + 1
         cache.length = start + 1
-        return logits[:, -1]
+        return logits
 
