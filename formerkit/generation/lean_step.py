@@ -31,7 +31,8 @@ from formerkit.nn.cache import KVCache
 from formerkit.nn.feedforward import MLP, GatedMLP
 from formerkit.nn.heads import LMHead
 from formerkit.nn.local_attention import grouped_sdpa
-from formerkit.nn.positions import apply_rotary
+from formerkit.nn.positions import LearnedPositions, PositionScheme, apply_rotary
+from formerkit.nn.stems import TokenEmbedding
 
 __all__ = ["LeanStep"]
 
@@ -66,6 +67,39 @@ def _call(module: nn.Module):
 def _plain(residual) -> bool:
     """Whether ``residual.merge(x, out)`` is ``x + out`` in inference: pre-norm, no output norm, no LayerScale."""
     return residual.placement == "pre" and residual.norm_out is None and residual.scale is None
+
+
+class _Embedding:
+    """``Transformer.embed`` of one token per row [batch] at ``positions`` [batch], as rows [batch, width], for a
+    token stem of plain embeddings (no token types) with an absolute table or positions that add nothing to the
+    input; ``build`` returns None otherwise (the model's own ``embed`` is then called)."""
+
+    def __init__(self, model, scheme):
+        stem = model.stem
+        self.weight = stem.tokens.weight
+        # The stem multiplies by sqrt(width) as a tensor of the activations' dtype: the same rounding here.
+        self.scale = None if stem.scale is None else torch.tensor(stem.scale, dtype=self.weight.dtype)
+        self.table = scheme.table if type(scheme).encode_input is LearnedPositions.encode_input else None
+        self.norm = None if model.embedding_norm is None else _call(model.embedding_norm)
+
+    @classmethod
+    def build(cls, model, scheme) -> _Embedding | None:
+        stem = model.stem
+        # Positions that add nothing to the input (rotary, none), or a learned or sinusoidal table.
+        known = type(scheme).encode_input in (PositionScheme.encode_input, LearnedPositions.encode_input)
+        if (type(stem) is not TokenEmbedding or stem.token_types is not None or _hooked(stem)
+                or type(stem.tokens) is not nn.Embedding or _hooked(stem.tokens) or stem.tokens.max_norm is not None
+                or not known or _hooked(scheme) or type(model.embedding_dropout) not in (nn.Dropout, nn.Identity)):
+            return None
+        return cls(model, scheme)
+
+    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        hidden = F.embedding(tokens, self.weight)
+        if self.scale is not None:
+            hidden = hidden * self.scale
+        if self.table is not None:
+            hidden = hidden + self.table[positions].to(hidden.dtype)
+        return hidden if self.norm is None else self.norm(hidden)  # dropout: none in inference
 
 
 class _Layer:
@@ -164,6 +198,7 @@ class LeanStep:
         self.layers = [_Layer(stack.block_at(index), index) for index in range(stack.num_layers)]
         self.final_norm = None if stack.final_norm is None else _call(stack.final_norm)
         self.positions = model.positions_of(stack)
+        self.embedding = _Embedding.build(model, self.positions)
         head = model.head
         self.head_scale, self.head_softcap = head.input_scale, head.logit_softcap
         self.projection = _call(head.projection)
@@ -199,8 +234,11 @@ class LeanStep:
         positions = counts.view(-1, 1)
         cache.keep.select(1, start).fill_(True)
         cache.positions.select(1, start).copy_(counts)
-        hidden, _ = self.model.embed(tokens.view(-1, 1), position_ids=positions)
-        hidden = hidden.view(hidden.shape[0], hidden.shape[2])  # [batch, width]: one token per row
+        if self.embedding is not None:
+            hidden = self.embedding(tokens, counts)
+        else:
+            hidden, _ = self.model.embed(tokens.view(-1, 1), position_ids=positions)
+            hidden = hidden.view(hidden.shape[0], hidden.shape[2])  # [batch, width]: one token per row
         rotary = self.positions.rotary(positions, 1)
         if rotary is not None:
             rotary = (rotary[0].to(hidden.dtype), rotary[1].to(hidden.dtype))

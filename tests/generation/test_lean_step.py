@@ -28,7 +28,8 @@ COVERED = [
     {"attention.softcap": 5.0, "head.logit_softcap": 3.0, "attention.scale": 0.1, "stem.embedding_norm": True,
      "position.kind": "none", "head.tie_embeddings": True},
     {"num_unique_layers": 1, "feedforward.activation": "geglu_tanh", "norm.weight_offset": 1.0,
-     "norm.kind": "rmsnorm"},
+     "norm.kind": "rmsnorm", "stem.scale_embeddings": True, "position.kind": "rope"},  # Gemma's parts
+    {"stem.num_token_types": 2},  # the model's own embed (token types added to every token)
 ]
 
 
