@@ -1,12 +1,14 @@
 """Where batch-1 decoding's time goes (issue 22): the parts of a compiled ``generate``, the loop around the step,
-the per-step overhead of formerkit eager and transformers with free matrices, and operator counts.
+the per-step overhead of formerkit eager and transformers with free matrices, the eager lean step against the
+general forward pass, and operator counts.
 
 The bench LM of ``decode_speed.py`` (6 layers, width 384, context 256, vocabulary 65; transformers GPT-2 weights read
-with ``formerkit.from_hf``). Every timing is CPU time of one thread (``time.process_time``), repeated and
+with ``formerkit.from_hf``). Every timing is CPU time of one thread (``time.process_time``; wall time with
+``--threads`` above 1), repeated and
 interleaved; medians. ``--gemm`` also compiles the step with each of the compiled step's matrix-product settings and
 times them side by side (``--rows`` rows per step; each compile takes minutes).
 
-    python benchmarks/decode_profile.py [--repeats 5] [--gemm] [--rows 1]
+    python benchmarks/decode_profile.py [--repeats 5] [--gemm] [--rows 1] [--eager-only] [--threads 1]
 
 Needs the ``dev`` extra (transformers). Nothing is downloaded.
 """
@@ -170,6 +172,53 @@ def free_matrices(prompt, repeats: int) -> None:
     report(results)
 
 
+def eager_paths(prompt, repeats: int, count: int = 100) -> None:
+    """generate without compile through the lean step (the default) and through the general forward pass
+    (``LeanStep.build`` made to refuse), beside transformers, at width 384 and at width 12 (matrices nearly free:
+    the per-step overhead). Interleaved in shuffled order, ms per token."""
+    for width in (384, 12):
+        _eager_paths_at(width, prompt, repeats, count)
+
+
+def _eager_paths_at(width: int, prompt, repeats: int, count: int) -> None:
+    import random
+
+    from formerkit.generation.lean_step import LeanStep
+
+    build = LeanStep.__dict__["build"]
+    theirs, ours = bench_models(width)
+
+    def hf():
+        with torch.inference_mode():
+            return theirs.generate(prompt, max_new_tokens=count, do_sample=False, pad_token_id=0)
+
+    def lean():
+        return ours.generate(prompt, count, temperature=0)
+
+    def general():
+        LeanStep.build = staticmethod(lambda model, cache: None)
+        try:
+            return ours.generate(prompt, count, temperature=0)
+        finally:
+            LeanStep.build = build
+
+    runs = {"transformers": hf, "formerkit eager, lean step": lean, "formerkit eager, general forward": general}
+    outputs = [run() for run in runs.values()]  # warm-up; every path makes the same tokens
+    if not all(torch.equal(output, outputs[0]) for output in outputs):
+        raise SystemExit(f"width {width}: the eager paths generated different tokens")
+    results = {name: [] for name in runs}
+    for _ in range(3 * repeats):
+        for name in random.sample(list(runs), len(runs)):
+            begin = clock()
+            runs[name]()
+            results[name].append((clock() - begin) / count * 1000)
+    print(f"eager generate at width {width}, batch 1, {count} tokens (ms per token, same tokens):")
+    medians = report(results)
+    base = medians["transformers"]
+    print("  vs transformers: " + ", ".join(f"{name} x{base / value:.2f}" for name, value in medians.items()
+                                             if name != "transformers"))
+
+
 def operator_counts(theirs, ours, prompt) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -184,18 +233,25 @@ def operator_counts(theirs, ours, prompt) -> None:
             self.calls[str(func.overloadpacket)] += 1
             return func(*args, **(kwargs or {}))
 
+    from formerkit.generation.lean_step import LeanStep
+
     with torch.inference_mode():
         cache = KVCache.for_model(ours, 1, 256)
         ours(prompt, cache=cache, logits_to_keep=1)
         with Count() as counted:
             ours(prompt[:, :1], cache=cache, logits_to_keep=1)
+        step = LeanStep.build(ours, cache)
+        with Count() as lean:
+            step(prompt[:, 0])
 
     def hf(count: int) -> int:
         with torch.inference_mode(), Count() as counted:
             theirs.generate(prompt, max_new_tokens=count, do_sample=False, pad_token_id=0)
         return sum(counted.calls.values())
 
-    print(f"ATen calls per eager step: formerkit {sum(counted.calls.values())} "
+    print(f"ATen calls per eager step: formerkit's lean step {sum(lean.calls.values())} "
+          f"({', '.join(f'{name} {n}' for name, n in lean.calls.most_common(8))}); "
+          f"through the general forward {sum(counted.calls.values())} "
           f"({', '.join(f'{name} {n}' for name, n in counted.calls.most_common(8))}); "
           f"transformers {(hf(12) - hf(2)) / 10:.0f} per token")
     x, y = torch.randn(1, 384), torch.randn(1, 384)
@@ -261,13 +317,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--gemm", action="store_true", help="also compile and time each matrix-product setting")
     parser.add_argument("--rows", type=int, default=1, help="rows per step for --gemm")
+    parser.add_argument("--eager-only", action="store_true", help="only the eager paths and the operator counts")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; above 1 every timing is wall time (CPU time adds up the threads)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    global clock
+    torch.set_num_threads(args.threads)
+    if args.threads > 1:
+        clock = time.perf_counter
     theirs, ours = bench_models()
     prompt = torch.randint(0, 65, (1, 8), generator=torch.Generator().manual_seed(1))
-    compiled_parts(ours, prompt, args.new_tokens, args.repeats)
-    loop_overhead(ours, prompt, args.repeats)
-    free_matrices(prompt, args.repeats)
+    if not args.eager_only:
+        compiled_parts(ours, prompt, args.new_tokens, args.repeats)
+        loop_overhead(ours, prompt, args.repeats)
+        free_matrices(prompt, args.repeats)
+    eager_paths(prompt, args.repeats)
     operator_counts(theirs, ours, prompt)
     if args.gemm:
         gemm_settings(ours, prompt, args.rows, args.repeats)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -112,7 +113,9 @@ def _run(theirs, ours, batch: int, args, clock) -> dict:
             raise SystemExit(f"batch {batch}: {name} generated different tokens from transformers (rows {rows})")
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeats):
-        for name, run in contenders.items():
+        # A shuffled order each round: a burst of load on a shared machine does not land on one contender's runs.
+        for name in random.sample(list(contenders), len(contenders)):
+            run = contenders[name]
             begin = clock()
             run()
             rates[name].append(batch * count / (clock() - begin))

@@ -1,8 +1,10 @@
 """Generation: sampling and the generate/stream API, decoding new tokens one at a time with a key/value cache.
 
 ``generate`` returns the prompt followed by the new tokens; ``stream`` yields each step's tokens as they are made.
-Both run the model's ordinary forward pass with a ``KVCache``, so what is generated is what a full recompute of the
-growing sequence would give (the tests check the logits of every step against one).
+Both run the prompt through the model's ordinary forward pass with a ``KVCache``, then each new token through the
+same layers (``LeanStep``: the forward pass without its per-call checks, masks and module calls, for the decoders
+it covers; the forward pass itself otherwise; a compiled step with ``compile=True``), so what is generated is what a
+full recompute of the growing sequence would give (the tests check the logits of every step against one).
 
 Batched prompts of different lengths are left-padded, with ``attention_mask`` marking the real tokens: padding is
 never attended to and positions count real tokens only, so a padded row generates what it would alone.
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from formerkit.errors import InputError
 from formerkit.generation.compiled_step import bind_compiled_step
+from formerkit.generation.lean_step import LeanStep
 from formerkit.nn.cache import KVCache
 
 __all__ = ["SamplingConfig", "generate", "stream"]
@@ -263,6 +266,7 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
     switch = (config.position.rope_original_max_len
               if config.position.rope_scaling == "longrope" and config.arch == "decoder" else None)
     history: list[Tensor] = []
+    lean: LeanStep | None | bool = False  # built at the first eager step (False: not yet)
     inference = torch.inference_mode if between_steps else contextlib.nullcontext
     try:
         with inference():
@@ -295,8 +299,10 @@ def _steps(model, input_ids, max_new_tokens: int, *, attention_mask: Tensor | No
                                       RuntimeWarning, stacklevel=2)
                     else:
                         cache.took_static_step()
+                if logits is None and lean is False:
+                    lean = LeanStep.build(model, cache) if switch is None else None
                 if logits is None:
-                    logits = _decode_step(model, token, cache, source)
+                    logits = lean(token) if lean is not None else _decode_step(model, token, cache, source)
                 token, finished = choose(logits, finished, best)
     finally:
         if was_training:
