@@ -77,8 +77,12 @@ class _RecomputedActivationOut(torch.autograd.Function):
             # of the forward pass's memory); the products are the same rows' products, bit for bit.
             out = gate.new_empty(gate.shape[0], weight.shape[0])
             products = tuple(gate.new_empty(gate.shape[0], factor.shape[0]) for factor in factors)
+            buffer = gate.new_empty(blocks[0][1], gate.shape[1]) if up is None else None
             for start, stop in blocks:
-                hidden = _activate(gate[start:stop], None if up is None else up[start:stop], name)
+                if up is None:  # one buffer for every block
+                    hidden = _activate_into(name, gate[start:stop], buffer[:stop - start])
+                else:
+                    hidden = _activate(gate[start:stop], up[start:stop], name)
                 if bias is None:
                     torch.mm(hidden, weight.t(), out=out[start:stop])
                 else:
