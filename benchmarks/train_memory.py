@@ -29,7 +29,7 @@ from formerkit.bench.lm import LMSpec, _batch, _build
 
 PREVIOUS = """
 import formerkit.nn.feedforward as feedforward_module
-feedforward_module._overwrites = lambda *args: False
+feedforward_module._by_columns = lambda *args: False
 feedforward_module._block_count = lambda hidden, width: 1
 """
 
@@ -53,8 +53,8 @@ def switch_path(name: str) -> None:
     saved = getattr(switch_path, "saved", None)
     if saved is None:
         saved = switch_path.saved = (block_module.recomputed_norm_output, feedforward_module._derivative_in_place,
-                                     feedforward_module._overwrites, feedforward_module._block_count)
-    (block_module.recomputed_norm_output, feedforward_module._derivative_in_place, feedforward_module._overwrites,
+                                     feedforward_module._by_columns, feedforward_module._block_count)
+    (block_module.recomputed_norm_output, feedforward_module._derivative_in_place, feedforward_module._by_columns,
      feedforward_module._block_count) = saved
     transformer_module.recomputed_norm_output = saved[0]
     exec(PATHS[name], {})

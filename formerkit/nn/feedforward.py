@@ -107,8 +107,8 @@ class _RecomputedActivationOut(torch.autograd.Function):
         grad = grad.to(ctx.dtype)
         flat = grad.reshape(-1, grad.shape[-1])
         grad_products = [g.to(ctx.dtype).reshape(-1, g.shape[-1]) for g in grad_products]
-        if _overwrites(ctx, gate, up, weight, factors):
-            return _backward_over_input(ctx, flat, gate, weight, factors, grad_products)
+        if _by_columns(ctx, gate, up, weight, factors):
+            return _backward_by_columns(ctx, flat, gate, weight, factors, grad_products)
         activated = act(gate) if up is not None or any(ctx.needs_input_grad[6:]) or ctx.needs_input_grad[2] else None
         grad_gate = grad_up = grad_weight = grad_bias = None
         grad_factors = [None] * len(factors)
@@ -138,13 +138,18 @@ class _RecomputedActivationOut(torch.autograd.Function):
         return grad_gate, grad_up, grad_weight, grad_bias, None, None, *grad_factors
 
 
-def _overwrites(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, factors: list[Tensor]) -> bool:
-    """Whether this backward pass may form the input's gradient in the input's own storage (see
-    ``_backward_over_input``): a plain MLP whose fc_in output nothing else holds (``overwritable``, decided in the
-    forward pass), its gradient wanted, everything in one dtype (no autocast), and a graph that is freed after this
-    pass (a second backward pass over a retained graph reads the input again; ``create_graph`` retains it too)."""
-    return (ctx.overwritable and up is None and ctx.needs_input_grad[0] and gate.dtype == weight.dtype == ctx.dtype
-            and all(factor.dtype == ctx.dtype for factor in factors) and gate.dim() == 2
+def _by_columns(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, factors: list[Tensor]) -> bool:
+    """Whether this backward pass goes by blocks of hidden columns (``_backward_by_columns``): a plain MLP (not a
+    gated one) with everything in one dtype (no autocast)."""
+    return (up is None and gate.dim() == 2 and gate.dtype == weight.dtype == ctx.dtype
+            and all(factor.dtype == ctx.dtype for factor in factors))
+
+
+def _overwrites(ctx) -> bool:
+    """Whether h's gradient may be written over h: fc_in's output that nothing else holds (``overwritable``, decided
+    in the forward pass), its gradient wanted, and a graph that is freed after this pass (a second backward pass
+    over a retained graph reads h again; ``create_graph`` retains it too)."""
+    return (ctx.overwritable and ctx.needs_input_grad[0]
             and not torch._C._autograd._get_current_graph_task_keep_graph())
 
 
@@ -172,31 +177,34 @@ def _activate_into(name: str, h: Tensor, out: Tensor) -> Tensor:
     return out.copy_(activation(name)(h))
 
 
-def _derivative_over(name: str, grad: Tensor, h: Tensor) -> None:
-    """``h`` overwritten by the activation's derivative at ``h`` times ``grad``."""
+def _derivative_into(name: str, grad: Tensor, h: Tensor, out: Tensor) -> None:
+    """The activation's derivative at ``h`` times ``grad``, written into ``out`` (which may be ``h`` itself)."""
     if name in ("gelu", "gelu_tanh"):
         approximate = "tanh" if name == "gelu_tanh" else "none"
-        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=h)
+        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=out)
     elif name == "silu":
-        torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=h)
+        torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=out)
     else:
-        h.copy_(_DERIVATIVES[name](grad, h))
+        out.copy_(_DERIVATIVES[name](grad, h))
 
 
-def _backward_over_input(ctx, flat: Tensor, h: Tensor, weight: Tensor, factors: list[Tensor],
+def _backward_by_columns(ctx, flat: Tensor, h: Tensor, weight: Tensor, factors: list[Tensor],
                          grad_products: list[Tensor]):
     """The backward pass of ``fc_out(act(h))`` (and LoRA's ``act(h) A^T``) a block of hidden columns at a time,
-    writing h's gradient over h itself.
+    writing h's gradient over h itself where it may (``_overwrites``).
 
     Done whole, the backward pass holds two hidden-sized tensors besides h: the recomputed activation (for the weight
     gradients) and then the hidden gradient. h's gradient is an element-wise function of h and of the hidden
     gradient, and h is read for the last time there: so each block of columns recomputes its activation (for its
     columns of the weight gradients), forms its columns of the hidden gradient in the same buffer, and writes the
-    derivative over its columns of h. One block-sized buffer (as large as the residual stream) instead of a
-    hidden-sized tensor: the top of the backward pass drops by three quarters of the hidden activation. The products
-    are the whole products' columns (the same dot products, no sums split), the element-wise kernels the same."""
+    derivative over its columns of h. One block-sized buffer (see ``_block_count``) instead of a hidden-sized tensor:
+    the top of the backward pass drops by the hidden activation less a block. Where h must stay (a retained graph, a
+    tensor someone else holds), h's gradient goes to a tensor of its own by the same arithmetic, so the gradients do
+    not depend on which. The products are the whole products' columns (the same dot products, no sums split), the
+    element-wise kernels the same."""
     h = h.detach()
     needs = ctx.needs_input_grad
+    grad_h = (h if _overwrites(ctx) else h.new_empty(h.shape)) if needs[0] else None
     grad_weight = weight.new_empty(weight.shape) if needs[2] else None
     grad_factors = [factor.new_empty(factor.shape) if needs[6 + i] else None for i, factor in enumerate(factors)]
     blocks = _blocks(h.shape[1], _block_count(h.shape[1], weight.shape[0]))
@@ -210,12 +218,13 @@ def _backward_over_input(ctx, flat: Tensor, h: Tensor, weight: Tensor, factors: 
             for grad_factor, grad_product in zip(grad_factors, grad_products):
                 if grad_factor is not None:
                     torch.mm(grad_product.t(), block, out=grad_factor[:, start:stop])
-        torch.mm(flat, weight[:, start:stop], out=block)
-        for factor, grad_product in zip(factors, grad_products):
-            block.addmm_(grad_product, factor[:, start:stop])
-        _derivative_over(ctx.name, block, part)
+        if grad_h is not None:
+            torch.mm(flat, weight[:, start:stop], out=block)
+            for factor, grad_product in zip(factors, grad_products):
+                block.addmm_(grad_product, factor[:, start:stop])
+            _derivative_into(ctx.name, block, part, grad_h[:, start:stop])
     grad_bias = flat.sum(0) if ctx.has_bias and needs[3] else None
-    return h, None, grad_weight, grad_bias, None, None, *grad_factors
+    return grad_h, None, grad_weight, grad_bias, None, None, *grad_factors
 
 
 def _autocasting(x: Tensor) -> bool:

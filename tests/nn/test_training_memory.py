@@ -26,7 +26,7 @@ def _plain(monkeypatch):
     monkeypatch.setattr(transformer_module, "recomputed_norm_output", lambda *args: contextlib.nullcontext())
     monkeypatch.setattr(feedforward_module, "_derivative_in_place",
                         lambda name, grad, h: feedforward_module._DERIVATIVES[name](grad, h))
-    monkeypatch.setattr(feedforward_module, "_overwrites", lambda *args: False)
+    monkeypatch.setattr(feedforward_module, "_by_columns", lambda *args: False)
     monkeypatch.setattr(feedforward_module, "_block_count", lambda hidden, width: 1)
 
 
@@ -220,10 +220,12 @@ def test_a_retained_graph_keeps_fc_ins_output_for_a_second_backward_pass():
     out = module(x)
     first = torch.autograd.grad(out, [x, *module.parameters()], upstream, retain_graph=True)
     second = torch.autograd.grad(out, [x, *module.parameters()], upstream)
+    freed = torch.autograd.grad(module(x), [x, *module.parameters()], upstream)  # h overwritten this time
     reference = _plain_grads(module, x, upstream)
-    for a, b, want in zip(first, second, reference):
+    for a, b, c, want in zip(first, second, freed, reference):
         torch.testing.assert_close(a, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(b, want, rtol=1e-12, atol=1e-12)
+        assert torch.equal(a, c)  # the same arithmetic whether h is overwritten or not
 
 
 def test_fc_ins_output_held_by_a_hook_or_under_checkpointing_is_left_as_it_is():
