@@ -65,7 +65,10 @@ class _RecomputedActivationOut(torch.autograd.Function):
     thing a block keeps. Recomputing the element-wise activation costs one extra pass over ``h`` in the backward.
     ``factors`` (LoRA's A matrices on fc_out, ``formerkit.adapt.lora``) are further products of the activation's
     output, returned after fc_out's: their input is recomputed like fc_out's instead of being kept.
-    Works under autocast: the products run in the dtype the forward's ran in, gradients return in each input's."""
+    Works under autocast: the products run in the dtype the forward's ran in, gradients return in each input's.
+    The hidden activation goes by blocks (``_block_count``): of rows in the forward pass, of columns in a plain MLP's
+    backward pass, which writes h's gradient over h where ``overwritable`` (``_overwritable``) allows it
+    (``_backward_by_columns``)."""
 
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None, name: str,
