@@ -159,9 +159,9 @@ def _overwrites(ctx) -> bool:
 def _block_count(hidden: int, width: int) -> int:
     """Into how many blocks the hidden activation is cut where it need not be whole: blocks at most twice the size of
     the residual stream (2 for a GPT-2 MLP four times the width). A whole hidden activation is at the top of the
-    memory of a training step (the last layer's, in the forward pass and at the start of the backward pass); in two
-    blocks the products keep their speed (a block's product is still large), where blocks of a megabyte (170 rows
-    of the bench LM) cost 1-3% of a step."""
+    memory of a training step (the last layer's, in the forward pass and at the start of the backward pass). Two
+    blocks take the bench LM's peak from 332.6 to 326.5 MB for ~0.8% of a step (bench/RESULTS.md); blocks of a
+    megabyte (170 rows) cost 1-3%."""
     return max(-(-hidden // (2 * max(width, 1))), 1)
 
 
