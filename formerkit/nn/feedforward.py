@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from formerkit.nn.projection import hook_owners, project_parts
+from formerkit.nn.recompute import saved_tensors_kept_as_they_are
 
 __all__ = ["GatedMLP", "MLP", "activation", "build_feedforward"]
 
@@ -69,20 +70,41 @@ class _RecomputedActivationOut(torch.autograd.Function):
     thing a block keeps. Recomputing the element-wise activation costs one extra pass over ``h`` in the backward.
     ``factors`` (LoRA's A matrices on fc_out, ``formerkit.adapt.lora``) are further products of the activation's
     output, returned after fc_out's: their input is recomputed like fc_out's instead of being kept.
-    Works under autocast: the products run in the dtype the forward's ran in, gradients return in each input's."""
+    Works under autocast: the products run in the dtype the forward's ran in, gradients return in each input's.
+    The hidden activation goes by blocks (``_block_count``): of rows in the forward pass, of columns in a plain MLP's
+    backward pass, which writes h's gradient over h where ``overwritable`` (``_overwritable``) allows it
+    (``_backward_by_columns``)."""
 
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None, name: str,
-                *factors: Tensor) -> tuple[Tensor, ...]:
-        # The hidden activation is made whole: cut into blocks of rows (never whole, 1 MB alive at a time) the step
-        # ran 1-3% slower on CPU (the products of a block's few rows run less efficiently), for 3 MB less peak memory
-        # of the bench LM's 330 (DiT, LoRA and the bench LM measured, 2 threads, formerkit bench dit / lora / lm).
-        hidden = _activate(gate, up, name)
-        out = F.linear(hidden, weight, bias)
-        products = tuple(F.linear(hidden, factor) for factor in factors)
-        del hidden
+                overwritable: bool, *factors: Tensor) -> tuple[Tensor, ...]:
+        blocks = _blocks(gate.shape[0], _block_count(gate.shape[-1], weight.shape[0]))
+        if len(blocks) > 1 and gate.dim() == 2 and not _autocasting(gate) and all(
+                tensor.dtype == gate.dtype for tensor in (up, weight, bias, *factors) if tensor is not None):
+            # By blocks of rows: the hidden activation, which nothing keeps, is never whole (it would be at the top
+            # of the forward pass's memory); the products are the same rows' products, bit for bit.
+            out = gate.new_empty(gate.shape[0], weight.shape[0])
+            products = tuple(gate.new_empty(gate.shape[0], factor.shape[0]) for factor in factors)
+            buffer = gate.new_empty(blocks[0][1], gate.shape[1]) if up is None else None
+            for start, stop in blocks:
+                if up is None:  # one buffer for every block
+                    hidden = _activate_into(name, gate[start:stop], buffer[:stop - start])
+                else:
+                    hidden = _activate(gate[start:stop], up[start:stop], name)
+                if bias is None:
+                    torch.mm(hidden, weight.t(), out=out[start:stop])
+                else:
+                    torch.addmm(bias, hidden, weight.t(), out=out[start:stop])
+                for product, factor in zip(products, factors):
+                    torch.mm(hidden, factor.t(), out=product[start:stop])
+                del hidden
+        else:
+            hidden = _activate(gate, up, name)
+            out = F.linear(hidden, weight, bias)
+            products = tuple(F.linear(hidden, factor) for factor in factors)
+            del hidden
         ctx.save_for_backward(gate, up, weight, *factors)
-        ctx.name, ctx.has_bias = name, bias is not None
+        ctx.name, ctx.has_bias, ctx.overwritable = name, bias is not None, overwritable
         ctx.dtype = out.dtype
         return (out, *products)
 
@@ -93,7 +115,9 @@ class _RecomputedActivationOut(torch.autograd.Function):
         grad = grad.to(ctx.dtype)
         flat = grad.reshape(-1, grad.shape[-1])
         grad_products = [g.to(ctx.dtype).reshape(-1, g.shape[-1]) for g in grad_products]
-        needs_hidden = ctx.needs_input_grad[2] or any(ctx.needs_input_grad[5:])
+        if _by_columns(ctx, gate, up, weight, factors):
+            return _backward_by_columns(ctx, flat, gate, weight, factors, grad_products)
+        needs_hidden = ctx.needs_input_grad[2] or any(ctx.needs_input_grad[6:])
         gated_input_grad = up is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         activated = act(gate) if needs_hidden or gated_input_grad else None
         grad_gate = grad_up = grad_weight = grad_bias = None
@@ -104,7 +128,7 @@ class _RecomputedActivationOut(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_weight = (flat.t() @ hidden).to(weight.dtype)
             for i, (factor, grad_product) in enumerate(zip(factors, grad_products)):
-                if ctx.needs_input_grad[5 + i]:
+                if ctx.needs_input_grad[6 + i]:
                     grad_factors[i] = (grad_product.t() @ hidden).to(factor.dtype)
             del hidden
             if up is None:  # not needed below: freed before the hidden-sized gradient is made
@@ -127,7 +151,100 @@ class _RecomputedActivationOut(torch.autograd.Function):
                 del activated
                 if ctx.needs_input_grad[0]:
                     grad_gate = _derivative_in_place(ctx.name, grad_hidden.mul_(up), gate)
-        return grad_gate, grad_up, grad_weight, grad_bias, None, *grad_factors
+        return grad_gate, grad_up, grad_weight, grad_bias, None, None, *grad_factors
+
+
+def _by_columns(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, factors: list[Tensor]) -> bool:
+    """Whether this backward pass goes by blocks of hidden columns (``_backward_by_columns``): a plain MLP (not a
+    gated one) with everything in one dtype (no autocast)."""
+    return (up is None and gate.dim() == 2 and gate.dtype == weight.dtype == ctx.dtype
+            and all(factor.dtype == ctx.dtype for factor in factors))
+
+
+def _overwrites(ctx) -> bool:
+    """Whether h's gradient may be written over h: fc_in's output that nothing else holds (``overwritable``, decided
+    in the forward pass), its gradient wanted, and a graph that is freed after this pass (a second backward pass
+    over a retained graph reads h again; ``create_graph`` retains it too)."""
+    return (ctx.overwritable and ctx.needs_input_grad[0]
+            and not torch._C._autograd._get_current_graph_task_keep_graph())
+
+
+def _block_count(hidden: int, width: int) -> int:
+    """Into how many blocks the hidden activation is cut where it need not be whole: blocks at most twice the size of
+    the residual stream (2 for a GPT-2 MLP four times the width). A whole hidden activation is at the top of the
+    memory of a training step (the last layer's, in the forward pass and at the start of the backward pass). Two
+    blocks take the bench LM's peak from 332.6 to 326.5 MB for ~0.8% of a step (bench/RESULTS.md); blocks of a
+    megabyte (170 rows) cost 1-3%."""
+    return max(-(-hidden // (2 * max(width, 1))), 1)
+
+
+def _blocks(size: int, count: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges splitting ``size`` into ``count`` (nearly) equal blocks."""
+    step = max(-(-size // count), 1)
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _activate_into(name: str, h: Tensor, out: Tensor) -> Tensor:
+    """``activation(name)(h)`` written into ``out``."""
+    if name in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu.out(h, approximate="tanh" if name == "gelu_tanh" else "none", out=out)
+    if name == "silu":
+        return torch.ops.aten.silu.out(h, out=out)
+    return out.copy_(activation(name)(h))
+
+
+def _derivative_into(name: str, grad: Tensor, h: Tensor, out: Tensor) -> None:
+    """The activation's derivative at ``h`` times ``grad``, written into ``out`` (which may be ``h`` itself)."""
+    if name in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if name == "gelu_tanh" else "none"
+        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=out)
+    elif name == "silu":
+        torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=out)
+    else:
+        out.copy_(_DERIVATIVES[name](grad, h))
+
+
+def _backward_by_columns(ctx, flat: Tensor, h: Tensor, weight: Tensor, factors: list[Tensor],
+                         grad_products: list[Tensor]):
+    """The backward pass of ``fc_out(act(h))`` (and LoRA's ``act(h) A^T``) a block of hidden columns at a time,
+    writing h's gradient over h itself where it may (``_overwrites``).
+
+    Done whole, the backward pass holds two hidden-sized tensors besides h: the recomputed activation (for the weight
+    gradients) and then the hidden gradient. h's gradient is an element-wise function of h and of the hidden
+    gradient, and h is read for the last time there: so each block of columns recomputes its activation (for its
+    columns of the weight gradients), forms its columns of the hidden gradient in the same buffer, and writes the
+    derivative over its columns of h. One block-sized buffer (see ``_block_count``) instead of a hidden-sized tensor:
+    the top of the backward pass drops by the hidden activation less a block. Where h must stay (a retained graph, a
+    tensor someone else holds), h's gradient goes to a tensor of its own by the same arithmetic, so the gradients do
+    not depend on which. The products are the whole products' columns (the same dot products, no sums split), the
+    element-wise kernels the same."""
+    h = h.detach()
+    needs = ctx.needs_input_grad
+    grad_h = (h if _overwrites(ctx) else h.new_empty(h.shape)) if needs[0] else None
+    grad_weight = weight.new_empty(weight.shape) if needs[2] else None
+    grad_factors = [factor.new_empty(factor.shape) if needs[6 + i] else None for i, factor in enumerate(factors)]
+    blocks = _blocks(h.shape[1], _block_count(h.shape[1], weight.shape[0]))
+    buffer = h.new_empty(h.shape[0], blocks[0][1])
+    for start, stop in blocks:
+        part, block = h[:, start:stop], buffer[:, :stop - start]
+        if grad_weight is not None or any(found is not None for found in grad_factors):
+            _activate_into(ctx.name, part, block)
+            if grad_weight is not None:
+                torch.mm(flat.t(), block, out=grad_weight[:, start:stop])
+            for grad_factor, grad_product in zip(grad_factors, grad_products):
+                if grad_factor is not None:
+                    torch.mm(grad_product.t(), block, out=grad_factor[:, start:stop])
+        if grad_h is not None:
+            torch.mm(flat, weight[:, start:stop], out=block)
+            for factor, grad_product in zip(factors, grad_products):
+                block.addmm_(grad_product, factor[:, start:stop])
+            _derivative_into(ctx.name, block, part, grad_h[:, start:stop])
+    grad_bias = flat.sum(0) if ctx.has_bias and needs[3] else None
+    return grad_h, None, grad_weight, grad_bias, None, None, *grad_factors
+
+
+def _autocasting(x: Tensor) -> bool:
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 def _activate(gate: Tensor, up: Tensor | None, name: str) -> Tensor:
@@ -146,6 +263,20 @@ def _recomputes(module: nn.Module, h: Tensor) -> bool:
             and (h.requires_grad or module.fc_out.weight.requires_grad)
             and not (module.dropout is not None and module.training)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
+def _overwritable(module: nn.Module, gate: Tensor, up: Tensor | None) -> bool:
+    """Whether the backward pass may write fc_in's output over with its gradient: a plain MLP whose fc_in is a plain
+    Linear (or one adapted by LoRA, whose hooks keep no reference to it) that made ``gate`` just now as a tensor of
+    its own (not part of a larger storage, not a view of the input), and no saved-tensors hooks but the norm's
+    (``formerkit.nn.recompute``, which passes this tensor through untouched): checkpointing or offloading hooks
+    would hand back a copy or a recomputation."""
+    if up is not None or type(module.fc_in) is not nn.Linear or hook_owners(module.fc_in, "recomputable") is None:
+        return False
+    if gate.grad_fn is None or not gate.is_contiguous() or gate.storage_offset() != 0 or (
+            gate.untyped_storage().nbytes() != gate.numel() * gate.element_size()):
+        return False
+    return saved_tensors_kept_as_they_are()
 
 
 def _recomputed_out(module: nn.Module, gate: Tensor, up: Tensor | None) -> Tensor | None:
@@ -167,7 +298,8 @@ def _recomputed_out(module: nn.Module, gate: Tensor, up: Tensor | None) -> Tenso
     shape = gate.shape[:-1]
     out, *products = _RecomputedActivationOut.apply(
         gate.reshape(-1, gate.shape[-1]), None if up is None else up.reshape(-1, up.shape[-1]), fc_out.weight,
-        fc_out.bias, module.activation_name, *(factor for found in factors for factor in found))
+        fc_out.bias, module.activation_name, _overwritable(module, gate, up),
+        *(factor for found in factors for factor in found))
     for owner, found in zip(owners, factors):
         out = owner.add_recomputed(fc_out, out, products[:len(found)])
         products = products[len(found):]

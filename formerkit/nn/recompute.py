@@ -23,7 +23,7 @@ import contextvars
 import torch
 from torch import Tensor, nn
 
-__all__ = ["counting_recomputed_outputs", "recomputed_norm_output"]
+__all__ = ["counting_recomputed_outputs", "recomputed_norm_output", "saved_tensors_kept_as_they_are"]
 
 # Set by ``counting_recomputed_outputs``: the storages of the norm outputs this path would not keep.
 _COUNTING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("formerkit_recomputed", default=None)
@@ -119,3 +119,11 @@ def counting_recomputed_outputs():
         yield _COUNTING.get()
     finally:
         _COUNTING.reset(token)
+
+
+def saved_tensors_kept_as_they_are() -> bool:
+    """Whether a tensor saved for backward now is handed back as itself: no saved-tensors hooks in place, or only a
+    norm's of ``recomputed_norm_output`` (which passes every tensor but the norm's output through untouched) --
+    not activation checkpointing's or offloading's, which hand back a recomputation or a copy."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is None or getattr(hooks[0], "__func__", None) is _NormOutput.pack

@@ -1,6 +1,7 @@
 """What a training pass keeps, made smaller without changing the gradients: norms' outputs recomputed for the backward
 pass (formerkit.nn.recompute), the MLP's hidden activation recomputed and its derivative written in place in the
-backward pass (formerkit.nn.feedforward). Each against the plain computation in float64."""
+backward pass, the hidden activation by blocks (rows in the forward pass, columns in the backward pass) and fc_in's
+output overwritten by its gradient (formerkit.nn.feedforward). Each against the plain computation in float64."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def _plain(monkeypatch):
     monkeypatch.setattr(transformer_module, "recomputed_norm_output", lambda *args: contextlib.nullcontext())
     monkeypatch.setattr(feedforward_module, "_derivative_in_place",
                         lambda name, grad, h: feedforward_module._DERIVATIVES[name](grad, h))
+    monkeypatch.setattr(feedforward_module, "_by_columns", lambda *args: False)
+    monkeypatch.setattr(feedforward_module, "_block_count", lambda hidden, width: 1)
 
 
 def _gpt(randomize, **overrides):
@@ -108,11 +111,13 @@ def test_a_norm_changed_in_place_before_backward_is_refused():
         out.sum().backward()
 
 
-@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "relu"])
-def test_mlp_recomputed_with_in_place_derivative_gives_autograds_gradients(name):
-    """The recomputing MLP against autograd through the plain forward."""
+@pytest.mark.parametrize("hidden", [8, 30])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "relu", "squared_relu"])
+def test_mlp_recomputed_with_in_place_derivative_gives_autograds_gradients(name, hidden):
+    """The recomputing MLP against autograd through the plain forward: whole (hidden 8 = 4/3 x width) and by blocks
+    (hidden 30: three blocks of 10 rows forward and 10 columns backward)."""
     torch.manual_seed(0)
-    module = MLP(6, 8, name).double()
+    module = MLP(6, hidden, name).double()
     x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(10, 6, dtype=torch.float64)
     out = module(x)
@@ -176,3 +181,98 @@ def test_one_rerun_of_a_norm_serves_every_operation_that_saved_its_output(random
         reference = torch.autograd.grad(loss, trained)
     for got, expected in zip(grads, reference):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+
+
+def _mlp_and_input(hidden=40, width=8, dtype=torch.float64):
+    torch.manual_seed(0)
+    module = MLP(width, hidden, "gelu").to(dtype)
+    x = torch.randn(3, 7, width, dtype=dtype, requires_grad=True)
+    return module, x, torch.randn(3, 7, width, dtype=dtype)
+
+
+def _plain_grads(module, x, upstream):
+    module.recompute = False
+    try:
+        return torch.autograd.grad(module(x), [x, *module.parameters()], upstream)
+    finally:
+        module.recompute = True
+
+
+def test_the_backward_pass_writes_fc_ins_gradient_over_its_output():
+    """The gradient fc_in's backward receives is fc_in's output's own storage (no hidden-sized tensor made), and the
+    gradients are autograd's."""
+    module, x, upstream = _mlp_and_input()
+    out = module(x)
+    node = out.grad_fn
+    while "Recomputed" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    saved = node.saved_tensors[0].untyped_storage().data_ptr()  # fc_in's output, flat
+    received = []
+    node.register_hook(lambda grads_in, grads_out: received.append(grads_in[0].untyped_storage().data_ptr()))
+    grads = torch.autograd.grad(out, [x, *module.parameters()], upstream)
+    assert received == [saved]
+    for got, want in zip(grads, _plain_grads(module, x, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_retained_graph_keeps_fc_ins_output_for_a_second_backward_pass():
+    module, x, upstream = _mlp_and_input()
+    out = module(x)
+    first = torch.autograd.grad(out, [x, *module.parameters()], upstream, retain_graph=True)
+    second = torch.autograd.grad(out, [x, *module.parameters()], upstream)
+    freed = torch.autograd.grad(module(x), [x, *module.parameters()], upstream)  # h overwritten this time
+    reference = _plain_grads(module, x, upstream)
+    for a, b, c, want in zip(first, second, freed, reference):
+        torch.testing.assert_close(a, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, want, rtol=1e-12, atol=1e-12)
+        assert torch.equal(a, c)  # the same arithmetic whether h is overwritten or not
+
+
+def test_fc_ins_output_held_by_a_hook_or_under_checkpointing_is_left_as_it_is():
+    """A forward hook on fc_in may keep its output (activation capture): the backward pass leaves it unchanged. Under
+    activation checkpointing the saved tensor is a recomputation: the gradients stay autograd's."""
+    module, x, upstream = _mlp_and_input()
+    kept = []
+    handle = module.fc_in.register_forward_hook(lambda linear, args, out: kept.append(out.detach().clone()) or
+                                                kept.append(out))
+    out = module(x)
+    torch.autograd.grad(out, [x, *module.parameters()], upstream)
+    torch.testing.assert_close(kept[1], kept[0], rtol=0, atol=0)
+    handle.remove()
+    out = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+    grads = torch.autograd.grad(out, [x, *module.parameters()], upstream)
+    for got, want in zip(grads, _plain_grads(module, x, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_forward_pass_by_blocks_of_rows_equals_the_whole_product_bit_for_bit():
+    """Training's forward (by blocks of rows) and evaluation's (whole) give the same outputs, to the bit."""
+    module, x, _ = _mlp_and_input(hidden=64, width=16, dtype=torch.float32)
+    assert feedforward_module._block_count(64, 16) == 2
+    out = module(x)
+    assert "Recomputed" in type(out.grad_fn.next_functions[0][0]).__name__  # (below the reshape to [3, 7, 16])
+    with torch.no_grad():
+        assert torch.equal(out, module(x))
+
+
+def test_lora_on_fc_in_and_fc_out_by_blocks_gives_the_plain_gradients(randomize, monkeypatch):
+    import formerkit
+
+    model = _gpt(randomize)
+    formerkit.add_adapters(model, method="lora", targets=("fc_in", "fc_out"), rank=2, alpha=4)
+    for name, parameter in model.named_parameters():
+        if "lora" in name:
+            parameter.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    tokens = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(5))
+
+    def grads():
+        logits = model(tokens[:, :-1])
+        return torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 11), tokens[:, 1:].reshape(-1)), trained)
+
+    got = grads()
+    with monkeypatch.context() as plain:
+        _plain(plain)
+        reference = grads()
+    for a, want in zip(got, reference):
+        torch.testing.assert_close(a, want, rtol=1e-12, atol=1e-13)
