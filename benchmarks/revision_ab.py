@@ -1,13 +1,13 @@
 """A/B of formerkit's training step against the same modules at another git revision, in one process: the LoRA bench
-step (``formerkit bench lora``'s model, adapters and loop) or the bench LM's training step, with chosen modules as
-they are in the working tree (B) or at ``--base`` (A), taking turns in a shuffled order each round.
+step (``formerkit bench lora``'s model, adapters and loop), the bench LM's or the DiT bench's training step, with
+chosen modules as they are in the working tree (B) or at ``--base`` (A), taking turns in a shuffled order each round.
 
 Variant A runs the old modules' code: their source at ``--base`` is executed into module objects of their own, the
 model's parts whose classes come from those modules are given the old classes, and while an A step runs, every
 formerkit module's names bound to the new objects (``from formerkit.nn.positions import apply_rotary``) point at
 the old ones. Only modules whose public objects keep their names can be compared this way.
 
-    python benchmarks/revision_ab.py --modules formerkit/nn/feedforward.py [--base main] [--bench lora|lm]
+    python benchmarks/revision_ab.py --modules formerkit/nn/feedforward.py [--base main] [--bench lora|lm|dit]
         [--threads 1] [--rounds 20] [--clock cpu|wall]
 
 CPU time (``time.process_time``) at 1 thread is the least disturbed by other processes on a loaded machine; wall time
@@ -80,8 +80,15 @@ def running_old(bindings):
 
 
 def build(bench: str):
-    """(model, optimizer, inputs, targets, gradient clipping) of the bench's training step."""
+    """(model, optimizer, inputs, targets, gradient clipping) of the bench's training step; for ``dit``, (model,
+    optimizer, batch, its step function, None)."""
     torch.manual_seed(0)
+    if bench == "dit":
+        from formerkit.bench.dit import DiTSpec, _batch, _build
+        from formerkit.bench.dit import train_step as dit_step
+
+        model, optimizer = _build("formerkit", DiTSpec())
+        return model.train(), optimizer, _batch(DiTSpec()), dit_step, None
     if bench == "lora":
         from formerkit.bench.lora import LoRASpec, _batch, _build, _optimizer
 
@@ -102,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modules", nargs="+", required=True)
     parser.add_argument("--base", default="main")
-    parser.add_argument("--bench", choices=("lora", "lm"), default="lora")
+    parser.add_argument("--bench", choices=("lora", "lm", "dit"), default="lora")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
@@ -120,7 +127,10 @@ def main() -> None:
 
         def step(model=model, optimizer=optimizer, inputs=inputs, targets=targets, clip=clip, context=context):
             with context():
-                train_step(model, optimizer, inputs, targets, "fp32", clip)
+                if args.bench == "dit":  # inputs: the batch, targets: the DiT bench's step
+                    targets(model, optimizer, inputs)
+                else:
+                    train_step(model, optimizer, inputs, targets, "fp32", clip)
 
         steps[variant] = step
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
