@@ -15,6 +15,7 @@ from formerkit.config import ModelConfig
 from formerkit.nn.block import DropPath, TransformerBlock
 from formerkit.nn.condition import AdaptiveModulation, modulate
 from formerkit.nn.context import LayerContext, StackInput
+from formerkit.nn.feedforward import MLP, GatedMLP
 from formerkit.nn.masks import PreparedMask
 from formerkit.nn.moe import Routing
 from formerkit.nn.norms import model_norm
@@ -74,6 +75,10 @@ class TransformerStack(nn.Module):
         rates = [config.drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.blocks = nn.ModuleList(TransformerBlock(config, cross_attention=cross_attention, index=i)
                                     for i in range(unique))
+        # The last depth's MLP holds the top of a training step's memory: only it computes by blocks.
+        last = self.blocks[(num_layers - 1) % unique].feedforward
+        if isinstance(last, (MLP, GatedMLP)):
+            last.by_blocks = True
         # Stochastic depth rises linearly with depth (Huang et al.); a per-layer module, so shared blocks follow it too.
         self.drop_paths = nn.ModuleList(DropPath(rate) for rate in rates)
         self.num_layers = num_layers

@@ -71,14 +71,15 @@ class _RecomputedActivationOut(torch.autograd.Function):
     ``factors`` (LoRA's A matrices on fc_out, ``formerkit.adapt.lora``) are further products of the activation's
     output, returned after fc_out's: their input is recomputed like fc_out's instead of being kept.
     Works under autocast: the products run in the dtype the forward's ran in, gradients return in each input's.
-    The hidden activation goes by blocks (``_block_count``): of rows in the forward pass, of columns in a plain MLP's
-    backward pass, which writes h's gradient over h where ``overwritable`` (``_overwritable``) allows it
-    (``_backward_by_columns``)."""
+    With ``by_blocks`` (the MLP's ``by_blocks``: the last depth's MLP of a stack) the hidden activation goes by blocks
+    (``_block_count``): of rows in the forward pass, of columns in a plain MLP's backward pass, which writes h's
+    gradient over h where ``overwritable`` (``_overwritable``) allows it (``_backward_by_columns``)."""
 
     @staticmethod
     def forward(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, bias: Tensor | None, name: str,
-                overwritable: bool, *factors: Tensor) -> tuple[Tensor, ...]:
-        blocks = _blocks(gate.shape[0], _block_count(gate.shape[-1], weight.shape[0]))
+                overwritable: bool, by_blocks: bool, *factors: Tensor) -> tuple[Tensor, ...]:
+        count = _block_count(gate.shape[-1], weight.shape[0]) if by_blocks else 1
+        blocks = _blocks(gate.shape[0], count)
         if len(blocks) > 1 and gate.dim() == 2 and not _autocasting(gate) and all(
                 tensor.dtype == gate.dtype for tensor in (up, weight, bias, *factors) if tensor is not None):
             # By blocks of rows: the hidden activation, which nothing keeps, is never whole (it would be at the top
@@ -104,7 +105,7 @@ class _RecomputedActivationOut(torch.autograd.Function):
             products = tuple(F.linear(hidden, factor) for factor in factors)
             del hidden
         ctx.save_for_backward(gate, up, weight, *factors)
-        ctx.name, ctx.has_bias, ctx.overwritable = name, bias is not None, overwritable
+        ctx.name, ctx.has_bias, ctx.overwritable, ctx.by_blocks = name, bias is not None, overwritable, by_blocks
         ctx.dtype = out.dtype
         return (out, *products)
 
@@ -117,7 +118,7 @@ class _RecomputedActivationOut(torch.autograd.Function):
         grad_products = [g.to(ctx.dtype).reshape(-1, g.shape[-1]) for g in grad_products]
         if _by_columns(ctx, gate, up, weight, factors):
             return _backward_by_columns(ctx, flat, gate, weight, factors, grad_products)
-        needs_hidden = ctx.needs_input_grad[2] or any(ctx.needs_input_grad[6:])
+        needs_hidden = ctx.needs_input_grad[2] or any(ctx.needs_input_grad[7:])
         gated_input_grad = up is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         activated = act(gate) if needs_hidden or gated_input_grad else None
         grad_gate = grad_up = grad_weight = grad_bias = None
@@ -128,7 +129,7 @@ class _RecomputedActivationOut(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_weight = (flat.t() @ hidden).to(weight.dtype)
             for i, (factor, grad_product) in enumerate(zip(factors, grad_products)):
-                if ctx.needs_input_grad[6 + i]:
+                if ctx.needs_input_grad[7 + i]:
                     grad_factors[i] = (grad_product.t() @ hidden).to(factor.dtype)
             del hidden
             if up is None:  # not needed below: freed before the hidden-sized gradient is made
@@ -151,13 +152,13 @@ class _RecomputedActivationOut(torch.autograd.Function):
                 del activated
                 if ctx.needs_input_grad[0]:
                     grad_gate = _derivative_in_place(ctx.name, grad_hidden.mul_(up), gate)
-        return grad_gate, grad_up, grad_weight, grad_bias, None, None, *grad_factors
+        return grad_gate, grad_up, grad_weight, grad_bias, None, None, None, *grad_factors
 
 
 def _by_columns(ctx, gate: Tensor, up: Tensor | None, weight: Tensor, factors: list[Tensor]) -> bool:
-    """Whether this backward pass goes by blocks of hidden columns (``_backward_by_columns``): a plain MLP (not a
-    gated one) with everything in one dtype (no autocast)."""
-    return (up is None and gate.dim() == 2 and gate.dtype == weight.dtype == ctx.dtype
+    """Whether this backward pass goes by blocks of hidden columns (``_backward_by_columns``): an MLP that goes by
+    blocks, plain (not gated), with everything in one dtype (no autocast)."""
+    return (ctx.by_blocks and up is None and gate.dim() == 2 and gate.dtype == weight.dtype == ctx.dtype
             and all(factor.dtype == ctx.dtype for factor in factors))
 
 
@@ -170,11 +171,12 @@ def _overwrites(ctx) -> bool:
 
 
 def _block_count(hidden: int, width: int) -> int:
-    """Into how many blocks the hidden activation is cut where it need not be whole: blocks at most twice the size of
-    the residual stream (2 for a GPT-2 MLP four times the width). A whole hidden activation is at the top of the
-    memory of a training step (the last layer's, in the forward pass and at the start of the backward pass). Two
-    blocks take the bench LM's peak from 332.6 to 326.5 MB for ~0.8% of a step (bench/RESULTS.md); blocks of a
-    megabyte (170 rows) cost 1-3%."""
+    """Into how many blocks the hidden activation of an MLP that goes by blocks is cut: blocks at most twice the size
+    of the residual stream (2 for a GPT-2 MLP four times the width). A whole hidden activation is at the top of the
+    memory of a training step only in the last depth's MLP (at the end of the forward pass, everything saved before
+    it is alive; the backward pass starts there), so only that MLP goes by blocks (``MLP.by_blocks``, set by the
+    stack): the bench LM's peak 332.6 -> 326.5 MB. Every MLP by blocks cost ~0.8% of a step for the same peak;
+    blocks of a megabyte (170 rows) 1-3% (bench/RESULTS.md)."""
     return max(-(-hidden // (2 * max(width, 1))), 1)
 
 
@@ -222,7 +224,7 @@ def _backward_by_columns(ctx, flat: Tensor, h: Tensor, weight: Tensor, factors: 
     needs = ctx.needs_input_grad
     grad_h = (h if _overwrites(ctx) else h.new_empty(h.shape)) if needs[0] else None
     grad_weight = weight.new_empty(weight.shape) if needs[2] else None
-    grad_factors = [factor.new_empty(factor.shape) if needs[6 + i] else None for i, factor in enumerate(factors)]
+    grad_factors = [factor.new_empty(factor.shape) if needs[7 + i] else None for i, factor in enumerate(factors)]
     blocks = _blocks(h.shape[1], _block_count(h.shape[1], weight.shape[0]))
     buffer = h.new_empty(h.shape[0], blocks[0][1])
     for start, stop in blocks:
@@ -240,7 +242,7 @@ def _backward_by_columns(ctx, flat: Tensor, h: Tensor, weight: Tensor, factors: 
                 block.addmm_(grad_product, factor[:, start:stop])
             _derivative_into(ctx.name, block, part, grad_h[:, start:stop])
     grad_bias = flat.sum(0) if ctx.has_bias and needs[3] else None
-    return grad_h, None, grad_weight, grad_bias, None, None, *grad_factors
+    return grad_h, None, grad_weight, grad_bias, None, None, None, *grad_factors
 
 
 def _autocasting(x: Tensor) -> bool:
@@ -298,7 +300,7 @@ def _recomputed_out(module: nn.Module, gate: Tensor, up: Tensor | None) -> Tenso
     shape = gate.shape[:-1]
     out, *products = _RecomputedActivationOut.apply(
         gate.reshape(-1, gate.shape[-1]), None if up is None else up.reshape(-1, up.shape[-1]), fc_out.weight,
-        fc_out.bias, module.activation_name, _overwritable(module, gate, up),
+        fc_out.bias, module.activation_name, _overwritable(module, gate, up), module.by_blocks,
         *(factor for found in factors for factor in found))
     for owner, found in zip(owners, factors):
         out = owner.add_recomputed(fc_out, out, products[:len(found)])
@@ -320,6 +322,8 @@ class MLP(nn.Module):
         self.act = activation(activation_name)
         self.dropout = nn.Dropout(dropout) if dropout else None
         self.recompute = recompute
+        # The hidden activation by blocks in training (see ``_block_count``): set on the last depth's MLP of a stack.
+        self.by_blocks = False
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc_in(x)
@@ -346,6 +350,8 @@ class GatedMLP(nn.Module):
         self.act = activation(activation_name)
         self.dropout = nn.Dropout(dropout) if dropout else None
         self.recompute = recompute
+        # The hidden activation by blocks in training (see ``_block_count``): set on the last depth's MLP of a stack.
+        self.by_blocks = False
 
     def forward(self, x: Tensor) -> Tensor:
         # gate and up as two products (formerkit.nn.projection): no [gate | up] gradient to concatenate backward.

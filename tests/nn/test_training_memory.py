@@ -118,6 +118,7 @@ def test_mlp_recomputed_with_in_place_derivative_gives_autograds_gradients(name,
     (hidden 30: three blocks of 10 rows forward and 10 columns backward)."""
     torch.manual_seed(0)
     module = MLP(6, hidden, name).double()
+    module.by_blocks = True  # as the last depth's MLP
     x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(10, 6, dtype=torch.float64)
     out = module(x)
@@ -183,9 +184,39 @@ def test_one_rerun_of_a_norm_serves_every_operation_that_saved_its_output(random
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("shared", [None, 2])
+def test_only_the_last_depths_mlp_goes_by_blocks(shared):
+    """Blocks cost time and lower the peak only where the hidden activation is at the top of the memory: the MLP of
+    the last depth (with shared weights, the block that runs there). The others make fc_out's product whole."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = create_model("gpt2", width=16, num_layers=4, num_heads=2, vocab_size=11, max_seq_len=12,
+                         num_unique_layers=shared)
+    stack = model.decoder
+    last = stack.block_at(stack.num_layers - 1)
+    assert [block.feedforward.by_blocks for block in stack.blocks] == [block is last for block in stack.blocks]
+
+    class FcOutRows(TorchDispatchMode):  # the rows of each product into the width (fc_out's)
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "addmm" and args[2].shape[-1] == 16:
+                self.rows.append(args[1].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    for block, expected in [(stack.blocks[0], [10]), (last, [5, 5])]:  # hidden 64 = 2 x twice the width: 2 blocks
+        with FcOutRows() as mode:
+            block.feedforward(x)
+        assert mode.rows == expected
+
+
 def _mlp_and_input(hidden=40, width=8, dtype=torch.float64):
     torch.manual_seed(0)
     module = MLP(width, hidden, "gelu").to(dtype)
+    module.by_blocks = True  # as the last depth's MLP
     x = torch.randn(3, 7, width, dtype=dtype, requires_grad=True)
     return module, x, torch.randn(3, 7, width, dtype=dtype)
 
