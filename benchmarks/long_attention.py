@@ -3,8 +3,9 @@
 Window: one layer's queries, keys and values (``--heads`` x ``--head-dim``, the sizes ``formerkit bench attention``
 uses), full causal SDPA and blockwise window attention (``--window``) at ``--length`` tokens, forward and forward +
 backward, interleaved repeats, medians; window attention also at batch ``--batch`` (time per sequence), to show that
-several sequences cost the same per token as one (with the minor page faults each forward takes per sequence:
-``THP_MEM_ALLOC_ENABLE=1``, PyTorch's switch for 2 MB pages on CPU, removes most of them). With ``--threads 1``
+several sequences cost the same per token as one (with the minor page faults each forward takes per sequence;
+``THP_MEM_ALLOC_ENABLE=1``, PyTorch's switch for 2 MB pages on CPU, removes most of them but made batch 4 twice as
+slow at 2 threads on the 2026-12-05 host: bench/RESULTS.md). With ``--threads 1``
 the times are the thread's CPU time, which a machine loaded by other processes inflates far less than wall time;
 otherwise wall time.
 
