@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from formerkit.nn.projection import hook_owners, project_parts
+from formerkit.nn.projection import autocasting, hook_owners, project_parts
 from formerkit.nn.recompute import saved_tensors_kept_as_they_are
 
 __all__ = ["GatedMLP", "MLP", "activation", "build_feedforward"]
@@ -53,11 +53,9 @@ def _derivative_in_place(name: str, grad: Tensor, h: Tensor) -> Tensor:
     """The activation's derivative applied to ``grad`` (a fresh tensor of ours) written over it where a kernel can:
     one hidden-sized tensor alive in the backward pass instead of two."""
     name = _GATE_FUNCTION.get(name, name)
-    if name in ("gelu", "gelu_tanh") and grad.dtype == h.dtype:
-        approximate = "tanh" if name == "gelu_tanh" else "none"
-        return torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=grad)
-    if name == "silu" and grad.dtype == h.dtype:
-        return torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=grad)
+    if name in ("gelu", "gelu_tanh", "silu") and grad.dtype == h.dtype:
+        _derivative_into(name, grad, h, grad)
+        return grad
     return _DERIVATIVES[name](grad, h)
 
 
@@ -80,7 +78,7 @@ class _RecomputedActivationOut(torch.autograd.Function):
                 overwritable: bool, by_blocks: bool, *factors: Tensor) -> tuple[Tensor, ...]:
         count = _block_count(gate.shape[-1], weight.shape[0]) if by_blocks else 1
         blocks = _blocks(gate.shape[0], count)
-        if len(blocks) > 1 and gate.dim() == 2 and not _autocasting(gate) and all(
+        if len(blocks) > 1 and gate.dim() == 2 and not autocasting(gate) and all(
                 tensor.dtype == gate.dtype for tensor in (up, weight, bias, *factors) if tensor is not None):
             # By blocks of rows: the hidden activation, which nothing keeps, is never whole (it would be at the top
             # of the forward pass's memory); the products are the same rows' products, bit for bit.
@@ -243,10 +241,6 @@ def _backward_by_columns(ctx, flat: Tensor, h: Tensor, weight: Tensor, factors: 
             _derivative_into(ctx.name, block, part, grad_h[:, start:stop])
     grad_bias = flat.sum(0) if ctx.has_bias and needs[3] else None
     return grad_h, None, grad_weight, grad_bias, None, None, None, *grad_factors
-
-
-def _autocasting(x: Tensor) -> bool:
-    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 def _activate(gate: Tensor, up: Tensor | None, name: str) -> Tensor:

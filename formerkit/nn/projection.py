@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["hook_owners", "project_parts"]
+__all__ = ["autocasting", "hook_owners", "project_parts"]
 
 
 class _PartProjection(torch.autograd.Function):
@@ -69,7 +69,8 @@ def hook_owners(linear: nn.Module, method: str) -> list | None:
     return owners if all(hasattr(owner, method) for owner in owners) else None
 
 
-def _autocasting(x: Tensor) -> bool:
+def autocasting(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (CPU or CUDA)."""
     return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
@@ -83,7 +84,7 @@ def _takes_parts(linear: nn.Module, x: Tensor) -> bool:
     # The type first: an int8 Linear has no .weight.
     return (type(linear) is nn.Linear and linear.training and torch.is_grad_enabled()
             and not linear.weight.requires_grad
-            and linear.weight.dtype == x.dtype and not _autocasting(x)
+            and linear.weight.dtype == x.dtype and not autocasting(x)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 

@@ -23,6 +23,8 @@ import contextvars
 import torch
 from torch import Tensor, nn
 
+from formerkit.nn.projection import autocasting
+
 __all__ = ["counting_recomputed_outputs", "recomputed_norm_output", "saved_tensors_kept_as_they_are"]
 
 # Set by ``counting_recomputed_outputs``: the storages of the norm outputs this path would not keep.
@@ -80,20 +82,16 @@ class _NormOutput:
         return rebuilt.as_strided(packed.size, packed.stride, packed.offset)
 
 
-def _autocasting(x: Tensor) -> bool:
-    # Under autocast the projections keep their own low-precision copy of the norm's output (nothing to gain), and
-    # the rebuilt output would be computed outside the forward's autocast region.
-    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-
-
 def recomputed_norm_output(norm: nn.Module | None, x: Tensor, output: Tensor):
     """A context in which the operations that read ``output = norm(x)`` do not keep it for backward but recompute it
     (see the module's docstring); a context that does nothing where that does not apply: no norm, not recording
     gradients, autocast, a compiler, hooks already in place, or an output that is not its own contiguous tensor
     (where the norm's output is a view of something else, other parts of that storage are not the norm's
     output)."""
+    # Under autocast the projections keep their own low-precision copy of the norm's output (nothing to gain), and
+    # the rebuilt output would be computed outside the forward's autocast region.
     if (norm is None or output is x or not torch.is_grad_enabled() or not output.requires_grad
-            or torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocasting(output)
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() or autocasting(output)
             or not output.is_contiguous() or output.storage_offset() != 0
             or output.untyped_storage().nbytes() != output.numel() * output.element_size()):
         return contextlib.nullcontext()
