@@ -140,23 +140,23 @@ class _Layer:
                 and not any(_hooked(module) for module in (block, attention, block.attention_residual,
                                                            block.feedforward_residual)))
 
-    def __call__(self, x: Tensor, cache: KVCache, start: int, rotary, attn_mask: Tensor | None) -> Tensor:
-        """``TransformerBlock.forward`` for one token per row after ``start`` cached ones."""
+    def __call__(self, x: Tensor, cache: KVCache, rotary, attn_mask: Tensor | None) -> Tensor:
+        """``TransformerBlock.forward`` for one token per row, in the cache's pass."""
         if self.plain:
-            x = x + self._attend(self.attention_norm(x), cache, start, rotary, attn_mask)
+            x = x + self._attend(self.attention_norm(x), cache, rotary, attn_mask)
             return x + self._feedforward(self.feedforward_norm(x))
         attention_residual, feedforward_residual = self.attention_residual, self.feedforward_residual
         if self.parallel:  # x + attention(norm(x)) + feedforward(norm'(x)), norm' = norm with a shared norm
             h = self.attention_norm(x)
-            out = self._attend(h, cache, start, rotary, attn_mask)
+            out = self._attend(h, cache, rotary, attn_mask)
             feedforward_out = self._feedforward(h if self.feedforward_norm is None else self.feedforward_norm(x))
             return feedforward_residual.merge(attention_residual.merge(x, out), feedforward_out)
         h = x if attention_residual.placement == "post" else self.attention_norm(x)
-        x = attention_residual.merge(x, self._attend(h, cache, start, rotary, attn_mask))
+        x = attention_residual.merge(x, self._attend(h, cache, rotary, attn_mask))
         h = x if feedforward_residual.placement == "post" else self.feedforward_norm(x)
         return feedforward_residual.merge(x, self._feedforward(h))
 
-    def _attend(self, h: Tensor, cache: KVCache, start: int, rotary, attn_mask: Tensor | None) -> Tensor:
+    def _attend(self, h: Tensor, cache: KVCache, rotary, attn_mask: Tensor | None) -> Tensor:
         """Self-attention of one query per row over the cached keys and its own, written into the cache."""
         batch = h.shape[0]
         # One token: [batch, (heads + 2 kv_heads) * dim] is [batch, heads + 2 kv_heads, 1, dim] without moving
@@ -167,16 +167,11 @@ class _Layer:
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values = cache.keys[self.index], cache.values[self.index]
-        keys.narrow(2, start, 1).copy_(k)
-        values.narrow(2, start, 1).copy_(v)
-        end = start + 1
+        keys, values = cache.update(self.index, k, v)
         if self.direct_sdpa:
-            out = F.scaled_dot_product_attention(q, keys.narrow(2, 0, end), values.narrow(2, 0, end), attn_mask,
-                                                 scale=self.scale)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask, scale=self.scale)
         else:  # grouped keys and values, or soft-capped scores
-            out = grouped_sdpa(q, keys.narrow(2, 0, end), values.narrow(2, 0, end), attn_mask, 0.0, False,
-                               self.scale, self.softcap)
+            out = grouped_sdpa(q, keys, values, attn_mask, 0.0, False, self.scale, self.softcap)
         return self.out(out.view(batch, self.heads * self.head_dim))
 
     def _feedforward(self, h: Tensor) -> Tensor:
@@ -224,18 +219,24 @@ class LeanStep:
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """Logits [batch, vocab] of one new token per row (``tokens`` [batch]), whose keys and values join the cache.
-        The cache's length advances only once every layer has run (a failed step leaves it as it was)."""
+        One pass of the cache's own (``begin`` / ``update`` / ``commit``, as the forward pass takes it): the cache's
+        length advances only once every layer has run (a failed step leaves it as it was)."""
         cache = self.cache
-        start = cache.length
-        if start >= cache.max_length:
+        if cache.length >= cache.max_length:
             raise RuntimeError(f"KVCache: a step past the cache's max_length {cache.max_length}")
-        # What KVCache.begin records for one real token per row: its slot is real, its position the row's count.
-        counts = cache.counts
-        positions = counts.view(-1, 1)
-        cache.keep.select(1, start).fill_(True)
-        cache.positions.select(1, start).copy_(counts)
+        positions = cache.begin(None, 1)  # each row's count of real tokens
+        try:
+            logits = self._logits(tokens, positions)
+        except BaseException:
+            cache.abort()
+            raise
+        cache.commit()
+        return logits
+
+    def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        cache = self.cache
         if self.embedding is not None:
-            hidden = self.embedding(tokens, counts)
+            hidden = self.embedding(tokens, positions.view(-1))
         else:
             hidden, _ = self.model.embed(tokens.view(-1, 1), position_ids=positions)
             hidden = hidden.view(hidden.shape[0], hidden.shape[2])  # [batch, width]: one token per row
@@ -243,9 +244,10 @@ class LeanStep:
         if rotary is not None:
             rotary = (rotary[0].to(hidden.dtype), rotary[1].to(hidden.dtype))
         # The query comes after every cached key: only padding among them is masked.
-        attn_mask = cache.keep.narrow(1, 0, start + 1).view(cache.batch_size, 1, 1, start + 1) if cache.padded else None
+        keep = cache.key_keep()
+        attn_mask = None if keep is None else keep.view(cache.batch_size, 1, 1, -1)
         for layer in self.layers:
-            hidden = layer(hidden, cache, start, rotary, attn_mask)
+            hidden = layer(hidden, cache, rotary, attn_mask)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         if self.head_scale is not None:
@@ -253,7 +255,5 @@ class LeanStep:
         logits = self.projection(hidden)
         if self.head_softcap is not None:
             logits = torch.tanh(logits / self.head_softcap) * self.head_softcap
-        cache.counts = counts + 1
-        cache.length = start + 1
         return logits
 

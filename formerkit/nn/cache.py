@@ -115,18 +115,24 @@ class KVCache:
                              f"max_length {self.max_length}")
         if keep is not None and keep.shape[0] != batch:
             raise InputError(f"KVCache: built for a batch of {batch}, the input has a batch of {keep.shape[0]}")
-        if keep is None:
-            steps = torch.arange(num_tokens, device=self.counts.device)
-            positions = self.counts.unsqueeze(1) + steps
-            self.keep[:, start:end] = True
-            new_counts = self.counts + num_tokens
+        if keep is None and num_tokens == 1:  # a decode step: one real token per row, at the row's count
+            positions = self.counts.unsqueeze(1)
+            self.keep.select(1, start).fill_(True)
+            self.positions.select(1, start).copy_(self.counts)
+            new_counts = self.counts + 1
         else:
-            # A padded slot gets the position of the real token before it (or 0), exactly as a recompute does.
-            positions = (self.counts.unsqueeze(1) + keep.long().cumsum(dim=1) - 1).clamp(min=0)
-            self.keep[:, start:end] = keep
-            new_counts = self.counts + keep.long().sum(dim=1)
-            self.padded = self.padded or not bool(keep.all())
-        self.positions[:, start:end] = positions
+            if keep is None:
+                steps = torch.arange(num_tokens, device=self.counts.device)
+                positions = self.counts.unsqueeze(1) + steps
+                self.keep[:, start:end] = True
+                new_counts = self.counts + num_tokens
+            else:
+                # A padded slot gets the position of the real token before it (or 0), exactly as a recompute does.
+                positions = (self.counts.unsqueeze(1) + keep.long().cumsum(dim=1) - 1).clamp(min=0)
+                self.keep[:, start:end] = keep
+                new_counts = self.counts + keep.long().sum(dim=1)
+                self.padded = self.padded or not bool(keep.all())
+            self.positions[:, start:end] = positions
         self._pending = new_counts
         self._end = end
         if self.slot_tokens is not None:
