@@ -21,11 +21,6 @@ from formerkit.bench.lm import LMSpec, _batch, _build
 from formerkit.train.config import OptimConfig
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096 / 2**20
-
-
 class _Timeline(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -36,7 +31,7 @@ class _Timeline(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         node = torch._C._current_autograd_node()
         name = "" if node is None else node.name() if callable(node.name) else type(node).__name__
-        self.rows.append((func.overloadpacket.__name__, name, _resident_mb(), status_mb("VmHWM") or 0.0))
+        self.rows.append((func.overloadpacket.__name__, name, status_mb("VmRSS") or 0.0, status_mb("VmHWM") or 0.0))
         return out
 
 
@@ -53,7 +48,7 @@ def main() -> None:
     warm, tokens = _build(args.library, tiny, False), _batch(tiny)  # what is loaded on first use: not the model's
     train_step(warm.model, warm.optimizer(warm.model), tokens[:, :-1], tokens[:, 1:], "fp32", clip)
     del warm
-    base = _resident_mb()
+    base = status_mb("VmRSS") or 0.0
     torch.manual_seed(0)
     contender, batch = _build(args.library, spec, False), _batch(spec)
     model, optimizer = contender.model, contender.optimizer(contender.model)
