@@ -4,12 +4,14 @@ alone (same shapes, same count: the forward products, the input-gradient product
 and backward), no element-wise work. The steps take turns; min and median over the rounds. CPU time rather than wall
 clock: on a loaded machine, wall clock charges preemption to whatever was running.
 
-    python benchmarks/lora_floor.py [threads] [rounds]
+    python benchmarks/lora_floor.py [threads] [rounds] [--compile] [--clock cpu|wall]
 
-peft / floor is the most any eager contender running these kernels could reach against peft."""
+peft / floor is the most any eager contender running these kernels could reach against peft. ``--compile`` adds both
+models under ``torch.compile`` (inductor fuses their element-wise work into C++ loops: what fusion gives on this CPU;
+the compile happens in the warm-up). ``--clock wall`` times wall clock instead (for more than one thread)."""
+import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -50,7 +52,7 @@ def floor_step(spec: LoRASpec, weights: dict, generator: torch.Generator) -> Non
             grad.addmm_(grad_v.transpose(1, 2).reshape(tokens, -1), layer["v"])
 
 
-def main(threads: int = 1, rounds: int = 7) -> None:
+def main(threads: int = 1, rounds: int = 7, compiled: bool = False, clock=time.process_time) -> None:
     torch.set_num_threads(threads)
     spec = LoRASpec()
     generator = torch.Generator().manual_seed(0)
@@ -67,25 +69,35 @@ def main(threads: int = 1, rounds: int = 7) -> None:
     tokens = _batch(spec)
     steps = {"floor (products + SDPA)": lambda: floor_step(spec, weights, generator)}
     for library in ("formerkit", "transformers+peft"):
-        model = _build(library, spec).train()
-        optimizer = _optimizer(model)
-        steps[library] = (lambda model=model, optimizer=optimizer:
-                          train_step(model, optimizer, tokens[:, :-1], tokens[:, 1:], "fp32"))
-    for step in steps.values():  # warm-up
+        for compile_ in (False, True) if compiled else (False,):
+            model = _build(library, spec).train()
+            optimizer = _optimizer(model)
+            run = torch.compile(model) if compile_ else model
+            steps[library + (" compiled" if compile_ else "")] = (
+                lambda run=run, optimizer=optimizer: train_step(run, optimizer, tokens[:, :-1], tokens[:, 1:], "fp32"))
+    for step in steps.values():  # warm-up (and the compiles)
         step(), step()
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.process_time()
+            start = clock()
             step()
-            times[name].append(time.process_time() - start)
+            times[name].append(clock() - start)
+    what = "CPU" if clock is time.process_time else "wall"
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:26s} CPU ms per step: min {min(values) * 1000:6.0f}, median {median * 1000:6.0f}")
-    floor, formerkit, peft = (min(times[name]) for name in steps)
-    print(f"peft / formerkit {peft / formerkit:.3f}; peft / floor {peft / floor:.3f}; "
-          f"load average {os.getloadavg()[0]:.1f}; {threads} thread(s)")
+        print(f"{name:30s} {what} ms per step: min {min(values) * 1000:6.0f}, median {median * 1000:6.0f}")
+    best = {name: min(values) for name, values in times.items()}
+    peft = best["transformers+peft"]
+    print("eager peft / each: " + ", ".join(f"{name} {peft / value:.3f}" for name, value in best.items()) +
+          f"; load average {os.getloadavg()[0]:.1f}; {threads} thread(s)")
 
 
 if __name__ == "__main__":
-    main(*(int(arg) for arg in sys.argv[1:3]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("threads", type=int, nargs="?", default=1)
+    parser.add_argument("rounds", type=int, nargs="?", default=7)
+    parser.add_argument("--compile", action="store_true", help="also both models under torch.compile")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    args = parser.parse_args()
+    main(args.threads, args.rounds, args.compile, time.process_time if args.clock == "cpu" else time.perf_counter)
