@@ -57,17 +57,27 @@ def _rows(x: Tensor, first: int, last: int) -> Tensor:
     return F.pad(inside, (0, 0, max(-first, 0), max(last - x.shape[0], 0)))
 
 
+def _strided_rows(x: Tensor, first: int, count: int, size: int, step: int) -> Tensor:
+    """``count`` runs of ``size`` rows of x [tokens, d], the first starting at row ``first`` and each ``step`` rows
+    after the one before, as a view [count, size, d] (one call: the chunk loops below cut a few per chunk) -- or,
+    where the runs reach past either end of x, from a zero-padded copy of the rows they cover."""
+    last = first + (count - 1) * step + size
+    if first < 0 or last > x.shape[0]:
+        x, first = _rows(x, first, last), 0
+    row, column = x.stride()
+    return x.as_strided((count, size, x.shape[1]), (step * row, row, column), x.storage_offset() + first * row)
+
+
 def _windows(x: Tensor, blocked: BlockedMask, first: int, last: int) -> Tensor:
     """The key windows of blocks [first, last) from the rows x [tokens, d]: a view [last - first, span, d]."""
     block = blocked.block
-    rows = _rows(x, first * block - blocked.before, last * block + blocked.after)
-    span = blocked.before + block + blocked.after
-    return rows.as_strided((last - first, span, rows.shape[1]), (block * rows.stride(0), rows.stride(0), 1))
+    return _strided_rows(x, first * block - blocked.before, last - first, blocked.before + block + blocked.after,
+                         block)
 
 
 def _blocks(x: Tensor, block: int, first: int, last: int) -> Tensor:
     """Blocks [first, last) of the rows x [tokens, d] as [last - first, block, d] (zero rows past the end)."""
-    return _rows(x, first * block, last * block).unflatten(0, (last - first, block))
+    return _strided_rows(x, first * block, last - first, block, block)
 
 
 class _Masks:
@@ -92,13 +102,20 @@ class _Masks:
         self.empty = (None if blocked.empty_rows is None
                       else blocked.empty_rows.view(-1, blocks, *blocked.empty_rows.shape[1:]))
 
-    def scores(self, products: Tensor, scale: float, sequence: int, head: int, start: int, stop: int) -> Tensor:
-        """The base-2 scores of blocks [start, stop), log2(e) * (products * scale + mask), in ``products``'
-        memory: one pass."""
+    def head(self, sequence: int, head: int) -> tuple[Tensor, list[bool], Tensor]:
+        """One (sequence, head)'s masks: the common block's [block, span], which blocks have it, and every block's
+        [blocks, block, span]."""
         row = sequence if self.value.shape[0] > 1 else 0
         column = head if self.value.shape[2] > 1 else 0
-        mask = (self.common[row, column] if all(self.same[row][column][start:stop])
-                else self.value[row, start:stop, column])
+        return self.common[row, column], self.same[row][column], self.value[row, :, column]
+
+    @staticmethod
+    def scores(products: Tensor, scale: float, head: tuple[Tensor, list[bool], Tensor], start: int,
+               stop: int) -> Tensor:
+        """The base-2 scores of blocks [start, stop), log2(e) * (products * scale + mask), in ``products``'
+        memory (one pass), under ``head``'s masks (``head()``)."""
+        common, same, every = head
+        mask = common if all(same[start:stop]) else every[start:stop]
         return torch.add(mask, products, alpha=scale * LOG2E, out=products)
 
     def empty_rows(self, sequence: int, head: int, start: int, stop: int) -> Tensor | None:
@@ -109,13 +126,18 @@ class _Masks:
             1, head if self.empty.shape[2] > 1 else 0)
 
 
+def _chunk_size(per_block: int, blocks: int) -> int:
+    """Blocks per chunk."""
+    return min(blocks, max(1, CHUNK_ELEMENTS // max(per_block, 1)))
+
+
 def _chunks(batch: int, heads: int, blocks: int, per_block: int):
-    """(sequence, head, first, last): runs of blocks of one (sequence, head) each."""
-    size = max(1, CHUNK_ELEMENTS // max(per_block, 1))
+    """(sequence, head, runs): each (sequence, head) and its runs of blocks, (first, last) each."""
+    size = _chunk_size(per_block, blocks)
+    runs = [(first, min(first + size, blocks)) for first in range(0, blocks, size)]
     for sequence in range(batch):
         for head in range(heads):
-            for first in range(0, blocks, size):
-                yield sequence, head, first, min(first + size, blocks)
+            yield sequence, head, runs
 
 
 class _BandedAttention(torch.autograd.Function):
@@ -129,24 +151,29 @@ class _BandedAttention(torch.autograd.Function):
         masks = _Masks(blocked, q.dtype, blocks)
         out = q.new_empty(batch, heads, blocks * block, v.shape[-1])
         logsumexp = q.new_empty(batch, heads, blocks * block, 1)
-        for sequence, head, first, last in _chunks(batch, heads, blocks, block * span):
-            keys, values = k[sequence, head // share], v[sequence, head // share]
-            products = torch.bmm(_blocks(q[sequence, head], block, first, last),
-                                 _windows(keys, blocked, first, last).transpose(1, 2))
-            scores = masks.scores(products, scale, sequence, head, first, last)
-            top = scores.amax(-1, keepdim=True)
-            weights = scores.sub_(top).exp2_()
-            total = weights.sum(-1, keepdim=True)
-            # Normalized after the product: [block, dim] divisions instead of [block, span].
-            result = torch.bmm(weights, _windows(values, blocked, first, last),
-                               out=_blocks(out[sequence, head], block, first, last))
-            result.div_(total)
-            lse = torch.add(total.log2_(), top, out=_blocks(logsumexp[sequence, head], block, first, last))
-            empty = masks.empty_rows(sequence, head, first, last)
-            if empty is not None:
-                # A query with no key gives zeros, and its probabilities are zero in backward (exp(s - inf)).
-                result.masked_fill_(empty, 0.0)
-                lse.masked_fill_(empty, float("inf"))
+        # One chunk's scores live in this buffer, chunk after chunk (backward: the scores and their gradient in two):
+        # the same memory stays in cache, and no chunk-sized tensor is allocated per chunk.
+        buffer = q.new_empty(_chunk_size(block * span, blocks), block, span)
+        for sequence, head, runs in _chunks(batch, heads, blocks, block * span):
+            keys, values, queries = k[sequence, head // share], v[sequence, head // share], q[sequence, head]
+            outputs, sums, mask = out[sequence, head], logsumexp[sequence, head], masks.head(sequence, head)
+            for first, last in runs:
+                products = torch.bmm(_blocks(queries, block, first, last),
+                                     _windows(keys, blocked, first, last).transpose(1, 2), out=buffer[:last - first])
+                scores = masks.scores(products, scale, mask, first, last)
+                top = scores.amax(-1, keepdim=True)
+                weights = scores.sub_(top).exp2_()
+                total = weights.sum(-1, keepdim=True)
+                # Normalized after the product: [block, dim] divisions instead of [block, span].
+                result = torch.bmm(weights, _windows(values, blocked, first, last),
+                                   out=_blocks(outputs, block, first, last))
+                result.div_(total)
+                lse = torch.add(total.log2_(), top, out=_blocks(sums, block, first, last))
+                empty = masks.empty_rows(sequence, head, first, last)
+                if empty is not None:
+                    # A query with no key gives zeros, and its probabilities are zero in backward (exp(s - inf)).
+                    result.masked_fill_(empty, 0.0)
+                    lse.masked_fill_(empty, float("inf"))
         out = out[:, :, :length]
         ctx.save_for_backward(q, k, v, out, logsumexp)
         ctx.blocked, ctx.scale = blocked, scale
@@ -167,33 +194,38 @@ class _BandedAttention(torch.autograd.Function):
         # [j * block, j * block + span).
         grad_k = k.new_zeros(*k.shape[:2], blocked.before + blocks * block + blocked.after, dim)
         grad_v = v.new_zeros(*v.shape[:2], grad_k.shape[2], v.shape[-1])
-        for sequence, head, first, last in _chunks(batch, heads, blocks, block * span):
-            count = last - first
-            keys, values = k[sequence, head // share], v[sequence, head // share]
-            queries = _blocks(q[sequence, head], block, first, last)
-            window_keys, window_values = _windows(keys, blocked, first, last), _windows(values, blocked, first, last)
-            # The probabilities again, in one pass from the saved log-sum-exp.
-            weights = masks.scores(torch.bmm(queries, window_keys.transpose(1, 2)), scale, sequence, head, first, last)
-            weights.sub_(_blocks(logsumexp[sequence, head], block, first, last)).exp2_()
-            grad = _blocks(grad_out[sequence, head], block, first, last)
-            rows_k, rows_v = grad_k[sequence, head // share], grad_v[sequence, head // share]
-            # The windows overlap: block j's window covers rows [j * block, j * block + span) of the padded
-            # gradients, so the product for each block of keys in the span adds straight into its rows (one product
-            # per part of the span, no window-sized gradient and no second pass to fold it).
-            for part in range(parts):
-                columns = slice(part * block, (part + 1) * block)
-                rows_v[(first + part) * block:(last + part) * block].view(count, block, -1).baddbmm_(
-                    weights[:, :, columns].transpose(1, 2), grad)
-            # delta_i = sum_j P_ij dP_ij = dO_i . O_i (Dao et al.), then dS = P * (dP - delta), built in dP's memory;
-            # all times ``scale``, which the gradients of q and k carry.
-            scaled = grad * scale
-            delta = (scaled * _blocks(out[sequence, head], block, first, last)).sum(-1, keepdim=True)
-            grad_scores = torch.bmm(scaled, window_values.transpose(1, 2)).sub_(delta).mul_(weights)
-            del weights
-            torch.bmm(grad_scores, window_keys, out=_blocks(grad_q[sequence, head], block, first, last))
-            for part in range(parts):
-                columns = slice(part * block, (part + 1) * block)
-                rows_k[(first + part) * block:(last + part) * block].view(count, block, dim).baddbmm_(
-                    grad_scores[:, :, columns].transpose(1, 2), queries)
+        buffers = q.new_empty(2, _chunk_size(block * span, blocks), block, span)
+        for sequence, head, runs in _chunks(batch, heads, blocks, block * span):
+            keys, values, all_queries = k[sequence, head // share], v[sequence, head // share], q[sequence, head]
+            outputs, sums, grads = out[sequence, head], logsumexp[sequence, head], grad_out[sequence, head]
+            query_grads, mask = grad_q[sequence, head], masks.head(sequence, head)
+            # The key and value gradients' rows as blocks: block j's window covers row blocks j .. j + parts - 1.
+            rows_k = grad_k[sequence, head // share].unflatten(0, (-1, block))
+            rows_v = grad_v[sequence, head // share].unflatten(0, (-1, block))
+            for first, last in runs:
+                count = last - first
+                queries = _blocks(all_queries, block, first, last)
+                window_keys = _windows(keys, blocked, first, last)
+                window_values = _windows(values, blocked, first, last)
+                # The probabilities again, in one pass from the saved log-sum-exp.
+                weights = masks.scores(torch.bmm(queries, window_keys.transpose(1, 2), out=buffers[0, :count]),
+                                       scale, mask, first, last)
+                weights.sub_(_blocks(sums, block, first, last)).exp2_()
+                grad = _blocks(grads, block, first, last)
+                # The windows overlap, so the product for each block of keys in the span adds straight into its
+                # rows (one product per part of the span, no window-sized gradient and no second pass to fold it).
+                # Part p of every block's window, transposed: [parts, count, block (key), block (query)].
+                for part, weight in enumerate(weights.unflatten(2, (parts, block)).permute(2, 0, 3, 1)):
+                    rows_v[first + part:last + part].baddbmm_(weight, grad)
+                # delta_i = sum_j P_ij dP_ij = dO_i . O_i (Dao et al.), then dS = P * (dP - delta), built in dP's
+                # memory; all times ``scale``, which the gradients of q and k carry.
+                scaled = grad * scale
+                delta = (scaled * _blocks(outputs, block, first, last)).sum(-1, keepdim=True)
+                grad_scores = torch.bmm(scaled, window_values.transpose(1, 2), out=buffers[1, :count])
+                grad_scores.sub_(delta).mul_(weights)
+                del weights
+                torch.bmm(grad_scores, window_keys, out=_blocks(query_grads, block, first, last))
+                for part, grad_score in enumerate(grad_scores.unflatten(2, (parts, block)).permute(2, 0, 3, 1)):
+                    rows_k[first + part:last + part].baddbmm_(grad_score, queries)
         inside = slice(blocked.before, blocked.before + length)
         return grad_q[:, :, :length], grad_k[:, :, inside], grad_v[:, :, inside], None, None
