@@ -8,8 +8,10 @@ step. Each round of ``Engine.step``:
 1. cancelled sequences leave (a client that went away frees its row at once);
 2. waiting requests are admitted into the free rows: their prompts run through the model together (left-padded, one
    prefill pass), their first token is picked, and their keys/values are copied into the shared cache;
-3. one decode step feeds every running sequence its last token, and each row picks its next one with its own
-   sampling settings and its own random generator; sequences that stopped or reached their length leave.
+3. one decode step feeds every running sequence its last token (through ``LeanStep``, the eager step without the
+   general forward's per-call work, where the model allows it, as ``generate`` does), and each row picks its next
+   one with its own sampling settings and its own random generator; sequences that stopped or reached their length
+   leave.
 
 The cache. All rows share one ``KVCache`` and its column count ``length``, but the cache keeps, per row and slot,
 whether the slot holds a real token (``keep``) and that token's position, so a row may start anywhere: a newcomer's
@@ -51,6 +53,7 @@ import torch
 from torch import Tensor
 
 from formerkit.errors import InputError
+from formerkit.generation.lean_step import LeanStep
 from formerkit.generation.requests import EngineFull, TokenEvent, TokenRequest
 from formerkit.nn.cache import KVCache
 
@@ -155,6 +158,9 @@ class Engine:
                          "refused": 0, "compactions": 0, "grown": 0, "tokens": 0}
         self._thread: threading.Thread | None = None
         self._closed = False
+        # The decode step without the general forward's per-call work (``LeanStep``; None: this model takes the
+        # general forward), built at the first step and again after any ``call``, which may have changed the model.
+        self._lean: LeanStep | None | bool = False
 
     @staticmethod
     def _check_model(config) -> None:
@@ -262,6 +268,8 @@ class Engine:
     def _run_calls(self) -> bool:
         with self.lock:
             calls, self.calls = list(self.calls), deque()
+        if calls:
+            self._lean = False
         for future, function, args in calls:
             if future.set_running_or_notify_cancel():
                 try:
@@ -422,7 +430,13 @@ class Engine:
         # The step attends over the columns from the earliest a running row keeps: the ones before are dead.
         first = min(ticket.start for ticket in self.rows)
         view = self._view(running, first)
-        logits = self.model(tokens.view(running, 1), cache=view, logits_to_keep=1)[:, -1]
+        if self._lean is False:
+            self._lean = LeanStep.build(self.model, view)
+        if self._lean is None:
+            logits = self.model(tokens.view(running, 1), cache=view, logits_to_keep=1)[:, -1]
+        else:
+            self._lean.cache = view
+            logits = self._lean(tokens)
         cache.counts[:running] = view.counts
         cache.length = first + view.length
         self._pick(list(self.rows), logits)

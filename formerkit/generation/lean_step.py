@@ -18,7 +18,7 @@ recompute without the cache).
 ``LeanStep.build`` returns None for what it does not cover, and generation then takes the general forward: sliding
 windows over rolling buffers, linear or L2 attention, score biases (ALiBi, relative buckets), cross-attention,
 mixtures of experts, conditioned (adaLN) blocks, prefix tuning, adapters beside the feed-forward, forward hooks on
-the modules it would skip, and models in training mode.
+the modules it would skip (or a ``forward`` replaced on such a module), and models in training mode.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ __all__ = ["LeanStep"]
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Forward hooks on ``module``, or a ``forward`` set on the instance (a wrapper put in its place, as a test or a
+    profiler does): either way its own call has to run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
 
 
 def _global_hooks() -> bool:

@@ -293,3 +293,29 @@ def test_a_prompt_tuned_model_keeps_its_virtual_tokens_in_every_row():
                             [TokenRequest(tuple(text), count) for text, count in zip(texts, counts)], [0, 0, 1, 3])
     for text, count, ticket in zip(texts, counts, tickets):
         assert ticket.tokens == alone(model, text, count)
+
+
+def test_the_engine_steps_through_the_lean_step_and_gives_what_the_general_forward_gives(monkeypatch):
+    from formerkit.generation.lean_step import LeanStep
+
+    model = make_model("rope")
+    texts, counts, arrivals = prompts([3, 9, 1, 5, 2]), [6, 4, 9, 5, 7], [0, 0, 1, 3, 6]
+
+    def run(build):
+        monkeypatch.setattr(LeanStep, "build", staticmethod(build))
+        engine = Engine(model, max_running=3, max_queued=8, initial_columns=8)
+        requests = [TokenRequest(tuple(text), count, logprobs=0) for text, count in zip(texts, counts)]
+        return engine, run_staggered(engine, requests, arrivals)
+
+    built, build = [], LeanStep.build
+    engine, lean = run(lambda *args: built.append(build(*args)) or built[-1])
+    assert len(built) == 1 and isinstance(built[0], LeanStep)  # once, at the first decode step
+    # Work run through ``call`` may change the model: the next step builds the lean step again.
+    engine.call(lambda: None)
+    run_staggered(engine, [TokenRequest(tuple(texts[0]), 3)], [0])
+    assert len(built) == 2
+    _, general = run(lambda *args: None)
+    for ours, theirs in zip(lean, general):
+        assert ours.tokens == theirs.tokens
+        torch.testing.assert_close(torch.tensor([event.logprob for event in ours.events]),
+                                   torch.tensor([event.logprob for event in theirs.events]), atol=1e-6, rtol=0)

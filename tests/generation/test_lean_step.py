@@ -141,6 +141,11 @@ def test_hooks_on_skipped_modules_or_training_mode_refuse_the_step():
     handle = model.decoder.blocks[0].register_forward_hook(lambda *args: None)
     assert LeanStep.build(model, cache) is None
     handle.remove()
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: forward(*args, **kwargs)  # a wrapper in the model's place
+    assert LeanStep.build(model, cache) is None
+    del model.forward
+    assert LeanStep.build(model, cache) is not None
     model.train()
     assert LeanStep.build(model, cache) is None
 
