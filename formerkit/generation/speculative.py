@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from formerkit.errors import InputError
+from formerkit.generation.lean_step import LeanStep
 from formerkit.nn.cache import KVCache
 
 __all__ = ["Draft", "ModelDraft", "NGramDraft", "SpeculativeDecoder", "SpeculativeStats", "as_draft", "verify"]
@@ -136,8 +137,18 @@ class _ModelProposals:
         self.fed: list[int] = []
         self.virtual = 0  # slots before the first token (prompt tuning's virtual tokens)
         self.device = next(model.parameters()).device
+        # One token after cached ones (most of a draft's feeds): the eager step without the general forward's
+        # per-call work (``LeanStep``; None: this model takes the general forward), built at the first such feed.
+        self.lean: LeanStep | None | bool = False
 
     def _feed(self, tokens: list[int]) -> Tensor:
+        if len(tokens) == 1 and self.fed:
+            if self.lean is False:
+                self.lean = LeanStep.build(self.model, self.cache)
+            if self.lean is not None:
+                logits = self.lean(torch.tensor(tokens, device=self.device))[0]
+                self.fed.extend(tokens)
+                return logits
         logits = self.model(torch.tensor([tokens], device=self.device), cache=self.cache, logits_to_keep=1)[0, -1]
         if not self.fed:
             self.virtual = self.cache.length - len(tokens)

@@ -362,3 +362,24 @@ def test_generate_command_with_a_draft_run_or_ngram_prints_the_plain_greedy_text
     tokenizer.write_text(tokenizer.read_text() + " ")
     assert main(command + ["--draft", str(other)]) != 0
     assert "does not share" in capsys.readouterr().err
+
+
+def test_a_draft_models_one_token_feeds_go_through_the_lean_step_and_propose_what_the_forward_does(
+        target, other, monkeypatch):
+    from formerkit.generation.lean_step import LeanStep
+
+    def proposals(build):
+        monkeypatch.setattr(LeanStep, "build", staticmethod(build))
+        with torch.inference_mode():
+            state = ModelDraft(other, num_tokens=4).start(target, 40)
+            sequence, made = list(REPETITIVE), []
+            for accepted in (4, 1, 0, 2):  # the target keeps some guesses: the draft's cache is cut back to them
+                guesses, _ = state.propose(sequence, 4, GREEDY, None)
+                made.append(guesses)
+                sequence += guesses[:accepted] + [(guesses[accepted] + 1) % VOCAB if accepted < 4 else 0]
+        return made
+
+    built, build = [], LeanStep.build
+    lean = proposals(lambda *args: built.append(build(*args)) or built[-1])
+    assert len(built) == 1 and isinstance(built[0], LeanStep)
+    assert lean == proposals(lambda *args: None)
