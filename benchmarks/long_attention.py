@@ -63,16 +63,19 @@ def windows(args) -> None:
                 attend(q, k, v)
                 forward = now() - start
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            start = now()
+            both_faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, now()
             attend(q, k, v).backward(torch.ones_like(q))
             both = now() - start
+            both_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - both_faults
             q.grad = k.grad = v.grad = None
             if repeat:
                 times.setdefault((name, batch, "fwd"), []).append(1000 * forward / batch)
                 times.setdefault((name, batch, "fwd+bwd"), []).append(1000 * both / batch)
                 times.setdefault((name, batch, "faults"), []).append(faults / batch)
-    medians = {key: statistics.median(values) for key, values in times.items() if key[2] != "faults"}
+                times.setdefault((name, batch, "faults fwd+bwd"), []).append(both_faults / batch)
+    medians = {key: statistics.median(values) for key, values in times.items() if not key[2].startswith("faults")}
     faults = {key[:2]: statistics.median(values) for key, values in times.items() if key[2] == "faults"}
+    both_faults = {key[:2]: statistics.median(values) for key, values in times.items() if key[2] == "faults fwd+bwd"}
     what = "thread CPU ms" if args.threads == 1 else "wall ms"
     print(f"{length} tokens, window {window}, {heads} heads x {dim}, {args.threads} thread(s), {what} per sequence")
     for (name, batch, kind), value in medians.items():
@@ -81,6 +84,8 @@ def windows(args) -> None:
     # fault (the kernel zeroing 4 KB): batch 4's 100 MB outputs are, batch 1's 25 MB are reused heap.
     print("  minor page faults per sequence, forward: "
           + ", ".join(f"{name} batch {batch} {count:.0f}" for (name, batch), count in faults.items()))
+    print("  minor page faults per sequence, forward + backward: "
+          + ", ".join(f"{name} batch {batch} {count:.0f}" for (name, batch), count in both_faults.items()))
     for kind in ("fwd", "fwd+bwd"):
         ratio = medians[("full", 1, kind)] / medians[("window", 1, kind)]
         per_token = medians[("window", args.batch, kind)] / medians[("window", 1, kind)]

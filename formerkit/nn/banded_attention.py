@@ -190,10 +190,15 @@ class _BandedAttention(torch.autograd.Function):
         parts, share = span // block, heads // k.shape[1]
         masks = _Masks(blocked, q.dtype, blocks)
         grad_q = q.new_empty(batch, heads, blocks * block, dim)
-        # The key gradients with the windows' reach around each sequence: block j's window covers its rows
-        # [j * block, j * block + span).
-        grad_k = k.new_zeros(*k.shape[:2], blocked.before + blocks * block + blocked.after, dim)
-        grad_v = v.new_zeros(*v.shape[:2], grad_k.shape[2], v.shape[-1])
+        # The key gradients, as many rows as the queries' (the same size, so the allocator can hand back the memory of
+        # an earlier one of these: a tensor of a new size over its largest mmap threshold is fresh pages, a page fault
+        # for every 4 KB): block j's window covers row blocks j - lead .. j - lead + parts - 1, and the parts outside
+        # the sequence, whose probabilities the mask made zero, are left out.
+        grad_k = k.new_zeros(*k.shape[:2], blocks * block, dim)
+        grad_v = v.new_zeros(*v.shape[:2], blocks * block, v.shape[-1])
+        lead = blocked.before // block
+        # Each part's blocks [low, high) of every chunk: those whose part p lands inside the sequence.
+        reach = [(lead - part, blocks + lead - part) for part in range(parts)]
         buffers = q.new_empty(2, _chunk_size(block * span, blocks), block, span)
         for sequence, head, runs in _chunks(batch, heads, blocks, block * span):
             keys, values, all_queries = k[sequence, head // share], v[sequence, head // share], q[sequence, head]
@@ -216,7 +221,12 @@ class _BandedAttention(torch.autograd.Function):
                 # rows (one product per part of the span, no window-sized gradient and no second pass to fold it).
                 # Part p of every block's window, transposed: [parts, count, block (key), block (query)].
                 for part, weight in enumerate(weights.unflatten(2, (parts, block)).permute(2, 0, 3, 1)):
-                    rows_v[first + part:last + part].baddbmm_(weight, grad)
+                    low, high = max(first, reach[part][0]), min(last, reach[part][1])
+                    if low == first and high == last:
+                        rows_v[first + part - lead:last + part - lead].baddbmm_(weight, grad)
+                    elif low < high:
+                        rows_v[low + part - lead:high + part - lead].baddbmm_(weight[low - first:high - first],
+                                                                             grad[low - first:high - first])
                 # delta_i = sum_j P_ij dP_ij = dO_i . O_i (Dao et al.), then dS = P * (dP - delta), built in dP's
                 # memory; all times ``scale``, which the gradients of q and k carry.
                 scaled = grad * scale
@@ -226,6 +236,10 @@ class _BandedAttention(torch.autograd.Function):
                 del weights
                 torch.bmm(grad_scores, window_keys, out=_blocks(query_grads, block, first, last))
                 for part, grad_score in enumerate(grad_scores.unflatten(2, (parts, block)).permute(2, 0, 3, 1)):
-                    rows_k[first + part:last + part].baddbmm_(grad_score, queries)
-        inside = slice(blocked.before, blocked.before + length)
-        return grad_q[:, :, :length], grad_k[:, :, inside], grad_v[:, :, inside], None, None
+                    low, high = max(first, reach[part][0]), min(last, reach[part][1])
+                    if low == first and high == last:
+                        rows_k[first + part - lead:last + part - lead].baddbmm_(grad_score, queries)
+                    elif low < high:
+                        rows_k[low + part - lead:high + part - lead].baddbmm_(grad_score[low - first:high - first],
+                                                                             queries[low - first:high - first])
+        return grad_q[:, :, :length], grad_k[:, :, :length], grad_v[:, :, :length], None, None
