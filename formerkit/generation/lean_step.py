@@ -247,7 +247,10 @@ class LeanStep:
             rotary = (rotary[0].to(hidden.dtype), rotary[1].to(hidden.dtype))
         # The query comes after every cached key: only padding among them is masked.
         keep = cache.key_keep()
-        attn_mask = None if keep is None else keep.view(cache.batch_size, 1, 1, -1)
+        attn_mask = None
+        if keep is not None:  # additive once per step: SDPA would turn a boolean mask into this in every layer
+            attn_mask = torch.zeros(keep.shape, dtype=hidden.dtype, device=keep.device).masked_fill_(
+                ~keep, float("-inf")).view(cache.batch_size, 1, 1, -1)
         for layer in self.layers:
             hidden = layer(hidden, cache, rotary, attn_mask)
         if self.final_norm is not None:
