@@ -140,6 +140,22 @@ def _chunks(batch: int, heads: int, blocks: int, per_block: int):
             yield sequence, head, runs
 
 
+def _add_parts(rows: Tensor, scores: Tensor, right: Tensor, first: int, last: int, lead: int,
+               reach: list[tuple[int, int]]) -> None:
+    """rows[j - lead + p] += scores[j][:, part p]^T right[j] for the chunk's blocks j in [first, last) and each part p
+    of their windows (``rows`` [row blocks, block, d], ``scores`` [count, block, span], ``right`` [count, block, d]),
+    where block j's part p lands inside the sequence (j in ``reach[p]``)."""
+    block = rows.shape[1]
+    # Part p of every block's window, transposed: [parts, count, block (key), block (query)].
+    for part, piece in enumerate(scores.unflatten(2, (len(reach), block)).permute(2, 0, 3, 1)):
+        low, high = max(first, reach[part][0]), min(last, reach[part][1])
+        if low == first and high == last:
+            rows[first + part - lead:last + part - lead].baddbmm_(piece, right)
+        elif low < high:
+            rows[low + part - lead:high + part - lead].baddbmm_(piece[low - first:high - first],
+                                                                right[low - first:high - first])
+
+
 class _BandedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, blocked: BlockedMask, scale: float) -> Tensor:
@@ -204,7 +220,7 @@ class _BandedAttention(torch.autograd.Function):
             keys, values, all_queries = k[sequence, head // share], v[sequence, head // share], q[sequence, head]
             outputs, sums, grads = out[sequence, head], logsumexp[sequence, head], grad_out[sequence, head]
             query_grads, mask = grad_q[sequence, head], masks.head(sequence, head)
-            # The key and value gradients' rows as blocks: block j's window covers row blocks j .. j + parts - 1.
+            # The key and value gradients' rows as blocks.
             rows_k = grad_k[sequence, head // share].unflatten(0, (-1, block))
             rows_v = grad_v[sequence, head // share].unflatten(0, (-1, block))
             for first, last in runs:
@@ -219,14 +235,7 @@ class _BandedAttention(torch.autograd.Function):
                 grad = _blocks(grads, block, first, last)
                 # The windows overlap, so the product for each block of keys in the span adds straight into its
                 # rows (one product per part of the span, no window-sized gradient and no second pass to fold it).
-                # Part p of every block's window, transposed: [parts, count, block (key), block (query)].
-                for part, weight in enumerate(weights.unflatten(2, (parts, block)).permute(2, 0, 3, 1)):
-                    low, high = max(first, reach[part][0]), min(last, reach[part][1])
-                    if low == first and high == last:
-                        rows_v[first + part - lead:last + part - lead].baddbmm_(weight, grad)
-                    elif low < high:
-                        rows_v[low + part - lead:high + part - lead].baddbmm_(weight[low - first:high - first],
-                                                                             grad[low - first:high - first])
+                _add_parts(rows_v, weights, grad, first, last, lead, reach)
                 # delta_i = sum_j P_ij dP_ij = dO_i . O_i (Dao et al.), then dS = P * (dP - delta), built in dP's
                 # memory; all times ``scale``, which the gradients of q and k carry.
                 scaled = grad * scale
@@ -235,11 +244,5 @@ class _BandedAttention(torch.autograd.Function):
                 grad_scores.sub_(delta).mul_(weights)
                 del weights
                 torch.bmm(grad_scores, window_keys, out=_blocks(query_grads, block, first, last))
-                for part, grad_score in enumerate(grad_scores.unflatten(2, (parts, block)).permute(2, 0, 3, 1)):
-                    low, high = max(first, reach[part][0]), min(last, reach[part][1])
-                    if low == first and high == last:
-                        rows_k[first + part - lead:last + part - lead].baddbmm_(grad_score, queries)
-                    elif low < high:
-                        rows_k[low + part - lead:high + part - lead].baddbmm_(grad_score[low - first:high - first],
-                                                                             queries[low - first:high - first])
+                _add_parts(rows_k, grad_scores, queries, first, last, lead, reach)
         return grad_q[:, :, :length], grad_k[:, :, :length], grad_v[:, :, :length], None, None
