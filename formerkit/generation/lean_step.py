@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from formerkit.nn.cache import KVCache
 from formerkit.nn.feedforward import MLP, GatedMLP
-from formerkit.nn.heads import LMHead
+from formerkit.nn.heads import LMHead, lm_logits
 from formerkit.nn.local_attention import grouped_sdpa
 from formerkit.nn.positions import LearnedPositions, PositionScheme, apply_rotary
 from formerkit.nn.stems import TokenEmbedding
@@ -255,10 +255,5 @@ class LeanStep:
             hidden = layer(hidden, cache, rotary, attn_mask)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        if self.head_scale is not None:
-            hidden = hidden * self.head_scale
-        logits = self.projection(hidden)
-        if self.head_softcap is not None:
-            logits = torch.tanh(logits / self.head_softcap) * self.head_softcap
-        return logits
+        return lm_logits(hidden, self.projection, self.head_scale, self.head_softcap)
 

@@ -13,7 +13,7 @@ from formerkit.nn.feedforward import activation
 from formerkit.nn.norms import build_norm
 
 __all__ = ["ClassificationHead", "LMHead", "MaskedLMHead", "PatchHead", "Pooling", "RegressionHead", "build_head",
-           "unpatchify"]
+           "lm_logits", "unpatchify"]
 
 
 class Pooling(nn.Module):
@@ -69,12 +69,18 @@ class LMHead(nn.Module):
         self.logit_softcap = logit_softcap
 
     def forward(self, hidden: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        if self.input_scale is not None:
-            hidden = hidden * self.input_scale
-        logits = self.projection(hidden)
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        return lm_logits(hidden, self.projection, self.input_scale, self.logit_softcap)
+
+
+def lm_logits(hidden: Tensor, projection, input_scale: float | None, logit_softcap: float | None) -> Tensor:
+    """``LMHead``'s computation with ``projection`` the map to the vocabulary (the head's Linear, or a call of the
+    same weights, as the lean decode step binds it): the input scaled, projected, the logits soft-capped."""
+    if input_scale is not None:
+        hidden = hidden * input_scale
+    logits = projection(hidden)
+    if logit_softcap is not None:
+        logits = torch.tanh(logits / logit_softcap) * logit_softcap
+    return logits
 
 
 class MaskedLMHead(nn.Module):
