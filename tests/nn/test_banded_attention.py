@@ -20,6 +20,21 @@ from formerkit.nn.masks import (
 )
 
 
+@pytest.fixture(autouse=True)
+def nan_filled_one_thread():
+    """Every tensor the attention allocates without initializing starts as NaN (so a gradient row no product wrote
+    shows), and one thread, so ``CHUNK_ELEMENTS`` (per thread) sets the blocks per chunk each test means."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)
+
+
 def dense(q, k, v, mask, length, bias=None):
     prepared = prepare_attention_mask(mask, length, length, bias=bias)
     out, _ = attention_weights(q, k, v, prepared.value, False)
