@@ -227,7 +227,7 @@ class _BandedAttention(torch.autograd.Function):
         # pages, a page fault for every 4 KB): block j's window covers row blocks j - lead .. j - lead + parts - 1,
         # and the parts outside the sequence, whose probabilities the mask made zero, are left out. They are not
         # zero-filled: each chunk's last part writes the row blocks no earlier chunk reached (``_add_parts``); only
-        # the rows before the first block's last part (the window's reach after a query) start at zero.
+        # the first ``after`` rows, which no block's last part reaches, start at zero.
         grad_k = k.new_empty(*k.shape[:2], blocks * block, dim)
         grad_v = v.new_empty(*v.shape[:2], blocks * block, v.shape[-1])
         grad_k[:, :, :blocked.after].zero_()
@@ -236,7 +236,9 @@ class _BandedAttention(torch.autograd.Function):
         # Each part's blocks [low, high) of every chunk: those whose part p lands inside the sequence.
         reach = [(lead - part, blocks + lead - part) for part in range(parts)]
         buffers = q.new_empty(2, _chunk_size(block * span, blocks), block, span)
-        deltas = q.new_empty(2, _chunk_size(block * span, blocks), block, dim)
+        # dO * O of a chunk, and its row sums.
+        products = q.new_empty(_chunk_size(block * span, blocks), block, dim)
+        deltas = q.new_empty(_chunk_size(block * span, blocks), block, 1)
         for sequence, head, runs in _chunks(batch, heads, blocks, block * span):
             keys, values, all_queries = k[sequence, head // share], v[sequence, head // share], q[sequence, head]
             outputs, sums, grads = out[sequence, head], logsumexp[sequence, head], grad_out[sequence, head]
@@ -260,8 +262,8 @@ class _BandedAttention(torch.autograd.Function):
                 _add_parts(rows_v, weights, grad, first, last, lead, reach, 1.0, fresh)
                 # delta_i = sum_j P_ij dP_ij = dO_i . O_i (Dao et al.), then dS = P * (dP - delta), built in dP's
                 # memory; the gradients of q and k carry ``scale`` (their products' alpha).
-                delta = torch.mul(grad, _blocks(outputs, block, first, last), out=deltas[0, :count])
-                delta = torch.sum(delta, -1, keepdim=True, out=deltas[1, :count, :, :1])
+                delta = torch.mul(grad, _blocks(outputs, block, first, last), out=products[:count])
+                delta = torch.sum(delta, -1, keepdim=True, out=deltas[:count])
                 grad_scores = torch.bmm(grad, window_values.transpose(1, 2), out=buffers[1, :count])
                 grad_scores.sub_(delta).mul_(weights)
                 del weights
