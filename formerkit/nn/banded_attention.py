@@ -113,21 +113,25 @@ class _Masks:
         return self.common[row, column], self.same[row][column], self.value[row, :, column]
 
     @staticmethod
+    def blocks(head: tuple[Tensor, list[bool], Tensor], start: int, stop: int) -> Tensor:
+        """The masks of blocks [start, stop) under ``head``'s masks (``head()``): the common block's [block, span]
+        if every one of them has it, else their own [stop - start, block, span]."""
+        common, same, every = head
+        return common if all(same[start:stop]) else every[start:stop]
+
+    @staticmethod
     def scores(products: Tensor, scale: float, head: tuple[Tensor, list[bool], Tensor], start: int,
                stop: int) -> Tensor:
         """The base-2 scores of blocks [start, stop), log2(e) * (products * scale + mask), in ``products``'
         memory (one pass), under ``head``'s masks (``head()``)."""
-        common, same, every = head
-        mask = common if all(same[start:stop]) else every[start:stop]
-        return torch.add(mask, products, alpha=scale * LOG2E, out=products)
+        return torch.add(_Masks.blocks(head, start, stop), products, alpha=scale * LOG2E, out=products)
 
     @staticmethod
     def scores_less(buffer: Tensor, head: tuple[Tensor, list[bool], Tensor], sums: Tensor, start: int,
                     stop: int) -> Tensor:
         """Blocks [start, stop)'s masks (``head()``) less the rows' ``sums`` [stop - start, block, 1], in
         ``buffer`` [stop - start, block, span]."""
-        common, same, every = head
-        return torch.sub(common if all(same[start:stop]) else every[start:stop], sums, out=buffer)
+        return torch.sub(_Masks.blocks(head, start, stop), sums, out=buffer)
 
     def empty_rows(self, sequence: int, head: int, start: int, stop: int) -> Tensor | None:
         """The rows of blocks [start, stop) that see no key, [stop - start, block, 1], or None."""
@@ -235,10 +239,11 @@ class _BandedAttention(torch.autograd.Function):
         lead = blocked.before // block
         # Each part's blocks [low, high) of every chunk: those whose part p lands inside the sequence.
         reach = [(lead - part, blocks + lead - part) for part in range(parts)]
-        buffers = q.new_empty(2, _chunk_size(block * span, blocks), block, span)
+        chunk = _chunk_size(block * span, blocks)
+        buffers = q.new_empty(2, chunk, block, span)
         # dO * O of a chunk, and its row sums.
-        products = q.new_empty(_chunk_size(block * span, blocks), block, dim)
-        deltas = q.new_empty(_chunk_size(block * span, blocks), block, 1)
+        products = q.new_empty(chunk, block, dim)
+        deltas = q.new_empty(chunk, block, 1)
         for sequence, head, runs in _chunks(batch, heads, blocks, block * span):
             keys, values, all_queries = k[sequence, head // share], v[sequence, head // share], q[sequence, head]
             outputs, sums, grads = out[sequence, head], logsumexp[sequence, head], grad_out[sequence, head]
