@@ -59,6 +59,11 @@ def _derivative_in_place(name: str, grad: Tensor, h: Tensor) -> Tensor:
     return _DERIVATIVES[name](grad, h)
 
 
+# Where ``_RecomputedActivationOut.forward``'s ``*factors`` start among its inputs (after gate, up, weight, bias, name,
+# overwritable, by_blocks): their gradients' places in ``needs_input_grad``.
+_FIRST_FACTOR = 7
+
+
 class _RecomputedActivationOut(torch.autograd.Function):
     """``fc_out(act(h))`` -- or ``fc_out(act(gate) * up)`` for a gated MLP -- that keeps only ``h`` (``gate`` and
     ``up``) for the backward pass and recomputes the activation there.
@@ -116,7 +121,7 @@ class _RecomputedActivationOut(torch.autograd.Function):
         grad_products = [g.to(ctx.dtype).reshape(-1, g.shape[-1]) for g in grad_products]
         if _by_columns(ctx, gate, up, weight, factors):
             return _backward_by_columns(ctx, flat, gate, weight, factors, grad_products)
-        needs_hidden = ctx.needs_input_grad[2] or any(ctx.needs_input_grad[7:])
+        needs_hidden = ctx.needs_input_grad[2] or any(ctx.needs_input_grad[_FIRST_FACTOR:])
         gated_input_grad = up is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         activated = act(gate) if needs_hidden or gated_input_grad else None
         grad_gate = grad_up = grad_weight = grad_bias = None
@@ -127,7 +132,7 @@ class _RecomputedActivationOut(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_weight = (flat.t() @ hidden).to(weight.dtype)
             for i, (factor, grad_product) in enumerate(zip(factors, grad_products)):
-                if ctx.needs_input_grad[7 + i]:
+                if ctx.needs_input_grad[_FIRST_FACTOR + i]:
                     grad_factors[i] = (grad_product.t() @ hidden).to(factor.dtype)
             del hidden
             if up is None:  # not needed below: freed before the hidden-sized gradient is made
@@ -222,7 +227,8 @@ def _backward_by_columns(ctx, flat: Tensor, h: Tensor, weight: Tensor, factors: 
     needs = ctx.needs_input_grad
     grad_h = (h if _overwrites(ctx) else h.new_empty(h.shape)) if needs[0] else None
     grad_weight = weight.new_empty(weight.shape) if needs[2] else None
-    grad_factors = [factor.new_empty(factor.shape) if needs[7 + i] else None for i, factor in enumerate(factors)]
+    grad_factors = [factor.new_empty(factor.shape) if needs[_FIRST_FACTOR + i] else None
+                    for i, factor in enumerate(factors)]
     blocks = _blocks(h.shape[1], _block_count(h.shape[1], weight.shape[0]))
     buffer = h.new_empty(h.shape[0], blocks[0][1])
     for start, stop in blocks:
